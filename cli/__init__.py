@@ -1,0 +1,1 @@
+"""The ``fairbus`` command line (typer). Each sub-command lives in its own module."""

@@ -1,0 +1,102 @@
+"""``fairbus bench``: benchmarks that print numbers (see README for the measured tables)."""
+
+from __future__ import annotations
+
+import json
+
+import typer
+from rich.console import Console
+from rich.progress import Progress
+from rich.table import Table
+
+from fairbus.bench import crypto
+
+app = typer.Typer(help="Benchmarks that print measured numbers.", no_args_is_help=True)
+console = Console()
+
+
+@app.command("crypto")
+def crypto_bench(
+    params: int = typer.Option(
+        crypto.PAPER_MNIST_PARAMS, help="Model size d (default: the paper's MNIST CNN)."
+    ),
+    group_size: int = typer.Option(3, help="Users per group, |I_g| (at least 3)."),
+    threshold: int | None = typer.Option(None, help="Shamir threshold t (default |I_g|)."),
+    repeats: int = typer.Option(20, help="Fresh groups to time (median and p90 reported)."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
+) -> None:
+    """Time Algorithms 3-5 for one group on one core, beside the paper's Table 1.
+
+    Per user: share generation, sealing, summation, reconstruction, key derivation,
+    masking, signing the upload. Per group: the provider's verification and unmasking.
+    """
+    with Progress(console=console, transient=True) as progress:
+        task = progress.add_task("timing groups", total=repeats)
+        result = crypto.run(
+            params,
+            group_size,
+            threshold,
+            repeats,
+            progress=lambda done: progress.update(task, completed=done),
+        )
+    timings = result.timings
+    if as_json:
+        out = {
+            step: {"median_ms": timings.median(step), "p90_ms": timings.p90(step)}
+            for step in timings.samples
+        }
+        out["user_total"] = {"median_ms": result.user_total_ms}
+        console.print_json(json.dumps({"params": params, "exact": result.exact, "steps": out}))
+        return
+    table = Table(
+        title=(
+            f"Algorithms 3-5, d = {params:,}, |I_g| = {group_size}, t = {result.threshold}, "
+            f"{repeats} groups, {result.cpu}"
+        )
+    )
+    table.add_column("who")
+    table.add_column("step")
+    table.add_column("median ms", justify="right")
+    table.add_column("p90 ms", justify="right")
+
+    def row(who: str, step: str) -> None:
+        table.add_row(who, step, f"{timings.median(step):.2f}", f"{timings.p90(step):.2f}")
+
+    for step in crypto.USER_COMPUTE_STEPS:
+        row("user", step)
+    ok = result.user_total_ms <= crypto.USER_TARGET_MS
+    table.add_row(
+        "user",
+        "[bold]per-group computation (Alg. 3 + 4)[/]",
+        f"[bold]{result.user_total_ms:.2f}[/]",
+        f"target ≤ {crypto.USER_TARGET_MS:.0f} {'✓' if ok else '✗'}",
+    )
+    for step in crypto.USER_IO_STEPS:
+        row("user", step)
+    for step in crypto.PROVIDER_STEPS:
+        row("provider", step)
+    ok = result.unmask_ms <= crypto.PROVIDER_TARGET_MS
+    table.add_row(
+        "provider", "", "", f"unmask target ≤ {crypto.PROVIDER_TARGET_MS:.0f} {'✓' if ok else '✗'}"
+    )
+    console.print(table)
+    paper = Table(title="beside the paper's Table 1 (per encryption / decryption)")
+    for column in ("", "fairbus", "paper (Shamir)", "BCP"):
+        paper.add_column(column, justify="right")
+    paper.add_row(
+        "encryption (key negotiation + masking)",
+        f"{result.user_total_ms:.1f} ms",
+        f"{crypto.PAPER_ENCRYPT_MS:.0f} ms",
+        f"{crypto.BCP_ENCRYPT_MS:,.0f} ms",
+    )
+    paper.add_row(
+        "decryption (group unmask)",
+        f"{result.unmask_ms:.1f} ms",
+        "≈ 0 (plain averaging)",
+        f"{crypto.BCP_DECRYPT_MS:,.0f} ms",
+    )
+    console.print(paper)
+    verdict = "[green]exact[/]" if result.exact else "[red]NOT exact[/]"
+    console.print(f"decrypted group sums equal the plaintext encodings' sums: {verdict}")
+    if not result.exact:
+        raise typer.Exit(1)

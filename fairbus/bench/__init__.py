@@ -1,0 +1,1 @@
+"""Benchmarks behind ``fairbus bench``: commands that print numbers, never timed tests."""

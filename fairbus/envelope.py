@@ -1,0 +1,210 @@
+"""Signed envelopes and per-sender hash chains (DESIGN.md, "Wire" and "Ledger").
+
+An envelope is ``{"h": header, "p": payload, "s": signature}`` in msgpack, where
+``header`` is the canonical msgpack of (version, task, type, sender, round,
+attempt, SHA-256 of the payload, ``prev``) and ``signature`` is a detached Ed25519
+signature over the header bytes. The envelope's hash is SHA-256 of the header
+bytes; ``prev`` is the hash of the sender's previous envelope, so each sender's
+uploads form a hash chain that nobody can fork or rewrite unnoticed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from typing import ClassVar
+
+from nacl.exceptions import BadSignatureError
+
+from fairbus.errors import (
+    ChainError,
+    ReplayError,
+    SchemaError,
+    SignatureError,
+)
+from fairbus.identity import Identity
+from fairbus.roster import Roster
+from fairbus.wire import codec
+from fairbus.wire.limits import DEFAULT_LIMITS, WireLimits
+from fairbus.wire.messages import MAX_ATTEMPT, MESSAGE_TYPES, Message, decode_body
+from fairbus.wire.schema import Bin, Int, Optional, Spec, Str, WireStruct, names
+
+VERSION = 1
+GENESIS = bytes(32)
+"""``prev`` of a sender's first envelope."""
+
+SIGNATURE_BYTES = 64
+_MAX_HEADER_BYTES = 1024
+
+
+@dataclass(frozen=True)
+class Header(WireStruct):
+    v: int
+    task: str
+    type: str
+    sender: int
+    round: int | None
+    attempt: int | None
+    payload_sha256: bytes
+    prev: bytes
+    FIELDS: ClassVar[dict[str, Spec]] = {
+        "v": Int(VERSION, VERSION),
+        "task": Str(max_len=64),
+        "type": names(tuple(MESSAGE_TYPES)),
+        "sender": Int(),
+        "round": Optional(Int()),
+        "attempt": Optional(Int(0, MAX_ATTEMPT)),
+        "payload_sha256": Bin(exact=32),
+        "prev": Bin(exact=32),
+    }
+
+
+@dataclass(frozen=True, eq=False)
+class SignedEnvelope:
+    """An envelope as built or as received, before any check of its contents."""
+
+    header: Header
+    header_bytes: bytes
+    payload: bytes
+    signature: bytes
+
+    @property
+    def hash(self) -> bytes:
+        """SHA-256 of the signed header: the id that ``prev`` links and receipts name."""
+        return hashlib.sha256(self.header_bytes).digest()
+
+    def to_bytes(self) -> bytes:
+        return codec.pack({"h": self.header_bytes, "p": self.payload, "s": self.signature})
+
+
+@dataclass(frozen=True, eq=False)
+class Verified:
+    """An envelope whose signature, payload hash and schema all checked out."""
+
+    envelope: SignedEnvelope
+    message: Message
+
+    @property
+    def header(self) -> Header:
+        return self.envelope.header
+
+    @property
+    def hash(self) -> bytes:
+        return self.envelope.hash
+
+
+def sign(
+    identity: Identity,
+    task: str,
+    message: Message,
+    *,
+    prev: bytes,
+    round: int | None = None,
+    attempt: int | None = None,
+) -> SignedEnvelope:
+    """Build and sign an envelope carrying ``message``."""
+    if (round is not None and attempt is not None) != message.SCOPED:
+        raise SchemaError(
+            f"{message.TYPE!r} messages {'need' if message.SCOPED else 'take no'} round and attempt"
+        )
+    payload = message.payload()
+    header = Header(
+        VERSION,
+        task,
+        message.TYPE,
+        identity.participant_id,
+        round,
+        attempt,
+        hashlib.sha256(payload).digest(),
+        prev,
+    )
+    header_bytes = codec.pack(header.to_wire())
+    signature = identity.signing_key.sign(header_bytes).signature
+    return SignedEnvelope(header, header_bytes, payload, bytes(signature))
+
+
+def parse(data: bytes, limits: WireLimits = DEFAULT_LIMITS) -> SignedEnvelope:
+    """Strictly decode an envelope's framing and header; verifies nothing cryptographic."""
+    outer = codec.unpack(data, limits)
+    if not isinstance(outer, dict) or set(outer) != {"h", "p", "s"}:
+        raise SchemaError("an envelope is a map with exactly the keys 'h', 'p' and 's'")
+    header_bytes, payload, signature = outer["h"], outer["p"], outer["s"]
+    for name, value in (("h", header_bytes), ("p", payload), ("s", signature)):
+        if not isinstance(value, bytes):
+            raise SchemaError(f"envelope field {name!r} must be bytes")
+    if len(signature) != SIGNATURE_BYTES:
+        raise SchemaError(f"signature is {len(signature)} bytes, expected {SIGNATURE_BYTES}")
+    raw_header = codec.unpack(header_bytes, limits, max_bytes=_MAX_HEADER_BYTES)
+    header = Header.from_wire(raw_header, "header", limits)
+    if codec.pack(header.to_wire()) != header_bytes:
+        # Two byte strings for one header would give one message two hashes.
+        raise SchemaError("envelope header is not in canonical form")
+    cls = MESSAGE_TYPES[header.type]
+    if (header.round is not None, header.attempt is not None) != (cls.SCOPED, cls.SCOPED):
+        raise SchemaError(
+            f"{header.type!r} messages {'need' if cls.SCOPED else 'take no'} round and attempt"
+        )
+    return SignedEnvelope(header, header_bytes, payload, signature)
+
+
+def verify(
+    envelope: SignedEnvelope,
+    roster: Roster,
+    limits: WireLimits = DEFAULT_LIMITS,
+) -> Verified:
+    """Check sender, role, task, signature and payload hash, then decode the payload.
+
+    Order matters: nothing about the payload is parsed before the signature holds.
+    """
+    header = envelope.header
+    cls = MESSAGE_TYPES[header.type]
+    member = roster.member(header.sender, roles=cls.SENDERS)
+    if header.task != roster.task:
+        raise ReplayError(f"envelope is for task {header.task!r}, this is {roster.task!r}")
+    try:
+        member.identity.verify_key.verify(envelope.header_bytes, envelope.signature)
+    except BadSignatureError:
+        raise SignatureError(
+            f"signature on a {header.type!r} envelope does not verify for participant "
+            f"{header.sender}"
+        ) from None
+    if hashlib.sha256(envelope.payload).digest() != header.payload_sha256:
+        raise SignatureError("payload does not match the SHA-256 in the signed header")
+    return Verified(envelope, decode_body(header.type, envelope.payload, limits))
+
+
+def open_envelope(data: bytes, roster: Roster, limits: WireLimits = DEFAULT_LIMITS) -> Verified:
+    """``parse`` then ``verify``: bytes from the network to a checked message, or an error."""
+    return verify(parse(data, limits), roster, limits)
+
+
+class ChainTracker:
+    """Each sender's chain head; accepts an envelope only if it extends that chain.
+
+    Pure state, no I/O: the ledger and the provider each keep one.
+    """
+
+    def __init__(self, heads: dict[int, bytes] | None = None) -> None:
+        self._heads: dict[int, bytes] = dict(heads or {})
+        self._seen: set[bytes] = set()
+
+    def head(self, sender: int) -> bytes:
+        return self._heads.get(sender, GENESIS)
+
+    def check(self, envelope: SignedEnvelope) -> None:
+        """Raise :class:`ReplayError` for an envelope already accepted, and
+        :class:`ChainError` for one whose ``prev`` is not the sender's head."""
+        if envelope.hash in self._seen:
+            raise ReplayError(f"envelope {envelope.hash.hex()[:16]} was already accepted")
+        sender = envelope.header.sender
+        head = self.head(sender)
+        if envelope.header.prev != head:
+            raise ChainError(
+                f"participant {sender}'s envelope has prev {envelope.header.prev.hex()[:16]}, "
+                f"but its chain head is {head.hex()[:16]} (a fork or a forged link)"
+            )
+
+    def accept(self, envelope: SignedEnvelope) -> None:
+        self.check(envelope)
+        self._heads[envelope.header.sender] = envelope.hash
+        self._seen.add(envelope.hash)

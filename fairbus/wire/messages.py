@@ -1,0 +1,410 @@
+"""One class per message type named in DESIGN.md, each with a strict schema.
+
+Signed messages travel as the payload of a :class:`fairbus.envelope.SignedEnvelope`
+whose header names the type; sealed shares travel inside a
+:class:`fairbus.sealed.SealedEnvelope`. ``SCOPED`` types carry round and attempt in
+the envelope header; ``MODEL_SIZED`` types may be as large as ``max_model_bytes``,
+the others at most ``max_small_payload``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, ClassVar, TypeVar
+
+import numpy as np
+
+from fairbus.errors import SchemaError
+from fairbus.field import FieldVector, P
+from fairbus.roster import Role
+from fairbus.wire import codec
+from fairbus.wire.limits import WireLimits
+from fairbus.wire.schema import (
+    Bin,
+    Bool,
+    Float,
+    Int,
+    List,
+    Optional,
+    Spec,
+    Str,
+    Struct,
+    WireStruct,
+    ids,
+    names,
+)
+
+HASH = Bin(exact=32)
+MAX_ATTEMPT = 1023
+
+
+class Message(WireStruct):
+    TYPE: ClassVar[str]
+    SCOPED: ClassVar[bool] = False
+    MODEL_SIZED: ClassVar[bool] = False
+    SENDERS: ClassVar[frozenset[Role]]
+
+    def payload(self) -> bytes:
+        return codec.pack(self.to_wire())
+
+
+MESSAGE_TYPES: dict[str, type[Message]] = {}
+
+
+M = TypeVar("M", bound=Message)
+
+
+def message(cls: type[M]) -> type[M]:
+    MESSAGE_TYPES[cls.TYPE] = cls
+    return cls
+
+
+def decode_body(type_name: str, payload: bytes, limits: WireLimits) -> Message:
+    """Decode the payload of a message of ``type_name`` strictly."""
+    cls = MESSAGE_TYPES.get(type_name)
+    if cls is None:
+        raise SchemaError(f"unknown message type {type_name!r}")
+    bound = limits.max_model_bytes + 4096 if cls.MODEL_SIZED else limits.max_small_payload
+    return cls.from_wire(codec.unpack(payload, limits, max_bytes=bound), "", limits)
+
+
+# --- field vectors as bytes ---------------------------------------------------------------
+
+
+def vector_to_bytes(vector: FieldVector) -> bytes:
+    return vector.astype("<u4", copy=False).tobytes()
+
+
+def vector_from_bytes(data: bytes, length: int, *, what: str = "vector") -> FieldVector:
+    """Little-endian uint32 field elements; refuses a wrong length or an element ≥ p."""
+    if len(data) != 4 * length:
+        raise SchemaError(f"{what}: {len(data)} bytes for {length} elements (need {4 * length})")
+    vector = np.frombuffer(data, dtype="<u4").astype(np.uint32)
+    bad = np.flatnonzero(vector >= np.uint32(P))
+    if bad.size:
+        i = int(bad[0])
+        raise SchemaError(f"{what}[{i}] = {int(vector[i])} is not a field element")
+    return vector
+
+
+# --- structures used inside messages -----------------------------------------------------
+
+
+@dataclass(frozen=True)
+class GroupSpec(WireStruct):
+    """One group of a round's grouping (Alg. 2): basic or focus, with its Shamir threshold."""
+
+    gid: int
+    kind: str
+    members: tuple[int, ...]
+    threshold: int
+    FIELDS: ClassVar[dict[str, Spec]] = {
+        "gid": Int(0, 2**20),
+        "kind": names(("basic", "focus")),
+        "members": ids("max_group_members"),
+        "threshold": Int(1, 64),
+    }
+
+
+@dataclass(frozen=True)
+class GroupAccuracy(WireStruct):
+    gid: int
+    accuracy: float
+    FIELDS: ClassVar[dict[str, Spec]] = {"gid": Int(0, 2**20), "accuracy": Float(0.0, 1.0)}
+
+
+@dataclass(frozen=True)
+class UserScore(WireStruct):
+    """Alg. 6 output for one user: score_i and, for key users, the 95% interval."""
+
+    user: int
+    score: float
+    conf_lo: float | None
+    conf_up: float | None
+    FIELDS: ClassVar[dict[str, Spec]] = {
+        "user": Int(),
+        "score": Float(0.0, 1.0),
+        "conf_lo": Optional(Float()),
+        "conf_up": Optional(Float()),
+    }
+
+
+# --- participants -------------------------------------------------------------------------
+
+
+@message
+@dataclass(frozen=True)
+class Presence(Message):
+    """Retained ``online`` at connect; the Last Will says ``offline``."""
+
+    status: str
+    role: str
+    TYPE: ClassVar[str] = "presence"
+    SENDERS: ClassVar[frozenset[Role]] = frozenset(Role)
+    FIELDS: ClassVar[dict[str, Spec]] = {
+        "status": names(("online", "offline")),
+        "role": names(tuple(r.value for r in Role)),
+    }
+
+
+@message
+@dataclass(frozen=True)
+class Announce(Message):
+    """Round r, attempt a: the global model's hash, the grouping and the deadlines."""
+
+    model_sha256: bytes
+    model_params: int
+    frac_bits: int
+    groups: tuple[GroupSpec, ...]
+    key_users: tuple[int, ...]
+    excluded: tuple[int, ...]
+    negotiate_deadline: float
+    upload_deadline: float
+    TYPE: ClassVar[str] = "announce"
+    SCOPED: ClassVar[bool] = True
+    SENDERS: ClassVar[frozenset[Role]] = frozenset({Role.PROVIDER})
+    FIELDS: ClassVar[dict[str, Spec]] = {
+        "model_sha256": HASH,
+        "model_params": Int(1, 2**31),
+        "frac_bits": Int(0, 24),
+        "groups": List(Struct(GroupSpec), limit="max_groups"),
+        "key_users": ids(),
+        "excluded": ids(),
+        "negotiate_deadline": Float(0.0),
+        "upload_deadline": Float(0.0),
+    }
+
+
+@message
+@dataclass(frozen=True)
+class GlobalModel(Message):
+    """The global model for a round, float32 little-endian; its hash is in the announcement."""
+
+    length: int
+    data: bytes
+    TYPE: ClassVar[str] = "global_model"
+    SCOPED: ClassVar[bool] = True
+    MODEL_SIZED: ClassVar[bool] = True
+    SENDERS: ClassVar[frozenset[Role]] = frozenset({Role.PROVIDER})
+    FIELDS: ClassVar[dict[str, Spec]] = {"length": Int(1, 2**31), "data": Bin()}
+
+
+@message
+@dataclass(frozen=True)
+class MaskedUpload(Message):
+    """Alg. 4 output for one group: encode(m_i) + sk_gi (mod p), uint32 little-endian."""
+
+    group: int
+    length: int
+    data: bytes
+    TYPE: ClassVar[str] = "upload"
+    SCOPED: ClassVar[bool] = True
+    MODEL_SIZED: ClassVar[bool] = True
+    SENDERS: ClassVar[frozenset[Role]] = frozenset({Role.USER})
+    FIELDS: ClassVar[dict[str, Spec]] = {
+        "group": Int(0, 2**20),
+        "length": Int(1, 2**31),
+        "data": Bin(),
+    }
+
+    def vector(self) -> FieldVector:
+        return vector_from_bytes(self.data, self.length, what="upload")
+
+
+@message
+@dataclass(frozen=True)
+class Evaluation(Message):
+    """The accuracy of every decrypted group model of the round (input of Alg. 6)."""
+
+    accuracies: tuple[GroupAccuracy, ...]
+    TYPE: ClassVar[str] = "evaluation"
+    SCOPED: ClassVar[bool] = True
+    SENDERS: ClassVar[frozenset[Role]] = frozenset({Role.PROVIDER})
+    FIELDS: ClassVar[dict[str, Spec]] = {
+        "accuracies": List(Struct(GroupAccuracy), limit="max_groups"),
+    }
+
+
+@message
+@dataclass(frozen=True)
+class Decision(Message):
+    """Alg. 6 output: τ, scores, the new key users and the potential violators."""
+
+    tau: float
+    scores: tuple[UserScore, ...]
+    key_users: tuple[int, ...]
+    violators: tuple[int, ...]
+    TYPE: ClassVar[str] = "decision"
+    SCOPED: ClassVar[bool] = True
+    SENDERS: ClassVar[frozenset[Role]] = frozenset({Role.PROVIDER})
+    FIELDS: ClassVar[dict[str, Spec]] = {
+        "tau": Float(0.0, 1.0),
+        "scores": List(Struct(UserScore)),
+        "key_users": ids(),
+        "violators": ids(),
+    }
+
+
+@message
+@dataclass(frozen=True)
+class Dropout(Message):
+    """The provider's notice that users dropped and which groups are void this attempt."""
+
+    users: tuple[int, ...]
+    voided_groups: tuple[int, ...]
+    TYPE: ClassVar[str] = "dropout"
+    SCOPED: ClassVar[bool] = True
+    SENDERS: ClassVar[frozenset[Role]] = frozenset({Role.PROVIDER})
+    FIELDS: ClassVar[dict[str, Spec]] = {
+        "users": ids(),
+        "voided_groups": List(Int(0, 2**20), limit="max_groups", unique=True),
+    }
+
+
+# --- ledger ------------------------------------------------------------------------------
+
+
+@message
+@dataclass(frozen=True)
+class Receipt(Message):
+    """Sent by a ledger node only after the transaction is committed."""
+
+    tx_hash: bytes
+    height: int
+    block_hash: bytes
+    index: int
+    TYPE: ClassVar[str] = "receipt"
+    SENDERS: ClassVar[frozenset[Role]] = frozenset({Role.LEDGER})
+    FIELDS: ClassVar[dict[str, Spec]] = {
+        "tx_hash": HASH,
+        "height": Int(0, 2**63 - 1),
+        "block_hash": HASH,
+        "index": Int(0, 2**20),
+    }
+
+
+@message
+@dataclass(frozen=True)
+class BlockHeader(Message):
+    height: int
+    prev_hash: bytes
+    tx_root: bytes
+    n_tx: int
+    timestamp: float
+    TYPE: ClassVar[str] = "block"
+    SENDERS: ClassVar[frozenset[Role]] = frozenset({Role.LEDGER})
+    FIELDS: ClassVar[dict[str, Spec]] = {
+        "height": Int(0, 2**63 - 1),
+        "prev_hash": HASH,
+        "tx_root": HASH,
+        "n_tx": Int(0, 2**20),
+        "timestamp": Float(0.0),
+    }
+
+
+@message
+@dataclass(frozen=True)
+class Query(Message):
+    """A request to the ledger: a transaction by hash, a sender's head, or a round's records."""
+
+    qid: int
+    kind: str
+    tx_hash: bytes | None
+    sender: int | None
+    round: int | None
+    TYPE: ClassVar[str] = "query"
+    SENDERS: ClassVar[frozenset[Role]] = frozenset(Role)
+    FIELDS: ClassVar[dict[str, Spec]] = {
+        "qid": Int(0, 2**63 - 1),
+        "kind": names(("tx", "head", "round")),
+        "tx_hash": Optional(HASH),
+        "sender": Optional(Int()),
+        "round": Optional(Int()),
+    }
+
+    def __post_init__(self) -> None:
+        needed = {"tx": "tx_hash", "head": "sender", "round": "round"}[self.kind]
+        for name in ("tx_hash", "sender", "round"):
+            if (getattr(self, name) is None) == (name == needed):
+                raise SchemaError(f"a {self.kind!r} query sets {needed!r} and nothing else")
+
+
+@message
+@dataclass(frozen=True)
+class QueryResponse(Message):
+    qid: int
+    ok: bool
+    error: str
+    records: tuple[bytes, ...]
+    TYPE: ClassVar[str] = "query_response"
+    SENDERS: ClassVar[frozenset[Role]] = frozenset({Role.LEDGER})
+    FIELDS: ClassVar[dict[str, Spec]] = {
+        "qid": Int(0, 2**63 - 1),
+        "ok": Bool(),
+        "error": Str(),
+        "records": List(Bin(max_len=64 * 1024)),
+    }
+
+
+@message
+@dataclass(frozen=True)
+class Refusal(Message):
+    """Why an envelope was not applied (the hash of the refused envelope and a typed reason)."""
+
+    ref: bytes
+    reason: str
+    detail: str
+    TYPE: ClassVar[str] = "refusal"
+    SENDERS: ClassVar[frozenset[Role]] = frozenset({Role.LEDGER, Role.PROVIDER})
+    FIELDS: ClassVar[dict[str, Spec]] = {"ref": HASH, "reason": Str(max_len=64), "detail": Str()}
+
+
+@message
+@dataclass(frozen=True)
+class RosterChange(Message):
+    roster_toml: str
+    TYPE: ClassVar[str] = "roster_change"
+    SENDERS: ClassVar[frozenset[Role]] = frozenset({Role.ADMIN})
+    FIELDS: ClassVar[dict[str, Spec]] = {"roster_toml": Str(max_len=200_000)}
+
+
+# --- inside sealed direct envelopes ---------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ShareBody(WireStruct):
+    """A Shamir share (Alg. 3 line 4) or summed share (line 8), with its context bound in."""
+
+    task: str
+    round: int
+    attempt: int
+    group: int
+    sender: int
+    recipient: int
+    kind: str
+    x: int
+    length: int
+    values: bytes
+    FIELDS: ClassVar[dict[str, Spec]] = {
+        "task": Str(max_len=64),
+        "round": Int(),
+        "attempt": Int(0, MAX_ATTEMPT),
+        "group": Int(0, 2**20),
+        "sender": Int(),
+        "recipient": Int(),
+        "kind": names(("share", "summed_share")),
+        "x": Int(1, 64),
+        "length": Int(1, 2**31),
+        "values": Bin(),
+    }
+
+
+def to_plain(obj: Any) -> Any:
+    """A JSON-friendly view of a decoded message (bytes shown as hex), for logs and tools."""
+    if isinstance(obj, WireStruct):
+        return {k: to_plain(getattr(obj, k)) for k in obj.FIELDS}
+    if isinstance(obj, bytes):
+        return obj.hex() if len(obj) <= 64 else f"<{len(obj)} bytes>"
+    if isinstance(obj, tuple | list):
+        return [to_plain(v) for v in obj]
+    return obj
