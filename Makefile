@@ -32,8 +32,8 @@ system-deps:
 	@sh scripts/install-system-deps.sh
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check fairbus cli broker ledger tests benchmarks
-	$(VENV)/bin/ruff format --check fairbus cli broker ledger tests benchmarks
+	$(VENV)/bin/ruff check fairbus cli broker ledger tests
+	$(VENV)/bin/ruff format --check fairbus cli broker ledger tests
 	$(VENV)/bin/mypy
 
 bench-crypto: setup

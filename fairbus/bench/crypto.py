@@ -12,7 +12,8 @@ from __future__ import annotations
 import os
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import TypeVar
 
@@ -90,11 +91,16 @@ class CryptoBenchResult:
         return self.timings.median("unmask group")
 
 
-def pin_to_one_core() -> str:
-    """Run on one CPU, as the targets are stated; returns which."""
-    allowed = sorted(os.sched_getaffinity(0))
-    os.sched_setaffinity(0, {allowed[0]})
-    return f"cpu {allowed[0]} of {len(allowed)}"
+@contextmanager
+def one_core() -> Iterator[str]:
+    """Run on one CPU, as the targets are stated; restores the affinity afterwards."""
+    allowed = os.sched_getaffinity(0)
+    first = min(allowed)
+    os.sched_setaffinity(0, {first})
+    try:
+        yield f"cpu {first} of {len(allowed)}"
+    finally:
+        os.sched_setaffinity(0, allowed)
 
 
 def run(
@@ -105,7 +111,18 @@ def run(
     *,
     progress: Callable[[int], None] | None = None,
 ) -> CryptoBenchResult:
-    cpu = pin_to_one_core()
+    with one_core() as cpu:
+        return _run(params, group_size, threshold, repeats, cpu, progress)
+
+
+def _run(
+    params: int,
+    group_size: int,
+    threshold: int | None,
+    repeats: int,
+    cpu: str,
+    progress: Callable[[int], None] | None,
+) -> CryptoBenchResult:
     codec = FixedPointCodec()
     members = list(range(1, group_size + 1))
     keying = keyneg.GroupKeying.of(members, threshold)
