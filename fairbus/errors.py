@@ -78,6 +78,10 @@ class UnknownSenderError(EnvelopeError):
     """The claimed sender is not in the roster (or has no allowed role)."""
 
 
+class RoleError(EnvelopeError):
+    """The sender is in the roster, but its role may not send this message type."""
+
+
 class ChainError(EnvelopeError):
     """The envelope's ``prev`` does not equal the sender's current chain head (a fork)."""
 

@@ -29,7 +29,7 @@ from nacl.exceptions import CryptoError
 from nacl.public import PublicKey
 from nacl.signing import VerifyKey
 
-from fairbus.errors import RosterError, UnknownSenderError
+from fairbus.errors import RoleError, RosterError, UnknownSenderError
 from fairbus.identity import KEY_BYTES, PublicIdentity
 
 MAX_ROSTER_BYTES = 4 * 1024 * 1024
@@ -100,7 +100,11 @@ class Roster(Mapping[int, Member]):
         return providers[0]
 
     def member(self, participant_id: int, *, roles: Iterable[Role] | None = None) -> Member:
-        """The member with this id, checking its role; :class:`UnknownSenderError` if not."""
+        """The member with this id, checking its role.
+
+        Raises :class:`UnknownSenderError` for an id not in the roster and
+        :class:`RoleError` for a member whose role is not among ``roles``.
+        """
         m = self._members.get(participant_id)
         if m is None:
             raise UnknownSenderError(f"participant {participant_id} is not in the roster")
@@ -108,7 +112,7 @@ class Roster(Mapping[int, Member]):
             allowed = set(roles)
             if m.role not in allowed:
                 names = ", ".join(sorted(r.value for r in allowed))
-                raise UnknownSenderError(
+                raise RoleError(
                     f"participant {participant_id} is a {m.role.value}; only {names} may do this"
                 )
         return m

@@ -7,6 +7,7 @@ from fairbus.envelope import GENESIS, ChainTracker
 from fairbus.errors import (
     ChainError,
     ReplayError,
+    RoleError,
     SchemaError,
     SignatureError,
     UnknownSenderError,
@@ -61,7 +62,7 @@ def test_role_must_be_allowed_to_send_the_type(
         b"\x00" * 32, 10, 16, (GroupSpec(0, "basic", (1, 2, 3), 3),), (), (), 1.0, 2.0
     )
     env = envelope.sign(identities[3], TASK, announce, prev=GENESIS, round=1, attempt=0)
-    with pytest.raises(UnknownSenderError, match="only provider"):
+    with pytest.raises(RoleError, match="only provider"):
         envelope.open_envelope(env.to_bytes(), roster)
     env = envelope.sign(identities[0], TASK, announce, prev=GENESIS, round=1, attempt=0)
     assert envelope.open_envelope(env.to_bytes(), roster).message == announce

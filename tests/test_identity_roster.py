@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from fairbus.errors import IdentityError, RosterError, UnknownSenderError
+from fairbus.errors import IdentityError, RoleError, RosterError, UnknownSenderError
 from fairbus.identity import Identity, key_paths
 from fairbus.roster import Member, Role, Roster
 
@@ -61,7 +61,7 @@ def test_roster_round_trips_and_answers_roles() -> None:
     assert roster.to_toml() == text
     with pytest.raises(UnknownSenderError, match="not in the roster"):
         roster.member(42)
-    with pytest.raises(UnknownSenderError, match="only provider"):
+    with pytest.raises(RoleError, match="only provider"):
         roster.member(1, roles=[Role.PROVIDER])
 
 

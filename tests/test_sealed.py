@@ -7,7 +7,7 @@ import pytest
 
 from fairbus import shamir
 from fairbus.csprng import random_field
-from fairbus.errors import ReplayError, SealError, UnknownSenderError, WireError
+from fairbus.errors import ReplayError, RoleError, SealError, WireError
 from fairbus.identity import Identity
 from fairbus.roster import Roster
 from fairbus.sealed import ReplayGuard, SealContext, SealedOuter, open_share, seal_share
@@ -113,7 +113,7 @@ def test_replayed_share_in_the_same_context_is_refused_once_seen(
 def test_only_users_exchange_shares(
     identities: dict[int, Identity], roster: Roster, share: shamir.Share
 ) -> None:
-    with pytest.raises(UnknownSenderError):
+    with pytest.raises(RoleError):
         seal_share(identities[1], roster, 0, CTX, "share", share)  # 0 is the provider
     data = seal_share(identities[1], roster, 2, CTX, "share", share)
     with pytest.raises(WireError):
