@@ -11,6 +11,7 @@ twice within one context.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -24,14 +25,14 @@ from fairbus.shamir import Share
 from fairbus.wire import codec
 from fairbus.wire.limits import DEFAULT_LIMITS, WireLimits
 from fairbus.wire.messages import (
-    MAX_ATTEMPT,
+    SEAL_BINDING_FIELDS,
+    SHARE_KINDS,
     ShareBody,
+    seal_binding,
     vector_from_bytes,
     vector_to_bytes,
 )
-from fairbus.wire.schema import Bin, Int, Spec, Str, WireStruct, names
-
-SHARE_KINDS = ("share", "summed_share")
+from fairbus.wire.schema import Bin, Spec, WireStruct
 
 
 @dataclass(frozen=True)
@@ -54,16 +55,7 @@ class SealedOuter(WireStruct):
     recipient: int
     kind: str
     box: bytes
-    FIELDS: ClassVar[dict[str, Spec]] = {
-        "task": Str(max_len=64),
-        "round": Int(),
-        "attempt": Int(0, MAX_ATTEMPT),
-        "group": Int(0, 2**20),
-        "sender": Int(),
-        "recipient": Int(),
-        "kind": names(SHARE_KINDS),
-        "box": Bin(),
-    }
+    FIELDS: ClassVar[dict[str, Spec]] = {**SEAL_BINDING_FIELDS, "box": Bin()}
 
     @property
     def context(self) -> SealContext:
@@ -90,30 +82,20 @@ def seal_share(
     if kind not in SHARE_KINDS:
         raise SchemaError(f"kind must be one of {SHARE_KINDS}, got {kind!r}")
     peer = roster.member(recipient, roles=[Role.USER])
+    binding = {
+        **dataclasses.asdict(context),
+        "sender": sender.participant_id,
+        "recipient": recipient,
+        "kind": kind,
+    }
     body = ShareBody(
-        context.task,
-        context.round,
-        context.attempt,
-        context.group,
-        sender.participant_id,
-        recipient,
-        kind,
-        share.x,
-        int(share.values.shape[0]),
-        vector_to_bytes(share.values),
+        **binding,
+        x=share.x,
+        length=int(share.values.shape[0]),
+        values=vector_to_bytes(share.values),
     )
     box = Box(sender.box_key, peer.identity.box_public).encrypt(codec.pack(body.to_wire()))
-    outer = SealedOuter(
-        context.task,
-        context.round,
-        context.attempt,
-        context.group,
-        sender.participant_id,
-        recipient,
-        kind,
-        bytes(box),
-    )
-    return codec.pack(outer.to_wire())
+    return codec.pack(SealedOuter(**binding, box=bytes(box)).to_wire())
 
 
 def open_share(
@@ -143,25 +125,7 @@ def open_share(
             f"sealed share from {outer.sender} does not open: wrong key or tampered box"
         ) from None
     body = ShareBody.from_wire(codec.unpack(plain, limits), "sealed.body", limits)
-    inner = (
-        body.task,
-        body.round,
-        body.attempt,
-        body.group,
-        body.sender,
-        body.recipient,
-        body.kind,
-    )
-    claimed = (
-        outer.task,
-        outer.round,
-        outer.attempt,
-        outer.group,
-        outer.sender,
-        outer.recipient,
-        outer.kind,
-    )
-    if inner != claimed:
+    if seal_binding(body) != seal_binding(outer):
         raise ReplayError(
             "sealed share was moved: it was sealed for "
             f"(round {body.round}, attempt {body.attempt}, group {body.group}, "

@@ -371,6 +371,23 @@ class RosterChange(Message):
 # --- inside sealed direct envelopes ---------------------------------------------------------
 
 
+SHARE_KINDS = ("share", "summed_share")
+SEAL_BINDING_FIELDS: dict[str, Spec] = {
+    "task": Str(max_len=64),
+    "round": Int(),
+    "attempt": Int(0, MAX_ATTEMPT),
+    "group": Int(0, 2**20),
+    "sender": Int(),
+    "recipient": Int(),
+    "kind": names(SHARE_KINDS),
+}
+"""What a sealed share is bound to; carried both outside (for routing) and inside the box."""
+
+
+def seal_binding(obj: WireStruct) -> dict[str, Any]:
+    return {name: getattr(obj, name) for name in SEAL_BINDING_FIELDS}
+
+
 @dataclass(frozen=True)
 class ShareBody(WireStruct):
     """A Shamir share (Alg. 3 line 4) or summed share (line 8), with its context bound in."""
@@ -386,13 +403,7 @@ class ShareBody(WireStruct):
     length: int
     values: bytes
     FIELDS: ClassVar[dict[str, Spec]] = {
-        "task": Str(max_len=64),
-        "round": Int(),
-        "attempt": Int(0, MAX_ATTEMPT),
-        "group": Int(0, 2**20),
-        "sender": Int(),
-        "recipient": Int(),
-        "kind": names(("share", "summed_share")),
+        **SEAL_BINDING_FIELDS,
         "x": Int(1, 64),
         "length": Int(1, 2**31),
         "values": Bin(),
