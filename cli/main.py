@@ -6,7 +6,7 @@ import logging
 
 import typer
 
-from cli import bench, demo, keys, roster
+from cli import bench, demo, keys, roster, simulate
 
 app = typer.Typer(
     name="fairbus",
@@ -24,6 +24,7 @@ app.add_typer(keys.app, name="keys")
 app.add_typer(roster.app, name="roster")
 app.add_typer(bench.app, name="bench")
 app.command("demo")(demo.demo)
+app.command("simulate")(simulate.simulate)
 
 
 @app.callback()

@@ -52,6 +52,17 @@ class MismatchedShareError(ShamirError):
     """Shares disagree in length, evaluation point or dtype."""
 
 
+# --- grouping and detection ------------------------------------------------------------
+
+
+class GroupingError(FairbusError):
+    """No grouping satisfies the constraints, or a received grouping violates them."""
+
+
+class DetectionError(FairbusError):
+    """Algorithm 6 was given inconsistent inputs (a group without an accuracy, say)."""
+
+
 # --- identities and roster ---------------------------------------------------------------
 
 

@@ -42,7 +42,17 @@ from .conftest import TASK
 H = b"\x07" * 32
 SAMPLES = [
     Presence("online", "user"),
-    Announce(H, 100, 16, (GroupSpec(0, "basic", (1, 2, 3), 3),), (2,), (9,), 10.0, 20.0),
+    Announce(
+        H,
+        100,
+        16,
+        (GroupSpec(0, "basic", (1, 2, 3), None, 3),),
+        (2,),
+        (9,),
+        ((1, 2, 4),),
+        10.0,
+        20.0,
+    ),
     GlobalModel(2, b"\0" * 8),
     MaskedUpload(1, 2, b"\1" * 8),
     Evaluation((GroupAccuracy(0, 0.9), GroupAccuracy(1, 0.4))),

@@ -92,16 +92,19 @@ def vector_from_bytes(data: bytes, length: int, *, what: str = "vector") -> Fiel
 
 @dataclass(frozen=True)
 class GroupSpec(WireStruct):
-    """One group of a round's grouping (Alg. 2): basic or focus, with its Shamir threshold."""
+    """One group of a round's grouping (Alg. 2): basic or focus (with its key user), and
+    its Shamir threshold."""
 
     gid: int
     kind: str
     members: tuple[int, ...]
+    focus: int | None
     threshold: int
     FIELDS: ClassVar[dict[str, Spec]] = {
         "gid": Int(0, 2**20),
         "kind": names(("basic", "focus")),
         "members": ids("max_group_members"),
+        "focus": Optional(Int()),
         "threshold": Int(1, 64),
     }
 
@@ -150,7 +153,12 @@ class Presence(Message):
 @message
 @dataclass(frozen=True)
 class Announce(Message):
-    """Round r, attempt a: the global model's hash, the grouping and the deadlines."""
+    """Round r, attempt a: the global model's hash, the grouping and the deadlines.
+
+    ``prior_groups`` are the member lists of groups of earlier attempts of this round
+    that received at least one upload: their sums may be known to the provider, so
+    users include them in the exposure check.
+    """
 
     model_sha256: bytes
     model_params: int
@@ -158,6 +166,7 @@ class Announce(Message):
     groups: tuple[GroupSpec, ...]
     key_users: tuple[int, ...]
     excluded: tuple[int, ...]
+    prior_groups: tuple[tuple[int, ...], ...]
     negotiate_deadline: float
     upload_deadline: float
     TYPE: ClassVar[str] = "announce"
@@ -170,6 +179,7 @@ class Announce(Message):
         "groups": List(Struct(GroupSpec), limit="max_groups"),
         "key_users": ids(),
         "excluded": ids(),
+        "prior_groups": List(ids("max_group_members"), limit="max_groups"),
         "negotiate_deadline": Float(0.0),
         "upload_deadline": Float(0.0),
     }

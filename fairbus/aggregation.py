@@ -1,0 +1,72 @@
+"""Global aggregation policies (Alg. 1, line 30), as small replaceable objects.
+
+Modelled on Flower's strategies: one object, one job — turn the round's decrypted
+group models into the next global model.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+import numpy as np
+import numpy.typing as npt
+
+from fairbus.grouping import BASIC
+
+
+@dataclass(frozen=True, eq=False)
+class GroupModel:
+    """A decrypted group model: the mean of its members' models (Alg. 5)."""
+
+    gid: int
+    kind: str
+    members: tuple[int, ...]
+    mean: npt.NDArray[np.float32]
+
+
+class AggregationStrategy(Protocol):
+    def aggregate(
+        self,
+        current: npt.NDArray[np.float32],
+        groups: Sequence[GroupModel],
+        violators: Iterable[int],
+    ) -> npt.NDArray[np.float32]: ...
+
+
+@dataclass(frozen=True)
+class CleanGroupAverage:
+    """The average of the clean basic groups, weighted by size (DESIGN.md, step 7).
+
+    A group is clean when no detected violator is in it, so no byte from a violator
+    enters the global model. Focus groups repeat key users and are left out. With no
+    clean group the current model is kept.
+    """
+
+    def aggregate(
+        self,
+        current: npt.NDArray[np.float32],
+        groups: Sequence[GroupModel],
+        violators: Iterable[int],
+    ) -> npt.NDArray[np.float32]:
+        bad = set(violators)
+        clean = [g for g in groups if g.kind == BASIC and not bad.intersection(g.members)]
+        if not clean:
+            return current.copy()
+        weights = np.array([len(g.members) for g in clean], dtype=np.float64)
+        stacked = np.stack([g.mean.astype(np.float64) for g in clean])
+        return np.asarray(weights @ stacked / weights.sum(), dtype=np.float32)
+
+
+@dataclass(frozen=True)
+class UndefendedFedAvg:
+    """Plain FedAvg over every basic group: the baseline without detection."""
+
+    def aggregate(
+        self,
+        current: npt.NDArray[np.float32],
+        groups: Sequence[GroupModel],
+        violators: Iterable[int],
+    ) -> npt.NDArray[np.float32]:
+        return CleanGroupAverage().aggregate(current, groups, ())

@@ -1,0 +1,113 @@
+"""Algorithm 6 of the fairness paper: fine-grained detection of potential violators.
+
+A pure, deterministic function of the round's grouping, the accuracy of every group
+model and the key-user set the grouping was built for. Line numbers below refer to
+Algorithm 6 in ``shared/papers/000_5bf3e0ead588fffe.txt``.
+
+The paper's confidence interval (lines 18-19) is score_mean ∓ (S / √|G_a^i|) ·
+t_0.025(|G_a^i| − 1) with S = √(Σ_g (score_g − score_mean)² / |G_a^i|); the radicals
+are lost in the paper's text rendering, and this is the standard reading of it (the
+t quantile with |G_a^i| − 1 degrees of freedom, two-sided 95%). With a single active
+group the interval is undefined (no degrees of freedom): such a user is never a
+potential violator on that round's evidence.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from scipy import stats
+
+from fairbus.errors import DetectionError
+from fairbus.grouping import Grouping
+
+
+@dataclass(frozen=True)
+class DetectionParams:
+    """bound_score and bound_conf of Algorithm 6 (inputs), and the interval's confidence."""
+
+    bound_score: float = 0.3
+    bound_conf: float = 0.5
+    confidence: float = 0.95
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.confidence < 1.0:
+            raise DetectionError(f"confidence must be in (0, 1), got {self.confidence}")
+        if self.bound_conf < 0:
+            raise DetectionError(f"bound_conf must be >= 0, got {self.bound_conf}")
+
+
+@dataclass(frozen=True)
+class UserAssessment:
+    """score_i, and for key users the interval (conf_lo_i, conf_up_i)."""
+
+    user: int
+    score: float
+    active_groups: int
+    conf_lo: float | None = None
+    conf_up: float | None = None
+
+
+@dataclass(frozen=True)
+class DetectionResult:
+    """τ, every user's assessment, the new key users NKI and the potential violators PI."""
+
+    tau: float
+    assessments: Mapping[int, UserAssessment]
+    new_key_users: frozenset[int]
+    violators: frozenset[int]
+
+
+def detect(
+    grouping: Grouping,
+    accuracies: Mapping[int, float],
+    params: DetectionParams = DetectionParams(),
+) -> DetectionResult:
+    """Run Algorithm 6 on one round. ``accuracies`` maps group id → acc(m_g)."""
+    missing = sorted(g.gid for g in grouping.groups if g.gid not in accuracies)
+    if missing:
+        raise DetectionError(f"no accuracy for groups {missing}")
+    for gid, acc in accuracies.items():
+        if not (isinstance(acc, float | int) and math.isfinite(acc) and 0.0 <= acc <= 1.0):
+            raise DetectionError(f"accuracy of group {gid} must be in [0, 1], got {acc!r}")
+    basic = grouping.basic
+    if not basic:
+        raise DetectionError("a grouping without basic groups cannot set τ")
+    key_users = grouping.key_users
+
+    # Lines 5-8: τ, the mean accuracy of the basic group models.
+    tau = sum(accuracies[g.gid] for g in basic) / len(basic)
+
+    assessments: dict[int, UserAssessment] = {}
+    for user in grouping.users:
+        # Lines 9-15: score_i, the fraction of the user's active groups that beat τ.
+        group_scores = [1.0 if accuracies[g.gid] > tau else 0.0 for g in grouping.active(user)]
+        n = len(group_scores)
+        score = sum(group_scores) / n
+        conf_lo = conf_up = None
+        if user in key_users and n >= 2:
+            # Lines 16-20: the 95% interval of the key user's group scores.
+            spread = math.sqrt(sum((s - score) ** 2 for s in group_scores) / n)
+            quantile = float(stats.t.ppf(1 - (1 - params.confidence) / 2, n - 1))
+            half = spread / math.sqrt(n) * quantile
+            conf_lo, conf_up = score - half, score + half
+        assessments[user] = UserAssessment(user, score, n, conf_lo, conf_up)
+
+    # Lines 21-24: users scoring below τ − bound_score become key users.
+    new_key_users = {u for u, a in assessments.items() if a.score < tau - params.bound_score}
+    # Lines 25-29: a key user who stays a key user with a narrow interval is a violator.
+    violators = set()
+    for user in sorted(new_key_users):
+        a = assessments[user]
+        if (
+            user in key_users
+            and a.conf_lo is not None
+            and a.conf_up is not None
+            and a.conf_up - a.conf_lo < params.bound_conf
+        ):
+            violators.add(user)
+    return DetectionResult(
+        tau, assessments, frozenset(new_key_users - violators), frozenset(violators)
+    )

@@ -1,0 +1,89 @@
+"""PNG plots in the manner of the fairness paper's Figures 3-5."""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Sequence
+from pathlib import Path
+
+from matplotlib.figure import Figure
+
+from fairbus.simulator import RoundRecord
+
+# The object-oriented API (Figure, not pyplot) needs no display and no global backend.
+
+
+def plot_accuracy(records: Sequence[RoundRecord], path: Path, title: str = "") -> Path:
+    """Figs. 3-4: the global model's accuracy per round, with every group model's."""
+    fig = Figure(figsize=(7, 4.2), dpi=120)
+    ax = fig.subplots()
+    for kind, marker, color in (("basic", "o", "tab:blue"), ("focus", "^", "tab:orange")):
+        xs = [r.round for r in records for g in r.groups if g["kind"] == kind]
+        ys = [g["accuracy"] for r in records for g in r.groups if g["kind"] == kind]
+        if xs:
+            ax.scatter(xs, ys, s=14, marker=marker, color=color, alpha=0.45, label=f"{kind} groups")
+    ax.plot(
+        [r.round for r in records],
+        [r.global_accuracy for r in records],
+        color="black",
+        linewidth=2,
+        marker="s",
+        markersize=4,
+        label="global model",
+    )
+    for r in records:
+        for user in r.violators:
+            ax.annotate(
+                f"user {user} excluded",
+                (r.round, r.global_accuracy),
+                textcoords="offset points",
+                xytext=(4, -14),
+                fontsize=7,
+                color="tab:red",
+            )
+    ax.set_xlabel("round")
+    ax.set_ylabel("test accuracy")
+    ax.set_ylim(0, 1.02)
+    ax.set_title(title or "accuracy of the global and group models")
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    return path
+
+
+def plot_scores(
+    records: Sequence[RoundRecord], path: Path, attackers: Collection[int] = ()
+) -> Path:
+    """Fig. 5: each user's contribution score, with its 95% interval where it had one.
+
+    One panel: the mean score over the rounds a user took part in, and the interval
+    of its last round as a key user; attackers in red.
+    """
+    users = sorted({u for r in records for u in r.scores})
+    fig = Figure(figsize=(7, 4.2), dpi=120)
+    ax = fig.subplots()
+    for k, user in enumerate(users):
+        scores = [r.scores[user]["score"] for r in records if user in r.scores]
+        mean = sum(s for s in scores if s is not None) / max(1, len(scores))
+        color = "tab:red" if user in attackers else "tab:blue"
+        ax.scatter([k], [mean], color=color, zorder=3)
+        intervals = [
+            (r.scores[user]["conf_lo"], r.scores[user]["conf_up"])
+            for r in records
+            if user in r.scores and r.scores[user]["conf_lo"] is not None
+        ]
+        if intervals:
+            lo, up = intervals[-1]
+            assert lo is not None and up is not None
+            ax.vlines(k, max(lo, -0.1), min(up, 1.1), color=color, linewidth=2, alpha=0.7)
+    excluded = {u for r in records for u in r.violators}
+    ax.set_xticks(range(len(users)))
+    ax.set_xticklabels([f"{u}{'*' if u in excluded else ''}" for u in users])
+    ax.set_xlabel("user (* = excluded; red = attacker)")
+    ax.set_ylabel("mean score, last key-user interval")
+    ax.set_ylim(-0.1, 1.1)
+    ax.set_title("contribution scores and 95% intervals")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path)
+    return path

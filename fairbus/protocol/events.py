@@ -1,0 +1,151 @@
+"""The events the machines take and the outputs they return."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal, TypeAlias
+
+import numpy as np
+import numpy.typing as npt
+
+from fairbus.field import FieldVector
+
+PROVIDER: Literal["provider"] = "provider"
+USERS: Literal["users"] = "users"
+Address: TypeAlias = int | Literal["provider", "users"]
+"""A user id, the provider, or every online user (a broadcast)."""
+
+SEALED_KINDS = frozenset({"share", "summed_share"})
+
+
+# --- inputs ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, eq=False)
+class Received:
+    """Bytes that arrived for this machine; ``kind`` is the message type the topic names."""
+
+    kind: str
+    data: bytes
+
+
+@dataclass(frozen=True, eq=False)
+class Trained:
+    """The driver finished a :class:`Train` effect: the model this user will upload."""
+
+    round: int
+    params: npt.NDArray[np.float32]
+
+
+@dataclass(frozen=True)
+class Evaluated:
+    """The driver finished an :class:`Evaluate` effect."""
+
+    round: int
+    attempt: int
+    gid: int
+    accuracy: float
+
+
+@dataclass(frozen=True)
+class Dropped:
+    """A user went offline (Last Will, presence) or missed a deadline."""
+
+    user: int
+
+
+@dataclass(frozen=True)
+class Joined:
+    """A user came (back) online; it takes part from the next round on."""
+
+    user: int
+
+
+@dataclass(frozen=True)
+class Tick:
+    """The time now (seconds); lets a machine act on its deadlines."""
+
+    now: float
+
+
+Event: TypeAlias = Received | Trained | Evaluated | Dropped | Joined | Tick
+
+
+# --- outputs --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, eq=False)
+class Send:
+    to: Address
+    kind: str
+    data: bytes
+
+
+@dataclass(frozen=True, eq=False)
+class Train:
+    """Train the local model for ``round`` from ``global_params``; answer with Trained."""
+
+    round: int
+    global_params: npt.NDArray[np.float32]
+
+
+@dataclass(frozen=True, eq=False)
+class Evaluate:
+    """Evaluate a decrypted group model; answer with Evaluated."""
+
+    round: int
+    attempt: int
+    gid: int
+    params: npt.NDArray[np.float32]
+
+
+@dataclass(frozen=True)
+class Refused:
+    """Something received was not acted on; ``reason`` is the error's class name."""
+
+    reason: str
+    detail: str
+
+
+@dataclass(frozen=True, eq=False)
+class GroupOutcome:
+    gid: int
+    kind: str
+    members: tuple[int, ...]
+    focus: int | None
+    accuracy: float
+    field_sum: FieldVector
+    mean: npt.NDArray[np.float32]
+
+
+@dataclass(frozen=True, eq=False)
+class RoundDone:
+    """The provider finished a round: everything a log line or a plot needs."""
+
+    round: int
+    attempts: int
+    groups: list[GroupOutcome]
+    tau: float | None
+    assessments: dict[int, Any]
+    key_users: frozenset[int]
+    violators: frozenset[int]
+    excluded: frozenset[int]
+    dropped: frozenset[int]
+    global_params: npt.NDArray[np.float32]
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class RoundFailed:
+    round: int
+    reason: str
+
+
+@dataclass(frozen=True)
+class Excluded:
+    """The user learned from a decision that it is excluded for good."""
+
+    round: int
+
+
+Output: TypeAlias = Send | Train | Evaluate | Refused | RoundDone | RoundFailed | Excluded

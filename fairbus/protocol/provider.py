@@ -1,0 +1,373 @@
+"""The provider's side of training, as a sans-I/O state machine (Algorithm 1).
+
+Per round: regroup if needed (Alg. 1, lines 5-8: the key-user set changed, a violator
+was found, or a user dropped or joined), announce the global model and the grouping,
+collect signed masked uploads, decrypt each complete group (Alg. 5), have the driver
+evaluate it, run detection (Alg. 6), exclude violators for good (lines 26-29) and
+aggregate the clean groups into the next global model (line 30).
+
+A user who drops while uploads are being collected voids the incomplete groups of the
+attempt; the survivors are regrouped with fresh keys (attempt + 1) and the round goes
+on. Groups of earlier attempts that received any upload are carried into the exposure
+check of the new grouping, and announced so users can check it too.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import Enum
+
+import numpy as np
+import numpy.typing as npt
+
+from fairbus import envelope, masking
+from fairbus.aggregation import AggregationStrategy, CleanGroupAverage, GroupModel
+from fairbus.detection import DetectionParams, detect
+from fairbus.envelope import GENESIS, ChainTracker
+from fairbus.errors import FairbusError, GroupingError
+from fairbus.field import FieldVector, FixedPointCodec
+from fairbus.grouping import Grouping, make_grouping
+from fairbus.identity import Identity
+from fairbus.masking import GroupAggregate
+from fairbus.protocol.events import (
+    USERS,
+    Dropped,
+    Evaluate,
+    Evaluated,
+    Event,
+    GroupOutcome,
+    Joined,
+    Output,
+    Received,
+    Refused,
+    RoundDone,
+    RoundFailed,
+    Send,
+    Tick,
+    Trained,
+)
+from fairbus.protocol.user import model_digest
+from fairbus.roster import Role, Roster
+from fairbus.wire.limits import DEFAULT_LIMITS, WireLimits
+from fairbus.wire.messages import (
+    Announce,
+    Decision,
+    Dropout,
+    Evaluation,
+    GlobalModel,
+    GroupAccuracy,
+    GroupSpec,
+    MaskedUpload,
+    Message,
+    UserScore,
+)
+
+
+@dataclass(frozen=True)
+class ProviderConfig:
+    basic_groupings: int = 2
+    key_repeats: int = 2
+    threshold: int | None = None
+    frac_bits: int = 16
+    detection: DetectionParams = field(default_factory=DetectionParams)
+    defended: bool = True
+    phase_timeout: float = 300.0
+    seed: int = 0
+    strategy: AggregationStrategy = field(default_factory=CleanGroupAverage)
+
+
+class ProviderPhase(Enum):
+    IDLE = "idle"  # between rounds
+    COLLECTING = "collecting"  # announced; waiting for every group's uploads
+    EVALUATING = "evaluating"  # every group decrypted; waiting for accuracies
+
+
+class ProviderMachine:
+    def __init__(
+        self,
+        identity: Identity,
+        roster: Roster,
+        initial_params: npt.NDArray[np.float32],
+        config: ProviderConfig = ProviderConfig(),
+        *,
+        limits: WireLimits = DEFAULT_LIMITS,
+    ) -> None:
+        self.identity = identity
+        self.roster = roster
+        self.config = config
+        self.limits = limits
+        self.codec = FixedPointCodec(config.frac_bits)
+        self.global_params = initial_params.astype(np.float32)
+        self.phase = ProviderPhase.IDLE
+        self.round = 0
+        self.attempt = 0
+        self.online: set[int] = set(roster.with_role(Role.USER))
+        self.excluded: set[int] = set()
+        self.key_users: frozenset[int] = frozenset()
+        self.grouping: Grouping | None = None
+        self.prev = GENESIS
+        self._chains = ChainTracker()
+        self._regroup = True
+        self._deadline = 0.0
+        self._now = 0.0
+        self._dropped_this_round: set[int] = set()
+        self._prior_groups: list[tuple[int, ...]] = []
+        self._uploads: dict[int, dict[int, FieldVector]] = {}
+        self._decrypted: dict[int, GroupAggregate] = {}
+        self._accuracy: dict[int, float] = {}
+
+    @property
+    def prior_groups(self) -> list[tuple[int, ...]]:
+        """Groups of earlier attempts of this round that received an upload."""
+        return list(self._prior_groups)
+
+    @property
+    def d(self) -> int:
+        return int(self.global_params.size)
+
+    # --- rounds ----------------------------------------------------------------------------
+
+    def start_round(self, now: float = 0.0) -> list[Output]:
+        """Alg. 1, lines 4-10: regroup if needed, then announce round r + 1."""
+        if self.phase is not ProviderPhase.IDLE:
+            raise FairbusError(f"round {self.round} is still {self.phase.value}")
+        self._now = max(self._now, now)
+        self.round += 1
+        self.attempt = 0
+        self._dropped_this_round = set()
+        self._prior_groups = []
+        participants = sorted(self.online - self.excluded)
+        if self._regroup or self.grouping is None or set(self.grouping.users) != set(participants):
+            try:
+                self.grouping = self._make_grouping(participants)
+            except GroupingError as exc:
+                return [RoundFailed(self.round, str(exc))]
+            self._regroup = False
+        out: list[Output] = [self._signed(GlobalModel(self.d, self._model_bytes()))]
+        return out + self._announce()
+
+    def _make_grouping(self, users: list[int]) -> Grouping:
+        return make_grouping(
+            users,
+            self.key_users,
+            basic_groupings=self.config.basic_groupings,
+            key_repeats=self.config.key_repeats,
+            seed=(self.config.seed, self.round, self.attempt),
+            prior_groups=self._prior_groups,
+        )
+
+    def _announce(self) -> list[Output]:
+        assert self.grouping is not None
+        self._uploads = {g.gid: {} for g in self.grouping.groups}
+        self._decrypted = {}
+        self._accuracy = {}
+        self._deadline = self._now + self.config.phase_timeout
+        self.phase = ProviderPhase.COLLECTING
+        specs = tuple(
+            GroupSpec(
+                g.gid,
+                g.kind,
+                g.members,
+                g.focus,
+                len(g.members)
+                if self.config.threshold is None
+                else min(self.config.threshold, len(g.members)),
+            )
+            for g in self.grouping.groups
+        )
+        announce = Announce(
+            model_digest(self.global_params),
+            self.d,
+            self.config.frac_bits,
+            specs,
+            tuple(sorted(self.grouping.key_users)),
+            tuple(sorted(self.excluded)),
+            tuple(self._prior_groups),
+            self._deadline,
+            self._deadline,
+        )
+        return [self._signed(announce)]
+
+    def _model_bytes(self) -> bytes:
+        return self.global_params.astype("<f4", copy=False).tobytes()
+
+    def _signed(self, message: Message) -> Send:
+        scoped = {"round": self.round, "attempt": self.attempt} if message.SCOPED else {}
+        env = envelope.sign(self.identity, self.roster.task, message, prev=self.prev, **scoped)
+        self.prev = env.hash
+        return Send(USERS, message.TYPE, env.to_bytes())
+
+    # --- events ------------------------------------------------------------------------------
+
+    def handle(self, event: Event) -> list[Output]:
+        if isinstance(event, Received):
+            try:
+                return self._on_received(event)
+            except FairbusError as exc:
+                return [Refused(type(exc).__name__, str(exc))]
+        if isinstance(event, Evaluated):
+            return self._on_evaluated(event)
+        if isinstance(event, Dropped):
+            return self._on_dropped({event.user})
+        if isinstance(event, Joined):
+            if event.user not in self.excluded and self.roster.member(event.user).role is Role.USER:
+                self.online.add(event.user)
+                self._regroup = True
+            return []
+        if isinstance(event, Tick):
+            return self._on_tick(event.now)
+        if isinstance(event, Trained):
+            return []
+        raise TypeError(f"provider machine cannot take {type(event).__name__}")
+
+    def _on_received(self, event: Received) -> list[Output]:
+        if event.kind != "upload":
+            return []
+        verified = envelope.open_envelope(event.data, self.roster, self.limits)
+        # The chain link is checked and recorded first, even for an upload that arrives
+        # too late to use: the sender's next envelope will point at it.
+        self._chains.accept(verified.envelope)
+        msg = verified.message
+        if not isinstance(msg, MaskedUpload):
+            return []
+        header = verified.header
+        user = header.sender
+        if self.phase is not ProviderPhase.COLLECTING or (header.round, header.attempt) != (
+            self.round,
+            self.attempt,
+        ):
+            return [
+                Refused("StaleUpload", f"upload from {user} for ({header.round}, {header.attempt})")
+            ]
+        assert self.grouping is not None
+        group = self.grouping.group(msg.group)
+        if user not in group.members:
+            raise GroupingError(f"user {user} uploaded to group {group.gid}, which it is not in")
+        if user in self._uploads[group.gid]:
+            raise GroupingError(f"user {user} uploaded twice to group {group.gid}")
+        if msg.length != self.d:
+            raise GroupingError(f"upload of {msg.length} values for a model of {self.d}")
+        self._uploads[group.gid][user] = msg.vector()
+        if len(self._uploads[group.gid]) < len(group.members):
+            return []
+        uploads = self._uploads[group.gid]
+        result = masking.aggregate_decrypt([uploads[u] for u in group.members], self.codec)
+        self._decrypted[group.gid] = result
+        if len(self._decrypted) == len(self.grouping.groups):
+            self.phase = ProviderPhase.EVALUATING
+        return [Evaluate(self.round, self.attempt, group.gid, result.mean)]
+
+    def _on_evaluated(self, event: Evaluated) -> list[Output]:
+        if (event.round, event.attempt) != (
+            self.round,
+            self.attempt,
+        ) or event.gid not in self._decrypted:
+            return []
+        self._accuracy[event.gid] = event.accuracy
+        assert self.grouping is not None
+        if self.phase is ProviderPhase.EVALUATING and len(self._accuracy) == len(
+            self.grouping.groups
+        ):
+            return self._finish()
+        return []
+
+    def _on_tick(self, now: float) -> list[Output]:
+        self._now = max(self._now, now)
+        if self.phase is not ProviderPhase.COLLECTING or now < self._deadline:
+            return []
+        assert self.grouping is not None
+        late = {
+            u
+            for g in self.grouping.groups
+            if g.gid not in self._decrypted
+            for u in g.members
+            if u not in self._uploads[g.gid]
+        }
+        return self._on_dropped(late)
+
+    def _on_dropped(self, users: set[int]) -> list[Output]:
+        self.online -= users
+        self._regroup = True
+        if self.phase is not ProviderPhase.COLLECTING or self.grouping is None:
+            return []
+        affected = users & set(self.grouping.users)
+        if not affected:
+            return []
+        # Void the attempt; regroup the survivors with fresh keys (attempt + 1).
+        self._dropped_this_round |= affected
+        voided = [g.gid for g in self.grouping.groups if affected & set(g.members)]
+        self._prior_groups += [g.members for g in self.grouping.groups if self._uploads[g.gid]]
+        out: list[Output] = [self._signed(Dropout(tuple(sorted(affected)), tuple(voided)))]
+        survivors = sorted(set(self.grouping.users) - self._dropped_this_round)
+        self.attempt += 1
+        try:
+            self.grouping = self._make_grouping(survivors)
+        except GroupingError as exc:
+            self.phase = ProviderPhase.IDLE
+            self.grouping = None
+            return [*out, RoundFailed(self.round, str(exc))]
+        return out + self._announce()
+
+    # --- detection, exclusion, aggregation ---------------------------------------------------
+
+    def _finish(self) -> list[Output]:
+        assert self.grouping is not None
+        grouping = self.grouping
+        evaluation = Evaluation(
+            tuple(GroupAccuracy(gid, acc) for gid, acc in sorted(self._accuracy.items()))
+        )
+        out: list[Output] = [self._signed(evaluation)]
+        tau: float | None = None
+        assessments: dict[int, object] = {}
+        violators: frozenset[int] = frozenset()
+        new_keys: frozenset[int] = frozenset()
+        if self.config.defended:
+            result = detect(grouping, self._accuracy, self.config.detection)  # Alg. 1 line 25
+            tau, violators, new_keys = result.tau, result.violators, result.new_key_users
+            assessments = dict(result.assessments)
+            scores = tuple(
+                UserScore(a.user, a.score, a.conf_lo, a.conf_up)
+                for a in result.assessments.values()
+            )
+            out.append(
+                self._signed(
+                    Decision(tau, scores, tuple(sorted(new_keys)), tuple(sorted(violators)))
+                )
+            )
+        models = [
+            GroupModel(g.gid, g.kind, g.members, self._decrypted[g.gid].mean)
+            for g in grouping.groups
+        ]
+        self.global_params = self.config.strategy.aggregate(self.global_params, models, violators)
+        self.excluded |= violators  # lines 26-29
+        if new_keys != self.key_users or violators or self._dropped_this_round:
+            self._regroup = True
+        self.key_users = new_keys
+        self.phase = ProviderPhase.IDLE
+        outcomes = [
+            GroupOutcome(
+                g.gid,
+                g.kind,
+                g.members,
+                g.focus,
+                self._accuracy[g.gid],
+                self._decrypted[g.gid].field_sum,
+                self._decrypted[g.gid].mean,
+            )
+            for g in grouping.groups
+        ]
+        out.append(
+            RoundDone(
+                self.round,
+                self.attempt + 1,
+                outcomes,
+                tau,
+                assessments,
+                new_keys,
+                violators,
+                frozenset(self.excluded),
+                frozenset(self._dropped_this_round),
+                self.global_params,
+            )
+        )
+        return out

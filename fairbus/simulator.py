@@ -1,0 +1,322 @@
+"""``fairbus simulate``: N users and a provider in one process, over an in-process transport.
+
+The simulator only drives the sans-I/O machines of :mod:`fairbus.protocol` — the same
+ones the MQTT runtime drives — with the real crypto: every share is sealed per
+recipient, every upload signed and chained. It carries out their effects (training,
+evaluation) with real PyTorch on real data, injects dropouts, and records one
+:class:`RoundRecord` per round.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter, deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import numpy.typing as npt
+
+from fairbus.errors import FairbusError
+from fairbus.identity import Identity
+from fairbus.protocol.events import (
+    PROVIDER,
+    USERS,
+    Dropped,
+    Evaluate,
+    Evaluated,
+    Event,
+    Excluded,
+    Joined,
+    Output,
+    Received,
+    Refused,
+    RoundDone,
+    RoundFailed,
+    Send,
+    Train,
+    Trained,
+)
+from fairbus.protocol.provider import ProviderConfig, ProviderMachine
+from fairbus.protocol.user import UserMachine
+from fairbus.roster import Member, Role, Roster
+from fairbus.training.attacks import Attack
+from fairbus.training.data import DATASET_MODELS, load_dataset, partition_dirichlet, partition_iid
+from fairbus.training.local import Evaluator, TrainConfig, Trainer
+from fairbus.training.models import initial_params
+
+PROVIDER_ID = 0
+TIMING_PHASES = ("training", "negotiation", "upload", "aggregation", "evaluation", "detection")
+
+
+@dataclass(frozen=True)
+class DropoutPlan:
+    """Kill ``user`` in ``round``: mid key negotiation, or after its first upload."""
+
+    round: int
+    user: int
+    phase: Literal["negotiation", "upload"]
+    rejoin: bool = True
+
+
+@dataclass(frozen=True)
+class SimulationConfig:
+    users: int = 9
+    rounds: int = 10
+    seed: int = 0
+    dataset: str = "digits"
+    data_dir: Path | None = None
+    model: str | None = None
+    partition: Literal["iid", "dirichlet"] = "iid"
+    alpha: float = 0.5
+    train: TrainConfig = field(default_factory=TrainConfig)
+    attacks: dict[int, Attack] = field(default_factory=dict)
+    provider: ProviderConfig = field(default_factory=ProviderConfig)
+    dropouts: tuple[DropoutPlan, ...] = ()
+
+    @property
+    def model_name(self) -> str:
+        return self.model or DATASET_MODELS[self.dataset]
+
+
+@dataclass
+class RoundRecord:
+    round: int
+    attempts: int
+    global_accuracy: float
+    groups: list[dict[str, Any]]
+    tau: float | None
+    scores: dict[int, dict[str, float | None]]
+    key_users: list[int]
+    violators: list[int]
+    excluded: list[int]
+    dropped: list[int]
+    prior_groups: list[list[int]]
+    timings_s: dict[str, float]
+    bytes: dict[str, int]
+    refusals: list[str] = field(default_factory=list)
+    failed: str | None = None
+    # not serialized: for tests that check exactness against the plaintext
+    local_models: dict[int, npt.NDArray[np.float32]] = field(default_factory=dict, repr=False)
+    field_sums: dict[int, Any] = field(default_factory=dict, repr=False)
+
+    def to_json(self) -> dict[str, Any]:
+        skip = {"local_models", "field_sums"}
+        return {k: v for k, v in vars(self).items() if k not in skip}
+
+
+class Simulation:
+    """One training run. ``run()`` plays every round and returns the records."""
+
+    def __init__(self, config: SimulationConfig) -> None:
+        if config.users < 3:
+            raise FairbusError("a simulation needs at least 3 users")
+        self.config = config
+        self.user_ids = list(range(1, config.users + 1))
+        unknown = set(config.attacks) - set(self.user_ids)
+        if unknown:
+            raise FairbusError(f"attacks configured for unknown users {sorted(unknown)}")
+        provider = Identity.generate(PROVIDER_ID)
+        self.identities = {u: Identity.generate(u) for u in self.user_ids}
+        self.roster = Roster(
+            "simulation",
+            [Member(provider.public, Role.PROVIDER)]
+            + [Member(i.public, Role.USER) for i in self.identities.values()],
+        )
+        train, test = load_dataset(config.dataset, config.data_dir, seed=config.seed)
+        if config.partition == "iid":
+            parts = partition_iid(len(train), config.users, config.seed)
+        else:
+            parts = partition_dirichlet(train.y.numpy(), config.users, config.alpha, config.seed)
+        self.trainers = {
+            u: Trainer(
+                config.model_name, train.subset(p), config.train, seed=config.seed * 1000 + u
+            )
+            for u, p in zip(self.user_ids, parts, strict=True)
+        }
+        self.evaluator = Evaluator(config.model_name, test)
+        self.provider = ProviderMachine(
+            provider,
+            self.roster,
+            initial_params(config.model_name, config.seed),
+            config.provider,
+        )
+        self.machines = {u: UserMachine(self.identities[u], self.roster) for u in self.user_ids}
+        self.alive = set(self.user_ids)
+        self._queue: deque[tuple[int | str, Send, int | str]] = deque()
+        self._record: RoundRecord | None = None
+        self._plan: dict[int, DropoutPlan] = {}
+        self._killed_this_round: list[DropoutPlan] = []
+
+    # --- driving ------------------------------------------------------------------------------
+
+    def run(self, on_round: Callable[[RoundRecord], None] | None = None) -> list[RoundRecord]:
+        records = []
+        for r in range(1, self.config.rounds + 1):
+            record = self.play_round(r)
+            records.append(record)
+            if on_round is not None:
+                on_round(record)
+        return records
+
+    def play_round(self, r: int) -> RoundRecord:
+        for plan in self._killed_this_round:
+            if plan.rejoin:
+                self._revive(plan.user)
+        self._killed_this_round = []
+        self._plan = {p.user: p for p in self.config.dropouts if p.round == r}
+        record = RoundRecord(
+            r,
+            0,
+            0.0,
+            [],
+            None,
+            {},
+            [],
+            [],
+            [],
+            [],
+            [],
+            dict.fromkeys(TIMING_PHASES, 0.0),
+            Counter(),
+        )
+        self._record = record
+        self._dispatch(PROVIDER, self.provider.start_round(float(r)))
+        self._pump()
+        record.global_accuracy = self.evaluator.accuracy(self.provider.global_params)
+        record.bytes = dict(record.bytes)
+        return record
+
+    def _pump(self) -> None:
+        while self._queue:
+            to, send, source = self._queue.popleft()
+            if source != PROVIDER and source not in self.alive:
+                continue  # sent by a user that has since been killed
+            if to == PROVIDER:
+                self._deliver_to_provider(send, source)
+            elif isinstance(to, int) and to in self.alive:
+                self._deliver_to_user(to, Received(send.kind, send.data))
+
+    def _deliver_to_provider(self, send: Send, source: int | str) -> None:
+        phase = "aggregation" if send.kind == "upload" else "negotiation"
+        self._dispatch(
+            PROVIDER,
+            self._timed(phase, lambda: self.provider.handle(Received(send.kind, send.data))),
+        )
+        plan = self._plan.get(source) if isinstance(source, int) else None
+        if plan is not None and plan.phase == "upload" and send.kind == "upload":
+            self._kill(plan)
+
+    def _deliver_to_user(self, user: int, event: Event) -> None:
+        machine = self.machines[user]
+        phase = "upload" if isinstance(event, Trained) else "negotiation"
+        self._dispatch(user, self._timed(phase, lambda: machine.handle(event)))
+
+    def _dispatch(self, source: int | str, outputs: list[Output]) -> None:
+        record = self._record
+        assert record is not None
+        for out in outputs:
+            if isinstance(out, Send):
+                record.bytes[out.kind] = record.bytes.get(out.kind, 0) + len(out.data)
+                if out.kind == "announce":
+                    record.prior_groups = [list(g) for g in self.provider.prior_groups]
+                targets = sorted(self.alive) if out.to == USERS else [out.to]
+                for target in targets:
+                    self._queue.append((target, out, source))
+                if out.kind == "summed_share":
+                    for plan in list(self._plan.values()):
+                        if plan.phase == "negotiation" and plan.user in self.alive:
+                            self._kill(plan)
+            elif isinstance(out, Train):
+                assert isinstance(source, int)
+                self._train(source, out)
+            elif isinstance(out, Evaluate):
+                self._evaluate(out)
+            elif isinstance(out, RoundDone):
+                self._done(out)
+            elif isinstance(out, RoundFailed):
+                record.failed = out.reason
+            elif isinstance(out, Refused):
+                record.refusals.append(f"{source}: {out.reason}: {out.detail}")
+            elif isinstance(out, Excluded):
+                pass
+
+    def _evaluate(self, effect: Evaluate) -> None:
+        start = time.perf_counter()
+        accuracy = self.evaluator.accuracy(effect.params)
+        self._add_time("evaluation", start)
+        start = time.perf_counter()
+        outputs = self.provider.handle(
+            Evaluated(effect.round, effect.attempt, effect.gid, accuracy)
+        )
+        self._add_time("detection", start)
+        self._dispatch(PROVIDER, outputs)
+
+    def _add_time(self, phase: str, start: float) -> None:
+        assert self._record is not None
+        self._record.timings_s[phase] += time.perf_counter() - start
+
+    def _train(self, user: int, effect: Train) -> None:
+        record = self._record
+        assert record is not None
+        attack = self.config.attacks.get(user, Attack())
+        params = self._timed(
+            "training",
+            lambda: attack.local_model(
+                effect.global_params,
+                self.trainers[user],
+                seed=self.config.seed * 7919 + effect.round,
+            ),
+        )
+        record.local_models[user] = params
+        self._deliver_to_user(user, Trained(effect.round, params))
+
+    def _done(self, done: RoundDone) -> None:
+        record = self._record
+        assert record is not None
+        record.attempts = done.attempts
+        record.groups = [
+            {
+                "gid": g.gid,
+                "kind": g.kind,
+                "members": list(g.members),
+                "focus": g.focus,
+                "accuracy": g.accuracy,
+            }
+            for g in done.groups
+        ]
+        record.field_sums = {g.gid: g.field_sum for g in done.groups}
+        record.tau = done.tau
+        record.scores = {
+            u: {"score": a.score, "conf_lo": a.conf_lo, "conf_up": a.conf_up}
+            for u, a in done.assessments.items()
+        }
+        record.key_users = sorted(done.key_users)
+        record.violators = sorted(done.violators)
+        record.excluded = sorted(done.excluded)
+        record.dropped = sorted(done.dropped)
+
+    # --- dropouts -------------------------------------------------------------------------------
+
+    def _kill(self, plan: DropoutPlan) -> None:
+        self.alive.discard(plan.user)
+        self._plan.pop(plan.user, None)
+        self._killed_this_round.append(plan)
+        self._dispatch(PROVIDER, self.provider.handle(Dropped(plan.user)))
+
+    def _revive(self, user: int) -> None:
+        old = self.machines[user]
+        # a restarted user keeps its keys and its chain head (not its round state)
+        self.machines[user] = UserMachine(self.identities[user], self.roster, prev=old.prev)
+        self.alive.add(user)
+        self._dispatch(PROVIDER, self.provider.handle(Joined(user)))
+
+    def _timed(self, phase: str, fn: Callable[[], Any]) -> Any:
+        start = time.perf_counter()
+        try:
+            return fn()
+        finally:
+            assert self._record is not None
+            self._record.timings_s[phase] += time.perf_counter() - start

@@ -1,0 +1,195 @@
+"""Models, offline data loaders (on small files written here), partitions, attacks."""
+
+import gzip
+import pickle
+import struct
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from fairbus.training.attacks import Attack, Behaviour
+from fairbus.training.data import (
+    Dataset,
+    DatasetError,
+    load_cifar10,
+    load_dataset,
+    load_digits,
+    load_mnist,
+    partition_dirichlet,
+    partition_iid,
+)
+from fairbus.training.local import Evaluator, TrainConfig, Trainer
+from fairbus.training.models import (
+    build_model,
+    count_parameters,
+    flatten_params,
+    initial_params,
+    load_params,
+)
+
+
+def test_the_papers_mnist_cnn_has_582026_parameters() -> None:
+    model = build_model("mnist_cnn")
+    assert count_parameters(model) == 582_026
+    assert model(torch.zeros(2, 1, 28, 28)).shape == (2, 10)
+    convs = [m for m in model if isinstance(m, torch.nn.Conv2d)]
+    pools = [m for m in model if isinstance(m, torch.nn.MaxPool2d)]
+    fcs = [m for m in model if isinstance(m, torch.nn.Linear)]
+    assert (len(convs), len(pools), len(fcs)) == (2, 2, 2)
+    cifar = build_model("cifar10_cnn")
+    assert cifar(torch.zeros(2, 3, 32, 32)).shape == (2, 10)
+    counts = [
+        sum(isinstance(m, t) for m in cifar)
+        for t in (torch.nn.Conv2d, torch.nn.MaxPool2d, torch.nn.Linear)
+    ]
+    assert counts == [8, 4, 3]
+
+
+def test_flatten_and_load_round_trip() -> None:
+    flat = initial_params("digits_cnn", seed=3)
+    model = build_model("digits_cnn")
+    load_params(model, flat)
+    np.testing.assert_array_equal(flatten_params(model), flat)
+    np.testing.assert_array_equal(initial_params("digits_cnn", seed=3), flat)
+
+
+def _idx_images(images: np.ndarray) -> bytes:
+    return struct.pack(">IIII", 0x803, *images.shape) + images.astype(np.uint8).tobytes()
+
+
+def _idx_labels(labels: np.ndarray) -> bytes:
+    return struct.pack(">II", 0x801, len(labels)) + labels.astype(np.uint8).tobytes()
+
+
+def test_mnist_idx_files_plain_and_gzipped(tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    train_x = rng.integers(0, 256, (20, 28, 28))
+    train_y = rng.integers(0, 10, 20)
+    (tmp_path / "train-images-idx3-ubyte").write_bytes(_idx_images(train_x))
+    (tmp_path / "train-labels-idx1-ubyte").write_bytes(_idx_labels(train_y))
+    (tmp_path / "t10k-images-idx3-ubyte.gz").write_bytes(gzip.compress(_idx_images(train_x[:5])))
+    (tmp_path / "t10k-labels-idx1-ubyte.gz").write_bytes(gzip.compress(_idx_labels(train_y[:5])))
+    train, test = load_mnist(tmp_path)
+    assert train.x.shape == (20, 1, 28, 28) and len(test) == 5
+    assert train.x.max() <= 1.0
+    np.testing.assert_array_equal(train.y.numpy(), train_y)
+    np.testing.assert_allclose(train.x[3, 0].numpy(), train_x[3] / 255.0, rtol=1e-6)
+    train2, _ = load_dataset("mnist", tmp_path)
+    assert len(train2) == 20
+
+
+@pytest.mark.parametrize(
+    ("images", "message"),
+    [
+        (struct.pack(">IIII", 0x999, 1, 2, 2) + b"\0" * 4, "magic"),
+        (struct.pack(">IIII", 0x803, 5, 28, 28) + b"\0" * 10, "header says"),
+        (b"\0\0", "too short"),
+    ],
+)
+def test_malformed_idx_is_refused(tmp_path: Path, images: bytes, message: str) -> None:
+    (tmp_path / "train-images-idx3-ubyte").write_bytes(images)
+    (tmp_path / "train-labels-idx1-ubyte").write_bytes(_idx_labels(np.zeros(1)))
+    with pytest.raises(DatasetError, match=message):
+        load_mnist(tmp_path)
+
+
+def test_missing_files_and_bad_gzip(tmp_path: Path) -> None:
+    with pytest.raises(DatasetError, match="does not exist"):
+        load_mnist(tmp_path)
+    (tmp_path / "train-images-idx3-ubyte.gz").write_bytes(b"not gzip")
+    with pytest.raises(DatasetError, match="gzip"):
+        load_mnist(tmp_path)
+    with pytest.raises(DatasetError, match="needs a data directory"):
+        load_dataset("mnist")
+    with pytest.raises(DatasetError, match="unknown data set"):
+        load_dataset("imagenet")
+
+
+def _cifar_batch(n: int, seed: int) -> bytes:
+    rng = np.random.default_rng(seed)
+    batch = {
+        b"batch_label": b"testing batch",
+        b"labels": rng.integers(0, 10, n).tolist(),
+        b"data": rng.integers(0, 256, (n, 3072)).astype(np.uint8),
+        b"filenames": [b"x.png"] * n,
+    }
+    return pickle.dumps(batch, protocol=2)
+
+
+def test_cifar10_python_batches(tmp_path: Path) -> None:
+    for k in range(1, 6):
+        (tmp_path / f"data_batch_{k}").write_bytes(_cifar_batch(4, k))
+    (tmp_path / "test_batch").write_bytes(_cifar_batch(3, 9))
+    train, test = load_cifar10(tmp_path)
+    assert train.x.shape == (20, 3, 32, 32) and test.x.shape == (3, 3, 32, 32)
+    assert 0.0 <= float(train.x.min()) and float(train.x.max()) <= 1.0
+
+
+class _Evil:
+    def __reduce__(self) -> tuple[object, tuple[str]]:
+        import os
+
+        return (os.system, ("echo pwned",))
+
+
+def test_cifar10_unpickler_refuses_code(tmp_path: Path) -> None:
+    for k in range(1, 6):
+        (tmp_path / f"data_batch_{k}").write_bytes(pickle.dumps({b"data": _Evil()}))
+    with pytest.raises(DatasetError, match="never should"):
+        load_cifar10(tmp_path)
+    (tmp_path / "data_batch_1").write_bytes(b"garbage")
+    with pytest.raises(DatasetError, match="not a CIFAR-10 batch"):
+        load_cifar10(tmp_path)
+
+
+def test_partitions() -> None:
+    parts = partition_iid(100, 9, seed=1)
+    assert sorted(np.concatenate(parts).tolist()) == list(range(100))
+    assert max(len(p) for p in parts) - min(len(p) for p in parts) <= 1
+    labels = np.repeat(np.arange(10), 30)
+    skewed = partition_dirichlet(labels, 5, alpha=0.1, seed=2)
+    assert sorted(np.concatenate(skewed).tolist()) == list(range(300))
+    assert all(len(p) >= 10 for p in skewed)
+    dominant = [np.bincount(labels[p], minlength=10).max() / len(p) for p in skewed]
+    assert np.mean(dominant) > 0.3  # non-IID: each user is dominated by few classes
+    with pytest.raises(DatasetError):
+        partition_iid(3, 9, seed=0)
+
+
+@pytest.fixture(scope="module")
+def digits() -> tuple[Dataset, Dataset]:
+    return load_digits()
+
+
+def test_local_training_learns_digits(digits: tuple[Dataset, Dataset]) -> None:
+    train, test = digits
+    trainer = Trainer("digits_cnn", train, TrainConfig(local_epochs=10), seed=0)
+    evaluator = Evaluator("digits_cnn", test)
+    start = initial_params("digits_cnn", 0)
+    trained = trainer.train(start)
+    assert evaluator.accuracy(trained) > evaluator.accuracy(start) + 0.5
+
+
+def test_attacks(digits: tuple[Dataset, Dataset]) -> None:
+    train, test = digits
+    start = initial_params("digits_cnn", 0)
+    free = Attack(Behaviour.FREE_RIDER).local_model(
+        start, Trainer("digits_cnn", train, TrainConfig(local_epochs=1), 0), 0
+    )
+    np.testing.assert_array_equal(free, start)
+    noisy = Attack(Behaviour.DISGUISED_FREE_RIDER, noise_std=1e-3).local_model(start, None, 0)  # type: ignore[arg-type]
+    assert 0 < np.abs(noisy - start).max() < 1e-2
+    honest = Trainer("digits_cnn", train, TrainConfig(local_epochs=1), seed=5).train(start)
+    poison = Attack(Behaviour.POISONER, poison_scale=2.0).local_model(
+        start, Trainer("digits_cnn", train, TrainConfig(local_epochs=1), seed=5), 0
+    )
+    np.testing.assert_allclose(poison, start - 2.0 * (honest - start), rtol=1e-5, atol=1e-6)
+    evaluator = Evaluator("digits_cnn", test)
+    cfg = TrainConfig(local_epochs=5)
+    flipped = Attack(Behaviour.LABEL_FLIPPER).local_model(
+        start, Trainer("digits_cnn", train, cfg, 1), 0
+    )
+    good = Trainer("digits_cnn", train, cfg, 1).train(start)
+    assert evaluator.accuracy(flipped) < 0.2 < evaluator.accuracy(good)
