@@ -1,54 +1,27 @@
 """``fairbus demo``: what ``make demo`` runs.
 
-Until the networked runtime exists this is the one-group walkthrough of
-:mod:`fairbus.walkthrough`; later issues replace it with a whole training.
+Until the networked runtime exists: a simulated training of 9 users on digits, one a
+poisoner and one a free-rider, through the real protocol machines and crypto (what
+``fairbus simulate --poisoners 2 --free-riders 5`` runs). The networked runtime
+replaces it.
 """
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import typer
-from rich.console import Console
-from rich.table import Table
 
-from fairbus import walkthrough
-
-console = Console()
+from cli.simulate import execute
+from fairbus.simulator import SimulationConfig
+from fairbus.training.attacks import Attack, Behaviour
 
 
-def demo(seed: int = typer.Option(0, help="Seed for the data split and model init.")) -> None:
-    """Walk one group of three users through key negotiation, masking and unmasking."""
-    console.rule("[bold]fairbus walkthrough: one group of three users")
-    with console.status("training three users and negotiating keys…"):
-        report = walkthrough.run(seed, say=lambda text: console.log(text))
-    table = Table(title="what the provider learned, and what it could not")
-    table.add_column("check")
-    table.add_column("result", justify="right")
-    for uid, acc in report.user_accuracy.items():
-        table.add_row(
-            f"user {uid}'s own model, test accuracy (never seen by the provider)", f"{acc:.3f}"
-        )
-    table.add_row(
-        "[bold]group mean recovered by the provider, test accuracy[/]",
-        f"[bold]{report.mean_accuracy:.3f}[/]",
-    )
-    table.add_row(
-        "decrypted field sum == Σ plaintext encodings (bit for bit)", _yes(report.exact_field_sum)
-    )
-    table.add_row("max |recovered mean − true mean|", f"{report.max_mean_error:.2e}")
-    table.add_row("Σ_i sk_gi ≡ 0 (mod p)", _yes(report.keys_sum_to_zero))
-    table.add_row(
-        "one masked upload decoded as a model, test accuracy (chance: 0.1)",
-        f"{report.single_upload_accuracy:.3f}",
-    )
-    table.add_row("sealed share bytes sent (all users)", f"{report.bytes_sealed:,}")
-    table.add_row("upload bytes (3 signed envelopes)", f"{report.bytes_uploaded:,}")
-    table.add_row("float32 model size × 3", f"{report.params * 4 * 3:,}")
-    for name, seconds in report.seconds.items():
-        table.add_row(f"time: {name}", f"{seconds * 1000:.1f} ms")
-    console.print(table)
-    if not (report.exact_field_sum and report.keys_sum_to_zero):
-        raise typer.Exit(1)
-
-
-def _yes(ok: bool) -> str:
-    return "[green]yes[/]" if ok else "[red]NO[/]"
+def demo(
+    rounds: int = typer.Option(10, help="Training rounds."),
+    seed: int = typer.Option(0, help="Seed for data split, model init and grouping."),
+    out: Path = typer.Option(Path("out/demo"), help="Where rounds.jsonl and the plots go."),
+) -> None:
+    """Train 9 users on digits; user 2 poisons, user 5 free-rides; plots in OUT."""
+    attacks = {2: Attack(Behaviour.POISONER), 5: Attack(Behaviour.FREE_RIDER)}
+    execute(SimulationConfig(users=9, rounds=rounds, seed=seed, attacks=attacks), out)

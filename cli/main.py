@@ -6,7 +6,7 @@ import logging
 
 import typer
 
-from cli import bench, demo, keys, roster, simulate
+from cli import bench, demo, keys, roster, simulate, walkthrough
 
 app = typer.Typer(
     name="fairbus",
@@ -24,6 +24,7 @@ app.add_typer(keys.app, name="keys")
 app.add_typer(roster.app, name="roster")
 app.add_typer(bench.app, name="bench")
 app.command("demo")(demo.demo)
+app.command("walkthrough")(walkthrough.walkthrough_command)
 app.command("simulate")(simulate.simulate)
 
 

@@ -62,6 +62,10 @@ def simulate(
     key_repeats: int = typer.Option(2, help="Focus groups per key user, KIN (Alg. 2)."),
     bound_score: float = typer.Option(DetectionParams.bound_score, help="Alg. 6 bound_score."),
     bound_conf: float = typer.Option(DetectionParams.bound_conf, help="Alg. 6 bound_conf."),
+    tolerance: float = typer.Option(
+        DetectionParams.tolerance,
+        help="Not in the paper: a group scores when acc > τ − tolerance (0 = as written).",
+    ),
     undefended: bool = typer.Option(False, help="Plain FedAvg: no detection, no exclusion."),
     local_epochs: int = typer.Option(TrainConfig.local_epochs, help="Local epochs per round."),
     lr: float = typer.Option(TrainConfig.lr, help="Local SGD learning rate (paper: 0.01)."),
@@ -96,19 +100,25 @@ def simulate(
         provider=ProviderConfig(
             basic_groupings=basic_groupings,
             key_repeats=key_repeats,
-            detection=DetectionParams(bound_score, bound_conf),
+            detection=DetectionParams(bound_score, bound_conf, tolerance=tolerance),
             defended=not undefended,
             seed=seed,
         ),
         dropouts=tuple(_dropout(d) for d in dropout),
     )
+    execute(config, out)
+
+
+def execute(config: SimulationConfig, out: Path) -> list[RoundRecord]:
+    """Run ``config`` with a progress bar, write the log and plots, print a summary."""
     try:
         records = run_with_progress(config, out)
     except FairbusError as exc:
         console.print(f"[red]error:[/] {exc}")
         raise typer.Exit(2) from None
-    print_summary(records, attacks)
+    print_summary(records, config.attacks)
     console.print(f"wrote {out / 'rounds.jsonl'}, {out / 'accuracy.png'}, {out / 'scores.png'}")
+    return records
 
 
 def run_with_progress(config: SimulationConfig, out: Path) -> list[RoundRecord]:

@@ -28,15 +28,18 @@ from fairbus.grouping import Grouping
 class DetectionParams:
     """bound_score and bound_conf of Algorithm 6 (inputs), and the interval's confidence."""
 
-    bound_score: float = 0.3
+    bound_score: float = 0.5
     bound_conf: float = 0.5
     confidence: float = 0.95
+    tolerance: float = 0.0
+    """Not in the paper (0 = exactly as written): a group scores when acc > τ − tolerance,
+    so accuracy differences within the evaluation's noise do not count against anyone."""
 
     def __post_init__(self) -> None:
         if not 0.0 < self.confidence < 1.0:
             raise DetectionError(f"confidence must be in (0, 1), got {self.confidence}")
-        if self.bound_conf < 0:
-            raise DetectionError(f"bound_conf must be >= 0, got {self.bound_conf}")
+        if self.bound_conf < 0 or self.tolerance < 0:
+            raise DetectionError("bound_conf and tolerance must be >= 0")
 
 
 @dataclass(frozen=True)
@@ -79,11 +82,12 @@ def detect(
 
     # Lines 5-8: τ, the mean accuracy of the basic group models.
     tau = sum(accuracies[g.gid] for g in basic) / len(basic)
+    bar = tau - params.tolerance
 
     assessments: dict[int, UserAssessment] = {}
     for user in grouping.users:
         # Lines 9-15: score_i, the fraction of the user's active groups that beat τ.
-        group_scores = [1.0 if accuracies[g.gid] > tau else 0.0 for g in grouping.active(user)]
+        group_scores = [1.0 if accuracies[g.gid] > bar else 0.0 for g in grouping.active(user)]
         n = len(group_scores)
         score = sum(group_scores) / n
         conf_lo = conf_up = None

@@ -75,7 +75,17 @@ def plot_scores(
         if intervals:
             lo, up = intervals[-1]
             assert lo is not None and up is not None
-            ax.vlines(k, max(lo, -0.1), min(up, 1.1), color=color, linewidth=2, alpha=0.7)
+            lo, up = max(lo, -0.1), min(up, 1.1)
+            middle = (lo + up) / 2
+            ax.errorbar(
+                [k + 0.15],
+                [middle],
+                yerr=[[middle - lo], [up - middle]],
+                color=color,
+                capsize=4,
+                linewidth=1.5,
+                alpha=0.8,
+            )
     excluded = {u for r in records for u in r.violators}
     ax.set_xticks(range(len(users)))
     ax.set_xticklabels([f"{u}{'*' if u in excluded else ''}" for u in users])

@@ -36,10 +36,11 @@ from fairbus.protocol.events import (
     RoundDone,
     RoundFailed,
     Send,
+    Tick,
     Train,
     Trained,
 )
-from fairbus.protocol.provider import ProviderConfig, ProviderMachine
+from fairbus.protocol.provider import ProviderConfig, ProviderMachine, ProviderPhase
 from fairbus.protocol.user import UserMachine
 from fairbus.roster import Member, Role, Roster
 from fairbus.training.attacks import Attack
@@ -183,8 +184,19 @@ class Simulation:
             Counter(),
         )
         self._record = record
-        self._dispatch(PROVIDER, self.provider.start_round(float(r)))
+        now = float(r) * 10 * self.config.provider.phase_timeout
+        self._dispatch(PROVIDER, self.provider.start_round(now))
         self._pump()
+        for _ in range(self.config.users):
+            if self.provider.phase is ProviderPhase.IDLE or record.failed:
+                break
+            # Everything deliverable was delivered and the round is not done: let the
+            # provider's deadline pass, as a stalled or vanished user would make it.
+            now += self.config.provider.phase_timeout + 1
+            self._dispatch(PROVIDER, self.provider.handle(Tick(now)))
+            self._pump()
+        if self.provider.phase is not ProviderPhase.IDLE and not record.failed:
+            record.failed = f"round {r} did not complete"
         record.global_accuracy = self.evaluator.accuracy(self.provider.global_params)
         record.bytes = dict(record.bytes)
         return record
@@ -307,9 +319,11 @@ class Simulation:
         self._dispatch(PROVIDER, self.provider.handle(Dropped(plan.user)))
 
     def _revive(self, user: int) -> None:
-        old = self.machines[user]
-        # a restarted user keeps its keys and its chain head (not its round state)
-        self.machines[user] = UserMachine(self.identities[user], self.roster, prev=old.prev)
+        # A restarted user keeps its keys; its chain head is the last one that was
+        # recorded (here the provider's view; the ledger's in a deployment), since an
+        # upload it signed just before dying may never have arrived.
+        head = self.provider.chain_head(user)
+        self.machines[user] = UserMachine(self.identities[user], self.roster, prev=head)
         self.alive.add(user)
         self._dispatch(PROVIDER, self.provider.handle(Joined(user)))
 

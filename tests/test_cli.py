@@ -15,7 +15,7 @@ runner = CliRunner()
 def test_help_explains_every_command() -> None:
     result = runner.invoke(app, ["--help"])
     assert result.exit_code == 0
-    for command in ("keys", "roster", "bench", "demo"):
+    for command in ("keys", "roster", "bench", "demo", "simulate", "walkthrough"):
         assert command in result.output
 
 
@@ -75,6 +75,6 @@ def test_bench_crypto_small(tmp_path: Path) -> None:
 
 
 def test_demo_walkthrough_recovers_the_exact_group_mean() -> None:
-    result = runner.invoke(app, ["demo"])
+    result = runner.invoke(app, ["walkthrough"])
     assert result.exit_code == 0, result.output
     assert "bit for bit" in result.output

@@ -121,6 +121,10 @@ class ProviderMachine:
         """Groups of earlier attempts of this round that received an upload."""
         return list(self._prior_groups)
 
+    def chain_head(self, user: int) -> bytes:
+        """The hash of the last envelope accepted from ``user`` (its chain head)."""
+        return self._chains.head(user)
+
     @property
     def d(self) -> int:
         return int(self.global_params.size)

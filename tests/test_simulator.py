@@ -1,0 +1,207 @@
+"""The provider and user machines driven in one process, with the real crypto."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from cli.main import app
+from fairbus import envelope, field
+from fairbus.envelope import GENESIS
+from fairbus.errors import GroupingError
+from fairbus.field import FixedPointCodec
+from fairbus.grouping import exposed_users
+from fairbus.identity import Identity
+from fairbus.protocol.events import Received, Refused, Send, Train
+from fairbus.protocol.provider import ProviderConfig
+from fairbus.protocol.user import UserMachine, model_digest
+from fairbus.roster import Member, Role, Roster
+from fairbus.simulator import DropoutPlan, Simulation, SimulationConfig
+from fairbus.training.local import TrainConfig
+from fairbus.wire.messages import Announce, GlobalModel, GroupSpec
+
+FAST = TrainConfig(local_epochs=2)
+
+
+def _check_round_invariants(record) -> None:  # type: ignore[no-untyped-def]
+    assert record.failed is None, record.failed
+    assert record.groups, "the round completed"
+    assert all(len(g["members"]) >= 3 for g in record.groups)
+    final = [g["members"] for g in record.groups]
+    assert exposed_users([*record.prior_groups, *final]) == []
+
+
+def test_decrypted_group_means_equal_the_plaintext_bit_for_bit() -> None:
+    sim = Simulation(SimulationConfig(users=9, rounds=1, seed=3, train=FAST))
+    record = sim.play_round(1)
+    _check_round_invariants(record)
+    codec = FixedPointCodec()
+    assert len(record.groups) >= 6
+    for g in record.groups:
+        members = g["members"]
+        plain = field.sum_vectors(
+            [codec.encode(record.local_models[u], summands=len(members)) for u in members]
+        )
+        np.testing.assert_array_equal(record.field_sums[g["gid"]], plain)
+    assert record.bytes["upload"] > 0 and record.bytes["share"] > 0
+    assert set(record.timings_s) >= {"training", "negotiation", "aggregation", "evaluation"}
+
+
+@pytest.mark.parametrize("phase", ["negotiation", "upload"])
+def test_a_dropout_regroups_the_survivors_and_the_round_completes(phase: str) -> None:
+    plan = DropoutPlan(round=1, user=4, phase=phase)  # type: ignore[arg-type]
+    sim = Simulation(SimulationConfig(users=9, rounds=2, seed=1, train=FAST, dropouts=(plan,)))
+    first = sim.play_round(1)
+    _check_round_invariants(first)
+    assert first.attempts == 2 and first.dropped == [4]
+    assert all(4 not in g["members"] for g in first.groups)
+    if phase == "upload":
+        assert first.prior_groups, "groups that received uploads carry into the exposure check"
+    second = sim.play_round(2)  # the restarted user rejoins
+    _check_round_invariants(second)
+    assert any(4 in g["members"] for g in second.groups)
+    assert second.attempts == 1
+
+
+def test_a_user_that_never_comes_back_does_not_stall_training() -> None:
+    plan = DropoutPlan(round=1, user=2, phase="negotiation", rejoin=False)
+    sim = Simulation(SimulationConfig(users=9, rounds=2, seed=2, train=FAST, dropouts=(plan,)))
+    records = sim.run()
+    for record in records:
+        _check_round_invariants(record)
+    assert all(2 not in g["members"] for g in records[1].groups)
+
+
+def test_users_refuse_a_grouping_that_exposes_someone() -> None:
+    provider = Identity.generate(0)
+    users = {u: Identity.generate(u) for u in range(1, 6)}
+    roster = Roster(
+        "t",
+        [Member(provider.public, Role.PROVIDER)]
+        + [Member(i.public, Role.USER) for i in users.values()],
+    )
+    params = np.zeros(10, dtype=np.float32)
+    model = envelope.sign(
+        provider, "t", GlobalModel(10, params.tobytes()), prev=GENESIS, round=1, attempt=0
+    )
+    # (1,2,3) − (1,2,4) − … : these four sums determine users 3, 4 and 5
+    crafted = [(1, 2, 3), (1, 2, 4), (3, 4, 5), (1, 2, 5)]
+    announce = Announce(
+        model_digest(params),
+        10,
+        16,
+        tuple(GroupSpec(k, "basic", g, None, 3) for k, g in enumerate(crafted)),
+        (),
+        (),
+        (),
+        1.0,
+        1.0,
+    )
+    signed = envelope.sign(provider, "t", announce, prev=model.hash, round=1, attempt=0)
+    for u, identity in users.items():
+        machine = UserMachine(identity, roster)
+        machine.handle(Received("global_model", model.to_bytes()))
+        out = machine.handle(Received("announce", signed.to_bytes()))
+        refusals = [o for o in out if isinstance(o, Refused)]
+        assert refusals and refusals[0].reason == GroupingError.__name__, u
+        assert not any(isinstance(o, Send | Train) for o in out)
+
+
+def test_users_refuse_an_announcement_whose_model_hash_differs() -> None:
+    provider, user = Identity.generate(0), Identity.generate(1)
+    others = [Identity.generate(u) for u in (2, 3)]
+    roster = Roster(
+        "t",
+        [Member(provider.public, Role.PROVIDER), Member(user.public, Role.USER)]
+        + [Member(i.public, Role.USER) for i in others],
+    )
+    params = np.ones(4, dtype=np.float32)
+    model = envelope.sign(
+        provider, "t", GlobalModel(4, params.tobytes()), prev=GENESIS, round=1, attempt=0
+    )
+    announce = Announce(
+        model_digest(params + 1),
+        4,
+        16,
+        (GroupSpec(0, "basic", (1, 2, 3), None, 3),),
+        (),
+        (),
+        (),
+        1.0,
+        1.0,
+    )
+    signed = envelope.sign(provider, "t", announce, prev=model.hash, round=1, attempt=0)
+    machine = UserMachine(user, roster)
+    machine.handle(Received("global_model", model.to_bytes()))
+    out = machine.handle(Received("announce", signed.to_bytes()))
+    assert [o.reason for o in out if isinstance(o, Refused)] == ["GroupingError"]
+
+
+def test_forged_or_replayed_uploads_are_refused_by_the_provider() -> None:
+    sim = Simulation(SimulationConfig(users=6, rounds=1, seed=4, train=FAST))
+    captured: list[bytes] = []
+    original = sim._deliver_to_provider
+
+    def spy(send: Send, source: object) -> None:
+        if send.kind == "upload":
+            captured.append(send.data)
+        original(send, source)  # type: ignore[arg-type]
+
+    sim._deliver_to_provider = spy  # type: ignore[method-assign]
+    record = sim.play_round(1)
+    assert record.failed is None and captured
+    refusals = sim.provider.handle(Received("upload", captured[0]))
+    assert [type(r).__name__ for r in refusals] == ["Refused"]
+    assert refusals[0].reason == "ReplayError"  # type: ignore[union-attr]
+
+
+def test_cli_simulate_writes_json_lines_and_plots(tmp_path: Path) -> None:
+    out = tmp_path / "sim"
+    result = CliRunner().invoke(
+        app,
+        [
+            "simulate",
+            "--users",
+            "6",
+            "--rounds",
+            "2",
+            "--local-epochs",
+            "2",
+            "--poisoners",
+            "2",
+            "--out",
+            str(out),
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    lines = (out / "rounds.jsonl").read_text().splitlines()
+    assert len(lines) == 2
+    first = json.loads(lines[0])
+    for key in (
+        "global_accuracy",
+        "groups",
+        "scores",
+        "key_users",
+        "violators",
+        "timings_s",
+        "bytes",
+    ):
+        assert key in first
+    for png in ("accuracy.png", "scores.png"):
+        assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_configuration_errors_are_clear() -> None:
+    from fairbus.errors import FairbusError
+    from fairbus.training.attacks import Attack, Behaviour
+
+    with pytest.raises(FairbusError, match="unknown users"):
+        Simulation(SimulationConfig(users=4, attacks={7: Attack(Behaviour.POISONER)}))
+    with pytest.raises(FairbusError, match="at least 3"):
+        Simulation(SimulationConfig(users=2))
+    assert dataclasses.is_dataclass(ProviderConfig())
