@@ -11,6 +11,9 @@ from rich.table import Table
 
 from fairbus.bench import crypto, detection
 from fairbus.detection import DetectionParams
+from fairbus.protocol.provider import ProviderConfig
+
+DEFAULTS = ProviderConfig()
 
 app = typer.Typer(help="Benchmarks that print measured numbers.", no_args_is_help=True)
 console = Console()
@@ -107,10 +110,12 @@ def crypto_bench(
 def detection_bench(
     seeds: int = typer.Option(20, help="Seeds per scenario."),
     rounds: int = typer.Option(10, help="Rounds per run (attackers must be out by then)."),
-    bound_score: float = typer.Option(DetectionParams.bound_score, help="Alg. 6 bound_score."),
-    bound_conf: float = typer.Option(DetectionParams.bound_conf, help="Alg. 6 bound_conf."),
-    tolerance: float = typer.Option(DetectionParams.tolerance, help="0 = Alg. 6 as written."),
-    key_repeats: int = typer.Option(2, help="Focus groups per key user (KIN)."),
+    bound_score: float = typer.Option(DEFAULTS.detection.bound_score, help="Alg. 6 bound_score."),
+    bound_conf: float = typer.Option(DEFAULTS.detection.bound_conf, help="Alg. 6 bound_conf."),
+    tolerance: float = typer.Option(DEFAULTS.detection.tolerance, help="0 = Alg. 6 as written."),
+    key_repeats: int = typer.Option(
+        DEFAULTS.key_repeats, help="Most focus groups per key user (KIN)."
+    ),
     basic_groupings: int = typer.Option(2, help="Basic groupings per round."),
     workers: int = typer.Option(detection.default_workers(), help="Parallel simulations."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),

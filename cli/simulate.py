@@ -19,6 +19,7 @@ from fairbus.training.attacks import Attack, Behaviour
 from fairbus.training.local import TrainConfig
 
 console = Console()
+DEFAULTS = ProviderConfig()
 
 
 def _ids(text: str) -> list[int]:
@@ -59,11 +60,13 @@ def simulate(
         [], help="ROUND:USER:PHASE, PHASE = negotiation | upload (repeatable)."
     ),
     basic_groupings: int = typer.Option(2, help="Basic groupings per round (Alg. 2)."),
-    key_repeats: int = typer.Option(2, help="Focus groups per key user, KIN (Alg. 2)."),
-    bound_score: float = typer.Option(DetectionParams.bound_score, help="Alg. 6 bound_score."),
-    bound_conf: float = typer.Option(DetectionParams.bound_conf, help="Alg. 6 bound_conf."),
+    key_repeats: int = typer.Option(
+        DEFAULTS.key_repeats, help="Most focus groups per key user, KIN (Alg. 2)."
+    ),
+    bound_score: float = typer.Option(DEFAULTS.detection.bound_score, help="Alg. 6 bound_score."),
+    bound_conf: float = typer.Option(DEFAULTS.detection.bound_conf, help="Alg. 6 bound_conf."),
     tolerance: float = typer.Option(
-        DetectionParams.tolerance,
+        DEFAULTS.detection.tolerance,
         help="Not in the paper: a group scores when acc > τ − tolerance (0 = as written).",
     ),
     undefended: bool = typer.Option(False, help="Plain FedAvg: no detection, no exclusion."),

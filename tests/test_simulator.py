@@ -205,3 +205,20 @@ def test_configuration_errors_are_clear() -> None:
     with pytest.raises(FairbusError, match="at least 3"):
         Simulation(SimulationConfig(users=2))
     assert dataclasses.is_dataclass(ProviderConfig())
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_the_poisoner_is_excluded_and_no_honest_user_is(seed: int) -> None:
+    """9 users on digits, one poisoner and one free-rider, the provider's defaults.
+
+    The free-rider is *not* reliably found on this data (see README, detection
+    benchmark): a group with it is no less accurate than one without.
+    """
+    from fairbus.bench.detection import RunSpec, attackers_for, run_one
+    from fairbus.training.attacks import Behaviour
+
+    spec = RunSpec(1, 1, seed, True, SimulationConfig(users=9, rounds=8))
+    poisoner = next(u for u, a in attackers_for(spec).items() if a.behaviour is Behaviour.POISONER)
+    result = run_one(spec)
+    assert poisoner in result.excluded_round
+    assert result.false_exclusions == set()

@@ -63,13 +63,24 @@ from fairbus.wire.messages import (
 )
 
 
+def _default_detection() -> DetectionParams:
+    # Measured with `fairbus bench detection` (README): as written (tolerance 0) Alg. 6
+    # excluded 51 honest users in 20 no-attack runs of 9 users on digits, because once
+    # the model converges whether a group beats τ is a coin flip; a 0.01 tolerance
+    # (about one binomial standard error of accuracy on 450 test images) removes that.
+    return DetectionParams(bound_score=0.5, bound_conf=0.5, tolerance=0.01)
+
+
 @dataclass(frozen=True)
 class ProviderConfig:
+    """The provider's policy. ``key_repeats`` (KIN) is an upper bound: grouping lowers it
+    when more focus groups would expose a user."""
+
     basic_groupings: int = 2
-    key_repeats: int = 2
+    key_repeats: int = 6
     threshold: int | None = None
     frac_bits: int = 16
-    detection: DetectionParams = field(default_factory=DetectionParams)
+    detection: DetectionParams = field(default_factory=_default_detection)
     defended: bool = True
     phase_timeout: float = 300.0
     seed: int = 0
