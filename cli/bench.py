@@ -113,6 +113,10 @@ def detection_bench(
     bound_score: float = typer.Option(DEFAULTS.detection.bound_score, help="Alg. 6 bound_score."),
     bound_conf: float = typer.Option(DEFAULTS.detection.bound_conf, help="Alg. 6 bound_conf."),
     tolerance: float = typer.Option(DEFAULTS.detection.tolerance, help="0 = Alg. 6 as written."),
+    norm_tolerance: float = typer.Option(
+        DEFAULTS.detection.norm_tolerance or 0.0,
+        help="Update-norm test (not in the paper); negative turns it off, as written.",
+    ),
     key_repeats: int = typer.Option(
         DEFAULTS.key_repeats, help="Most focus groups per key user (KIN)."
     ),
@@ -125,7 +129,12 @@ def detection_bench(
     Per scenario and seed one defended run and (with attackers) one undefended FedAvg run;
     prints detection rate, false exclusions, rounds to detection and final accuracy.
     """
-    params = DetectionParams(bound_score, bound_conf, tolerance=tolerance)
+    params = DetectionParams(
+        bound_score,
+        bound_conf,
+        tolerance=tolerance,
+        norm_tolerance=None if norm_tolerance < 0 else norm_tolerance,
+    )
     specs = detection.build_specs(seeds, rounds, params, key_repeats, basic_groupings)
     with Progress(console=console, transient=True) as progress:
         task = progress.add_task("simulating", total=len(specs))
@@ -139,7 +148,8 @@ def detection_bench(
     table = Table(
         title=(
             f"Alg. 6 on 9 users, digits, {seeds} seeds x {rounds} rounds; bound_score "
-            f"{bound_score}, bound_conf {bound_conf}, tolerance {tolerance}, KIN {key_repeats}"
+            f"{bound_score}, bound_conf {bound_conf}, tolerance {tolerance}, "
+            f"norm tolerance {params.norm_tolerance}, KIN {key_repeats}"
         )
     )
     for column in (

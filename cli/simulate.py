@@ -69,6 +69,11 @@ def simulate(
         DEFAULTS.detection.tolerance,
         help="Not in the paper: a group scores when acc > τ − tolerance (0 = as written).",
     ),
+    norm_tolerance: float = typer.Option(
+        DEFAULTS.detection.norm_tolerance or 0.0,
+        help="Not in the paper: a group must also move the model at least (1 − this) times "
+        "the 75th percentile of update norms; negative turns it off (as written).",
+    ),
     undefended: bool = typer.Option(False, help="Plain FedAvg: no detection, no exclusion."),
     local_epochs: int = typer.Option(TrainConfig.local_epochs, help="Local epochs per round."),
     lr: float = typer.Option(TrainConfig.lr, help="Local SGD learning rate (paper: 0.01)."),
@@ -103,7 +108,12 @@ def simulate(
         provider=ProviderConfig(
             basic_groupings=basic_groupings,
             key_repeats=key_repeats,
-            detection=DetectionParams(bound_score, bound_conf, tolerance=tolerance),
+            detection=DetectionParams(
+                bound_score,
+                bound_conf,
+                tolerance=tolerance,
+                norm_tolerance=None if norm_tolerance < 0 else norm_tolerance,
+            ),
             defended=not undefended,
             seed=seed,
         ),

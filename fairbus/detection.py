@@ -15,9 +15,10 @@ potential violator on that round's evidence.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
+import numpy as np
 from scipy import stats
 
 from fairbus.errors import DetectionError
@@ -34,12 +35,21 @@ class DetectionParams:
     tolerance: float = 0.0
     """Not in the paper (0 = exactly as written): a group scores when acc > τ − tolerance,
     so accuracy differences within the evaluation's noise do not count against anyone."""
+    norm_tolerance: float | None = None
+    """Not in the paper (None = not used): a group scores only if also the norm of its
+    model's update, ‖m_g − M_global‖, is at least (1 − norm_tolerance) times the 75th
+    percentile of the basic groups' update norms. A free-rider's or poisoner's group moves
+    the model less; accuracy alone often cannot tell (README, detection benchmark). (The
+    largest norm as reference caught more free-riders but excluded honest users late in
+    training, when updates are small and their norms noisy.)"""
 
     def __post_init__(self) -> None:
         if not 0.0 < self.confidence < 1.0:
             raise DetectionError(f"confidence must be in (0, 1), got {self.confidence}")
         if self.bound_conf < 0 or self.tolerance < 0:
             raise DetectionError("bound_conf and tolerance must be >= 0")
+        if self.norm_tolerance is not None and not 0 <= self.norm_tolerance < 1:
+            raise DetectionError(f"norm_tolerance must be in [0, 1), got {self.norm_tolerance}")
 
 
 @dataclass(frozen=True)
@@ -67,8 +77,10 @@ def detect(
     grouping: Grouping,
     accuracies: Mapping[int, float],
     params: DetectionParams = DetectionParams(),
+    update_norms: Mapping[int, float] | None = None,
 ) -> DetectionResult:
-    """Run Algorithm 6 on one round. ``accuracies`` maps group id → acc(m_g)."""
+    """Run Algorithm 6 on one round. ``accuracies`` maps group id → acc(m_g);
+    ``update_norms`` (group id → ‖m_g − M_global‖) is needed with ``norm_tolerance``."""
     missing = sorted(g.gid for g in grouping.groups if g.gid not in accuracies)
     if missing:
         raise DetectionError(f"no accuracy for groups {missing}")
@@ -83,11 +95,12 @@ def detect(
     # Lines 5-8: τ, the mean accuracy of the basic group models.
     tau = sum(accuracies[g.gid] for g in basic) / len(basic)
     bar = tau - params.tolerance
+    scores_group = _group_scorer(grouping, accuracies, bar, params, update_norms)
 
     assessments: dict[int, UserAssessment] = {}
     for user in grouping.users:
         # Lines 9-15: score_i, the fraction of the user's active groups that beat τ.
-        group_scores = [1.0 if accuracies[g.gid] > bar else 0.0 for g in grouping.active(user)]
+        group_scores = [scores_group(g.gid) for g in grouping.active(user)]
         n = len(group_scores)
         score = sum(group_scores) / n
         conf_lo = conf_up = None
@@ -115,3 +128,21 @@ def detect(
     return DetectionResult(
         tau, assessments, frozenset(new_key_users - violators), frozenset(violators)
     )
+
+
+def _group_scorer(
+    grouping: Grouping,
+    accuracies: Mapping[int, float],
+    bar: float,
+    params: DetectionParams,
+    update_norms: Mapping[int, float] | None,
+) -> Callable[[int], float]:
+    """score_g of line 11: 1 if the group beats τ (and, optionally, moved the model)."""
+    if params.norm_tolerance is None:
+        return lambda gid: 1.0 if accuracies[gid] > bar else 0.0
+    if update_norms is None or any(g.gid not in update_norms for g in grouping.groups):
+        raise DetectionError("norm_tolerance needs the update norm of every group")
+    norms = update_norms
+    reference = float(np.percentile([norms[g.gid] for g in grouping.basic], 75))
+    floor = (1 - params.norm_tolerance) * reference
+    return lambda gid: 1.0 if accuracies[gid] > bar and norms[gid] >= floor else 0.0

@@ -74,3 +74,23 @@ def test_bad_inputs() -> None:
         detect(GROUPING, {0: 0.5, 1: 0.9, 2: 0.6, 3: 0.8, 4: 0.4, 5: float("nan")}, PARAMS)
     with pytest.raises(DetectionError):
         DetectionParams(confidence=1.5)
+
+
+def test_update_norm_test_catches_a_group_that_barely_moved_the_model() -> None:
+    plain = Grouping(GROUPS[:4], frozenset({3}), 0, 2)
+    acc = {0: 0.9, 1: 0.9, 2: 0.9, 3: 0.9}  # accuracy cannot tell: nobody beats τ − 0
+    norms = {0: 1.0, 1: 1.0, 2: 1.0, 3: 0.5}  # group 3 (users 2, 3, 6) moved the model half as far
+    params = DetectionParams(bound_score=0.3, bound_conf=0.5, tolerance=0.01, norm_tolerance=0.2)
+    result = detect(plain, acc, params, norms)
+    # reference: 75th percentile of basic norms = 1.0; floor 0.8
+    scores = {u: a.score for u, a in result.assessments.items()}
+    assert scores == {1: 1.0, 2: 0.5, 3: 0.5, 4: 1.0, 5: 1.0, 6: 0.5}
+    norms[0] = 0.5  # now users 2 and 3 sit in two slow groups
+    result = detect(plain, acc, params, norms)
+    assert result.assessments[3].score == 0.0
+    assert result.violators == {3}  # key user with a zero-width interval
+    assert result.new_key_users == {1, 2, 6}  # scores 0.5, 0, 0.5 are below τ − 0.3
+    with pytest.raises(DetectionError, match="update norm"):
+        detect(plain, acc, params)
+    with pytest.raises(DetectionError):
+        DetectionParams(norm_tolerance=1.5)

@@ -55,7 +55,7 @@ SAMPLES = [
     ),
     GlobalModel(2, b"\0" * 8),
     MaskedUpload(1, 2, b"\1" * 8),
-    Evaluation((GroupAccuracy(0, 0.9), GroupAccuracy(1, 0.4))),
+    Evaluation((GroupAccuracy(0, 0.9, 1.5), GroupAccuracy(1, 0.4, None))),
     Decision(0.5, (UserScore(1, 1.0, 0.8, 1.0), UserScore(2, 0.5, None, None)), (2,), (7,)),
     Dropout((4,), (1, 3)),
     Receipt(H, 10, H, 0),
@@ -109,10 +109,10 @@ def test_specific_refusals() -> None:
     up = MaskedUpload(1, 2, b"\1" * 8).to_wire()
     with pytest.raises(SchemaError, match="group"):
         decode_body("upload", codec.pack({**up, "group": True}), limits)
-    ev = {"accuracies": [{"gid": 0, "accuracy": 1}]}
+    ev = {"accuracies": [{"gid": 0, "accuracy": 1, "update_norm": None}]}
     with pytest.raises(SchemaError, match="accuracy"):
         decode_body("evaluation", codec.pack(ev), limits)
-    ev = {"accuracies": [{"gid": 0, "accuracy": float("nan")}]}
+    ev = {"accuracies": [{"gid": 0, "accuracy": float("nan"), "update_norm": None}]}
     with pytest.raises(SchemaError, match="accuracy"):
         decode_body("evaluation", codec.pack(ev), limits)
     with pytest.raises(SchemaError, match="distinct"):

@@ -68,7 +68,8 @@ def _default_detection() -> DetectionParams:
     # excluded 51 honest users in 20 no-attack runs of 9 users on digits, because once
     # the model converges whether a group beats τ is a coin flip; a 0.01 tolerance
     # (about one binomial standard error of accuracy on 450 test images) removes that.
-    return DetectionParams(bound_score=0.5, bound_conf=0.5, tolerance=0.01)
+    # Accuracy cannot tell a free-rider's group there; the update norm can.
+    return DetectionParams(bound_score=0.3, bound_conf=0.5, tolerance=0.01, norm_tolerance=0.2)
 
 
 @dataclass(frozen=True)
@@ -328,8 +329,14 @@ class ProviderMachine:
     def _finish(self) -> list[Output]:
         assert self.grouping is not None
         grouping = self.grouping
+        norms = {
+            gid: float(np.linalg.norm(r.mean.astype(np.float64) - self.global_params))
+            for gid, r in self._decrypted.items()
+        }
         evaluation = Evaluation(
-            tuple(GroupAccuracy(gid, acc) for gid, acc in sorted(self._accuracy.items()))
+            tuple(
+                GroupAccuracy(gid, acc, norms[gid]) for gid, acc in sorted(self._accuracy.items())
+            )
         )
         out: list[Output] = [self._signed(evaluation)]
         tau: float | None = None
@@ -337,7 +344,7 @@ class ProviderMachine:
         violators: frozenset[int] = frozenset()
         new_keys: frozenset[int] = frozenset()
         if self.config.defended:
-            result = detect(grouping, self._accuracy, self.config.detection)  # Alg. 1 line 25
+            result = detect(grouping, self._accuracy, self.config.detection, norms)  # line 25
             tau, violators, new_keys = result.tau, result.violators, result.new_key_users
             assessments = dict(result.assessments)
             scores = tuple(

@@ -111,9 +111,16 @@ class GroupSpec(WireStruct):
 
 @dataclass(frozen=True)
 class GroupAccuracy(WireStruct):
+    """acc(m_g), and ‖m_g − M_global‖ where detection uses it: what Alg. 6 is re-derived from."""
+
     gid: int
     accuracy: float
-    FIELDS: ClassVar[dict[str, Spec]] = {"gid": Int(0, 2**20), "accuracy": Float(0.0, 1.0)}
+    update_norm: float | None
+    FIELDS: ClassVar[dict[str, Spec]] = {
+        "gid": Int(0, 2**20),
+        "accuracy": Float(0.0, 1.0),
+        "update_norm": Optional(Float(0.0)),
+    }
 
 
 @dataclass(frozen=True)
