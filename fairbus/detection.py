@@ -38,7 +38,8 @@ class DetectionParams:
     norm_tolerance: float | None = None
     """Not in the paper (None = not used): a group scores only if also the norm of its
     model's update, ‖m_g − M_global‖, is at least (1 − norm_tolerance) times the 75th
-    percentile of the basic groups' update norms. A free-rider's or poisoner's group moves
+    percentile of the update norms of the basic groups of its size (all basic groups when
+    none has its size). A free-rider's or poisoner's group moves
     the model less; accuracy alone often cannot tell (README, detection benchmark). (The
     largest norm as reference caught more free-riders but excluded honest users late in
     training, when updates are small and their norms noisy.)"""
@@ -143,6 +144,12 @@ def _group_scorer(
     if update_norms is None or any(g.gid not in update_norms for g in grouping.groups):
         raise DetectionError("norm_tolerance needs the update norm of every group")
     norms = update_norms
-    reference = float(np.percentile([norms[g.gid] for g in grouping.basic], 75))
-    floor = (1 - params.norm_tolerance) * reference
-    return lambda gid: 1.0 if accuracies[gid] > bar and norms[gid] >= floor else 0.0
+    # The mean of more updates moves the model less, so a group is held to the basic
+    # groups of its own size where there are any.
+    size = {g.gid: len(g.members) for g in grouping.groups}
+    floor: dict[int, float] = {}
+    for k in set(size.values()):
+        same = [norms[g.gid] for g in grouping.basic if len(g.members) == k]
+        pool = same or [norms[g.gid] for g in grouping.basic]
+        floor[k] = (1 - params.norm_tolerance) * float(np.percentile(pool, 75))
+    return lambda gid: 1.0 if accuracies[gid] > bar and norms[gid] >= floor[size[gid]] else 0.0

@@ -114,6 +114,8 @@ class Simulation:
     def __init__(self, config: SimulationConfig) -> None:
         if config.users < 3:
             raise FairbusError("a simulation needs at least 3 users")
+        if config.partition not in ("iid", "dirichlet"):
+            raise FairbusError(f"partition must be 'iid' or 'dirichlet', got {config.partition!r}")
         self.config = config
         self.user_ids = list(range(1, config.users + 1))
         unknown = set(config.attacks) - set(self.user_ids)

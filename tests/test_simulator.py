@@ -204,6 +204,10 @@ def test_configuration_errors_are_clear() -> None:
         Simulation(SimulationConfig(users=4, attacks={7: Attack(Behaviour.POISONER)}))
     with pytest.raises(FairbusError, match="at least 3"):
         Simulation(SimulationConfig(users=2))
+    with pytest.raises(FairbusError, match="partition"):
+        Simulation(SimulationConfig(partition="zipf"))  # type: ignore[arg-type]
+    with pytest.raises(FairbusError, match="unknown data set"):
+        Simulation(SimulationConfig(dataset="imagenet"))
     assert dataclasses.is_dataclass(ProviderConfig())
 
 
