@@ -255,7 +255,7 @@ class Simulation:
             elif isinstance(out, Refused):
                 record.refusals.append(f"{source}: {out.reason}: {out.detail}")
             elif isinstance(out, Excluded):
-                pass
+                pass  # the provider's RoundDone already names the round's violators
 
     def _evaluate(self, effect: Evaluate) -> None:
         start = time.perf_counter()
@@ -334,5 +334,4 @@ class Simulation:
         try:
             return fn()
         finally:
-            assert self._record is not None
-            self._record.timings_s[phase] += time.perf_counter() - start
+            self._add_time(phase, start)
