@@ -23,8 +23,8 @@ from fractions import Fraction
 import numpy as np
 
 from fairbus.errors import GroupingError
+from fairbus.keyneg import MIN_GROUP_SIZE as MIN_GROUP
 
-MIN_GROUP = 3
 BASIC = "basic"
 FOCUS = "focus"
 
@@ -73,10 +73,6 @@ class Grouping:
     def passive(self, user: int) -> tuple[Group, ...]:
         """G_p^i: focus groups that ``user`` joins as one of the two general users."""
         return tuple(g for g in self.focus if user in g.members and g.focus != user)
-
-    def groups_of(self, user: int) -> tuple[Group, ...]:
-        """G_a^i ∪ G_p^i: every group ``user`` uploads to (Alg. 1, line 17)."""
-        return tuple(g for g in self.groups if user in g.members)
 
     def group(self, gid: int) -> Group:
         for g in self.groups:

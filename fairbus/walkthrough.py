@@ -30,6 +30,7 @@ from fairbus.identity import Identity
 from fairbus.roster import Member, Role, Roster
 from fairbus.sealed import ReplayGuard, SealContext, open_share, seal_share
 from fairbus.shamir import Share
+from fairbus.training.models import flatten_params, load_params
 from fairbus.wire.messages import MaskedUpload, vector_to_bytes
 
 TASK = "walkthrough"
@@ -58,18 +59,6 @@ def _model() -> nn.Module:
     return nn.Sequential(nn.Flatten(), nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 10))
 
 
-def _flatten(model: nn.Module) -> npt.NDArray[np.float32]:
-    return torch.cat([p.detach().reshape(-1) for p in model.parameters()]).numpy().copy()
-
-
-def _load(model: nn.Module, flat: npt.NDArray[np.float32]) -> None:
-    offset = 0
-    for p in model.parameters():
-        n = p.numel()
-        p.data.copy_(torch.from_numpy(flat[offset : offset + n]).reshape(p.shape))
-        offset += n
-
-
 def _accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
     with torch.no_grad():
         return float((model(x).argmax(1) == y).float().mean())
@@ -85,12 +74,12 @@ def _train_users(
         x, y, test_size=0.25, random_state=seed, stratify=y
     )
     torch.manual_seed(seed)
-    initial = _flatten(_model())
+    initial = flatten_params(_model())
     parts = np.array_split(np.random.default_rng(seed).permutation(len(x_train)), len(USER_IDS))
     models: dict[int, npt.NDArray[np.float32]] = {}
     for uid, idx in zip(USER_IDS, parts, strict=True):
         model = _model()
-        _load(model, initial)
+        load_params(model, initial)
         opt = torch.optim.SGD(model.parameters(), lr=0.05)
         xs, ys = x_train[idx], y_train[idx]
         for _epoch in range(30):
@@ -101,11 +90,11 @@ def _train_users(
                 )
                 loss.backward()  # type: ignore[no-untyped-call]
                 opt.step()
-        models[uid] = _flatten(model)
+        models[uid] = flatten_params(model)
 
     def evaluate(flat: npt.NDArray[np.float32]) -> float:
         model = _model()
-        _load(model, flat)
+        load_params(model, flat)
         return _accuracy(model, x_test, y_test)
 
     return models, evaluate

@@ -11,6 +11,7 @@ import socket
 import subprocess
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import aiomqtt
@@ -43,18 +44,10 @@ def wait_for_port(port: int, proc: subprocess.Popen[bytes], timeout: float = 10.
     raise TimeoutError(f"nothing listened on port {port} within {timeout}s")
 
 
-@pytest.fixture
-def mosquitto(tmp_path: Path) -> Iterator[int]:
-    binary = find_service_binary("mosquitto", "/usr/sbin/mosquitto")
-    port = free_port()
-    conf = tmp_path / "mosquitto.conf"
-    conf.write_text(
-        f"listener {port} 127.0.0.1\nallow_anonymous true\nset_tcp_nodelay true\n"
-        "max_packet_size 67108864\nmax_queued_messages 100000\npersistence false\n"
-    )
-    proc = subprocess.Popen(
-        [binary, "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
-    )
+@contextmanager
+def running(argv: list[str], port: int) -> Iterator[int]:
+    """Start a service, wait until ``port`` listens, stop it on exit."""
+    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         wait_for_port(port, proc)
         yield port
@@ -64,36 +57,41 @@ def mosquitto(tmp_path: Path) -> Iterator[int]:
 
 
 @pytest.fixture
+def mosquitto(tmp_path: Path) -> Iterator[int]:
+    binary = find_service_binary("mosquitto", "/usr/sbin/mosquitto")
+    port = free_port()
+    conf = tmp_path / "mosquitto.conf"
+    conf.write_text(
+        f"listener {port} 127.0.0.1\nallow_anonymous true\nset_tcp_nodelay true\n"
+        "max_packet_size 67108864\nmax_queued_messages 100000\npersistence false\n"
+    )
+    with running([binary, "-c", str(conf)], port):
+        yield port
+
+
+@pytest.fixture
 def etcd(tmp_path: Path) -> Iterator[int]:
     binary = find_service_binary("etcd", "/usr/bin/etcd")
     client, peer = free_port(), free_port()
-    proc = subprocess.Popen(
-        [
-            binary,
-            "--name",
-            "t0",
-            "--data-dir",
-            str(tmp_path / "etcd"),
-            "--listen-client-urls",
-            f"http://127.0.0.1:{client}",
-            "--advertise-client-urls",
-            f"http://127.0.0.1:{client}",
-            "--listen-peer-urls",
-            f"http://127.0.0.1:{peer}",
-            "--initial-advertise-peer-urls",
-            f"http://127.0.0.1:{peer}",
-            "--initial-cluster",
-            f"t0=http://127.0.0.1:{peer}",
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    try:
-        wait_for_port(client, proc)
+    argv = [
+        binary,
+        "--name",
+        "t0",
+        "--data-dir",
+        str(tmp_path / "etcd"),
+        "--listen-client-urls",
+        f"http://127.0.0.1:{client}",
+        "--advertise-client-urls",
+        f"http://127.0.0.1:{client}",
+        "--listen-peer-urls",
+        f"http://127.0.0.1:{peer}",
+        "--initial-advertise-peer-urls",
+        f"http://127.0.0.1:{peer}",
+        "--initial-cluster",
+        f"t0=http://127.0.0.1:{peer}",
+    ]
+    with running(argv, client):
         yield client
-    finally:
-        proc.terminate()
-        proc.wait(timeout=10)
 
 
 async def test_signed_upload_crosses_mosquitto_intact(

@@ -2,20 +2,21 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Literal, TypeAlias
 
 import numpy as np
 import numpy.typing as npt
 
 from fairbus.field import FieldVector
+from fairbus.wire.messages import SHARE_KINDS
 
 PROVIDER: Literal["provider"] = "provider"
 USERS: Literal["users"] = "users"
 Address: TypeAlias = int | Literal["provider", "users"]
 """A user id, the provider, or every online user (a broadcast)."""
 
-SEALED_KINDS = frozenset({"share", "summed_share"})
+SEALED_KINDS = frozenset(SHARE_KINDS)
 
 
 # --- inputs ---------------------------------------------------------------------------------
@@ -132,7 +133,6 @@ class RoundDone:
     excluded: frozenset[int]
     dropped: frozenset[int]
     global_params: npt.NDArray[np.float32]
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

@@ -425,14 +425,3 @@ class ShareBody(WireStruct):
         "length": Int(1, 2**31),
         "values": Bin(),
     }
-
-
-def to_plain(obj: Any) -> Any:
-    """A JSON-friendly view of a decoded message (bytes shown as hex), for logs and tools."""
-    if isinstance(obj, WireStruct):
-        return {k: to_plain(getattr(obj, k)) for k in obj.FIELDS}
-    if isinstance(obj, bytes):
-        return obj.hex() if len(obj) <= 64 else f"<{len(obj)} bytes>"
-    if isinstance(obj, tuple | list):
-        return [to_plain(v) for v in obj]
-    return obj
