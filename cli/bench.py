@@ -9,8 +9,8 @@ from rich.console import Console
 from rich.progress import Progress
 from rich.table import Table
 
+from cli import detection_options as options
 from fairbus.bench import crypto, detection
-from fairbus.detection import DetectionParams
 from fairbus.protocol.provider import ProviderConfig
 
 DEFAULTS = ProviderConfig()
@@ -110,13 +110,13 @@ def crypto_bench(
 def detection_bench(
     seeds: int = typer.Option(20, help="Seeds per scenario."),
     rounds: int = typer.Option(10, help="Rounds per run (attackers must be out by then)."),
-    bound_score: float = typer.Option(DEFAULTS.detection.bound_score, help="Alg. 6 bound_score."),
-    bound_conf: float = typer.Option(DEFAULTS.detection.bound_conf, help="Alg. 6 bound_conf."),
-    tolerance: float = typer.Option(DEFAULTS.detection.tolerance, help="0 = Alg. 6 as written."),
-    norm_tolerance: float = typer.Option(
-        DEFAULTS.detection.norm_tolerance or 0.0,
-        help="Update-norm test (not in the paper); negative turns it off, as written.",
-    ),
+    bound_score: float = options.BOUND_SCORE,
+    bound_conf: float = options.BOUND_CONF,
+    tolerance: float = options.TOLERANCE,
+    contribution_tolerance: float = options.CONTRIBUTION_TOLERANCE,
+    key_score: float = options.KEY_SCORE,
+    min_evidence: int = options.MIN_EVIDENCE,
+    carry_evidence: bool = options.CARRY_EVIDENCE,
     key_repeats: int = typer.Option(
         DEFAULTS.key_repeats, help="Most focus groups per key user (KIN)."
     ),
@@ -129,11 +129,14 @@ def detection_bench(
     Per scenario and seed one defended run and (with attackers) one undefended FedAvg run;
     prints detection rate, false exclusions, rounds to detection and final accuracy.
     """
-    params = DetectionParams(
+    params = options.detection_params(
         bound_score,
         bound_conf,
-        tolerance=tolerance,
-        norm_tolerance=None if norm_tolerance < 0 else norm_tolerance,
+        tolerance,
+        contribution_tolerance,
+        key_score,
+        min_evidence,
+        carry_evidence,
     )
     specs = detection.build_specs(seeds, rounds, params, key_repeats, basic_groupings)
     with Progress(console=console, transient=True) as progress:
@@ -149,7 +152,8 @@ def detection_bench(
         title=(
             f"Alg. 6 on 9 users, digits, {seeds} seeds x {rounds} rounds; bound_score "
             f"{bound_score}, bound_conf {bound_conf}, tolerance {tolerance}, "
-            f"norm tolerance {params.norm_tolerance}, KIN {key_repeats}"
+            f"contribution tolerance {params.contribution_tolerance}, key score "
+            f"{params.key_score}, KIN {key_repeats}"
         )
     )
     for column in (

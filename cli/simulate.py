@@ -10,7 +10,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from fairbus.detection import DetectionParams
+from cli import detection_options as options
 from fairbus.errors import FairbusError
 from fairbus.plots import plot_accuracy, plot_scores
 from fairbus.protocol.provider import ProviderConfig
@@ -63,17 +63,13 @@ def simulate(
     key_repeats: int = typer.Option(
         DEFAULTS.key_repeats, help="Most focus groups per key user, KIN (Alg. 2)."
     ),
-    bound_score: float = typer.Option(DEFAULTS.detection.bound_score, help="Alg. 6 bound_score."),
-    bound_conf: float = typer.Option(DEFAULTS.detection.bound_conf, help="Alg. 6 bound_conf."),
-    tolerance: float = typer.Option(
-        DEFAULTS.detection.tolerance,
-        help="Not in the paper: a group scores when acc > τ − tolerance (0 = as written).",
-    ),
-    norm_tolerance: float = typer.Option(
-        DEFAULTS.detection.norm_tolerance or 0.0,
-        help="Not in the paper: a group must also move the model at least (1 − this) times "
-        "the 75th percentile of update norms; negative turns it off (as written).",
-    ),
+    bound_score: float = options.BOUND_SCORE,
+    bound_conf: float = options.BOUND_CONF,
+    tolerance: float = options.TOLERANCE,
+    contribution_tolerance: float = options.CONTRIBUTION_TOLERANCE,
+    key_score: float = options.KEY_SCORE,
+    min_evidence: int = options.MIN_EVIDENCE,
+    carry_evidence: bool = options.CARRY_EVIDENCE,
     undefended: bool = typer.Option(False, help="Plain FedAvg: no detection, no exclusion."),
     local_epochs: int = typer.Option(TrainConfig.local_epochs, help="Local epochs per round."),
     lr: float = typer.Option(TrainConfig.lr, help="Local SGD learning rate (paper: 0.01)."),
@@ -108,11 +104,14 @@ def simulate(
         provider=ProviderConfig(
             basic_groupings=basic_groupings,
             key_repeats=key_repeats,
-            detection=DetectionParams(
+            detection=options.detection_params(
                 bound_score,
                 bound_conf,
-                tolerance=tolerance,
-                norm_tolerance=None if norm_tolerance < 0 else norm_tolerance,
+                tolerance,
+                contribution_tolerance,
+                key_score,
+                min_evidence,
+                carry_evidence,
             ),
             defended=not undefended,
             seed=seed,

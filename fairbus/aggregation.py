@@ -24,6 +24,8 @@ class GroupModel:
     kind: str
     members: tuple[int, ...]
     mean: npt.NDArray[np.float32]
+    scored: bool = True
+    """score_g of Alg. 6, line 11: whether the group beat τ (True when undefended)."""
 
 
 class AggregationStrategy(Protocol):
@@ -40,8 +42,11 @@ class CleanGroupAverage:
     """The average of the clean basic groups, weighted by size (DESIGN.md, step 7).
 
     A group is clean when no detected violator is in it, so no byte from a violator
-    enters the global model. Focus groups repeat key users and are left out. With no
-    clean group the current model is kept.
+    enters the global model. Focus and reference groups repeat users and are left out.
+    Not in the paper: where some clean groups scored in Alg. 6 only those are averaged,
+    so attackers not yet found do not hold the model back (with two poisoners among nine
+    it otherwise stays near chance for rounds). With no clean group the current model
+    is kept.
     """
 
     def aggregate(
@@ -52,6 +57,7 @@ class CleanGroupAverage:
     ) -> npt.NDArray[np.float32]:
         bad = set(violators)
         clean = [g for g in groups if g.kind == BASIC and not bad.intersection(g.members)]
+        clean = [g for g in clean if g.scored] or clean
         if not clean:
             return current.copy()
         weights = np.array([len(g.members) for g in clean], dtype=np.float64)
@@ -69,4 +75,5 @@ class UndefendedFedAvg:
         groups: Sequence[GroupModel],
         violators: Iterable[int],
     ) -> npt.NDArray[np.float32]:
-        return CleanGroupAverage().aggregate(current, groups, ())
+        every = [GroupModel(g.gid, g.kind, g.members, g.mean) for g in groups]
+        return CleanGroupAverage().aggregate(current, every, ())

@@ -4,7 +4,9 @@ Basic groupings (``basic_groupings`` of them, lines 2-8) partition all users at
 random into groups of three (groups of 3-5 when the count is not divisible by 3);
 every member marks a basic group *active*. Focus groups (lines 9-16) put each key
 user with two general users, ``key_repeats`` (KIN) times; the key user marks them
-active, the two general users *passive*.
+active, the two general users *passive*. Not in the paper: *reference* groups of three
+trusted general users, active for no one, show what a clean group achieves this round
+(:func:`fairbus.detection.group_contributions`).
 
 The privacy invariant of DESIGN.md is enforced here: the group sums the provider can
 decrypt within a round (over all attempts) must not determine any single user's
@@ -27,6 +29,8 @@ from fairbus.keyneg import MIN_GROUP_SIZE as MIN_GROUP
 
 BASIC = "basic"
 FOCUS = "focus"
+REFERENCE = "reference"
+GROUP_KINDS = (BASIC, FOCUS, REFERENCE)
 
 
 @dataclass(frozen=True)
@@ -188,6 +192,8 @@ def _sample(
     basic_groupings: int,
     key_repeats: int,
     rng: np.random.Generator,
+    partners: list[int],
+    references: int,
 ) -> list[Group]:
     groups: list[Group] = []
     seen: set[tuple[int, ...]] = set()
@@ -206,17 +212,28 @@ def _sample(
             seen.add(members)
             groups.append(Group(len(groups), BASIC, members))
     general = [u for u in users if u not in key_users]
+    preferred = [u for u in partners if u in general]
+    if len(preferred) >= MIN_GROUP - 1:
+        general = preferred
     for key in key_users:  # lines 9-16
         pool = general if len(general) >= MIN_GROUP - 1 else [u for u in users if u != key]
         chosen: set[tuple[int, ...]] = set()
         for _ in range(key_repeats):
-            for _retry in range(20):  # distinct focus groups where the pool allows
+            # A repeat of the same members would be the same model: no new evidence.
+            for _retry in range(20):
                 picks = rng.choice(len(pool), size=MIN_GROUP - 1, replace=False)
                 members = tuple(sorted([key, *(pool[int(k)] for k in picks)]))
                 if members not in chosen:
+                    chosen.add(members)
+                    groups.append(Group(len(groups), FOCUS, members, focus=key))
                     break
-            chosen.add(members)
-            groups.append(Group(len(groups), FOCUS, members, focus=key))
+    taken = {g.members for g in groups}
+    for _ in range(references if len(preferred) >= MIN_GROUP else 0):
+        picks = rng.choice(len(preferred), size=MIN_GROUP, replace=False)
+        members = tuple(sorted(preferred[int(k)] for k in picks))
+        if members not in taken:
+            taken.add(members)
+            groups.append(Group(len(groups), REFERENCE, members))
     return groups
 
 
@@ -228,31 +245,44 @@ def make_grouping(
     key_repeats: int = 2,
     seed: int | Sequence[int] = 0,
     prior_groups: Sequence[Sequence[int]] = (),
+    partners: Iterable[int] = (),
+    references: int = 0,
     tries: int = 200,
 ) -> Grouping:
     """Algorithm 2 with the exposure check; deterministic for a given ``seed``.
 
     ``prior_groups`` are the groups of earlier attempts of this round whose sums the
-    provider may hold. Focus repeats, then basic groupings, are reduced only when no
-    sample of ``tries`` passes the check.
+    provider may hold. Focus partners are drawn from ``partners`` (the general users the
+    provider trusts most) when at least two of them take part, else from all general
+    users; ``references`` reference groups of three of them are added where there are
+    at least three partners. When no sample of ``tries`` passes the check, focus
+    repeats are reduced, down to one, then reference groups, then basic groupings; focus
+    groups (the groups that say most about a key user) go last. A reference group is
+    what tells a free-rider's focus groups from clean ones when every key user is an
+    attacker.
     """
     active = sorted(set(users))
     keys = sorted(set(key_users) & set(active))
     if basic_groupings < 1 or key_repeats < 0:
         raise GroupingError("need basic_groupings >= 1 and key_repeats >= 0")
     partition_sizes(len(active))
+    preferred = sorted(set(partners) & set(active))
     rng = np.random.default_rng(seed)  # grouping is public: no CSPRNG needed
-    for basics in range(basic_groupings, 0, -1):
-        for kin in range(key_repeats, -1, -1):
-            for _ in range(tries):
-                groups = _sample(active, keys, basics, kin, rng)
-                if _probably_exposed([*prior_groups, *(g.members for g in groups)]):
-                    continue
-                try:
-                    check_grouping([g.members for g in groups], prior_groups)
-                except GroupingError:
-                    continue
-                return Grouping(tuple(groups), frozenset(keys), kin, basics)
+    basics_down = range(basic_groupings, 0, -1)
+    kin_down = range(key_repeats, 0, -1)
+    shapes = [(b, k, r) for b in basics_down for r in range(references, 0, -1) for k in kin_down]
+    shapes += [(b, k, 0) for b in basics_down for k in kin_down]
+    shapes += [(b, 0, r) for b in basics_down for r in range(references, -1, -1)]
+    for basics, kin, ref in shapes:
+        for _ in range(tries):
+            groups = _sample(active, keys, basics, kin, rng, preferred, ref)
+            if _probably_exposed([*prior_groups, *(g.members for g in groups)]):
+                continue
+            try:
+                check_grouping([g.members for g in groups], prior_groups)
+            except GroupingError:
+                continue
+            return Grouping(tuple(groups), frozenset(keys), kin, basics)
     raise GroupingError(
         f"no grouping of users {active} with key users {keys} keeps every model hidden, "
         f"even with one basic grouping and no focus groups ({len(prior_groups)} earlier "

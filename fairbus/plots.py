@@ -16,7 +16,11 @@ def plot_accuracy(records: Sequence[RoundRecord], path: Path, title: str = "") -
     """Figs. 3-4: the global model's accuracy per round, with every group model's."""
     fig = Figure(figsize=(7, 4.2), dpi=120)
     ax = fig.subplots()
-    for kind, marker, color in (("basic", "o", "tab:blue"), ("focus", "^", "tab:orange")):
+    for kind, marker, color in (
+        ("basic", "o", "tab:blue"),
+        ("focus", "^", "tab:orange"),
+        ("reference", "s", "tab:green"),
+    ):
         xs = [r.round for r in records for g in r.groups if g["kind"] == kind]
         ys = [g["accuracy"] for r in records for g in r.groups if g["kind"] == kind]
         if xs:

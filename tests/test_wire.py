@@ -109,10 +109,10 @@ def test_specific_refusals() -> None:
     up = MaskedUpload(1, 2, b"\1" * 8).to_wire()
     with pytest.raises(SchemaError, match="group"):
         decode_body("upload", codec.pack({**up, "group": True}), limits)
-    ev = {"accuracies": [{"gid": 0, "accuracy": 1, "update_norm": None}]}
+    ev = {"accuracies": [{"gid": 0, "accuracy": 1, "contribution": None}]}
     with pytest.raises(SchemaError, match="accuracy"):
         decode_body("evaluation", codec.pack(ev), limits)
-    ev = {"accuracies": [{"gid": 0, "accuracy": float("nan"), "update_norm": None}]}
+    ev = {"accuracies": [{"gid": 0, "accuracy": float("nan"), "contribution": None}]}
     with pytest.raises(SchemaError, match="accuracy"):
         decode_body("evaluation", codec.pack(ev), limits)
     with pytest.raises(SchemaError, match="distinct"):

@@ -22,7 +22,7 @@ import numpy.typing as npt
 
 from fairbus import envelope, masking
 from fairbus.aggregation import AggregationStrategy, CleanGroupAverage, GroupModel
-from fairbus.detection import DetectionParams, detect
+from fairbus.detection import DetectionParams, DetectionResult, detect, group_contributions
 from fairbus.envelope import GENESIS, ChainTracker
 from fairbus.errors import FairbusError, GroupingError
 from fairbus.field import FieldVector, FixedPointCodec
@@ -69,7 +69,15 @@ def _default_detection() -> DetectionParams:
     # the model converges whether a group beats τ is a coin flip; a 0.01 tolerance
     # (about one binomial standard error of accuracy on 450 test images) removes that.
     # Accuracy cannot tell a free-rider's group there; the update norm can.
-    return DetectionParams(bound_score=0.3, bound_conf=0.5, tolerance=0.01, norm_tolerance=0.2)
+    return DetectionParams(
+        bound_score=0.15,
+        bound_conf=0.5,
+        tolerance=0.05,
+        contribution_tolerance=0.2,
+        min_evidence=4,
+        carry_evidence=True,
+        key_score=0.3,
+    )
 
 
 @dataclass(frozen=True)
@@ -79,6 +87,14 @@ class ProviderConfig:
 
     basic_groupings: int = 2
     key_repeats: int = 6
+    reference_groups: int = 2
+    """Not in the paper: groups of three trusted general users, active for no one
+    (:mod:`fairbus.grouping`), so that the contribution test has a clean group to compare
+    with even when every basic group holds an attacker."""
+    regroup_every_round: bool = True
+    """Not in the paper (False = Alg. 1: regroup only when the key users change, a
+    violator is found or a user drops). Keys are fresh every round anyway; a fresh
+    grouping stops attackers hiding behind the same group mates round after round."""
     threshold: int | None = None
     frac_bits: int = 16
     detection: DetectionParams = field(default_factory=_default_detection)
@@ -86,6 +102,26 @@ class ProviderConfig:
     phase_timeout: float = 300.0
     seed: int = 0
     strategy: AggregationStrategy = field(default_factory=CleanGroupAverage)
+
+
+def _most_trusted(result: DetectionResult, at_least: int = 4) -> list[int]:
+    """The general users scoring at least the median of the general users' scores (and at
+    least ``at_least`` of them, best first, where there are that many): the focus partners
+    of the next grouping. An attacker that slipped out of the key users on a lucky group
+    would otherwise drag honest key users' focus groups down with it."""
+    general = sorted(
+        (
+            (a.score, u)
+            for u, a in result.assessments.items()
+            if u not in result.new_key_users and u not in result.violators
+        ),
+        reverse=True,
+    )
+    if not general:
+        return []
+    median = float(np.median([score for score, _ in general]))
+    trusted = [u for k, (score, u) in enumerate(general) if score >= median or k < at_least]
+    return sorted(trusted)
 
 
 class ProviderPhase(Enum):
@@ -127,6 +163,8 @@ class ProviderMachine:
         self._uploads: dict[int, dict[int, FieldVector]] = {}
         self._decrypted: dict[int, GroupAggregate] = {}
         self._accuracy: dict[int, float] = {}
+        self._evidence: dict[int, tuple[float, ...]] = {}
+        self._trusted: list[int] = []
 
     @property
     def prior_groups(self) -> list[tuple[int, ...]]:
@@ -170,6 +208,8 @@ class ProviderMachine:
             key_repeats=self.config.key_repeats,
             seed=(self.config.seed, self.round, self.attempt),
             prior_groups=self._prior_groups,
+            partners=self._trusted,
+            references=self.config.reference_groups,
         )
 
     def _announce(self) -> list[Output]:
@@ -329,13 +369,17 @@ class ProviderMachine:
     def _finish(self) -> list[Output]:
         assert self.grouping is not None
         grouping = self.grouping
-        norms = {
-            gid: float(np.linalg.norm(r.mean.astype(np.float64) - self.global_params))
-            for gid, r in self._decrypted.items()
-        }
+        contributions = group_contributions(
+            {
+                gid: r.mean.astype(np.float64) - self.global_params
+                for gid, r in self._decrypted.items()
+            },
+            (g.gid for g in grouping.basic),
+        )
         evaluation = Evaluation(
             tuple(
-                GroupAccuracy(gid, acc, norms[gid]) for gid, acc in sorted(self._accuracy.items())
+                GroupAccuracy(gid, acc, contributions[gid])
+                for gid, acc in sorted(self._accuracy.items())
             )
         )
         out: list[Output] = [self._signed(evaluation)]
@@ -343,8 +387,14 @@ class ProviderMachine:
         assessments: dict[int, object] = {}
         violators: frozenset[int] = frozenset()
         new_keys: frozenset[int] = frozenset()
+        scored: dict[int, float] = {}
         if self.config.defended:
-            result = detect(grouping, self._accuracy, self.config.detection, norms)  # line 25
+            result = detect(
+                grouping, self._accuracy, self.config.detection, contributions, self._evidence
+            )
+            self._evidence = dict(result.evidence)
+            scored = dict(result.group_scores)
+            self._trusted = _most_trusted(result)
             tau, violators, new_keys = result.tau, result.violators, result.new_key_users
             assessments = dict(result.assessments)
             scores = tuple(
@@ -357,12 +407,15 @@ class ProviderMachine:
                 )
             )
         models = [
-            GroupModel(g.gid, g.kind, g.members, self._decrypted[g.gid].mean)
+            GroupModel(
+                g.gid, g.kind, g.members, self._decrypted[g.gid].mean, scored.get(g.gid, 1.0) > 0
+            )
             for g in grouping.groups
         ]
         self.global_params = self.config.strategy.aggregate(self.global_params, models, violators)
         self.excluded |= violators  # lines 26-29
-        if new_keys != self.key_users or violators or self._dropped_this_round:
+        changed = new_keys != self.key_users or violators or self._dropped_this_round
+        if changed or self.config.regroup_every_round:
             self._regroup = True
         self.key_users = new_keys
         self.phase = ProviderPhase.IDLE

@@ -16,6 +16,7 @@ import numpy as np
 
 from fairbus.errors import SchemaError
 from fairbus.field import FieldVector, P
+from fairbus.grouping import GROUP_KINDS
 from fairbus.roster import Role
 from fairbus.wire import codec
 from fairbus.wire.limits import WireLimits
@@ -92,8 +93,8 @@ def vector_from_bytes(data: bytes, length: int, *, what: str = "vector") -> Fiel
 
 @dataclass(frozen=True)
 class GroupSpec(WireStruct):
-    """One group of a round's grouping (Alg. 2): basic or focus (with its key user), and
-    its Shamir threshold."""
+    """One group of a round's grouping (Alg. 2): basic, focus (with its key user) or
+    reference, and its Shamir threshold."""
 
     gid: int
     kind: str
@@ -102,7 +103,7 @@ class GroupSpec(WireStruct):
     threshold: int
     FIELDS: ClassVar[dict[str, Spec]] = {
         "gid": Int(0, 2**20),
-        "kind": names(("basic", "focus")),
+        "kind": names(GROUP_KINDS),
         "members": ids("max_group_members"),
         "focus": Optional(Int()),
         "threshold": Int(1, 64),
@@ -111,15 +112,16 @@ class GroupSpec(WireStruct):
 
 @dataclass(frozen=True)
 class GroupAccuracy(WireStruct):
-    """acc(m_g), and ‖m_g − M_global‖ where detection uses it: what Alg. 6 is re-derived from."""
+    """acc(m_g), and the group's contribution where detection uses it
+    (:func:`fairbus.detection.group_contributions`): what Alg. 6 is re-derived from."""
 
     gid: int
     accuracy: float
-    update_norm: float | None
+    contribution: float | None
     FIELDS: ClassVar[dict[str, Spec]] = {
         "gid": Int(0, 2**20),
         "accuracy": Float(0.0, 1.0),
-        "update_norm": Optional(Float(0.0)),
+        "contribution": Optional(Float()),
     }
 
 

@@ -1,0 +1,60 @@
+"""The Algorithm 6 options shared by ``fairbus simulate`` and ``fairbus bench detection``."""
+
+from __future__ import annotations
+
+import typer
+
+from fairbus.detection import DetectionParams
+from fairbus.protocol.provider import ProviderConfig
+
+DEFAULTS = ProviderConfig().detection
+
+BOUND_SCORE = typer.Option(DEFAULTS.bound_score, help="Alg. 6 bound_score.")
+BOUND_CONF = typer.Option(DEFAULTS.bound_conf, help="Alg. 6 bound_conf.")
+TOLERANCE = typer.Option(
+    DEFAULTS.tolerance,
+    help="Not in the paper: a group scores when acc > τ − tolerance (0 = as written).",
+)
+CONTRIBUTION_TOLERANCE = typer.Option(
+    DEFAULTS.contribution_tolerance if DEFAULTS.contribution_tolerance is not None else -1.0,
+    help="Not in the paper: a group must also contribute at least (1 − this) times the "
+    "round's largest contribution (its update projected on the basic groups' median "
+    "update); negative turns it off (as written).",
+)
+MIN_EVIDENCE = typer.Option(
+    DEFAULTS.min_evidence,
+    help="Not in the paper: the fewest group scores a key user's interval needs before it "
+    "can make a violator (2 = as written).",
+)
+CARRY_EVIDENCE = typer.Option(
+    DEFAULTS.carry_evidence,
+    help="Not in the paper: a key user's interval counts its focus groups over the "
+    "consecutive rounds it has been a key user (off = its active groups of one round, as "
+    "written).",
+)
+KEY_SCORE = typer.Option(
+    DEFAULTS.key_score if DEFAULTS.key_score is not None else -1.0,
+    help="Not in the paper: a user scoring below this fraction also becomes a key user "
+    "(so key users exist while τ < bound_score); negative turns it off (as written).",
+)
+
+
+def detection_params(
+    bound_score: float,
+    bound_conf: float,
+    tolerance: float,
+    contribution_tolerance: float,
+    key_score: float,
+    min_evidence: int,
+    carry_evidence: bool,
+) -> DetectionParams:
+    """The options as :class:`DetectionParams`; a negative extension value means off."""
+    return DetectionParams(
+        bound_score,
+        bound_conf,
+        tolerance=tolerance,
+        contribution_tolerance=None if contribution_tolerance < 0 else contribution_tolerance,
+        key_score=None if key_score < 0 else key_score,
+        min_evidence=min_evidence,
+        carry_evidence=carry_evidence,
+    )

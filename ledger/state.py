@@ -1,0 +1,437 @@
+"""The ledger's validation state machine: pure, deterministic, shared by every store.
+
+No I/O. :class:`LedgerState` is what the committed blocks say (each sender's chain head,
+the roster, each round's grouping and evaluation, the key users and the excluded users,
+the evidence Algorithm 6 carries between rounds). A :class:`Draft` admits transactions
+for the next block on top of it, each one or refused with a :class:`RefusedError`
+naming a :class:`RefusalReason`; committing the block folds the draft in. Followers and
+``fairbus audit`` replay blocks through the very same admission.
+
+The detection contract (the ledger issue; Algorithm 6 of the fairness paper): a decision
+is admitted only if Algorithm 6, re-derived here from the round's recorded grouping and
+evaluation with the task's :class:`~fairbus.detection.DetectionParams`, names the same
+key users and violators, scores and τ. The provider cannot exclude anyone on its own word.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterable
+from dataclasses import dataclass, field, replace
+from enum import StrEnum
+
+from nacl.exceptions import BadSignatureError
+
+from fairbus.detection import DetectionParams, detect
+from fairbus.errors import (
+    FairbusError,
+    GroupingError,
+    RoleError,
+    SizeError,
+    UnknownSenderError,
+    WireError,
+)
+from fairbus.grouping import Group, Grouping, check_grouping
+from fairbus.roster import Role, Roster
+from fairbus.wire.limits import DEFAULT_LIMITS, WireLimits
+from fairbus.wire.messages import (
+    MESSAGE_TYPES,
+    Announce,
+    Decision,
+    Evaluation,
+    GroupSpec,
+    Message,
+    RosterChange,
+    decode_body,
+)
+from ledger.records import (
+    GENESIS_HASH,
+    LEDGER_TYPES,
+    MAX_INLINE_PAYLOAD,
+    Block,
+    Transaction,
+    check_links,
+)
+
+
+class RefusalReason(StrEnum):
+    MALFORMED = "malformed"
+    TOO_LARGE = "too_large"
+    WRONG_TASK = "wrong_task"
+    UNKNOWN_SENDER = "unknown_sender"
+    ROLE_NOT_ALLOWED = "role_not_allowed"
+    TYPE_NOT_RECORDED = "type_not_recorded"
+    BAD_SIGNATURE = "bad_signature"
+    PAYLOAD_MISMATCH = "payload_mismatch"
+    STALE_PREV = "stale_prev"
+    OUT_OF_ORDER = "out_of_order"
+    BAD_GROUPING = "bad_grouping"
+    NOT_IN_GROUP = "not_in_group"
+    EXCLUDED = "excluded"
+    CONTRACT_VIOLATION = "contract_violation"
+
+
+class RefusedError(FairbusError):
+    """A transaction the ledger will not apply, and why."""
+
+    def __init__(self, reason: RefusalReason, detail: str) -> None:
+        super().__init__(f"{reason.value}: {detail}")
+        self.reason = reason
+        self.detail = detail
+
+
+class InvalidBlockError(FairbusError):
+    """A block that does not follow from the chain before it (an alarm on a follower)."""
+
+
+@dataclass(frozen=True)
+class Location:
+    height: int
+    index: int
+
+
+@dataclass(frozen=True)
+class RoundRecord:
+    """What the ledger holds about a round's latest attempt."""
+
+    attempt: int
+    announce: Announce
+    evaluation: Evaluation | None = None
+    decided: bool = False
+    senders: frozenset[int] = frozenset()
+
+
+@dataclass
+class LedgerState:
+    """The committed state. Mutated only by :meth:`commit`."""
+
+    roster: Roster
+    params: DetectionParams
+    limits: WireLimits = DEFAULT_LIMITS
+    height: int = -1
+    head_hash: bytes = GENESIS_HASH
+    heads: dict[int, bytes] = field(default_factory=dict)
+    index: dict[bytes, Location] = field(default_factory=dict)
+    rounds: dict[int, RoundRecord] = field(default_factory=dict)
+    current_round: int = 0
+    key_users: frozenset[int] = frozenset()
+    excluded: frozenset[int] = frozenset()
+    carried: dict[int, tuple[float, ...]] = field(default_factory=dict)
+    last_block: Block | None = None
+
+    def head(self, sender: int) -> bytes:
+        return self.heads.get(sender, GENESIS_HASH)
+
+    def draft(self) -> Draft:
+        return Draft(self)
+
+    def apply_block(self, block: Block) -> None:
+        """Re-validate a committed block from the store and fold it in, or raise
+        :class:`InvalidBlockError` (nothing applied)."""
+        problem = check_links(block, self.last_block)
+        if problem:
+            raise InvalidBlockError(problem)
+        draft = self.draft()
+        for k, tx in enumerate(block.txs):
+            if draft.location(tx.hash) is not None:
+                raise InvalidBlockError(f"block {block.height}: transaction {k} is a duplicate")
+            try:
+                draft.admit(tx)
+            except RefusedError as exc:
+                raise InvalidBlockError(f"block {block.height}: transaction {k}: {exc}") from None
+        self.commit(draft, block)
+
+    def commit(self, draft: Draft, block: Block) -> None:
+        """Fold ``draft`` (whose transactions are ``block``'s) into the state."""
+        self.heads.update(draft.heads)
+        for k, tx in enumerate(block.txs):
+            self.index[tx.hash] = Location(block.height, k)
+        self.rounds.update(draft.rounds)
+        self.current_round = draft.current_round
+        self.key_users = draft.key_users
+        self.excluded = draft.excluded
+        self.carried = draft.carried
+        self.roster = draft.roster
+        self.height = block.height
+        self.head_hash = block.hash
+        self.last_block = block
+
+
+class Draft:
+    """Transactions admitted for the next block, on top of a :class:`LedgerState`."""
+
+    def __init__(self, state: LedgerState) -> None:
+        self.state = state
+        self.txs: list[Transaction] = []
+        self.heads: dict[int, bytes] = {}
+        self.hashes: dict[bytes, int] = {}
+        self.rounds: dict[int, RoundRecord] = {}
+        self.current_round = state.current_round
+        self.key_users = state.key_users
+        self.excluded = state.excluded
+        self.carried = state.carried
+        self.roster = state.roster
+
+    def location(self, tx_hash: bytes) -> Location | None:
+        """Where ``tx_hash`` is already: committed, or pending in this draft (height -1)."""
+        if tx_hash in self.hashes:
+            return Location(-1, self.hashes[tx_hash])
+        return self.state.index.get(tx_hash)
+
+    def head(self, sender: int) -> bytes:
+        return self.heads.get(sender, self.state.head(sender))
+
+    def round(self, number: int) -> RoundRecord | None:
+        return self.rounds.get(number, self.state.rounds.get(number))
+
+    def admit(self, tx: Transaction) -> Message | None:
+        """Check ``tx`` against everything before it and add it to the draft, or raise
+        :class:`RefusedError` and change nothing. Returns the decoded body (None when
+        the payload lives in the blob store)."""
+        message = self._verify(tx)
+        header = tx.envelope.header
+        if header.prev != self.head(header.sender):
+            raise RefusedError(
+                RefusalReason.STALE_PREV,
+                f"participant {header.sender}'s transaction has prev "
+                f"{header.prev.hex()[:16]}, its chain head is "
+                f"{self.head(header.sender).hex()[:16]} (a fork, a replay or a lost link)",
+            )
+        self._apply_rules(tx, message)
+        self.heads[header.sender] = tx.hash
+        self.hashes[tx.hash] = len(self.txs)
+        self.txs.append(tx)
+        return message
+
+    # --- checks --------------------------------------------------------------------------------
+
+    def _verify(self, tx: Transaction) -> Message | None:
+        try:
+            header = tx.envelope.header
+        except WireError as exc:
+            raise RefusedError(_wire_reason(exc), str(exc)) from None
+        if header.type not in LEDGER_TYPES:
+            raise RefusedError(
+                RefusalReason.TYPE_NOT_RECORDED, f"{header.type!r} is not a ledger transaction"
+            )
+        if header.task != self.roster.task:
+            raise RefusedError(
+                RefusalReason.WRONG_TASK,
+                f"transaction is for task {header.task!r}, this ledger is {self.roster.task!r}",
+            )
+        cls = MESSAGE_TYPES[header.type]
+        try:
+            member = self.roster.member(header.sender, roles=cls.SENDERS)
+        except UnknownSenderError as exc:
+            raise RefusedError(RefusalReason.UNKNOWN_SENDER, str(exc)) from None
+        except RoleError as exc:
+            raise RefusedError(RefusalReason.ROLE_NOT_ALLOWED, str(exc)) from None
+        try:
+            member.identity.verify_key.verify(tx.header_bytes, tx.signature)
+        except BadSignatureError:
+            raise RefusedError(
+                RefusalReason.BAD_SIGNATURE,
+                f"signature does not verify for participant {header.sender}",
+            ) from None
+        if tx.payload is None:
+            if not getattr(cls, "MODEL_SIZED", False):
+                raise RefusedError(
+                    RefusalReason.MALFORMED, f"a {header.type!r} transaction carries its payload"
+                )
+            return None
+        if getattr(cls, "MODEL_SIZED", False):
+            raise RefusedError(
+                RefusalReason.TOO_LARGE,
+                f"{header.type!r} payloads go to the blob store, not into a block",
+            )
+        if len(tx.payload) > MAX_INLINE_PAYLOAD:
+            raise RefusedError(
+                RefusalReason.TOO_LARGE,
+                f"a {header.type!r} body of {len(tx.payload)} bytes exceeds {MAX_INLINE_PAYLOAD}",
+            )
+        if hashlib.sha256(tx.payload).digest() != header.payload_sha256:
+            raise RefusedError(
+                RefusalReason.PAYLOAD_MISMATCH, "payload does not match the signed SHA-256"
+            )
+        try:
+            return decode_body(header.type, tx.payload, self.state.limits)
+        except WireError as exc:
+            raise RefusedError(_wire_reason(exc), str(exc)) from None
+
+    def _apply_rules(self, tx: Transaction, message: Message | None) -> None:
+        header = tx.envelope.header
+        kind = header.type
+        if kind == "roster_change":
+            assert isinstance(message, RosterChange)
+            self._roster_change(message)
+            return
+        assert header.round is not None and header.attempt is not None
+        r, a = header.round, header.attempt
+        if kind == "announce":
+            assert isinstance(message, Announce)
+            self._announce(r, a, message)
+            return
+        if kind == "global_model":
+            return
+        record = self.round(r)
+        if record is None or record.attempt != a:
+            raise RefusedError(
+                RefusalReason.OUT_OF_ORDER,
+                f"{kind!r} for round {r} attempt {a}, which has not been announced "
+                "(or a later attempt has)",
+            )
+        if kind == "upload":
+            self._upload(r, header.sender, record)
+        elif kind == "evaluation":
+            assert isinstance(message, Evaluation)
+            self._evaluation(r, record, message)
+        elif kind == "decision":
+            assert isinstance(message, Decision)
+            self._decision(r, record, message)
+        # a dropout needs only an announced attempt
+
+    def _roster_change(self, message: RosterChange) -> None:
+        try:
+            roster = Roster.from_toml(message.roster_toml, source="roster_change")
+        except FairbusError as exc:
+            raise RefusedError(RefusalReason.MALFORMED, str(exc)) from None
+        if roster.task != self.roster.task:
+            raise RefusedError(
+                RefusalReason.WRONG_TASK, f"a roster change may not move to task {roster.task!r}"
+            )
+        if not roster.with_role(Role.ADMIN):
+            raise RefusedError(RefusalReason.MALFORMED, "a roster change must keep an admin")
+        self.roster = roster
+
+    def _announce(self, r: int, a: int, message: Announce) -> None:
+        last = self.round(r)
+        if r < self.current_round or (last is not None and a <= last.attempt):
+            raise RefusedError(
+                RefusalReason.OUT_OF_ORDER,
+                f"announcement of round {r} attempt {a} comes after round "
+                f"{self.current_round}" + (f" attempt {last.attempt}" if last is not None else ""),
+            )
+        grouping = grouping_of(message)
+        users = set(grouping.users)
+        problems = []
+        if len({g.gid for g in grouping.groups}) != len(grouping.groups):
+            problems.append("group ids repeat")
+        if users & self.excluded:
+            problems.append(f"excluded users {sorted(users & self.excluded)} are grouped")
+        if set(message.excluded) != set(self.excluded):
+            problems.append(
+                f"it names excluded users {sorted(message.excluded)}, the ledger has "
+                f"{sorted(self.excluded)}"
+            )
+        if set(message.key_users) != set(self.key_users) & users:
+            problems.append(
+                f"key users {sorted(message.key_users)}, the last decision leaves "
+                f"{sorted(set(self.key_users) & users)}"
+            )
+        for g in grouping.groups:
+            if g.kind == "focus" and (g.focus not in g.members or g.focus not in self.key_users):
+                problems.append(f"focus group {g.gid} is not built around a key user")
+        if not problems:
+            try:
+                check_grouping(grouping, message.prior_groups)
+            except GroupingError as exc:
+                problems.append(str(exc))
+        if problems:
+            raise RefusedError(RefusalReason.BAD_GROUPING, "; ".join(problems))
+        self.current_round = r
+        self.rounds[r] = RoundRecord(a, message)
+
+    def _upload(self, r: int, sender: int, record: RoundRecord) -> None:
+        if sender in self.excluded:
+            raise RefusedError(RefusalReason.EXCLUDED, f"participant {sender} is excluded")
+        if not any(sender in g.members for g in record.announce.groups):
+            raise RefusedError(
+                RefusalReason.NOT_IN_GROUP,
+                f"participant {sender} is in no group of round {r} attempt {record.attempt}",
+            )
+
+    def _evaluation(self, r: int, record: RoundRecord, message: Evaluation) -> None:
+        if record.evaluation is not None:
+            raise RefusedError(
+                RefusalReason.OUT_OF_ORDER, f"round {r} attempt {record.attempt} has an evaluation"
+            )
+        announced = {g.gid for g in record.announce.groups}
+        evaluated = [e.gid for e in message.accuracies]
+        if sorted(evaluated) != sorted(announced) or len(set(evaluated)) != len(evaluated):
+            raise RefusedError(
+                RefusalReason.OUT_OF_ORDER,
+                f"evaluation of groups {sorted(evaluated)}, round {r} has groups "
+                f"{sorted(announced)}",
+            )
+        self.rounds[r] = replace(record, evaluation=message)
+
+    def _decision(self, r: int, record: RoundRecord, message: Decision) -> None:
+        if record.evaluation is None or record.decided:
+            raise RefusedError(
+                RefusalReason.OUT_OF_ORDER,
+                f"decision of round {r} "
+                + ("before its evaluation" if record.evaluation is None else "made twice"),
+            )
+        accuracies = {e.gid: e.accuracy for e in record.evaluation.accuracies}
+        contributions = {
+            e.gid: e.contribution
+            for e in record.evaluation.accuracies
+            if e.contribution is not None
+        }
+        try:
+            result = detect(
+                grouping_of(record.announce),
+                accuracies,
+                self.state.params,
+                contributions or None,
+                self.carried,
+            )
+        except FairbusError as exc:
+            raise RefusedError(
+                RefusalReason.CONTRACT_VIOLATION, f"Algorithm 6 cannot run on round {r}: {exc}"
+            ) from None
+        want_keys = tuple(sorted(result.new_key_users))
+        want_violators = tuple(sorted(result.violators))
+        want_scores = tuple(
+            (a.user, a.score, a.conf_lo, a.conf_up) for a in result.assessments.values()
+        )
+        got_scores = tuple((s.user, s.score, s.conf_lo, s.conf_up) for s in message.scores)
+        if (message.key_users, message.violators) != (want_keys, want_violators):
+            raise RefusedError(
+                RefusalReason.CONTRACT_VIOLATION,
+                f"round {r}: the decision names key users {list(message.key_users)} and "
+                f"violators {list(message.violators)}; Algorithm 6 gives "
+                f"{list(want_keys)} and {list(want_violators)}",
+            )
+        if message.tau != result.tau or got_scores != want_scores:
+            raise RefusedError(
+                RefusalReason.CONTRACT_VIOLATION,
+                f"round {r}: τ or the scores differ from Algorithm 6's",
+            )
+        self.rounds[r] = replace(record, decided=True)
+        self.key_users = result.new_key_users
+        self.excluded = self.excluded | result.violators
+        self.carried = dict(result.evidence)
+
+
+def _wire_reason(exc: WireError) -> RefusalReason:
+    return RefusalReason.TOO_LARGE if isinstance(exc, SizeError) else RefusalReason.MALFORMED
+
+
+def grouping_of(announce: Announce) -> Grouping:
+    """The :class:`Grouping` an announcement describes."""
+    groups = tuple(_group(spec) for spec in announce.groups)
+    basics = sum(1 for g in groups if g.kind == "basic")
+    return Grouping(groups, frozenset(announce.key_users), 0, basics)
+
+
+def _group(spec: GroupSpec) -> Group:
+    return Group(spec.gid, spec.kind, tuple(spec.members), spec.focus)
+
+
+def replay(roster: Roster, params: DetectionParams, blocks: Iterable[Block]) -> LedgerState:
+    """Apply ``blocks`` from genesis; raises :class:`InvalidBlockError` on the first bad one."""
+    state = LedgerState(roster, params)
+    for block in blocks:
+        state.apply_block(block)
+    return state

@@ -1,0 +1,261 @@
+"""The ledger's validation on both stores: a real run commits; every bad input is refused
+with its reason and changes nothing (etcd: a real 3-member cluster on loopback)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import pytest
+
+from fairbus import envelope
+from fairbus.envelope import GENESIS
+from fairbus.errors import WireError
+from fairbus.identity import Identity
+from fairbus.wire.messages import Decision, Evaluation, GroupAccuracy, MaskedUpload
+from ledger.audit import audit, read_export, verify, write_export
+from ledger.blobs import BlobStore
+from ledger.etcd_cluster import EtcdCluster
+from ledger.node import Committed, LedgerNode, Refused
+from ledger.records import Block, Transaction
+from ledger.state import LedgerState, RefusalReason, replay
+from ledger.stores import BlockStore, EtcdStore, SqliteStore, block_key
+from tests.conftest import find_service_binary
+from tests.ledger_support import ADMIN_ID, RecordedRun, record_run
+
+
+@pytest.fixture(scope="module")
+def run() -> RecordedRun:
+    return record_run()
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EtcdCluster]:
+    binary = find_service_binary("etcd", "/usr/bin/etcd")
+    with EtcdCluster(tmp_path_factory.mktemp("etcd"), 3, binary) as c:
+        yield c
+
+
+@pytest.fixture(params=["sqlite", "etcd"])
+async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[BlockStore]:
+    if request.param == "sqlite":
+        s: BlockStore = SqliteStore(tmp_path / "ledger.sqlite")
+    else:
+        cluster = request.getfixturevalue("cluster")
+        s = await EtcdStore.connect(cluster.endpoints, "simulation")
+        await s.client.delete_prefix(b"/fairbus/")
+    yield s
+    await s.close()
+
+
+async def writer(run: RecordedRun, store: BlockStore, tmp_path: Path) -> LedgerNode:
+    node = LedgerNode(LedgerState(run.roster, run.params), store, BlobStore(tmp_path / "blobs"))
+    await node.sync()
+    node.is_writer = True
+    return node
+
+
+async def submit_all(node: LedgerNode, envelopes: list[bytes]) -> list[Committed | Refused]:
+    task = asyncio.create_task(node.write_loop())
+    try:
+        return [await node.submit(e) for e in envelopes]
+    finally:
+        task.cancel()
+
+
+async def test_a_whole_run_commits_and_any_node_replays_it(
+    run: RecordedRun, store: BlockStore, tmp_path: Path
+) -> None:
+    node = await writer(run, store, tmp_path)
+    outcomes = await submit_all(node, run.envelopes)
+    refused = [o for o in outcomes if isinstance(o, Refused)]
+    assert refused == []
+    assert node.state.current_round == 3
+    assert node.state.excluded <= {2, 7}  # only attackers can be excluded
+    # a second node re-validates every block from the store and reaches the same state
+    blocks = [Block.from_bytes(b) for b in await store.read(0)]
+    follower = replay(run.roster, run.params, blocks)
+    assert follower.head_hash == node.state.head_hash
+    assert follower.heads == node.state.heads
+    assert follower.excluded == node.state.excluded
+    # model-sized payloads are not in blocks but in the blob store, by hash
+    upload = next(b for b in blocks for t in b.txs if t.envelope.header.type == "upload")
+    tx = next(t for t in upload.txs if t.envelope.header.type == "upload")
+    assert tx.payload is None and node.blobs is not None
+    assert tx.envelope.header.payload_sha256 in node.blobs
+
+
+async def test_a_replayed_transaction_gets_its_first_receipt(
+    run: RecordedRun, store: BlockStore, tmp_path: Path
+) -> None:
+    node = await writer(run, store, tmp_path)
+    first = await submit_all(node, run.envelopes[:3])
+    height = node.state.height
+    again = await submit_all(node, [run.envelopes[1]])
+    assert isinstance(first[1], Committed) and isinstance(again[0], Committed)
+    assert again[0].duplicate and (again[0].height, again[0].index) == (
+        first[1].height,
+        first[1].index,
+    )
+    assert node.state.height == height  # nothing applied
+
+
+async def test_bad_inputs_are_refused_with_their_reason_and_change_nothing(
+    run: RecordedRun, store: BlockStore, tmp_path: Path
+) -> None:
+    node = await writer(run, store, tmp_path)
+    # commit the first round up to (not including) its decision
+    decision_at = next(
+        k for k, e in enumerate(run.envelopes) if envelope.parse(e).header.type == "decision"
+    )
+    done = await submit_all(node, run.envelopes[:decision_at])
+    assert all(isinstance(o, Committed) for o in done)
+    before = (node.state.height, dict(node.state.heads), node.state.excluded)
+    provider = run.identities[0]
+    user3 = run.identities[3]
+    stranger = Identity.generate(3)  # claims to be user 3, key not in the roster
+    outsider = Identity.generate(55)  # not in the roster at all
+    head3 = node.state.head(3)
+    head0 = node.state.head(0)
+    upload = MaskedUpload(0, 2, b"\x00" * 8)
+    decision_env = envelope.parse(run.envelopes[decision_at])
+    real = envelope.verify(decision_env, run.roster).message
+    assert isinstance(real, Decision)
+    unfair = Decision(real.tau, real.scores, real.key_users, tuple(sorted({*real.violators, 5})))
+    r, a = decision_env.header.round, decision_env.header.attempt
+    unsigned = envelope.sign(user3, "simulation", upload, prev=head3, round=r, attempt=a)
+    cases: list[tuple[str, bytes, RefusalReason]] = [
+        ("garbage bytes", os.urandom(300), RefusalReason.MALFORMED),
+        ("empty", b"", RefusalReason.MALFORMED),
+        (
+            "unsigned",
+            envelope.SignedEnvelope(
+                unsigned.header, unsigned.header_bytes, unsigned.payload, bytes(64)
+            ).to_bytes(),
+            RefusalReason.BAD_SIGNATURE,
+        ),
+        (
+            "signed by a key not in the roster",
+            envelope.sign(
+                stranger, "simulation", upload, prev=head3, round=r, attempt=a
+            ).to_bytes(),
+            RefusalReason.BAD_SIGNATURE,
+        ),
+        (
+            "a sender not in the roster",
+            envelope.sign(
+                outsider, "simulation", upload, prev=GENESIS, round=r, attempt=a
+            ).to_bytes(),
+            RefusalReason.UNKNOWN_SENDER,
+        ),
+        (
+            "a role that may not send it (a user's decision)",
+            envelope.sign(user3, "simulation", real, prev=head3, round=r, attempt=a).to_bytes(),
+            RefusalReason.ROLE_NOT_ALLOWED,
+        ),
+        (
+            "a stale prev (a fork of user 3's chain)",
+            envelope.sign(user3, "simulation", upload, prev=GENESIS, round=r, attempt=a).to_bytes(),
+            RefusalReason.STALE_PREV,
+        ),
+        (
+            "a replay into another task",
+            envelope.sign(user3, "other-task", upload, prev=head3, round=r, attempt=a).to_bytes(),
+            RefusalReason.WRONG_TASK,
+        ),
+        (
+            "an oversize body",
+            envelope.sign(
+                provider,
+                "simulation",
+                Evaluation(tuple(GroupAccuracy(k, 0.5, 0.25) for k in range(3000))),
+                prev=head0,
+                round=r,
+                attempt=a,
+            ).to_bytes(),
+            RefusalReason.TOO_LARGE,
+        ),
+        (
+            "a decision that contradicts Algorithm 6",
+            envelope.sign(
+                provider, "simulation", unfair, prev=head0, round=r, attempt=a
+            ).to_bytes(),
+            RefusalReason.CONTRACT_VIOLATION,
+        ),
+        (
+            "an upload signed by the admin",
+            envelope.sign(
+                run.identities[ADMIN_ID], "simulation", upload, prev=GENESIS, round=r, attempt=a
+            ).to_bytes(),
+            RefusalReason.ROLE_NOT_ALLOWED,
+        ),
+    ]
+    outcomes = await submit_all(node, [data for _, data, _ in cases])
+    for (what, _, reason), outcome in zip(cases, outcomes, strict=True):
+        assert isinstance(outcome, Refused), what
+        assert outcome.reason is reason, f"{what}: {outcome}"
+        assert outcome.detail, what
+    assert (node.state.height, node.state.heads, node.state.excluded) == before
+    # and the real decision still commits afterwards: nothing was lost
+    rest = await submit_all(node, run.envelopes[decision_at:])
+    assert all(isinstance(o, Committed) for o in rest)
+
+
+async def _tamper(store: BlockStore, height: int, data: bytes) -> None:
+    if isinstance(store, SqliteStore):
+        store.overwrite(height, data)
+    else:
+        assert isinstance(store, EtcdStore)
+        await store.client.put(block_key(store.prefix, height), data)
+
+
+async def test_a_block_tampered_in_the_store_is_named_by_verify_and_audit(
+    run: RecordedRun, store: BlockStore, tmp_path: Path
+) -> None:
+    node = await writer(run, store, tmp_path)
+    await submit_all(node, run.envelopes)
+    raw = await store.read(0)
+    assert verify(raw, run.roster).ok
+    assert audit(raw, run.roster, run.params, node.blobs).ok
+    # the provider's first evaluation, rewritten in place: one accuracy changed
+    height, k = next(
+        (h, k)
+        for h, data in enumerate(raw)
+        for k, tx in enumerate(Block.from_bytes(data).txs)
+        if tx.envelope.header.type == "evaluation"
+    )
+    block = Block.from_bytes(raw[height])
+    tx = block.txs[k]
+    assert tx.payload is not None
+    forged = tx.payload.replace(b"accuracy\xcb", b"accuracy\xcb\x3f\xef", 1)[: len(tx.payload)]
+    assert forged != tx.payload
+    txs = list(block.txs)
+    txs[k] = Transaction(tx.header_bytes, tx.signature, forged)
+    bad = Block(block.height, block.prev_hash, block.tx_root, block.timestamp, tuple(txs))
+    await _tamper(store, height, bad.to_bytes())
+    raw = await store.read(0)
+    for report in (verify(raw, run.roster), audit(raw, run.roster, run.params)):
+        assert not report.ok
+        assert report.problem is not None
+        assert report.problem.startswith(f"block {height}"), report.problem
+        assert f"transaction {k}" in report.problem
+    # a consistent-looking rebuild (new root) breaks the link of the next block instead
+    rebuilt = Block.build(block.height, block.prev_hash, block.timestamp, txs)
+    await _tamper(store, height, rebuilt.to_bytes())
+    report = verify(await store.read(0), run.roster)
+    assert report.problem is not None and f"block {height}" in report.problem
+
+
+async def test_an_export_verifies_like_the_store(
+    run: RecordedRun, store: BlockStore, tmp_path: Path
+) -> None:
+    node = await writer(run, store, tmp_path)
+    await submit_all(node, run.envelopes[:20])
+    path = tmp_path / "ledger.export"
+    assert write_export(path, await store.read(0)) == node.state.height + 1
+    assert verify(read_export(path), run.roster).ok
+    path.write_bytes(path.read_bytes()[:-5])
+    with pytest.raises(WireError, match="truncated"):
+        verify(read_export(path), run.roster)
