@@ -6,7 +6,7 @@ import logging
 
 import typer
 
-from cli import bench, demo, keys, roster, simulate, walkthrough
+from cli import bench, demo, keys, ledger, roster, simulate, walkthrough
 
 app = typer.Typer(
     name="fairbus",
@@ -23,6 +23,8 @@ app = typer.Typer(
 app.add_typer(keys.app, name="keys")
 app.add_typer(roster.app, name="roster")
 app.add_typer(bench.app, name="bench")
+app.add_typer(ledger.app, name="ledger")
+app.command("audit")(ledger.audit_command)
 app.command("demo")(demo.demo)
 app.command("walkthrough")(walkthrough.walkthrough_command)
 app.command("simulate")(simulate.simulate)

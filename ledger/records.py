@@ -35,7 +35,16 @@ MAX_INLINE_PAYLOAD = 64 * 1024
 """Largest payload kept in a transaction; etcd refuses requests over 1.5 MiB by default."""
 
 LEDGER_TYPES = frozenset(
-    {"announce", "global_model", "evaluation", "decision", "dropout", "upload", "roster_change"}
+    {
+        "announce",
+        "global_model",
+        "evaluation",
+        "decision",
+        "dropout",
+        "upload",
+        "roster_change",
+        "attestation",
+    }
 )
 """Envelope types the ledger records: every message that extends a sender's chain."""
 

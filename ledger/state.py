@@ -118,6 +118,8 @@ class LedgerState:
     excluded: frozenset[int] = frozenset()
     carried: dict[int, tuple[float, ...]] = field(default_factory=dict)
     last_block: Block | None = None
+    round_index: dict[int, set[bytes]] = field(default_factory=dict)
+    """Round → hashes of the transactions scoped to it (for round queries)."""
 
     def head(self, sender: int) -> bytes:
         return self.heads.get(sender, GENESIS_HASH)
@@ -146,6 +148,9 @@ class LedgerState:
         self.heads.update(draft.heads)
         for k, tx in enumerate(block.txs):
             self.index[tx.hash] = Location(block.height, k)
+            r = tx.envelope.header.round
+            if r is not None:
+                self.round_index.setdefault(r, set()).add(tx.hash)
         self.rounds.update(draft.rounds)
         self.current_round = draft.current_round
         self.key_users = draft.key_users
@@ -264,6 +269,8 @@ class Draft:
         if kind == "roster_change":
             assert isinstance(message, RosterChange)
             self._roster_change(message)
+            return
+        if kind == "attestation":
             return
         assert header.round is not None and header.attempt is not None
         r, a = header.round, header.attempt

@@ -18,6 +18,7 @@ from fairbus.wire.limits import DEFAULT_LIMITS, WireLimits
 from fairbus.wire.messages import (
     MESSAGE_TYPES,
     Announce,
+    Attestation,
     BlockHeader,
     Decision,
     Dropout,
@@ -64,6 +65,7 @@ SAMPLES = [
     QueryResponse(1, True, "", (b"abc",)),
     Refusal(H, "stale_prev", "prev does not match"),
     RosterChange("task = 'x'"),
+    Attestation("global_model/round/3", bytes(32), b"received"),
 ]
 
 

@@ -387,6 +387,25 @@ class RosterChange(Message):
     FIELDS: ClassVar[dict[str, Spec]] = {"roster_toml": Str(max_len=200_000)}
 
 
+@message
+@dataclass(frozen=True)
+class Attestation(Message):
+    """A participant's signed statement, recorded so it cannot deny it later: that it saw
+    ``digest`` as ``about`` (e.g. the global model of a round it received, so a provider
+    that sends different users different models is caught), with an optional note."""
+
+    about: str
+    digest: bytes
+    note: bytes
+    TYPE: ClassVar[str] = "attestation"
+    SENDERS: ClassVar[frozenset[Role]] = frozenset({Role.USER, Role.PROVIDER})
+    FIELDS: ClassVar[dict[str, Spec]] = {
+        "about": Str(max_len=64),
+        "digest": HASH,
+        "note": Bin(max_len=4096),
+    }
+
+
 # --- inside sealed direct envelopes ---------------------------------------------------------
 
 

@@ -1,0 +1,125 @@
+"""Submitting to the ledger over the bus and waiting for the receipt.
+
+A submitter publishes its signed envelope on its own ``…/ledger/submit`` topic and waits
+for a signed :class:`~fairbus.wire.messages.Receipt` (sent only after commit) or a
+:class:`~fairbus.wire.messages.Refusal`. With no answer in ``timeout`` it submits again:
+the ledger answers a duplicate with the first receipt, so a retry never commits twice.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import itertools
+from typing import TypeVar
+
+import aiomqtt
+
+from fairbus import bus, envelope
+from fairbus.envelope import GENESIS
+from fairbus.errors import FairbusError
+from fairbus.identity import Identity
+from fairbus.roster import Roster
+from fairbus.wire.messages import Query, QueryResponse, Receipt, Refusal
+from ledger.state import RefusalReason, RefusedError
+
+T = TypeVar("T")
+
+
+class LedgerTimeoutError(FairbusError):
+    """No ledger node answered in time (after every retry)."""
+
+
+class LedgerClient:
+    """Owns the message loop of ``mqtt``; use as an async context manager."""
+
+    def __init__(
+        self,
+        mqtt: aiomqtt.Client,
+        identity: Identity,
+        roster: Roster,
+        role: str,
+        *,
+        timeout: float = 5.0,
+        retries: int = 5,
+    ) -> None:
+        self.mqtt = mqtt
+        self.identity = identity
+        self.roster = roster
+        self.role = role
+        self.timeout = timeout
+        self.retries = retries
+        self.task = roster.task
+        self.pid = identity.participant_id
+        self._waiting: dict[bytes, asyncio.Future[Receipt | Refusal]] = {}
+        self._queries: dict[int, asyncio.Future[QueryResponse]] = {}
+        self._qids = itertools.count(1)
+        self._reader: asyncio.Task[None] | None = None
+
+    async def __aenter__(self) -> LedgerClient:
+        await self.mqtt.subscribe(bus.ledger_receipt(self.task, "+", self.pid), qos=bus.QOS)
+        await self.mqtt.subscribe(bus.ledger_response(self.task, "+", self.pid), qos=bus.QOS)
+        self._reader = asyncio.create_task(self._read())
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        if self._reader is not None:
+            self._reader.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._reader
+
+    async def _read(self) -> None:
+        async for message in self.mqtt.messages:
+            if not isinstance(message.payload, bytes | bytearray):
+                continue
+            try:
+                verified = envelope.open_envelope(bytes(message.payload), self.roster)
+            except FairbusError:
+                continue  # not signed by a ledger node of the roster: ignore
+            body = verified.message
+            if isinstance(body, Receipt):
+                self._resolve(self._waiting.get(body.tx_hash), body)
+            elif isinstance(body, Refusal):
+                self._resolve(self._waiting.get(body.ref), body)
+            elif isinstance(body, QueryResponse):
+                self._resolve(self._queries.get(body.qid), body)
+
+    @staticmethod
+    def _resolve(future: asyncio.Future[T] | None, value: T) -> None:
+        if future is not None and not future.done():
+            future.set_result(value)
+
+    async def submit(self, data: bytes) -> Receipt:
+        """Commit one signed envelope; its receipt, or :class:`RefusedError`."""
+        tx_hash = hashlib.sha256(envelope.parse(data).header_bytes).digest()
+        future = self._waiting.setdefault(tx_hash, asyncio.get_running_loop().create_future())
+        topic = bus.ledger_submit(self.task, self.role, self.pid)
+        try:
+            for _ in range(self.retries):
+                await self.mqtt.publish(topic, data, qos=bus.QOS)
+                try:
+                    answer = await asyncio.wait_for(asyncio.shield(future), self.timeout)
+                except TimeoutError:
+                    continue
+                if isinstance(answer, Refusal):
+                    raise RefusedError(RefusalReason(answer.reason), answer.detail)
+                return answer
+        finally:
+            self._waiting.pop(tx_hash, None)
+        raise LedgerTimeoutError(f"no ledger receipt for {tx_hash.hex()[:16]}")
+
+    async def query(self, kind: str, **key: object) -> QueryResponse:
+        qid = next(self._qids)
+        query = Query(qid, kind, key.get("tx_hash"), key.get("sender"), key.get("round"))  # type: ignore[arg-type]
+        future = self._queries.setdefault(qid, asyncio.get_running_loop().create_future())
+        signed = envelope.sign(self.identity, self.task, query, prev=GENESIS)
+        try:
+            await self.mqtt.publish(
+                bus.ledger_query(self.task, self.role, self.pid), signed.to_bytes(), qos=bus.QOS
+            )
+            return await asyncio.wait_for(future, self.timeout)
+        except TimeoutError:
+            raise LedgerTimeoutError(f"no answer to {kind!r} query") from None
+        finally:
+            self._queries.pop(qid, None)

@@ -1,0 +1,234 @@
+"""Three ledger node processes over a real 3-member etcd cluster and Mosquitto, under a
+steady stream of submissions: kill -9 the writer, then the etcd leader; nothing
+acknowledged is lost or duplicated, every node ends on the same chain, a new writer
+commits within seconds, and a killed node restarted catches up."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from fairbus import bus, envelope
+from fairbus.envelope import GENESIS
+from fairbus.identity import Identity
+from fairbus.roster import Member, Role, Roster
+from fairbus.wire.messages import Attestation, Query, QueryResponse
+from ledger.audit import audit
+from ledger.client import LedgerClient
+from ledger.config import LedgerConfig
+from ledger.etcd_cluster import EtcdCluster
+from ledger.records import Block
+from ledger.stores import EtcdStore
+from tests.conftest import find_service_binary
+from tests.test_services import free_port, running
+
+TASK = "ledger-cluster"
+NODES = (101, 102, 103)
+STREAM_USERS = (1, 2, 3, 4, 5, 6)
+
+
+@dataclass
+class Deployment:
+    root: Path
+    roster: Roster
+    identities: dict[int, Identity]
+    etcd: EtcdCluster
+    broker: int
+    configs: dict[int, Path]
+    nodes: dict[int, subprocess.Popen[bytes]] = field(default_factory=dict)
+
+    def start_node(self, node: int) -> None:
+        log = open(self.root / f"ledger-{node}.log", "ab")  # noqa: SIM115 — the child owns it
+        self.nodes[node] = subprocess.Popen(
+            [sys.executable, "-c", "from cli.main import run; run()", "ledger",
+             "--node", str(node), "--config", str(self.configs[node])],
+            stdout=log, stderr=log,
+        )  # fmt: skip
+
+    def kill_node(self, node: int) -> None:
+        self.nodes[node].kill()
+        self.nodes[node].wait()
+
+    async def writer(self) -> int | None:
+        store = await EtcdStore.connect(self.etcd.endpoints, TASK)
+        try:
+            got = await store.client.get(store.writer_key)
+        finally:
+            await store.close()
+        return None if got is None else int(got.value.split(b":")[0])
+
+    async def blocks(self) -> list[bytes]:
+        store = await EtcdStore.connect([m.endpoint for m in self.etcd.members if m.alive], TASK)
+        try:
+            return await store.read(0)
+        finally:
+            await store.close()
+
+
+@pytest.fixture
+def deployment(tmp_path: Path) -> Iterator[Deployment]:
+    mosquitto = find_service_binary("mosquitto", "/usr/sbin/mosquitto")
+    etcd_binary = find_service_binary("etcd", "/usr/bin/etcd")
+    ids = {0: Role.PROVIDER, 200: Role.ADMIN}
+    ids.update({u: Role.USER for u in STREAM_USERS})
+    ids.update({n: Role.LEDGER for n in NODES})
+    identities = {pid: Identity.generate(pid) for pid in ids}
+    roster = Roster(TASK, [Member(identities[pid].public, role) for pid, role in ids.items()])
+    (tmp_path / "roster.toml").write_text(roster.to_toml())
+    for node in NODES:
+        identities[node].save(tmp_path / "keys")
+    port = free_port()
+    conf = tmp_path / "mosquitto.conf"
+    conf.write_text(
+        f"listener {port} 127.0.0.1\nallow_anonymous true\nset_tcp_nodelay true\n"
+        "max_queued_messages 100000\npersistence false\n"
+    )
+    with (
+        running([mosquitto, "-c", str(conf)], port),
+        EtcdCluster(tmp_path / "etcd", 3, etcd_binary) as etcd,
+    ):
+        configs = {}
+        members = ", ".join(f'"{h}:{p}"' for h, p in etcd.endpoints)
+        for node in NODES:
+            cfg = tmp_path / f"ledger-{node}.toml"
+            cfg.write_text(
+                f'roster = "roster.toml"\nkeys = "keys"\nstore = "etcd"\n'
+                f"etcd = [{members}]\n"
+                f'blobs = "node-{node}/blobs"\nbroker = "127.0.0.1:{port}"\n'
+            )
+            configs[node] = cfg
+        d = Deployment(tmp_path, roster, identities, etcd, port, configs)
+        for node in NODES:
+            d.start_node(node)
+        try:
+            yield d
+        finally:
+            for proc in d.nodes.values():
+                proc.terminate()
+            for proc in d.nodes.values():
+                try:
+                    proc.wait(timeout=10)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+
+
+@dataclass
+class Acked:
+    tx_hash: bytes
+    height: int
+    index: int
+    at: float
+
+
+async def stream(
+    d: Deployment, user: int, stop: asyncio.Event, acked: list[Acked], heads: dict[int, bytes]
+) -> None:
+    """One user's chain of attestations, each submitted until it has its receipt."""
+    identity = d.identities[user]
+    prev = GENESIS
+    async with (
+        bus.client("127.0.0.1", d.broker, f"user-{user}") as mqtt,
+        LedgerClient(mqtt, identity, d.roster, "user", timeout=1.0, retries=60) as ledger,
+    ):
+        for k in itertools.count():
+            if stop.is_set():
+                return
+            note = os.urandom(900)  # ~1 KB transactions
+            body = Attestation(f"stream/{k}", bytes(32), note)
+            signed = envelope.sign(identity, TASK, body, prev=prev)
+            receipt = await ledger.submit(signed.to_bytes())
+            acked.append(Acked(receipt.tx_hash, receipt.height, receipt.index, time.monotonic()))
+            prev = heads[user] = signed.hash
+
+
+async def until(condition: object, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():  # type: ignore[operator]
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        await asyncio.sleep(0.05)
+
+
+async def heads_seen_by_each_node(d: Deployment, sender: int) -> dict[int, bytes]:
+    """Ask every ledger node for ``sender``'s chain head; node id → answer."""
+    asker = d.identities[0]
+    answers: dict[int, bytes] = {}
+    async with bus.client("127.0.0.1", d.broker, "provider-0") as mqtt:
+        await mqtt.subscribe(bus.ledger_response(TASK, "+", 0), qos=1)
+        query = Query(7, "head", None, sender, None)
+        signed = envelope.sign(asker, TASK, query, prev=GENESIS)
+        await mqtt.publish(bus.ledger_query(TASK, "provider", 0), signed.to_bytes(), qos=1)
+        try:
+            async with asyncio.timeout(2):
+                async for message in mqtt.messages:
+                    assert isinstance(message.payload, bytes)
+                    verified = envelope.open_envelope(message.payload, d.roster)
+                    assert isinstance(verified.message, QueryResponse)
+                    answers[verified.header.sender] = verified.message.records[0]
+                    if len(answers) == sum(p.poll() is None for p in d.nodes.values()):
+                        break
+        except TimeoutError:
+            pass
+    return answers
+
+
+async def test_writer_and_etcd_leader_killed_under_load_lose_nothing(
+    deployment: Deployment,
+) -> None:
+    d = deployment
+    stop = asyncio.Event()
+    acked: list[Acked] = []
+    heads: dict[int, bytes] = {}
+    streams = [asyncio.create_task(stream(d, u, stop, acked, heads)) for u in STREAM_USERS]
+    try:
+        await until(lambda: len(acked) >= 200, 60, "the first 200 receipts")
+        # 1. kill -9 the writer
+        writer = await d.writer()
+        assert writer in NODES
+        d.kill_node(writer)
+        killed_at = time.monotonic()
+        await until(lambda: acked[-1].at > killed_at + 0.5, 30, "a commit by a new writer")
+        gap = min(a.at for a in acked if a.at > killed_at) - killed_at
+        assert gap < 10, f"no commit for {gap:.1f} s after the writer died"
+        new_writer = await d.writer()
+        assert new_writer in NODES and new_writer != writer
+        # 2. kill -9 the etcd leader
+        leader = d.etcd.leader()
+        d.etcd.kill(leader)
+        killed_at = time.monotonic()
+        await until(
+            lambda: acked[-1].at > killed_at + 0.5, 30, "a commit after the etcd leader died"
+        )
+        # 3. the killed ledger node comes back and catches up
+        d.etcd.start(leader)
+        d.start_node(writer)
+        count = len(acked)
+        await until(lambda: len(acked) >= count + 100, 60, "100 more receipts")
+    finally:
+        stop.set()
+        await asyncio.gather(*streams, return_exceptions=True)
+    raw = await d.blocks()
+    blocks = [Block.from_bytes(b) for b in raw]
+    where = {tx.hash: (b.height, k) for b in blocks for k, tx in enumerate(b.txs)}
+    all_hashes = [tx.hash for b in blocks for tx in b.txs]
+    assert len(all_hashes) == len(set(all_hashes)), "a transaction was committed twice"
+    for a in acked:  # nothing acknowledged is lost, and each is where its receipt says
+        assert where.get(a.tx_hash) == (a.height, a.index)
+    assert audit(raw, d.roster, LedgerConfig.load(d.configs[NODES[0]]).detection).ok
+    # every node, the restarted one included, ends on the same chain heads
+    deadline = time.monotonic() + 60
+    for user in STREAM_USERS:
+        while True:
+            answers = await heads_seen_by_each_node(d, user)
+            if set(answers) == set(NODES) and set(answers.values()) == {heads[user]}:
+                break
+            assert time.monotonic() < deadline, f"nodes disagree on user {user}: {answers}"
