@@ -132,6 +132,13 @@ def parse(data: bytes, limits: WireLimits = DEFAULT_LIMITS) -> SignedEnvelope:
     for name, value in (("h", header_bytes), ("p", payload), ("s", signature)):
         if not isinstance(value, bytes):
             raise SchemaError(f"envelope field {name!r} must be bytes")
+    return from_parts(header_bytes, payload, signature, limits)
+
+
+def from_parts(
+    header_bytes: bytes, payload: bytes, signature: bytes, limits: WireLimits = DEFAULT_LIMITS
+) -> SignedEnvelope:
+    """Strictly decode an envelope's header from its parts (as the ledger stores them)."""
     if len(signature) != SIGNATURE_BYTES:
         raise SchemaError(f"signature is {len(signature)} bytes, expected {SIGNATURE_BYTES}")
     raw_header = codec.unpack(header_bytes, limits, max_bytes=_MAX_HEADER_BYTES)

@@ -22,6 +22,7 @@ from fairbus.errors import FairbusError
 from fairbus.identity import Identity
 from fairbus.roster import Roster
 from fairbus.wire.messages import Query, QueryResponse, Receipt, Refusal
+from ledger.node import Committed
 from ledger.state import RefusalReason, RefusedError
 
 T = TypeVar("T")
@@ -52,7 +53,7 @@ class LedgerClient:
         self.retries = retries
         self.task = roster.task
         self.pid = identity.participant_id
-        self._waiting: dict[bytes, asyncio.Future[Receipt | Refusal]] = {}
+        self._waiting: dict[bytes, asyncio.Future[Committed | Refusal]] = {}
         self._queries: dict[int, asyncio.Future[QueryResponse]] = {}
         self._qids = itertools.count(1)
         self._reader: asyncio.Task[None] | None = None
@@ -79,7 +80,9 @@ class LedgerClient:
                 continue  # not signed by a ledger node of the roster: ignore
             body = verified.message
             if isinstance(body, Receipt):
-                self._resolve(self._waiting.get(body.tx_hash), body)
+                for entry in body.entries:
+                    committed = Committed(entry.tx_hash, body.height, body.block_hash, entry.index)
+                    self._resolve(self._waiting.get(entry.tx_hash), committed)
             elif isinstance(body, Refusal):
                 self._resolve(self._waiting.get(body.ref), body)
             elif isinstance(body, QueryResponse):
@@ -90,8 +93,9 @@ class LedgerClient:
         if future is not None and not future.done():
             future.set_result(value)
 
-    async def submit(self, data: bytes) -> Receipt:
-        """Commit one signed envelope; its receipt, or :class:`RefusedError`."""
+    async def submit(self, data: bytes) -> Committed:
+        """Commit one signed envelope; where it is (from a signed receipt), or
+        :class:`RefusedError`."""
         tx_hash = hashlib.sha256(envelope.parse(data).header_bytes).digest()
         future = self._waiting.setdefault(tx_hash, asyncio.get_running_loop().create_future())
         topic = bus.ledger_submit(self.task, self.role, self.pid)

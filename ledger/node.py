@@ -11,6 +11,7 @@ the one node is always the writer.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import logging
 import time
@@ -21,7 +22,7 @@ from fairbus.envelope import SignedEnvelope
 from fairbus.errors import FairbusError, SizeError, WireError
 from fairbus.wire.limits import DEFAULT_LIMITS, WireLimits
 from ledger.blobs import BlobError, BlobStore
-from ledger.records import Block, Transaction, is_model_sized
+from ledger.records import MAX_BLOCK_BYTES, Block, Transaction, is_model_sized
 from ledger.state import (
     InvalidBlockError,
     LedgerState,
@@ -75,6 +76,7 @@ class LedgerNode:
         blobs: BlobStore | None = None,
         *,
         max_block_txs: int = 2048,
+        max_block_bytes: int = MAX_BLOCK_BYTES,
         linger: float = 0.002,
         limits: WireLimits = DEFAULT_LIMITS,
         on_block: Callable[[Block], Awaitable[None]] | None = None,
@@ -83,6 +85,7 @@ class LedgerNode:
         self.store = store
         self.blobs = blobs
         self.max_block_txs = max_block_txs
+        self.max_block_bytes = max_block_bytes
         self.linger = linger
         self.limits = limits
         self.on_block = on_block
@@ -90,6 +93,7 @@ class LedgerNode:
         self.is_writer = False
         self.alarm: str | None = None
         self._queue: asyncio.Queue[_Pending] = asyncio.Queue()
+        self._carry: collections.deque[_Pending] = collections.deque()
         self._blocks: list[bytes] = []  # block hashes by height, for receipts of duplicates
 
     # --- submissions -----------------------------------------------------------------------
@@ -163,22 +167,35 @@ class LedgerNode:
 
     # --- writing ---------------------------------------------------------------------------
 
+    async def _next_batch(self) -> list[_Pending]:
+        """Up to ``max_block_txs`` submissions and ``max_block_bytes``, in arrival order;
+        what was put back (a failed commit) comes first."""
+        first = self._carry.popleft() if self._carry else await self._queue.get()
+        if self.linger:
+            await asyncio.sleep(self.linger)
+        batch, size = [first], first.tx.size
+        while len(batch) < self.max_block_txs and (self._carry or not self._queue.empty()):
+            item = self._carry.popleft() if self._carry else self._queue.get_nowait()
+            if size + item.tx.size > self.max_block_bytes:
+                self._carry.appendleft(item)
+                break
+            batch.append(item)
+            size += item.tx.size
+        return batch
+
+    def _put_back(self, items: list[_Pending]) -> None:
+        """Retry ``items`` first, in their order (a sender's chain must stay in order)."""
+        self._carry.extendleft(reversed([i for i in items if not i.done.done()]))
+
     async def write_loop(self) -> None:
         """Commit queued submissions in blocks while this node is the writer."""
         while True:
-            first = await self._queue.get()
-            batch = [first]
-            if self.linger:
-                await asyncio.sleep(self.linger)
-            while len(batch) < self.max_block_txs and not self._queue.empty():
-                batch.append(self._queue.get_nowait())
+            batch = await self._next_batch()
             try:
                 await self._commit(batch)
-            except Exception as exc:  # the store failed: requeue, resync
+            except Exception as exc:  # the store failed: retry after catching up
                 log.warning("commit failed (%s); retrying", exc)
-                for item in batch:
-                    if not item.done.done():
-                        self._queue.put_nowait(item)
+                self._put_back(batch)
                 await asyncio.sleep(0.05)
                 with contextlib.suppress(Exception):
                     await self.sync()
@@ -211,9 +228,7 @@ class LedgerNode:
         if not await self.store.append(block, self.fence):
             # Another writer got there first (or our fence is gone): catch up and retry.
             await self.sync()
-            for items in waiting.values():
-                for item in items:
-                    self._queue.put_nowait(item)
+            self._put_back(batch)
             return
         self.state.commit(draft, block)
         self._blocks.append(block.hash)

@@ -31,6 +31,8 @@ GENESIS_HASH = bytes(32)
 """``prev_hash`` of block 0."""
 
 MAX_BLOCK_TXS = 4096
+MAX_BLOCK_BYTES = 1024 * 1024
+"""A block stays under etcd's default request limit (1.5 MiB) with room to spare."""
 MAX_INLINE_PAYLOAD = 64 * 1024
 """Largest payload kept in a transaction; etcd refuses requests over 1.5 MiB by default."""
 
@@ -64,12 +66,16 @@ class Transaction:
     @cached_property
     def envelope(self) -> SignedEnvelope:
         """The header parsed strictly; the payload is empty when it lives in the blob store."""
-        framed = codec.pack({"h": self.header_bytes, "p": self.payload or b"", "s": self.signature})
-        return envelope.parse(framed)
+        return envelope.from_parts(self.header_bytes, self.payload or b"", self.signature)
 
-    @property
+    @cached_property
     def hash(self) -> bytes:
         return hashlib.sha256(self.header_bytes).digest()
+
+    @property
+    def size(self) -> int:
+        """About the bytes it takes in a block."""
+        return len(self.header_bytes) + len(self.signature) + len(self.payload or b"") + 16
 
     def to_wire(self) -> dict[str, bytes | None]:
         return {"h": self.header_bytes, "s": self.signature, "p": self.payload}
@@ -81,7 +87,10 @@ class Transaction:
     def from_envelope(cls, env: SignedEnvelope) -> Transaction:
         """Record ``env``: its payload inline unless the type is model-sized."""
         inline = None if is_model_sized(env.header.type) else env.payload
-        return cls(env.header_bytes, env.signature, inline)
+        tx = cls(env.header_bytes, env.signature, inline)
+        if inline is not None:
+            tx.__dict__["envelope"] = env  # already parsed: do not parse twice
+        return tx
 
     @classmethod
     def from_wire(cls, obj: object) -> Transaction:

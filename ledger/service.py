@@ -1,7 +1,8 @@
 """``fairbus ledger --node N``: a ledger node on the bus (the MQTT front).
 
-Every node subscribes to submissions (``fairbus/<task>/+/+/ledger/submit``) and keeps the
-blobs of model-sized payloads it sees; only the writer commits, and it sends the receipt
+The writer subscribes to submissions (``fairbus/<task>/+/+/ledger/submit``) and commits
+them; every node keeps the blobs of the model-sized payloads it sees on the bus (uploads,
+global models). The writer sends the receipt
 (``fairbus/<task>/ledger/<node>/receipt/<sender>``) only after the block is in the store,
 then the block header (``…/<node>/block``). A refusal goes back at once with its reason.
 Every node answers queries (a transaction by hash, a sender's head, a round's records) on
@@ -30,6 +31,7 @@ from fairbus.wire.messages import (
     Query,
     QueryResponse,
     Receipt,
+    ReceiptEntry,
     Refusal,
 )
 from ledger.blobs import BlobStore
@@ -55,6 +57,8 @@ class LedgerService:
         self.task = self.roster.task
         self.mqtt: aiomqtt.Client | None = None
         self.node: LedgerNode | None = None
+        self._receipts: dict[tuple[int, int, bytes], list[ReceiptEntry]] = {}
+        self._flush: asyncio.Task[None] | None = None
 
     # --- store -------------------------------------------------------------------------------
 
@@ -80,8 +84,9 @@ class LedgerService:
         host, port = self.config.broker
         async with bus.client(host, port, f"ledger-{self.node_id}") as mqtt:
             self.mqtt = mqtt
-            await mqtt.subscribe(f"fairbus/{self.task}/+/+/ledger/submit", qos=bus.QOS)
             await mqtt.subscribe(f"fairbus/{self.task}/+/+/ledger/query", qos=bus.QOS)
+            for topic in self._blob_topics():
+                await mqtt.subscribe(topic, qos=bus.QOS)
             log.info("ledger node %d: on the bus at %s:%d", self.node_id, host, port)
             async with asyncio.TaskGroup() as tasks:
                 tasks.create_task(node.write_loop())
@@ -89,7 +94,7 @@ class LedgerService:
                 if isinstance(store, EtcdStore):
                     tasks.create_task(self._elect(store))
                 else:
-                    node.is_writer = True
+                    await self._become_writer(None)
                 async for message in mqtt.messages:
                     if isinstance(message.payload, bytes | bytearray):
                         tasks.create_task(
@@ -103,16 +108,33 @@ class LedgerService:
 
         async def elected() -> None:
             await node.sync()
-            node.fence = election.value
-            node.is_writer = True
-            log.info("ledger node %d is the writer (height %d)", self.node_id, node.state.height)
+            await self._become_writer(election.value)
 
         async def deposed() -> None:
             node.is_writer = False
             node.fence = None
             log.warning("ledger node %d is no longer the writer", self.node_id)
+            if self.mqtt is not None:
+                with contextlib.suppress(Exception):
+                    await self.mqtt.unsubscribe(self._submit_topic)
 
         await lead_when_elected(election, elected, deposed)
+
+    @property
+    def _submit_topic(self) -> str:
+        return f"fairbus/{self.task}/+/+/ledger/submit"
+
+    def _blob_topics(self) -> list[str]:
+        """Where model-sized payloads travel on the bus (uploads, global models)."""
+        return [f"fairbus/{self.task}/user/+/upload", f"fairbus/{self.task}/provider/+/model"]
+
+    async def _become_writer(self, fence: bytes | None) -> None:
+        """Only the writer takes submissions; the others keep blobs from the bus."""
+        assert self.node is not None and self.mqtt is not None
+        self.node.fence = fence
+        self.node.is_writer = True
+        await self.mqtt.subscribe(self._submit_topic, qos=bus.QOS)
+        log.info("ledger node %d is the writer (height %d)", self.node_id, self.node.state.height)
 
     async def _follow(self) -> None:
         assert self.node is not None
@@ -134,15 +156,20 @@ class LedgerService:
             return
         if topic.endswith("/ledger/query"):
             await self._on_query(asker[1], data)
-            return
-        await self._on_submit(asker[1], data)
+        elif topic.endswith("/ledger/submit"):
+            await self._on_submit(asker[1], data)
+        else:
+            self._keep_blob(data)
+
+    def _keep_blob(self, data: bytes) -> None:
+        """A model-sized envelope seen on the bus: keep its payload by hash."""
+        assert self.node is not None
+        with contextlib.suppress(FairbusError):
+            self.node.transaction_of(data)
 
     async def _on_submit(self, asker: int, data: bytes) -> None:
         assert self.node is not None
         if not self.node.is_writer:
-            # Keep the blob (filled from the bus) but let the writer answer.
-            with contextlib.suppress(FairbusError):
-                self.node.transaction_of(data)
             return
         try:
             outcome = await self.node.submit(data)
@@ -151,13 +178,30 @@ class LedgerService:
         await self._answer(asker, data, outcome)
 
     async def _answer(self, asker: int, data: bytes, outcome: Outcome) -> None:
-        message: Message
         if isinstance(outcome, Committed):
-            message = Receipt(outcome.tx_hash, outcome.height, outcome.block_hash, outcome.index)
-        else:
-            ref = outcome.tx_hash or hashlib.sha256(data).digest()
-            message = Refusal(ref, outcome.reason.value, outcome.detail[:4000])
-        await self._publish(bus.ledger_receipt(self.task, self.node_id, asker), message)
+            # Receipts for one block are resolved together; one signed receipt per
+            # submitter and block is sent once they all have been collected.
+            key = (asker, outcome.height, outcome.block_hash)
+            self._receipts.setdefault(key, []).append(ReceiptEntry(outcome.tx_hash, outcome.index))
+            if self._flush is None or self._flush.done():
+                self._flush = asyncio.create_task(self._send_receipts())
+            return
+        ref = outcome.tx_hash or hashlib.sha256(data).digest()
+        refusal = Refusal(ref, outcome.reason.value, outcome.detail[:4000])
+        await self._publish(bus.ledger_receipt(self.task, self.node_id, asker), refusal)
+
+    async def _send_receipts(self) -> None:
+        await asyncio.sleep(0)  # let the rest of the block's submissions resolve
+        batch, self._receipts = self._receipts, {}
+        await asyncio.gather(
+            *(
+                self._publish(
+                    bus.ledger_receipt(self.task, self.node_id, asker),
+                    Receipt(height, block_hash, tuple(sorted(entries, key=lambda e: e.index))),
+                )
+                for (asker, height, block_hash), entries in batch.items()
+            )
+        )
 
     async def _on_query(self, asker: int, data: bytes) -> None:
         assert self.node is not None

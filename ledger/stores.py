@@ -153,16 +153,12 @@ class EtcdStore:
         if stop is None:
             stop = (await self.head())[0] + 1
         out: list[bytes] = []
-        batch = 256
-        for first in range(start, stop, batch):
-            last = min(stop, first + batch)
-            got = await self.client.get_range(
-                block_key(self.prefix, first), block_key(self.prefix, last)
-            )
-            values = [kv.value for kv in got]
-            if len(values) != last - first:
-                raise StoreError(f"blocks {first}..{last - 1} are incomplete in etcd")
-            out.extend(values)
+        # One block per request: a block may be near 1 MiB and gRPC replies stop at 4 MiB.
+        for height in range(start, stop):
+            got = await self.client.get(block_key(self.prefix, height))
+            if got is None:
+                raise StoreError(f"block {height} is missing from etcd")
+            out.append(got.value)
         return out
 
     async def append(self, block: Block, fence: bytes | None = None) -> bool:

@@ -8,117 +8,34 @@ from __future__ import annotations
 import asyncio
 import itertools
 import os
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
 from fairbus import bus, envelope
 from fairbus.envelope import GENESIS
-from fairbus.identity import Identity
-from fairbus.roster import Member, Role, Roster
 from fairbus.wire.messages import Attestation, Query, QueryResponse
 from ledger.audit import audit
 from ledger.client import LedgerClient
 from ledger.config import LedgerConfig
-from ledger.etcd_cluster import EtcdCluster
+from ledger.deployment import LocalLedger
 from ledger.records import Block
-from ledger.stores import EtcdStore
 from tests.conftest import find_service_binary
-from tests.test_services import free_port, running
 
 TASK = "ledger-cluster"
 NODES = (101, 102, 103)
 STREAM_USERS = (1, 2, 3, 4, 5, 6)
 
 
-@dataclass
-class Deployment:
-    root: Path
-    roster: Roster
-    identities: dict[int, Identity]
-    etcd: EtcdCluster
-    broker: int
-    configs: dict[int, Path]
-    nodes: dict[int, subprocess.Popen[bytes]] = field(default_factory=dict)
-
-    def start_node(self, node: int) -> None:
-        log = open(self.root / f"ledger-{node}.log", "ab")  # noqa: SIM115 — the child owns it
-        self.nodes[node] = subprocess.Popen(
-            [sys.executable, "-c", "from cli.main import run; run()", "ledger",
-             "--node", str(node), "--config", str(self.configs[node])],
-            stdout=log, stderr=log,
-        )  # fmt: skip
-
-    def kill_node(self, node: int) -> None:
-        self.nodes[node].kill()
-        self.nodes[node].wait()
-
-    async def writer(self) -> int | None:
-        store = await EtcdStore.connect(self.etcd.endpoints, TASK)
-        try:
-            got = await store.client.get(store.writer_key)
-        finally:
-            await store.close()
-        return None if got is None else int(got.value.split(b":")[0])
-
-    async def blocks(self) -> list[bytes]:
-        store = await EtcdStore.connect([m.endpoint for m in self.etcd.members if m.alive], TASK)
-        try:
-            return await store.read(0)
-        finally:
-            await store.close()
-
-
 @pytest.fixture
-def deployment(tmp_path: Path) -> Iterator[Deployment]:
+def deployment(tmp_path: Path) -> Iterator[LocalLedger]:
     mosquitto = find_service_binary("mosquitto", "/usr/sbin/mosquitto")
-    etcd_binary = find_service_binary("etcd", "/usr/bin/etcd")
-    ids = {0: Role.PROVIDER, 200: Role.ADMIN}
-    ids.update({u: Role.USER for u in STREAM_USERS})
-    ids.update({n: Role.LEDGER for n in NODES})
-    identities = {pid: Identity.generate(pid) for pid in ids}
-    roster = Roster(TASK, [Member(identities[pid].public, role) for pid, role in ids.items()])
-    (tmp_path / "roster.toml").write_text(roster.to_toml())
-    for node in NODES:
-        identities[node].save(tmp_path / "keys")
-    port = free_port()
-    conf = tmp_path / "mosquitto.conf"
-    conf.write_text(
-        f"listener {port} 127.0.0.1\nallow_anonymous true\nset_tcp_nodelay true\n"
-        "max_queued_messages 100000\npersistence false\n"
-    )
-    with (
-        running([mosquitto, "-c", str(conf)], port),
-        EtcdCluster(tmp_path / "etcd", 3, etcd_binary) as etcd,
-    ):
-        configs = {}
-        members = ", ".join(f'"{h}:{p}"' for h, p in etcd.endpoints)
-        for node in NODES:
-            cfg = tmp_path / f"ledger-{node}.toml"
-            cfg.write_text(
-                f'roster = "roster.toml"\nkeys = "keys"\nstore = "etcd"\n'
-                f"etcd = [{members}]\n"
-                f'blobs = "node-{node}/blobs"\nbroker = "127.0.0.1:{port}"\n'
-            )
-            configs[node] = cfg
-        d = Deployment(tmp_path, roster, identities, etcd, port, configs)
-        for node in NODES:
-            d.start_node(node)
-        try:
-            yield d
-        finally:
-            for proc in d.nodes.values():
-                proc.terminate()
-            for proc in d.nodes.values():
-                try:
-                    proc.wait(timeout=10)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
+    etcd = find_service_binary("etcd", "/usr/bin/etcd")
+    with LocalLedger(tmp_path, TASK, NODES, STREAM_USERS, 3, mosquitto, etcd) as d:
+        yield d
 
 
 @dataclass
@@ -130,13 +47,13 @@ class Acked:
 
 
 async def stream(
-    d: Deployment, user: int, stop: asyncio.Event, acked: list[Acked], heads: dict[int, bytes]
+    d: LocalLedger, user: int, stop: asyncio.Event, acked: list[Acked], heads: dict[int, bytes]
 ) -> None:
     """One user's chain of attestations, each submitted until it has its receipt."""
     identity = d.identities[user]
     prev = GENESIS
     async with (
-        bus.client("127.0.0.1", d.broker, f"user-{user}") as mqtt,
+        bus.client("127.0.0.1", d.broker_port, f"user-{user}") as mqtt,
         LedgerClient(mqtt, identity, d.roster, "user", timeout=1.0, retries=60) as ledger,
     ):
         for k in itertools.count():
@@ -158,11 +75,11 @@ async def until(condition: object, timeout: float, what: str) -> None:
         await asyncio.sleep(0.05)
 
 
-async def heads_seen_by_each_node(d: Deployment, sender: int) -> dict[int, bytes]:
+async def heads_seen_by_each_node(d: LocalLedger, sender: int) -> dict[int, bytes]:
     """Ask every ledger node for ``sender``'s chain head; node id → answer."""
     asker = d.identities[0]
     answers: dict[int, bytes] = {}
-    async with bus.client("127.0.0.1", d.broker, "provider-0") as mqtt:
+    async with bus.client("127.0.0.1", d.broker_port, "provider-0") as mqtt:
         await mqtt.subscribe(bus.ledger_response(TASK, "+", 0), qos=1)
         query = Query(7, "head", None, sender, None)
         signed = envelope.sign(asker, TASK, query, prev=GENESIS)
@@ -174,7 +91,7 @@ async def heads_seen_by_each_node(d: Deployment, sender: int) -> dict[int, bytes
                     verified = envelope.open_envelope(message.payload, d.roster)
                     assert isinstance(verified.message, QueryResponse)
                     answers[verified.header.sender] = verified.message.records[0]
-                    if len(answers) == sum(p.poll() is None for p in d.nodes.values()):
+                    if len(answers) == sum(p.poll() is None for p in d.processes.values()):
                         break
         except TimeoutError:
             pass
@@ -182,7 +99,7 @@ async def heads_seen_by_each_node(d: Deployment, sender: int) -> dict[int, bytes
 
 
 async def test_writer_and_etcd_leader_killed_under_load_lose_nothing(
-    deployment: Deployment,
+    deployment: LocalLedger,
 ) -> None:
     d = deployment
     stop = asyncio.Event()

@@ -283,22 +283,30 @@ class Dropout(Message):
 # --- ledger ------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class ReceiptEntry(WireStruct):
+    """One committed transaction: its hash and its index in the block."""
+
+    tx_hash: bytes
+    index: int
+    FIELDS: ClassVar[dict[str, Spec]] = {"tx_hash": HASH, "index": Int(0, 2**20)}
+
+
 @message
 @dataclass(frozen=True)
 class Receipt(Message):
-    """Sent by a ledger node only after the transaction is committed."""
+    """Sent by a ledger node only after the block is committed: where each of one
+    submitter's transactions in that block is (one signed receipt per submitter and block)."""
 
-    tx_hash: bytes
     height: int
     block_hash: bytes
-    index: int
+    entries: tuple[ReceiptEntry, ...]
     TYPE: ClassVar[str] = "receipt"
     SENDERS: ClassVar[frozenset[Role]] = frozenset({Role.LEDGER})
     FIELDS: ClassVar[dict[str, Spec]] = {
-        "tx_hash": HASH,
         "height": Int(0, 2**63 - 1),
         "block_hash": HASH,
-        "index": Int(0, 2**20),
+        "entries": List(Struct(ReceiptEntry), limit="max_array_len"),
     }
 
 

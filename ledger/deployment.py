@@ -1,0 +1,192 @@
+"""A replicated ledger on one machine: Mosquitto, etcd members and ledger node processes,
+all on loopback with free ports, each with its own files under one directory.
+
+Used by the failover tests and ``fairbus bench ledger``; the same configuration files a
+deployment would use are written (roster, key files 0600, one ledger TOML per node).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import TracebackType
+
+from fairbus.errors import FairbusError
+from fairbus.identity import Identity
+from fairbus.roster import Member, Role, Roster
+from ledger.etcd_cluster import EtcdCluster, find_etcd, free_port
+from ledger.stores import EtcdStore
+
+NODE_START_TIMEOUT = 60.0
+
+
+class DeploymentError(FairbusError):
+    pass
+
+
+def find_mosquitto() -> str:
+    for candidate in ("mosquitto", "/usr/sbin/mosquitto"):
+        found = shutil.which(candidate) or (candidate if Path(candidate).is_file() else None)
+        if found:
+            return found
+    raise DeploymentError("mosquitto is not installed (apt-get install -y mosquitto)")
+
+
+def wait_for_port(port: int, proc: subprocess.Popen[bytes], timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise DeploymentError(f"process exited with {proc.returncode}")
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.05)
+    raise DeploymentError(f"nothing listened on port {port} within {timeout} s")
+
+
+@dataclass
+class LocalLedger:
+    """Use as a context manager; everything is stopped on exit."""
+
+    root: Path
+    task: str = "ledger-local"
+    nodes: tuple[int, ...] = (101, 102, 103)
+    users: tuple[int, ...] = tuple(range(1, 10))
+    etcd_members: int = 3
+    mosquitto: str | None = None
+    etcd_binary: str | None = None
+    identities: dict[int, Identity] = field(default_factory=dict)
+    processes: dict[int, subprocess.Popen[bytes]] = field(default_factory=dict)
+    configs: dict[int, Path] = field(default_factory=dict)
+    broker_port: int = 0
+    _broker: subprocess.Popen[bytes] | None = None
+    _etcd: EtcdCluster | None = None
+
+    @property
+    def etcd(self) -> EtcdCluster:
+        assert self._etcd is not None
+        return self._etcd
+
+    @property
+    def roster(self) -> Roster:
+        return Roster.load(self.root / "roster.toml")
+
+    def _write_files(self) -> None:
+        roles = {0: Role.PROVIDER, 200: Role.ADMIN}
+        roles.update(dict.fromkeys(self.users, Role.USER))
+        roles.update(dict.fromkeys(self.nodes, Role.LEDGER))
+        self.identities = {pid: Identity.generate(pid) for pid in roles}
+        roster = Roster(
+            self.task, [Member(self.identities[pid].public, role) for pid, role in roles.items()]
+        )
+        (self.root / "roster.toml").write_text(roster.to_toml())
+        for node in self.nodes:
+            self.identities[node].save(self.root / "keys")
+
+    def _start_broker(self) -> None:
+        binary = self.mosquitto or find_mosquitto()
+        self.broker_port = free_port()
+        conf = self.root / "mosquitto.conf"
+        conf.write_text(
+            f"listener {self.broker_port} 127.0.0.1\nallow_anonymous true\n"
+            "set_tcp_nodelay true\nmax_queued_messages 1000000\nmax_inflight_messages 0\n"
+            "persistence false\n"
+        )
+        log = open(self.root / "mosquitto.log", "ab")  # noqa: SIM115 — owned by the child
+        self._broker = subprocess.Popen([binary, "-c", str(conf)], stdout=log, stderr=log)
+        wait_for_port(self.broker_port, self._broker)
+
+    def _write_configs(self) -> None:
+        members = ", ".join(f'"{h}:{p}"' for h, p in self.etcd.endpoints)
+        for node in self.nodes:
+            cfg = self.root / f"ledger-{node}.toml"
+            cfg.write_text(
+                f'roster = "roster.toml"\nkeys = "keys"\nstore = "etcd"\n'
+                f"etcd = [{members}]\n"
+                f'blobs = "node-{node}/blobs"\nbroker = "127.0.0.1:{self.broker_port}"\n'
+            )
+            self.configs[node] = cfg
+
+    def start_node(self, node: int) -> None:
+        log = open(self.root / f"ledger-{node}.log", "ab")  # noqa: SIM115 — owned by the child
+        argv = [sys.executable, "-c", "from cli.main import run; run()", "ledger",
+                "--node", str(node), "--config", str(self.configs[node])]  # fmt: skip
+        self.processes[node] = subprocess.Popen(argv, stdout=log, stderr=log)
+
+    def kill_node(self, node: int) -> None:
+        """kill -9, as a crash would."""
+        self.processes[node].kill()
+        self.processes[node].wait()
+
+    async def writer(self) -> int | None:
+        """The node holding the writer key now."""
+        store = await EtcdStore.connect(self.alive_endpoints(), self.task)
+        try:
+            got = await store.client.get(store.writer_key)
+        finally:
+            await store.close()
+        return None if got is None else int(got.value.split(b":")[0])
+
+    async def wait_for_writer(self, timeout: float = NODE_START_TIMEOUT) -> int:
+        import asyncio
+
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            with contextlib.suppress(FairbusError):
+                node = await self.writer()
+                if node is not None:
+                    return node
+            await asyncio.sleep(0.1)
+        raise DeploymentError(f"no ledger writer within {timeout} s; see {self.root}")
+
+    def alive_endpoints(self) -> list[tuple[str, int]]:
+        return [m.endpoint for m in self.etcd.members if m.alive]
+
+    async def blocks(self) -> list[bytes]:
+        store = await EtcdStore.connect(self.alive_endpoints(), self.task)
+        try:
+            return await store.read(0)
+        finally:
+            await store.close()
+
+    def __enter__(self) -> LocalLedger:
+        self.root.mkdir(parents=True, exist_ok=True)
+        try:
+            self._write_files()
+            self._start_broker()
+            binary = self.etcd_binary or find_etcd()
+            self._etcd = EtcdCluster(self.root / "etcd", self.etcd_members, binary)
+            self._etcd.__enter__()
+            self._write_configs()
+            for node in self.nodes:
+                self.start_node(node)
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def stop(self) -> None:
+        for proc in self.processes.values():
+            if proc.poll() is None:
+                proc.terminate()
+        for proc in self.processes.values():
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+        if self._etcd is not None:
+            self._etcd.stop()
+        if self._broker is not None:
+            self._broker.terminate()
+            self._broker.wait(timeout=10)
+
+    def __exit__(
+        self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.stop()
