@@ -45,18 +45,25 @@ class EtcdElection:
         return False
 
     async def keep_alive(self) -> None:
-        """Refresh the lease until it cannot be refreshed; then return (leadership lost)."""
+        """Refresh the lease until it cannot be refreshed; then return (leadership lost).
+        A failed refresh moves to another etcd member and tries once more."""
         assert self.lease_id is not None
-        while True:
+        failures = 0
+        while failures < 2:
             await asyncio.sleep(self.ttl / 4)
+            client = self.store.client
             try:
                 async with asyncio.timeout(self.ttl / 2):
-                    reply = await self.store.client.refresh_lease(self.lease_id)
-                if reply is None or reply.TTL <= 0:
-                    return
-            except Exception as exc:  # any failure: give the writer role up
-                log.warning("writer lease refresh failed: %s", exc)
+                    reply = await client.refresh_lease(self.lease_id)
+            except Exception as exc:
+                log.warning("writer lease refresh failed: %r", exc)
+                failures += 1
+                with contextlib.suppress(Exception):
+                    await self.store.rotate(client)
+                continue
+            if reply is None or reply.TTL <= 0:
                 return
+            failures = 0
 
     async def resign(self) -> None:
         if self.lease_id is not None:
@@ -73,10 +80,13 @@ async def lead_when_elected(
 ) -> None:
     """Campaign forever; call ``on_elected`` on winning and ``on_deposed`` on losing."""
     while True:
+        client = election.store.client
         try:
             won = await election.campaign_once()
-        except Exception as exc:  # etcd unreachable for now
+        except Exception as exc:  # this etcd member is unreachable: try another
             log.warning("writer election: %s", exc)
+            with contextlib.suppress(Exception):
+                await election.store.rotate(client)
             won = False
         if not won:
             await asyncio.sleep(poll)

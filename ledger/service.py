@@ -65,7 +65,8 @@ class LedgerService:
     async def _open_store(self) -> BlockStore:
         if self.config.store == "sqlite":
             return SqliteStore(self.config.sqlite)
-        return await EtcdStore.connect(list(self.config.etcd), self.task)
+        endpoints = list(self.config.etcd)
+        return await EtcdStore.connect(endpoints, self.task, first=self.node_id % len(endpoints))
 
     async def run(self) -> None:
         store = await self._open_store()

@@ -8,9 +8,13 @@ block at one height. Neither store validates transactions; the state machine of
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import logging
 import sqlite3
+from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Protocol, TypeVar
 
 from fairbus.errors import FairbusError
 from fairbus.wire import codec
@@ -19,6 +23,11 @@ from ledger.records import GENESIS_HASH, Block
 
 if TYPE_CHECKING:
     import aetcd
+
+log = logging.getLogger("fairbus.ledger")
+T = TypeVar("T")
+OP_TIMEOUT = 5.0
+"""Seconds any one etcd call may take before the store moves to another member."""
 
 
 class StoreError(FairbusError):
@@ -122,29 +131,57 @@ class EtcdStore:
     block and move the head. etcd acknowledges only what a majority has on disk.
     """
 
-    def __init__(self, client: aetcd.Client, task: str) -> None:
+    def __init__(
+        self,
+        client: aetcd.Client,
+        task: str,
+        endpoints: list[tuple[str, int]] | None = None,
+        current: int = 0,
+    ) -> None:
         self.client = client
+        self.task = task
         self.head_key, self.prefix, self.writer_key = etcd_keys(task)
+        self.endpoints = list(endpoints or [])
+        self._current = current
+        self._rotating = asyncio.Lock()
+        self._retired: set[asyncio.Task[None]] = set()
 
     @classmethod
-    async def connect(cls, endpoints: list[tuple[str, int]], task: str) -> EtcdStore:
-        """Connect to the first endpoint that answers."""
-        import aetcd
+    async def connect(
+        cls, endpoints: list[tuple[str, int]], task: str, first: int = 0
+    ) -> EtcdStore:
+        """Connect to the first member that answers, starting at ``first`` (nodes start at
+        different members so that one member's death does not cut them all off)."""
+        client, index = await _connect_any(endpoints, first)
+        return cls(client, task, endpoints, index)
 
-        last: Exception | None = None
-        for host, port in endpoints:
-            client = aetcd.Client(host=host, port=port, timeout=5)
-            try:
-                await client.connect()
-                await client.status()
-                return cls(client, task)
-            except Exception as exc:  # try the next member
-                last = exc
-                await client.close()
-        raise StoreError(f"no etcd member of {endpoints} answers: {last}")
+    async def rotate(self, failed: aetcd.Client | None = None) -> None:
+        """After a failed call: connect to the next member that answers (the caller
+        retries). Nothing is lost: etcd acknowledges only what a majority committed.
+        The old connection is closed later, so that calls still on it fail by their own
+        timeout instead of hanging on a closed channel."""
+        if not self.endpoints:
+            return
+        async with self._rotating:
+            if failed is not None and failed is not self.client:
+                return  # another caller has already moved on
+            old = self.client
+            self.client, self._current = await _connect_any(self.endpoints, self._current + 1)
+            log.warning("etcd: now connected to %s:%d", *self.endpoints[self._current])
+            self._retired.add(asyncio.create_task(_close_later(old, 2 * OP_TIMEOUT)))
+
+    async def _call(self, op: Callable[[], Awaitable[T]]) -> T:
+        client = self.client
+        try:
+            async with asyncio.timeout(OP_TIMEOUT):
+                return await op()
+        except Exception:
+            with contextlib.suppress(StoreError):
+                await self.rotate(client)
+            raise
 
     async def head(self) -> tuple[int, bytes]:
-        got = await self.client.get(self.head_key)
+        got = await self._call(lambda: self.client.get(self.head_key))
         if got is None:
             return -1, GENESIS_HASH
         return _unpack_head(got.value)
@@ -153,12 +190,15 @@ class EtcdStore:
         if stop is None:
             stop = (await self.head())[0] + 1
         out: list[bytes] = []
-        # One block per request: a block may be near 1 MiB and gRPC replies stop at 4 MiB.
-        for height in range(start, stop):
-            got = await self.client.get(block_key(self.prefix, height))
-            if got is None:
-                raise StoreError(f"block {height} is missing from etcd")
-            out.append(got.value)
+        # Three blocks per request: a block stays under 1 MiB, a gRPC reply under 4 MiB.
+        for first in range(start, stop, 3):
+            last = min(stop, first + 3)
+            low, high = block_key(self.prefix, first), block_key(self.prefix, last)
+            got = await self._call(lambda: self.client.get_range(low, high))  # noqa: B023
+            values = [kv.value for kv in got]
+            if len(values) != last - first:
+                raise StoreError(f"blocks {first}..{last - 1} are incomplete in etcd")
+            out.extend(values)
         return out
 
     async def append(self, block: Block, fence: bytes | None = None) -> bool:
@@ -169,18 +209,42 @@ class EtcdStore:
             compare = [tx.value(self.head_key) == _pack_head(block.height - 1, block.prev_hash)]
         if fence is not None:
             compare.append(tx.value(self.writer_key) == fence)
-        ok, _ = await self.client.transaction(
-            compare=compare,
-            success=[
-                tx.put(block_key(self.prefix, block.height), block.to_bytes()),
-                tx.put(self.head_key, _pack_head(block.height, block.hash)),
-            ],
-            failure=[],
+        success = [
+            tx.put(block_key(self.prefix, block.height), block.to_bytes()),
+            tx.put(self.head_key, _pack_head(block.height, block.hash)),
+        ]
+        ok, _ = await self._call(
+            lambda: self.client.transaction(compare=compare, success=success, failure=[])
         )
         return bool(ok)
 
     async def close(self) -> None:
         await self.client.close()
+
+
+async def _close_later(client: aetcd.Client, delay: float) -> None:
+    await asyncio.sleep(delay)
+    with contextlib.suppress(Exception):
+        await client.close()
+
+
+async def _connect_any(endpoints: list[tuple[str, int]], first: int) -> tuple[aetcd.Client, int]:
+    import aetcd
+
+    last: Exception | None = None
+    for k in range(len(endpoints)):
+        index = (first + k) % len(endpoints)
+        host, port = endpoints[index]
+        client = aetcd.Client(host=host, port=port, timeout=OP_TIMEOUT)
+        try:
+            await client.connect()
+            await client.status()
+            return client, index
+        except Exception as exc:  # try the next member
+            last = exc
+            with contextlib.suppress(Exception):
+                await client.close()
+    raise StoreError(f"no etcd member of {endpoints} answers: {last}")
 
 
 def _pack_head(height: int, block_hash: bytes) -> bytes:
