@@ -232,6 +232,7 @@ def ledger_bench(
         f"{r.p50_ms:.1f} / {r.p99_ms:.1f} ms ({r.latency_acked}/{r.latency_sent} acked)",
         "p99 <= 50 ms",
     )
+    table.add_row("  without a receipt 2 s after the run", f"{r.throughput_unanswered}", "0")
     table.add_row("writer failover gap", f"{r.failover_gap_s:.2f} s", "<= 3 s")
     table.add_row(
         "lost / duplicated",
