@@ -22,6 +22,7 @@ from fairbus.errors import FairbusError
 from fairbus.identity import Identity
 from fairbus.roster import Roster
 from fairbus.wire.messages import Query, QueryResponse, Receipt, Refusal
+from ledger.blobs import BlobError
 from ledger.node import Committed
 from ledger.state import RefusalReason, RefusedError
 
@@ -127,3 +128,11 @@ class LedgerClient:
             raise LedgerTimeoutError(f"no answer to {kind!r} query") from None
         finally:
             self._queries.pop(qid, None)
+
+    async def blob(self, digest: bytes) -> bytes:
+        """A model-sized payload by its SHA-256, from any ledger node, checked."""
+        response = await self.query("blob", tx_hash=digest)
+        data = b"".join(response.records)
+        if not response.ok or hashlib.sha256(data).digest() != digest:
+            raise BlobError(response.error or f"blob {digest.hex()[:16]} does not match its hash")
+        return data

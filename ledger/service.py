@@ -34,7 +34,7 @@ from fairbus.wire.messages import (
     ReceiptEntry,
     Refusal,
 )
-from ledger.blobs import BlobStore
+from ledger.blobs import BlobError, BlobStore
 from ledger.config import LedgerConfig
 from ledger.election import EtcdElection, lead_when_elected
 from ledger.node import Committed, LedgerNode, NotWriterError, Outcome
@@ -45,6 +45,8 @@ from ledger.stores import BlockStore, EtcdStore, SqliteStore
 log = logging.getLogger("fairbus.ledger")
 
 FOLLOW_INTERVAL = 0.05
+BLOB_CHUNK = 64 * 1024
+"""A blob is served as records of this size (the query response's bound per record)."""
 
 
 class LedgerService:
@@ -224,6 +226,13 @@ class LedgerService:
         if query.kind == "head":
             assert query.sender is not None
             return [state.head(query.sender)], ""
+        if query.kind == "blob":
+            assert query.tx_hash is not None and self.node.blobs is not None
+            try:
+                data = self.node.blobs.get(query.tx_hash)
+            except BlobError as exc:
+                return [], str(exc)
+            return [data[k : k + BLOB_CHUNK] for k in range(0, len(data), BLOB_CHUNK)], ""
         if query.kind == "tx":
             assert query.tx_hash is not None
             where = state.index.get(query.tx_hash)

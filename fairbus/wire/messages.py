@@ -329,10 +329,15 @@ class BlockHeader(Message):
     }
 
 
+QUERY_KEYS = {"tx": "tx_hash", "head": "sender", "round": "round", "blob": "tx_hash"}
+"""The field each kind of query sets (a blob is asked for by its SHA-256 in ``tx_hash``)."""
+
+
 @message
 @dataclass(frozen=True)
 class Query(Message):
-    """A request to the ledger: a transaction by hash, a sender's head, or a round's records."""
+    """A request to the ledger: a transaction by hash, a sender's head, a round's records,
+    or a blob (a model-sized payload) by its SHA-256 (in ``tx_hash``)."""
 
     qid: int
     kind: str
@@ -343,14 +348,14 @@ class Query(Message):
     SENDERS: ClassVar[frozenset[Role]] = frozenset(Role)
     FIELDS: ClassVar[dict[str, Spec]] = {
         "qid": Int(0, 2**63 - 1),
-        "kind": names(("tx", "head", "round")),
+        "kind": names(tuple(QUERY_KEYS)),
         "tx_hash": Optional(HASH),
         "sender": Optional(Int()),
         "round": Optional(Int()),
     }
 
     def __post_init__(self) -> None:
-        needed = {"tx": "tx_hash", "head": "sender", "round": "round"}[self.kind]
+        needed = QUERY_KEYS[self.kind]
         for name in ("tx_hash", "sender", "round"):
             if (getattr(self, name) is None) == (name == needed):
                 raise SchemaError(f"a {self.kind!r} query sets {needed!r} and nothing else")
@@ -364,6 +369,7 @@ class QueryResponse(Message):
     error: str
     records: tuple[bytes, ...]
     TYPE: ClassVar[str] = "query_response"
+    MODEL_SIZED: ClassVar[bool] = True  # a blob answer carries a model-sized payload
     SENDERS: ClassVar[frozenset[Role]] = frozenset({Role.LEDGER})
     FIELDS: ClassVar[dict[str, Spec]] = {
         "qid": Int(0, 2**63 - 1),

@@ -1,0 +1,119 @@
+"""The ledger's MQTT front on a real Mosquitto (SQLite store): receipts after commit, typed
+refusals, queries (head, transaction, blob); and a follower's alarm on a bad block."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from fairbus import bus, envelope
+from fairbus.envelope import GENESIS
+from fairbus.identity import Identity
+from fairbus.roster import Member, Role, Roster
+from fairbus.wire.messages import Attestation, GlobalModel
+from ledger.blobs import BlobStore
+from ledger.client import LedgerClient
+from ledger.config import LedgerConfig
+from ledger.node import LedgerNode
+from ledger.records import Block, Transaction
+from ledger.service import LedgerService
+from ledger.state import LedgerState, RefusalReason, RefusedError
+from ledger.stores import SqliteStore
+from tests.conftest import find_service_binary
+from tests.test_services import free_port, running
+
+TASK = "front"
+
+
+@pytest.fixture
+def broker(tmp_path: Path) -> Iterator[int]:
+    binary = find_service_binary("mosquitto", "/usr/sbin/mosquitto")
+    port = free_port()
+    conf = tmp_path / "mosquitto.conf"
+    conf.write_text(f"listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n")
+    with running([binary, "-c", str(conf)], port):
+        yield port
+
+
+def _deployment(tmp_path: Path, port: int) -> tuple[Roster, dict[int, Identity], LedgerConfig]:
+    roles = {0: Role.PROVIDER, 1: Role.USER, 101: Role.LEDGER, 200: Role.ADMIN}
+    ids = {pid: Identity.generate(pid) for pid in roles}
+    roster = Roster(TASK, [Member(ids[pid].public, role) for pid, role in roles.items()])
+    (tmp_path / "roster.toml").write_text(roster.to_toml())
+    ids[101].save(tmp_path / "keys")
+    cfg = tmp_path / "ledger.toml"
+    cfg.write_text(
+        f'roster = "roster.toml"\nstore = "sqlite"\nsqlite = "l.sqlite"\n'
+        f'broker = "127.0.0.1:{port}"\n'
+    )
+    return roster, ids, LedgerConfig.load(cfg)
+
+
+async def test_receipts_refusals_and_queries_over_the_bus(broker: int, tmp_path: Path) -> None:
+    roster, ids, config = _deployment(tmp_path, broker)
+    service = asyncio.create_task(LedgerService(config, 101).run())
+    model = np.arange(582_026, dtype="<f4").tobytes()  # the paper's MNIST CNN size
+    signed = envelope.sign(
+        ids[0], TASK, GlobalModel(582_026, model), prev=GENESIS, round=1, attempt=0
+    )
+    try:
+        async with (
+            bus.client("127.0.0.1", broker, "provider-0") as mqtt,
+            LedgerClient(mqtt, ids[0], roster, "provider", timeout=2.0) as ledger,
+        ):
+            receipt = await ledger.submit(signed.to_bytes())
+            assert (receipt.tx_hash, receipt.height, receipt.index) == (signed.hash, 0, 0)
+            again = await ledger.submit(signed.to_bytes())  # a replay: the first receipt
+            assert (again.height, again.index) == (0, 0)
+            fork = envelope.sign(ids[0], TASK, Attestation("x", bytes(32), b""), prev=GENESIS)
+            with pytest.raises(RefusedError) as refused:
+                await ledger.submit(fork.to_bytes())
+            assert refused.value.reason is RefusalReason.STALE_PREV
+            head = await ledger.query("head", sender=0)
+            assert head.records == (signed.hash,)
+            tx = await ledger.query("tx", tx_hash=signed.hash)
+            recorded = Transaction.from_bytes(tx.records[0])
+            assert recorded.hash == signed.hash and recorded.payload is None  # not in blocks
+            # the payload (the signed body) is kept by the SHA-256 its signed header names
+            blob = await ledger.blob(signed.header.payload_sha256)
+            assert blob == signed.payload and hashlib.sha256(blob).digest() == (
+                signed.header.payload_sha256
+            )
+            missing = await ledger.query("blob", tx_hash=bytes(32))
+            assert not missing.ok and "no blob" in missing.error
+    finally:
+        service.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await service
+
+
+async def test_a_follower_raises_an_alarm_on_an_invalid_block(tmp_path: Path) -> None:
+    roles = {0: Role.PROVIDER, 1: Role.USER}
+    ids = {pid: Identity.generate(pid) for pid in roles}
+    roster = Roster(TASK, [Member(ids[pid].public, role) for pid, role in roles.items()])
+    params = LedgerConfig.from_dict({"roster": "r"}, base=tmp_path, source="-").detection
+    store = SqliteStore(tmp_path / "l.sqlite")
+    writer = LedgerNode(LedgerState(roster, params), store, BlobStore(tmp_path / "b"))
+    writer.is_writer = True
+    loop = asyncio.create_task(writer.write_loop())
+    prev = GENESIS
+    for k in range(3):
+        signed = envelope.sign(ids[1], TASK, Attestation(f"a{k}", bytes(32), b""), prev=prev)
+        await writer.submit(signed.to_bytes())
+        prev = signed.hash
+    loop.cancel()
+    follower = LedgerNode(LedgerState(roster, params), SqliteStore(tmp_path / "l.sqlite"))
+    assert await follower.sync() == writer.state.height + 1 and follower.alarm is None
+    # a block whose transaction is re-signed by an impostor, written straight to the store
+    block = Block.from_bytes((await store.read(1, 2))[0])
+    bad_tx = Transaction(block.txs[0].header_bytes, bytes(64), block.txs[0].payload)
+    store.overwrite(1, Block.build(1, block.prev_hash, block.timestamp, [bad_tx]).to_bytes())
+    fresh = LedgerNode(LedgerState(roster, params), SqliteStore(tmp_path / "l.sqlite"))
+    assert await fresh.sync() == 0
+    assert fresh.alarm is not None and "height 1" in fresh.alarm
+    assert fresh.state.height == 0  # nothing from the bad block on was applied
