@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import typer
@@ -11,7 +12,7 @@ from rich.progress import Progress
 from rich.table import Table
 
 from cli import detection_options as options
-from fairbus.bench import crypto, detection
+from fairbus.bench import crypto
 from fairbus.protocol.provider import ProviderConfig
 
 DEFAULTS = ProviderConfig()
@@ -122,7 +123,7 @@ def detection_bench(
         DEFAULTS.key_repeats, help="Most focus groups per key user (KIN)."
     ),
     basic_groupings: int = typer.Option(2, help="Basic groupings per round."),
-    workers: int = typer.Option(detection.default_workers(), help="Parallel simulations."),
+    workers: int = typer.Option(len(os.sched_getaffinity(0)), help="Parallel simulations."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
 ) -> None:
     """Detection among 9 users: 0, 1+1, 2+2 and 3+3 attackers (poisoners + free-riders).
@@ -139,6 +140,8 @@ def detection_bench(
         min_evidence,
         carry_evidence,
     )
+    from fairbus.bench import detection
+
     specs = detection.build_specs(seeds, rounds, params, key_repeats, basic_groupings)
     with Progress(console=console, transient=True) as progress:
         task = progress.add_task("simulating", total=len(specs))

@@ -13,7 +13,6 @@ from pathlib import Path
 import typer
 
 from cli.simulate import execute
-from fairbus.simulator import SimulationConfig
 from fairbus.training.attacks import Attack, Behaviour
 
 
@@ -23,5 +22,7 @@ def demo(
     out: Path = typer.Option(Path("out/demo"), help="Where rounds.jsonl and the plots go."),
 ) -> None:
     """Train 9 users on digits; user 2 poisons, user 5 free-rides; plots in OUT."""
+    from fairbus.simulator import SimulationConfig
+
     attacks = {2: Attack(Behaviour.POISONER), 5: Attack(Behaviour.FREE_RIDER)}
     execute(SimulationConfig(users=9, rounds=rounds, seed=seed, attacks=attacks), out)

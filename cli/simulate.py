@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import typer
 from rich.console import Console
@@ -12,11 +13,12 @@ from rich.table import Table
 
 from cli import detection_options as options
 from fairbus.errors import FairbusError
-from fairbus.plots import plot_accuracy, plot_scores
 from fairbus.protocol.provider import ProviderConfig
-from fairbus.simulator import DropoutPlan, RoundRecord, Simulation, SimulationConfig
 from fairbus.training.attacks import Attack, Behaviour
-from fairbus.training.local import TrainConfig
+from fairbus.training.config import TrainConfig
+
+if TYPE_CHECKING:  # torch comes with these: imported only when a command runs
+    from fairbus.simulator import DropoutPlan, RoundRecord, SimulationConfig
 
 console = Console()
 DEFAULTS = ProviderConfig()
@@ -27,6 +29,8 @@ def _ids(text: str) -> list[int]:
 
 
 def _dropout(text: str) -> DropoutPlan:
+    from fairbus.simulator import DropoutPlan
+
     try:
         round_, user, phase = text.split(":")
         if phase not in ("negotiation", "upload"):
@@ -91,6 +95,8 @@ def simulate(
     ):
         for user in _ids(ids):
             attacks[user] = Attack(behaviour, poison_scale, noise_std)
+    from fairbus.simulator import SimulationConfig
+
     config = SimulationConfig(
         users=users,
         rounds=rounds,
@@ -134,6 +140,9 @@ def execute(config: SimulationConfig, out: Path) -> list[RoundRecord]:
 
 
 def run_with_progress(config: SimulationConfig, out: Path) -> list[RoundRecord]:
+    from fairbus.plots import plot_accuracy, plot_scores
+    from fairbus.simulator import Simulation
+
     out.mkdir(parents=True, exist_ok=True)
     log = out / "rounds.jsonl"
     with (

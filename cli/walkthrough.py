@@ -6,8 +6,6 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from fairbus import walkthrough
-
 console = Console()
 
 
@@ -15,6 +13,8 @@ def walkthrough_command(
     seed: int = typer.Option(0, help="Seed for the data split and model init."),
 ) -> None:
     """Walk one group of three users through key negotiation, masking and unmasking."""
+    from fairbus import walkthrough
+
     console.rule("[bold]fairbus walkthrough: one group of three users")
     with console.status("training three users and negotiating keys…"):
         report = walkthrough.run(seed, say=lambda text: console.log(text))

@@ -11,12 +11,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from enum import StrEnum
+from typing import TYPE_CHECKING
 
 import numpy as np
 import numpy.typing as npt
 
 from fairbus.errors import FairbusError
-from fairbus.training.local import Trainer
+
+if TYPE_CHECKING:
+    from fairbus.training.local import Trainer
 
 
 class Behaviour(StrEnum):

@@ -2,23 +2,14 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
 import numpy.typing as npt
 import torch
 from torch import nn
 
+from fairbus.training.config import TrainConfig
 from fairbus.training.data import Dataset
 from fairbus.training.models import build_model, flatten_params, load_params
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    lr: float = 0.01
-    batch_size: int = 64
-    local_epochs: int = 20
-    momentum: float = 0.9
 
 
 class Trainer:
@@ -68,3 +59,6 @@ class Evaluator:
         with torch.no_grad():
             predictions = self.model(self.data.x).argmax(1)
         return float((predictions == self.data.y).float().mean())
+
+
+__all__ = ["Evaluator", "TrainConfig", "Trainer"]
