@@ -121,18 +121,25 @@ class LedgerNode:
 
     async def submit(self, data: bytes) -> Outcome:
         """Validate and commit one envelope; resolves after the block is in the store."""
+        return await self.submit_nowait(data)
+
+    def submit_nowait(self, data: bytes) -> asyncio.Future[Outcome]:
+        """:meth:`submit` without a coroutine per submission: a future that resolves
+        with the outcome (at once for a refusal or a duplicate)."""
+        done: asyncio.Future[Outcome] = asyncio.get_running_loop().create_future()
         try:
             tx = self.transaction_of(data)
         except RefusedError as exc:
-            return Refused(None, exc.reason, exc.detail)
+            done.set_result(Refused(None, exc.reason, exc.detail))
+            return done
         known = self.state.index.get(tx.hash)
         if known is not None:
-            return self._receipt(tx.hash, known, duplicate=True)
-        if not self.is_writer:
-            raise NotWriterError("this ledger node is not the writer")
-        done: asyncio.Future[Outcome] = asyncio.get_running_loop().create_future()
-        await self._queue.put(_Pending(tx, done))
-        return await done
+            done.set_result(self._receipt(tx.hash, known, duplicate=True))
+        elif not self.is_writer:
+            done.set_exception(NotWriterError("this ledger node is not the writer"))
+        else:
+            self._queue.put_nowait(_Pending(tx, done))
+        return done
 
     def _receipt(self, tx_hash: bytes, where: Location, duplicate: bool = False) -> Committed:
         return Committed(

@@ -17,6 +17,8 @@ import asyncio
 import contextlib
 import hashlib
 import logging
+from collections.abc import Coroutine
+from typing import Any
 
 import aiomqtt
 
@@ -61,6 +63,7 @@ class LedgerService:
         self.node: LedgerNode | None = None
         self._receipts: dict[tuple[int, int, bytes], list[ReceiptEntry]] = {}
         self._flush: asyncio.Task[None] | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
 
     # --- store -------------------------------------------------------------------------------
 
@@ -99,10 +102,13 @@ class LedgerService:
                 else:
                     await self._become_writer(None)
                 async for message in mqtt.messages:
-                    if isinstance(message.payload, bytes | bytearray):
-                        tasks.create_task(
-                            self._on_message(str(message.topic), bytes(message.payload))
-                        )
+                    if not isinstance(message.payload, bytes | bytearray):
+                        continue
+                    topic, data = str(message.topic), bytes(message.payload)
+                    if topic.endswith("/ledger/submit"):
+                        self._on_submit(topic, data)  # the hot path: no task per message
+                    else:
+                        tasks.create_task(self._on_message(topic, data))
 
     async def _elect(self, store: EtcdStore) -> None:
         assert self.node is not None
@@ -159,8 +165,6 @@ class LedgerService:
             return
         if topic.endswith("/ledger/query"):
             await self._on_query(asker[1], data)
-        elif topic.endswith("/ledger/submit"):
-            await self._on_submit(asker[1], data)
         else:
             self._keep_blob(data)
 
@@ -170,24 +174,39 @@ class LedgerService:
         with contextlib.suppress(FairbusError):
             self.node.transaction_of(data)
 
-    async def _on_submit(self, asker: int, data: bytes) -> None:
+    def _on_submit(self, topic: str, data: bytes) -> None:
         assert self.node is not None
-        if not self.node.is_writer:
+        asker = bus.sender_of(topic)
+        if asker is None or not self.node.is_writer:
             return
-        try:
-            outcome = await self.node.submit(data)
-        except NotWriterError:
+        future = self.node.submit_nowait(data)
+        future.add_done_callback(lambda f: self._answered(asker[1], data, f))
+
+    def _answered(self, asker: int, data: bytes, future: asyncio.Future[Outcome]) -> None:
+        if future.cancelled() or isinstance(future.exception(), NotWriterError):
             return
-        await self._answer(asker, data, outcome)
+        outcome = future.result()
+        if isinstance(outcome, Committed):
+            self._collect_receipt(asker, outcome)
+        else:
+            self._background(self._answer(asker, data, outcome))
+
+    def _background(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def _collect_receipt(self, asker: int, outcome: Committed) -> None:
+        # Receipts for one block are resolved together; one signed receipt per
+        # submitter and block is sent once they all have been collected.
+        key = (asker, outcome.height, outcome.block_hash)
+        self._receipts.setdefault(key, []).append(ReceiptEntry(outcome.tx_hash, outcome.index))
+        if self._flush is None or self._flush.done():
+            self._flush = asyncio.create_task(self._send_receipts())
 
     async def _answer(self, asker: int, data: bytes, outcome: Outcome) -> None:
         if isinstance(outcome, Committed):
-            # Receipts for one block are resolved together; one signed receipt per
-            # submitter and block is sent once they all have been collected.
-            key = (asker, outcome.height, outcome.block_hash)
-            self._receipts.setdefault(key, []).append(ReceiptEntry(outcome.tx_hash, outcome.index))
-            if self._flush is None or self._flush.done():
-                self._flush = asyncio.create_task(self._send_receipts())
+            self._collect_receipt(asker, outcome)
             return
         ref = outcome.tx_hash or hashlib.sha256(data).digest()
         refusal = Refusal(ref, outcome.reason.value, outcome.detail[:4000])
