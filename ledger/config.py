@@ -31,7 +31,7 @@ class LedgerConfig:
     broker: tuple[str, int]
     detection: DetectionParams
     max_block_txs: int = 2048
-    linger_ms: float = 2.0
+    linger_ms: float = 5.0
     lease_ttl: int = 2
 
     @classmethod
