@@ -14,7 +14,15 @@ from fairbus import envelope
 from fairbus.envelope import GENESIS
 from fairbus.errors import WireError
 from fairbus.identity import Identity
-from fairbus.wire.messages import Decision, Evaluation, GroupAccuracy, MaskedUpload
+from fairbus.roster import Member, Role, Roster
+from fairbus.wire.messages import (
+    Attestation,
+    Decision,
+    Evaluation,
+    GroupAccuracy,
+    MaskedUpload,
+    RosterChange,
+)
 from ledger.audit import audit, read_export, verify, write_export
 from ledger.blobs import BlobStore
 from ledger.etcd_cluster import EtcdCluster
@@ -259,3 +267,35 @@ async def test_an_export_verifies_like_the_store(
     path.write_bytes(path.read_bytes()[:-5])
     with pytest.raises(WireError, match="truncated"):
         verify(read_export(path), run.roster)
+
+
+async def test_a_roster_change_by_the_admin_admits_a_new_member(
+    run: RecordedRun, store: BlockStore, tmp_path: Path
+) -> None:
+    node = await writer(run, store, tmp_path)
+    admin = run.identities[ADMIN_ID]
+    newcomer = Identity.generate(42)
+    attest = Attestation("hello", bytes(32), b"")
+    before = envelope.sign(newcomer, "simulation", attest, prev=GENESIS).to_bytes()
+    grown = Roster("simulation", [*run.roster.values(), Member(newcomer.public, Role.USER)])
+    moved = Roster("elsewhere", list(grown.values()))
+    change = envelope.sign(admin, "simulation", RosterChange(grown.to_toml()), prev=GENESIS)
+    bad = envelope.sign(
+        admin, "simulation", RosterChange(moved.to_toml()), prev=change.hash
+    ).to_bytes()
+    not_admin = envelope.sign(
+        run.identities[3], "simulation", RosterChange(grown.to_toml()), prev=GENESIS
+    ).to_bytes()
+    outcomes = await submit_all(node, [before, not_admin, change.to_bytes(), bad, before])
+    reasons = [o.reason if isinstance(o, Refused) else None for o in outcomes]
+    assert reasons == [
+        RefusalReason.UNKNOWN_SENDER,  # not yet a member
+        RefusalReason.ROLE_NOT_ALLOWED,  # only the admin changes the roster
+        None,
+        RefusalReason.WRONG_TASK,  # a roster may not move the ledger to another task
+        None,  # the same attestation, now from a member
+    ]
+    assert 42 in node.state.roster
+    raw = await store.read(0)
+    assert verify(raw, run.roster).ok  # verify applies the change as it comes
+    assert audit(raw, run.roster, run.params).ok
