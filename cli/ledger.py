@@ -124,12 +124,17 @@ def etcd_cluster(
     with EtcdCluster(data_dir, members) as cluster:
         endpoints = ", ".join(f'"{h}:{p}"' for h, p in cluster.endpoints)
         console.print(f"etcd = [{endpoints}]")
-        signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+        signal.signal(signal.SIGTERM, _interrupt)
         try:
             while all(m.alive for m in cluster.members):
                 time.sleep(0.5)
         except KeyboardInterrupt:
             pass
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    """SIGTERM stops ``etcd-cluster`` as Ctrl-C does (its members are stopped on exit)."""
+    raise KeyboardInterrupt
 
 
 def audit_command(
