@@ -57,12 +57,7 @@ class CleanGroupAverage:
     ) -> npt.NDArray[np.float32]:
         bad = set(violators)
         clean = [g for g in groups if g.kind == BASIC and not bad.intersection(g.members)]
-        clean = [g for g in clean if g.scored] or clean
-        if not clean:
-            return current.copy()
-        weights = np.array([len(g.members) for g in clean], dtype=np.float64)
-        stacked = np.stack([g.mean.astype(np.float64) for g in clean])
-        return np.asarray(weights @ stacked / weights.sum(), dtype=np.float32)
+        return _size_weighted_mean(current, [g for g in clean if g.scored] or clean)
 
 
 @dataclass(frozen=True)
@@ -75,5 +70,15 @@ class UndefendedFedAvg:
         groups: Sequence[GroupModel],
         violators: Iterable[int],
     ) -> npt.NDArray[np.float32]:
-        every = [GroupModel(g.gid, g.kind, g.members, g.mean) for g in groups]
-        return CleanGroupAverage().aggregate(current, every, ())
+        return _size_weighted_mean(current, [g for g in groups if g.kind == BASIC])
+
+
+def _size_weighted_mean(
+    current: npt.NDArray[np.float32], groups: Sequence[GroupModel]
+) -> npt.NDArray[np.float32]:
+    """The mean of the groups' models weighted by size; the current model if none."""
+    if not groups:
+        return current.copy()
+    weights = np.array([len(g.members) for g in groups], dtype=np.float64)
+    stacked = np.stack([g.mean.astype(np.float64) for g in groups])
+    return np.asarray(weights @ stacked / weights.sum(), dtype=np.float32)

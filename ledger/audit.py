@@ -10,22 +10,19 @@ Both stop at, and name, the first bad record.
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import msgpack
-from nacl.exceptions import BadSignatureError
 
 from fairbus.detection import DetectionParams
 from fairbus.errors import FairbusError, WireError
 from fairbus.roster import Roster
-from fairbus.wire.limits import DEFAULT_LIMITS
-from fairbus.wire.messages import MESSAGE_TYPES, RosterChange, decode_body
+from fairbus.wire.messages import RosterChange
 from ledger.blobs import BlobError, BlobStore
-from ledger.records import GENESIS_HASH, Block, check_links, is_model_sized
-from ledger.state import InvalidBlockError, LedgerState
+from ledger.records import GENESIS_HASH, Block, check_links
+from ledger.state import InvalidBlockError, LedgerState, RefusedError, check_transaction
 
 MAX_EXPORT_BLOCK = 64 * 1024 * 1024
 
@@ -58,26 +55,15 @@ def verify(raw_blocks: Iterable[bytes], roster: Roster) -> Report:
         for k, tx in enumerate(block.txs):
             where = f"block {block.height}, transaction {k} ({tx.hash.hex()[:16]})"
             try:
-                header = tx.envelope.header
-                member = roster.member(header.sender, roles=MESSAGE_TYPES[header.type].SENDERS)
-                member.identity.verify_key.verify(tx.header_bytes, tx.signature)
-            except BadSignatureError:
-                return Report(n_blocks, n_txs, f"{where}: signature does not verify")
-            except FairbusError as exc:
+                body = check_transaction(tx, roster)
+            except RefusedError as exc:
                 return Report(n_blocks, n_txs, f"{where}: {exc}")
-            if tx.payload is not None and (
-                hashlib.sha256(tx.payload).digest() != header.payload_sha256
-            ):
-                return Report(n_blocks, n_txs, f"{where}: payload does not match its hash")
-            if tx.payload is None and not is_model_sized(header.type):
-                return Report(n_blocks, n_txs, f"{where}: payload missing")
+            header = tx.envelope.header
             if header.prev != heads.get(header.sender, GENESIS_HASH):
                 return Report(n_blocks, n_txs, f"{where}: prev does not link to the sender's chain")
             heads[header.sender] = tx.hash
-            if header.type == "roster_change" and tx.payload is not None:
+            if isinstance(body, RosterChange):
                 try:
-                    body = decode_body(header.type, tx.payload, DEFAULT_LIMITS)
-                    assert isinstance(body, RosterChange)
                     roster = Roster.from_toml(body.roster_toml)
                 except FairbusError as exc:
                     return Report(n_blocks, n_txs, f"{where}: {exc}")

@@ -125,29 +125,33 @@ async def windowed(mqtt: aiomqtt.Client, stream: Stream, window: int, seconds: f
     await asyncio.gather(*(sender(u, c) for u, c in stream.chains.items()))
 
 
+async def resubmit(mqtt: aiomqtt.Client, stream: Stream, older_than: float) -> int:
+    """As the client does: submit again, in chain order, every transaction that has
+    waited ``older_than`` s for its receipt. Returns how many."""
+    now, count = time.perf_counter(), 0
+    for user, chain in stream.chains.items():
+        for tx_hash, data in chain:
+            sent = stream.sent.get(tx_hash)
+            if sent is None:
+                break
+            if tx_hash not in stream.acked and now - sent > older_than:
+                await mqtt.publish(bus.ledger_submit(TASK, "user", user), data, qos=bus.QOS)
+                count += 1
+    return count
+
+
 async def retry_unacked(mqtt: aiomqtt.Client, stream: Stream, after: float = 0.5) -> None:
-    """As the client does: submit again, in chain order, what has waited ``after`` s."""
+    """Resubmit what has waited ``after`` s, every ``after`` s, until cancelled."""
     while True:
         await asyncio.sleep(after)
-        now = time.perf_counter()
-        for user, chain in stream.chains.items():
-            for tx_hash, data in chain:
-                sent = stream.sent.get(tx_hash)
-                if sent is None:
-                    break
-                if tx_hash not in stream.acked and now - sent > after:
-                    await mqtt.publish(bus.ledger_submit(TASK, "user", user), data, qos=bus.QOS)
+        await resubmit(mqtt, stream, after)
 
 
 async def resubmit_unacked(mqtt: aiomqtt.Client, stream: Stream, rounds: int = 20) -> None:
-    """Submit again, in chain order, whatever has no receipt (as the client does)."""
+    """Resubmit whatever has no receipt, once a second, until everything has one."""
     for _ in range(rounds):
-        missing = [(u, h, d) for u, c in stream.chains.items() for h, d in c
-                   if h in stream.sent and h not in stream.acked]  # fmt: skip
-        if not missing:
+        if not await resubmit(mqtt, stream, 0.0):
             return
-        for user, _, data in missing:
-            await mqtt.publish(bus.ledger_submit(TASK, "user", user), data, qos=bus.QOS)
         await asyncio.sleep(1.0)
 
 

@@ -39,9 +39,9 @@ from fairbus.wire.messages import (
 from ledger.blobs import BlobError, BlobStore
 from ledger.config import LedgerConfig
 from ledger.election import EtcdElection, lead_when_elected
-from ledger.node import Committed, LedgerNode, NotWriterError, Outcome
+from ledger.node import Committed, LedgerNode, NotWriterError, Outcome, Refused
 from ledger.records import Block
-from ledger.state import LedgerState, RefusalReason
+from ledger.state import LedgerState
 from ledger.stores import BlockStore, EtcdStore, SqliteStore
 
 log = logging.getLogger("fairbus.ledger")
@@ -189,7 +189,7 @@ class LedgerService:
         if isinstance(outcome, Committed):
             self._collect_receipt(asker, outcome)
         else:
-            self._background(self._answer(asker, data, outcome))
+            self._background(self._refuse(asker, data, outcome))
 
     def _background(self, coro: Coroutine[Any, Any, None]) -> None:
         task = asyncio.create_task(coro)
@@ -204,10 +204,7 @@ class LedgerService:
         if self._flush is None or self._flush.done():
             self._flush = asyncio.create_task(self._send_receipts())
 
-    async def _answer(self, asker: int, data: bytes, outcome: Outcome) -> None:
-        if isinstance(outcome, Committed):
-            self._collect_receipt(asker, outcome)
-            return
+    async def _refuse(self, asker: int, data: bytes, outcome: Refused) -> None:
         ref = outcome.tx_hash or hashlib.sha256(data).digest()
         refusal = Refusal(ref, outcome.reason.value, outcome.detail[:4000])
         await self._publish(bus.ledger_receipt(self.task, self.node_id, asker), refusal)
@@ -280,7 +277,3 @@ class LedgerService:
         assert self.mqtt is not None
         signed = envelope.sign(self.identity, self.task, message, prev=GENESIS)
         await self.mqtt.publish(topic, signed.to_bytes(), qos=bus.QOS)
-
-
-def refusal_reason(message: Refusal) -> RefusalReason:
-    return RefusalReason(message.reason)

@@ -211,57 +211,7 @@ class Draft:
     # --- checks --------------------------------------------------------------------------------
 
     def _verify(self, tx: Transaction) -> Message | None:
-        try:
-            header = tx.envelope.header
-        except WireError as exc:
-            raise RefusedError(_wire_reason(exc), str(exc)) from None
-        if header.type not in LEDGER_TYPES:
-            raise RefusedError(
-                RefusalReason.TYPE_NOT_RECORDED, f"{header.type!r} is not a ledger transaction"
-            )
-        if header.task != self.roster.task:
-            raise RefusedError(
-                RefusalReason.WRONG_TASK,
-                f"transaction is for task {header.task!r}, this ledger is {self.roster.task!r}",
-            )
-        cls = MESSAGE_TYPES[header.type]
-        try:
-            member = self.roster.member(header.sender, roles=cls.SENDERS)
-        except UnknownSenderError as exc:
-            raise RefusedError(RefusalReason.UNKNOWN_SENDER, str(exc)) from None
-        except RoleError as exc:
-            raise RefusedError(RefusalReason.ROLE_NOT_ALLOWED, str(exc)) from None
-        try:
-            member.identity.verify_key.verify(tx.header_bytes, tx.signature)
-        except BadSignatureError:
-            raise RefusedError(
-                RefusalReason.BAD_SIGNATURE,
-                f"signature does not verify for participant {header.sender}",
-            ) from None
-        if tx.payload is None:
-            if not getattr(cls, "MODEL_SIZED", False):
-                raise RefusedError(
-                    RefusalReason.MALFORMED, f"a {header.type!r} transaction carries its payload"
-                )
-            return None
-        if getattr(cls, "MODEL_SIZED", False):
-            raise RefusedError(
-                RefusalReason.TOO_LARGE,
-                f"{header.type!r} payloads go to the blob store, not into a block",
-            )
-        if len(tx.payload) > MAX_INLINE_PAYLOAD:
-            raise RefusedError(
-                RefusalReason.TOO_LARGE,
-                f"a {header.type!r} body of {len(tx.payload)} bytes exceeds {MAX_INLINE_PAYLOAD}",
-            )
-        if hashlib.sha256(tx.payload).digest() != header.payload_sha256:
-            raise RefusedError(
-                RefusalReason.PAYLOAD_MISMATCH, "payload does not match the signed SHA-256"
-            )
-        try:
-            return decode_body(header.type, tx.payload, self.state.limits)
-        except WireError as exc:
-            raise RefusedError(_wire_reason(exc), str(exc)) from None
+        return check_transaction(tx, self.roster, self.state.limits)
 
     def _apply_rules(self, tx: Transaction, message: Message | None) -> None:
         header = tx.envelope.header
@@ -419,6 +369,65 @@ class Draft:
         self.key_users = result.new_key_users
         self.excluded = self.excluded | result.violators
         self.carried = dict(result.evidence)
+
+
+def check_transaction(
+    tx: Transaction, roster: Roster, limits: WireLimits = DEFAULT_LIMITS
+) -> Message | None:
+    """Everything about ``tx`` that needs no ledger state: header, recorded type, task,
+    sender and role, signature, payload placement, size and hash, and the body's schema.
+    Raises :class:`RefusedError`; returns the decoded body (None for a blob payload)."""
+    try:
+        header = tx.envelope.header
+    except WireError as exc:
+        raise RefusedError(_wire_reason(exc), str(exc)) from None
+    if header.type not in LEDGER_TYPES:
+        raise RefusedError(
+            RefusalReason.TYPE_NOT_RECORDED, f"{header.type!r} is not a ledger transaction"
+        )
+    if header.task != roster.task:
+        raise RefusedError(
+            RefusalReason.WRONG_TASK,
+            f"transaction is for task {header.task!r}, this ledger is {roster.task!r}",
+        )
+    cls = MESSAGE_TYPES[header.type]
+    try:
+        member = roster.member(header.sender, roles=cls.SENDERS)
+    except UnknownSenderError as exc:
+        raise RefusedError(RefusalReason.UNKNOWN_SENDER, str(exc)) from None
+    except RoleError as exc:
+        raise RefusedError(RefusalReason.ROLE_NOT_ALLOWED, str(exc)) from None
+    try:
+        member.identity.verify_key.verify(tx.header_bytes, tx.signature)
+    except BadSignatureError:
+        raise RefusedError(
+            RefusalReason.BAD_SIGNATURE,
+            f"signature does not verify for participant {header.sender}",
+        ) from None
+    if tx.payload is None:
+        if not getattr(cls, "MODEL_SIZED", False):
+            raise RefusedError(
+                RefusalReason.MALFORMED, f"a {header.type!r} transaction carries its payload"
+            )
+        return None
+    if getattr(cls, "MODEL_SIZED", False):
+        raise RefusedError(
+            RefusalReason.TOO_LARGE,
+            f"{header.type!r} payloads go to the blob store, not into a block",
+        )
+    if len(tx.payload) > MAX_INLINE_PAYLOAD:
+        raise RefusedError(
+            RefusalReason.TOO_LARGE,
+            f"a {header.type!r} body of {len(tx.payload)} bytes exceeds {MAX_INLINE_PAYLOAD}",
+        )
+    if hashlib.sha256(tx.payload).digest() != header.payload_sha256:
+        raise RefusedError(
+            RefusalReason.PAYLOAD_MISMATCH, "payload does not match the signed SHA-256"
+        )
+    try:
+        return decode_body(header.type, tx.payload, limits)
+    except WireError as exc:
+        raise RefusedError(_wire_reason(exc), str(exc)) from None
 
 
 def _wire_reason(exc: WireError) -> RefusalReason:

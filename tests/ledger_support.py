@@ -48,7 +48,7 @@ def record_run(rounds: int = 3) -> RecordedRun:
     sim._dispatch = recording  # type: ignore[method-assign,assignment]
     sim.run()
     admin, ledger = Identity.generate(ADMIN_ID), Identity.generate(LEDGER_ID)
-    identities = {0: sim_provider_identity(sim), **sim.identities, ADMIN_ID: admin}
+    identities = {0: sim.provider.identity, **sim.identities, ADMIN_ID: admin}
     identities[LEDGER_ID] = ledger
     roster = Roster(
         sim.roster.task,
@@ -59,7 +59,3 @@ def record_run(rounds: int = 3) -> RecordedRun:
         ],
     )
     return RecordedRun(roster, config.provider.detection, identities, envelopes)
-
-
-def sim_provider_identity(sim: Simulation) -> Identity:
-    return sim.provider.identity

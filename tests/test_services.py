@@ -7,9 +7,7 @@ missing binary fails the test; elsewhere it skips with the install command.
 from __future__ import annotations
 
 import asyncio
-import socket
 import subprocess
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -22,26 +20,10 @@ from fairbus.envelope import GENESIS
 from fairbus.identity import Identity
 from fairbus.roster import Roster
 from fairbus.wire.messages import MaskedUpload
+from ledger.deployment import wait_for_port
+from ledger.etcd_cluster import free_port
 
 from .conftest import TASK, find_service_binary
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def wait_for_port(port: int, proc: subprocess.Popen[bytes], timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"service exited with {proc.returncode}")
-        with socket.socket() as s:
-            if s.connect_ex(("127.0.0.1", port)) == 0:
-                return
-        time.sleep(0.05)
-    raise TimeoutError(f"nothing listened on port {port} within {timeout}s")
 
 
 @contextmanager
