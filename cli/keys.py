@@ -7,8 +7,8 @@ from pathlib import Path
 import typer
 from rich.console import Console
 
-from fairbus.errors import FairbusError
-from fairbus.identity import Identity
+from fairbus.errors import FairbusError, IdentityError
+from fairbus.identity import Identity, broker_password_path, new_broker_password
 from fairbus.roster import Member, Role, Roster
 
 app = typer.Typer(help="Create and inspect participant key files.", no_args_is_help=True)
@@ -26,14 +26,24 @@ def new(
     task: str = typer.Option("fairbus", help="Task name when --roster creates a new roster."),
     force: bool = typer.Option(False, "--force", help="Overwrite existing key files."),
 ) -> None:
-    """Write a fresh Ed25519 signing key and X25519 box key, each in a 0600 file.
+    """Write a fresh Ed25519 signing key, X25519 box key and broker password, each in a
+    0600 file.
 
-    Prints the public keys, the lines a roster needs for this participant.
+    Prints the public keys, the lines a roster needs for this participant. The broker
+    password (``<id>.mqtt.key``) is the participant's MQTT login; `fairbus broker` gives
+    the broker only its hash.
     """
     try:
+        mqtt_path = broker_password_path(directory, participant_id)
+        if mqtt_path.exists() and not force:  # checked first: write all three or none
+            raise IdentityError(f"{mqtt_path} exists; refusing to overwrite a key file")
         identity = Identity.generate(participant_id)
         sign_path, box_path = identity.save(directory, overwrite=force)
-        console.print(f"wrote [bold]{sign_path}[/] and [bold]{box_path}[/] (mode 0600)")
+        new_broker_password(directory, participant_id, overwrite=force)
+        console.print(
+            f"wrote [bold]{sign_path}[/], [bold]{box_path}[/] and the broker password "
+            f"[bold]{mqtt_path}[/] (mode 0600)"
+        )
         member = Member(identity.public, role)
         if roster_path is not None:
             existing = Roster.load(roster_path) if roster_path.exists() else Roster(task, [])

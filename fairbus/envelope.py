@@ -211,6 +211,11 @@ class ChainTracker:
                 f"but its chain head is {head.hex()[:16]} (a fork or a forged link)"
             )
 
+    def resync(self, sender: int, head: bytes) -> None:
+        """Take ``head`` as the sender's chain head (from the ledger, which checked every
+        link before it)."""
+        self._heads[sender] = head
+
     def accept(self, envelope: SignedEnvelope) -> None:
         self.check(envelope)
         self._heads[envelope.header.sender] = envelope.hash

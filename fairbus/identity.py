@@ -12,6 +12,7 @@ import stat
 from dataclasses import dataclass
 from pathlib import Path
 
+import nacl.utils
 from nacl.exceptions import CryptoError
 from nacl.public import PrivateKey, PublicKey
 from nacl.signing import SigningKey, VerifyKey
@@ -85,6 +86,35 @@ class Identity:
                 f"key files for {participant_id} are not valid keys: {exc}"
             ) from exc
         return cls(participant_id, signing, box)
+
+
+def broker_password_path(directory: Path, participant_id: int) -> Path:
+    return directory / f"{participant_id}.mqtt.key"
+
+
+def new_broker_password(directory: Path, participant_id: int, *, overwrite: bool = False) -> str:
+    """Write a fresh broker password (32 CSPRNG bytes, hex) to ``<id>.mqtt.key``, mode 0600.
+
+    The participant logs in to the broker with it; the broker keeps only its hash.
+    """
+    _check_id(participant_id)
+    directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+    path = broker_password_path(directory, participant_id)
+    if path.exists() and not overwrite:
+        raise IdentityError(f"{path} exists; refusing to overwrite a key file")
+    secret = nacl.utils.random(KEY_BYTES)
+    _write_secret(path, secret)
+    return secret.hex()
+
+
+def load_broker_password(directory: Path, participant_id: int) -> str | None:
+    """The participant's broker password, or None when it has no ``<id>.mqtt.key``
+    (a broker that allows anonymous logins)."""
+    _check_id(participant_id)
+    path = broker_password_path(directory, participant_id)
+    if not path.exists():
+        return None
+    return _read_secret(path).hex()
 
 
 def key_paths(directory: Path, participant_id: int) -> tuple[Path, Path]:

@@ -108,6 +108,32 @@ class RoundRecord:
         return {k: v for k, v in vars(self).items() if k not in skip}
 
 
+def record_round(record: RoundRecord, done: RoundDone) -> None:
+    """Fill ``record`` from the provider's :class:`RoundDone` (the simulator's and the
+    networked provider's records are the same shape, so the plots serve both)."""
+    record.attempts = done.attempts
+    record.groups = [
+        {
+            "gid": g.gid,
+            "kind": g.kind,
+            "members": list(g.members),
+            "focus": g.focus,
+            "accuracy": g.accuracy,
+        }
+        for g in done.groups
+    ]
+    record.field_sums = {g.gid: g.field_sum for g in done.groups}
+    record.tau = done.tau
+    record.scores = {
+        u: {"score": a.score, "conf_lo": a.conf_lo, "conf_up": a.conf_up}
+        for u, a in done.assessments.items()
+    }
+    record.key_users = sorted(done.key_users)
+    record.violators = sorted(done.violators)
+    record.excluded = sorted(done.excluded)
+    record.dropped = sorted(done.dropped)
+
+
 class Simulation:
     """One training run. ``run()`` plays every round and returns the records."""
 
@@ -288,29 +314,8 @@ class Simulation:
         self._deliver_to_user(user, Trained(effect.round, params))
 
     def _done(self, done: RoundDone) -> None:
-        record = self._record
-        assert record is not None
-        record.attempts = done.attempts
-        record.groups = [
-            {
-                "gid": g.gid,
-                "kind": g.kind,
-                "members": list(g.members),
-                "focus": g.focus,
-                "accuracy": g.accuracy,
-            }
-            for g in done.groups
-        ]
-        record.field_sums = {g.gid: g.field_sum for g in done.groups}
-        record.tau = done.tau
-        record.scores = {
-            u: {"score": a.score, "conf_lo": a.conf_lo, "conf_up": a.conf_up}
-            for u, a in done.assessments.items()
-        }
-        record.key_users = sorted(done.key_users)
-        record.violators = sorted(done.violators)
-        record.excluded = sorted(done.excluded)
-        record.dropped = sorted(done.dropped)
+        assert self._record is not None
+        record_round(self._record, done)
 
     # --- dropouts -------------------------------------------------------------------------------
 

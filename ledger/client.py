@@ -12,7 +12,7 @@ import asyncio
 import contextlib
 import hashlib
 import itertools
-from typing import TypeVar
+from typing import Protocol, TypeVar
 
 import aiomqtt
 
@@ -20,7 +20,7 @@ from fairbus import bus, envelope
 from fairbus.envelope import GENESIS
 from fairbus.errors import FairbusError
 from fairbus.identity import Identity
-from fairbus.roster import Roster
+from fairbus.roster import Role, Roster
 from fairbus.wire.messages import Query, QueryResponse, Receipt, Refusal
 from ledger.blobs import BlobError
 from ledger.node import Committed
@@ -33,12 +33,25 @@ class LedgerTimeoutError(FairbusError):
     """No ledger node answered in time (after every retry)."""
 
 
+class Publisher(Protocol):
+    """What the client needs of a connection: an aiomqtt client, or a runtime's
+    reconnecting bus."""
+
+    async def publish(self, topic: str, payload: bytes, qos: int = 0) -> None: ...
+
+
 class LedgerClient:
-    """Owns the message loop of ``mqtt``; use as an async context manager."""
+    """Submits and queries over ``mqtt``.
+
+    Standalone (``async with LedgerClient(aiomqtt_client, …)``) it subscribes to
+    :attr:`topics` and owns the client's message loop. Inside a runtime that routes
+    messages itself, subscribe to :attr:`topics` and hand each message to
+    :meth:`dispatch`.
+    """
 
     def __init__(
         self,
-        mqtt: aiomqtt.Client,
+        mqtt: Publisher,
         identity: Identity,
         roster: Roster,
         role: str,
@@ -54,15 +67,25 @@ class LedgerClient:
         self.retries = retries
         self.task = roster.task
         self.pid = identity.participant_id
-        self._waiting: dict[bytes, asyncio.Future[Committed | Refusal]] = {}
+        self._waiting: dict[bytes, asyncio.Future[tuple[Committed, bytes] | Refusal]] = {}
         self._queries: dict[int, asyncio.Future[QueryResponse]] = {}
         self._qids = itertools.count(1)
         self._reader: asyncio.Task[None] | None = None
 
+    @property
+    def topics(self) -> list[str]:
+        """Receipts and query responses for this participant, from any ledger node."""
+        return [
+            bus.ledger_receipt(self.task, "+", self.pid),
+            bus.ledger_response(self.task, "+", self.pid),
+        ]
+
     async def __aenter__(self) -> LedgerClient:
-        await self.mqtt.subscribe(bus.ledger_receipt(self.task, "+", self.pid), qos=bus.QOS)
-        await self.mqtt.subscribe(bus.ledger_response(self.task, "+", self.pid), qos=bus.QOS)
-        self._reader = asyncio.create_task(self._read())
+        if not isinstance(self.mqtt, aiomqtt.Client):
+            raise TypeError("standalone use needs an aiomqtt client; otherwise call dispatch()")
+        for topic in self.topics:
+            await self.mqtt.subscribe(topic, qos=bus.QOS)
+        self._reader = asyncio.create_task(self._read(self.mqtt))
         return self
 
     async def __aexit__(self, *exc: object) -> None:
@@ -71,23 +94,28 @@ class LedgerClient:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._reader
 
-    async def _read(self) -> None:
-        async for message in self.mqtt.messages:
-            if not isinstance(message.payload, bytes | bytearray):
-                continue
-            try:
-                verified = envelope.open_envelope(bytes(message.payload), self.roster)
-            except FairbusError:
-                continue  # not signed by a ledger node of the roster: ignore
-            body = verified.message
-            if isinstance(body, Receipt):
-                for entry in body.entries:
-                    committed = Committed(entry.tx_hash, body.height, body.block_hash, entry.index)
-                    self._resolve(self._waiting.get(entry.tx_hash), committed)
-            elif isinstance(body, Refusal):
-                self._resolve(self._waiting.get(body.ref), body)
-            elif isinstance(body, QueryResponse):
-                self._resolve(self._queries.get(body.qid), body)
+    async def _read(self, mqtt: aiomqtt.Client) -> None:
+        async for message in mqtt.messages:
+            if isinstance(message.payload, bytes | bytearray):
+                self.dispatch(bytes(message.payload))
+
+    def dispatch(self, data: bytes) -> None:
+        """A message that arrived on one of :attr:`topics`."""
+        try:
+            verified = envelope.open_envelope(data, self.roster)
+        except FairbusError:
+            return  # not signed by a participant of the roster: ignore
+        if self.roster.member(verified.header.sender).role is not Role.LEDGER:
+            return
+        body = verified.message
+        if isinstance(body, Receipt):
+            for entry in body.entries:
+                committed = Committed(entry.tx_hash, body.height, body.block_hash, entry.index)
+                self._resolve(self._waiting.get(entry.tx_hash), (committed, data))
+        elif isinstance(body, Refusal):
+            self._resolve(self._waiting.get(body.ref), body)
+        elif isinstance(body, QueryResponse):
+            self._resolve(self._queries.get(body.qid), body)
 
     @staticmethod
     def _resolve(future: asyncio.Future[T] | None, value: T) -> None:
@@ -97,6 +125,12 @@ class LedgerClient:
     async def submit(self, data: bytes) -> Committed:
         """Commit one signed envelope; where it is (from a signed receipt), or
         :class:`RefusedError`."""
+        committed, _ = await self.submit_for_receipt(data)
+        return committed
+
+    async def submit_for_receipt(self, data: bytes) -> tuple[Committed, bytes]:
+        """:meth:`submit`, also returning the signed receipt (to pass on with the
+        envelope, :mod:`ledger.recorded`)."""
         tx_hash = hashlib.sha256(envelope.parse(data).header_bytes).digest()
         future = self._waiting.setdefault(tx_hash, asyncio.get_running_loop().create_future())
         topic = bus.ledger_submit(self.task, self.role, self.pid)

@@ -20,6 +20,19 @@ class LedgerConfigError(FairbusError):
     pass
 
 
+def detection_table(table: object) -> DetectionParams:
+    """A ``[detection]`` table (the task's Alg. 6 policy; the provider's and every ledger
+    node's must be equal) over the provider's defaults."""
+    defaults = ProviderConfig().detection
+    names = {f.name for f in fields(DetectionParams)}
+    if not isinstance(table, dict) or set(table) - names:
+        raise FairbusError(f"[detection] takes only {sorted(names)} (the task's Alg. 6 policy)")
+    try:
+        return DetectionParams(**{**vars(defaults), **table})
+    except (FairbusError, TypeError) as exc:
+        raise FairbusError(f"[detection]: {exc}") from None
+
+
 @dataclass(frozen=True)
 class LedgerConfig:
     roster: Path
@@ -71,17 +84,10 @@ class LedgerConfig:
         etcd = raw.get("etcd", [])
         if not isinstance(etcd, list) or (store == "etcd" and not etcd):
             raise LedgerConfigError(f"{source}: 'etcd' must list the members as 'host:port'")
-        detection = raw.get("detection", {})
-        defaults = ProviderConfig().detection
-        names = {f.name for f in fields(DetectionParams)}
-        if not isinstance(detection, dict) or set(detection) - names:
-            raise LedgerConfigError(
-                f"{source}: [detection] takes only {sorted(names)} (the task's Alg. 6 policy)"
-            )
         try:
-            params = DetectionParams(**{**vars(defaults), **detection})
-        except (FairbusError, TypeError) as exc:
-            raise LedgerConfigError(f"{source}: [detection]: {exc}") from None
+            params = detection_table(raw.get("detection", {}))
+        except FairbusError as exc:
+            raise LedgerConfigError(f"{source}: {exc}") from None
         ints = {k: raw.get(k, getattr(cls, k)) for k in ("max_block_txs", "lease_ttl")}
         for k, v in ints.items():
             if not isinstance(v, int) or v < 1:

@@ -18,7 +18,7 @@ from pathlib import Path
 from types import TracebackType
 
 from fairbus.errors import FairbusError
-from fairbus.identity import Identity
+from fairbus.identity import Identity, new_broker_password
 from fairbus.roster import Member, Role, Roster
 from ledger.etcd_cluster import EtcdCluster, find_etcd, free_port
 from ledger.stores import EtcdStore
@@ -61,11 +61,17 @@ class LocalLedger:
     etcd_members: int = 3
     mosquitto: str | None = None
     etcd_binary: str | None = None
+    store: str = "etcd"
+    """``etcd`` (a Raft-replicated log on ``etcd_members`` members) or ``sqlite`` (one node)."""
+    broker: str = "open"
+    """``mosquitto`` (passwords and the roster's ACL), ``embedded`` (amqtt, the same), or
+    ``open`` (Mosquitto with anonymous access, no ACL)."""
     identities: dict[int, Identity] = field(default_factory=dict)
     processes: dict[int, subprocess.Popen[bytes]] = field(default_factory=dict)
     configs: dict[int, Path] = field(default_factory=dict)
     broker_port: int = 0
     _broker: subprocess.Popen[bytes] | None = None
+    broker_config: Path | None = None
     _etcd: EtcdCluster | None = None
 
     @property
@@ -86,12 +92,17 @@ class LocalLedger:
             self.task, [Member(self.identities[pid].public, role) for pid, role in roles.items()]
         )
         (self.root / "roster.toml").write_text(roster.to_toml())
-        for node in self.nodes:
-            self.identities[node].save(self.root / "keys")
+        for pid, identity in self.identities.items():
+            identity.save(self.root / "keys")
+            if self.broker != "open":
+                new_broker_password(self.root / "keys", pid)
 
     def _start_broker(self) -> None:
-        binary = self.mosquitto or find_mosquitto()
         self.broker_port = free_port()
+        if self.broker != "open":
+            self._start_guarded_broker()
+            return
+        binary = self.mosquitto or find_mosquitto()
         conf = self.root / "mosquitto.conf"
         conf.write_text(
             f"listener {self.broker_port} 127.0.0.1\nallow_anonymous true\n"
@@ -102,13 +113,31 @@ class LocalLedger:
         self._broker = subprocess.Popen([binary, "-c", str(conf)], stdout=log, stderr=log)
         wait_for_port(self.broker_port, self._broker)
 
+    def _start_guarded_broker(self) -> None:
+        """``fairbus broker`` in its own process: the roster's logins and ACL."""
+        self.broker_config = self.root / "broker.toml"
+        self.broker_config.write_text(
+            f'roster = "roster.toml"\nkeys = "keys"\nport = {self.broker_port}\n'
+            'data_dir = "broker"\npersistence = false\n'
+        )
+        log = open(self.root / "broker.log", "ab")  # noqa: SIM115 — owned by the child
+        argv = [sys.executable, "-c", "from cli.main import run; run()", "broker",
+                "--config", str(self.broker_config)]  # fmt: skip
+        if self.broker == "embedded":
+            argv.append("--embedded")
+        self._broker = subprocess.Popen(argv, stdout=log, stderr=log)
+        wait_for_port(self.broker_port, self._broker, timeout=30)
+
     def _write_configs(self) -> None:
-        members = ", ".join(f'"{h}:{p}"' for h, p in self.etcd.endpoints)
         for node in self.nodes:
             cfg = self.root / f"ledger-{node}.toml"
+            if self.store == "etcd":
+                members = ", ".join(f'"{h}:{p}"' for h, p in self.etcd.endpoints)
+                where = f'store = "etcd"\netcd = [{members}]\n'
+            else:
+                where = f'store = "sqlite"\nsqlite = "node-{node}/ledger.sqlite"\n'
             cfg.write_text(
-                f'roster = "roster.toml"\nkeys = "keys"\nstore = "etcd"\n'
-                f"etcd = [{members}]\n"
+                f'roster = "roster.toml"\nkeys = "keys"\n{where}'
                 f'blobs = "node-{node}/blobs"\nbroker = "127.0.0.1:{self.broker_port}"\n'
             )
             self.configs[node] = cfg
@@ -160,9 +189,12 @@ class LocalLedger:
         try:
             self._write_files()
             self._start_broker()
-            binary = self.etcd_binary or find_etcd()
-            self._etcd = EtcdCluster(self.root / "etcd", self.etcd_members, binary)
-            self._etcd.__enter__()
+            if self.store == "etcd":
+                binary = self.etcd_binary or find_etcd()
+                self._etcd = EtcdCluster(self.root / "etcd", self.etcd_members, binary)
+                self._etcd.__enter__()
+            elif len(self.nodes) != 1:
+                raise DeploymentError("a SQLite ledger has exactly one node")
             self._write_configs()
             for node in self.nodes:
                 self.start_node(node)

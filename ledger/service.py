@@ -25,7 +25,7 @@ import aiomqtt
 from fairbus import bus, envelope
 from fairbus.envelope import GENESIS
 from fairbus.errors import FairbusError
-from fairbus.identity import Identity
+from fairbus.identity import Identity, load_broker_password
 from fairbus.roster import Role, Roster
 from fairbus.wire.messages import (
     BlockHeader,
@@ -40,6 +40,7 @@ from ledger.blobs import BlobError, BlobStore
 from ledger.config import LedgerConfig
 from ledger.election import EtcdElection, lead_when_elected
 from ledger.node import Committed, LedgerNode, NotWriterError, Outcome, Refused
+from ledger.recorded import Recorded
 from ledger.records import Block
 from ledger.state import LedgerState
 from ledger.stores import BlockStore, EtcdStore, SqliteStore
@@ -88,7 +89,11 @@ class LedgerService:
         log.info("ledger node %d: %s store at height %d", self.node_id, self.config.store,
                  node.state.height)  # fmt: skip
         host, port = self.config.broker
-        async with bus.client(host, port, f"ledger-{self.node_id}") as mqtt:
+        login = bus.username("ledger", self.node_id)
+        password = load_broker_password(self.config.keys, self.node_id)
+        async with bus.client(
+            host, port, login, username=login if password else None, password=password
+        ) as mqtt:
             self.mqtt = mqtt
             await mqtt.subscribe(f"fairbus/{self.task}/+/+/ledger/query", qos=bus.QOS)
             for topic in self._blob_topics():
@@ -135,7 +140,7 @@ class LedgerService:
 
     def _blob_topics(self) -> list[str]:
         """Where model-sized payloads travel on the bus (uploads, global models)."""
-        return [f"fairbus/{self.task}/user/+/upload", f"fairbus/{self.task}/provider/+/model"]
+        return [bus.uploads(self.task), bus.global_models(self.task)]
 
     async def _become_writer(self, fence: bytes | None) -> None:
         """Only the writer takes submissions; the others keep blobs from the bus."""
@@ -169,10 +174,12 @@ class LedgerService:
             self._keep_blob(data)
 
     def _keep_blob(self, data: bytes) -> None:
-        """A model-sized envelope seen on the bus: keep its payload by hash."""
+        """A model-sized envelope seen on the bus (:mod:`ledger.recorded`): keep its
+        payload by hash. The blob store checks the payload against the signed header's
+        hash; the envelope's signature is checked when its transaction is validated."""
         assert self.node is not None
         with contextlib.suppress(FairbusError):
-            self.node.transaction_of(data)
+            self.node.transaction_of(Recorded.from_bytes(data, self.node.limits).envelope)
 
     def _on_submit(self, topic: str, data: bytes) -> None:
         assert self.node is not None

@@ -175,6 +175,11 @@ class ProviderMachine:
         """The hash of the last envelope accepted from ``user`` (its chain head)."""
         return self._chains.head(user)
 
+    def resync_chain(self, user: int, head: bytes) -> None:
+        """Continue ``user``'s chain from ``head``, the ledger's (a driver calls this when
+        the user returns: an upload it committed may never have arrived here)."""
+        self._chains.resync(user, head)
+
     @property
     def d(self) -> int:
         return int(self.global_params.size)

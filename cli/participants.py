@@ -1,0 +1,82 @@
+"""``fairbus provider`` and ``fairbus user``: the two long-running participants of a task."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+from collections.abc import Callable, Coroutine
+from pathlib import Path
+from typing import Any
+
+import typer
+from rich.console import Console
+
+from fairbus.errors import FairbusError
+from fairbus.training.attacks import Attack, Behaviour
+
+console = Console(stderr=True)
+
+CONFIG = typer.Option(
+    ..., "--config", "-c", help="The task's configuration (TOML; configs/fairbus.example.toml)."
+)
+
+
+def _run_until_stopped(main: Callable[[], Coroutine[Any, Any, object]]) -> None:
+    """Run ``main()`` in an event loop; SIGTERM (systemd stop) and Ctrl-C end it cleanly,
+    saying offline."""
+
+    async def guarded() -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, task.cancel)
+        await main()
+
+    with contextlib.suppress(asyncio.CancelledError, KeyboardInterrupt):
+        asyncio.run(guarded())
+
+
+def provider(config: Path = CONFIG) -> None:
+    """Coordinate training: announce each round (recorded on the ledger first), collect
+    the masked uploads that carry ledger receipts, decrypt the group models (Alg. 5),
+    evaluate them, detect violators (Alg. 6) and aggregate the clean groups.
+
+    Writes STATE/provider/rounds.jsonl (one JSON line per round) and the global model.
+    """
+    from fairbus.runtime.config import RuntimeConfig
+    from fairbus.runtime.provider import ProviderRuntime
+
+    try:
+        settings = RuntimeConfig.load(config)
+        _run_until_stopped(lambda: ProviderRuntime(settings).run())
+    except FairbusError as exc:
+        console.print(f"[red]provider stopped:[/] {exc}")
+        raise typer.Exit(1) from None
+
+
+def user(
+    user_id: int = typer.Option(..., "--id", help="This user's roster id."),
+    config: Path = CONFIG,
+    attack: Behaviour = typer.Option(
+        Behaviour.HONEST,
+        help="For experiments only: behave as this kind of attacker (what the provider "
+        "must detect).",
+    ),
+) -> None:
+    """Take part in training as user ID: train on the local share of the data, negotiate
+    group keys over sealed direct channels (Alg. 3), upload the masked model (Alg. 4)
+    once the ledger has recorded it. Keeps its chain head and data partition in
+    STATE/user-ID across restarts. Exits with status 3 when excluded as a violator.
+    """
+    from fairbus.runtime.config import RuntimeConfig
+    from fairbus.runtime.user import EXCLUDED_EXIT, UserExcludedError, UserRuntime
+
+    try:
+        settings = RuntimeConfig.load(config)
+        _run_until_stopped(lambda: UserRuntime(settings, user_id, Attack(attack)).run())
+    except UserExcludedError as exc:
+        console.print(f"[yellow]{exc}[/]; it takes no further part")
+        raise typer.Exit(EXCLUDED_EXIT) from None
+    except FairbusError as exc:
+        console.print(f"[red]user {user_id} stopped:[/] {exc}")
+        raise typer.Exit(1) from None

@@ -1,0 +1,216 @@
+"""The configuration file ``fairbus provider`` and ``fairbus user`` read (one file for a
+whole task; see ``configs/fairbus.example.toml``).
+
+Strict: an unknown key, a wrong type or a value out of range is a
+:class:`RuntimeConfigError` naming the table and key. Relative paths are taken from the
+file's folder.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, TypeVar, cast
+
+from fairbus.detection import DetectionParams
+from fairbus.errors import FairbusError
+from fairbus.protocol.provider import ProviderConfig
+from fairbus.training.config import TrainConfig
+from fairbus.training.data import DATASET_MODELS
+from ledger.config import detection_table
+
+T = TypeVar("T")
+
+
+class RuntimeConfigError(FairbusError):
+    pass
+
+
+@dataclass(frozen=True)
+class TrainingSettings:
+    """What every participant must agree on: the data set, its split and the model."""
+
+    dataset: str = "digits"
+    data_dir: Path | None = None
+    model: str | None = None
+    partition: Literal["iid", "dirichlet"] = "iid"
+    alpha: float = 0.5
+    seed: int = 0
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    @property
+    def model_name(self) -> str:
+        return self.model or DATASET_MODELS[self.dataset]
+
+
+@dataclass(frozen=True)
+class ProviderSettings:
+    rounds: int = 10
+    min_users: int | None = None
+    """Users online before round 1 starts; None: every user of the roster."""
+    join_timeout: float = 120.0
+    """Start with whoever is online (at least 3) after this long."""
+    phase_timeout: float = 60.0
+    """A user that has not uploaded this long after an announcement counts as dropped."""
+    basic_groupings: int = ProviderConfig.basic_groupings
+    key_repeats: int = ProviderConfig.key_repeats
+    reference_groups: int = ProviderConfig.reference_groups
+    regroup_every_round: bool = ProviderConfig.regroup_every_round
+    defended: bool = True
+    secure: bool = True
+    """False: plain FedAvg over the same bus (the benchmark's baseline), no masking."""
+
+
+@dataclass(frozen=True)
+class RuntimeConfig:
+    roster: Path
+    keys: Path
+    state: Path
+    broker: tuple[str, int]
+    training: TrainingSettings
+    provider: ProviderSettings
+    detection: DetectionParams
+    ledger_timeout: float = 5.0
+
+    def provider_config(self) -> ProviderConfig:
+        p = self.provider
+        return ProviderConfig(
+            basic_groupings=p.basic_groupings,
+            key_repeats=p.key_repeats,
+            reference_groups=p.reference_groups,
+            regroup_every_round=p.regroup_every_round,
+            detection=self.detection,
+            defended=p.defended,
+            phase_timeout=p.phase_timeout,
+            seed=self.training.seed,
+        )
+
+    @classmethod
+    def load(cls, path: Path) -> RuntimeConfig:
+        try:
+            raw = tomllib.loads(path.read_text())
+        except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+            raise RuntimeConfigError(f"{path}: {exc}") from None
+        return cls.from_dict(raw, base=path.parent, source=str(path))
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any], *, base: Path, source: str) -> RuntimeConfig:
+        top = _Table(raw, source, base)
+        training = _Table(top.table("training"), f"{source} [training]", base)
+        provider = _Table(top.table("provider"), f"{source} [provider]", base)
+        try:
+            detection = detection_table(top.take("detection", dict, {}))
+        except FairbusError as exc:
+            raise RuntimeConfigError(f"{source}: {exc}") from None
+        t, p, tc = TrainingSettings(), ProviderSettings(), TrainConfig()
+        dataset = training.take("dataset", str, t.dataset)
+        if dataset not in DATASET_MODELS:
+            raise RuntimeConfigError(
+                f"{source} [training]: unknown dataset {dataset!r}; one of {sorted(DATASET_MODELS)}"
+            )
+        partition = training.take("partition", str, t.partition)
+        if partition not in ("iid", "dirichlet"):
+            raise RuntimeConfigError(f"{source} [training]: partition is 'iid' or 'dirichlet'")
+        settings = TrainingSettings(
+            dataset=dataset,
+            data_dir=training.path("data_dir") if "data_dir" in training.raw else None,
+            model=training.take("model", str, None),
+            partition=cast(Literal["iid", "dirichlet"], partition),
+            alpha=training.number("alpha", t.alpha, low=1e-6),
+            seed=training.integer("seed", t.seed, low=0),
+            train=TrainConfig(
+                lr=training.number("lr", tc.lr, low=1e-9),
+                batch_size=training.integer("batch_size", tc.batch_size, low=1),
+                local_epochs=training.integer("local_epochs", tc.local_epochs, low=1),
+                momentum=training.number("momentum", tc.momentum, low=0.0),
+            ),
+        )
+        training.done()
+        min_users = provider.take("min_users", int, None)
+        if min_users is not None and min_users < 3:
+            raise RuntimeConfigError(f"{source} [provider]: 'min_users' must be at least 3")
+        provider_settings = ProviderSettings(
+            rounds=provider.integer("rounds", p.rounds, low=1),
+            min_users=min_users,
+            join_timeout=provider.number("join_timeout", p.join_timeout, low=0.0),
+            phase_timeout=provider.number("phase_timeout", p.phase_timeout, low=0.1),
+            basic_groupings=provider.integer("basic_groupings", p.basic_groupings, low=1),
+            key_repeats=provider.integer("key_repeats", p.key_repeats, low=0),
+            reference_groups=provider.integer("reference_groups", p.reference_groups, low=0),
+            regroup_every_round=provider.take("regroup_every_round", bool, p.regroup_every_round),
+            defended=provider.take("defended", bool, p.defended),
+            secure=provider.take("secure", bool, p.secure),
+        )
+        provider.done()
+        config = cls(
+            roster=top.path("roster"),
+            keys=top.path("keys", "keys"),
+            state=top.path("state", "state"),
+            broker=top.endpoint("broker", "127.0.0.1:1883"),
+            training=settings,
+            provider=provider_settings,
+            detection=detection,
+            ledger_timeout=top.number("ledger_timeout", 5.0, low=0.1),
+        )
+        top.done()
+        return config
+
+
+class _Table:
+    """Reads one TOML table, checking each key's type; :meth:`done` refuses leftovers."""
+
+    def __init__(self, raw: object, source: str, base: Path) -> None:
+        if not isinstance(raw, dict):
+            raise RuntimeConfigError(f"{source} must be a table")
+        self.raw: dict[str, Any] = raw
+        self.source = source
+        self.base = base
+        self.seen: set[str] = set()
+
+    def take(self, key: str, kind: type[T], default: T) -> T:
+        self.seen.add(key)
+        value = self.raw.get(key, default)
+        if value is default:
+            return value
+        # bool is an int in Python; a flag must not pass as a count, nor a count as a flag
+        if not isinstance(value, kind) or (kind is not bool and isinstance(value, bool)):
+            raise RuntimeConfigError(
+                f"{self.source}: {key!r} must be {kind.__name__}, got {value!r}"
+            )
+        return value
+
+    def table(self, key: str) -> dict[str, Any]:
+        return self.take(key, dict, {})
+
+    def integer(self, key: str, default: int, *, low: int) -> int:
+        value = self.take(key, int, default)
+        if value < low:
+            raise RuntimeConfigError(f"{self.source}: {key!r} must be at least {low}")
+        return value
+
+    def number(self, key: str, default: float, *, low: float) -> float:
+        self.seen.add(key)
+        value = self.raw.get(key, default)
+        if isinstance(value, bool) or not isinstance(value, int | float) or value < low:
+            raise RuntimeConfigError(f"{self.source}: {key!r} must be a number >= {low}")
+        return float(value)
+
+    def path(self, key: str, default: str | None = None) -> Path:
+        value = self.take(key, str, default)
+        if value is None:
+            raise RuntimeConfigError(f"{self.source}: {key!r} (a path) is required")
+        p = Path(value)
+        return p if p.is_absolute() else self.base / p
+
+    def endpoint(self, key: str, default: str) -> tuple[str, int]:
+        value = self.take(key, str, default)
+        host, _, port = value.rpartition(":")
+        if not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise RuntimeConfigError(f"{self.source}: {key!r} is 'host:port', got {value!r}")
+        return host, int(port)
+
+    def done(self) -> None:
+        unknown = set(self.raw) - self.seen
+        if unknown:
+            raise RuntimeConfigError(f"{self.source}: unknown keys {sorted(unknown)}")

@@ -1,0 +1,136 @@
+"""A whole task on one machine, each participant in its own process: the broker, the
+ledger (:class:`ledger.deployment.LocalLedger`), the provider and the users.
+
+What ``fairbus demo``, the end-to-end tests and ``fairbus bench round`` run. The files
+are the ones a deployment uses: the roster, 0600 key files, the broker, ledger and task
+configurations (``task.toml``, read by ``fairbus provider`` and ``fairbus user``).
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import TracebackType
+
+from fairbus.errors import FairbusError
+from fairbus.training.attacks import Behaviour
+from ledger.deployment import LocalLedger
+
+CLI = [sys.executable, "-c", "from cli.main import run; run()"]
+
+
+class LocalTaskError(FairbusError):
+    pass
+
+
+@dataclass
+class LocalTask:
+    root: Path
+    users: int = 9
+    rounds: int = 3
+    attacks: dict[int, Behaviour] = field(default_factory=dict)
+    store: str = "sqlite"
+    broker: str = "embedded"
+    training: dict[str, object] = field(default_factory=lambda: {"local_epochs": 2})
+    provider: dict[str, object] = field(default_factory=dict)
+    task: str = "local-task"
+    ledger: LocalLedger | None = None
+    processes: dict[int, subprocess.Popen[bytes]] = field(default_factory=dict)
+
+    @property
+    def config(self) -> Path:
+        return self.root / "task.toml"
+
+    @property
+    def provider_process(self) -> subprocess.Popen[bytes]:
+        return self.processes[0]
+
+    def __enter__(self) -> LocalTask:
+        nodes = (101,) if self.store == "sqlite" else (101, 102, 103)
+        self.ledger = LocalLedger(self.root, self.task, nodes, tuple(range(1, self.users + 1)),
+                                  store=self.store, broker=self.broker)  # fmt: skip
+        try:
+            self.ledger.__enter__()
+            self._write_config()
+            self.start_provider()
+            for user in range(1, self.users + 1):
+                self.start_user(user)
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def _write_config(self) -> None:
+        def table(name: str, values: dict[str, object]) -> str:
+            lines = [f"[{name}]"] + [f"{k} = {json.dumps(v)}" for k, v in values.items()]
+            return "\n".join(lines) + "\n"
+
+        assert self.ledger is not None
+        provider = {"rounds": self.rounds, "join_timeout": 60, "phase_timeout": 30}
+        self.config.write_text(
+            f'roster = "roster.toml"\nkeys = "keys"\nstate = "state"\n'
+            f'broker = "127.0.0.1:{self.ledger.broker_port}"\nledger_timeout = 2.0\n'
+            + table("training", self.training)
+            + table("provider", {**provider, **self.provider})
+        )
+
+    def _spawn(self, pid: int, argv: list[str]) -> None:
+        log = open(self.root / f"participant-{pid}.log", "ab")  # noqa: SIM115 — the child's
+        self.processes[pid] = subprocess.Popen(argv, stdout=log, stderr=log)
+
+    def start_provider(self) -> None:
+        self._spawn(0, [*CLI, "provider", "--config", str(self.config)])
+
+    def start_user(self, user: int) -> None:
+        attack = self.attacks.get(user, Behaviour.HONEST)
+        argv = [*CLI, "user", "--id", str(user), "--config", str(self.config),
+                "--attack", attack.value]  # fmt: skip
+        self._spawn(user, argv)
+
+    def kill(self, pid: int) -> None:
+        """kill -9, as a crash would."""
+        self.processes[pid].kill()
+        self.processes[pid].wait()
+
+    def rounds_done(self) -> list[dict[str, object]]:
+        path = self.root / "state" / "provider" / "rounds.jsonl"
+        if not path.exists():
+            return []
+        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+    def wait_for_round(self, n: int, timeout: float) -> list[dict[str, object]]:
+        """Block until ``n`` rounds are recorded; :class:`LocalTaskError` on a timeout or
+        a provider that exits before."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            done = self.rounds_done()
+            if len(done) >= n:
+                return done
+            if self.provider_process.poll() is not None and len(self.rounds_done()) < n:
+                raise LocalTaskError(
+                    f"the provider exited ({self.provider_process.returncode}) after "
+                    f"{len(done)} rounds; see {self.root / 'participant-0.log'}"
+                )
+            time.sleep(0.2)
+        raise LocalTaskError(f"{n} rounds not done within {timeout} s; see {self.root}")
+
+    def stop(self) -> None:
+        for proc in self.processes.values():
+            if proc.poll() is None:
+                proc.terminate()
+        for proc in self.processes.values():
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+        if self.ledger is not None:
+            self.ledger.stop()
+
+    def __exit__(
+        self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.stop()

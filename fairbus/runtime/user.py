@@ -1,0 +1,244 @@
+"""``fairbus user --id N``: the user machine (:class:`fairbus.protocol.user.UserMachine`)
+driven over the bus.
+
+Inputs: the provider's broadcasts, each with its ledger receipt, acted on only once the
+receipt checks out (so a user acts only on the announcement the ledger holds), and the
+sealed shares of its group mates on ``…/user/+/to/<me>/+``. Effects: training runs in a
+worker thread while keys are negotiated; shares are published sealed to their
+recipient; an upload is committed on the ledger (header only) and then published with
+its receipt. The chain head and the data partition persist in the user's state folder.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+import numpy as np
+import numpy.typing as npt
+
+from fairbus import bus, envelope
+from fairbus.errors import FairbusError
+from fairbus.identity import Identity, load_broker_password
+from fairbus.protocol.events import (
+    PROVIDER,
+    SEALED_KINDS,
+    Event,
+    Excluded,
+    Output,
+    Received,
+    Refused,
+    Send,
+    Train,
+    Trained,
+)
+from fairbus.protocol.user import UserMachine
+from fairbus.roster import Role, Roster
+from fairbus.runtime.config import RuntimeConfig
+from fairbus.runtime.connection import BusConnection
+from fairbus.runtime.user_state import UserState
+from fairbus.training.attacks import Attack
+from ledger.client import LedgerClient, LedgerTimeoutError
+from ledger.recorded import Recorded, header_only, open_recorded
+from ledger.state import RefusedError
+
+if TYPE_CHECKING:
+    from fairbus.training.local import Trainer
+
+log = logging.getLogger("fairbus.user")
+
+PROVIDER_KINDS = frozenset({"global_model", "announce", "dropout", "evaluation", "decision"})
+EXCLUDED_EXIT = 3
+"""Exit status of a user process that was excluded for good (systemd must not restart it)."""
+
+
+class UserExcludedError(FairbusError):
+    """The ledger's decision named this user a violator; it takes no further part."""
+
+
+class UserRuntime:
+    def __init__(
+        self,
+        config: RuntimeConfig,
+        user_id: int,
+        attack: Attack | None = None,
+        *,
+        on_event: Callable[[str, dict[str, object]], None] | None = None,
+    ) -> None:
+        self.config = config
+        self.me = user_id
+        self.attack = attack or Attack()
+        self.roster = Roster.load(config.roster)
+        self.roster.member(user_id, roles=[Role.USER])
+        self.identity = Identity.load(config.keys, user_id)
+        self.task = self.roster.task
+        self.state = UserState(config.state / f"user-{user_id}")
+        self.on_event = on_event
+        self._inbox: asyncio.Queue[Event] = asyncio.Queue()
+        self._training: set[asyncio.Task[None]] = set()
+        self._trainer: Trainer | None = None
+        self.bus = BusConnection(
+            *config.broker,
+            task=self.task,
+            role="user",
+            pid=user_id,
+            password=load_broker_password(config.keys, user_id),
+            topics=[],
+            on_message=self._on_message,
+        )
+        self.ledger = LedgerClient(
+            self.bus, self.identity, self.roster, "user", timeout=config.ledger_timeout
+        )
+        self.bus.topics = [
+            bus.provider_messages(self.task),
+            bus.direct_inbox(self.task, user_id),
+            *self.ledger.topics,
+        ]
+        self.machine = UserMachine(self.identity, self.roster)
+        self._round_log: dict[str, float] = {}
+
+    # --- bus ---------------------------------------------------------------------------------
+
+    def _on_message(self, topic: str, data: bytes) -> None:
+        kind = topic.rsplit("/", 1)[-1]
+        if "/ledger/" in topic:
+            self.ledger.dispatch(data)
+        elif kind in PROVIDER_KINDS:
+            try:
+                env, _ = open_recorded(data, self.roster)
+            except FairbusError as exc:
+                log.warning("user %d: a %s without a valid ledger receipt: %s", self.me, kind, exc)
+                return
+            self._inbox.put_nowait(Received(kind, env))
+        elif kind in SEALED_KINDS and "/to/" in topic:
+            self._inbox.put_nowait(Received(kind, data))
+
+    # --- the loop ------------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Until excluded (:class:`UserExcludedError`) or cancelled."""
+        trainer = await asyncio.to_thread(self._build_trainer)
+        self._trainer = trainer
+        connection = asyncio.create_task(self.bus.run())
+        try:
+            await self.bus.connected.wait()
+            await self._resume_chain()
+            log.info("user %d: ready (%s, %d samples)", self.me, self.config.training.dataset,
+                     len(trainer.data))  # fmt: skip
+            while True:
+                event = await self._inbox.get()
+                if isinstance(event, Received) and event.kind == "announce":
+                    self._round_log.setdefault("announced", time.perf_counter())
+                await self._carry_out(self.machine.handle(event))
+        finally:
+            await self.bus.leave()
+            connection.cancel()
+            for task in self._training:
+                task.cancel()
+
+    async def _resume_chain(self) -> None:
+        """The ledger's head for this user wins over the saved one (an upload signed just
+        before a crash may or may not have committed)."""
+        saved = self.state.chain_head()
+        try:
+            answer = await self.ledger.query("head", sender=self.me)
+            head = answer.records[0] if answer.ok and answer.records else saved
+        except LedgerTimeoutError:
+            log.warning("user %d: no ledger answer; resuming from the saved chain head", self.me)
+            head = saved
+        if head != saved:
+            log.info("user %d: chain head %s from the ledger", self.me, head.hex()[:16])
+            self.state.save_chain_head(head)
+        self.machine.prev = head
+
+    async def _carry_out(self, outputs: list[Output]) -> None:
+        for out in outputs:
+            if isinstance(out, Send):
+                if out.to == PROVIDER:
+                    await self._upload(out.data)
+                else:
+                    assert isinstance(out.to, int)
+                    await self.bus.publish(bus.direct(self.task, self.me, out.to, out.kind),
+                                           out.data)  # fmt: skip
+            elif isinstance(out, Train):
+                task = asyncio.create_task(self._train(out))
+                self._training.add(task)
+                task.add_done_callback(self._training.discard)
+            elif isinstance(out, Refused):
+                log.warning("user %d refused a message: %s: %s", self.me, out.reason, out.detail)
+            elif isinstance(out, Excluded):
+                self._write_stats(out.round)
+                raise UserExcludedError(f"user {self.me} was excluded in round {out.round}")
+
+    async def _train(self, effect: Train) -> None:
+        assert self._trainer is not None
+        trainer = self._trainer
+        start = time.perf_counter()
+        params: npt.NDArray[np.float32] = await asyncio.to_thread(
+            self.attack.local_model,
+            effect.global_params,
+            trainer,
+            seed=self.config.training.seed * 7919 + effect.round,
+        )
+        self._round_log["training_s"] = time.perf_counter() - start
+        self._inbox.put_nowait(Trained(effect.round, params))
+
+    async def _upload(self, data: bytes) -> None:
+        """Commit on the ledger, then publish with the receipt (the provider takes an
+        upload only with one)."""
+        start = time.perf_counter()
+        self._round_log.setdefault("first_upload", start)
+        try:
+            _, receipt = await self.ledger.submit_for_receipt(header_only(data))
+        except (RefusedError, LedgerTimeoutError) as exc:
+            # Not committed: the next upload must link to the ledger's head, not this one.
+            self.machine.prev = self.state.chain_head()
+            log.warning("user %d: upload not recorded: %s", self.me, exc)
+            return
+        ledger_s = time.perf_counter() - start
+        self.state.save_chain_head(envelope.parse(data).hash)
+        await self.bus.publish(bus.upload(self.task, self.me), Recorded(data, receipt).to_bytes())
+        self._round_log["ledger_s"] = self._round_log.get("ledger_s", 0.0) + ledger_s
+        self._round_log["upload_s"] = (
+            self._round_log.get("upload_s", 0.0) + time.perf_counter() - start
+        )
+        self._round_log["uploads"] = self._round_log.get("uploads", 0) + 1
+        self._write_stats(self.machine.round)
+
+    def _write_stats(self, round_: int) -> None:
+        """``stats.json``: bytes sent per message kind, and the current round's timings
+        (what ``fairbus bench round`` reads)."""
+        timings = dict(self._round_log)
+        if "announced" in timings and "first_upload" in timings:
+            timings["negotiation_s"] = timings["first_upload"] - timings["announced"]
+        stats = {"round": round_, "bytes": self.bus.sent_bytes, "timings": timings}
+        (self.state.directory / "stats.json").write_text(json.dumps(stats))
+        if self.on_event is not None:
+            self.on_event("stats", stats)
+
+    # --- data ------------------------------------------------------------------------------------
+
+    def _build_trainer(self) -> Trainer:
+        from fairbus.training.data import load_dataset, partition_dirichlet, partition_iid
+        from fairbus.training.local import Trainer
+
+        t = self.config.training
+        train, _ = load_dataset(t.dataset, t.data_dir, seed=t.seed)
+        users = sorted(self.roster.with_role(Role.USER))
+        describe: dict[str, object] = {
+            "dataset": t.dataset, "partition": t.partition, "alpha": t.alpha, "seed": t.seed,
+            "users": users, "samples": len(train),
+        }  # fmt: skip
+        indices = self.state.partition(describe)
+        if indices is None:
+            if t.partition == "iid":
+                parts = partition_iid(len(train), len(users), t.seed)
+            else:
+                parts = partition_dirichlet(train.y.numpy(), len(users), t.alpha, t.seed)
+            indices = parts[users.index(self.me)]
+            self.state.save_partition(describe, indices)
+        return Trainer(t.model_name, train.subset(indices), t.train, seed=t.seed * 1000 + self.me)
