@@ -18,9 +18,11 @@ Why two small plugins of our own instead of amqtt's ``FileAuthPlugin`` and
   publish against the same :func:`broker.acl.permissions` Mosquitto's ACL file is made of.
 - amqtt checks no ACL on a client's Last Will and has no ``use_username_as_clientid``:
   the auth plugin refuses a connection whose Will topic lies outside the client's write
-  rights, or whose client id differs from its username (a client id is how amqtt finds the
-  session to take over). Clients must therefore use their username as client id, as
-  :func:`fairbus.bus.client` callers do.
+  rights, and one whose client id is neither its username (``user-4``) nor starts with
+  it and a dash (``user-4-probe``), so no login holds a session under another
+  participant's id; a participant may still open extra connections under ids of its own.
+  (Mosquitto instead replaces every client id by the username, so there a second
+  connection of ``user-4`` takes over the first.)
 
 Limits of amqtt that remain (it is the one-machine broker; bind it to loopback):
 
@@ -28,10 +30,27 @@ Limits of amqtt that remain (it is the one-machine broker; bind it to loopback):
   2.3 MB uploads pass and ``max_packet_size`` is not enforced; ``max_queued_messages``,
   ``max_inflight_messages`` and ``persistence`` have no amqtt counterpart here.
 - It looks up (and, with ``clean_session``, clears) the session named by a CONNECT's client
-  id before the credentials are checked, so a client with a wrong password can still
-  disturb the session of the id it names.
+  id *before* the credentials are checked: a CONNECT with a wrong password, or another
+  user's login, and the client id ``provider-0`` is refused, yet the connected provider
+  loses its subscriptions (verified with amqtt 0.12.1; with ``clean_session`` false the
+  connected client is even disconnected). Fixing that means replacing amqtt's private
+  ``Broker._initialize_client_session``; we do not. Anyone who can reach the port can do
+  it, which is one more reason to bind the embedded broker to loopback only.
 - A publish refused by the ACL is acknowledged (PUBACK at QoS 1) and silently dropped, as
   Mosquitto does; the connection stays up.
+
+Two amqtt 0.12.1 bugs are worked around in :class:`_FairbusAmqttBroker` (both verified):
+
+- On every CONNECT amqtt sends the new client the retained messages matching *every*
+  subscription in the broker, anyone's, with no ACL check: a user that subscribed to
+  nothing received the retained presence of other users, which only the provider may
+  read. Retained messages now go only to a client holding that subscription (and so
+  having passed the subscribe check).
+- It iterates its subscription table across ``await``s (the topic check of each delivery,
+  the retained messages of a connecting client) while other clients subscribe, and then
+  fails with "dictionary changed size during iteration": a message being broadcast is
+  lost for every remaining subscriber, or a connecting client has its CONNACK but is never
+  served. The table now iterates over a snapshot.
 """
 
 from __future__ import annotations
@@ -40,6 +59,7 @@ import asyncio
 import contextlib
 import logging
 import signal
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any
@@ -56,6 +76,32 @@ from broker.logins import Logins, load_logins
 from broker.passwords import hash_password, verify_password
 
 log = logging.getLogger(__name__)
+
+
+class _SnapshotDict(dict[str, list[Any]]):
+    """amqtt's subscription table (filter → [(session, qos)]), whose iterations walk a copy,
+    so that amqtt may ``await`` inside them (see :class:`_FairbusAmqttBroker`)."""
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(list(super().keys()))
+
+    def items(self) -> list[tuple[str, list[Any]]]:  # type: ignore[override]
+        return [(k, list(v)) for k, v in super().items()]
+
+
+class _FairbusAmqttBroker(Broker):  # type: ignore[misc]  # amqtt ships no types
+    """amqtt's ``Broker`` with the two fixes described in the module docstring."""
+
+    def __init__(self, config: dict[str, Any]) -> None:
+        super().__init__(config)
+        self._subscriptions: dict[str, list[Any]] = _SnapshotDict()  # start() only clears it
+
+    async def _publish_retained_messages_for_subscription(
+        self, subscription: tuple[str, int], session: Session
+    ) -> None:
+        holders = self._subscriptions.get(subscription[0], ())
+        if any(held.client_id == session.client_id for held, _ in holders):
+            await super()._publish_retained_messages_for_subscription(subscription, session)
 
 
 class FairbusAuthPlugin(BaseAuthPlugin):  # type: ignore[misc]  # amqtt ships no types
@@ -84,8 +130,9 @@ class FairbusAuthPlugin(BaseAuthPlugin):  # type: ignore[misc]  # amqtt ships no
                 return _refuse(session, "unknown user or wrong password")
         if username not in cfg.writable:
             return _refuse(session, f"{username!r} is not in the roster")
-        if session.client_id != username:
-            return _refuse(session, "client id differs from the username")
+        client_id = session.client_id or ""
+        if client_id != username and not client_id.startswith(f"{username}-"):
+            return _refuse(session, "the client id is not the username or its own extension")
         perms = Permissions(tuple(cfg.writable[username]), ())
         if session.will_flag and not may_publish(perms, session.will_topic or ""):
             return _refuse(session, f"Last Will topic {session.will_topic!r} is not its own")
@@ -167,7 +214,7 @@ class EmbeddedBroker:
     def __init__(self, config: BrokerConfig) -> None:
         self.config = config
         self.logins: Logins | None = None
-        self._broker: Broker | None = None
+        self._broker: _FairbusAmqttBroker | None = None
 
     @property
     def host(self) -> str:
@@ -193,7 +240,7 @@ class EmbeddedBroker:
         if self._broker is not None:
             raise BrokerError("this EmbeddedBroker is already running")
         self.logins = load_logins(self.config)
-        broker = Broker(amqtt_config(self.config, self.logins))
+        broker = _FairbusAmqttBroker(amqtt_config(self.config, self.logins))
         try:
             await broker.start()
         except Exception as exc:  # amqtt wraps every start failure in its own BrokerError
@@ -221,6 +268,7 @@ async def serve_embedded(config: BrokerConfig, stop: asyncio.Event | None = None
 
 def run_embedded(config: BrokerConfig) -> int:
     """Run the embedded broker in the foreground until SIGTERM or SIGINT; returns 0."""
+    logging.getLogger("transitions").setLevel(logging.WARNING)  # a line per state change
     with contextlib.suppress(KeyboardInterrupt):
         asyncio.run(serve_embedded(config))
     return 0

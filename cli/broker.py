@@ -45,7 +45,10 @@ def _mosquitto(cfg: BrokerConfig) -> int:
         console.print("logins by TLS client certificate (its CN is the username)")
     if files.without_login:
         console.print(f"[yellow]no broker password, no login:[/] {', '.join(files.without_login)}")
-    console.print(f"running mosquitto on {cfg.host}:{cfg.port} (stop with SIGTERM or Ctrl-C)")
+    account = f" as {files.run_as}" if files.run_as else ""
+    console.print(
+        f"running mosquitto{account} on {cfg.host}:{cfg.port} (stop with SIGTERM or Ctrl-C)"
+    )
     return run_mosquitto(cfg, files=files)
 
 

@@ -1,28 +1,120 @@
-"""``fairbus demo``: what ``make demo`` runs.
+"""``fairbus demo``: what ``make demo`` runs — a whole networked training on this machine.
 
-Until the networked runtime exists: a simulated training of 9 users on digits, one a
-poisoner and one a free-rider, through the real protocol machines and crypto (what
-``fairbus simulate --poisoners 2 --free-riders 5`` runs). The networked runtime
-replaces it.
+A broker (the embedded one by default), a ledger (SQLite by default), the provider and 9
+user processes, one a poisoner (user 2) and one a free-rider (user 5), train on digits
+for 10 rounds over MQTT with the real crypto and the real ledger; then a table, the
+plots and an audit of the ledger.
 """
 
 from __future__ import annotations
 
+import json
+import shutil
+import subprocess
+import time
 from pathlib import Path
 
 import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
 
-from cli.simulate import execute
-from fairbus.training.attacks import Attack, Behaviour
+from fairbus.errors import FairbusError
+from fairbus.training.attacks import Behaviour
+
+console = Console()
+ATTACKS = {2: Behaviour.POISONER, 5: Behaviour.FREE_RIDER}
 
 
 def demo(
     rounds: int = typer.Option(10, help="Training rounds."),
-    seed: int = typer.Option(0, help="Seed for data split, model init and grouping."),
-    out: Path = typer.Option(Path("out/demo"), help="Where rounds.jsonl and the plots go."),
+    broker: str = typer.Option(
+        "embedded", help="'embedded' (amqtt, in the package) or 'mosquitto' (installed)."
+    ),
+    ledger: str = typer.Option(
+        "sqlite", help="'sqlite' (one node) or 'etcd' (3 etcd members, 3 ledger nodes)."
+    ),
+    epochs: int = typer.Option(20, help="Local epochs per round."),
+    out: Path = typer.Option(Path("out/demo"), help="Where the task's files, logs and plots go."),
 ) -> None:
-    """Train 9 users on digits; user 2 poisons, user 5 free-rides; plots in OUT."""
-    from fairbus.simulator import SimulationConfig
+    """Train 9 user processes on digits over MQTT; user 2 poisons, user 5 free-rides."""
+    from fairbus.runtime.local import LocalTask
 
-    attacks = {2: Attack(Behaviour.POISONER), 5: Attack(Behaviour.FREE_RIDER)}
-    execute(SimulationConfig(users=9, rounds=rounds, seed=seed, attacks=attacks), out)
+    if broker not in ("embedded", "mosquitto") or ledger not in ("sqlite", "etcd"):
+        console.print("[red]error:[/] --broker is embedded|mosquitto, --ledger sqlite|etcd")
+        raise typer.Exit(2)
+    shutil.rmtree(out, ignore_errors=True)
+    root = out / "task"
+    start = time.monotonic()
+    try:
+        with (
+            console.status(
+                f"starting the {broker} broker, the {ledger} ledger, the provider and 9 users…"
+            ),  # fmt: skip
+            LocalTask(root, 9, rounds, ATTACKS, ledger, broker, {"local_epochs": epochs}) as task,
+        ):
+            _follow(task, rounds)
+            console.print(f"all processes stopped; {time.monotonic() - start:.0f} s in all")
+    except FairbusError as exc:
+        console.print(f"[red]demo failed:[/] {exc}")
+        raise typer.Exit(1) from None
+    _report(root, out)
+
+
+def _follow(task: object, rounds: int) -> None:
+    from fairbus.runtime.local import LocalTask
+
+    assert isinstance(task, LocalTask)
+    with Progress(
+        TextColumn("[bold]training"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("rounds · global accuracy {task.fields[acc]}"),
+        TimeElapsedColumn(),
+        console=console,
+    ) as progress:
+        bar = progress.add_task("rounds", total=rounds, acc="–")
+        seen = 0
+        while seen < rounds:
+            done = task.wait_for_round(seen + 1, timeout=600)
+            for record in done[seen:]:
+                progress.update(bar, advance=1, acc=f"{record['global_accuracy']:.3f}")
+                for user in record["violators"]:  # type: ignore[attr-defined]
+                    progress.console.log(f"round {record['round']}: user {user} excluded")
+            seen = len(done)
+
+
+def _report(root: Path, out: Path) -> None:
+    from fairbus.plots import plot_accuracy, plot_scores
+    from fairbus.runtime.local import CLI
+    from fairbus.simulator import RoundRecord
+
+    lines = (root / "state" / "provider" / "rounds.jsonl").read_text().splitlines()
+    records = [RoundRecord.from_json(json.loads(line)) for line in lines if line.strip()]
+    table = Table(title="fairbus demo: 9 users over MQTT (user 2 poisons, user 5 free-rides)")
+    for column in ("round", "attempts", "global acc", "key users", "excluded now",
+                   "ledger height", "provider bytes", "time s"):  # fmt: skip
+        table.add_column(column, justify="right")
+    for r in records:
+        table.add_row(str(r.round), str(r.attempts), f"{r.global_accuracy:.3f}",
+                      ",".join(map(str, r.key_users)) or "–",
+                      ",".join(map(str, r.violators)) or "–",
+                      str(r.ledger_height), f"{sum(r.bytes.values()):,}",
+                      f"{r.timings_s.get('round', 0.0):.1f}")  # fmt: skip
+    console.print(table)
+    sent = {}
+    for stats in sorted((root / "state").glob("user-*/stats.json")):
+        sent[stats.parent.name] = sum(json.loads(stats.read_text())["bytes"].values())
+    console.print(f"bytes sent by the users: {sum(sent.values()):,} "
+                  f"(per user {min(sent.values()):,}–{max(sent.values()):,})")  # fmt: skip
+    excluded = {u for r in records for u in r.violators}
+    console.print(f"attackers {sorted(ATTACKS)}; excluded {sorted(excluded) or '–'}; honest "
+                  f"users excluded: {sorted(excluded - set(ATTACKS)) or 'none'}")  # fmt: skip
+    plot_accuracy(records, out / "accuracy.png", "fairbus demo over MQTT")
+    plot_scores(records, out / "scores.png", set(ATTACKS))
+    audit = subprocess.run(
+        [*CLI, "audit", "--config", str(root / "ledger-101.toml")],
+        capture_output=True, text=True, check=False,
+    )  # fmt: skip
+    console.print(audit.stdout.strip() or audit.stderr.strip())
+    console.print(f"wrote {out / 'accuracy.png'}, {out / 'scores.png'}; logs in {root}")

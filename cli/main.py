@@ -6,7 +6,7 @@ import logging
 
 import typer
 
-from cli import bench, demo, keys, ledger, participants, roster, simulate, walkthrough
+from cli import bench, broker, demo, keys, ledger, participants, roster, simulate, walkthrough
 
 app = typer.Typer(
     name="fairbus",
@@ -25,6 +25,7 @@ app.add_typer(roster.app, name="roster")
 app.add_typer(bench.app, name="bench")
 app.add_typer(ledger.app, name="ledger")
 app.command("audit")(ledger.audit_command)
+app.command("broker")(broker.broker)
 app.command("provider")(participants.provider)
 app.command("user")(participants.user)
 app.command("demo")(demo.demo)

@@ -99,6 +99,9 @@ class RoundRecord:
     bytes: dict[str, int]
     refusals: list[str] = field(default_factory=list)
     failed: str | None = None
+    ledger_height: int | None = None
+    """The networked runtime's: the height of the block that holds the round's last
+    provider transaction."""
     # not serialized: for tests that check exactness against the plaintext
     local_models: dict[int, npt.NDArray[np.float32]] = field(default_factory=dict, repr=False)
     field_sums: dict[int, Any] = field(default_factory=dict, repr=False)
@@ -106,6 +109,13 @@ class RoundRecord:
     def to_json(self) -> dict[str, Any]:
         skip = {"local_models", "field_sums"}
         return {k: v for k, v in vars(self).items() if k not in skip}
+
+    @classmethod
+    def from_json(cls, line: dict[str, Any]) -> RoundRecord:
+        """A record read back from ``rounds.jsonl`` (JSON keys are strings)."""
+        record = cls(**line)
+        record.scores = {int(u): s for u, s in record.scores.items()}
+        return record
 
 
 def record_round(record: RoundRecord, done: RoundDone) -> None:

@@ -27,6 +27,11 @@ def detection_table(table: object) -> DetectionParams:
     names = {f.name for f in fields(DetectionParams)}
     if not isinstance(table, dict) or set(table) - names:
         raise FairbusError(f"[detection] takes only {sorted(names)} (the task's Alg. 6 policy)")
+    for key, value in table.items():
+        flag = isinstance(getattr(defaults, key), bool)
+        if flag != isinstance(value, bool) or not isinstance(value, int | float):
+            kind = "true or false" if flag else "a number"
+            raise FairbusError(f"[detection]: {key!r} must be {kind}, got {value!r}")
     try:
         return DetectionParams(**{**vars(defaults), **table})
     except (FairbusError, TypeError) as exc:

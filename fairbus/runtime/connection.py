@@ -69,9 +69,11 @@ class BusConnection:
         while not self._stopping:
             try:
                 async with self.client:
-                    await self.client.publish(self.presence_topic, ONLINE, qos=bus.QOS, retain=True)
+                    # Subscribed before saying online: whoever reacts to the presence
+                    # (the provider starting a round) must not outrun the subscriptions.
                     for topic in self.topics:
                         await self.client.subscribe(topic, qos=bus.QOS)
+                    await self.client.publish(self.presence_topic, ONLINE, qos=bus.QOS, retain=True)
                     self.connected.set()
                     delay = self.backoff[0]
                     log.info("%s-%d: connected", self.role, self.pid)

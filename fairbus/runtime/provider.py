@@ -39,7 +39,7 @@ from fairbus.protocol.events import (
     Send,
     Tick,
 )
-from fairbus.protocol.provider import ProviderMachine, ProviderPhase
+from fairbus.protocol.provider import ProviderMachine
 from fairbus.roster import Role, Roster
 from fairbus.runtime.config import RuntimeConfig
 from fairbus.runtime.connection import OFFLINE, ONLINE, BusConnection
@@ -191,6 +191,10 @@ class ProviderRuntime:
         assert self.machine is not None
         machine = self.machine
         await self._drain()
+        # A user dropped for missing a deadline while still connected gets another chance.
+        for user in sorted(self.online - machine.online - machine.excluded):
+            await self._resync_chain(user)
+            machine.handle(Joined(user))
         record = RoundRecord(machine.round + 1, 0, 0.0, [], None, {}, [], [], [], [], [],
                              dict.fromkeys(TIMING_PHASES, 0.0), Counter())  # fmt: skip
         self._record = record
@@ -253,7 +257,8 @@ class ProviderRuntime:
             raise ProviderError(f"the provider machine sent an unrecorded {out.kind!r}")
         start = time.perf_counter()
         submission = header_only(out.data) if is_model_sized(out.kind) else out.data
-        _, receipt = await self.ledger.submit_for_receipt(submission)
+        committed, receipt = await self.ledger.submit_for_receipt(submission)
+        self._record.ledger_height = committed.height
         self._record.timings_s["ledger"] = (
             self._record.timings_s.get("ledger", 0.0) + time.perf_counter() - start
         )
@@ -273,9 +278,7 @@ class ProviderRuntime:
         accuracy = await asyncio.to_thread(self._evaluator.accuracy, effect.params)
         self._record.timings_s["evaluation"] += time.perf_counter() - start
         start = time.perf_counter()
-        outputs = self.machine.handle(
-            Evaluated(effect.round, effect.attempt, effect.gid, accuracy)
-        )
+        outputs = self.machine.handle(Evaluated(effect.round, effect.attempt, effect.gid, accuracy))
         self._record.timings_s["detection"] += time.perf_counter() - start
         await self._carry_out(outputs)
 
@@ -303,4 +306,3 @@ class ProviderRuntime:
         t = self.config.training
         _, test = load_dataset(t.dataset, t.data_dir, seed=t.seed)
         return Evaluator(t.model_name, test)
-

@@ -81,6 +81,8 @@ class UserRuntime:
         self._inbox: asyncio.Queue[Event] = asyncio.Queue()
         self._training: set[asyncio.Task[None]] = set()
         self._trainer: Trainer | None = None
+        self._train_lock = asyncio.Lock()
+        self._latest_train = 0
         self.bus = BusConnection(
             *config.broker,
             task=self.task,
@@ -175,15 +177,26 @@ class UserRuntime:
                 raise UserExcludedError(f"user {self.me} was excluded in round {out.round}")
 
     async def _train(self, effect: Train) -> None:
+        """One training at a time (they share the model); a round superseded while it
+        waited is skipped. (A restarted user's persistent session may first deliver a
+        round that is already over.)"""
         assert self._trainer is not None
         trainer = self._trainer
-        start = time.perf_counter()
-        params: npt.NDArray[np.float32] = await asyncio.to_thread(
-            self.attack.local_model,
-            effect.global_params,
-            trainer,
-            seed=self.config.training.seed * 7919 + effect.round,
-        )
+        self._latest_train = max(self._latest_train, effect.round)
+        async with self._train_lock:
+            if effect.round < self._latest_train:
+                return
+            start = time.perf_counter()
+            try:
+                params: npt.NDArray[np.float32] = await asyncio.to_thread(
+                    self.attack.local_model,
+                    effect.global_params,
+                    trainer,
+                    seed=self.config.training.seed * 7919 + effect.round,
+                )
+            except Exception:
+                log.exception("user %d: training for round %d failed", self.me, effect.round)
+                return
         self._round_log["training_s"] = time.perf_counter() - start
         self._inbox.put_nowait(Trained(effect.round, params))
 

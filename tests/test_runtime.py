@@ -1,0 +1,263 @@
+"""The networked runtime end to end, every participant a real process: the broker
+(Mosquitto with the roster's passwords and ACL, or the embedded amqtt broker), the ledger
+(3 etcd members + 3 ledger nodes, or one SQLite node), the provider and 9 users. After
+each run, the ledger passes ``fairbus audit`` (every hash, signature, chain link and
+blob, and every detection decision re-derived)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import subprocess
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from fairbus import bus, envelope
+from fairbus.envelope import GENESIS
+from fairbus.identity import Identity, load_broker_password
+from fairbus.protocol.events import Received, Refused
+from fairbus.protocol.provider import ProviderMachine
+from fairbus.roster import Roster
+from fairbus.runtime.local import CLI, LocalTask
+from fairbus.training.attacks import Behaviour
+from fairbus.wire.messages import MaskedUpload
+from ledger.client import LedgerClient
+from ledger.recorded import ReceiptError, Recorded, open_recorded
+from ledger.state import RefusalReason, RefusedError
+from tests.conftest import find_service_binary
+
+pytestmark = pytest.mark.services
+
+ATTACKS = {2: Behaviour.POISONER, 7: Behaviour.FREE_RIDER}
+ROUND_TIMEOUT = 120.0
+
+
+def _audit(task: LocalTask, node: int = 101) -> None:
+    """``fairbus audit`` on ``node``'s store and blobs (while the ledger still runs)."""
+    result = subprocess.run(
+        [*CLI, "audit", "--config", str(task.root / f"ledger-{node}.toml")],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "audit: OK" in result.stdout
+
+
+def _check_rounds(records: list[dict[str, object]], n: int) -> None:
+    """``n`` rounds completed, every group of at least 3, no honest user excluded. (A
+    round that could not be regrouped is retried under the next round number.)"""
+    assert len(records) >= n
+    for r in records[:n]:
+        assert r["failed"] is None and not r["refusals"], r
+        assert all(len(g["members"]) >= 3 for g in r["groups"])  # type: ignore[attr-defined]
+    excluded = set(records[n - 1]["excluded"])  # type: ignore[call-overload]
+    assert excluded <= set(ATTACKS), f"honest users excluded: {excluded - set(ATTACKS)}"
+
+
+def _wait(predicate: object, timeout: float, what: str) -> None:
+    assert callable(predicate)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.02)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def test_mosquitto_and_three_etcd_members_and_three_ledger_nodes(tmp_path: Path) -> None:
+    find_service_binary("mosquitto", "/usr/sbin/mosquitto")
+    find_service_binary("etcd", "/usr/bin/etcd")
+    with LocalTask(tmp_path, 9, 3, ATTACKS, store="etcd", broker="mosquitto") as task:
+        records = task.wait_for_round(3, 3 * ROUND_TIMEOUT)
+        _check_rounds(records, 3)
+        _foreign_client_is_refused_by_the_acl(task)
+        _audit(task)
+
+
+def test_embedded_broker_and_sqlite_ledger(tmp_path: Path) -> None:
+    with LocalTask(tmp_path, 9, 3, ATTACKS, store="sqlite", broker="embedded") as task:
+        records = task.wait_for_round(3, 3 * ROUND_TIMEOUT)
+        _check_rounds(records, 3)
+        _foreign_client_is_refused_by_the_acl(task)
+        _audit(task)
+
+
+def _foreign_client_is_refused_by_the_acl(task: LocalTask) -> None:
+    """Someone holding user 4's broker password publishes into user 3's upload topic:
+    the broker's ACL drops it, so the provider (here a client with the provider's
+    login, the provider process having stopped) never sees it; the same client's
+    publish into user 4's own topic arrives."""
+    task.kill(0)
+    assert task.ledger is not None
+    roster, keys, port = task.ledger.roster, task.root / "keys", task.ledger.broker_port
+
+    async def attempt() -> list[str]:
+        seen: list[str] = []
+        provider_password = load_broker_password(keys, 0)
+        thief_password = load_broker_password(keys, 4)
+        async with (
+            bus.client(
+                "127.0.0.1", port, "provider-0", username="provider-0", password=provider_password
+            ) as watcher,  # fmt: skip
+            bus.client(
+                "127.0.0.1", port, "user-4", username="user-4", password=thief_password
+            ) as thief,  # fmt: skip
+        ):
+            await watcher.subscribe(bus.uploads(roster.task), qos=1)
+            await thief.publish(bus.upload(roster.task, 3), b"forged", qos=1)
+            await thief.publish(bus.upload(roster.task, 4), b"own topic", qos=1)
+
+            async def collect() -> None:
+                async for message in watcher.messages:
+                    seen.append(str(message.topic))
+
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(collect(), 2.0)
+        return seen
+
+    seen = asyncio.run(attempt())
+    assert bus.upload(roster.task, 4) in seen
+    assert bus.upload(roster.task, 3) not in seen
+
+
+def test_dropouts_regroup_and_rejoin(tmp_path: Path) -> None:
+    """Round 2: kill -9 of user 3 before its uploads (negotiating and training). Once it
+    is back, in a round of all 9: kill -9 of the first user to upload, right after its
+    upload. Then user 9 dies for good. Each round completes with the survivors regrouped
+    (attempt + 1); the restarted users are grouped again, training goes on without 9."""
+    with LocalTask(tmp_path, 9, 30, {}, store="sqlite", broker="embedded",
+                   training={"local_epochs": 10}) as task:  # fmt: skip
+        task.wait_for_round(1, ROUND_TIMEOUT)
+        time.sleep(0.3)  # round 2 is announced: keys are being negotiated, models trained
+        task.kill(3)
+        records = task.wait_for_round(2, ROUND_TIMEOUT)
+        assert 3 in records[1]["dropped"] and records[1]["attempts"] >= 2  # type: ignore[operator]
+        task.start_user(3)
+        log3 = tmp_path / "participant-3.log"
+        _wait(lambda: log3.read_text().count("user-3: connected") >= 2, ROUND_TIMEOUT, "user 3")
+        done = task.rounds_done()
+        full = int(done[-1]["round"]) + 2  # type: ignore[call-overload]  # starts after 3 is back
+
+        def first_uploader() -> int | None:
+            for user in (4, 5, 6, 8):
+                stats = tmp_path / "state" / f"user-{user}" / "stats.json"
+                try:
+                    if json.loads(stats.read_text())["round"] == full:
+                        return user
+                except (OSError, ValueError):
+                    continue
+            return None
+
+        _wait(lambda: first_uploader() is not None, 3 * ROUND_TIMEOUT, "an upload")
+        victim = first_uploader()
+        assert victim is not None
+        task.kill(victim)  # it has uploaded; the slower users have not
+        _wait(lambda: any(r["round"] == full for r in task.rounds_done()), ROUND_TIMEOUT,
+              f"round {full}")  # fmt: skip
+        record = next(r for r in task.rounds_done() if r["round"] == full)
+        assert 3 in {m for g in record["groups"] for m in g["members"]}  # type: ignore[attr-defined]
+        assert victim in record["dropped"] and record["attempts"] >= 2  # type: ignore[operator]
+        task.start_user(victim)
+        task.kill(9)  # never comes back
+        back = tmp_path / f"participant-{victim}.log"
+        _wait(lambda: back.read_text().count("connected") >= 2, ROUND_TIMEOUT, "the victim")
+        records = task.wait_for_round(len(task.rounds_done()) + 2, 2 * ROUND_TIMEOUT)
+        _check_rounds(records, len(records))
+        last = {m for g in records[-1]["groups"] for m in g["members"]}  # type: ignore[attr-defined]
+        assert victim in last and 9 not in last
+        _audit(task)
+
+
+def test_killed_ledger_writer_during_a_round(tmp_path: Path) -> None:
+    find_service_binary("mosquitto", "/usr/sbin/mosquitto")
+    find_service_binary("etcd", "/usr/bin/etcd")
+    with LocalTask(tmp_path, 9, 3, ATTACKS, store="etcd", broker="mosquitto") as task:
+        assert task.ledger is not None
+        task.wait_for_round(1, ROUND_TIMEOUT)
+        time.sleep(0.5)  # inside round 2
+        writer = asyncio.run(task.ledger.wait_for_writer())
+        task.ledger.kill_node(writer)
+        records = task.wait_for_round(3, 3 * ROUND_TIMEOUT)
+        _check_rounds(records, 3)
+        survivor = next(n for n in task.ledger.nodes if n != writer)
+        _audit(task, survivor)
+
+
+def test_a_forged_upload_claiming_to_be_user_3_is_refused(tmp_path: Path) -> None:
+    """User 4 signs an upload whose header names user 3: the ledger refuses it (so it
+    never gets a receipt), the provider machine refuses it by signature, and a genuine
+    receipt for another transaction does not make it acceptable."""
+    with LocalTask(tmp_path, 9, 1, {}, store="sqlite", broker="mosquitto") as task:
+        assert task.ledger is not None
+        records = task.wait_for_round(1, ROUND_TIMEOUT)
+        roster = task.ledger.roster
+        thief = Identity.load(tmp_path / "keys", 4)
+        body = MaskedUpload(records[0]["groups"][0]["gid"], 4, np.zeros(4, "<u4").tobytes())  # type: ignore[index]
+        honest = envelope.sign(thief, roster.task, body, prev=GENESIS, round=1, attempt=0)
+        forged = envelope.from_parts(
+            honest.header_bytes.replace(b"\xa6sender\x04", b"\xa6sender\x03"),
+            honest.payload,
+            honest.signature,
+        )
+        assert forged.header.sender == 3
+        forged_bytes = forged.to_bytes()
+
+        async def submit() -> RefusedError:
+            password = load_broker_password(tmp_path / "keys", 4)
+            async with (
+                bus.client(
+                    "127.0.0.1",
+                    task.ledger.broker_port,
+                    "user-4-forger",
+                    username="user-4",
+                    password=password,
+                ) as mqtt,  # fmt: skip
+                LedgerClient(mqtt, thief, roster, "user", timeout=2.0) as ledger,
+            ):
+                with pytest.raises(RefusedError) as refused:
+                    await ledger.submit(forged_bytes)
+                return refused.value
+
+        refusal = asyncio.run(submit())
+        assert refusal.reason is RefusalReason.BAD_SIGNATURE
+
+        provider = Identity.load(tmp_path / "keys", 0)
+        machine = ProviderMachine(provider, roster, np.zeros(4, np.float32))
+        out = machine.handle(Received("upload", forged_bytes))
+        assert isinstance(out[0], Refused) and out[0].reason == "SignatureError"
+
+        receipt_of_another = _any_receipt(tmp_path, roster)
+        with pytest.raises(ReceiptError):
+            open_recorded(Recorded(forged_bytes, receipt_of_another).to_bytes(), roster)
+        _audit(task)
+
+
+def _any_receipt(root: Path, roster: Roster) -> bytes:
+    """A genuine ledger receipt, for some other transaction: ask the ledger to commit an
+    attestation as user 5 and keep its receipt."""
+    from fairbus.wire.messages import Attestation
+
+    user = Identity.load(root / "keys", 5)
+    config = (root / "task.toml").read_text()
+    port = int(config.split("127.0.0.1:")[1].split('"')[0])
+
+    async def commit() -> bytes:
+        password = load_broker_password(root / "keys", 5)
+        async with (
+            bus.client(
+                "127.0.0.1", port, "user-5-extra", username="user-5", password=password
+            ) as mqtt,  # fmt: skip
+            LedgerClient(mqtt, user, roster, "user", timeout=2.0) as ledger,
+        ):
+            head = (await ledger.query("head", sender=5)).records[0]
+            note = envelope.sign(user, roster.task, Attestation("note", bytes(32), b""), prev=head)
+            _, receipt = await ledger.submit_for_receipt(note.to_bytes())
+            return receipt
+
+    return asyncio.run(commit())

@@ -1,0 +1,113 @@
+"""The runtime's pure parts: its configuration, the recorded-message decoder and the
+user's persistent state. Bad inputs are refused with a typed error."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from fairbus import envelope
+from fairbus.envelope import GENESIS
+from fairbus.errors import FairbusError, SchemaError
+from fairbus.identity import Identity
+from fairbus.roster import Roster
+from fairbus.runtime.config import RuntimeConfig, RuntimeConfigError
+from fairbus.runtime.user_state import UserState, UserStateError
+from fairbus.wire import codec
+from fairbus.wire.messages import Attestation, GlobalModel
+from ledger.recorded import ReceiptError, Recorded, check_receipt, header_only, open_recorded
+
+EXAMPLE = Path(__file__).parent.parent / "configs" / "fairbus.example.toml"
+
+
+def test_the_example_configuration_loads() -> None:
+    config = RuntimeConfig.load(EXAMPLE)
+    assert config.training.dataset == "digits" and config.provider.rounds == 10
+    assert config.roster == EXAMPLE.parent / "roster.example.toml"
+    assert config.provider_config().detection == config.detection
+
+
+@pytest.mark.parametrize(
+    ("raw", "says"),
+    [
+        ({"roster": "r", "colour": 1}, "unknown keys"),
+        ({"roster": 3}, "'roster' must be str"),
+        ({}, "'roster' (a path) is required"),
+        ({"roster": "r", "broker": "nohost"}, "'broker' is 'host:port'"),
+        ({"roster": "r", "broker": "h:99999"}, "'broker' is 'host:port'"),
+        ({"roster": "r", "training": {"dataset": "imagenet"}}, "unknown dataset"),
+        ({"roster": "r", "training": {"local_epochs": 0}}, "'local_epochs' must be at least 1"),
+        ({"roster": "r", "training": {"lr": "fast"}}, "'lr' must be a number"),
+        ({"roster": "r", "provider": {"rounds": True}}, "'rounds' must be int"),
+        ({"roster": "r", "provider": {"min_users": 2}}, "at least 3"),
+        ({"roster": "r", "provider": {"defended": 1}}, "'defended' must be bool"),
+        ({"roster": "r", "provider": {"speed": 1}}, "unknown keys"),
+        ({"roster": "r", "detection": {"bound_score": "x"}}, "[detection]"),
+        ({"roster": "r", "training": 5}, "must be dict"),
+    ],
+)
+def test_bad_configurations_are_refused(raw: dict[str, object], says: str) -> None:
+    with pytest.raises(RuntimeConfigError) as error:
+        RuntimeConfig.from_dict(raw, base=Path("/x"), source="t.toml")
+    assert says in str(error.value)
+
+
+def test_an_unreadable_file_is_a_config_error(tmp_path: Path) -> None:
+    (tmp_path / "t.toml").write_text("roster = [")
+    with pytest.raises(RuntimeConfigError):
+        RuntimeConfig.load(tmp_path / "t.toml")
+    with pytest.raises(RuntimeConfigError):
+        RuntimeConfig.load(tmp_path / "missing.toml")
+
+
+def test_recorded_messages_are_decoded_strictly(
+    identities: dict[int, Identity], roster: Roster
+) -> None:
+    signed = envelope.sign(identities[0], roster.task, GlobalModel(2, b"\x00" * 8),
+                           prev=GENESIS, round=1, attempt=0)  # fmt: skip
+    bad_inputs = [
+        b"",
+        b"\xc1",
+        codec.pack([1, 2]),
+        codec.pack({"e": b"x"}),
+        codec.pack({"e": 1, "r": b""}),
+        codec.pack({"e": b"", "r": b"x" * 70_000}),
+    ]
+    for bad in bad_inputs:
+        with pytest.raises(FairbusError):
+            Recorded.from_bytes(bad)
+    # no receipt, a receipt signed by a user, a receipt for another transaction
+    with pytest.raises(FairbusError):
+        open_recorded(Recorded(signed.to_bytes(), b"").to_bytes(), roster)
+    user_note = envelope.sign(identities[1], roster.task, Attestation("n", bytes(32), b""),
+                              prev=GENESIS)  # fmt: skip
+    with pytest.raises(ReceiptError):
+        check_receipt(user_note.to_bytes(), signed.hash, roster)
+    stripped = envelope.parse(header_only(signed.to_bytes()))
+    assert stripped.payload == b"" and stripped.hash == signed.hash
+
+
+def test_user_state_survives_a_restart_and_refuses_damage(tmp_path: Path) -> None:
+    state = UserState(tmp_path / "user-3")
+    assert state.chain_head() == GENESIS
+    state.save_chain_head(b"\x07" * 32)
+    describe: dict[str, object] = {"dataset": "digits", "seed": 0}
+    state.save_partition(describe, np.arange(5, dtype=np.int64))
+    again = UserState(tmp_path / "user-3")
+    assert again.chain_head() == b"\x07" * 32
+    part = again.partition(describe)
+    assert part is not None and part.tolist() == [0, 1, 2, 3, 4]
+    with pytest.raises(UserStateError):
+        again.partition({"dataset": "mnist", "seed": 0})
+    (tmp_path / "user-3" / "partition.npy").write_bytes(b"garbage")
+    with pytest.raises(UserStateError):
+        again.partition(describe)
+    (tmp_path / "user-3" / "chain_head").write_text("zz")
+    with pytest.raises(UserStateError):
+        again.chain_head()
+    (tmp_path / "user-3" / "chain_head").write_text("ab" * 16)
+    with pytest.raises(UserStateError):
+        again.chain_head()
+    assert isinstance(SchemaError("x"), FairbusError)
