@@ -244,3 +244,43 @@ def ledger_bench(
     )
     table.add_row("blocks / transactions", f"{r.blocks:,} / {r.transactions:,}", "")
     console.print(table)
+
+
+@app.command("round")
+def round_bench(
+    rounds: int = typer.Option(3, help="Rounds per run; the first is left out as warm-up."),
+    per_user: int = typer.Option(6_667, help="Training images per user (paper: 60,000 / 9)."),
+    broker: str = typer.Option("mosquitto", help="'mosquitto' or 'embedded'."),
+    ledger: str = typer.Option("sqlite", help="'sqlite' or 'etcd'."),
+    workdir: Path = typer.Option(Path("out/bench-round"), help="Files of both deployments."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
+) -> None:
+    """One secure round of 9 user processes training the paper's MNIST CNN (582,026
+    parameters) over the network, by phase, with bytes per user and per upload; and the
+    same training as plain FedAvg over the same broker. Prints secure/plain."""
+    from fairbus.bench import round as round_module
+
+    secure, plain = round_module.bench(
+        workdir, rounds=rounds, per_user=per_user, broker=broker, store=ledger
+    )
+    ratio = secure.round_s / plain.round_s
+    if as_json:
+        console.print_json(json.dumps({"secure": vars(secure), "plain": vars(plain),
+                                       "ratio": ratio}))  # fmt: skip
+        return
+    table = Table(title=f"one round, 9 users, MNIST CNN, {broker} broker, {ledger} ledger")
+    for column in ("measure", "secure", "plain FedAvg", "target"):
+        table.add_column(column)
+    table.add_row("round wall time", f"{secure.round_s:.2f} s", f"{plain.round_s:.2f} s",
+                  f"ratio {ratio:.3f} (≤ 1.15)")  # fmt: skip
+    for phase, value in secure.phases_s.items():
+        table.add_row(f"  {phase}", f"{value:.3f} s", f"{plain.phases_s.get(phase, 0.0):.3f} s", "")
+    size = round_module.MODEL_FLOAT32_BYTES
+    table.add_row("bytes sent per user", f"{secure.bytes_per_user:,.0f}",
+                  f"{plain.bytes_per_user:,.0f}", "")  # fmt: skip
+    table.add_row("bytes per upload", f"{secure.bytes_per_upload:,.0f}",
+                  f"{plain.bytes_per_upload:,.0f}",
+                  f"{size:,} ± 5% ({secure.bytes_per_upload / size - 1:+.2%})")  # fmt: skip
+    table.add_row("global accuracy (last round)", f"{secure.accuracy:.3f}",
+                  f"{plain.accuracy:.3f}", "")  # fmt: skip
+    console.print(table)

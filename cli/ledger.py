@@ -84,6 +84,8 @@ def _report(what: str, report: auditing.Report) -> None:
         console.print(
             f"[green]{what}: OK[/] — {report.blocks} blocks, {report.transactions} transactions"
         )
+        for note in report.notes:
+            console.print(f"  note: {note}")
         return
     console.print(f"[red]{what}: FAILED[/] after {report.blocks} good blocks: {report.problem}")
     raise typer.Exit(1)

@@ -45,6 +45,9 @@ class Header(WireStruct):
     sender: int
     round: int | None
     attempt: int | None
+    group: int | None
+    """An upload's group id, in the signed header so the ledger knows it without the
+    model-sized payload; None for every other type."""
     payload_sha256: bytes
     prev: bytes
     FIELDS: ClassVar[dict[str, Spec]] = {
@@ -54,6 +57,7 @@ class Header(WireStruct):
         "sender": Int(),
         "round": Optional(Int()),
         "attempt": Optional(Int(0, MAX_ATTEMPT)),
+        "group": Optional(Int()),
         "payload_sha256": Bin(exact=32),
         "prev": Bin(exact=32),
     }
@@ -102,11 +106,13 @@ def sign(
     round: int | None = None,
     attempt: int | None = None,
 ) -> SignedEnvelope:
-    """Build and sign an envelope carrying ``message``."""
+    """Build and sign an envelope carrying ``message`` (an upload's group goes into the
+    header too)."""
     if (round is not None and attempt is not None) != message.SCOPED:
         raise SchemaError(
             f"{message.TYPE!r} messages {'need' if message.SCOPED else 'take no'} round and attempt"
         )
+    group: int | None = message.group if header_group(message.TYPE) else None
     payload = message.payload()
     header = Header(
         VERSION,
@@ -115,6 +121,7 @@ def sign(
         identity.participant_id,
         round,
         attempt,
+        group,
         hashlib.sha256(payload).digest(),
         prev,
     )
@@ -177,7 +184,25 @@ def verify(
         ) from None
     if hashlib.sha256(envelope.payload).digest() != header.payload_sha256:
         raise SignatureError("payload does not match the SHA-256 in the signed header")
-    return Verified(envelope, decode_body(header.type, envelope.payload, limits))
+    check_header_group(header)
+    body = decode_body(header.type, envelope.payload, limits)
+    if header.group is not None and header.group != getattr(body, "group", None):
+        raise SchemaError(f"header names group {header.group}, the upload another")
+    return Verified(envelope, body)
+
+
+def header_group(msg_type: str) -> bool:
+    """Whether envelopes of this type name their group in the header."""
+    return bool(getattr(MESSAGE_TYPES[msg_type], "HEADER_GROUP", False))
+
+
+def check_header_group(header: Header) -> None:
+    """An upload names its group in the header; nothing else names one."""
+    if header_group(header.type) != (header.group is not None):
+        raise SchemaError(
+            f"a {header.type!r} header must {'' if header_group(header.type) else 'not '}"
+            "name a group"
+        )
 
 
 def open_envelope(data: bytes, roster: Roster, limits: WireLimits = DEFAULT_LIMITS) -> Verified:

@@ -24,6 +24,8 @@ from fairbus.identity import Identity
 from fairbus.protocol.events import (
     PROVIDER,
     USERS,
+    AttemptClosed,
+    CloseAttempt,
     Dropped,
     Evaluate,
     Evaluated,
@@ -188,6 +190,7 @@ class Simulation:
         self._record: RoundRecord | None = None
         self._plan: dict[int, DropoutPlan] = {}
         self._killed_this_round: list[DropoutPlan] = []
+        self._closing: list[CloseAttempt] = []
 
     # --- driving ------------------------------------------------------------------------------
 
@@ -240,6 +243,17 @@ class Simulation:
         return record
 
     def _pump(self) -> None:
+        while True:
+            self._deliver_queued()
+            if not self._closing:
+                return
+            close = self._closing.pop(0)
+            # Everything deliverable was delivered: the provider holds every upload that
+            # was sent for the attempt (a killed user's undelivered ones are lost).
+            closed = AttemptClosed(close.round, close.attempt, frozenset())
+            self._dispatch(PROVIDER, self.provider.handle(closed))
+
+    def _deliver_queued(self) -> None:
         while self._queue:
             to, send, source = self._queue.popleft()
             if source != PROVIDER and source not in self.alive:
@@ -284,6 +298,10 @@ class Simulation:
                 self._train(source, out)
             elif isinstance(out, Evaluate):
                 self._evaluate(out)
+            elif isinstance(out, CloseAttempt):
+                # Answered once everything in flight is delivered (see _pump), the way the
+                # ledger answers once the dropout is recorded.
+                self._closing.append(out)
             elif isinstance(out, RoundDone):
                 self._done(out)
             elif isinstance(out, RoundFailed):

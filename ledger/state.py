@@ -23,6 +23,7 @@ from enum import StrEnum
 from nacl.exceptions import BadSignatureError
 
 from fairbus.detection import DetectionParams, detect
+from fairbus.envelope import check_header_group
 from fairbus.errors import (
     FairbusError,
     GroupingError,
@@ -98,7 +99,22 @@ class RoundRecord:
     announce: Announce
     evaluation: Evaluation | None = None
     decided: bool = False
-    senders: frozenset[int] = frozenset()
+    uploads: frozenset[tuple[int, int]] = frozenset()
+    """(group, sender) of every upload recorded for this attempt."""
+    closed: bool = False
+    """A dropout was recorded: the attempt takes no more uploads."""
+
+    def complete_groups(self) -> list[GroupSpec]:
+        """The groups every member of which uploaded: the provider can decrypt these."""
+        return [
+            g for g in self.announce.groups if all((g.gid, m) in self.uploads for m in g.members)
+        ]
+
+    def evaluated_groups(self) -> list[GroupSpec]:
+        """What the evaluation may cover: every group (all of them), or after a dropout
+        the complete ones (some of them: the provider finishes the round on those it
+        holds when it cannot regroup)."""
+        return self.complete_groups() if self.closed else list(self.announce.groups)
 
 
 @dataclass
@@ -238,14 +254,20 @@ class Draft:
                 "(or a later attempt has)",
             )
         if kind == "upload":
-            self._upload(r, header.sender, record)
+            assert header.group is not None
+            self._upload(r, header.sender, header.group, record)
         elif kind == "evaluation":
             assert isinstance(message, Evaluation)
             self._evaluation(r, record, message)
         elif kind == "decision":
             assert isinstance(message, Decision)
             self._decision(r, record, message)
-        # a dropout needs only an announced attempt
+        elif kind == "dropout":
+            if record.evaluation is not None:
+                raise RefusedError(
+                    RefusalReason.OUT_OF_ORDER, f"a dropout after round {r}'s evaluation"
+                )
+            self.rounds[r] = replace(record, closed=True)
 
     def _roster_change(self, message: RosterChange) -> None:
         try:
@@ -271,6 +293,15 @@ class Draft:
         grouping = grouping_of(message)
         users = set(grouping.users)
         problems = []
+        if last is not None:
+            # Every group the provider may have decrypted in this round must be in the
+            # exposure check of the new grouping.
+            named = {tuple(sorted(g)) for g in message.prior_groups}
+            known = [tuple(sorted(g.members)) for g in last.complete_groups()]
+            known += [tuple(sorted(g)) for g in last.announce.prior_groups]
+            missing = sorted(set(known) - named)
+            if missing:
+                problems.append(f"prior_groups omit groups whose sums are known: {missing}")
         if len({g.gid for g in grouping.groups}) != len(grouping.groups):
             problems.append("group ids repeat")
         if users & self.excluded:
@@ -298,23 +329,36 @@ class Draft:
         self.current_round = r
         self.rounds[r] = RoundRecord(a, message)
 
-    def _upload(self, r: int, sender: int, record: RoundRecord) -> None:
+    def _upload(self, r: int, sender: int, gid: int, record: RoundRecord) -> None:
         if sender in self.excluded:
             raise RefusedError(RefusalReason.EXCLUDED, f"participant {sender} is excluded")
-        if not any(sender in g.members for g in record.announce.groups):
+        if record.closed:
+            raise RefusedError(
+                RefusalReason.OUT_OF_ORDER,
+                f"round {r} attempt {record.attempt} was closed by a dropout",
+            )
+        if not any(g.gid == gid and sender in g.members for g in record.announce.groups):
             raise RefusedError(
                 RefusalReason.NOT_IN_GROUP,
-                f"participant {sender} is in no group of round {r} attempt {record.attempt}",
+                f"participant {sender} is not in group {gid} of round {r} attempt {record.attempt}",
             )
+        if (gid, sender) in record.uploads:
+            raise RefusedError(
+                RefusalReason.OUT_OF_ORDER, f"participant {sender} already uploaded to group {gid}"
+            )
+        self.rounds[r] = replace(record, uploads=record.uploads | {(gid, sender)})
 
     def _evaluation(self, r: int, record: RoundRecord, message: Evaluation) -> None:
         if record.evaluation is not None:
             raise RefusedError(
                 RefusalReason.OUT_OF_ORDER, f"round {r} attempt {record.attempt} has an evaluation"
             )
-        announced = {g.gid for g in record.announce.groups}
+        announced = {g.gid for g in record.evaluated_groups()}
         evaluated = [e.gid for e in message.accuracies]
-        if sorted(evaluated) != sorted(announced) or len(set(evaluated)) != len(evaluated):
+        # A closed attempt is evaluated on complete groups only: a dropped user's recorded
+        # upload may never have reached the provider.
+        covered = set(evaluated) <= announced if record.closed else set(evaluated) == announced
+        if not evaluated or not covered or len(set(evaluated)) != len(evaluated):
             raise RefusedError(
                 RefusalReason.OUT_OF_ORDER,
                 f"evaluation of groups {sorted(evaluated)}, round {r} has groups "
@@ -335,9 +379,10 @@ class Draft:
             for e in record.evaluation.accuracies
             if e.contribution is not None
         }
+        evaluated = {e.gid for e in record.evaluation.accuracies}
         try:
             result = detect(
-                grouping_of(record.announce),
+                grouping_of(record.announce, evaluated),
                 accuracies,
                 self.state.params,
                 contributions or None,
@@ -390,6 +435,10 @@ def check_transaction(
             RefusalReason.WRONG_TASK,
             f"transaction is for task {header.task!r}, this ledger is {roster.task!r}",
         )
+    try:
+        check_header_group(header)
+    except WireError as exc:
+        raise RefusedError(RefusalReason.MALFORMED, str(exc)) from None
     cls = MESSAGE_TYPES[header.type]
     try:
         member = roster.member(header.sender, roles=cls.SENDERS)
@@ -434,9 +483,9 @@ def _wire_reason(exc: WireError) -> RefusalReason:
     return RefusalReason.TOO_LARGE if isinstance(exc, SizeError) else RefusalReason.MALFORMED
 
 
-def grouping_of(announce: Announce) -> Grouping:
-    """The :class:`Grouping` an announcement describes."""
-    groups = tuple(_group(spec) for spec in announce.groups)
+def grouping_of(announce: Announce, only: set[int] | None = None) -> Grouping:
+    """The :class:`Grouping` an announcement describes (``only`` those group ids)."""
+    groups = tuple(_group(s) for s in announce.groups if only is None or s.gid in only)
     basics = sum(1 for g in groups if g.kind == "basic")
     return Grouping(groups, frozenset(announce.key_users), 0, basics)
 

@@ -8,7 +8,7 @@ from fairbus.detection import DetectionParams
 from fairbus.identity import Identity
 from fairbus.protocol.events import Send
 from fairbus.roster import Member, Role, Roster
-from fairbus.simulator import Simulation, SimulationConfig
+from fairbus.simulator import DropoutPlan, Simulation, SimulationConfig
 from fairbus.training.attacks import Attack, Behaviour
 from fairbus.training.local import TrainConfig
 from ledger.records import LEDGER_TYPES
@@ -26,7 +26,7 @@ class RecordedRun:
     """Every envelope a ledger records, in the order the participants sent them."""
 
 
-def record_run(rounds: int = 3) -> RecordedRun:
+def record_run(rounds: int = 3, dropouts: tuple[DropoutPlan, ...] = ()) -> RecordedRun:
     """Nine users on digits (one poisoner, one free-rider), short local training."""
     config = SimulationConfig(
         users=9,
@@ -34,6 +34,7 @@ def record_run(rounds: int = 3) -> RecordedRun:
         seed=5,
         train=TrainConfig(local_epochs=2),
         attacks={2: Attack(Behaviour.POISONER), 7: Attack(Behaviour.FREE_RIDER)},
+        dropouts=dropouts,
     )
     sim = Simulation(config)
     envelopes: list[bytes] = []

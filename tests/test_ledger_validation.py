@@ -15,6 +15,7 @@ from fairbus.envelope import GENESIS
 from fairbus.errors import WireError
 from fairbus.identity import Identity
 from fairbus.roster import Member, Role, Roster
+from fairbus.simulator import DropoutPlan
 from fairbus.wire.messages import (
     Attestation,
     Decision,
@@ -299,3 +300,30 @@ async def test_a_roster_change_by_the_admin_admits_a_new_member(
     raw = await store.read(0)
     assert verify(raw, run.roster).ok  # verify applies the change as it comes
     assert audit(raw, run.roster, run.params).ok
+
+
+async def test_dropouts_commit_and_a_closed_attempt_takes_no_more_uploads(tmp_path: Path) -> None:
+    """A run with a dropout in negotiation (regrouped: the new announcement names the
+    known groups) and one after an upload (finished on the complete groups: the
+    evaluation covers only those, and Alg. 6 is re-derived on them) commits whole; an
+    upload for the closed attempt is refused."""
+    plans = (DropoutPlan(1, 4, "negotiation"), DropoutPlan(2, 5, "upload"))
+    run = record_run(rounds=2, dropouts=plans)
+    node = await writer(run, SqliteStore(tmp_path / "l.sqlite"), tmp_path)
+    outcomes = await submit_all(node, run.envelopes)
+    refused = [o for o in outcomes if isinstance(o, Refused)]
+    assert not refused, refused[:3]
+    assert node.state.rounds[2].closed and node.state.rounds[2].evaluation is not None
+    record = node.state.rounds[2]
+    user = next(m for g in record.announce.groups for m in g.members if m != 5)
+    gid = next(g.gid for g in record.announce.groups if user in g.members)
+    late = envelope.sign(
+        run.identities[user],
+        run.roster.task,
+        MaskedUpload(gid, 1, bytes(4)),
+        prev=node.state.head(user),
+        round=2,
+        attempt=record.attempt,
+    )
+    outcome = (await submit_all(node, [late.to_bytes()]))[0]
+    assert isinstance(outcome, Refused) and outcome.reason is RefusalReason.OUT_OF_ORDER

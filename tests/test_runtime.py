@@ -54,7 +54,9 @@ def _check_rounds(records: list[dict[str, object]], n: int) -> None:
     round that could not be regrouped is retried under the next round number.)"""
     assert len(records) >= n
     for r in records[:n]:
-        assert r["failed"] is None and not r["refusals"], r
+        # uploads already in flight when a dropout closed the attempt are turned away
+        stale = all(x.startswith("StaleUpload") for x in r["refusals"])  # type: ignore[attr-defined]
+        assert r["failed"] is None and stale and (r["dropped"] or not r["refusals"]), r
         assert all(len(g["members"]) >= 3 for g in r["groups"])  # type: ignore[attr-defined]
     excluded = set(records[n - 1]["excluded"])  # type: ignore[call-overload]
     assert excluded <= set(ATTACKS), f"honest users excluded: {excluded - set(ATTACKS)}"
@@ -127,10 +129,11 @@ def _foreign_client_is_refused_by_the_acl(task: LocalTask) -> None:
 
 
 def test_dropouts_regroup_and_rejoin(tmp_path: Path) -> None:
-    """Round 2: kill -9 of user 3 before its uploads (negotiating and training). Once it
-    is back, in a round of all 9: kill -9 of the first user to upload, right after its
-    upload. Then user 9 dies for good. Each round completes with the survivors regrouped
-    (attempt + 1); the restarted users are grouped again, training goes on without 9."""
+    """Round 2: kill -9 of user 3 before its uploads (negotiating and training): the
+    survivors are regrouped (attempt + 1). Once it is back, in a round of all 9: kill -9
+    of the first user to upload, right after its upload: the round completes (regrouped,
+    or on the groups complete before the dropout). Then user 9 dies for good. The
+    restarted users are grouped again; training goes on without 9."""
     with LocalTask(tmp_path, 9, 30, {}, store="sqlite", broker="embedded",
                    training={"local_epochs": 10}) as task:  # fmt: skip
         task.wait_for_round(1, ROUND_TIMEOUT)
@@ -162,7 +165,8 @@ def test_dropouts_regroup_and_rejoin(tmp_path: Path) -> None:
               f"round {full}")  # fmt: skip
         record = next(r for r in task.rounds_done() if r["round"] == full)
         assert 3 in {m for g in record["groups"] for m in g["members"]}  # type: ignore[attr-defined]
-        assert victim in record["dropped"] and record["attempts"] >= 2  # type: ignore[operator]
+        # regrouped (attempt + 1), or finished on the groups complete before the dropout
+        assert victim in record["dropped"]  # type: ignore[operator]
         task.start_user(victim)
         task.kill(9)  # never comes back
         back = tmp_path / f"participant-{victim}.log"

@@ -58,10 +58,15 @@ def test_a_dropout_regroups_the_survivors_and_the_round_completes(phase: str) ->
     sim = Simulation(SimulationConfig(users=9, rounds=2, seed=1, train=FAST, dropouts=(plan,)))
     first = sim.play_round(1)
     _check_round_invariants(first)
-    assert first.attempts == 2 and first.dropped == [4]
-    assert all(4 not in g["members"] for g in first.groups)
-    if phase == "upload":
-        assert first.prior_groups, "groups that received uploads carry into the exposure check"
+    assert first.dropped == [4]
+    if phase == "negotiation":
+        assert first.attempts == 2 and all(4 not in g["members"] for g in first.groups)
+    else:
+        # User 4 uploaded to one group and died: that group is complete, its others are
+        # not. Regrouping the survivors would expose it (a complete basic grouping of all
+        # plus any partition of the survivors), so the round finishes on the complete
+        # groups it holds: no group waits on user 4, and nothing is exposed.
+        assert first.attempts == 1 and 0 < len(first.groups) < 8
     second = sim.play_round(2)  # the restarted user rejoins
     _check_round_invariants(second)
     assert any(4 in g["members"] for g in second.groups)

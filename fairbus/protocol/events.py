@@ -63,13 +63,24 @@ class Joined:
 
 
 @dataclass(frozen=True)
+class AttemptClosed:
+    """The driver's answer to :class:`CloseAttempt`: every (group, user) upload recorded
+    for the closed attempt (from the ledger, which takes no more once the dropout is
+    recorded)."""
+
+    round: int
+    attempt: int
+    uploads: frozenset[tuple[int, int]]
+
+
+@dataclass(frozen=True)
 class Tick:
     """The time now (seconds); lets a machine act on its deadlines."""
 
     now: float
 
 
-Event: TypeAlias = Received | Trained | Evaluated | Dropped | Joined | Tick
+Event: TypeAlias = Received | Trained | Evaluated | Dropped | Joined | AttemptClosed | Tick
 
 
 # --- outputs --------------------------------------------------------------------------------
@@ -98,6 +109,16 @@ class Evaluate:
     attempt: int
     gid: int
     params: npt.NDArray[np.float32]
+
+
+@dataclass(frozen=True)
+class CloseAttempt:
+    """A dropout (already sent) closed the attempt: find out which uploads for it were
+    recorded and answer with :class:`AttemptClosed`. The groups all of whose members
+    uploaded are decryptable; they enter the exposure check of the regrouping."""
+
+    round: int
+    attempt: int
 
 
 @dataclass(frozen=True)
@@ -148,4 +169,6 @@ class Excluded:
     round: int
 
 
-Output: TypeAlias = Send | Train | Evaluate | Refused | RoundDone | RoundFailed | Excluded
+Output: TypeAlias = (
+    Send | Train | Evaluate | CloseAttempt | Refused | RoundDone | RoundFailed | Excluded
+)

@@ -6,15 +6,19 @@ collect signed masked uploads, decrypt each complete group (Alg. 5), have the dr
 evaluate it, run detection (Alg. 6), exclude violators for good (lines 26-29) and
 aggregate the clean groups into the next global model (line 30).
 
-A user who drops while uploads are being collected voids the incomplete groups of the
-attempt; the survivors are regrouped with fresh keys (attempt + 1) and the round goes
-on. Groups of earlier attempts that received any upload are carried into the exposure
-check of the new grouping, and announced so users can check it too.
+A user who drops while uploads are being collected closes the attempt: the provider
+records a dropout (after which the ledger takes no more uploads for the attempt) and
+asks its driver which uploads were recorded (:class:`CloseAttempt`, answered by
+:class:`AttemptClosed`). Groups all of whose members uploaded are "known": their sums
+may be decrypted. Then, in order: if every group is complete, the round goes on; else
+the survivors are regrouped with fresh keys (attempt + 1), the known groups carried into
+the exposure check and announced (the ledger refuses an announcement that omits one);
+if no grouping passes that check, the round finishes on the complete groups it holds.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from enum import Enum
 
 import numpy as np
@@ -31,6 +35,8 @@ from fairbus.identity import Identity
 from fairbus.masking import GroupAggregate
 from fairbus.protocol.events import (
     USERS,
+    AttemptClosed,
+    CloseAttempt,
     Dropped,
     Evaluate,
     Evaluated,
@@ -127,6 +133,7 @@ def _most_trusted(result: DetectionResult, at_least: int = 4) -> list[int]:
 class ProviderPhase(Enum):
     IDLE = "idle"  # between rounds
     COLLECTING = "collecting"  # announced; waiting for every group's uploads
+    REGROUPING = "regrouping"  # an attempt voided; waiting to learn which uploads it got
     EVALUATING = "evaluating"  # every group decrypted; waiting for accuracies
 
 
@@ -275,6 +282,8 @@ class ProviderMachine:
                 self.online.add(event.user)
                 self._regroup = True
             return []
+        if isinstance(event, AttemptClosed):
+            return self._on_attempt_closed(event)
         if isinstance(event, Tick):
             return self._on_tick(event.now)
         if isinstance(event, Trained):
@@ -293,10 +302,8 @@ class ProviderMachine:
             return []
         header = verified.header
         user = header.sender
-        if self.phase is not ProviderPhase.COLLECTING or (header.round, header.attempt) != (
-            self.round,
-            self.attempt,
-        ):
+        collecting = self.phase in (ProviderPhase.COLLECTING, ProviderPhase.REGROUPING)
+        if not collecting or (header.round, header.attempt) != (self.round, self.attempt):
             return [
                 Refused("StaleUpload", f"upload from {user} for ({header.round}, {header.attempt})")
             ]
@@ -349,25 +356,80 @@ class ProviderMachine:
     def _on_dropped(self, users: set[int]) -> list[Output]:
         self.online -= users
         self._regroup = True
-        if self.phase is not ProviderPhase.COLLECTING or self.grouping is None:
+        if self.grouping is None or self.phase not in (
+            ProviderPhase.COLLECTING,
+            ProviderPhase.REGROUPING,
+        ):
             return []
         affected = users & set(self.grouping.users)
         if not affected:
             return []
-        # Void the attempt; regroup the survivors with fresh keys (attempt + 1).
         self._dropped_this_round |= affected
+        if self.phase is ProviderPhase.REGROUPING:
+            return []  # the survivors are chosen when the attempt is closed
+        # Void the attempt; regroup the survivors with fresh keys (attempt + 1) once the
+        # driver says whose uploads for it were recorded.
         voided = [g.gid for g in self.grouping.groups if affected & set(g.members)]
-        self._prior_groups += [g.members for g in self.grouping.groups if self._uploads[g.gid]]
-        out: list[Output] = [self._signed(Dropout(tuple(sorted(affected)), tuple(voided)))]
-        survivors = sorted(set(self.grouping.users) - self._dropped_this_round)
+        self.phase = ProviderPhase.REGROUPING
+        return [
+            self._signed(Dropout(tuple(sorted(affected)), tuple(voided))),
+            CloseAttempt(self.round, self.attempt),
+        ]
+
+    def _on_attempt_closed(self, event: AttemptClosed) -> list[Output]:
+        """Decide how the round goes on after a dropout closed the attempt.
+
+        Not in the paper, which voids the groups and regroups. Here: if every group is
+        complete, the round simply goes on; otherwise the survivors are regrouped (attempt
+        + 1) with the complete groups in the exposure check; if no grouping passes it
+        (a complete partition of all users plus any partition of the survivors would
+        determine the missing user's model), the round finishes on the complete groups.
+        """
+        if self.phase is not ProviderPhase.REGROUPING or (event.round, event.attempt) != (
+            self.round,
+            self.attempt,
+        ):
+            return []
+        assert self.grouping is not None
+        grouping = self.grouping
+        received = {(g, u) for g, got in self._uploads.items() for u in got}
+        recorded = set(event.uploads) | received
+        dropped = self._dropped_this_round
+        # known: every member's upload recorded, so the sum may be known (prior groups);
+        # usable: and every upload here or still to come from a user who is not gone.
+        known = [g for g in grouping.groups if all((g.gid, m) in recorded for m in g.members)]
+        usable = [
+            g for g in known if all((g.gid, m) in received or m not in dropped for m in g.members)
+        ]
+        self.phase = ProviderPhase.COLLECTING
+        if len(usable) == len(grouping.groups):
+            return self._maybe_evaluating()
+        complete = usable
+        earlier = list(self._prior_groups)
+        self._prior_groups = earlier + [g.members for g in known]
+        survivors = sorted(set(grouping.users) - self._dropped_this_round)
         self.attempt += 1
         try:
             self.grouping = self._make_grouping(survivors)
+            return self._announce()
         except GroupingError as exc:
-            self.phase = ProviderPhase.IDLE
-            self.grouping = None
-            return [*out, RoundFailed(self.round, str(exc))]
-        return out + self._announce()
+            self.attempt -= 1
+            self._prior_groups = earlier
+            if not complete:
+                self.phase = ProviderPhase.IDLE
+                self.grouping = None
+                return [RoundFailed(self.round, str(exc))]
+        # Finish on the complete groups of the closed attempt.
+        self.grouping = replace(grouping, groups=tuple(complete))
+        self._uploads = {g.gid: self._uploads[g.gid] for g in complete}
+        return self._maybe_evaluating()
+
+    def _maybe_evaluating(self) -> list[Output]:
+        assert self.grouping is not None
+        if len(self._decrypted) >= len(self.grouping.groups):
+            self.phase = ProviderPhase.EVALUATING
+            return self._finish() if len(self._accuracy) >= len(self.grouping.groups) else []
+        return []
 
     # --- detection, exclusion, aggregation ---------------------------------------------------
 

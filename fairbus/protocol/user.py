@@ -4,7 +4,8 @@ One round for one user (Algorithm 1, lines 9-21, as the user sees them):
 
 1. receive the global model and the signed announcement of round r, attempt a; check
    the grouping (every group ≥ 3, and no user's model determined by the round's group
-   sums: :func:`fairbus.grouping.check_grouping`) or refuse it;
+   sums, the announced known groups of earlier attempts included:
+   :func:`fairbus.grouping.check_grouping`) or refuse it;
 2. ask the driver to train (:class:`Train`) — once per round, reused by later attempts;
 3. per group, Algorithm 3 over sealed shares: deal, add what arrives, send the sum,
    reconstruct s_g, derive sk_gi;
@@ -113,7 +114,6 @@ class UserMachine:
         self._local: npt.NDArray[np.float32] | None = None
         self._codec = FixedPointCodec()
         self._groups: dict[int, _GroupState] = {}
-        self._uploaded_this_round: list[tuple[int, ...]] = []
         self._guard = ReplayGuard()
         self._early: deque[tuple[int, int, str, bytes]] = deque(maxlen=max_early)
 
@@ -183,8 +183,9 @@ class UserMachine:
                 )
         self._announce = None
         mine = [g for g in msg.groups if self.me in g.members]
-        prior = list(msg.prior_groups) + ([] if new_round else self._uploaded_this_round)
-        check_grouping([g.members for g in msg.groups], prior)
+        # prior_groups: the ledger refuses an announcement that leaves out a group whose
+        # sum is known (every member uploaded before the attempt was closed).
+        check_grouping([g.members for g in msg.groups], msg.prior_groups)
         for g in mine:
             keyneg.GroupKeying(g.members, g.threshold)  # sizes, order, threshold
         out: list[Output] = []
@@ -194,7 +195,6 @@ class UserMachine:
             if self._global.size != msg.model_params:
                 raise GroupingError("announced model size differs from the global model")
             self._local = None
-            self._uploaded_this_round = []
             self.round = r
             out.append(Train(r, self._global))
         self.attempt = a
@@ -316,7 +316,6 @@ class UserMachine:
         self.prev = signed.hash
         state.uploaded = True
         state.key = None
-        self._uploaded_this_round.append(state.keying.members)
         return [Send(PROVIDER, "upload", signed.to_bytes())]
 
 

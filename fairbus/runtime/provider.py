@@ -26,6 +26,8 @@ from fairbus.envelope import GENESIS
 from fairbus.errors import FairbusError
 from fairbus.identity import Identity, load_broker_password
 from fairbus.protocol.events import (
+    AttemptClosed,
+    CloseAttempt,
     Dropped,
     Evaluate,
     Evaluated,
@@ -46,7 +48,7 @@ from fairbus.runtime.connection import OFFLINE, ONLINE, BusConnection
 from fairbus.simulator import TIMING_PHASES, RoundRecord, record_round
 from ledger.client import LedgerClient
 from ledger.recorded import Recorded, header_only, open_recorded
-from ledger.records import LEDGER_TYPES, is_model_sized
+from ledger.records import LEDGER_TYPES, Transaction, is_model_sized
 
 if TYPE_CHECKING:
     from fairbus.training.local import Evaluator
@@ -54,6 +56,8 @@ if TYPE_CHECKING:
 log = logging.getLogger("fairbus.provider")
 
 TICK = 0.25
+CLOSE_TIMEOUT = 30.0
+"""Seconds to wait for a ledger node that shows a recorded dropout."""
 NO_USERS_RETRY = 2.0
 """Seconds to wait for users before trying a round again when too few are online."""
 
@@ -99,10 +103,17 @@ class ProviderRuntime:
         self.bus.topics = [bus.uploads(self.task), bus.user_presences(self.task),
                            *self.ledger.topics]  # fmt: skip
         self.machine: ProviderMachine | None = None
+        self._last_dropout = b""
+        self._plain: asyncio.Queue[tuple[int, bytes]] = asyncio.Queue()
 
     # --- bus ---------------------------------------------------------------------------------
 
     def _on_message(self, topic: str, data: bytes) -> None:
+        if not self.config.provider.secure and topic.endswith("/upload"):
+            sender = bus.sender_of(topic)
+            if sender is not None and sender[1] in self.users:
+                self._plain.put_nowait((sender[1], data))
+            return
         if "/ledger/" in topic:
             self.ledger.dispatch(data)
             return
@@ -153,7 +164,10 @@ class ProviderRuntime:
             self.machine.online = set()
             await self._wait_for_users()
             while len(self.records) < self.config.provider.rounds:
-                await self._play_round()
+                if self.config.provider.secure:
+                    await self._play_round()
+                else:
+                    await self._play_plain_round()
             return self.records
         finally:
             await self.bus.leave()
@@ -216,6 +230,50 @@ class ProviderRuntime:
             log.warning("round %d failed: %s; waiting for users", record.round, record.failed)
             await asyncio.sleep(NO_USERS_RETRY)
 
+    async def _play_plain_round(self) -> None:
+        """The benchmark's baseline, plain FedAvg over the same bus: the global model out,
+        every online user's trained model back in the clear, their mean. No grouping,
+        masking, signatures or ledger."""
+        assert self.machine is not None and self._evaluator is not None
+        machine = self.machine
+        await self._drain()
+        machine.round += 1
+        r = machine.round
+        record = RoundRecord(r, 1, 0.0, [], None, {}, [], [], [], [], [],
+                             dict.fromkeys(TIMING_PHASES, 0.0), Counter())  # fmt: skip
+        self._record = record
+        users = sorted(machine.online)
+        start = time.perf_counter()
+        payload = r.to_bytes(8, "little") + machine.global_params.astype("<f4").tobytes()
+        await self.bus.publish(bus.provider_message(self.task, self.pid, "plain_model"), payload)
+        record.bytes["plain_model"] = len(payload)
+        got: dict[int, np.ndarray] = {}
+        deadline = time.monotonic() + self.config.provider.phase_timeout
+        while len(got) < len(users) and time.monotonic() < deadline:
+            try:
+                user, data = await asyncio.wait_for(self._plain.get(), TICK)
+            except TimeoutError:
+                continue
+            if int.from_bytes(data[:8], "little") != r or len(data) != len(payload):
+                continue
+            got[user] = np.frombuffer(data[8:], dtype="<f4").astype(np.float32)
+        t0 = time.perf_counter()
+        if got:
+            machine.global_params = np.mean(list(got.values()), axis=0).astype(np.float32)
+        record.timings_s["aggregation"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        record.global_accuracy = await asyncio.to_thread(
+            self._evaluator.accuracy, machine.global_params
+        )
+        record.timings_s["evaluation"] = time.perf_counter() - t0
+        record.timings_s["round"] = time.perf_counter() - start
+        record.bytes = dict(record.bytes)
+        self.records.append(record)
+        with (self.out_dir / "rounds.jsonl").open("a") as f:
+            f.write(json.dumps(record.to_json()) + "\n")
+        log.info("plain round %d: accuracy %.3f from %d users", r, record.global_accuracy,
+                 len(got))  # fmt: skip
+
     async def _resync_chain(self, user: int) -> None:
         """A returning user's chain continues from the ledger's head for it: an upload it
         committed just before it died may never have reached the provider."""
@@ -239,6 +297,8 @@ class ProviderRuntime:
                 await self._broadcast(out)
             elif isinstance(out, Evaluate):
                 await self._evaluate(out)
+            elif isinstance(out, CloseAttempt):
+                await self._close_attempt(out)
             elif isinstance(out, RoundDone):
                 self._done(out)
             elif isinstance(out, RoundFailed):
@@ -258,6 +318,8 @@ class ProviderRuntime:
         start = time.perf_counter()
         submission = header_only(out.data) if is_model_sized(out.kind) else out.data
         committed, receipt = await self.ledger.submit_for_receipt(submission)
+        if out.kind == "dropout":
+            self._last_dropout = committed.tx_hash
         self._record.ledger_height = committed.height
         self._record.timings_s["ledger"] = (
             self._record.timings_s.get("ledger", 0.0) + time.perf_counter() - start
@@ -269,8 +331,33 @@ class ProviderRuntime:
             assert self.machine is not None
             self._record.prior_groups = [list(g) for g in self.machine.prior_groups]
         if out.kind == "dropout":
-            log.info("round %d: a dropout; the survivors are regrouped (attempt %d)",
-                     self._record.round, self.machine.attempt if self.machine else -1)  # fmt: skip
+            log.info("round %d: users dropped out; attempt %d closed", self._record.round,
+                     self.machine.attempt if self.machine else -1)  # fmt: skip
+
+    async def _close_attempt(self, effect: CloseAttempt) -> None:
+        """Tell the machine which uploads the ledger recorded for the closed attempt. The
+        round's records are asked for until they include the dropout (a node that has
+        not caught up yet would answer with an older view); after it the ledger takes no
+        more uploads for the attempt, so the answer is final."""
+        assert self.machine is not None
+        deadline = time.monotonic() + CLOSE_TIMEOUT
+        while True:
+            answer = await self.ledger.query("round", round=effect.round)
+            txs = [Transaction.from_bytes(record) for record in answer.records]
+            if any(tx.hash == self._last_dropout for tx in txs):
+                break
+            if time.monotonic() > deadline:
+                raise ProviderError(f"no ledger node shows round {effect.round}'s dropout")
+            await asyncio.sleep(0.05)
+        uploads = frozenset(
+            (tx.envelope.header.group, tx.envelope.header.sender)
+            for tx in txs
+            if tx.envelope.header.type == "upload"
+            and tx.envelope.header.attempt == effect.attempt
+            and tx.envelope.header.group is not None
+        )
+        closed = AttemptClosed(effect.round, effect.attempt, uploads)
+        await self._carry_out(self.machine.handle(closed))
 
     async def _evaluate(self, effect: Evaluate) -> None:
         assert self._evaluator is not None and self.machine is not None and self._record

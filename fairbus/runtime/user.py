@@ -102,11 +102,17 @@ class UserRuntime:
         ]
         self.machine = UserMachine(self.identity, self.roster)
         self._round_log: dict[str, float] = {}
+        self._bytes_before: dict[str, int] = {}
 
     # --- bus ---------------------------------------------------------------------------------
 
     def _on_message(self, topic: str, data: bytes) -> None:
         kind = topic.rsplit("/", 1)[-1]
+        if kind == "plain_model" and not self.config.provider.secure:
+            task = asyncio.create_task(self._plain_round(data))
+            self._training.add(task)
+            task.add_done_callback(self._training.discard)
+            return
         if "/ledger/" in topic:
             self.ledger.dispatch(data)
         elif kind in PROVIDER_KINDS:
@@ -133,8 +139,9 @@ class UserRuntime:
                      len(trainer.data))  # fmt: skip
             while True:
                 event = await self._inbox.get()
-                if isinstance(event, Received) and event.kind == "announce":
-                    self._round_log.setdefault("announced", time.perf_counter())
+                if isinstance(event, Received) and event.kind == "global_model":
+                    self._round_log = {"announced": time.perf_counter()}
+                    self._bytes_before = dict(self.bus.sent_bytes)
                 await self._carry_out(self.machine.handle(event))
         finally:
             await self.bus.leave()
@@ -200,6 +207,23 @@ class UserRuntime:
         self._round_log["training_s"] = time.perf_counter() - start
         self._inbox.put_nowait(Trained(effect.round, params))
 
+    async def _plain_round(self, data: bytes) -> None:
+        """The benchmark's baseline (plain FedAvg): train, send the model in the clear."""
+        assert self._trainer is not None
+        r = int.from_bytes(data[:8], "little")
+        global_params = np.frombuffer(data[8:], dtype="<f4").astype(np.float32)
+        async with self._train_lock:
+            start = time.perf_counter()
+            params = await asyncio.to_thread(self._trainer.train, global_params)
+        self._round_log = {"training_s": time.perf_counter() - start}
+        self._bytes_before = dict(self.bus.sent_bytes)
+        start = time.perf_counter()
+        payload = data[:8] + params.astype("<f4").tobytes()
+        await self.bus.publish(bus.upload(self.task, self.me), payload)
+        self._round_log["upload_s"] = time.perf_counter() - start
+        self._round_log["uploads"] = 1
+        self._write_stats(r)
+
     async def _upload(self, data: bytes) -> None:
         """Commit on the ledger, then publish with the receipt (the provider takes an
         upload only with one)."""
@@ -208,9 +232,10 @@ class UserRuntime:
         try:
             _, receipt = await self.ledger.submit_for_receipt(header_only(data))
         except (RefusedError, LedgerTimeoutError) as exc:
-            # Not committed: the next upload must link to the ledger's head, not this one.
-            self.machine.prev = self.state.chain_head()
+            # Not committed (or not known to be): the next upload links to whatever the
+            # ledger holds as this user's head.
             log.warning("user %d: upload not recorded: %s", self.me, exc)
+            await self._resume_chain()
             return
         ledger_s = time.perf_counter() - start
         self.state.save_chain_head(envelope.parse(data).hash)
@@ -228,7 +253,11 @@ class UserRuntime:
         timings = dict(self._round_log)
         if "announced" in timings and "first_upload" in timings:
             timings["negotiation_s"] = timings["first_upload"] - timings["announced"]
-        stats = {"round": round_, "bytes": self.bus.sent_bytes, "timings": timings}
+        this_round = {
+            kind: n - self._bytes_before.get(kind, 0) for kind, n in self.bus.sent_bytes.items()
+        }
+        stats = {"round": round_, "bytes": self.bus.sent_bytes, "round_bytes": this_round,
+                 "timings": timings}  # fmt: skip
         (self.state.directory / "stats.json").write_text(json.dumps(stats))
         if self.on_event is not None:
             self.on_event("stats", stats)

@@ -219,6 +219,7 @@ class MaskedUpload(Message):
     TYPE: ClassVar[str] = "upload"
     SCOPED: ClassVar[bool] = True
     MODEL_SIZED: ClassVar[bool] = True
+    HEADER_GROUP: ClassVar[bool] = True
     SENDERS: ClassVar[frozenset[Role]] = frozenset({Role.USER})
     FIELDS: ClassVar[dict[str, Spec]] = {
         "group": Int(0, 2**20),
