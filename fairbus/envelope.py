@@ -112,7 +112,7 @@ def sign(
         raise SchemaError(
             f"{message.TYPE!r} messages {'need' if message.SCOPED else 'take no'} round and attempt"
         )
-    group: int | None = message.group if header_group(message.TYPE) else None
+    group: int | None = getattr(message, "group", None) if header_group(message.TYPE) else None
     payload = message.payload()
     header = Header(
         VERSION,
