@@ -76,9 +76,15 @@ def run(workdir: Path, *, secure: bool, rounds: int, broker: str, store: str) ->
         for p in provider_phases
     }
     stats = [json.loads(p.read_text()) for p in sorted((root / "state").glob("user-*/stats.json"))]
-    for name in ("training_s", "negotiation_s", "ledger_s", "upload_s"):
+    for name in ("training_s", "ledger_s", "upload_s"):
         values = [float(s["timings"].get(name, 0.0)) for s in stats]
         phases[f"user {name.removesuffix('_s')}"] = statistics.mean(values) if values else 0.0
+    # Keys are negotiated while the model trains: what shows is the wait beyond training.
+    waits = [
+        max(0.0, s["timings"].get("negotiation_s", 0.0) - s["timings"].get("training_s", 0.0))
+        for s in stats
+    ]
+    phases["user key wait after training"] = statistics.mean(waits) if waits else 0.0
     sent = [sum(s["round_bytes"].values()) for s in stats]
     uploads = [s["round_bytes"].get("upload", 0) / max(1, s["timings"].get("uploads", 1))
                for s in stats]  # fmt: skip

@@ -37,6 +37,9 @@ class TrainingSettings:
     partition: Literal["iid", "dirichlet"] = "iid"
     alpha: float = 0.5
     seed: int = 0
+    threads: int = 0
+    """torch threads for training and evaluation; 0 leaves torch's default (all cores).
+    Several participants on one machine want 1 each."""
     train: TrainConfig = field(default_factory=TrainConfig)
 
     @property
@@ -119,6 +122,7 @@ class RuntimeConfig:
             partition=cast(Literal["iid", "dirichlet"], partition),
             alpha=training.number("alpha", t.alpha, low=1e-6),
             seed=training.integer("seed", t.seed, low=0),
+            threads=training.integer("threads", t.threads, low=0),
             train=TrainConfig(
                 lr=training.number("lr", tc.lr, low=1e-9),
                 batch_size=training.integer("batch_size", tc.batch_size, low=1),

@@ -74,7 +74,8 @@ class LocalTask:
         self.config.write_text(
             f'roster = "roster.toml"\nkeys = "keys"\nstate = "state"\n'
             f'broker = "127.0.0.1:{self.ledger.broker_port}"\nledger_timeout = 2.0\n'
-            + table("training", self.training)
+            # every participant shares this machine's cores: one torch thread each
+            + table("training", {"threads": 1, **self.training})
             + table("provider", {**provider, **self.provider})
         )
 

@@ -226,7 +226,9 @@ class ProviderRuntime:
                 record.timings_s["aggregation"] += time.perf_counter() - t0
             await self._carry_out(outputs)
         record.timings_s["round"] = time.perf_counter() - start
-        if record.failed is not None:
+        if record.failed is None:
+            self._write(record)
+        else:
             log.warning("round %d failed: %s; waiting for users", record.round, record.failed)
             await asyncio.sleep(NO_USERS_RETRY)
 
@@ -269,10 +271,13 @@ class ProviderRuntime:
         record.timings_s["round"] = time.perf_counter() - start
         record.bytes = dict(record.bytes)
         self.records.append(record)
-        with (self.out_dir / "rounds.jsonl").open("a") as f:
-            f.write(json.dumps(record.to_json()) + "\n")
+        self._write(record)
         log.info("plain round %d: accuracy %.3f from %d users", r, record.global_accuracy,
                  len(got))  # fmt: skip
+
+    def _write(self, record: RoundRecord) -> None:
+        with (self.out_dir / "rounds.jsonl").open("a") as f:
+            f.write(json.dumps(record.to_json()) + "\n")
 
     async def _resync_chain(self, user: int) -> None:
         """A returning user's chain continues from the ledger's head for it: an upload it
@@ -376,8 +381,6 @@ class ProviderRuntime:
         record.global_accuracy = self._evaluator.accuracy(done.global_params)
         record.bytes = dict(record.bytes)
         self.records.append(record)
-        with (self.out_dir / "rounds.jsonl").open("a") as f:
-            f.write(json.dumps(record.to_json()) + "\n")
         np.save(self.out_dir / "global_model.npy", done.global_params)
         log.info("round %d: accuracy %.3f, key users %s, violators %s, excluded %s",
                  record.round, record.global_accuracy, record.key_users, record.violators,
@@ -391,5 +394,9 @@ class ProviderRuntime:
         from fairbus.training.local import Evaluator
 
         t = self.config.training
+        if t.threads:
+            import torch
+
+            torch.set_num_threads(t.threads)
         _, test = load_dataset(t.dataset, t.data_dir, seed=t.seed)
         return Evaluator(t.model_name, test)

@@ -269,6 +269,10 @@ class UserRuntime:
         from fairbus.training.local import Trainer
 
         t = self.config.training
+        if t.threads:
+            import torch
+
+            torch.set_num_threads(t.threads)
         train, _ = load_dataset(t.dataset, t.data_dir, seed=t.seed)
         users = sorted(self.roster.with_role(Role.USER))
         describe: dict[str, object] = {
