@@ -92,8 +92,8 @@ def _report(root: Path, out: Path) -> None:
     lines = (root / "state" / "provider" / "rounds.jsonl").read_text().splitlines()
     records = [RoundRecord.from_json(json.loads(line)) for line in lines if line.strip()]
     table = Table(title="fairbus demo: 9 users over MQTT (user 2 poisons, user 5 free-rides)")
-    for column in ("round", "attempts", "global acc", "key users", "excluded now",
-                   "ledger height", "provider bytes", "time s"):  # fmt: skip
+    for column in ("round", "tries", "accuracy", "key users", "excluded", "ledger",
+                   "bytes out", "s"):  # fmt: skip
         table.add_column(column, justify="right")
     for r in records:
         table.add_row(str(r.round), str(r.attempts), f"{r.global_accuracy:.3f}",
@@ -102,6 +102,8 @@ def _report(root: Path, out: Path) -> None:
                       str(r.ledger_height), f"{sum(r.bytes.values()):,}",
                       f"{r.timings_s.get('round', 0.0):.1f}")  # fmt: skip
     console.print(table)
+    console.print("tries: attempts of the round; ledger: block height after the round; "
+                  "bytes out: the provider's broadcasts")  # fmt: skip
     sent = {}
     for stats in sorted((root / "state").glob("user-*/stats.json")):
         sent[stats.parent.name] = sum(json.loads(stats.read_text())["bytes"].values())

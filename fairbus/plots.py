@@ -35,9 +35,10 @@ def plot_accuracy(records: Sequence[RoundRecord], path: Path, title: str = "") -
         label="global model",
     )
     for r in records:
-        for user in r.violators:
+        if r.violators:
+            who = ", ".join(map(str, r.violators))
             ax.annotate(
-                f"user {user} excluded",
+                f"user{'s' if len(r.violators) > 1 else ''} {who} excluded",
                 (r.round, r.global_accuracy),
                 textcoords="offset points",
                 xytext=(4, -14),
