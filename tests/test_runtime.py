@@ -135,9 +135,11 @@ def test_dropouts_regroup_and_rejoin(tmp_path: Path) -> None:
     or on the groups complete before the dropout). Then user 9 dies for good. The
     restarted users are grouped again; training goes on without 9."""
     with LocalTask(tmp_path, 9, 30, {}, store="sqlite", broker="embedded",
-                   training={"local_epochs": 10}) as task:  # fmt: skip
+                   training={"local_epochs": 40}) as task:  # fmt: skip
         task.wait_for_round(1, ROUND_TIMEOUT)
-        time.sleep(0.3)  # round 2 is announced: keys are being negotiated, models trained
+        # Round 2 is announced: keys are being negotiated while the models train (40
+        # local epochs take seconds here), so nobody has uploaded yet.
+        time.sleep(0.3)
         task.kill(3)
         records = task.wait_for_round(2, ROUND_TIMEOUT)
         assert 3 in records[1]["dropped"] and records[1]["attempts"] >= 2  # type: ignore[operator]
