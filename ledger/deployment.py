@@ -128,6 +128,16 @@ class LocalLedger:
         self._broker = subprocess.Popen(argv, stdout=log, stderr=log)
         wait_for_port(self.broker_port, self._broker, timeout=30)
 
+    def restart_broker(self, down_for: float = 1.0) -> None:
+        """Stop the broker (SIGTERM), leave the bus down ``down_for`` seconds, start it
+        again on the same port: every client must reconnect by itself."""
+        if self._broker is None or self.broker == "open":
+            raise DeploymentError("only a `fairbus broker` broker can be restarted here")
+        self._broker.terminate()
+        self._broker.wait(timeout=10)
+        time.sleep(down_for)
+        self._start_guarded_broker()
+
     def _write_configs(self) -> None:
         for node in self.nodes:
             cfg = self.root / f"ledger-{node}.toml"

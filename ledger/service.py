@@ -48,6 +48,8 @@ from ledger.stores import BlockStore, EtcdStore, SqliteStore
 log = logging.getLogger("fairbus.ledger")
 
 FOLLOW_INTERVAL = 0.05
+RECONNECT_DELAY = (0.2, 5.0)
+"""First and longest wait (seconds) before connecting to the broker again."""
 BLOB_CHUNK = 64 * 1024
 """A blob is served as records of this size (the query response's bound per record)."""
 
@@ -88,32 +90,50 @@ class LedgerService:
         await node.sync()
         log.info("ledger node %d: %s store at height %d", self.node_id, self.config.store,
                  node.state.height)  # fmt: skip
+        async with asyncio.TaskGroup() as tasks:
+            tasks.create_task(node.write_loop())
+            tasks.create_task(self._follow())
+            if isinstance(store, EtcdStore):
+                tasks.create_task(self._elect(store))
+            else:
+                await self._become_writer(None)
+            await self._serve(tasks)
+
+    async def _serve(self, tasks: asyncio.TaskGroup) -> None:
+        """The bus, kept up: a lost broker connection is made again (with backoff) and the
+        subscriptions renewed; submitters retry what went unanswered meanwhile."""
         host, port = self.config.broker
         login = bus.username("ledger", self.node_id)
         password = load_broker_password(self.config.keys, self.node_id)
-        async with bus.client(
+        client = bus.client(
             host, port, login, username=login if password else None, password=password
-        ) as mqtt:
-            self.mqtt = mqtt
-            await mqtt.subscribe(f"fairbus/{self.task}/+/+/ledger/query", qos=bus.QOS)
-            for topic in self._blob_topics():
-                await mqtt.subscribe(topic, qos=bus.QOS)
-            log.info("ledger node %d: on the bus at %s:%d", self.node_id, host, port)
-            async with asyncio.TaskGroup() as tasks:
-                tasks.create_task(node.write_loop())
-                tasks.create_task(self._follow())
-                if isinstance(store, EtcdStore):
-                    tasks.create_task(self._elect(store))
-                else:
-                    await self._become_writer(None)
-                async for message in mqtt.messages:
-                    if not isinstance(message.payload, bytes | bytearray):
-                        continue
-                    topic, data = str(message.topic), bytes(message.payload)
-                    if topic.endswith("/ledger/submit"):
-                        self._on_submit(topic, data)  # the hot path: no task per message
-                    else:
-                        tasks.create_task(self._on_message(topic, data))
+        )
+        delay = RECONNECT_DELAY[0]
+        while True:
+            try:
+                async with client as mqtt:
+                    await mqtt.subscribe(f"fairbus/{self.task}/+/+/ledger/query", qos=bus.QOS)
+                    for topic in self._blob_topics():
+                        await mqtt.subscribe(topic, qos=bus.QOS)
+                    if self.node is not None and self.node.is_writer:
+                        await mqtt.subscribe(self._submit_topic, qos=bus.QOS)
+                    self.mqtt = mqtt
+                    delay = RECONNECT_DELAY[0]
+                    log.info("ledger node %d: on the bus at %s:%d", self.node_id, host, port)
+                    async for message in mqtt.messages:
+                        if not isinstance(message.payload, bytes | bytearray):
+                            continue
+                        topic, data = str(message.topic), bytes(message.payload)
+                        if topic.endswith("/ledger/submit"):
+                            self._on_submit(topic, data)  # the hot path: no task per message
+                        else:
+                            tasks.create_task(self._on_message(topic, data))
+            except aiomqtt.MqttError as exc:
+                self.mqtt = None
+                log.warning("ledger node %d: bus lost (%s); again in %.1f s", self.node_id,
+                            exc, delay)  # fmt: skip
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, RECONNECT_DELAY[1])
 
     async def _elect(self, store: EtcdStore) -> None:
         assert self.node is not None
@@ -144,10 +164,11 @@ class LedgerService:
 
     async def _become_writer(self, fence: bytes | None) -> None:
         """Only the writer takes submissions; the others keep blobs from the bus."""
-        assert self.node is not None and self.mqtt is not None
+        assert self.node is not None
         self.node.fence = fence
         self.node.is_writer = True
-        await self.mqtt.subscribe(self._submit_topic, qos=bus.QOS)
+        if self.mqtt is not None:  # otherwise the next connection subscribes
+            await self.mqtt.subscribe(self._submit_topic, qos=bus.QOS)
         log.info("ledger node %d is the writer (height %d)", self.node_id, self.node.state.height)
 
     async def _follow(self) -> None:
@@ -281,6 +302,10 @@ class LedgerService:
         await self._publish(bus.ledger_block(self.task, self.node_id), header)
 
     async def _publish(self, topic: str, message: Message) -> None:
-        assert self.mqtt is not None
+        """Publish if on the bus; an answer lost while off it is asked for again."""
+        mqtt = self.mqtt
+        if mqtt is None:
+            return
         signed = envelope.sign(self.identity, self.task, message, prev=GENESIS)
-        await self.mqtt.publish(topic, signed.to_bytes(), qos=bus.QOS)
+        with contextlib.suppress(aiomqtt.MqttError):
+            await mqtt.publish(topic, signed.to_bytes(), qos=bus.QOS)

@@ -180,6 +180,26 @@ def test_dropouts_regroup_and_rejoin(tmp_path: Path) -> None:
         _audit(task)
 
 
+def test_a_broker_restart_mid_round_is_ridden_out(tmp_path: Path) -> None:
+    """Mosquitto is stopped during round 2 and started again a second later (without
+    persistence: every session and retained presence is gone). The provider, the users
+    and the ledger node reconnect with backoff and subscribe again; training goes on."""
+    find_service_binary("mosquitto", "/usr/sbin/mosquitto")
+    with LocalTask(tmp_path, 9, 4, ATTACKS, store="sqlite", broker="mosquitto",
+                   training={"local_epochs": 20}) as task:  # fmt: skip
+        assert task.ledger is not None
+        task.wait_for_round(1, ROUND_TIMEOUT)
+        time.sleep(0.3)
+        task.ledger.restart_broker(down_for=1.0)
+        records = task.wait_for_round(4, 4 * ROUND_TIMEOUT)
+        assert len(records) >= 4
+        excluded = set(records[-1]["excluded"])  # type: ignore[call-overload]
+        assert excluded <= set(ATTACKS)
+        logs = "".join((tmp_path / f"participant-{p}.log").read_text() for p in (0, 1))
+        assert "bus lost" in logs
+        _audit(task)
+
+
 def test_killed_ledger_writer_during_a_round(tmp_path: Path) -> None:
     find_service_binary("mosquitto", "/usr/sbin/mosquitto")
     find_service_binary("etcd", "/usr/bin/etcd")
