@@ -54,11 +54,24 @@ def demo(
             LocalTask(root, 9, rounds, ATTACKS, ledger, broker, {"local_epochs": epochs}) as task,
         ):
             _follow(task, rounds)
-            console.print(f"all processes stopped; {time.monotonic() - start:.0f} s in all")
+            audit = _audit(root)  # while the ledger (etcd) still runs
+        console.print(f"all processes stopped; {time.monotonic() - start:.0f} s in all")
     except FairbusError as exc:
         console.print(f"[red]demo failed:[/] {exc}")
         raise typer.Exit(1) from None
     _report(root, out)
+    console.print(audit)
+    console.print(f"wrote {out / 'accuracy.png'}, {out / 'scores.png'}; logs in {root}")
+
+
+def _audit(root: Path) -> str:
+    from fairbus.runtime.local import CLI
+
+    audit = subprocess.run(
+        [*CLI, "audit", "--config", str(root / "ledger-101.toml")],
+        capture_output=True, text=True, check=False,
+    )  # fmt: skip
+    return audit.stdout.strip() or audit.stderr.strip()
 
 
 def _follow(task: object, rounds: int) -> None:
@@ -86,7 +99,6 @@ def _follow(task: object, rounds: int) -> None:
 
 def _report(root: Path, out: Path) -> None:
     from fairbus.plots import plot_accuracy, plot_scores
-    from fairbus.runtime.local import CLI
     from fairbus.simulator import RoundRecord
 
     lines = (root / "state" / "provider" / "rounds.jsonl").read_text().splitlines()
@@ -114,9 +126,3 @@ def _report(root: Path, out: Path) -> None:
                   f"users excluded: {sorted(excluded - set(ATTACKS)) or 'none'}")  # fmt: skip
     plot_accuracy(records, out / "accuracy.png", "fairbus demo over MQTT")
     plot_scores(records, out / "scores.png", set(ATTACKS))
-    audit = subprocess.run(
-        [*CLI, "audit", "--config", str(root / "ledger-101.toml")],
-        capture_output=True, text=True, check=False,
-    )  # fmt: skip
-    console.print(audit.stdout.strip() or audit.stderr.strip())
-    console.print(f"wrote {out / 'accuracy.png'}, {out / 'scores.png'}; logs in {root}")

@@ -15,7 +15,8 @@ runner = CliRunner()
 def test_help_explains_every_command() -> None:
     result = runner.invoke(app, ["--help"])
     assert result.exit_code == 0
-    for command in ("keys", "roster", "bench", "demo", "simulate", "walkthrough"):
+    for command in ("keys", "roster", "bench", "demo", "simulate", "walkthrough", "broker",
+                    "provider", "user", "ledger", "audit"):  # fmt: skip
         assert command in result.output
 
 
@@ -78,3 +79,20 @@ def test_demo_walkthrough_recovers_the_exact_group_mean() -> None:
     result = runner.invoke(app, ["walkthrough"])
     assert result.exit_code == 0, result.output
     assert "bit for bit" in result.output
+
+
+def test_the_networked_demo_runs_and_its_ledger_audits(tmp_path: Path) -> None:
+    """``fairbus demo`` (what ``make demo`` runs), shortened: embedded broker, SQLite
+    ledger, provider and 9 user processes; a table, the plots and a passing audit."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "demo"
+    result = subprocess.run(
+        [sys.executable, "-c", "from cli.main import run; run()", "demo", "--rounds", "3",
+         "--epochs", "2", "--out", str(out)],
+        capture_output=True, text=True, timeout=300, check=False,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "audit: OK" in result.stdout and "honest users excluded: none" in result.stdout
+    assert (out / "accuracy.png").stat().st_size > 0 and (out / "scores.png").exists()
