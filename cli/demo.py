@@ -15,14 +15,12 @@ import time
 from pathlib import Path
 
 import typer
-from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from cli.simulate import console, rounds_progress
 from fairbus.errors import FairbusError
 from fairbus.training.attacks import Behaviour
 
-console = Console()
 ATTACKS = {2: Behaviour.POISONER, 5: Behaviour.FREE_RIDER}
 
 
@@ -78,14 +76,7 @@ def _follow(task: object, rounds: int) -> None:
     from fairbus.runtime.local import LocalTask
 
     assert isinstance(task, LocalTask)
-    with Progress(
-        TextColumn("[bold]training"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("rounds · global accuracy {task.fields[acc]}"),
-        TimeElapsedColumn(),
-        console=console,
-    ) as progress:
+    with rounds_progress() as progress:
         bar = progress.add_task("rounds", total=rounds, acc="–")
         seen = 0
         while seen < rounds:

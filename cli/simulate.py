@@ -139,6 +139,18 @@ def execute(config: SimulationConfig, out: Path) -> list[RoundRecord]:
     return records
 
 
+def rounds_progress() -> Progress:
+    """The bar of a training run: rounds done, the global model's accuracy, time."""
+    return Progress(
+        TextColumn("[bold]training"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("rounds · global accuracy {task.fields[acc]}"),
+        TimeElapsedColumn(),
+        console=console,
+    )
+
+
 def run_with_progress(config: SimulationConfig, out: Path) -> list[RoundRecord]:
     from fairbus.plots import plot_accuracy, plot_scores
     from fairbus.simulator import Simulation
@@ -147,14 +159,7 @@ def run_with_progress(config: SimulationConfig, out: Path) -> list[RoundRecord]:
     log = out / "rounds.jsonl"
     with (
         log.open("w", encoding="utf-8") as sink,
-        Progress(
-            TextColumn("[bold]training"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TextColumn("rounds · global accuracy {task.fields[acc]}"),
-            TimeElapsedColumn(),
-            console=console,
-        ) as progress,
+        rounds_progress() as progress,
     ):
         task = progress.add_task("rounds", total=config.rounds, acc="–")
 

@@ -113,6 +113,12 @@ class RoundRecord:
         return {k: v for k, v in vars(self).items() if k not in skip}
 
     @classmethod
+    def empty(cls, round: int, attempts: int = 0) -> RoundRecord:
+        """A record to fill in as the round goes."""
+        return cls(round, attempts, 0.0, [], None, {}, [], [], [], [], [],
+                   dict.fromkeys(TIMING_PHASES, 0.0), Counter())  # fmt: skip
+
+    @classmethod
     def from_json(cls, line: dict[str, Any]) -> RoundRecord:
         """A record read back from ``rounds.jsonl`` (JSON keys are strings)."""
         record = cls(**line)
@@ -209,21 +215,7 @@ class Simulation:
                 self._revive(plan.user)
         self._killed_this_round = []
         self._plan = {p.user: p for p in self.config.dropouts if p.round == r}
-        record = RoundRecord(
-            r,
-            0,
-            0.0,
-            [],
-            None,
-            {},
-            [],
-            [],
-            [],
-            [],
-            [],
-            dict.fromkeys(TIMING_PHASES, 0.0),
-            Counter(),
-        )
+        record = RoundRecord.empty(r)
         self._record = record
         now = float(r) * 10 * self.config.provider.phase_timeout
         self._dispatch(PROVIDER, self.provider.start_round(now))

@@ -8,15 +8,16 @@ deployment would use are written (roster, key files 0600, one ledger TOML per no
 from __future__ import annotations
 
 import contextlib
-import shutil
 import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
 
+from broker.mosquitto import find_mosquitto
 from fairbus.errors import FairbusError
 from fairbus.identity import Identity, new_broker_password
 from fairbus.roster import Member, Role, Roster
@@ -30,14 +31,6 @@ class DeploymentError(FairbusError):
     pass
 
 
-def find_mosquitto() -> str:
-    for candidate in ("mosquitto", "/usr/sbin/mosquitto"):
-        found = shutil.which(candidate) or (candidate if Path(candidate).is_file() else None)
-        if found:
-            return found
-    raise DeploymentError("mosquitto is not installed (apt-get install -y mosquitto)")
-
-
 def wait_for_port(port: int, proc: subprocess.Popen[bytes], timeout: float = 10.0) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -48,6 +41,19 @@ def wait_for_port(port: int, proc: subprocess.Popen[bytes], timeout: float = 10.
                 return
         time.sleep(0.05)
     raise DeploymentError(f"nothing listened on port {port} within {timeout} s")
+
+
+def stop_processes(processes: Iterable[subprocess.Popen[bytes]], grace: float = 10.0) -> None:
+    """SIGTERM every process still running, then wait; kill those that outlast ``grace``."""
+    processes = list(processes)
+    for proc in processes:
+        if proc.poll() is None:
+            proc.terminate()
+    for proc in processes:
+        try:
+            proc.wait(timeout=grace)
+        except subprocess.TimeoutExpired:
+            proc.kill()
 
 
 @dataclass
@@ -214,14 +220,7 @@ class LocalLedger:
         return self
 
     def stop(self) -> None:
-        for proc in self.processes.values():
-            if proc.poll() is None:
-                proc.terminate()
-        for proc in self.processes.values():
-            try:
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+        stop_processes(self.processes.values())
         if self._etcd is not None:
             self._etcd.stop()
         if self._broker is not None:

@@ -72,18 +72,19 @@ def _wait(predicate: object, timeout: float, what: str) -> None:
     raise AssertionError(f"timed out waiting for {what}")
 
 
-def test_mosquitto_and_three_etcd_members_and_three_ledger_nodes(tmp_path: Path) -> None:
-    find_service_binary("mosquitto", "/usr/sbin/mosquitto")
-    find_service_binary("etcd", "/usr/bin/etcd")
-    with LocalTask(tmp_path, 9, 3, ATTACKS, store="etcd", broker="mosquitto") as task:
-        records = task.wait_for_round(3, 3 * ROUND_TIMEOUT)
-        _check_rounds(records, 3)
-        _foreign_client_is_refused_by_the_acl(task)
-        _audit(task)
-
-
-def test_embedded_broker_and_sqlite_ledger(tmp_path: Path) -> None:
-    with LocalTask(tmp_path, 9, 3, ATTACKS, store="sqlite", broker="embedded") as task:
+@pytest.mark.parametrize(
+    ("store", "broker"),
+    [("etcd", "mosquitto"), ("sqlite", "embedded")],
+    ids=["mosquitto+3-etcd+3-ledger-nodes", "embedded-broker+sqlite-ledger"],
+)
+def test_three_rounds_of_nine_users_on_a_whole_stack(
+    tmp_path: Path, store: str, broker: str
+) -> None:
+    if broker == "mosquitto":
+        find_service_binary("mosquitto", "/usr/sbin/mosquitto")
+    if store == "etcd":
+        find_service_binary("etcd", "/usr/bin/etcd")
+    with LocalTask(tmp_path, 9, 3, ATTACKS, store=store, broker=broker) as task:
         records = task.wait_for_round(3, 3 * ROUND_TIMEOUT)
         _check_rounds(records, 3)
         _foreign_client_is_refused_by_the_acl(task)

@@ -404,7 +404,6 @@ class ProviderMachine:
         self.phase = ProviderPhase.COLLECTING
         if len(usable) == len(grouping.groups):
             return self._maybe_evaluating()
-        complete = usable
         earlier = list(self._prior_groups)
         self._prior_groups = earlier + [g.members for g in known]
         survivors = sorted(set(grouping.users) - self._dropped_this_round)
@@ -415,13 +414,13 @@ class ProviderMachine:
         except GroupingError as exc:
             self.attempt -= 1
             self._prior_groups = earlier
-            if not complete:
+            if not usable:
                 self.phase = ProviderPhase.IDLE
                 self.grouping = None
                 return [RoundFailed(self.round, str(exc))]
-        # Finish on the complete groups of the closed attempt.
-        self.grouping = replace(grouping, groups=tuple(complete))
-        self._uploads = {g.gid: self._uploads[g.gid] for g in complete}
+        # Finish on the complete groups of the closed attempt that it holds or will.
+        self.grouping = replace(grouping, groups=tuple(usable))
+        self._uploads = {g.gid: self._uploads[g.gid] for g in usable}
         return self._maybe_evaluating()
 
     def _maybe_evaluating(self) -> list[Output]:

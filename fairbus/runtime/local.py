@@ -18,7 +18,7 @@ from types import TracebackType
 
 from fairbus.errors import FairbusError
 from fairbus.training.attacks import Behaviour
-from ledger.deployment import LocalLedger
+from ledger.deployment import LocalLedger, stop_processes
 
 CLI = [sys.executable, "-c", "from cli.main import run; run()"]
 
@@ -120,14 +120,7 @@ class LocalTask:
         raise LocalTaskError(f"{n} rounds not done within {timeout} s; see {self.root}")
 
     def stop(self) -> None:
-        for proc in self.processes.values():
-            if proc.poll() is None:
-                proc.terminate()
-        for proc in self.processes.values():
-            try:
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+        stop_processes(self.processes.values())
         if self.ledger is not None:
             self.ledger.stop()
 

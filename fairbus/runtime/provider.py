@@ -15,7 +15,6 @@ import asyncio
 import json
 import logging
 import time
-from collections import Counter
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
@@ -45,7 +44,7 @@ from fairbus.protocol.provider import ProviderMachine
 from fairbus.roster import Role, Roster
 from fairbus.runtime.config import RuntimeConfig
 from fairbus.runtime.connection import OFFLINE, ONLINE, BusConnection
-from fairbus.simulator import TIMING_PHASES, RoundRecord, record_round
+from fairbus.simulator import RoundRecord, record_round
 from ledger.client import LedgerClient
 from ledger.recorded import Recorded, header_only, open_recorded
 from ledger.records import LEDGER_TYPES, Transaction, is_model_sized
@@ -209,8 +208,7 @@ class ProviderRuntime:
         for user in sorted(self.online - machine.online - machine.excluded):
             await self._resync_chain(user)
             machine.handle(Joined(user))
-        record = RoundRecord(machine.round + 1, 0, 0.0, [], None, {}, [], [], [], [], [],
-                             dict.fromkeys(TIMING_PHASES, 0.0), Counter())  # fmt: skip
+        record = RoundRecord.empty(machine.round + 1)
         self._record = record
         self._round_over.clear()
         start = time.perf_counter()
@@ -241,8 +239,7 @@ class ProviderRuntime:
         await self._drain()
         machine.round += 1
         r = machine.round
-        record = RoundRecord(r, 1, 0.0, [], None, {}, [], [], [], [], [],
-                             dict.fromkeys(TIMING_PHASES, 0.0), Counter())  # fmt: skip
+        record = RoundRecord.empty(r, attempts=1)
         self._record = record
         users = sorted(machine.online)
         start = time.perf_counter()
