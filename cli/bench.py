@@ -119,6 +119,8 @@ def detection_bench(
     key_score: float = options.KEY_SCORE,
     min_evidence: int = options.MIN_EVIDENCE,
     carry_evidence: bool = options.CARRY_EVIDENCE,
+    evidence_window: int = options.EVIDENCE_WINDOW,
+    level_rounds: int = options.LEVEL_ROUNDS,
     key_repeats: int = typer.Option(
         DEFAULTS.key_repeats, help="Most focus groups per key user (KIN)."
     ),
@@ -139,6 +141,8 @@ def detection_bench(
         key_score,
         min_evidence,
         carry_evidence,
+        evidence_window,
+        level_rounds,
     )
     from fairbus.bench import detection
 

@@ -37,6 +37,16 @@ KEY_SCORE = typer.Option(
     help="Not in the paper: a user scoring below this fraction also becomes a key user "
     "(so key users exist while τ < bound_score); negative turns it off (as written).",
 )
+EVIDENCE_WINDOW = typer.Option(
+    DEFAULTS.evidence_window or 0,
+    help="Not in the paper: with --carry-evidence, keep only a user's last this many "
+    "focus-group scores (0 = all).",
+)
+LEVEL_ROUNDS = typer.Option(
+    DEFAULTS.level_rounds or 0,
+    help="Not in the paper: compare a group's contribution with the clean level fitted by "
+    "least squares over this many rounds (0 = with the round's largest contribution).",
+)
 
 
 def detection_params(
@@ -47,8 +57,11 @@ def detection_params(
     key_score: float,
     min_evidence: int,
     carry_evidence: bool,
+    evidence_window: int,
+    level_rounds: int,
 ) -> DetectionParams:
-    """The options as :class:`DetectionParams`; a negative extension value means off."""
+    """The options as :class:`DetectionParams`; a negative (or for the two whole-number
+    extensions, zero) value means off."""
     return DetectionParams(
         bound_score,
         bound_conf,
@@ -57,4 +70,6 @@ def detection_params(
         key_score=None if key_score < 0 else key_score,
         min_evidence=min_evidence,
         carry_evidence=carry_evidence,
+        evidence_window=evidence_window if evidence_window > 0 else None,
+        level_rounds=level_rounds if level_rounds > 0 else None,
     )

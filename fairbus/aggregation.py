@@ -26,6 +26,8 @@ class GroupModel:
     mean: npt.NDArray[np.float32]
     scored: bool = True
     """score_g of Alg. 6, line 11: whether the group beat τ (True when undefended)."""
+    contribution: float | None = None
+    """Its :func:`fairbus.detection.group_contributions` value, where known."""
 
 
 class AggregationStrategy(Protocol):
@@ -45,8 +47,10 @@ class CleanGroupAverage:
     enters the global model. Focus and reference groups repeat users and are left out.
     Not in the paper: where some clean groups scored in Alg. 6 only those are averaged,
     so attackers not yet found do not hold the model back (with two poisoners among nine
-    it otherwise stays near chance for rounds). With no clean group the current model
-    is kept.
+    it otherwise stays near chance for rounds); where none scored, the clean basic group
+    that contributed most (with three poisoners among nine, averaging all of them keeps
+    the model at chance, and nothing can be detected while it is). With no clean group
+    the current model is kept.
     """
 
     def aggregate(
@@ -57,7 +61,10 @@ class CleanGroupAverage:
     ) -> npt.NDArray[np.float32]:
         bad = set(violators)
         clean = [g for g in groups if g.kind == BASIC and not bad.intersection(g.members)]
-        return _size_weighted_mean(current, [g for g in clean if g.scored] or clean)
+        scored = [g for g in clean if g.scored]
+        if not scored and clean and all(g.contribution is not None for g in clean):
+            scored = [max(clean, key=lambda g: (g.contribution or 0.0, -g.gid))]
+        return _size_weighted_mean(current, scored or clean)
 
 
 @dataclass(frozen=True)

@@ -23,7 +23,7 @@ import numpy.typing as npt
 from scipy import stats
 
 from fairbus.errors import DetectionError
-from fairbus.grouping import Grouping
+from fairbus.grouping import BASIC, Grouping
 
 
 @dataclass(frozen=True)
@@ -53,7 +53,13 @@ class DetectionParams:
     and earlier ones (:attr:`DetectionResult.evidence`), not over this round's active
     groups. The exposure check allows few focus groups per round when key users are
     many, too few for an interval; and basic groups say little about one user when
-    attackers are many."""
+    attackers are many. A key user's score_i (lines 9-15) is then taken over this
+    round's basic groups and those focus groups, so one lucky basic group does not take
+    a key user whose focus groups keep failing out of the key users."""
+    evidence_window: int | None = None
+    """Not in the paper (None = all): with ``carry_evidence``, only a user's last this
+    many focus-group scores are kept, so a group that scored by luck while the model
+    was still learning does not shield an attacker for the rest of training."""
     key_score: float | None = None
     """Not in the paper (None = as written): once τ ≥ bound_score, a user becomes a key
     user when its score is below this fraction, in place of line 21's τ − bound_score,
@@ -62,9 +68,28 @@ class DetectionParams:
     bound_score there are no key users, as written: the model has not learnt enough for
     the groups' scores to say anything (with attackers in the majority it never does)."""
 
+    level_rounds: int | None = None
+    """Not in the paper (None = the largest contribution of the round): with
+    ``contribution_tolerance``, a group's contribution is compared with the clean level
+    that :func:`clean_level` fits over this round and up to ``level_rounds`` − 1 earlier
+    ones. The largest contribution is a poor yardstick: when every group of a round
+    holds an attacker it is a free-rider's group, and a lucky clean group sets it too
+    high for the others."""
+
     def __post_init__(self) -> None:
+        for name in ("min_evidence", "level_rounds", "evidence_window"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+                raise DetectionError(f"{name} must be a whole number, got {value!r}")
+        if self.level_rounds is not None and self.level_rounds < 1:
+            raise DetectionError(f"level_rounds must be >= 1, got {self.level_rounds}")
         if not 0.0 < self.confidence < 1.0:
             raise DetectionError(f"confidence must be in (0, 1), got {self.confidence}")
+        if self.evidence_window is not None and self.evidence_window < self.min_evidence:
+            raise DetectionError(
+                f"evidence_window ({self.evidence_window}) must be >= min_evidence "
+                f"({self.min_evidence})"
+            )
         if self.min_evidence < 2:
             raise DetectionError(f"min_evidence must be >= 2, got {self.min_evidence}")
         if self.bound_conf < 0 or self.tolerance < 0:
@@ -74,6 +99,27 @@ class DetectionParams:
             raise DetectionError(f"contribution_tolerance must be in [0, 1), got {tol}")
         if self.key_score is not None and not 0 <= self.key_score <= 1:
             raise DetectionError(f"key_score must be in [0, 1], got {self.key_score}")
+
+
+@dataclass(frozen=True)
+class RoundContributions:
+    """One round's groups (members), their contributions and accuracies: what
+    :func:`fit_contributions` fits, carried from round to round like the evidence."""
+
+    groups: tuple[tuple[int, ...], ...]
+    contributions: tuple[float, ...]
+    accuracies: tuple[float, ...]
+
+    def __post_init__(self) -> None:
+        if not len(self.groups) == len(self.contributions) == len(self.accuracies):
+            raise DetectionError("one contribution and one accuracy per group are needed")
+        if not all(math.isfinite(a) and 0.0 <= a <= 1.0 for a in self.accuracies):
+            raise DetectionError("accuracies must be in [0, 1]")
+        for members in self.groups:
+            if not members or len(set(members)) != len(members):
+                raise DetectionError(f"group {members!r} must list distinct members")
+        if not all(math.isfinite(c) for c in self.contributions):
+            raise DetectionError("contributions must be finite")
 
 
 @dataclass(frozen=True)
@@ -100,6 +146,10 @@ class DetectionResult:
     out), to pass as ``carried`` next round."""
     group_scores: Mapping[int, float] = field(default_factory=dict)
     """score_g of line 11 for every group."""
+    history: tuple[RoundContributions, ...] = ()
+    """With ``level_rounds``: the rounds to pass as ``history`` next round."""
+    level: float | None = None
+    """With ``contribution_tolerance``: what a clean group contributed (:func:`yardstick`)."""
 
 
 def detect(
@@ -108,11 +158,13 @@ def detect(
     params: DetectionParams = DetectionParams(),
     contributions: Mapping[int, float] | None = None,
     carried: Mapping[int, Sequence[float]] | None = None,
+    history: Sequence[RoundContributions] = (),
 ) -> DetectionResult:
     """Run Algorithm 6 on one round. ``accuracies`` maps group id → acc(m_g);
     ``contributions`` (group id → :func:`group_contributions`) is needed with
     ``contribution_tolerance``; ``carried`` is last round's ``evidence``, used with
-    ``carry_evidence``."""
+    ``carry_evidence``; ``history`` is last round's ``history``, used with
+    ``level_rounds``."""
     missing = sorted(g.gid for g in grouping.groups if g.gid not in accuracies)
     if missing:
         raise DetectionError(f"no accuracy for groups {missing}")
@@ -127,7 +179,9 @@ def detect(
     # Lines 5-8: τ, the mean accuracy of the basic group models.
     tau = sum(accuracies[g.gid] for g in basic) / len(basic)
     bar = tau - params.tolerance
-    scores_group = _group_scorer(grouping, accuracies, bar, params, contributions)
+    window = _level_window(grouping, accuracies, params, contributions, history)
+    level = _checked_level(grouping, params, contributions, window)
+    scores_group = _group_scorer(accuracies, bar, params, contributions, level)
 
     assessments: dict[int, UserAssessment] = {}
     evidence: dict[int, tuple[float, ...]] = {}
@@ -141,6 +195,12 @@ def detect(
             distinct = {g.members: g.gid for g in reversed(active) if g.focus == user}
             own = tuple(scores_group(gid) for gid in sorted(distinct.values()))
             group_scores = (tuple(carried.get(user, ())) if carried else ()) + own
+            if params.evidence_window is not None:
+                group_scores = group_scores[-params.evidence_window :]
+            if user in key_users:
+                basic_scores = [scores_group(g.gid) for g in active if g.kind == BASIC]
+                pooled = basic_scores + list(group_scores)
+                score = sum(pooled) / len(pooled)
         evidence[user] = group_scores
         n = len(group_scores)
         conf_lo = conf_up = None
@@ -178,6 +238,8 @@ def detect(
         frozenset(violators),
         _kept_evidence(evidence, carried, violators) if params.carry_evidence else {},
         {g.gid: scores_group(g.gid) for g in grouping.groups},
+        _kept_history(window, params.level_rounds),
+        level,
     )
 
 
@@ -192,29 +254,53 @@ def _kept_evidence(
     return {u: kept[u] for u in sorted(kept) if kept[u] and u not in violators}
 
 
-def _group_scorer(
+def _checked_level(
     grouping: Grouping,
-    accuracies: Mapping[int, float],
-    bar: float,
     params: DetectionParams,
     contributions: Mapping[int, float] | None,
-) -> Callable[[int], float]:
-    """score_g of line 11: 1 if the group beats τ (and, optionally, moved the model)."""
-    tol = params.contribution_tolerance
-    if tol is None:
-        return lambda gid: 1.0 if accuracies[gid] > bar else 0.0
+    window: Sequence[RoundContributions],
+) -> float | None:
+    """The contribution test's :func:`yardstick`, after checking the contributions."""
+    if params.contribution_tolerance is None:
+        return None
     if contributions is None or any(g.gid not in contributions for g in grouping.groups):
         raise DetectionError("contribution_tolerance needs the contribution of every group")
     for gid, c in contributions.items():
         if not math.isfinite(c):
             raise DetectionError(f"contribution of group {gid} must be finite, got {c!r}")
-    best = max(contributions[g.gid] for g in grouping.groups)
-    if best <= 0:
-        # No group moved the model forward: the contributions cannot rank anyone.
+    return yardstick(grouping, contributions, window)
+
+
+def _group_scorer(
+    accuracies: Mapping[int, float],
+    bar: float,
+    params: DetectionParams,
+    contributions: Mapping[int, float] | None,
+    level: float | None,
+) -> Callable[[int], float]:
+    """score_g of line 11: 1 if the group beats τ (and, optionally, contributed at least
+    1 − contribution_tolerance of what a clean group does)."""
+    tol = params.contribution_tolerance
+    if tol is None or level is None or contributions is None:
+        # Without the test, or with no group that moved the model: accuracy alone.
         return lambda gid: 1.0 if accuracies[gid] > bar else 0.0
-    floor = (1 - tol) * best
     held = contributions
-    return lambda gid: 1.0 if accuracies[gid] > bar and held[gid] >= floor else 0.0
+    return lambda gid: 1.0 if accuracies[gid] > bar and held[gid] / level >= 1 - tol else 0.0
+
+
+def yardstick(
+    grouping: Grouping,
+    contributions: Mapping[int, float],
+    window: Sequence[RoundContributions] = (),
+) -> float | None:
+    """What a clean group contributes this round: the fitted clean level where there is
+    a ``window`` (negative where the basic groups' median pointed backwards), else the
+    largest contribution; None where neither says anything."""
+    fitted = clean_level(window) if window else None
+    if fitted is not None:
+        return fitted if fitted != 0 else None
+    best = max(contributions[g.gid] for g in grouping.groups)
+    return best if best > 0 else None
 
 
 def group_contributions(
@@ -223,9 +309,11 @@ def group_contributions(
     """Each group's update m_g − M_global projected on the coordinate-wise median of the
     basic groups' updates (unit length); not in the paper.
 
-    The median follows the honest majority of the basic groups and the projection drops
-    the part of an update that is local noise, so a clean group of any size scores about
-    the same and a group with a free-rider (k − 1)/k of it.
+    The median follows the majority of the basic groups and the projection drops the
+    part of an update that is local noise, so a clean group of any size scores about the
+    same and a group with a free-rider (k − 1)/k of it. Which way is forward is left to
+    :func:`fit_contributions`: with as many poisoners as honest users the median follows
+    the poisoners as often as not.
     """
     basic = list(basic)
     if not basic:
@@ -236,3 +324,115 @@ def group_contributions(
         return dict.fromkeys(updates, 0.0)
     direction /= length
     return {gid: float(update @ direction) for gid, update in updates.items()}
+
+
+def _kept_history(
+    window: tuple[RoundContributions, ...], level_rounds: int | None
+) -> tuple[RoundContributions, ...]:
+    """The rounds the next round's fit takes from the past: the last level_rounds − 1."""
+    if not level_rounds or level_rounds < 2:
+        return ()
+    return window[-(level_rounds - 1) :]
+
+
+def _level_window(
+    grouping: Grouping,
+    accuracies: Mapping[int, float],
+    params: DetectionParams,
+    contributions: Mapping[int, float] | None,
+    history: Sequence[RoundContributions],
+) -> tuple[RoundContributions, ...]:
+    """Up to ``level_rounds`` − 1 rounds of ``history`` and this one, oldest first."""
+    if not params.level_rounds or params.contribution_tolerance is None or contributions is None:
+        return ()
+    groups = sorted(grouping.groups, key=lambda g: g.gid)
+    if any(g.gid not in contributions for g in groups):
+        return ()  # _group_scorer names the missing contributions
+    this = RoundContributions(
+        tuple(g.members for g in groups),
+        tuple(float(contributions[g.gid]) for g in groups),
+        tuple(float(accuracies[g.gid]) for g in groups),
+    )
+    earlier = tuple(history)[-(params.level_rounds - 1) :] if params.level_rounds > 1 else ()
+    return (*earlier, this)
+
+
+@dataclass(frozen=True)
+class ContributionFit:
+    """What :func:`fit_contributions` found: one level per round, one weight per user."""
+
+    levels: tuple[float, ...]
+    weights: Mapping[int, float]
+
+
+def clean_level(rounds: Sequence[RoundContributions]) -> float | None:
+    """The contribution a group of users who all trained honestly has in the last of
+    ``rounds`` (:func:`fit_contributions`); None where the fit has nothing to stand on."""
+    fit = fit_contributions(rounds)
+    return fit.levels[-1] if fit is not None else None
+
+
+def fit_contributions(
+    rounds: Sequence[RoundContributions], iterations: int = 30
+) -> ContributionFit | None:
+    """Fit every round's clean level and every user's weight to the group contributions
+    of ``rounds``; None where the fit has nothing to stand on.
+
+    Not in the paper. Model: a group's contribution is L_r times the mean of its
+    members' θ_u, with L_r one level per round and θ_u one weight per user over the
+    rounds (about 1 for an honest user, 0 for a free-rider, below 0 for a poisoner).
+    Alternating least squares: θ given the levels, then each level given θ, with θ
+    scaled so that the median of its upper half is 1 (honest users are at least a
+    quarter of the users). The groupings change every round, so users that no single
+    round tells apart are told apart over several. No group sum of a round determines
+    a user's model (the exposure check), and θ_u is one number over several rounds.
+    Written here because it is a dozen lines of numpy; no library fits this bilinear
+    model with that normalisation.
+    """
+    users = sorted({u for r in rounds for members in r.groups for u in members})
+    if not rounds or not users:
+        return None
+    column = {u: k for k, u in enumerate(users)}
+    incidence = []
+    for r in rounds:
+        block = np.zeros((len(r.groups), len(users)))
+        for row, members in enumerate(r.groups):
+            block[row, [column[u] for u in members]] = 1.0 / len(members)
+        incidence.append(block)
+    observed = [np.asarray(r.contributions, dtype=np.float64) for r in rounds]
+    accuracies = [np.asarray(r.accuracies, dtype=np.float64) for r in rounds]
+    levels = np.array([max(c.max(), 0.0) for c in observed])
+    if not levels.any():
+        return None
+    theta = np.ones(len(users))
+    for _ in range(iterations):
+        design = np.vstack([a * level for a, level in zip(incidence, levels, strict=True)])
+        theta = np.linalg.lstsq(design, np.concatenate(observed), rcond=None)[0]
+        upper = np.sort(theta)[::-1][: (len(theta) + 1) // 2]
+        scale = float(np.median(upper))
+        if not scale > 0 or not math.isfinite(scale):
+            return None
+        theta /= scale
+        for k, (a, c) in enumerate(zip(incidence, observed, strict=True)):
+            mean_weight = a @ theta
+            norm = float(mean_weight @ mean_weight)
+            levels[k] = float(mean_weight @ c) / norm if norm > 0 else levels[k]
+    # Forward is where accuracy is: the groups of users with larger θ should be the more
+    # accurate ones. Over several rounds this is clear even when, with as many poisoners
+    # as honest users, the fit cannot tell which of the two camps is which.
+    alignment = sum(
+        float((acc - acc.mean()) @ (a @ theta - (a @ theta).mean()))
+        for acc, a in zip(accuracies, incidence, strict=True)
+    )
+    if alignment < 0:
+        theta, levels = -theta, -levels
+        upper = np.sort(theta)[::-1][: (len(theta) + 1) // 2]
+        scale = float(np.median(upper))
+        if not scale > 0:
+            return None
+        theta, levels = theta / scale, levels * scale
+    if not (np.isfinite(levels).all() and np.isfinite(theta).all()):
+        return None
+    return ContributionFit(
+        tuple(float(v) for v in levels), {u: float(theta[column[u]]) for u in users}
+    )

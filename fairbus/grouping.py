@@ -213,10 +213,10 @@ def _sample(
             groups.append(Group(len(groups), BASIC, members))
     general = [u for u in users if u not in key_users]
     preferred = [u for u in partners if u in general]
-    if len(preferred) >= MIN_GROUP - 1:
-        general = preferred
+    if len(preferred) < MIN_GROUP:
+        preferred = list(partners)  # too few trusted general users: trusted key users too
     for key in key_users:  # lines 9-16
-        pool = general if len(general) >= MIN_GROUP - 1 else [u for u in users if u != key]
+        pool = _focus_pool(key, users, general, partners)
         chosen: set[tuple[int, ...]] = set()
         for _ in range(key_repeats):
             # A repeat of the same members would be the same model: no new evidence.
@@ -235,6 +235,17 @@ def _sample(
             taken.add(members)
             groups.append(Group(len(groups), REFERENCE, members))
     return groups
+
+
+def _focus_pool(key: int, users: list[int], general: list[int], partners: list[int]) -> list[int]:
+    """Whom a focus group of ``key`` draws its two others from, first that has two:
+    trusted general users (line 12), trusted users, general users, anyone."""
+    need = MIN_GROUP - 1
+    trusted_general = [u for u in partners if u in general]
+    for pool in (trusted_general, [u for u in partners if u != key], general):
+        if len(pool) >= need:
+            return pool
+    return [u for u in users if u != key]
 
 
 def make_grouping(

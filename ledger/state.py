@@ -22,7 +22,7 @@ from enum import StrEnum
 
 from nacl.exceptions import BadSignatureError
 
-from fairbus.detection import DetectionParams, detect
+from fairbus.detection import DetectionParams, RoundContributions, detect
 from fairbus.envelope import check_header_group
 from fairbus.errors import (
     FairbusError,
@@ -133,6 +133,7 @@ class LedgerState:
     key_users: frozenset[int] = frozenset()
     excluded: frozenset[int] = frozenset()
     carried: dict[int, tuple[float, ...]] = field(default_factory=dict)
+    history: tuple[RoundContributions, ...] = ()
     last_block: Block | None = None
     round_index: dict[int, set[bytes]] = field(default_factory=dict)
     """Round → hashes of the transactions scoped to it (for round queries)."""
@@ -172,6 +173,7 @@ class LedgerState:
         self.key_users = draft.key_users
         self.excluded = draft.excluded
         self.carried = draft.carried
+        self.history = draft.history
         self.roster = draft.roster
         self.height = block.height
         self.head_hash = block.hash
@@ -191,6 +193,7 @@ class Draft:
         self.key_users = state.key_users
         self.excluded = state.excluded
         self.carried = state.carried
+        self.history = state.history
         self.roster = state.roster
 
     def location(self, tx_hash: bytes) -> Location | None:
@@ -387,6 +390,7 @@ class Draft:
                 self.state.params,
                 contributions or None,
                 self.carried,
+                self.history,
             )
         except FairbusError as exc:
             raise RefusedError(
@@ -414,6 +418,7 @@ class Draft:
         self.key_users = result.new_key_users
         self.excluded = self.excluded | result.violators
         self.carried = dict(result.evidence)
+        self.history = result.history
 
 
 def check_transaction(

@@ -1,13 +1,23 @@
 """Algorithm 6 against cases computed by hand."""
 
 import math
+from dataclasses import replace
 
 import numpy as np
 import pytest
 
-from fairbus.detection import DetectionParams, detect, group_contributions
+from fairbus.detection import (
+    DetectionParams,
+    DetectionResult,
+    RoundContributions,
+    clean_level,
+    detect,
+    fit_contributions,
+    group_contributions,
+)
 from fairbus.errors import DetectionError
 from fairbus.grouping import BASIC, FOCUS, Group, Grouping
+from fairbus.protocol.provider import TrustRecord
 
 GROUPS = (
     Group(0, BASIC, (1, 2, 3)),
@@ -143,3 +153,165 @@ def test_carried_evidence_counts_focus_groups_across_rounds() -> None:
     passing = {**acc, 4: 0.95}
     third = detect(GROUPING, passing, params, carried={1: (0.0, 0.0)})
     assert third.violators == frozenset()
+
+
+# --- extensions: the fitted clean level, the evidence window, a key user's pooled score ----
+
+
+def _contributions(
+    groups: tuple[tuple[int, ...], ...], weights: dict[int, float], level: float
+) -> RoundContributions:
+    """Contributions exactly as the model of fit_contributions says (L · mean θ), and
+    accuracies that grow with mean θ."""
+    means = [sum(weights[u] for u in g) / len(g) for g in groups]
+    return RoundContributions(
+        groups, tuple(level * m for m in means), tuple(0.5 + 0.1 * m for m in means)
+    )
+
+
+THETA = {1: 1.0, 2: 1.0, 3: 1.0, 4: 1.0, 5: 0.0, 6: -1.0}  # 5 free-rides, 6 poisons
+ROUND_A = ((1, 2, 3), (4, 5, 6), (1, 4, 5), (2, 3, 6), (1, 2, 5), (3, 4, 6))
+ROUND_B = ((1, 5, 6), (2, 3, 4), (1, 3, 5), (2, 4, 6), (1, 2, 6), (3, 4, 5))
+
+
+def test_fit_recovers_levels_and_weights_of_an_exact_system() -> None:
+    rounds = [_contributions(ROUND_A, THETA, 2.0), _contributions(ROUND_B, THETA, 3.0)]
+    fit = fit_contributions(rounds)
+    assert fit is not None
+    assert fit.levels == pytest.approx((2.0, 3.0), abs=1e-9)
+    assert fit.weights == pytest.approx(THETA, abs=1e-9)
+    assert clean_level(rounds) == pytest.approx(3.0, abs=1e-9)
+
+
+def test_fitted_level_sees_through_a_round_where_every_group_holds_the_free_rider() -> None:
+    # Round 2: users 1-4 honest, 5 free-rides, and every group has 5 in it; each group's
+    # contribution is then 2/3 of a clean group's (level 3), so the largest one is 2.
+    theta = {1: 1.0, 2: 1.0, 3: 1.0, 4: 1.0, 5: 0.0}
+    first = _contributions(((1, 2, 3), (1, 4, 5), (2, 3, 5), (2, 4, 5), (1, 3, 4)), theta, 3.0)
+    groups = (Group(0, BASIC, (1, 2, 5)), Group(1, BASIC, (3, 4, 5)))
+    grouping = Grouping(groups, frozenset(), 0, 1)
+    contributions = {0: 2.0, 1: 2.0}
+    acc = {0: 0.9, 1: 0.9}
+    as_before = DetectionParams(
+        bound_score=0.3, bound_conf=0.5, tolerance=0.05, contribution_tolerance=0.2
+    )
+    assert detect(grouping, acc, as_before, contributions).group_scores == {0: 1.0, 1: 1.0}
+    fitted = replace(as_before, level_rounds=2)
+    result = detect(grouping, acc, fitted, contributions, history=(first,))
+    assert result.group_scores == {0: 0.0, 1: 0.0}  # 2 < 0.8 · 3
+    assert len(result.history) == 1 and result.history[0].contributions == (2.0, 2.0)
+
+
+def test_fit_has_nothing_to_stand_on_without_a_positive_contribution() -> None:
+    assert clean_level([RoundContributions(((1, 2, 3),), (-1.0,), (0.5,))]) is None
+    assert clean_level([]) is None
+
+
+@pytest.mark.parametrize(
+    ("groups", "contributions", "accuracies", "problem"),
+    [
+        (((1, 2, 3),), (1.0, 2.0), (0.5,), "one contribution and one accuracy"),
+        (((1, 2, 3),), (1.0,), (0.5, 0.5), "one contribution and one accuracy"),
+        (((1, 1, 2),), (1.0,), (0.5,), "distinct members"),
+        (((),), (1.0,), (0.5,), "distinct members"),
+        (((1, 2, 3),), (math.nan,), (0.5,), "finite"),
+        (((1, 2, 3),), (1.0,), (1.5,), r"\[0, 1\]"),
+    ],
+)
+def test_round_contributions_refuse_bad_input(
+    groups: tuple[tuple[int, ...], ...],
+    contributions: tuple[float, ...],
+    accuracies: tuple[float, ...],
+    problem: str,
+) -> None:
+    with pytest.raises(DetectionError, match=problem):
+        RoundContributions(groups, contributions, accuracies)
+
+
+def test_fit_finds_forward_from_accuracy_when_the_median_pointed_backwards() -> None:
+    # two honest, two free-riders, two poisoners: both signs fit the contributions
+    # equally well; the median of the basic updates followed the poisoners (level < 0)
+    # and the groups with more honest users are the more accurate ones
+    theta = {1: 1.0, 2: 1.0, 3: 0.0, 4: 0.0, 5: -1.0, 6: -1.0}
+    rounds = [_contributions(ROUND_B, theta, -3.0), _contributions(ROUND_A, theta, -2.0)]
+    fit = fit_contributions(rounds)
+    assert fit is not None
+    assert fit.weights == pytest.approx(theta, abs=1e-9)
+    assert fit.levels == pytest.approx((-3.0, -2.0), abs=1e-9)
+    # a group then scores by its contribution over that negative level
+    grouping = Grouping(tuple(Group(k, BASIC, m) for k, m in enumerate(ROUND_A)), frozenset(), 0, 1)
+    last = rounds[1]
+    params = DetectionParams(
+        bound_score=0.3, bound_conf=0.5, tolerance=0.5, contribution_tolerance=0.4, level_rounds=2
+    )
+    result = detect(
+        grouping,
+        dict(enumerate(last.accuracies)),
+        params,
+        dict(enumerate(last.contributions)),
+        history=rounds[:1],
+    )
+    assert result.level == pytest.approx(-2.0)
+    # ROUND_A's mean θ: (1,2,3) 2/3, (4,5,6) -2/3, then 0, 0, 1/3, -1/3; 2/3 ≥ 1 - 0.4
+    assert result.group_scores == {0: 1.0, 1: 0.0, 2: 0.0, 3: 0.0, 4: 0.0, 5: 0.0}
+
+
+@pytest.mark.parametrize(
+    ("changes", "problem"),
+    [
+        ({"level_rounds": 0}, "level_rounds must be >= 1"),
+        ({"level_rounds": 2.5}, "whole number"),
+        ({"min_evidence": 4.0}, "whole number"),
+        ({"evidence_window": 3, "min_evidence": 4}, "evidence_window"),
+        ({"evidence_window": True}, "whole number"),
+    ],
+)
+def test_extension_parameters_are_checked(changes: dict[str, object], problem: str) -> None:
+    with pytest.raises(DetectionError, match=problem):
+        DetectionParams(**changes)  # type: ignore[arg-type]
+
+
+def test_evidence_window_keeps_the_last_focus_scores() -> None:
+    acc = {0: 0.5, 1: 0.9, 2: 0.6, 3: 0.8, 4: 0.4, 5: 0.3}  # user 1 fails its 2 focus groups
+    params = DetectionParams(
+        bound_score=0.3, bound_conf=0.5, carry_evidence=True, min_evidence=3, evidence_window=3
+    )
+    # a lucky early score two rounds back drops out of the window: violator
+    result = detect(GROUPING, acc, params, carried={1: (1.0, 0.0)})
+    assert result.assessments[1].active_groups == 3  # (1, 0, 0, 0) cut to (0, 0, 0)
+    assert result.violators == {1} and 1 not in result.evidence
+    without = detect(GROUPING, acc, replace(params, evidence_window=None), carried={1: (1.0, 0.0)})
+    assert without.violators == frozenset()  # (1, 0, 0, 0): interval too wide
+
+
+def test_key_users_score_counts_its_carried_focus_groups() -> None:
+    # User 1's basic groups both beat τ this round, its focus groups failed before and now.
+    acc = {0: 0.9, 1: 0.5, 2: 0.9, 3: 0.5, 4: 0.4, 5: 0.3}
+    params = DetectionParams(bound_score=0.3, bound_conf=0.5, carry_evidence=True, min_evidence=3)
+    carried = {1: (0.0, 0.0, 0.0, 0.0)}
+    result = detect(GROUPING, acc, params, carried=carried)
+    # as written its score would be 2/4 (two basic groups of four active ones); pooled
+    # with the carried focus groups it is 2/8, below τ − bound_score = 0.7 − 0.3
+    assert result.assessments[1].score == pytest.approx(2 / 8)
+    assert 1 in result.violators
+    as_written = detect(GROUPING, acc, replace(params, carry_evidence=False))
+    assert as_written.assessments[1].score == pytest.approx(2 / 4)
+
+
+def test_provider_trusts_users_by_their_fitted_weight() -> None:
+    rounds = (_contributions(ROUND_A, THETA, 2.0), _contributions(ROUND_B, THETA, 3.0))
+    groups = tuple(Group(k, BASIC, m) for k, m in enumerate(ROUND_B))
+    result = DetectionResult(
+        0.9,
+        {},
+        frozenset(),
+        frozenset(),
+        group_scores=dict.fromkeys(range(6), 1.0),
+        history=rounds,
+    )
+    record = TrustRecord()
+    assert record.most_trusted([1, 5, 6]) == [1, 5, 6]  # no record yet: all alike
+    record.add(Grouping(groups, frozenset(), 0, 1), result)
+    # every group scored, but the fit says 5 free-rides and 6 poisons
+    assert sorted(record.most_trusted([1, 2, 3, 4, 5, 6])) == [1, 2, 3, 4]
+    assert record.most_trusted([1, 5, 6]) == [1, 5, 6]  # at least three, best first

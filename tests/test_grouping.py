@@ -8,6 +8,7 @@ from fairbus.errors import GroupingError
 from fairbus.grouping import (
     BASIC,
     FOCUS,
+    REFERENCE,
     check_grouping,
     exposed_users,
     make_grouping,
@@ -72,6 +73,24 @@ def test_focus_groups_pair_key_users_with_general_users() -> None:
         assert group.focus == 4
         assert set(group.members) - {4} <= set(range(1, 10)) - {4}
     assert len({group.members for group in g.focus}) == 2  # distinct focus groups
+
+
+def test_focus_partners_and_references_come_from_the_trusted_users() -> None:
+    g = make_grouping(range(1, 10), [4], key_repeats=2, seed=3, partners=[1, 2, 3], references=1)
+    assert g.focus
+    for group in g.focus:
+        assert set(group.members) - {4} <= {1, 2, 3}
+    assert [x.members for x in g.groups if x.kind == REFERENCE] == [(1, 2, 3)]
+
+
+def test_with_too_few_trusted_general_users_trusted_key_users_partner() -> None:
+    # key users 1-7: the only general users (8, 9) are not trusted; 1-3 are
+    g = make_grouping(
+        range(1, 10), range(1, 8), key_repeats=1, seed=5, partners=[1, 2, 3], references=0
+    )
+    assert g.focus
+    for group in g.focus:
+        assert set(group.members) - {group.focus} <= {1, 2, 3}, group
 
 
 def test_focus_repeats_are_reduced_when_they_would_expose() -> None:

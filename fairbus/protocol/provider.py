@@ -26,7 +26,14 @@ import numpy.typing as npt
 
 from fairbus import envelope, masking
 from fairbus.aggregation import AggregationStrategy, CleanGroupAverage, GroupModel
-from fairbus.detection import DetectionParams, DetectionResult, detect, group_contributions
+from fairbus.detection import (
+    DetectionParams,
+    DetectionResult,
+    RoundContributions,
+    detect,
+    fit_contributions,
+    group_contributions,
+)
 from fairbus.envelope import GENESIS, ChainTracker
 from fairbus.errors import FairbusError, GroupingError
 from fairbus.field import FieldVector, FixedPointCodec
@@ -83,6 +90,8 @@ def _default_detection() -> DetectionParams:
         min_evidence=4,
         carry_evidence=True,
         key_score=0.3,
+        level_rounds=8,
+        evidence_window=4,
     )
 
 
@@ -110,24 +119,39 @@ class ProviderConfig:
     strategy: AggregationStrategy = field(default_factory=CleanGroupAverage)
 
 
-def _most_trusted(result: DetectionResult, at_least: int = 4) -> list[int]:
-    """The general users scoring at least the median of the general users' scores (and at
-    least ``at_least`` of them, best first, where there are that many): the focus partners
-    of the next grouping. An attacker that slipped out of the key users on a lucky group
-    would otherwise drag honest key users' focus groups down with it."""
-    general = sorted(
-        (
-            (a.score, u)
-            for u, a in result.assessments.items()
-            if u not in result.new_key_users and u not in result.violators
-        ),
-        reverse=True,
-    )
-    if not general:
-        return []
-    median = float(np.median([score for score, _ in general]))
-    trusted = [u for k, (score, u) in enumerate(general) if score >= median or k < at_least]
-    return sorted(trusted)
+@dataclass
+class TrustRecord:
+    """Not in the paper: whom the provider trusts as focus partners and reference
+    members of the next grouping. Users are ranked by the weight θ_u that
+    :func:`fairbus.detection.fit_contributions` fits over the recent rounds (about 1
+    for an honest user, 0 for a free-rider, below 0 for a poisoner) and, before there
+    is a fit, by the share of their groups that scored in Alg. 6, line 11. An attacker
+    taken for a partner drags honest key users' focus groups down with it."""
+
+    scored: dict[int, int] = field(default_factory=dict)
+    groups: dict[int, int] = field(default_factory=dict)
+    weights: dict[int, float] = field(default_factory=dict)
+
+    def add(self, grouping: Grouping, result: DetectionResult) -> None:
+        for g in grouping.groups:
+            for u in g.members:
+                self.groups[u] = self.groups.get(u, 0) + 1
+                self.scored[u] = self.scored.get(u, 0) + (result.group_scores.get(g.gid, 0) > 0)
+        fit = fit_contributions(result.history) if result.history else None
+        if fit is not None:
+            self.weights = dict(fit.weights)
+
+    def trust(self, user: int) -> float:
+        if user in self.weights:
+            return self.weights[user]
+        total = self.groups.get(user, 0)
+        return self.scored.get(user, 0) / total if total else 0.5
+
+    def most_trusted(self, users: list[int], at_least: int = 3, bar: float = 0.5) -> list[int]:
+        """The users trusted at least ``bar`` (and at least ``at_least`` of them, best
+        first, where there are that many), best first."""
+        ranked = sorted(users, key=lambda u: (-self.trust(u), u))
+        return [u for k, u in enumerate(ranked) if self.trust(u) >= bar or k < at_least]
 
 
 class ProviderPhase(Enum):
@@ -171,7 +195,9 @@ class ProviderMachine:
         self._decrypted: dict[int, GroupAggregate] = {}
         self._accuracy: dict[int, float] = {}
         self._evidence: dict[int, tuple[float, ...]] = {}
+        self._history: tuple[RoundContributions, ...] = ()
         self._trusted: list[int] = []
+        self._record = TrustRecord()
 
     @property
     def prior_groups(self) -> list[tuple[int, ...]]:
@@ -454,13 +480,24 @@ class ProviderMachine:
         violators: frozenset[int] = frozenset()
         new_keys: frozenset[int] = frozenset()
         scored: dict[int, float] = {}
+        forward = 1.0  # which way a contribution counts (the yardstick's sign)
         if self.config.defended:
             result = detect(
-                grouping, self._accuracy, self.config.detection, contributions, self._evidence
+                grouping,
+                self._accuracy,
+                self.config.detection,
+                contributions,
+                self._evidence,
+                self._history,
             )
             self._evidence = dict(result.evidence)
+            self._history = result.history
             scored = dict(result.group_scores)
-            self._trusted = _most_trusted(result)
+            forward = -1.0 if result.level is not None and result.level < 0 else 1.0
+            self._record.add(grouping, result)
+            self._trusted = self._record.most_trusted(
+                sorted(set(grouping.users) - violators - self.excluded)
+            )
             tau, violators, new_keys = result.tau, result.violators, result.new_key_users
             assessments = dict(result.assessments)
             scores = tuple(
@@ -474,7 +511,12 @@ class ProviderMachine:
             )
         models = [
             GroupModel(
-                g.gid, g.kind, g.members, self._decrypted[g.gid].mean, scored.get(g.gid, 1.0) > 0
+                g.gid,
+                g.kind,
+                g.members,
+                self._decrypted[g.gid].mean,
+                scored.get(g.gid, 1.0) > 0,
+                forward * contributions[g.gid],
             )
             for g in grouping.groups
         ]
