@@ -9,6 +9,7 @@ import pytest
 from typer.testing import CliRunner
 
 from cli.main import app
+from fairbus.protocol.provider import ProviderConfig
 from ledger.blobs import BlobStore
 from ledger.config import LedgerConfig, LedgerConfigError
 from ledger.node import LedgerNode
@@ -24,6 +25,7 @@ def test_the_example_config_loads() -> None:
     config = LedgerConfig.load(REPO / "configs" / "ledger.example.toml")
     assert config.store == "etcd" and len(config.etcd) == 3
     assert config.detection.carry_evidence and config.detection.key_score == 0.3
+    assert config.detection == ProviderConfig().detection  # the example spells the defaults
     assert config.roster.name == "roster.example.toml"
 
 
@@ -37,6 +39,8 @@ def test_the_example_config_loads() -> None:
         ('roster = "r.toml"\nsurprise = 1\n', "unknown keys"),
         ('roster = "r.toml"\n[detection]\nbound_scor = 1\n', "[detection]"),
         ('roster = "r.toml"\n[detection]\nconfidence = 2.0\n', "[detection]"),
+        ('roster = "r.toml"\n[detection]\nlevel_rounds = 2.5\n', "whole number"),
+        ('roster = "r.toml"\n[detection]\nevidence_window = 2\n', "evidence_window"),
         ('roster = "r.toml"\nmax_block_txs = 0\n', "max_block_txs"),
         ("roster = 7\n", "'roster'"),
         ("roster = [", "r.toml"),

@@ -12,6 +12,7 @@ from typer.testing import CliRunner
 
 from cli.main import app
 from fairbus import envelope, field
+from fairbus.aggregation import CleanGroupAverage, GroupModel
 from fairbus.envelope import GENESIS
 from fairbus.errors import GroupingError
 from fairbus.field import FixedPointCodec
@@ -226,3 +227,24 @@ def test_a_poisoner_and_a_free_rider_are_excluded_and_no_honest_user_is(seed: in
     result = run_one(spec)
     assert result.detected == set(result.attackers)
     assert result.false_exclusions == set()
+
+
+def test_clean_group_average_falls_back_to_the_group_that_contributed_most() -> None:
+    current = np.zeros(2, dtype=np.float32)
+
+    def model(gid: int, members: tuple[int, ...], value: float, contribution: float) -> GroupModel:
+        mean = np.full(2, value, dtype=np.float32)
+        return GroupModel(gid, "basic", members, mean, scored=False, contribution=contribution)
+
+    groups = [
+        model(0, (1, 2, 3), 1.0, 0.2),
+        model(1, (4, 5, 6), 3.0, 0.9),
+        model(2, (7, 8, 9), 5.0, 2.0),
+    ]
+    # none scored: the clean group that contributed most (group 2 holds violator 9)
+    assert CleanGroupAverage().aggregate(current, groups, {9}).tolist() == [3.0, 3.0]
+    # without contributions: every clean group, weighted by size
+    plain = [dataclasses.replace(g, contribution=None) for g in groups]
+    assert CleanGroupAverage().aggregate(current, plain, {9}).tolist() == [2.0, 2.0]
+    scored = [dataclasses.replace(groups[0], scored=True), *groups[1:]]
+    assert CleanGroupAverage().aggregate(current, scored, {9}).tolist() == [1.0, 1.0]
