@@ -173,6 +173,7 @@ def detection_bench(
         "final acc",
         "no attack",
         "undefended",
+        "score honest / attackers",
         "target",
     ):
         table.add_column(column, justify="right")
@@ -188,6 +189,9 @@ def detection_bench(
             f"{s.accuracy_defended:.3f}",
             f"{s.accuracy_no_attack:.3f}",
             "–" if s.accuracy_undefended is None else f"{s.accuracy_undefended:.3f}",
+            " / ".join(
+                "–" if v is None else f"{v:.2f}" for v in (s.score_honest, s.score_attackers)
+            ),
             "✓" if s.meets_target else "✗",
         )
     console.print(table)

@@ -39,6 +39,8 @@ class RunResult:
     attackers: frozenset[int]
     excluded_round: dict[int, int]
     final_accuracy: float
+    mean_scores: dict[int, float]
+    """Each user's score_i (Alg. 6, lines 9-15) averaged over the rounds it was scored."""
 
     @property
     def detected(self) -> set[int]:
@@ -72,11 +74,21 @@ def run_one(spec: RunSpec) -> RunResult:
         provider=replace(spec.base.provider, defended=spec.defended, seed=spec.seed),
     )
     excluded_round: dict[int, int] = {}
+    scores: dict[int, list[float]] = {}
     records = Simulation(config).run()
     for record in records:
         for user in record.violators:
             excluded_round.setdefault(user, record.round)
-    return RunResult(spec, frozenset(attacks), excluded_round, records[-1].global_accuracy)
+        for user, assessment in record.scores.items():
+            if assessment["score"] is not None:
+                scores.setdefault(user, []).append(float(assessment["score"]))
+    return RunResult(
+        spec,
+        frozenset(attacks),
+        excluded_round,
+        records[-1].global_accuracy,
+        {u: statistics.fmean(v) for u, v in scores.items()},
+    )
 
 
 def run_all(
@@ -113,6 +125,10 @@ class ScenarioSummary:
     accuracy_defended: float
     accuracy_no_attack: float
     accuracy_undefended: float | None
+    score_honest: float | None = None
+    """Mean score_i of the honest users; the paper's Fig. 5 has them well above ..."""
+    score_attackers: float | None = None
+    """... the attackers', even with 3+3; means over users, rounds scored and seeds."""
 
     @property
     def meets_target(self) -> bool:
@@ -155,9 +171,21 @@ def summarize(results: Iterable[RunResult], within: int) -> list[ScenarioSummary
                 statistics.fmean(r.final_accuracy for r in defended),
                 statistics.fmean(no_attack) if no_attack else float("nan"),
                 statistics.fmean(r.final_accuracy for r in undefended) if undefended else None,
+                _mean_score(defended, honest=True),
+                _mean_score(defended, honest=False),
             )
         )
     return summaries
+
+
+def _mean_score(runs: list[RunResult], *, honest: bool) -> float | None:
+    values = [
+        score
+        for r in runs
+        for user, score in r.mean_scores.items()
+        if (user not in r.attackers) == honest
+    ]
+    return statistics.fmean(values) if values else None
 
 
 def build_specs(
