@@ -347,7 +347,7 @@ def _level_window(
         return ()
     groups = sorted(grouping.groups, key=lambda g: g.gid)
     if any(g.gid not in contributions for g in groups):
-        return ()  # _group_scorer names the missing contributions
+        return ()  # _checked_level names the missing contributions
     this = RoundContributions(
         tuple(g.members for g in groups),
         tuple(float(contributions[g.gid]) for g in groups),
@@ -408,8 +408,7 @@ def fit_contributions(
     for _ in range(iterations):
         design = np.vstack([a * level for a, level in zip(incidence, levels, strict=True)])
         theta = np.linalg.lstsq(design, np.concatenate(observed), rcond=None)[0]
-        upper = np.sort(theta)[::-1][: (len(theta) + 1) // 2]
-        scale = float(np.median(upper))
+        scale = _upper_median(theta)
         if not scale > 0 or not math.isfinite(scale):
             return None
         theta /= scale
@@ -426,8 +425,7 @@ def fit_contributions(
     )
     if alignment < 0:
         theta, levels = -theta, -levels
-        upper = np.sort(theta)[::-1][: (len(theta) + 1) // 2]
-        scale = float(np.median(upper))
+        scale = _upper_median(theta)
         if not scale > 0:
             return None
         theta, levels = theta / scale, levels * scale
@@ -436,3 +434,8 @@ def fit_contributions(
     return ContributionFit(
         tuple(float(v) for v in levels), {u: float(theta[column[u]]) for u in users}
     )
+
+
+def _upper_median(theta: npt.NDArray[np.float64]) -> float:
+    """The median of the larger half of the weights: what honest users' weight is."""
+    return float(np.median(np.sort(theta)[::-1][: (len(theta) + 1) // 2]))
