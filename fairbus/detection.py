@@ -85,10 +85,11 @@ class DetectionParams:
             raise DetectionError(f"level_rounds must be >= 1, got {self.level_rounds}")
         if not 0.0 < self.confidence < 1.0:
             raise DetectionError(f"confidence must be in (0, 1), got {self.confidence}")
-        if self.evidence_window is not None and self.evidence_window < self.min_evidence:
+        window = self.evidence_window
+        if self.carry_evidence and window is not None and window < self.min_evidence:
             raise DetectionError(
-                f"evidence_window ({self.evidence_window}) must be >= min_evidence "
-                f"({self.min_evidence})"
+                f"evidence_window ({window}) must be >= min_evidence ({self.min_evidence}), "
+                "or no key user could ever have enough evidence"
             )
         if self.min_evidence < 2:
             raise DetectionError(f"min_evidence must be >= 2, got {self.min_evidence}")
@@ -111,15 +112,28 @@ class RoundContributions:
     accuracies: tuple[float, ...]
 
     def __post_init__(self) -> None:
+        if not self.groups:
+            raise DetectionError("a round needs at least one group")
         if not len(self.groups) == len(self.contributions) == len(self.accuracies):
             raise DetectionError("one contribution and one accuracy per group are needed")
-        if not all(math.isfinite(a) and 0.0 <= a <= 1.0 for a in self.accuracies):
+        numbers = (*self.contributions, *self.accuracies)
+        if not all(_is_number(v) and math.isfinite(v) for v in numbers):
+            raise DetectionError("contributions and accuracies must be finite numbers")
+        if not all(0.0 <= a <= 1.0 for a in self.accuracies):
             raise DetectionError("accuracies must be in [0, 1]")
         for members in self.groups:
+            if not isinstance(members, tuple) or not all(_is_whole(u) for u in members):
+                raise DetectionError(f"group {members!r} must be a tuple of user ids")
             if not members or len(set(members)) != len(members):
                 raise DetectionError(f"group {members!r} must list distinct members")
-        if not all(math.isfinite(c) for c in self.contributions):
-            raise DetectionError("contributions must be finite")
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _is_whole(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 @dataclass(frozen=True)
@@ -365,11 +379,22 @@ class ContributionFit:
     weights: Mapping[int, float]
 
 
+LEVEL_DIGITS = 9
+"""The fitted level is rounded to this many significant digits before groups are compared
+with it: the fit runs on LAPACK, whose last bits may differ between machines, and the
+ledger re-derives every decision (a group would score differently only within 1e-9 of
+the bar)."""
+
+
 def clean_level(rounds: Sequence[RoundContributions]) -> float | None:
     """The contribution a group of users who all trained honestly has in the last of
-    ``rounds`` (:func:`fit_contributions`); None where the fit has nothing to stand on."""
+    ``rounds`` (:func:`fit_contributions`), to :data:`LEVEL_DIGITS` significant digits;
+    None where the fit has nothing to stand on."""
     fit = fit_contributions(rounds)
-    return fit.levels[-1] if fit is not None else None
+    if fit is None:
+        return None
+    level = fit.levels[-1]
+    return float(f"{level:.{LEVEL_DIGITS}g}")
 
 
 def fit_contributions(
@@ -389,9 +414,23 @@ def fit_contributions(
     Written here because it is a dozen lines of numpy; no library fits this bilinear
     model with that normalisation.
     """
+    if iterations < 1:
+        raise DetectionError(f"iterations must be >= 1, got {iterations}")
     users = sorted({u for r in rounds for members in r.groups for u in members})
     if not rounds or not users:
         return None
+    try:
+        with np.errstate(over="raise", invalid="raise", divide="raise", under="ignore"):
+            return _alternating_fit(rounds, users, iterations)
+    except (np.linalg.LinAlgError, FloatingPointError, OverflowError):
+        # Contributions so large that the fit overflows (a provider's decoder takes any
+        # finite float): the round's largest contribution is the yardstick then.
+        return None
+
+
+def _alternating_fit(
+    rounds: Sequence[RoundContributions], users: list[int], iterations: int
+) -> ContributionFit | None:
     column = {u: k for k, u in enumerate(users)}
     incidence = []
     for r in rounds:
@@ -419,11 +458,13 @@ def fit_contributions(
     # Forward is where accuracy is: the groups of users with larger θ should be the more
     # accurate ones. Over several rounds this is clear even when, with as many poisoners
     # as honest users, the fit cannot tell which of the two camps is which.
-    alignment = sum(
-        float((acc - acc.mean()) @ (a @ theta - (a @ theta).mean()))
-        for acc, a in zip(accuracies, incidence, strict=True)
-    )
-    if alignment < 0:
+    spread_acc = [acc - acc.mean() for acc in accuracies]
+    spread_fit = [a @ theta - (a @ theta).mean() for a in incidence]
+    alignment = sum(float(x @ y) for x, y in zip(spread_acc, spread_fit, strict=True))
+    size = math.sqrt(sum(float(x @ x) for x in spread_acc) * sum(float(y @ y) for y in spread_fit))
+    # Turned round only when accuracy clearly says so: with every group equally accurate
+    # the alignment is rounding noise, whose sign may differ between machines.
+    if alignment < -1e-6 * size:
         theta, levels = -theta, -levels
         scale = _upper_median(theta)
         if not scale > 0:

@@ -22,7 +22,8 @@ class LedgerConfigError(FairbusError):
 
 def detection_table(table: object) -> DetectionParams:
     """A ``[detection]`` table (the task's Alg. 6 policy; the provider's and every ledger
-    node's must be equal) over the provider's defaults."""
+    node's must be equal) over the provider's defaults. ``level_rounds = 0`` and
+    ``evidence_window = 0`` turn those extensions off (TOML has no null)."""
     defaults = ProviderConfig().detection
     names = {f.name for f in fields(DetectionParams)}
     if not isinstance(table, dict) or set(table) - names:
@@ -32,8 +33,9 @@ def detection_table(table: object) -> DetectionParams:
         if flag != isinstance(value, bool) or not isinstance(value, int | float):
             kind = "true or false" if flag else "a number"
             raise FairbusError(f"[detection]: {key!r} must be {kind}, got {value!r}")
+    off = {k: None for k in ("level_rounds", "evidence_window") if table.get(k) == 0}
     try:
-        return DetectionParams(**{**vars(defaults), **table})
+        return DetectionParams(**{**vars(defaults), **table, **off})
     except (FairbusError, TypeError) as exc:
         raise FairbusError(f"[detection]: {exc}") from None
 

@@ -216,6 +216,11 @@ def test_fit_has_nothing_to_stand_on_without_a_positive_contribution() -> None:
         (((),), (1.0,), (0.5,), "distinct members"),
         (((1, 2, 3),), (math.nan,), (0.5,), "finite"),
         (((1, 2, 3),), (1.0,), (1.5,), r"\[0, 1\]"),
+        (((1, 2, 3),), (True,), (0.5,), "finite numbers"),
+        (((1, 2, 3),), ("1",), (0.5,), "finite numbers"),
+        (("abc",), (1.0,), (0.5,), "tuple of user ids"),
+        (((1, 2.0, 3),), (1.0,), (0.5,), "tuple of user ids"),
+        ((), (), (), "at least one group"),
     ],
 )
 def test_round_contributions_refuse_bad_input(
@@ -262,7 +267,7 @@ def test_fit_finds_forward_from_accuracy_when_the_median_pointed_backwards() -> 
         ({"level_rounds": 0}, "level_rounds must be >= 1"),
         ({"level_rounds": 2.5}, "whole number"),
         ({"min_evidence": 4.0}, "whole number"),
-        ({"evidence_window": 3, "min_evidence": 4}, "evidence_window"),
+        ({"evidence_window": 3, "min_evidence": 4, "carry_evidence": True}, "evidence_window"),
         ({"evidence_window": True}, "whole number"),
     ],
 )
@@ -315,3 +320,25 @@ def test_provider_trusts_users_by_their_fitted_weight() -> None:
     # every group scored, but the fit says 5 free-rides and 6 poisons
     assert sorted(record.most_trusted([1, 2, 3, 4, 5, 6])) == [1, 2, 3, 4]
     assert record.most_trusted([1, 5, 6]) == [1, 5, 6]  # at least three, best first
+
+
+def test_a_fit_that_overflows_falls_back_to_the_largest_contribution() -> None:
+    # A provider's Evaluation may carry any finite float; the ledger re-derives with it.
+    groups = tuple(Group(k, BASIC, m) for k, m in enumerate(ROUND_A))
+    grouping = Grouping(groups, frozenset(), 0, 1)
+    params = DetectionParams(contribution_tolerance=0.2, level_rounds=8)
+    huge = {k: (1e308 if k % 2 else -1e308) for k in range(6)}
+    result = detect(grouping, dict.fromkeys(range(6), 0.5), params, huge)
+    assert result.level == 1e308
+    with pytest.raises(DetectionError, match="iterations"):
+        fit_contributions([_contributions(ROUND_A, THETA, 2.0)], iterations=0)
+
+
+def test_equal_accuracies_do_not_turn_the_fit_round() -> None:
+    # Nothing to orient by: the fit keeps the orientation least squares found, whatever
+    # the rounding noise in the alignment (which may differ between machines).
+    rounds = [_contributions(ROUND_A, THETA, 2.0), _contributions(ROUND_B, THETA, 3.0)]
+    flat = [replace(r, accuracies=(0.1,) * len(r.groups)) for r in rounds]
+    fitted, flat_fit = fit_contributions(rounds), fit_contributions(flat)
+    assert fitted is not None and flat_fit is not None
+    assert flat_fit.levels == pytest.approx(fitted.levels)

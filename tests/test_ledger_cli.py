@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 from cli.main import app
 from fairbus.protocol.provider import ProviderConfig
 from ledger.blobs import BlobStore
-from ledger.config import LedgerConfig, LedgerConfigError
+from ledger.config import LedgerConfig, LedgerConfigError, detection_table
 from ledger.node import LedgerNode
 from ledger.records import Block, Transaction
 from ledger.state import LedgerState
@@ -19,6 +19,12 @@ from ledger.stores import SqliteStore
 from tests.ledger_support import RecordedRun, record_run
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+def test_zero_turns_the_whole_number_extensions_off() -> None:
+    table = {"level_rounds": 0, "evidence_window": 0}
+    params = detection_table(table)
+    assert params.level_rounds is None and params.evidence_window is None
 
 
 def test_the_example_config_loads() -> None:

@@ -494,11 +494,11 @@ class ProviderMachine:
             self._history = result.history
             scored = dict(result.group_scores)
             forward = -1.0 if result.level is not None and result.level < 0 else 1.0
+            tau, violators, new_keys = result.tau, result.violators, result.new_key_users
             self._record.add(grouping, result)
             self._trusted = self._record.most_trusted(
                 sorted(set(grouping.users) - violators - self.excluded)
             )
-            tau, violators, new_keys = result.tau, result.violators, result.new_key_users
             assessments = dict(result.assessments)
             scores = tuple(
                 UserScore(a.user, a.score, a.conf_lo, a.conf_up)
