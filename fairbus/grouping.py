@@ -212,11 +212,11 @@ def _sample(
             seen.add(members)
             groups.append(Group(len(groups), BASIC, members))
     general = [u for u in users if u not in key_users]
-    preferred = [u for u in partners if u in general]
-    if len(preferred) < MIN_GROUP:
-        preferred = list(partners)  # too few trusted general users: trusted key users too
+    trusted_general = [u for u in partners if u in general]
+    # too few trusted general users for a reference group: trusted key users too
+    preferred = trusted_general if len(trusted_general) >= MIN_GROUP else list(partners)
     for key in key_users:  # lines 9-16
-        pool = _focus_pool(key, users, general, partners)
+        pool = _focus_pool(key, users, general, trusted_general, partners)
         chosen: set[tuple[int, ...]] = set()
         for _ in range(key_repeats):
             # A repeat of the same members would be the same model: no new evidence.
@@ -237,11 +237,16 @@ def _sample(
     return groups
 
 
-def _focus_pool(key: int, users: list[int], general: list[int], partners: list[int]) -> list[int]:
+def _focus_pool(
+    key: int,
+    users: list[int],
+    general: list[int],
+    trusted_general: list[int],
+    partners: list[int],
+) -> list[int]:
     """Whom a focus group of ``key`` draws its two others from, first that has two:
     trusted general users (line 12), trusted users, general users, anyone."""
     need = MIN_GROUP - 1
-    trusted_general = [u for u in partners if u in general]
     for pool in (trusted_general, [u for u in partners if u != key], general):
         if len(pool) >= need:
             return pool

@@ -19,7 +19,6 @@ import stat
 import struct
 import subprocess
 import sys
-import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -55,6 +54,7 @@ from fairbus import bus
 from fairbus.errors import FairbusError
 from fairbus.identity import load_broker_password, new_broker_password
 from fairbus.roster import Role, Roster
+from ledger.deployment import DeploymentError, wait_for_port
 from ledger.etcd_cluster import free_port
 
 from .conftest import TASK, find_service_binary
@@ -910,17 +910,15 @@ async def _raw_connect(
     return RawConnection(writer, connack[3])
 
 
-def _wait_for_port(port: int, proc: subprocess.Popen[bytes], timeout: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            out = proc.stdout.read().decode() if proc.stdout else ""
-            raise AssertionError(f"the broker exited with {proc.returncode}:\n{out}")
-        with socket.socket() as s:
-            if s.connect_ex(("127.0.0.1", port)) == 0:
-                return
-        time.sleep(0.05)
-    raise AssertionError(f"nothing listened on {port} within {timeout} s")
+def _wait_for_port(port: int, proc: subprocess.Popen[bytes]) -> None:
+    """ledger.deployment.wait_for_port, with the broker's output when it gave up."""
+    try:
+        wait_for_port(port, proc, timeout=20.0)
+    except DeploymentError as exc:
+        if proc.poll() is None:
+            proc.kill()
+        out = proc.communicate()[0].decode() if proc.stdout else ""
+        raise AssertionError(f"{exc}:\n{out}") from None
 
 
 def _make_pki(directory: Path, clients: list[str]) -> Path:
