@@ -35,6 +35,7 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check fairbus cli broker ledger tests
 	$(VENV)/bin/ruff format --check fairbus cli broker ledger tests
 	$(VENV)/bin/mypy
+	$(VENV)/bin/lint-imports
 
 bench-crypto: setup
 	$(VENV)/bin/fairbus bench crypto

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from matplotlib.figure import Figure
 
-from fairbus.simulator import RoundRecord
+from fairbus.rounds import RoundRecord
 
 # The object-oriented API (Figure, not pyplot) needs no display and no global backend.
 

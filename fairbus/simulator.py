@@ -10,14 +10,11 @@ evaluation) with real PyTorch on real data, injects dropouts, and records one
 from __future__ import annotations
 
 import time
-from collections import Counter, deque
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
-
-import numpy as np
-import numpy.typing as npt
 
 from fairbus.errors import FairbusError
 from fairbus.identity import Identity
@@ -45,13 +42,13 @@ from fairbus.protocol.events import (
 from fairbus.protocol.provider import ProviderConfig, ProviderMachine, ProviderPhase
 from fairbus.protocol.user import UserMachine
 from fairbus.roster import Member, Role, Roster
+from fairbus.rounds import RoundRecord, record_round
 from fairbus.training.attacks import Attack
 from fairbus.training.data import DATASET_MODELS, load_dataset, partition_dirichlet, partition_iid
 from fairbus.training.local import Evaluator, TrainConfig, Trainer
 from fairbus.training.models import initial_params
 
 PROVIDER_ID = 0
-TIMING_PHASES = ("training", "negotiation", "upload", "aggregation", "evaluation", "detection")
 
 
 @dataclass(frozen=True)
@@ -82,74 +79,6 @@ class SimulationConfig:
     @property
     def model_name(self) -> str:
         return self.model or DATASET_MODELS[self.dataset]
-
-
-@dataclass
-class RoundRecord:
-    round: int
-    attempts: int
-    global_accuracy: float
-    groups: list[dict[str, Any]]
-    tau: float | None
-    scores: dict[int, dict[str, float | None]]
-    key_users: list[int]
-    violators: list[int]
-    excluded: list[int]
-    dropped: list[int]
-    prior_groups: list[list[int]]
-    timings_s: dict[str, float]
-    bytes: dict[str, int]
-    refusals: list[str] = field(default_factory=list)
-    failed: str | None = None
-    ledger_height: int | None = None
-    """The networked runtime's: the height of the block that holds the round's last
-    provider transaction."""
-    # not serialized: for tests that check exactness against the plaintext
-    local_models: dict[int, npt.NDArray[np.float32]] = field(default_factory=dict, repr=False)
-    field_sums: dict[int, Any] = field(default_factory=dict, repr=False)
-
-    def to_json(self) -> dict[str, Any]:
-        skip = {"local_models", "field_sums"}
-        return {k: v for k, v in vars(self).items() if k not in skip}
-
-    @classmethod
-    def empty(cls, round: int, attempts: int = 0) -> RoundRecord:
-        """A record to fill in as the round goes."""
-        return cls(round, attempts, 0.0, [], None, {}, [], [], [], [], [],
-                   dict.fromkeys(TIMING_PHASES, 0.0), Counter())  # fmt: skip
-
-    @classmethod
-    def from_json(cls, line: dict[str, Any]) -> RoundRecord:
-        """A record read back from ``rounds.jsonl`` (JSON keys are strings)."""
-        record = cls(**line)
-        record.scores = {int(u): s for u, s in record.scores.items()}
-        return record
-
-
-def record_round(record: RoundRecord, done: RoundDone) -> None:
-    """Fill ``record`` from the provider's :class:`RoundDone` (the simulator's and the
-    networked provider's records are the same shape, so the plots serve both)."""
-    record.attempts = done.attempts
-    record.groups = [
-        {
-            "gid": g.gid,
-            "kind": g.kind,
-            "members": list(g.members),
-            "focus": g.focus,
-            "accuracy": g.accuracy,
-        }
-        for g in done.groups
-    ]
-    record.field_sums = {g.gid: g.field_sum for g in done.groups}
-    record.tau = done.tau
-    record.scores = {
-        u: {"score": a.score, "conf_lo": a.conf_lo, "conf_up": a.conf_up}
-        for u, a in done.assessments.items()
-    }
-    record.key_users = sorted(done.key_users)
-    record.violators = sorted(done.violators)
-    record.excluded = sorted(done.excluded)
-    record.dropped = sorted(done.dropped)
 
 
 class Simulation:

@@ -6,12 +6,12 @@ from dataclasses import dataclass
 
 from fairbus.detection import DetectionParams
 from fairbus.identity import Identity
+from fairbus.ledger.records import LEDGER_TYPES
 from fairbus.protocol.events import Send
 from fairbus.roster import Member, Role, Roster
 from fairbus.simulator import DropoutPlan, Simulation, SimulationConfig
 from fairbus.training.attacks import Attack, Behaviour
 from fairbus.training.local import TrainConfig
-from ledger.records import LEDGER_TYPES
 
 ADMIN_ID = 200
 LEDGER_ID = 101

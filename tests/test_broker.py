@@ -26,10 +26,7 @@ from pathlib import Path
 import aiomqtt
 import pytest
 import typer
-from paho.mqtt.reasoncodes import ReasonCode
-from typer.testing import CliRunner
-
-from broker.acl import (
+from fairbus_broker.acl import (
     acl_entries,
     filter_covers,
     may_publish,
@@ -39,23 +36,27 @@ from broker.acl import (
     permissions,
     topic_matches,
 )
-from broker.config import BrokerConfig, TlsConfig
-from broker.embedded import EmbeddedBroker
-from broker.errors import BrokerConfigError, BrokerError
-from broker.mosquitto import MosquittoBroker, mosquitto_conf, write_mosquitto_files
-from broker.passwords import (
+from fairbus_broker.config import BrokerConfig, TlsConfig
+from fairbus_broker.embedded import EmbeddedBroker
+from fairbus_broker.errors import BrokerConfigError, BrokerError
+from fairbus_broker.mosquitto import MosquittoBroker, mosquitto_conf, write_mosquitto_files
+from fairbus_broker.mqtt import mqtt_client
+from fairbus_broker.passwords import (
     check_username,
     hash_password,
     mosquitto_password_file,
     verify_password,
 )
-from cli.broker import broker as broker_command
-from fairbus import bus
+from fairbus_cli.broker import broker as broker_command
+from fairbus_ledger_service.deployment import DeploymentError, wait_for_port
+from fairbus_ledger_service.etcd_cluster import free_port
+from paho.mqtt.reasoncodes import ReasonCode
+from typer.testing import CliRunner
+
+from fairbus import topics
 from fairbus.errors import FairbusError
 from fairbus.identity import load_broker_password, new_broker_password
 from fairbus.roster import Role, Roster
-from ledger.deployment import DeploymentError, wait_for_port
-from ledger.etcd_cluster import free_port
 
 from .conftest import TASK, find_service_binary
 
@@ -96,9 +97,9 @@ class Endpoint:
         will: aiomqtt.Will | None = None,
         client_id: str | None = None,
     ) -> aiomqtt.Client:
-        name = bus.username(role.value, pid)
+        name = topics.username(role.value, pid)
         secret = password if password is not None else self.deployment.password(pid)
-        return bus.client(
+        return mqtt_client(
             self.host, self.port, client_id or name, username=name, password=secret, will=will
         )
 
@@ -166,12 +167,12 @@ async def test_publish_outside_own_subtree_is_not_delivered(broker: Endpoint) ->
         broker.client(Role.PROVIDER, 0) as provider,
         broker.client(Role.USER, 4) as user4,
     ):
-        await provider.subscribe(bus.uploads(T), qos=1)
+        await provider.subscribe(topics.uploads(T), qos=1)
         # QoS 1: both brokers PUBACK the refused publish and drop it; the connection stays.
-        await user4.publish(bus.upload(T, 3), b"forged as user 3", qos=1, timeout=5)
-        await user4.publish(bus.upload(T, 4), b"own", qos=1, timeout=5)
-        got = await receive(provider, {bus.upload(T, 4)})
-    assert got == [bus.upload(T, 4)]
+        await user4.publish(topics.upload(T, 3), b"forged as user 3", qos=1, timeout=5)
+        await user4.publish(topics.upload(T, 4), b"own", qos=1, timeout=5)
+        got = await receive(provider, {topics.upload(T, 4)})
+    assert got == [topics.upload(T, 4)]
 
 
 async def test_wrong_or_missing_credentials_are_refused(broker: Endpoint) -> None:
@@ -185,14 +186,14 @@ async def test_wrong_or_missing_credentials_are_refused(broker: Endpoint) -> Non
         (f"user-{NO_LOGIN}", right),  # in the roster, but no .mqtt.key
     ]
     for username, password in attempts:
-        client = bus.client(
+        client = mqtt_client(
             broker.host, broker.port, username, username=username, password=password
         )
         with pytest.raises(aiomqtt.MqttError):
             async with client:
                 pass
     with pytest.raises(aiomqtt.MqttError):  # anonymous
-        async with bus.client(broker.host, broker.port, "user-3"):
+        async with mqtt_client(broker.host, broker.port, "user-3"):
             pass
     async with broker.client(Role.USER, 3):  # the right one still gets in
         pass
@@ -214,9 +215,9 @@ async def test_a_login_cannot_take_over_another_participants_session(
         broker.client(Role.USER, 3) as user3,
         broker.client(Role.USER, 5) as user5,
     ):
-        await user3.subscribe(bus.direct_inbox(T, 3), qos=1)
+        await user3.subscribe(topics.direct_inbox(T, 3), qos=1)
         for client_id in ("user-3", "user-3-extra"):
-            intruder = bus.client(
+            intruder = mqtt_client(
                 broker.host, broker.port, client_id, username="user-4", password=password4
             )
             if broker.kind == "embedded":
@@ -227,26 +228,26 @@ async def test_a_login_cannot_take_over_another_participants_session(
                 async with intruder:
                     pass
         # an extra connection under an id of its own is fine on both
-        own_extra = bus.client(
+        own_extra = mqtt_client(
             broker.host, broker.port, "user-4-extra", username="user-4", password=password4
         )
         async with own_extra:
             pass
-        await user5.publish(bus.direct(T, 5, 3, "share"), b"s", qos=1)
-        assert await receive(user3, {bus.direct(T, 5, 3, "share")}) == [
-            bus.direct(T, 5, 3, "share")
+        await user5.publish(topics.direct(T, 5, 3, "share"), b"s", qos=1)
+        assert await receive(user3, {topics.direct(T, 5, 3, "share")}) == [
+            topics.direct(T, 5, 3, "share")
         ]
 
 
 async def test_subscription_outside_read_rights_gets_nothing(broker: Endpoint) -> None:
     forbidden = [
         f"fairbus/{T}/#",
-        bus.uploads(T),
-        bus.direct_inbox(T, 4),
-        bus.ledger_receipt(T, "+", 4),
+        topics.uploads(T),
+        topics.direct_inbox(T, 4),
+        topics.ledger_receipt(T, "+", 4),
         f"fairbus/{T}/provider/+/#",  # amqtt's own ACL matcher would let this one through
     ]
-    sentinel = bus.direct(T, 5, 3, "share")
+    sentinel = topics.direct(T, 5, 3, "share")
     async with (
         broker.client(Role.USER, 3) as user3,
         broker.client(Role.USER, 5) as user5,
@@ -258,11 +259,11 @@ async def test_subscription_outside_read_rights_gets_nothing(broker: Endpoint) -
             # Mosquitto 2.0 grants every subscription and checks read rights per delivered
             # message; the embedded broker refuses the subscription itself (SUBACK 0x80).
             assert _refused(code) == (broker.kind == "embedded"), (topic_filter, code)
-        await user3.subscribe(bus.direct_inbox(T, 3), qos=1)
-        await user5.publish(bus.upload(T, 5), b"u", qos=1)
-        await user5.publish(bus.direct(T, 5, 4, "share"), b"for 4", qos=1)
-        await provider.publish(bus.ledger_submit(T, "provider", 0), b"tx", qos=1)
-        await ledger.publish(bus.ledger_receipt(T, 8, 4), b"receipt for 4", qos=1)
+        await user3.subscribe(topics.direct_inbox(T, 3), qos=1)
+        await user5.publish(topics.upload(T, 5), b"u", qos=1)
+        await user5.publish(topics.direct(T, 5, 4, "share"), b"for 4", qos=1)
+        await provider.publish(topics.ledger_submit(T, "provider", 0), b"tx", qos=1)
+        await ledger.publish(topics.ledger_receipt(T, 8, 4), b"receipt for 4", qos=1)
         await user5.publish(sentinel, b"for 3", qos=1)
         got = await receive(user3, {sentinel})
     # Mosquitto may deliver the sentinel once per matching subscription ("#" and the inbox).
@@ -273,77 +274,77 @@ async def test_each_role_receives_what_it_subscribes_to(broker: Endpoint) -> Non
     """The exact wildcard filters the runtime subscribes with are accepted and delivered."""
     subscriptions = {
         (Role.USER, 3): [
-            bus.provider_messages(T),
-            bus.direct_inbox(T, 3),
-            bus.ledger_receipt(T, "+", 3),
-            bus.ledger_response(T, "+", 3),
-            bus.ledger_block(T, "+"),
+            topics.provider_messages(T),
+            topics.direct_inbox(T, 3),
+            topics.ledger_receipt(T, "+", 3),
+            topics.ledger_response(T, "+", 3),
+            topics.ledger_block(T, "+"),
         ],
         (Role.PROVIDER, 0): [
-            bus.uploads(T),
-            bus.user_presences(T),
-            bus.ledger_receipt(T, "+", 0),
-            bus.ledger_response(T, "+", 0),
-            bus.ledger_block(T, "+"),
+            topics.uploads(T),
+            topics.user_presences(T),
+            topics.ledger_receipt(T, "+", 0),
+            topics.ledger_response(T, "+", 0),
+            topics.ledger_block(T, "+"),
         ],
         (Role.LEDGER, 8): [
             f"fairbus/{T}/+/+/ledger/submit",
             f"fairbus/{T}/+/+/ledger/query",
-            bus.uploads(T),
+            topics.uploads(T),
             f"fairbus/{T}/provider/+/global_model",
         ],
         (Role.ADMIN, 9): [
-            bus.ledger_receipt(T, "+", 9),
-            bus.ledger_response(T, "+", 9),
-            bus.ledger_block(T, "+"),
+            topics.ledger_receipt(T, "+", 9),
+            topics.ledger_response(T, "+", 9),
+            topics.ledger_block(T, "+"),
         ],
     }
     publications = {
         (Role.PROVIDER, 0): [
-            bus.provider_message(T, 0, "global_model"),
-            bus.ledger_submit(T, "provider", 0),
+            topics.provider_message(T, 0, "global_model"),
+            topics.ledger_submit(T, "provider", 0),
         ],
         (Role.USER, 5): [
-            bus.direct(T, 5, 3, "share"),
-            bus.upload(T, 5),
-            bus.presence(T, "user", 5),
-            bus.ledger_submit(T, "user", 5),
-            bus.ledger_query(T, "user", 5),
+            topics.direct(T, 5, 3, "share"),
+            topics.upload(T, 5),
+            topics.presence(T, "user", 5),
+            topics.ledger_submit(T, "user", 5),
+            topics.ledger_query(T, "user", 5),
         ],
-        (Role.ADMIN, 9): [bus.ledger_query(T, "admin", 9)],
+        (Role.ADMIN, 9): [topics.ledger_query(T, "admin", 9)],
         (Role.LEDGER, 8): [
-            *(bus.ledger_receipt(T, 8, p) for p in (3, 0, 9)),
-            *(bus.ledger_response(T, 8, p) for p in (3, 0, 9)),
-            bus.ledger_block(T, 8),
+            *(topics.ledger_receipt(T, 8, p) for p in (3, 0, 9)),
+            *(topics.ledger_response(T, 8, p) for p in (3, 0, 9)),
+            topics.ledger_block(T, 8),
         ],
     }
     expected = {
         (Role.USER, 3): {
-            bus.provider_message(T, 0, "global_model"),
-            bus.direct(T, 5, 3, "share"),
-            bus.ledger_receipt(T, 8, 3),
-            bus.ledger_response(T, 8, 3),
-            bus.ledger_block(T, 8),
+            topics.provider_message(T, 0, "global_model"),
+            topics.direct(T, 5, 3, "share"),
+            topics.ledger_receipt(T, 8, 3),
+            topics.ledger_response(T, 8, 3),
+            topics.ledger_block(T, 8),
         },
         (Role.PROVIDER, 0): {
-            bus.upload(T, 5),
-            bus.presence(T, "user", 5),
-            bus.ledger_receipt(T, 8, 0),
-            bus.ledger_response(T, 8, 0),
-            bus.ledger_block(T, 8),
+            topics.upload(T, 5),
+            topics.presence(T, "user", 5),
+            topics.ledger_receipt(T, 8, 0),
+            topics.ledger_response(T, 8, 0),
+            topics.ledger_block(T, 8),
         },
         (Role.LEDGER, 8): {
-            bus.ledger_submit(T, "provider", 0),
-            bus.ledger_submit(T, "user", 5),
-            bus.ledger_query(T, "user", 5),
-            bus.ledger_query(T, "admin", 9),
-            bus.upload(T, 5),
-            bus.provider_message(T, 0, "global_model"),
+            topics.ledger_submit(T, "provider", 0),
+            topics.ledger_submit(T, "user", 5),
+            topics.ledger_query(T, "user", 5),
+            topics.ledger_query(T, "admin", 9),
+            topics.upload(T, 5),
+            topics.provider_message(T, 0, "global_model"),
         },
         (Role.ADMIN, 9): {
-            bus.ledger_receipt(T, 8, 9),
-            bus.ledger_response(T, 8, 9),
-            bus.ledger_block(T, 8),
+            topics.ledger_receipt(T, 8, 9),
+            topics.ledger_response(T, 8, 9),
+            topics.ledger_block(T, 8),
         },
     }
     async with contextlib.AsyncExitStack() as stack:
@@ -355,8 +356,8 @@ async def test_each_role_receives_what_it_subscribes_to(broker: Endpoint) -> Non
             for topic_filter in filters:
                 (code,) = await clients[who].subscribe(topic_filter, qos=1)
                 assert not _refused(code), (who, topic_filter)
-        for who, topics in publications.items():
-            for topic in topics:
+        for who, names in publications.items():
+            for topic in names:
                 await clients[who].publish(topic, b"m", qos=1)
         for who, want in expected.items():
             got = await receive(clients[who], want)
@@ -368,20 +369,20 @@ async def test_retained_messages_reach_only_subscribers_that_may_read_them(
 ) -> None:
     """amqtt 0.12.1 by itself sends every connecting client the retained messages matching
     anyone's subscriptions (here: user 4's presence, which only the provider may read)."""
-    presence4 = bus.presence(T, "user", 4)
+    presence4 = topics.presence(T, "user", 4)
     async with (
         broker.client(Role.PROVIDER, 0) as provider,
         broker.client(Role.USER, 4) as user4,
     ):
-        await provider.subscribe(bus.user_presences(T), qos=1)
+        await provider.subscribe(topics.user_presences(T), qos=1)
         await user4.publish(presence4, b"online", qos=1, retain=True)
         assert await receive(provider, {presence4}) == [presence4]
         async with (
             broker.client(Role.USER, 3) as user3,
             broker.client(Role.PROVIDER, 0, client_id="provider-0-late") as late,
         ):
-            await user3.subscribe(bus.provider_messages(T), qos=1)  # nothing retained there
-            await late.subscribe(bus.user_presences(T), qos=1)
+            await user3.subscribe(topics.provider_messages(T), qos=1)  # nothing retained there
+            await late.subscribe(topics.user_presences(T), qos=1)
             assert await receive(late, {presence4}) == [presence4]
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(0.5):
@@ -393,13 +394,13 @@ async def test_no_broadcast_is_lost_while_others_subscribe(broker: Endpoint) -> 
     """amqtt 0.12.1 by itself loses deliveries ("dictionary changed size during iteration")
     when subscriptions are added while it broadcasts (measured: 303 of 900 arrived)."""
     n = 300
-    topic = bus.provider_message(T, 0, "announce")
+    topic = topics.provider_message(T, 0, "announce")
     async with contextlib.AsyncExitStack() as stack:
         users = [await stack.enter_async_context(broker.client(Role.USER, u)) for u in (3, 4, 5)]
         provider = await stack.enter_async_context(broker.client(Role.PROVIDER, 0))
         ledger = await stack.enter_async_context(broker.client(Role.LEDGER, 8))
         for user in users:
-            await user.subscribe(bus.provider_messages(T), qos=1)
+            await user.subscribe(topics.provider_messages(T), qos=1)
         await asyncio.gather(
             *(ledger.subscribe(f"fairbus/{T}/x{i}/#", qos=1) for i in range(n)),
             *(provider.publish(topic, str(i).encode(), qos=1) for i in range(n)),
@@ -422,19 +423,19 @@ async def test_a_3_mb_payload_passes(broker: Endpoint) -> None:
         broker.client(Role.PROVIDER, 0) as provider,
         broker.client(Role.USER, 3) as user3,
     ):
-        await provider.subscribe(bus.uploads(T), qos=1)
-        await user3.publish(bus.upload(T, 3), payload, qos=1, timeout=10)
+        await provider.subscribe(topics.uploads(T), qos=1)
+        await user3.publish(topics.upload(T, 3), payload, qos=1, timeout=10)
         async with asyncio.timeout(10):
             message = await anext(aiter(provider.messages))
-    assert message.topic.value == bus.upload(T, 3) and message.payload == payload
+    assert message.topic.value == topics.upload(T, 3) and message.payload == payload
 
 
 async def test_a_last_will_outside_own_subtree_is_never_delivered(broker: Endpoint) -> None:
     password = broker.deployment.password(3)
     async with broker.client(Role.PROVIDER, 0) as provider:
-        await provider.subscribe(bus.user_presences(T), qos=1)
-        foreign = await _raw_connect(broker, "user-3", password, will=bus.presence(T, "user", 4))
-        own = await _raw_connect(broker, "user-3", password, will=bus.presence(T, "user", 3))
+        await provider.subscribe(topics.user_presences(T), qos=1)
+        foreign = await _raw_connect(broker, "user-3", password, will=topics.presence(T, "user", 4))
+        own = await _raw_connect(broker, "user-3", password, will=topics.presence(T, "user", 3))
         # Mosquitto 2.0.11 accepts the connection and drops the Will when it fires; the
         # embedded broker refuses the CONNECT (return code 5, not authorised).
         assert foreign.return_code == (0 if broker.kind == "mosquitto" else 5)
@@ -442,8 +443,8 @@ async def test_a_last_will_outside_own_subtree_is_never_delivered(broker: Endpoi
         foreign.drop()
         await asyncio.sleep(0.3)
         own.drop()
-        got = await receive(provider, {bus.presence(T, "user", 3)})
-    assert got == [bus.presence(T, "user", 3)]
+        got = await receive(provider, {topics.presence(T, "user", 3)})
+    assert got == [topics.presence(T, "user", 3)]
 
 
 @pytest.mark.parametrize("kind", BROKERS)
@@ -467,11 +468,11 @@ async def test_tls_client_certificates_are_the_logins(
             async with client(None):
                 pass
         async with client("provider-0") as provider, client("user-4") as user4:
-            await provider.subscribe(bus.uploads(T), qos=1)
-            await user4.publish(bus.upload(T, 3), b"forged", qos=1)
-            await user4.publish(bus.upload(T, 4), b"own", qos=1)
-            got = await receive(provider, {bus.upload(T, 4)})
-    assert got == [bus.upload(T, 4)]
+            await provider.subscribe(topics.uploads(T), qos=1)
+            await user4.publish(topics.upload(T, 3), b"forged", qos=1)
+            await user4.publish(topics.upload(T, 4), b"own", qos=1)
+            got = await receive(provider, {topics.upload(T, 4)})
+    assert got == [topics.upload(T, 4)]
 
 
 # --- Mosquitto specifics -----------------------------------------------------------------------
@@ -531,7 +532,7 @@ async def test_mosquitto_started_as_root_drops_privileges(
             async with aiomqtt.Client(
                 m.host, m.port, username="user-3", password=password, tls_params=params
             ) as user3:
-                await user3.publish(bus.upload(T, 3), b"x", qos=1)
+                await user3.publish(topics.upload(T, 3), b"x", qos=1)
     finally:
         shutil.rmtree(outside)
 
@@ -568,7 +569,11 @@ def test_mosquitto_start_failure_is_reported(deployment: Deployment) -> None:
 async def test_cli_runs_the_broker_until_sigterm(kind: str, deployment: Deployment) -> None:
     if kind == "mosquitto":
         find_service_binary("mosquitto", "/usr/sbin/mosquitto")
-    argv = [sys.executable, "-c", "import typer; from cli.broker import broker; typer.run(broker)"]
+    argv = [
+        sys.executable,
+        "-c",
+        "import typer; from fairbus_cli.broker import broker; typer.run(broker)",
+    ]
     argv += ["--config", str(deployment.root / "broker.toml")]
     argv += ["--embedded"] if kind == "embedded" else []
     proc = subprocess.Popen(argv, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
@@ -576,7 +581,7 @@ async def test_cli_runs_the_broker_until_sigterm(kind: str, deployment: Deployme
         _wait_for_port(deployment.config.port, proc)
         endpoint = Endpoint(kind, "127.0.0.1", deployment.config.port, deployment)
         async with endpoint.client(Role.USER, 3) as user3:
-            await user3.publish(bus.upload(T, 3), b"x", qos=1)
+            await user3.publish(topics.upload(T, 3), b"x", qos=1)
         proc.send_signal(signal.SIGTERM)
         output, _ = proc.communicate(timeout=15)
     finally:
@@ -603,7 +608,7 @@ def test_cli_reports_a_bad_config(tmp_path: Path) -> None:
 
 
 def test_keys_new_writes_the_broker_password(tmp_path: Path) -> None:
-    from cli.main import app
+    from fairbus_cli.main import app
 
     runner = CliRunner()
     result = runner.invoke(app, ["keys", "new", "--id", "3", "--dir", str(tmp_path)])
@@ -654,27 +659,27 @@ def test_mosquitto_acl_text(roster: Roster) -> None:
 def test_every_own_topic_is_writable_and_no_other() -> None:
     perms = permissions(T, Role.USER, 3)
     own = [
-        bus.presence(T, "user", 3),
-        bus.upload(T, 3),
-        bus.direct(T, 3, 4, "share"),
-        bus.direct(T, 3, 4, "summed_share"),
-        bus.ledger_submit(T, "user", 3),
-        bus.ledger_query(T, "user", 3),
+        topics.presence(T, "user", 3),
+        topics.upload(T, 3),
+        topics.direct(T, 3, 4, "share"),
+        topics.direct(T, 3, 4, "summed_share"),
+        topics.ledger_submit(T, "user", 3),
+        topics.ledger_query(T, "user", 3),
     ]
     assert all(may_publish(perms, t) for t in own)
     others = [
-        bus.upload(T, 4),
-        bus.upload(T, 33),
-        bus.direct(T, 4, 3, "share"),
-        bus.provider_message(T, 0, "decision"),
-        bus.ledger_receipt(T, 8, 3),
+        topics.upload(T, 4),
+        topics.upload(T, 33),
+        topics.direct(T, 4, 3, "share"),
+        topics.provider_message(T, 0, "decision"),
+        topics.ledger_receipt(T, 8, 3),
         "fairbus/other-task/user/3/upload",
         f"fairbus/{T}/user/+/upload",  # a wildcard is not a topic
     ]
     assert not any(may_publish(perms, t) for t in others)
     provider = permissions(T, Role.PROVIDER, 0)
-    assert may_publish(provider, bus.provider_message(T, 0, "global_model"))
-    assert not may_publish(provider, bus.provider_message(T, 1, "global_model"))
+    assert may_publish(provider, topics.provider_message(T, 0, "global_model"))
+    assert not may_publish(provider, topics.provider_message(T, 1, "global_model"))
 
 
 @pytest.mark.parametrize(
@@ -729,11 +734,11 @@ def test_topic_matches(pattern: str, topic: str, matches: bool) -> None:
 
 def test_read_rights_of_a_user() -> None:
     perms = permissions(T, Role.USER, 3)
-    assert may_subscribe(perms, bus.direct_inbox(T, 3))
-    assert not may_subscribe(perms, bus.direct_inbox(T, 4))
-    assert may_receive(perms, bus.direct(T, 5, 3, "share"))
-    assert not may_receive(perms, bus.direct(T, 5, 4, "share"))
-    assert not may_receive(perms, bus.ledger_submit(T, "provider", 0))
+    assert may_subscribe(perms, topics.direct_inbox(T, 3))
+    assert not may_subscribe(perms, topics.direct_inbox(T, 4))
+    assert may_receive(perms, topics.direct(T, 5, 3, "share"))
+    assert not may_receive(perms, topics.direct(T, 5, 4, "share"))
+    assert not may_receive(perms, topics.ledger_submit(T, "provider", 0))
 
 
 # --- passwords ---------------------------------------------------------------------------------

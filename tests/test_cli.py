@@ -4,9 +4,9 @@ import json
 import stat
 from pathlib import Path
 
+from fairbus_cli.main import app
 from typer.testing import CliRunner
 
-from cli.main import app
 from fairbus.roster import Role, Roster
 
 runner = CliRunner()
@@ -89,7 +89,7 @@ def test_the_networked_demo_runs_and_its_ledger_audits(tmp_path: Path) -> None:
 
     out = tmp_path / "demo"
     result = subprocess.run(
-        [sys.executable, "-c", "from cli.main import run; run()", "demo", "--rounds", "3",
+        [sys.executable, "-m", "fairbus_cli", "demo", "--rounds", "3",
          "--epochs", "2", "--out", str(out)],
         capture_output=True, text=True, timeout=300, check=False,
     )  # fmt: skip

@@ -6,16 +6,16 @@ import asyncio
 from pathlib import Path
 
 import pytest
+from fairbus_cli.main import app
+from fairbus_ledger_service.blobs import BlobStore
+from fairbus_ledger_service.config import LedgerConfig, LedgerConfigError, detection_table
+from fairbus_ledger_service.node import LedgerNode
+from fairbus_ledger_service.stores import SqliteStore
 from typer.testing import CliRunner
 
-from cli.main import app
+from fairbus.ledger.records import Block, Transaction
+from fairbus.ledger.state import LedgerState
 from fairbus.protocol.provider import ProviderConfig
-from ledger.blobs import BlobStore
-from ledger.config import LedgerConfig, LedgerConfigError, detection_table
-from ledger.node import LedgerNode
-from ledger.records import Block, Transaction
-from ledger.state import LedgerState
-from ledger.stores import SqliteStore
 from tests.ledger_support import RecordedRun, record_run
 
 REPO = Path(__file__).resolve().parents[1]

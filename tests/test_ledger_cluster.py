@@ -14,15 +14,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from fairbus_broker.mqtt import mqtt_client
+from fairbus_ledger_service.audit import audit
+from fairbus_ledger_service.client import LedgerClient
+from fairbus_ledger_service.config import LedgerConfig
+from fairbus_ledger_service.deployment import LocalLedger
 
-from fairbus import bus, envelope
+from fairbus import envelope, topics
 from fairbus.envelope import GENESIS
+from fairbus.ledger.records import Block
 from fairbus.wire.messages import Attestation, Query, QueryResponse
-from ledger.audit import audit
-from ledger.client import LedgerClient
-from ledger.config import LedgerConfig
-from ledger.deployment import LocalLedger
-from ledger.records import Block
 from tests.conftest import find_service_binary
 
 TASK = "ledger-cluster"
@@ -53,7 +54,7 @@ async def stream(
     identity = d.identities[user]
     prev = GENESIS
     async with (
-        bus.client("127.0.0.1", d.broker_port, f"user-{user}") as mqtt,
+        mqtt_client("127.0.0.1", d.broker_port, f"user-{user}") as mqtt,
         LedgerClient(mqtt, identity, d.roster, "user", timeout=1.0, retries=60) as ledger,
     ):
         for k in itertools.count():
@@ -79,11 +80,11 @@ async def heads_seen_by_each_node(d: LocalLedger, sender: int) -> dict[int, byte
     """Ask every ledger node for ``sender``'s chain head; node id → answer."""
     asker = d.identities[0]
     answers: dict[int, bytes] = {}
-    async with bus.client("127.0.0.1", d.broker_port, "provider-0") as mqtt:
-        await mqtt.subscribe(bus.ledger_response(TASK, "+", 0), qos=1)
+    async with mqtt_client("127.0.0.1", d.broker_port, "provider-0") as mqtt:
+        await mqtt.subscribe(topics.ledger_response(TASK, "+", 0), qos=1)
         query = Query(7, "head", None, sender, None)
         signed = envelope.sign(asker, TASK, query, prev=GENESIS)
-        await mqtt.publish(bus.ledger_query(TASK, "provider", 0), signed.to_bytes(), qos=1)
+        await mqtt.publish(topics.ledger_query(TASK, "provider", 0), signed.to_bytes(), qos=1)
         try:
             async with asyncio.timeout(2):
                 async for message in mqtt.messages:

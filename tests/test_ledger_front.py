@@ -10,20 +10,21 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from fairbus_broker.mqtt import mqtt_client
+from fairbus_ledger_service.blobs import BlobStore
+from fairbus_ledger_service.client import LedgerClient
+from fairbus_ledger_service.config import LedgerConfig
+from fairbus_ledger_service.node import LedgerNode
+from fairbus_ledger_service.service import LedgerService
+from fairbus_ledger_service.stores import SqliteStore
 
-from fairbus import bus, envelope
+from fairbus import envelope
 from fairbus.envelope import GENESIS
 from fairbus.identity import Identity
+from fairbus.ledger.records import Block, Transaction
+from fairbus.ledger.state import LedgerState, RefusalReason, RefusedError
 from fairbus.roster import Member, Role, Roster
 from fairbus.wire.messages import Attestation, GlobalModel
-from ledger.blobs import BlobStore
-from ledger.client import LedgerClient
-from ledger.config import LedgerConfig
-from ledger.node import LedgerNode
-from ledger.records import Block, Transaction
-from ledger.service import LedgerService
-from ledger.state import LedgerState, RefusalReason, RefusedError
-from ledger.stores import SqliteStore
 from tests.conftest import find_service_binary
 from tests.test_services import free_port, running
 
@@ -63,7 +64,7 @@ async def test_receipts_refusals_and_queries_over_the_bus(broker: int, tmp_path:
     )
     try:
         async with (
-            bus.client("127.0.0.1", broker, "provider-0") as mqtt,
+            mqtt_client("127.0.0.1", broker, "provider-0") as mqtt,
             LedgerClient(mqtt, ids[0], roster, "provider", timeout=2.0) as ledger,
         ):
             receipt = await ledger.submit(signed.to_bytes())

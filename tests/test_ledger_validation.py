@@ -8,11 +8,18 @@ from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
+from fairbus_ledger_service.audit import audit, read_export, verify, write_export
+from fairbus_ledger_service.blobs import BlobStore
+from fairbus_ledger_service.etcd_cluster import EtcdCluster
+from fairbus_ledger_service.node import LedgerNode, Refused
+from fairbus_ledger_service.stores import BlockStore, EtcdStore, SqliteStore, block_key
 
 from fairbus import envelope
 from fairbus.envelope import GENESIS
 from fairbus.errors import WireError
 from fairbus.identity import Identity
+from fairbus.ledger.records import Block, Committed, Transaction
+from fairbus.ledger.state import LedgerState, RefusalReason, replay
 from fairbus.roster import Member, Role, Roster
 from fairbus.simulator import DropoutPlan
 from fairbus.wire.messages import (
@@ -23,13 +30,6 @@ from fairbus.wire.messages import (
     MaskedUpload,
     RosterChange,
 )
-from ledger.audit import audit, read_export, verify, write_export
-from ledger.blobs import BlobStore
-from ledger.etcd_cluster import EtcdCluster
-from ledger.node import Committed, LedgerNode, Refused
-from ledger.records import Block, Transaction
-from ledger.state import LedgerState, RefusalReason, replay
-from ledger.stores import BlockStore, EtcdStore, SqliteStore, block_key
 from tests.conftest import find_service_binary
 from tests.ledger_support import ADMIN_ID, RecordedRun, record_run
 

@@ -15,19 +15,20 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from fairbus_broker.mqtt import mqtt_client
+from fairbus_ledger_service.client import LedgerClient
 
-from fairbus import bus, envelope
+from fairbus import envelope, topics
 from fairbus.envelope import GENESIS
 from fairbus.identity import Identity, load_broker_password
+from fairbus.ledger.recorded import ReceiptError, Recorded, open_recorded
+from fairbus.ledger.state import RefusalReason, RefusedError
 from fairbus.protocol.events import Received, Refused
 from fairbus.protocol.provider import ProviderMachine
 from fairbus.roster import Roster
 from fairbus.runtime.local import CLI, LocalTask
 from fairbus.training.attacks import Behaviour
 from fairbus.wire.messages import MaskedUpload
-from ledger.client import LedgerClient
-from ledger.recorded import ReceiptError, Recorded, open_recorded
-from ledger.state import RefusalReason, RefusedError
 from tests.conftest import find_service_binary
 
 pytestmark = pytest.mark.services
@@ -105,16 +106,16 @@ def _foreign_client_is_refused_by_the_acl(task: LocalTask) -> None:
         provider_password = load_broker_password(keys, 0)
         thief_password = load_broker_password(keys, 4)
         async with (
-            bus.client(
+            mqtt_client(
                 "127.0.0.1", port, "provider-0", username="provider-0", password=provider_password
             ) as watcher,  # fmt: skip
-            bus.client(
+            mqtt_client(
                 "127.0.0.1", port, "user-4", username="user-4", password=thief_password
             ) as thief,  # fmt: skip
         ):
-            await watcher.subscribe(bus.uploads(roster.task), qos=1)
-            await thief.publish(bus.upload(roster.task, 3), b"forged", qos=1)
-            await thief.publish(bus.upload(roster.task, 4), b"own topic", qos=1)
+            await watcher.subscribe(topics.uploads(roster.task), qos=1)
+            await thief.publish(topics.upload(roster.task, 3), b"forged", qos=1)
+            await thief.publish(topics.upload(roster.task, 4), b"own topic", qos=1)
 
             async def collect() -> None:
                 async for message in watcher.messages:
@@ -125,8 +126,8 @@ def _foreign_client_is_refused_by_the_acl(task: LocalTask) -> None:
         return seen
 
     seen = asyncio.run(attempt())
-    assert bus.upload(roster.task, 4) in seen
-    assert bus.upload(roster.task, 3) not in seen
+    assert topics.upload(roster.task, 4) in seen
+    assert topics.upload(roster.task, 3) not in seen
 
 
 def test_dropouts_regroup_and_rejoin(tmp_path: Path) -> None:
@@ -238,7 +239,7 @@ def test_a_forged_upload_claiming_to_be_user_3_is_refused(tmp_path: Path) -> Non
         async def submit() -> RefusedError:
             password = load_broker_password(tmp_path / "keys", 4)
             async with (
-                bus.client(
+                mqtt_client(
                     "127.0.0.1",
                     task.ledger.broker_port,
                     "user-4-forger",
@@ -277,7 +278,7 @@ def _any_receipt(root: Path, roster: Roster) -> bytes:
     async def commit() -> bytes:
         password = load_broker_password(root / "keys", 5)
         async with (
-            bus.client(
+            mqtt_client(
                 "127.0.0.1", port, "user-5-extra", username="user-5", password=password
             ) as mqtt,  # fmt: skip
             LedgerClient(mqtt, user, roster, "user", timeout=2.0) as ledger,

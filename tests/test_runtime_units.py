@@ -12,12 +12,18 @@ from fairbus import envelope
 from fairbus.envelope import GENESIS
 from fairbus.errors import FairbusError, SchemaError
 from fairbus.identity import Identity
+from fairbus.ledger.recorded import (
+    ReceiptError,
+    Recorded,
+    check_receipt,
+    header_only,
+    open_recorded,
+)
 from fairbus.roster import Roster
 from fairbus.runtime.config import RuntimeConfig, RuntimeConfigError
 from fairbus.runtime.user_state import UserState, UserStateError
 from fairbus.wire import codec
 from fairbus.wire.messages import Attestation, GlobalModel
-from ledger.recorded import ReceiptError, Recorded, check_receipt, header_only, open_recorded
 
 EXAMPLE = Path(__file__).parent.parent / "configs" / "fairbus.example.toml"
 

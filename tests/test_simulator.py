@@ -8,9 +8,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from fairbus_cli.main import app
 from typer.testing import CliRunner
 
-from cli.main import app
 from fairbus import envelope, field
 from fairbus.aggregation import CleanGroupAverage, GroupModel
 from fairbus.envelope import GENESIS

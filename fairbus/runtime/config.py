@@ -13,12 +13,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, TypeVar, cast
 
+from fairbus_ledger_service.config import detection_table
+
 from fairbus.detection import DetectionParams
 from fairbus.errors import FairbusError
 from fairbus.protocol.provider import ProviderConfig
 from fairbus.training.config import TrainConfig
 from fairbus.training.data import DATASET_MODELS
-from ledger.config import detection_table
 
 T = TypeVar("T")
 

@@ -15,8 +15,9 @@ import logging
 from collections.abc import Callable
 
 import aiomqtt
+from fairbus_broker.mqtt import mqtt_client
 
-from fairbus import bus
+from fairbus import topics
 
 log = logging.getLogger("fairbus.bus")
 
@@ -39,23 +40,23 @@ class BusConnection:
         role: str,
         pid: int,
         password: str | None,
-        topics: list[str],
+        subscriptions: list[str],
         on_message: Callable[[str, bytes], None],
         backoff: tuple[float, float] = (0.2, 10.0),
     ) -> None:
         self.task, self.role, self.pid = task, role, pid
-        self.topics = topics
+        self.subscriptions = subscriptions
         self.on_message = on_message
         self.backoff = backoff
-        self.presence_topic = bus.presence(task, role, pid)
-        identifier = bus.username(role, pid)
-        self.client = bus.client(
+        self.presence_topic = topics.presence(task, role, pid)
+        identifier = topics.username(role, pid)
+        self.client = mqtt_client(
             host,
             port,
             identifier,
             username=identifier if password is not None else None,
             password=password,
-            will=aiomqtt.Will(self.presence_topic, OFFLINE, qos=bus.QOS, retain=True),
+            will=aiomqtt.Will(self.presence_topic, OFFLINE, qos=topics.QOS, retain=True),
             clean_session=False,
             keepalive=KEEPALIVE,
         )
@@ -71,9 +72,11 @@ class BusConnection:
                 async with self.client:
                     # Subscribed before saying online: whoever reacts to the presence
                     # (the provider starting a round) must not outrun the subscriptions.
-                    for topic in self.topics:
-                        await self.client.subscribe(topic, qos=bus.QOS)
-                    await self.client.publish(self.presence_topic, ONLINE, qos=bus.QOS, retain=True)
+                    for topic in self.subscriptions:
+                        await self.client.subscribe(topic, qos=topics.QOS)
+                    await self.client.publish(
+                        self.presence_topic, ONLINE, qos=topics.QOS, retain=True
+                    )
                     self.connected.set()
                     delay = self.backoff[0]
                     log.info("%s-%d: connected", self.role, self.pid)
@@ -89,7 +92,7 @@ class BusConnection:
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, self.backoff[1])
 
-    async def publish(self, topic: str, payload: bytes, qos: int = bus.QOS) -> None:
+    async def publish(self, topic: str, payload: bytes, qos: int = topics.QOS) -> None:
         """Publish once connected; a publish cut by a lost connection is sent again."""
         while True:
             await self.connected.wait()
@@ -108,4 +111,4 @@ class BusConnection:
         self._stopping = True
         if self.connected.is_set():
             with contextlib.suppress(aiomqtt.MqttError):
-                await self.client.publish(self.presence_topic, OFFLINE, qos=bus.QOS, retain=True)
+                await self.client.publish(self.presence_topic, OFFLINE, qos=topics.QOS, retain=True)

@@ -1,5 +1,5 @@
 """A whole task on one machine, each participant in its own process: the broker, the
-ledger (:class:`ledger.deployment.LocalLedger`), the provider and the users.
+ledger (:class:`fairbus_ledger_service.deployment.LocalLedger`), the provider and the users.
 
 What ``fairbus demo``, the end-to-end tests and ``fairbus bench round`` run. The files
 are the ones a deployment uses: the roster, 0600 key files, the broker, ledger and task
@@ -10,17 +10,17 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
 
+from fairbus_ledger_service.deployment import FAIRBUS_COMMAND, LocalLedger, stop_processes
+
 from fairbus.errors import FairbusError
 from fairbus.training.attacks import Behaviour
-from ledger.deployment import LocalLedger, stop_processes
 
-CLI = [sys.executable, "-c", "from cli.main import run; run()"]
+CLI = list(FAIRBUS_COMMAND)
 
 
 class LocalTaskError(FairbusError):

@@ -19,11 +19,14 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import numpy as np
+from fairbus_ledger_service.client import LedgerClient
 
-from fairbus import bus
+from fairbus import topics
 from fairbus.envelope import GENESIS
 from fairbus.errors import FairbusError
 from fairbus.identity import Identity, load_broker_password
+from fairbus.ledger.recorded import Recorded, header_only, open_recorded
+from fairbus.ledger.records import LEDGER_TYPES, Transaction, is_model_sized
 from fairbus.protocol.events import (
     AttemptClosed,
     CloseAttempt,
@@ -42,12 +45,9 @@ from fairbus.protocol.events import (
 )
 from fairbus.protocol.provider import ProviderMachine
 from fairbus.roster import Role, Roster
+from fairbus.rounds import RoundRecord, record_round
 from fairbus.runtime.config import RuntimeConfig
 from fairbus.runtime.connection import OFFLINE, ONLINE, BusConnection
-from fairbus.simulator import RoundRecord, record_round
-from ledger.client import LedgerClient
-from ledger.recorded import Recorded, header_only, open_recorded
-from ledger.records import LEDGER_TYPES, Transaction, is_model_sized
 
 if TYPE_CHECKING:
     from fairbus.training.local import Evaluator
@@ -93,13 +93,13 @@ class ProviderRuntime:
             role="provider",
             pid=self.pid,
             password=load_broker_password(config.keys, self.pid),
-            topics=[],
+            subscriptions=[],
             on_message=self._on_message,
         )
         self.ledger = LedgerClient(
             self.bus, self.identity, self.roster, "provider", timeout=config.ledger_timeout
         )
-        self.bus.topics = [bus.uploads(self.task), bus.user_presences(self.task),
+        self.bus.subscriptions = [topics.uploads(self.task), topics.user_presences(self.task),
                            *self.ledger.topics]  # fmt: skip
         self.machine: ProviderMachine | None = None
         self._last_dropout = b""
@@ -109,14 +109,14 @@ class ProviderRuntime:
 
     def _on_message(self, topic: str, data: bytes) -> None:
         if not self.config.provider.secure and topic.endswith("/upload"):
-            sender = bus.sender_of(topic)
+            sender = topics.sender_of(topic)
             if sender is not None and sender[1] in self.users:
                 self._plain.put_nowait((sender[1], data))
             return
         if "/ledger/" in topic:
             self.ledger.dispatch(data)
             return
-        sender = bus.sender_of(topic)
+        sender = topics.sender_of(topic)
         if sender is None or sender[0] != "user" or sender[1] not in self.users:
             return
         user = sender[1]
@@ -244,7 +244,7 @@ class ProviderRuntime:
         users = sorted(machine.online)
         start = time.perf_counter()
         payload = r.to_bytes(8, "little") + machine.global_params.astype("<f4").tobytes()
-        await self.bus.publish(bus.provider_message(self.task, self.pid, "plain_model"), payload)
+        await self.bus.publish(topics.provider_message(self.task, self.pid, "plain_model"), payload)
         record.bytes["plain_model"] = len(payload)
         got: dict[int, np.ndarray] = {}
         deadline = time.monotonic() + self.config.provider.phase_timeout
@@ -327,7 +327,7 @@ class ProviderRuntime:
             self._record.timings_s.get("ledger", 0.0) + time.perf_counter() - start
         )
         payload = Recorded(out.data, receipt).to_bytes()
-        await self.bus.publish(bus.provider_message(self.task, self.pid, out.kind), payload)
+        await self.bus.publish(topics.provider_message(self.task, self.pid, out.kind), payload)
         self._record.bytes[out.kind] = self._record.bytes.get(out.kind, 0) + len(payload)
         if out.kind == "announce":
             assert self.machine is not None

@@ -20,10 +20,13 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 import numpy.typing as npt
+from fairbus_ledger_service.client import LedgerClient, LedgerTimeoutError
 
-from fairbus import bus, envelope
+from fairbus import envelope, topics
 from fairbus.errors import FairbusError
 from fairbus.identity import Identity, load_broker_password
+from fairbus.ledger.recorded import Recorded, header_only, open_recorded
+from fairbus.ledger.state import RefusedError
 from fairbus.protocol.events import (
     PROVIDER,
     SEALED_KINDS,
@@ -42,9 +45,6 @@ from fairbus.runtime.config import RuntimeConfig
 from fairbus.runtime.connection import BusConnection
 from fairbus.runtime.user_state import UserState
 from fairbus.training.attacks import Attack
-from ledger.client import LedgerClient, LedgerTimeoutError
-from ledger.recorded import Recorded, header_only, open_recorded
-from ledger.state import RefusedError
 
 if TYPE_CHECKING:
     from fairbus.training.local import Trainer
@@ -89,15 +89,15 @@ class UserRuntime:
             role="user",
             pid=user_id,
             password=load_broker_password(config.keys, user_id),
-            topics=[],
+            subscriptions=[],
             on_message=self._on_message,
         )
         self.ledger = LedgerClient(
             self.bus, self.identity, self.roster, "user", timeout=config.ledger_timeout
         )
-        self.bus.topics = [
-            bus.provider_messages(self.task),
-            bus.direct_inbox(self.task, user_id),
+        self.bus.subscriptions = [
+            topics.provider_messages(self.task),
+            topics.direct_inbox(self.task, user_id),
             *self.ledger.topics,
         ]
         self.machine = UserMachine(self.identity, self.roster)
@@ -171,7 +171,7 @@ class UserRuntime:
                     await self._upload(out.data)
                 else:
                     assert isinstance(out.to, int)
-                    await self.bus.publish(bus.direct(self.task, self.me, out.to, out.kind),
+                    await self.bus.publish(topics.direct(self.task, self.me, out.to, out.kind),
                                            out.data)  # fmt: skip
             elif isinstance(out, Train):
                 task = asyncio.create_task(self._train(out))
@@ -219,7 +219,7 @@ class UserRuntime:
         self._bytes_before = dict(self.bus.sent_bytes)
         start = time.perf_counter()
         payload = data[:8] + params.astype("<f4").tobytes()
-        await self.bus.publish(bus.upload(self.task, self.me), payload)
+        await self.bus.publish(topics.upload(self.task, self.me), payload)
         self._round_log["upload_s"] = time.perf_counter() - start
         self._round_log["uploads"] = 1
         self._write_stats(r)
@@ -239,7 +239,9 @@ class UserRuntime:
             return
         ledger_s = time.perf_counter() - start
         self.state.save_chain_head(envelope.parse(data).hash)
-        await self.bus.publish(bus.upload(self.task, self.me), Recorded(data, receipt).to_bytes())
+        await self.bus.publish(
+            topics.upload(self.task, self.me), Recorded(data, receipt).to_bytes()
+        )
         self._round_log["ledger_s"] = self._round_log.get("ledger_s", 0.0) + ledger_s
         self._round_log["upload_s"] = (
             self._round_log.get("upload_s", 0.0) + time.perf_counter() - start

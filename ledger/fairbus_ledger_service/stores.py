@@ -3,7 +3,7 @@
 Both stores keep the same block bytes under the same rule: a block is appended only if
 it extends the current head (compare-and-swap), so two writers can never both commit a
 block at one height. Neither store validates transactions; the state machine of
-:mod:`ledger.state` does, on the writer before the append and on every reader after.
+:mod:`fairbus.ledger.state` does, on the writer before the append and on every reader after.
 """
 
 from __future__ import annotations
@@ -17,9 +17,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Protocol, TypeVar
 
 from fairbus.errors import FairbusError
+from fairbus.ledger.records import GENESIS_HASH, Block
 from fairbus.wire import codec
 from fairbus.wire.limits import DEFAULT_LIMITS
-from ledger.records import GENESIS_HASH, Block
 
 if TYPE_CHECKING:
     import aetcd

@@ -3,7 +3,7 @@
 ``verify`` re-checks what makes the record tamper-evident: every block's height and link
 to the block before, its transaction root, and every transaction's signature, payload
 hash and ``prev`` link (roster changes applied as they come). ``audit`` replays the
-blocks through the ledger's own state machine (:mod:`ledger.state`), which does all of
+blocks through the ledger's own state machine (:mod:`fairbus.ledger.state`), which does all of
 that and also re-derives every detection decision (Algorithm 6), and checks the blobs.
 Both stop at, and name, the first bad record.
 """
@@ -18,12 +18,12 @@ import msgpack
 
 from fairbus.detection import DetectionParams
 from fairbus.errors import FairbusError, WireError
+from fairbus.ledger.records import GENESIS_HASH, Block, check_links
+from fairbus.ledger.state import InvalidBlockError, LedgerState, RefusedError, check_transaction
 from fairbus.roster import Roster
 from fairbus.wire.limits import DEFAULT_LIMITS
 from fairbus.wire.messages import Dropout, RosterChange, decode_body
-from ledger.blobs import BlobError, BlobStore
-from ledger.records import GENESIS_HASH, Block, check_links
-from ledger.state import InvalidBlockError, LedgerState, RefusedError, check_transaction
+from fairbus_ledger_service.blobs import BlobError, BlobStore
 
 MAX_EXPORT_BLOCK = 64 * 1024 * 1024
 

@@ -6,7 +6,7 @@ broadcasts). What each role may read is exactly the set of subscription patterns
 runtime uses, so a subscription outside them receives nothing.
 
 The same rules feed Mosquitto's ``acl_file`` (:func:`mosquitto_acl`) and the embedded
-amqtt broker's topic check (:mod:`broker.embedded`, through :func:`may_publish`,
+amqtt broker's topic check (:mod:`fairbus_broker.embedded`, through :func:`may_publish`,
 :func:`may_subscribe` and :func:`may_receive`). Everything here is pure.
 """
 
@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
-from fairbus import bus
+from fairbus import topics
 from fairbus.roster import Role, Roster
 
 
@@ -29,28 +29,28 @@ def permissions(task: str, role: Role, pid: int) -> Permissions:
     """The write and read filters of participant ``pid`` in ``role`` for ``task``."""
     root = f"fairbus/{task}"
     ledger_replies = (
-        bus.ledger_receipt(task, "+", pid),
-        bus.ledger_response(task, "+", pid),
-        bus.ledger_block(task, "+"),
+        topics.ledger_receipt(task, "+", pid),
+        topics.ledger_response(task, "+", pid),
+        topics.ledger_block(task, "+"),
     )
     read: tuple[str, ...]
     if role is Role.USER:
-        read = (bus.provider_messages(task), bus.direct_inbox(task, pid), *ledger_replies)
+        read = (topics.provider_messages(task), topics.direct_inbox(task, pid), *ledger_replies)
     elif role is Role.PROVIDER:
-        read = (bus.uploads(task), bus.user_presences(task), *ledger_replies)
+        read = (topics.uploads(task), topics.user_presences(task), *ledger_replies)
     elif role is Role.LEDGER:
         read = (f"{root}/#",)
     elif role is Role.ADMIN:
         read = ledger_replies
     else:  # pragma: no cover — Role is closed; a new role must be given rights here
         raise AssertionError(f"no broker rights defined for role {role!r}")
-    return Permissions(write=(f"{bus.own(task, role.value, pid)}/#",), read=read)
+    return Permissions(write=(f"{topics.own(task, role.value, pid)}/#",), read=read)
 
 
 def acl_entries(roster: Roster) -> dict[str, Permissions]:
     """Broker username (``<role>-<id>``) → its :class:`Permissions`, for every member."""
     return {
-        bus.username(m.role.value, pid): permissions(roster.task, m.role, pid)
+        topics.username(m.role.value, pid): permissions(roster.task, m.role, pid)
         for pid, m in roster.items()
     }
 

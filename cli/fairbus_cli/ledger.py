@@ -10,15 +10,15 @@ import time
 from pathlib import Path
 
 import typer
+from fairbus_ledger_service import audit as auditing
+from fairbus_ledger_service.blobs import BlobStore
+from fairbus_ledger_service.config import LedgerConfig
+from fairbus_ledger_service.etcd_cluster import EtcdCluster
+from fairbus_ledger_service.stores import EtcdStore, SqliteStore
 from rich.console import Console
 
 from fairbus.errors import FairbusError
 from fairbus.roster import Roster
-from ledger import audit as auditing
-from ledger.blobs import BlobStore
-from ledger.config import LedgerConfig
-from ledger.etcd_cluster import EtcdCluster
-from ledger.stores import EtcdStore, SqliteStore
 
 console = Console()
 app = typer.Typer(
@@ -42,7 +42,7 @@ def ledger(
     if node is None or config is None:
         console.print(ctx.get_help())
         raise typer.Exit(2)
-    from ledger.service import LedgerService
+    from fairbus_ledger_service.service import LedgerService
 
     try:
         service = LedgerService(LedgerConfig.load(config), node)

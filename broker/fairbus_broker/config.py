@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
-from broker.errors import BrokerConfigError
+from fairbus_broker.errors import BrokerConfigError
 
 MIB = 1024 * 1024
 DEFAULT_MAX_PACKET_SIZE = 16 * MIB

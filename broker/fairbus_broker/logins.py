@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from broker.config import BrokerConfig
-from broker.errors import BrokerError
-from fairbus import bus
+from fairbus import topics
 from fairbus.identity import load_broker_password
 from fairbus.roster import Roster
+from fairbus_broker.config import BrokerConfig
+from fairbus_broker.errors import BrokerError
 
 
 @dataclass(frozen=True)
@@ -29,9 +29,9 @@ class Logins:
     def without_password(self) -> list[str]:
         """Usernames of roster members that have no ``<id>.mqtt.key`` (no login)."""
         return [
-            bus.username(m.role.value, pid)
+            topics.username(m.role.value, pid)
             for pid, m in self.roster.items()
-            if bus.username(m.role.value, pid) not in self.passwords
+            if topics.username(m.role.value, pid) not in self.passwords
         ]
 
 
@@ -46,7 +46,7 @@ def load_logins(config: BrokerConfig) -> Logins:
     for pid, member in roster.items():
         password = load_broker_password(config.keys, pid)
         if password is not None:
-            passwords[bus.username(member.role.value, pid)] = password
+            passwords[topics.username(member.role.value, pid)] = password
     certificates = config.tls is not None and config.tls.require_certificate
     if not passwords and not certificates:
         raise BrokerError(

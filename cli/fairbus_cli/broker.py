@@ -6,10 +6,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import typer
+from fairbus_broker.config import BrokerConfig
+from fairbus_broker.mosquitto import run_mosquitto, write_mosquitto_files
 from rich.console import Console
 
-from broker.config import BrokerConfig
-from broker.mosquitto import run_mosquitto, write_mosquitto_files
 from fairbus.errors import FairbusError
 
 console = Console(highlight=False)
@@ -53,7 +53,7 @@ def _mosquitto(cfg: BrokerConfig) -> int:
 
 
 def _embedded(cfg: BrokerConfig) -> int:
-    from broker.embedded import run_embedded  # amqtt is the optional [embedded] extra
+    from fairbus_broker.embedded import run_embedded  # amqtt is the optional [embedded] extra
 
     console.print(
         f"running the embedded amqtt broker on {cfg.host}:{cfg.port} with the roster's "

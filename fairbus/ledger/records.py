@@ -191,3 +191,14 @@ def check_links(block: Block, prev: Block | None) -> str | None:
     if merkle_root([t.hash for t in block.txs]) != block.tx_root:
         return f"block {block.height}: transaction root does not match its transactions"
     return None
+
+
+@dataclass(frozen=True)
+class Committed:
+    """The receipt: where the transaction is, in a block the store has committed."""
+
+    tx_hash: bytes
+    height: int
+    block_hash: bytes
+    index: int
+    duplicate: bool = False

@@ -1,4 +1,4 @@
-"""A ledger node: the state machine of :mod:`ledger.state` over a block store.
+"""A ledger node: the state machine of :mod:`fairbus.ledger.state` over a block store.
 
 One node at a time is the *writer*: it batches submissions into blocks and appends them
 with a compare-and-swap; a submission's :class:`Committed` outcome (its receipt) is
@@ -20,30 +20,19 @@ from dataclasses import dataclass, replace
 
 from fairbus.envelope import SignedEnvelope
 from fairbus.errors import FairbusError, SizeError, WireError
-from fairbus.wire.limits import DEFAULT_LIMITS, WireLimits
-from ledger.blobs import BlobError, BlobStore
-from ledger.records import MAX_BLOCK_BYTES, Block, Transaction, is_model_sized
-from ledger.state import (
+from fairbus.ledger.records import MAX_BLOCK_BYTES, Block, Committed, Transaction, is_model_sized
+from fairbus.ledger.state import (
     InvalidBlockError,
     LedgerState,
     Location,
     RefusalReason,
     RefusedError,
 )
-from ledger.stores import BlockStore
+from fairbus.wire.limits import DEFAULT_LIMITS, WireLimits
+from fairbus_ledger_service.blobs import BlobError, BlobStore
+from fairbus_ledger_service.stores import BlockStore
 
 log = logging.getLogger("fairbus.ledger")
-
-
-@dataclass(frozen=True)
-class Committed:
-    """The receipt: where the transaction is, in a block the store has committed."""
-
-    tx_hash: bytes
-    height: int
-    block_hash: bytes
-    index: int
-    duplicate: bool = False
 
 
 @dataclass(frozen=True)

@@ -27,13 +27,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import aiomqtt
+from fairbus_broker.mqtt import mqtt_client
 
-from fairbus import bus, envelope
+from fairbus import envelope, topics
 from fairbus.envelope import GENESIS
+from fairbus.ledger.records import Block
 from fairbus.wire.limits import DEFAULT_LIMITS
 from fairbus.wire.messages import Attestation, Receipt, decode_body
-from ledger.deployment import LocalLedger
-from ledger.records import Block
+from fairbus_ledger_service.deployment import LocalLedger
 
 TASK = "ledger-bench"
 NOTE_BYTES = 900  # the envelope is then ~1.2 KB: a "1 KB transaction"
@@ -66,7 +67,7 @@ def presign(ledger: LocalLedger, per_sender: int, offset: dict[int, bytes]) -> S
 
 
 async def receipts(mqtt: aiomqtt.Client, streams: list[Stream]) -> None:
-    await mqtt.subscribe(bus.ledger_receipt(TASK, "+", "+"), qos=bus.QOS)
+    await mqtt.subscribe(topics.ledger_receipt(TASK, "+", "+"), qos=topics.QOS)
     async for message in mqtt.messages:
         now = time.perf_counter()
         if not isinstance(message.payload, bytes | bytearray):
@@ -100,7 +101,7 @@ async def open_loop(
         if delay > 0:
             await asyncio.sleep(delay)
         stream.sent[tx_hash] = time.perf_counter()
-        await mqtt.publish(bus.ledger_submit(TASK, "user", sender), data, qos=bus.QOS)
+        await mqtt.publish(topics.ledger_submit(TASK, "user", sender), data, qos=topics.QOS)
         if on_tick is not None:
             on_tick(time.perf_counter() - start)
 
@@ -119,7 +120,7 @@ async def windowed(mqtt: aiomqtt.Client, stream: Stream, window: int, seconds: f
                 continue
             tx_hash, data = chain[next_k]
             stream.sent[tx_hash] = time.perf_counter()
-            await mqtt.publish(bus.ledger_submit(TASK, "user", user), data, qos=bus.QOS)
+            await mqtt.publish(topics.ledger_submit(TASK, "user", user), data, qos=topics.QOS)
             next_k += 1
 
     await asyncio.gather(*(sender(u, c) for u, c in stream.chains.items()))
@@ -135,7 +136,7 @@ async def resubmit(mqtt: aiomqtt.Client, stream: Stream, older_than: float) -> i
             if sent is None:
                 break
             if tx_hash not in stream.acked and now - sent > older_than:
-                await mqtt.publish(bus.ledger_submit(TASK, "user", user), data, qos=bus.QOS)
+                await mqtt.publish(topics.ledger_submit(TASK, "user", user), data, qos=topics.QOS)
                 count += 1
     return count
 
@@ -212,8 +213,8 @@ async def run(
         throughput = presign(ledger, 1200, heads)
         streams = [latency, throughput]
         async with (
-            bus.client("127.0.0.1", ledger.broker_port, "bench-receipts") as rx,
-            bus.client("127.0.0.1", ledger.broker_port, "bench-submit") as tx,
+            mqtt_client("127.0.0.1", ledger.broker_port, "bench-receipts") as rx,
+            mqtt_client("127.0.0.1", ledger.broker_port, "bench-submit") as tx,
         ):
             reader = asyncio.create_task(receipts(rx, streams))
             await asyncio.sleep(0.5)

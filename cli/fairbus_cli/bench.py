@@ -11,9 +11,9 @@ from rich.console import Console
 from rich.progress import Progress
 from rich.table import Table
 
-from cli import detection_options as options
 from fairbus.bench import crypto
 from fairbus.protocol.provider import ProviderConfig
+from fairbus_cli import detection_options as options
 
 DEFAULTS = ProviderConfig()
 
@@ -212,7 +212,7 @@ def ledger_bench(
     import asyncio
     import shutil
 
-    from ledger import bench as ledger_bench_module
+    from fairbus_ledger_service import bench as ledger_bench_module
 
     shutil.rmtree(workdir, ignore_errors=True)
     result = asyncio.run(

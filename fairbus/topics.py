@@ -1,4 +1,4 @@
-"""The MQTT bus: topic names (DESIGN.md, "Wire") and one way to open a client.
+"""The MQTT topics: every topic fairbus publishes or subscribes to is built and parsed here.
 
 Topics live under ``fairbus/<task>/``; every identity publishes only under its own
 subtree ``fairbus/<task>/<role>/<id>/…`` (the broker ACL enforces it), and ledger nodes
@@ -7,13 +7,7 @@ under ``fairbus/<task>/ledger/<node>/…``. MQTT 3.1.1 features only, QoS 1.
 
 from __future__ import annotations
 
-import socket
-
-import aiomqtt
-
 QOS = 1
-PENDING_CALLS_THRESHOLD = 10_000
-"""aiomqtt warns above 10 pending publishes; a ledger front has thousands in flight."""
 
 
 def own(task: str, role: str, pid: int) -> str:
@@ -92,32 +86,3 @@ def sender_of(topic: str) -> tuple[str, int] | None:
     if len(parts) < 4 or not parts[3].isdigit():
         return None
     return parts[2], int(parts[3])
-
-
-def client(
-    host: str,
-    port: int,
-    identifier: str,
-    *,
-    username: str | None = None,
-    password: str | None = None,
-    will: aiomqtt.Will | None = None,
-    clean_session: bool | None = None,
-    keepalive: int = 60,
-) -> aiomqtt.Client:
-    """An aiomqtt client with TCP_NODELAY (DESIGN.md: 0.4 ms instead of 88 ms per
-    request/response on loopback) and a raised pending-calls threshold."""
-    c = aiomqtt.Client(
-        host,
-        port,
-        identifier=identifier,
-        username=username,
-        password=password,
-        will=will,
-        clean_session=clean_session,
-        keepalive=keepalive,
-        protocol=aiomqtt.ProtocolVersion.V311,
-        socket_options=[(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)],
-    )
-    c.pending_calls_threshold = PENDING_CALLS_THRESHOLD
-    return c

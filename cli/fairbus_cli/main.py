@@ -6,7 +6,17 @@ import logging
 
 import typer
 
-from cli import bench, broker, demo, keys, ledger, participants, roster, simulate, walkthrough
+from fairbus_cli import (
+    bench,
+    broker,
+    demo,
+    keys,
+    ledger,
+    participants,
+    roster,
+    simulate,
+    walkthrough,
+)
 
 app = typer.Typer(
     name="fairbus",

@@ -9,13 +9,13 @@ Why two small plugins of our own instead of amqtt's ``FileAuthPlugin`` and
 
 - ``FileAuthPlugin`` verifies only argon2/bcrypt (and, before Python 3.13, sha512-crypt)
   hashes, not Mosquitto's PBKDF2 ``$7$`` ones; :class:`FairbusAuthPlugin` verifies the very
-  hashes Mosquitto gets (:mod:`broker.passwords`), so both brokers share one user database.
+  hashes Mosquitto gets (:mod:`fairbus_broker.passwords`), so both brokers share one user database.
 - amqtt's topic ACL matcher (``topic_ac``) lets a requested ``#`` pass where the grant has
   ``+``: with ``fairbus/t/provider/+/+`` granted, a subscription to
   ``fairbus/t/provider/+/#`` is accepted and then receives the provider's ledger
   submissions. :class:`FairbusTopicPlugin` checks that a subscription is a subset of a
-  grant (:func:`broker.acl.filter_covers`), re-checks every delivery (``RECEIVE``) and every
-  publish against the same :func:`broker.acl.permissions` Mosquitto's ACL file is made of.
+  grant (:func:`fairbus_broker.acl.filter_covers`), re-checks every delivery (``RECEIVE``) and every
+  publish against the same :func:`fairbus_broker.acl.permissions` Mosquitto's ACL file is made of.
 - amqtt checks no ACL on a client's Last Will and has no ``use_username_as_clientid``:
   the auth plugin refuses a connection whose Will topic lies outside the client's write
   rights, and one whose client id is neither its username (``user-4``) nor starts with
@@ -69,11 +69,11 @@ from amqtt.contexts import Action
 from amqtt.plugins.base import BaseAuthPlugin, BaseTopicPlugin
 from amqtt.session import Session
 
-from broker.acl import Permissions, acl_entries, may_publish, may_receive, may_subscribe
-from broker.config import BrokerConfig
-from broker.errors import BrokerError
-from broker.logins import Logins, load_logins
-from broker.passwords import hash_password, verify_password
+from fairbus_broker.acl import Permissions, acl_entries, may_publish, may_receive, may_subscribe
+from fairbus_broker.config import BrokerConfig
+from fairbus_broker.errors import BrokerError
+from fairbus_broker.logins import Logins, load_logins
+from fairbus_broker.passwords import hash_password, verify_password
 
 log = logging.getLogger(__name__)
 
@@ -110,7 +110,7 @@ class FairbusAuthPlugin(BaseAuthPlugin):  # type: ignore[misc]  # amqtt ships no
     @dataclass
     class Config:
         users: dict[str, str] = field(default_factory=dict)
-        """Username → ``$7$`` PBKDF2 hash (:func:`broker.passwords.hash_password`)."""
+        """Username → ``$7$`` PBKDF2 hash (:func:`fairbus_broker.passwords.hash_password`)."""
         writable: dict[str, list[str]] = field(default_factory=dict)
         """Username → write filters, to check the Last Will at connect."""
         certificates: bool = False
@@ -140,7 +140,7 @@ class FairbusAuthPlugin(BaseAuthPlugin):  # type: ignore[misc]  # amqtt ships no
 
 
 class FairbusTopicPlugin(BaseTopicPlugin):  # type: ignore[misc]  # amqtt ships no types
-    """Publish, subscribe and receive checks from :func:`broker.acl.permissions`."""
+    """Publish, subscribe and receive checks from :func:`fairbus_broker.acl.permissions`."""
 
     @dataclass
     class Config:

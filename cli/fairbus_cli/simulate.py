@@ -11,14 +11,15 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from cli import detection_options as options
 from fairbus.errors import FairbusError
 from fairbus.protocol.provider import ProviderConfig
 from fairbus.training.attacks import Attack, Behaviour
 from fairbus.training.config import TrainConfig
+from fairbus_cli import detection_options as options
 
 if TYPE_CHECKING:  # torch comes with these: imported only when a command runs
-    from fairbus.simulator import DropoutPlan, RoundRecord, SimulationConfig
+    from fairbus.rounds import RoundRecord
+    from fairbus.simulator import DropoutPlan, SimulationConfig
 
 console = Console()
 DEFAULTS = ProviderConfig()

@@ -21,7 +21,7 @@ from collections.abc import Iterable, Mapping
 
 import nacl.utils
 
-from broker.errors import BrokerError
+from fairbus_broker.errors import BrokerError
 
 ITERATIONS = 101
 SALT_BYTES = 12

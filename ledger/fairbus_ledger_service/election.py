@@ -15,7 +15,7 @@ import logging
 import os
 from collections.abc import Awaitable, Callable
 
-from ledger.stores import EtcdStore
+from fairbus_ledger_service.stores import EtcdStore
 
 log = logging.getLogger("fairbus.ledger")
 

@@ -21,11 +21,15 @@ from collections.abc import Coroutine
 from typing import Any
 
 import aiomqtt
+from fairbus_broker.mqtt import mqtt_client
 
-from fairbus import bus, envelope
+from fairbus import envelope, topics
 from fairbus.envelope import GENESIS
 from fairbus.errors import FairbusError
 from fairbus.identity import Identity, load_broker_password
+from fairbus.ledger.recorded import Recorded
+from fairbus.ledger.records import Block, Committed
+from fairbus.ledger.state import LedgerState
 from fairbus.roster import Role, Roster
 from fairbus.wire.messages import (
     BlockHeader,
@@ -36,14 +40,11 @@ from fairbus.wire.messages import (
     ReceiptEntry,
     Refusal,
 )
-from ledger.blobs import BlobError, BlobStore
-from ledger.config import LedgerConfig
-from ledger.election import EtcdElection, lead_when_elected
-from ledger.node import Committed, LedgerNode, NotWriterError, Outcome, Refused
-from ledger.recorded import Recorded
-from ledger.records import Block
-from ledger.state import LedgerState
-from ledger.stores import BlockStore, EtcdStore, SqliteStore
+from fairbus_ledger_service.blobs import BlobError, BlobStore
+from fairbus_ledger_service.config import LedgerConfig
+from fairbus_ledger_service.election import EtcdElection, lead_when_elected
+from fairbus_ledger_service.node import LedgerNode, NotWriterError, Outcome, Refused
+from fairbus_ledger_service.stores import BlockStore, EtcdStore, SqliteStore
 
 log = logging.getLogger("fairbus.ledger")
 
@@ -103,20 +104,20 @@ class LedgerService:
         """The bus, kept up: a lost broker connection is made again (with backoff) and the
         subscriptions renewed; submitters retry what went unanswered meanwhile."""
         host, port = self.config.broker
-        login = bus.username("ledger", self.node_id)
+        login = topics.username("ledger", self.node_id)
         password = load_broker_password(self.config.keys, self.node_id)
-        client = bus.client(
+        client = mqtt_client(
             host, port, login, username=login if password else None, password=password
         )
         delay = RECONNECT_DELAY[0]
         while True:
             try:
                 async with client as mqtt:
-                    await mqtt.subscribe(f"fairbus/{self.task}/+/+/ledger/query", qos=bus.QOS)
+                    await mqtt.subscribe(f"fairbus/{self.task}/+/+/ledger/query", qos=topics.QOS)
                     for topic in self._blob_topics():
-                        await mqtt.subscribe(topic, qos=bus.QOS)
+                        await mqtt.subscribe(topic, qos=topics.QOS)
                     if self.node is not None and self.node.is_writer:
-                        await mqtt.subscribe(self._submit_topic, qos=bus.QOS)
+                        await mqtt.subscribe(self._submit_topic, qos=topics.QOS)
                     self.mqtt = mqtt
                     delay = RECONNECT_DELAY[0]
                     log.info("ledger node %d: on the bus at %s:%d", self.node_id, host, port)
@@ -160,7 +161,7 @@ class LedgerService:
 
     def _blob_topics(self) -> list[str]:
         """Where model-sized payloads travel on the bus (uploads, global models)."""
-        return [bus.uploads(self.task), bus.global_models(self.task)]
+        return [topics.uploads(self.task), topics.global_models(self.task)]
 
     async def _become_writer(self, fence: bytes | None) -> None:
         """Only the writer takes submissions; the others keep blobs from the bus."""
@@ -168,7 +169,7 @@ class LedgerService:
         self.node.fence = fence
         self.node.is_writer = True
         if self.mqtt is not None:  # otherwise the next connection subscribes
-            await self.mqtt.subscribe(self._submit_topic, qos=bus.QOS)
+            await self.mqtt.subscribe(self._submit_topic, qos=topics.QOS)
         log.info("ledger node %d is the writer (height %d)", self.node_id, self.node.state.height)
 
     async def _follow(self) -> None:
@@ -186,7 +187,7 @@ class LedgerService:
     # --- the front -----------------------------------------------------------------------------
 
     async def _on_message(self, topic: str, data: bytes) -> None:
-        asker = bus.sender_of(topic)
+        asker = topics.sender_of(topic)
         if asker is None:
             return
         if topic.endswith("/ledger/query"):
@@ -195,7 +196,7 @@ class LedgerService:
             self._keep_blob(data)
 
     def _keep_blob(self, data: bytes) -> None:
-        """A model-sized envelope seen on the bus (:mod:`ledger.recorded`): keep its
+        """A model-sized envelope seen on the bus (:mod:`fairbus.ledger.recorded`): keep its
         payload by hash. The blob store checks the payload against the signed header's
         hash; the envelope's signature is checked when its transaction is validated."""
         assert self.node is not None
@@ -204,7 +205,7 @@ class LedgerService:
 
     def _on_submit(self, topic: str, data: bytes) -> None:
         assert self.node is not None
-        asker = bus.sender_of(topic)
+        asker = topics.sender_of(topic)
         if asker is None or not self.node.is_writer:
             return
         future = self.node.submit_nowait(data)
@@ -235,7 +236,7 @@ class LedgerService:
     async def _refuse(self, asker: int, data: bytes, outcome: Refused) -> None:
         ref = outcome.tx_hash or hashlib.sha256(data).digest()
         refusal = Refusal(ref, outcome.reason.value, outcome.detail[:4000])
-        await self._publish(bus.ledger_receipt(self.task, self.node_id, asker), refusal)
+        await self._publish(topics.ledger_receipt(self.task, self.node_id, asker), refusal)
 
     async def _send_receipts(self) -> None:
         await asyncio.sleep(0)  # let the rest of the block's submissions resolve
@@ -243,7 +244,7 @@ class LedgerService:
         await asyncio.gather(
             *(
                 self._publish(
-                    bus.ledger_receipt(self.task, self.node_id, asker),
+                    topics.ledger_receipt(self.task, self.node_id, asker),
                     Receipt(height, block_hash, tuple(sorted(entries, key=lambda e: e.index))),
                 )
                 for (asker, height, block_hash), entries in batch.items()
@@ -262,7 +263,7 @@ class LedgerService:
             return
         records, error = await self._records(query)
         response = QueryResponse(query.qid, not error, error, tuple(records))
-        await self._publish(bus.ledger_response(self.task, self.node_id, asker), response)
+        await self._publish(topics.ledger_response(self.task, self.node_id, asker), response)
 
     async def _records(self, query: Query) -> tuple[list[bytes], str]:
         assert self.node is not None
@@ -299,7 +300,7 @@ class LedgerService:
             return
         header = BlockHeader(block.height, block.prev_hash, block.tx_root, len(block.txs),
                              block.timestamp)  # fmt: skip
-        await self._publish(bus.ledger_block(self.task, self.node_id), header)
+        await self._publish(topics.ledger_block(self.task, self.node_id), header)
 
     async def _publish(self, topic: str, message: Message) -> None:
         """Publish if on the bus; an answer lost while off it is asked for again."""
@@ -308,4 +309,4 @@ class LedgerService:
             return
         signed = envelope.sign(self.identity, self.task, message, prev=GENESIS)
         with contextlib.suppress(aiomqtt.MqttError):
-            await mqtt.publish(topic, signed.to_bytes(), qos=bus.QOS)
+            await mqtt.publish(topic, signed.to_bytes(), qos=topics.QOS)

@@ -33,6 +33,14 @@ from fairbus.errors import (
     WireError,
 )
 from fairbus.grouping import Group, Grouping, check_grouping
+from fairbus.ledger.records import (
+    GENESIS_HASH,
+    LEDGER_TYPES,
+    MAX_INLINE_PAYLOAD,
+    Block,
+    Transaction,
+    check_links,
+)
 from fairbus.roster import Role, Roster
 from fairbus.wire.limits import DEFAULT_LIMITS, WireLimits
 from fairbus.wire.messages import (
@@ -44,14 +52,6 @@ from fairbus.wire.messages import (
     Message,
     RosterChange,
     decode_body,
-)
-from ledger.records import (
-    GENESIS_HASH,
-    LEDGER_TYPES,
-    MAX_INLINE_PAYLOAD,
-    Block,
-    Transaction,
-    check_links,
 )
 
 

@@ -17,9 +17,9 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
-from cli.simulate import console, rounds_progress
 from fairbus.errors import FairbusError
 from fairbus.training.attacks import Behaviour
+from fairbus_cli.simulate import console, rounds_progress
 
 ATTACKS = {2: Behaviour.POISONER, 5: Behaviour.FREE_RIDER}
 
@@ -90,7 +90,7 @@ def _follow(task: object, rounds: int) -> None:
 
 def _report(root: Path, out: Path) -> None:
     from fairbus.plots import plot_accuracy, plot_scores
-    from fairbus.simulator import RoundRecord
+    from fairbus.rounds import RoundRecord
 
     lines = (root / "state" / "provider" / "rounds.jsonl").read_text().splitlines()
     records = [RoundRecord.from_json(json.loads(line)) for line in lines if line.strip()]

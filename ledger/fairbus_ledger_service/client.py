@@ -16,15 +16,15 @@ from typing import Protocol, TypeVar
 
 import aiomqtt
 
-from fairbus import bus, envelope
+from fairbus import envelope, topics
 from fairbus.envelope import GENESIS
 from fairbus.errors import FairbusError
 from fairbus.identity import Identity
+from fairbus.ledger.records import Committed
+from fairbus.ledger.state import RefusalReason, RefusedError
 from fairbus.roster import Role, Roster
 from fairbus.wire.messages import Query, QueryResponse, Receipt, Refusal
-from ledger.blobs import BlobError
-from ledger.node import Committed
-from ledger.state import RefusalReason, RefusedError
+from fairbus_ledger_service.blobs import BlobError
 
 T = TypeVar("T")
 
@@ -76,15 +76,15 @@ class LedgerClient:
     def topics(self) -> list[str]:
         """Receipts and query responses for this participant, from any ledger node."""
         return [
-            bus.ledger_receipt(self.task, "+", self.pid),
-            bus.ledger_response(self.task, "+", self.pid),
+            topics.ledger_receipt(self.task, "+", self.pid),
+            topics.ledger_response(self.task, "+", self.pid),
         ]
 
     async def __aenter__(self) -> LedgerClient:
         if not isinstance(self.mqtt, aiomqtt.Client):
             raise TypeError("standalone use needs an aiomqtt client; otherwise call dispatch()")
         for topic in self.topics:
-            await self.mqtt.subscribe(topic, qos=bus.QOS)
+            await self.mqtt.subscribe(topic, qos=topics.QOS)
         self._reader = asyncio.create_task(self._read(self.mqtt))
         return self
 
@@ -130,13 +130,13 @@ class LedgerClient:
 
     async def submit_for_receipt(self, data: bytes) -> tuple[Committed, bytes]:
         """:meth:`submit`, also returning the signed receipt (to pass on with the
-        envelope, :mod:`ledger.recorded`)."""
+        envelope, :mod:`fairbus.ledger.recorded`)."""
         tx_hash = hashlib.sha256(envelope.parse(data).header_bytes).digest()
         future = self._waiting.setdefault(tx_hash, asyncio.get_running_loop().create_future())
-        topic = bus.ledger_submit(self.task, self.role, self.pid)
+        topic = topics.ledger_submit(self.task, self.role, self.pid)
         try:
             for _ in range(self.retries):
-                await self.mqtt.publish(topic, data, qos=bus.QOS)
+                await self.mqtt.publish(topic, data, qos=topics.QOS)
                 try:
                     answer = await asyncio.wait_for(asyncio.shield(future), self.timeout)
                 except TimeoutError:
@@ -155,7 +155,9 @@ class LedgerClient:
         signed = envelope.sign(self.identity, self.task, query, prev=GENESIS)
         try:
             await self.mqtt.publish(
-                bus.ledger_query(self.task, self.role, self.pid), signed.to_bytes(), qos=bus.QOS
+                topics.ledger_query(self.task, self.role, self.pid),
+                signed.to_bytes(),
+                qos=topics.QOS,
             )
             return await asyncio.wait_for(future, self.timeout)
         except TimeoutError:

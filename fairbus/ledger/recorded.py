@@ -18,11 +18,11 @@ from dataclasses import dataclass
 
 from fairbus import envelope
 from fairbus.errors import FairbusError, SchemaError
+from fairbus.ledger.records import Committed
 from fairbus.roster import Role, Roster
 from fairbus.wire import codec
 from fairbus.wire.limits import DEFAULT_LIMITS, WireLimits
 from fairbus.wire.messages import Receipt
-from ledger.node import Committed
 
 MAX_RECEIPT_BYTES = 64 * 1024
 """A receipt names at most a block's worth of one submitter's transactions."""

@@ -1,7 +1,7 @@
 """Mosquitto bring-up: write its configuration directory and run it as a child process.
 
 ``data_dir`` receives ``mosquitto.conf``, ``passwd`` (PBKDF2 hashes, no plaintext), ``acl``
-(from the roster, :func:`broker.acl.mosquitto_acl`), and Mosquitto's own ``mosquitto.db``
+(from the roster, :func:`fairbus_broker.acl.mosquitto_acl`), and Mosquitto's own ``mosquitto.db``
 when persistence is on. Every file is written with mode 0600, atomically, on every start.
 
 Settings and why (DESIGN.md, "Measured facts"):
@@ -45,11 +45,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType, TracebackType
 
-from broker.acl import mosquitto_acl
-from broker.config import BrokerConfig
-from broker.errors import BrokerError
-from broker.logins import load_logins
-from broker.passwords import mosquitto_password_file
+from fairbus_broker.acl import mosquitto_acl
+from fairbus_broker.config import BrokerConfig
+from fairbus_broker.errors import BrokerError
+from fairbus_broker.logins import load_logins
+from fairbus_broker.passwords import mosquitto_password_file
 
 CONF_NAME = "mosquitto.conf"
 PASSWD_NAME = "passwd"  # noqa: S105 — a file name, not a password

@@ -17,14 +17,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
 
-from broker.mosquitto import find_mosquitto
+from fairbus_broker.mosquitto import find_mosquitto
+
 from fairbus.errors import FairbusError
 from fairbus.identity import Identity, new_broker_password
 from fairbus.roster import Member, Role, Roster
-from ledger.etcd_cluster import EtcdCluster, find_etcd, free_port
-from ledger.stores import EtcdStore
+from fairbus_ledger_service.etcd_cluster import EtcdCluster, find_etcd, free_port
+from fairbus_ledger_service.stores import EtcdStore
 
 NODE_START_TIMEOUT = 60.0
+FAIRBUS_COMMAND = (sys.executable, "-m", "fairbus_cli")
+"""The ``fairbus`` command with this interpreter: how local deployments start a process."""
 
 
 class DeploymentError(FairbusError):
@@ -127,7 +130,7 @@ class LocalLedger:
             'data_dir = "broker"\npersistence = false\n'
         )
         log = open(self.root / "broker.log", "ab")  # noqa: SIM115 — owned by the child
-        argv = [sys.executable, "-c", "from cli.main import run; run()", "broker",
+        argv = [*FAIRBUS_COMMAND, "broker",
                 "--config", str(self.broker_config)]  # fmt: skip
         if self.broker == "embedded":
             argv.append("--embedded")
@@ -160,7 +163,7 @@ class LocalLedger:
 
     def start_node(self, node: int) -> None:
         log = open(self.root / f"ledger-{node}.log", "ab")  # noqa: SIM115 — owned by the child
-        argv = [sys.executable, "-c", "from cli.main import run; run()", "ledger",
+        argv = [*FAIRBUS_COMMAND, "ledger",
                 "--node", str(node), "--config", str(self.configs[node])]  # fmt: skip
         self.processes[node] = subprocess.Popen(argv, stdout=log, stderr=log)
 
