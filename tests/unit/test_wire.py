@@ -39,7 +39,7 @@ from fairbus.wire.messages import (
     vector_from_bytes,
 )
 
-from .conftest import TASK
+from tests.conftest import TASK
 
 H = b"\x07" * 32
 SAMPLES = [

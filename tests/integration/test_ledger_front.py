@@ -26,7 +26,7 @@ from fairbus.ledger.state import LedgerState, RefusalReason, RefusedError
 from fairbus.roster import Member, Role, Roster
 from fairbus.wire.messages import Attestation, GlobalModel
 from tests.conftest import find_service_binary
-from tests.test_services import free_port, running
+from tests.integration.test_services import free_port, running
 
 TASK = "front"
 

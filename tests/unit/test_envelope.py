@@ -17,7 +17,7 @@ from fairbus.roster import Roster
 from fairbus.wire import codec
 from fairbus.wire.messages import Announce, GroupSpec, MaskedUpload, Presence
 
-from .conftest import TASK
+from tests.conftest import TASK
 
 
 def upload(sender: Identity, prev: bytes = GENESIS, round_: int = 1) -> envelope.SignedEnvelope:

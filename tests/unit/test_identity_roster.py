@@ -115,6 +115,6 @@ def test_roster_file_errors(tmp_path: Path) -> None:
 
 
 def test_example_roster_in_configs_loads() -> None:
-    roster = Roster.load(Path(__file__).parent.parent / "configs" / "roster.example.toml")
+    roster = Roster.load(Path(__file__).resolve().parents[2] / "configs" / "roster.example.toml")
     assert roster.provider == 0
     assert len(roster.with_role(Role.USER)) == 9

@@ -23,7 +23,7 @@ from fairbus.identity import Identity
 from fairbus.roster import Roster
 from fairbus.wire.messages import MaskedUpload
 
-from .conftest import TASK, find_service_binary
+from tests.conftest import TASK, find_service_binary
 
 
 @contextmanager

@@ -54,7 +54,7 @@ def test_keys_new_writes_0600_files_and_a_roster(tmp_path: Path) -> None:
 
 
 def test_roster_check(tmp_path: Path) -> None:
-    good = Path(__file__).parent.parent / "configs" / "roster.example.toml"
+    good = Path(__file__).resolve().parents[2] / "configs" / "roster.example.toml"
     result = runner.invoke(app, ["roster", "check", str(good)])
     assert result.exit_code == 0 and "digits-demo" in result.output
     bad = tmp_path / "bad.toml"

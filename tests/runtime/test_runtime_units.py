@@ -25,7 +25,7 @@ from fairbus.runtime.user_state import UserState, UserStateError
 from fairbus.wire import codec
 from fairbus.wire.messages import Attestation, GlobalModel
 
-EXAMPLE = Path(__file__).parent.parent / "configs" / "fairbus.example.toml"
+EXAMPLE = Path(__file__).resolve().parents[2] / "configs" / "fairbus.example.toml"
 
 
 def test_the_example_configuration_loads() -> None:

@@ -58,9 +58,9 @@ from fairbus.errors import FairbusError
 from fairbus.identity import load_broker_password, new_broker_password
 from fairbus.roster import Role, Roster
 
-from .conftest import TASK, find_service_binary
+from tests.conftest import TASK, find_service_binary
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 T = TASK
 NO_LOGIN = 7
 """A roster member (a user) given no ``<id>.mqtt.key``."""

@@ -16,9 +16,9 @@ from typer.testing import CliRunner
 from fairbus.ledger.records import Block, Transaction
 from fairbus.ledger.state import LedgerState
 from fairbus.protocol.provider import ProviderConfig
-from tests.ledger_support import RecordedRun, record_run
+from tests.support_ledger import RecordedRun, record_run
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def test_zero_turns_the_whole_number_extensions_off() -> None:

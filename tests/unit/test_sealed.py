@@ -14,7 +14,7 @@ from fairbus.sealed import ReplayGuard, SealContext, SealedOuter, open_share, se
 from fairbus.wire import codec
 from fairbus.wire.limits import DEFAULT_LIMITS
 
-from .conftest import TASK
+from tests.conftest import TASK
 
 CTX = SealContext(TASK, round=4, attempt=1, group=2)
 

@@ -31,7 +31,7 @@ from fairbus.wire.messages import (
     RosterChange,
 )
 from tests.conftest import find_service_binary
-from tests.ledger_support import ADMIN_ID, RecordedRun, record_run
+from tests.support_ledger import ADMIN_ID, RecordedRun, record_run
 
 
 @pytest.fixture(scope="module")
