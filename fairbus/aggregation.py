@@ -1,19 +1,27 @@
 """Global aggregation policies (Alg. 1, line 30), as small replaceable objects.
 
-Modelled on Flower's strategies: one object, one job — turn the round's decrypted
-group models into the next global model.
+Modelled on Flower's strategies: one object, one job — turn the round's models into the
+next global model. :class:`CleanGroupAverage` and :class:`UndefendedFedAvg` average the
+decrypted group models of the secure round; :class:`PlainFedAvg` is the baseline without
+it (``secure`` is False): the provider machine sends the global model in the clear and
+averages the users' models, which come back as :class:`PlainModel` (no grouping,
+masking, signatures, ledger or detection). See ``docs/architecture.md``.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import ClassVar, Protocol
 
 import numpy as np
 import numpy.typing as npt
 
+from fairbus.errors import SchemaError
 from fairbus.grouping import BASIC
+from fairbus.wire import codec
+from fairbus.wire.limits import DEFAULT_LIMITS, WireLimits
+from fairbus.wire.schema import Bin, Int, Spec, WireStruct
 
 
 @dataclass(frozen=True, eq=False)
@@ -31,6 +39,12 @@ class GroupModel:
 
 
 class AggregationStrategy(Protocol):
+    @property
+    def secure(self) -> bool:
+        """True: the secure round (grouping, masking, the ledger; Alg. 1). False: plain
+        FedAvg, users' models in the clear (:class:`PlainFedAvg`)."""
+        ...
+
     def aggregate(
         self,
         current: npt.NDArray[np.float32],
@@ -53,6 +67,8 @@ class CleanGroupAverage:
     the current model is kept.
     """
 
+    secure: ClassVar[bool] = True
+
     def aggregate(
         self,
         current: npt.NDArray[np.float32],
@@ -69,7 +85,9 @@ class CleanGroupAverage:
 
 @dataclass(frozen=True)
 class UndefendedFedAvg:
-    """Plain FedAvg over every basic group: the baseline without detection."""
+    """FedAvg over every basic group of the secure round: the baseline without detection."""
+
+    secure: ClassVar[bool] = True
 
     def aggregate(
         self,
@@ -78,6 +96,75 @@ class UndefendedFedAvg:
         violators: Iterable[int],
     ) -> npt.NDArray[np.float32]:
         return _size_weighted_mean(current, [g for g in groups if g.kind == BASIC])
+
+
+@dataclass(frozen=True)
+class PlainFedAvg:
+    """Plain FedAvg (McMahan et al. 2017), the baseline without the protocol: each round
+    the provider machine sends the global model in the clear to every online user, each
+    trains and answers with its model in the clear (:class:`PlainModel`; nothing is
+    grouped, masked, signed or recorded on the ledger, and nothing is detected), and the
+    next global model is their mean. Every user weighs the same (the partitions are of
+    equal size). Users take part only if their own configuration says so (a user of a
+    secure task refuses to send its model in the clear)."""
+
+    secure: ClassVar[bool] = False
+
+    def aggregate(
+        self,
+        current: npt.NDArray[np.float32],
+        groups: Sequence[GroupModel],
+        violators: Iterable[int],
+    ) -> npt.NDArray[np.float32]:
+        """``groups``: one model per user who answered in time (a group of one)."""
+        return _size_weighted_mean(current, groups)
+
+
+PLAIN_MODEL = "plain_model"
+"""The kind (topic) of the provider's global model under :class:`PlainFedAvg`; users
+answer on their ``upload`` topic."""
+
+
+@dataclass(frozen=True)
+class PlainModel(WireStruct):
+    """A model in the clear under :class:`PlainFedAvg`: the provider's global model for
+    ``round``, or a user's trained model for it. Not signed: ``sender`` is as good as the
+    broker's ACL on the topic it came on (the baseline's trust, as in plain FedAvg)."""
+
+    round: int
+    sender: int
+    length: int
+    data: bytes
+    """float32, little-endian."""
+    FIELDS: ClassVar[dict[str, Spec]] = {
+        "round": Int(1, 2**31),
+        "sender": Int(),
+        "length": Int(1, 2**31),
+        "data": Bin(),
+    }
+
+    @classmethod
+    def of(cls, round: int, sender: int, params: npt.NDArray[np.float32]) -> PlainModel:
+        return cls(round, sender, int(params.size), params.astype("<f4", copy=False).tobytes())
+
+    def to_bytes(self) -> bytes:
+        return codec.pack(self.to_wire())
+
+    @classmethod
+    def from_bytes(cls, data: bytes, limits: WireLimits = DEFAULT_LIMITS) -> PlainModel:
+        """Strict: one bounded msgpack decode and the schema; :class:`SchemaError` (a
+        :class:`~fairbus.errors.WireError`) otherwise."""
+        raw = codec.unpack(data, limits, max_bytes=limits.max_model_bytes + 4096)
+        return cls.from_wire(raw, PLAIN_MODEL, limits)
+
+    def params(self) -> npt.NDArray[np.float32]:
+        """The model; refuses a length that disagrees with the data, NaN and ±inf."""
+        if len(self.data) != 4 * self.length:
+            raise SchemaError(f"plain model of {len(self.data)} bytes for {self.length} values")
+        params = np.frombuffer(self.data, dtype="<f4").astype(np.float32)
+        if not np.isfinite(params).all():
+            raise SchemaError(f"plain model from {self.sender} holds NaN or infinity")
+        return params
 
 
 def _size_weighted_mean(

@@ -36,8 +36,8 @@ class RoundRecord:
     refusals: list[str] = field(default_factory=list)
     failed: str | None = None
     ledger_height: int | None = None
-    """The networked runtime's: the height of the block that holds the round's last
-    provider transaction."""
+    """The height of the ledger's last block when the round ended (the simulator's
+    in-process ledger, or the block that holds the networked provider's last transaction)."""
     # not serialized: for tests that check exactness against the plaintext
     local_models: dict[int, npt.NDArray[np.float32]] = field(default_factory=dict, repr=False)
     field_sums: dict[int, Any] = field(default_factory=dict, repr=False)

@@ -1,10 +1,16 @@
-"""``fairbus simulate``: N users and a provider in one process, over an in-process transport.
+"""``fairbus simulate``: N users, a provider and the ledger in one process.
 
 The simulator only drives the sans-I/O machines of :mod:`fairbus.protocol` — the same
 ones the MQTT runtime drives — with the real crypto: every share is sealed per
-recipient, every upload signed and chained. It carries out their effects (training,
-evaluation) with real PyTorch on real data, injects dropouts, and records one
-:class:`RoundRecord` per round.
+recipient, every upload signed and chained. Every ledger transaction the machines emit
+(:class:`~fairbus.protocol.events.Commit`) is admitted by the ledger's own validation
+state machine (:class:`~fairbus.ledger.inprocess.InProcessLedger`) and delivered with its
+signed receipt, as on the bus; a dropout's attempt is closed from what that ledger
+recorded, and a provider transaction the ledger refuses (a decision the Alg. 6 contract
+does not re-derive, say) stops the simulation with the refusal. It carries out the
+machines' effects (training, evaluation) with real PyTorch on real data, injects
+dropouts, and records one :class:`~fairbus.rounds.RoundRecord` per round
+(``docs/architecture.md``, "The one path").
 """
 
 from __future__ import annotations
@@ -18,11 +24,15 @@ from typing import Any, Literal
 
 from fairbus.errors import FairbusError
 from fairbus.identity import Identity
+from fairbus.ledger.inprocess import BlobSink, BlockSink, InProcessLedger
+from fairbus.ledger.state import RefusedError
 from fairbus.protocol.events import (
     PROVIDER,
     USERS,
     AttemptClosed,
+    ChainHead,
     CloseAttempt,
+    Commit,
     Dropped,
     Evaluate,
     Evaluated,
@@ -35,6 +45,7 @@ from fairbus.protocol.events import (
     RoundDone,
     RoundFailed,
     Send,
+    StartRound,
     Tick,
     Train,
     Trained,
@@ -49,6 +60,12 @@ from fairbus.training.local import Evaluator, TrainConfig, Trainer
 from fairbus.training.models import initial_params
 
 PROVIDER_ID = 0
+LEDGER_NODE_ID = 100_000
+"""The simulated ledger node's id in the roster (users are 1..N)."""
+
+
+class LedgerRefusalError(FairbusError):
+    """The ledger refused a provider transaction: the simulation stops with the refusal."""
 
 
 @dataclass(frozen=True)
@@ -82,9 +99,18 @@ class SimulationConfig:
 
 
 class Simulation:
-    """One training run. ``run()`` plays every round and returns the records."""
+    """One training run. ``run()`` plays every round and returns the records.
 
-    def __init__(self, config: SimulationConfig) -> None:
+    ``on_block`` and ``on_blob`` receive every committed block and every model-sized
+    payload (to keep the ledger for ``fairbus audit``)."""
+
+    def __init__(
+        self,
+        config: SimulationConfig,
+        *,
+        on_block: BlockSink | None = None,
+        on_blob: BlobSink | None = None,
+    ) -> None:
         if config.users < 3:
             raise FairbusError("a simulation needs at least 3 users")
         if config.partition not in ("iid", "dirichlet"):
@@ -94,13 +120,17 @@ class Simulation:
         unknown = set(config.attacks) - set(self.user_ids)
         if unknown:
             raise FairbusError(f"attacks configured for unknown users {sorted(unknown)}")
+        if config.users >= LEDGER_NODE_ID:
+            raise FairbusError(f"a simulation takes fewer than {LEDGER_NODE_ID} users")
         provider = Identity.generate(PROVIDER_ID)
+        node = Identity.generate(LEDGER_NODE_ID)
         self.identities = {u: Identity.generate(u) for u in self.user_ids}
         self.roster = Roster(
             "simulation",
-            [Member(provider.public, Role.PROVIDER)]
+            [Member(provider.public, Role.PROVIDER), Member(node.public, Role.LEDGER)]
             + [Member(i.public, Role.USER) for i in self.identities.values()],
         )
+        self.ledger = InProcessLedger(self.roster, node, on_block=on_block, on_blob=on_blob)
         train, test = load_dataset(config.dataset, config.data_dir, seed=config.seed)
         if config.partition == "iid":
             parts = partition_iid(len(train), config.users, config.seed)
@@ -121,7 +151,7 @@ class Simulation:
         )
         self.machines = {u: UserMachine(self.identities[u], self.roster) for u in self.user_ids}
         self.alive = set(self.user_ids)
-        self._queue: deque[tuple[int | str, Send, int | str]] = deque()
+        self._queue: deque[tuple[int | str, str, bytes, int | str]] = deque()
         self._record: RoundRecord | None = None
         self._plan: dict[int, DropoutPlan] = {}
         self._killed_this_round: list[DropoutPlan] = []
@@ -147,7 +177,7 @@ class Simulation:
         record = RoundRecord.empty(r)
         self._record = record
         now = float(r) * 10 * self.config.provider.phase_timeout
-        self._dispatch(PROVIDER, self.provider.start_round(now))
+        self._dispatch(PROVIDER, self.provider.handle(StartRound(now)))
         self._pump()
         for _ in range(self.config.users):
             if self.provider.phase is ProviderPhase.IDLE or record.failed:
@@ -169,29 +199,30 @@ class Simulation:
             if not self._closing:
                 return
             close = self._closing.pop(0)
-            # Everything deliverable was delivered: the provider holds every upload that
-            # was sent for the attempt (a killed user's undelivered ones are lost).
-            closed = AttemptClosed(close.round, close.attempt, frozenset())
+            # The ledger takes no upload for the attempt after the recorded dropout, so
+            # what it holds now is final (a killed user's upload may be recorded and
+            # never delivered, as when a process dies between commit and publish).
+            uploads = self.ledger.uploads(close.round, close.attempt)
+            closed = AttemptClosed(close.round, close.attempt, uploads)
             self._dispatch(PROVIDER, self.provider.handle(closed))
 
     def _deliver_queued(self) -> None:
         while self._queue:
-            to, send, source = self._queue.popleft()
+            to, kind, data, source = self._queue.popleft()
             if source != PROVIDER and source not in self.alive:
                 continue  # sent by a user that has since been killed
             if to == PROVIDER:
-                self._deliver_to_provider(send, source)
+                self._deliver_to_provider(kind, data, source)
             elif isinstance(to, int) and to in self.alive:
-                self._deliver_to_user(to, Received(send.kind, send.data))
+                self._deliver_to_user(to, Received(kind, data))
 
-    def _deliver_to_provider(self, send: Send, source: int | str) -> None:
-        phase = "aggregation" if send.kind == "upload" else "negotiation"
+    def _deliver_to_provider(self, kind: str, data: bytes, source: int | str) -> None:
+        phase = "aggregation" if kind == "upload" else "negotiation"
         self._dispatch(
-            PROVIDER,
-            self._timed(phase, lambda: self.provider.handle(Received(send.kind, send.data))),
+            PROVIDER, self._timed(phase, lambda: self.provider.handle(Received(kind, data)))
         )
         plan = self._plan.get(source) if isinstance(source, int) else None
-        if plan is not None and plan.phase == "upload" and send.kind == "upload":
+        if plan is not None and plan.phase == "upload" and kind == "upload":
             self._kill(plan)
 
     def _deliver_to_user(self, user: int, event: Event) -> None:
@@ -203,13 +234,11 @@ class Simulation:
         record = self._record
         assert record is not None
         for out in outputs:
-            if isinstance(out, Send):
+            if isinstance(out, Commit):
+                self._commit(source, out)
+            elif isinstance(out, Send):
                 record.bytes[out.kind] = record.bytes.get(out.kind, 0) + len(out.data)
-                if out.kind == "announce":
-                    record.prior_groups = [list(g) for g in self.provider.prior_groups]
-                targets = sorted(self.alive) if out.to == USERS else [out.to]
-                for target in targets:
-                    self._queue.append((target, out, source))
+                self._queue.append((out.to, out.kind, out.data, source))
                 if out.kind == "summed_share":
                     for plan in list(self._plan.values()):
                         if plan.phase == "negotiation" and plan.user in self.alive:
@@ -231,6 +260,29 @@ class Simulation:
                 record.refusals.append(f"{source}: {out.reason}: {out.detail}")
             elif isinstance(out, Excluded):
                 pass  # the provider's RoundDone already names the round's violators
+
+    def _commit(self, source: int | str, out: Commit) -> None:
+        """Commit on the ledger, then send with the receipt (as a participant does)."""
+        record = self._record
+        assert record is not None
+        try:
+            data = self.ledger.commit(out.envelope)
+        except RefusedError as exc:
+            if not isinstance(source, int):
+                raise LedgerRefusalError(
+                    f"round {record.round}: the ledger refused the provider's {out.kind!r}: {exc}"
+                ) from None
+            record.refusals.append(f"ledger: user {source}'s {out.kind}: {exc}")
+            # Not recorded: the user's next transaction links to the ledger's head.
+            self._deliver_to_user(source, ChainHead(source, self.ledger.head(source)))
+            return
+        record.ledger_height = self.ledger.height
+        record.bytes[out.kind] = record.bytes.get(out.kind, 0) + len(data)
+        if out.kind == "announce":
+            record.prior_groups = [list(g) for g in self.provider.prior_groups]
+        targets = sorted(self.alive) if out.to == USERS else [out.to]
+        for target in targets:
+            self._queue.append((target, out.kind, data, source))
 
     def _evaluate(self, effect: Evaluate) -> None:
         start = time.perf_counter()
@@ -275,12 +327,13 @@ class Simulation:
         self._dispatch(PROVIDER, self.provider.handle(Dropped(plan.user)))
 
     def _revive(self, user: int) -> None:
-        # A restarted user keeps its keys; its chain head is the last one that was
-        # recorded (here the provider's view; the ledger's in a deployment), since an
-        # upload it signed just before dying may never have arrived.
-        head = self.provider.chain_head(user)
+        # A restarted user keeps its keys and resumes its chain from the ledger's head
+        # (an upload it signed just before dying may or may not have been recorded); the
+        # provider continues the user's chain from the same head.
+        head = self.ledger.head(user)
         self.machines[user] = UserMachine(self.identities[user], self.roster, prev=head)
         self.alive.add(user)
+        self._dispatch(PROVIDER, self.provider.handle(ChainHead(user, head)))
         self._dispatch(PROVIDER, self.provider.handle(Joined(user)))
 
     def _timed(self, phase: str, fn: Callable[[], Any]) -> Any:

@@ -1,0 +1,113 @@
+"""The task's consensus-critical parameters: one definition, one set of defaults.
+
+What a ledger node enforces and what the provider uses must be the same, or every
+decision the provider makes is refused (or worse, an honest node and an auditor disagree
+about what the contract allowed). So they are defined once, here, as :class:`TaskParams`,
+read from the task's configuration (its ``[detection]`` table, :func:`detection_table`)
+and recorded on the ledger at task start: the provider's first transaction is a
+:class:`~fairbus.wire.messages.TaskStart` carrying them, before its first global model,
+and every ledger node, follower and ``fairbus audit`` takes them from that transaction
+(``docs/architecture.md``, "The ledger contract"). A ledger node's own configuration
+holds none.
+
+Today that is Algorithm 6's :class:`~fairbus.detection.DetectionParams`, the only ones
+the ledger re-derives anything with; a future consensus-critical parameter goes into
+:class:`TaskParams` and the message, and nowhere else.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+from fairbus.detection import DetectionParams
+from fairbus.errors import FairbusError, SchemaError
+from fairbus.wire.limits import DEFAULT_LIMITS
+from fairbus.wire.messages import DetectionPolicy, TaskStart
+
+PHASE_TIMEOUT = 300.0
+"""Seconds a user may stay silent after an announcement before it counts as dropped (the
+provider's ``phase_timeout``; the task's ``[provider]`` table may change it). Not
+consensus-critical, but one default for the machine and the runtime: 300 s, because a
+user that dies is noticed at once by its presence (the broker's Last Will), so this is
+only the backstop for a user that is connected but silent, and a false dropout is costly
+(the attempt is voided and every survivor renegotiates keys) while a slow honest user
+(the paper's CIFAR-10 CNN for 20 local epochs on a CPU) easily needs more than a minute."""
+
+DEFAULT_DETECTION = DetectionParams(
+    # Measured with `fairbus bench detection` (README): as written (tolerance 0) Alg. 6
+    # excluded 51 honest users in 20 no-attack runs of 9 users on digits, because once
+    # the model converges whether a group beats τ is a coin flip; a 0.01 tolerance
+    # (about one binomial standard error of accuracy on 450 test images) removes that.
+    # Accuracy cannot tell a free-rider's group there; the update norm can.
+    bound_score=0.15,
+    bound_conf=0.5,
+    tolerance=0.05,
+    contribution_tolerance=0.2,
+    min_evidence=4,
+    carry_evidence=True,
+    key_score=0.3,
+    level_rounds=8,
+    evidence_window=4,
+)
+"""The task's Algorithm 6 policy unless its configuration says otherwise (the extensions
+are described in the README; ``DetectionParams()`` is the paper's function as written)."""
+
+
+@dataclass(frozen=True)
+class TaskParams:
+    """Everything the ledger's contract runs with, as the task start records it.
+
+    Construction checks that the parameters can be recorded (every field within the
+    wire bounds of :class:`~fairbus.wire.messages.TaskStart`), so a provider cannot start
+    a task its ledger would refuse; raises :class:`~fairbus.errors.SchemaError`."""
+
+    detection: DetectionParams = DEFAULT_DETECTION
+
+    def __post_init__(self) -> None:
+        try:
+            wire = self.to_message().to_wire()
+        except (TypeError, ValueError, OverflowError) as exc:
+            raise SchemaError(f"task parameters cannot be recorded: {exc}") from None
+        TaskStart.from_wire(wire, "", DEFAULT_LIMITS)
+
+    def to_message(self) -> TaskStart:
+        """The body of the task-start transaction."""
+        return TaskStart(DetectionPolicy(**dataclasses.asdict(self.detection)))
+
+    @classmethod
+    def from_message(cls, message: TaskStart) -> TaskParams:
+        """The parameters a (strictly decoded) task start records; raises
+        :class:`~fairbus.errors.SchemaError` if they do not make a valid policy."""
+        try:
+            return cls(DetectionParams(**dataclasses.asdict(message.detection)))
+        except FairbusError as exc:
+            raise SchemaError(f"task_start: {exc}") from None
+
+
+_DETECTION_FIELDS = dataclasses.fields(DetectionParams)
+_ZERO_IS_OFF = ("level_rounds", "evidence_window")
+
+
+def detection_table(table: object) -> DetectionParams:
+    """A ``[detection]`` table of the task's configuration (its Alg. 6 policy, recorded on
+    the ledger at task start) over :data:`DEFAULT_DETECTION`. Strict: an unknown key or a
+    value of the wrong kind is refused by name. ``level_rounds = 0`` and
+    ``evidence_window = 0`` turn those extensions off (TOML has no null)."""
+    names = {f.name for f in _DETECTION_FIELDS}
+    if not isinstance(table, dict) or set(table) - names:
+        raise FairbusError(f"[detection] takes only {sorted(names)} (the task's Alg. 6 policy)")
+    defaults = DEFAULT_DETECTION
+    for key, value in table.items():
+        flag = isinstance(getattr(defaults, key), bool)
+        if flag != isinstance(value, bool) or not isinstance(value, int | float):
+            kind = "true or false" if flag else "a number"
+            raise FairbusError(f"[detection]: {key!r} must be {kind}, got {value!r}")
+    off: dict[str, Any] = {k: None for k in _ZERO_IS_OFF if table.get(k) == 0}
+    try:
+        params = DetectionParams(**{**vars(defaults), **table, **off})
+        TaskParams(params)  # within what the ledger records
+    except (FairbusError, TypeError) as exc:
+        raise FairbusError(f"[detection]: {exc}") from None
+    return params

@@ -4,14 +4,18 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from fairbus.detection import DetectionParams
+from fairbus import envelope
+from fairbus.envelope import GENESIS
 from fairbus.identity import Identity
-from fairbus.ledger.records import LEDGER_TYPES
-from fairbus.protocol.events import Send
+from fairbus.ledger.records import Block, Transaction
+from fairbus.ledger.state import LedgerState, RefusedError
 from fairbus.roster import Member, Role, Roster
 from fairbus.simulator import DropoutPlan, Simulation, SimulationConfig
+from fairbus.task import TaskParams
 from fairbus.training.attacks import Attack, Behaviour
 from fairbus.training.local import TrainConfig
+from fairbus.wire.limits import DEFAULT_LIMITS
+from fairbus.wire.messages import decode_body
 
 ADMIN_ID = 200
 LEDGER_ID = 101
@@ -20,14 +24,18 @@ LEDGER_ID = 101
 @dataclass
 class RecordedRun:
     roster: Roster
-    params: DetectionParams
+    task: TaskParams
+    """What the run's task start recorded."""
     identities: dict[int, Identity]
     envelopes: list[bytes]
-    """Every envelope a ledger records, in the order the participants sent them."""
+    """Every envelope a ledger records, in the order the participants sent them (the
+    provider's task start first)."""
 
 
 def record_run(rounds: int = 3, dropouts: tuple[DropoutPlan, ...] = ()) -> RecordedRun:
-    """Nine users on digits (one poisoner, one free-rider), short local training."""
+    """Nine users on digits (one poisoner, one free-rider), short local training. The
+    envelopes are what the simulation's own ledger committed, model-sized payloads put
+    back from its blobs."""
     config = SimulationConfig(
         users=9,
         rounds=rounds,
@@ -36,18 +44,17 @@ def record_run(rounds: int = 3, dropouts: tuple[DropoutPlan, ...] = ()) -> Recor
         attacks={2: Attack(Behaviour.POISONER), 7: Attack(Behaviour.FREE_RIDER)},
         dropouts=dropouts,
     )
-    sim = Simulation(config)
-    envelopes: list[bytes] = []
-    dispatch = sim._dispatch
-
-    def recording(source: int | str, outputs: list[object]) -> None:
-        for out in outputs:
-            if isinstance(out, Send) and out.kind in LEDGER_TYPES:
-                envelopes.append(out.data)
-        dispatch(source, outputs)  # type: ignore[arg-type]
-
-    sim._dispatch = recording  # type: ignore[method-assign,assignment]
+    blocks: list[Block] = []
+    blobs: dict[bytes, bytes] = {}
+    sim = Simulation(config, on_block=blocks.append, on_blob=blobs.__setitem__)
     sim.run()
+    envelopes = []
+    for block in blocks:
+        for tx in block.txs:
+            payload = tx.payload
+            if payload is None:
+                payload = blobs[tx.envelope.header.payload_sha256]
+            envelopes.append(envelope.from_parts(tx.header_bytes, payload, tx.signature).to_bytes())
     admin, ledger = Identity.generate(ADMIN_ID), Identity.generate(LEDGER_ID)
     identities = {0: sim.provider.identity, **sim.identities, ADMIN_ID: admin}
     identities[LEDGER_ID] = ledger
@@ -59,4 +66,48 @@ def record_run(rounds: int = 3, dropouts: tuple[DropoutPlan, ...] = ()) -> Recor
             Member(ledger.public, Role.LEDGER),
         ],
     )
-    return RecordedRun(roster, config.provider.detection, identities, envelopes)
+    return RecordedRun(roster, config.provider.task, identities, envelopes)
+
+
+def with_task(run: RecordedRun, task: TaskParams) -> list[bytes]:
+    """The run's envelopes with the provider's task start recording ``task`` instead, and
+    every later envelope of the provider's chain signed again to link to it (what a
+    provider that lies about its parameters, or changes them, would record)."""
+    provider = run.identities[run.roster.provider]
+    prev = GENESIS
+    out = []
+    for data in run.envelopes:
+        env = envelope.parse(data)
+        header = env.header
+        if header.sender != provider.participant_id:
+            out.append(data)
+            continue
+        message = (
+            task.to_message()
+            if header.type == "task_start"
+            else decode_body(header.type, env.payload, DEFAULT_LIMITS)
+        )
+        scoped = {"round": header.round, "attempt": header.attempt} if message.SCOPED else {}
+        signed = envelope.sign(provider, header.task, message, prev=prev, **scoped)
+        prev = signed.hash
+        out.append(signed.to_bytes())
+    return out
+
+
+def admit_all(
+    roster: Roster, envelopes: list[bytes]
+) -> tuple[LedgerState, list[tuple[int, RefusedError]]]:
+    """Commit ``envelopes`` one block each into a fresh :class:`LedgerState` (the pure
+    state machine, no store); returns the state and the (index, refusal) of every one
+    refused (a refused envelope changes nothing)."""
+    state = LedgerState(roster)
+    refused = []
+    for k, data in enumerate(envelopes):
+        draft = state.draft()
+        try:
+            draft.admit(Transaction.from_envelope(envelope.parse(data)))
+        except RefusedError as exc:
+            refused.append((k, exc))
+            continue
+        state.commit(draft, Block.build(state.height + 1, state.head_hash, 0.0, draft.txs))
+    return state, refused

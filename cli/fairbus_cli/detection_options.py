@@ -5,9 +5,9 @@ from __future__ import annotations
 import typer
 
 from fairbus.detection import DetectionParams
-from fairbus.protocol.provider import ProviderConfig
+from fairbus.task import DEFAULT_DETECTION
 
-DEFAULTS = ProviderConfig().detection
+DEFAULTS = DEFAULT_DETECTION
 
 BOUND_SCORE = typer.Option(DEFAULTS.bound_score, help="Alg. 6 bound_score.")
 BOUND_CONF = typer.Option(DEFAULTS.bound_conf, help="Alg. 6 bound_conf.")

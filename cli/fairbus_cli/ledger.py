@@ -79,11 +79,14 @@ def _blocks(config: LedgerConfig, export: Path | None) -> list[bytes]:
     return asyncio.run(_read_store(config))
 
 
-def _report(what: str, report: auditing.Report) -> None:
+def print_report(what: str, report: auditing.Report) -> None:
     if report.ok:
         console.print(
             f"[green]{what}: OK[/] — {report.blocks} blocks, {report.transactions} transactions"
         )
+        if report.task is not None:
+            policy = ", ".join(f"{k} {v}" for k, v in vars(report.task.detection).items())
+            console.print(f"  Alg. 6 policy recorded at task start: {policy}")
         for note in report.notes:
             console.print(f"  note: {note}")
         return
@@ -99,7 +102,7 @@ def verify(
     """Re-check every block's hash and link, Merkle root, signature and chain link."""
     try:
         cfg = LedgerConfig.load(config)
-        _report("verify", auditing.verify(_blocks(cfg, export), Roster.load(cfg.roster)))
+        print_report("verify", auditing.verify(_blocks(cfg, export), Roster.load(cfg.roster)))
     except FairbusError as exc:
         console.print(f"[red]verify:[/] {exc}")
         raise typer.Exit(1) from None
@@ -145,16 +148,16 @@ def audit_command(
     blobs: bool = typer.Option(True, help="Also check every model-sized payload's blob."),
 ) -> None:
     """Verify the ledger, replay every rule, re-derive every detection decision
-    (Algorithm 6) and check the blobs; names the first bad record."""
+    (Algorithm 6, with the parameters recorded at task start) and check the blobs; names
+    the first bad record."""
     try:
         cfg = LedgerConfig.load(config)
         report = auditing.audit(
             _blocks(cfg, export),
             Roster.load(cfg.roster),
-            cfg.detection,
             BlobStore(cfg.blobs) if blobs else None,
         )
     except FairbusError as exc:
         console.print(f"[red]audit:[/] {exc}")
         raise typer.Exit(1) from None
-    _report("audit", report)
+    print_report("audit", report)

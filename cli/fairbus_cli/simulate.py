@@ -1,7 +1,9 @@
-"""``fairbus simulate``: N users and a provider in one process, with the real protocol."""
+"""``fairbus simulate``: N users, a provider and the ledger in one process, with the real
+protocol; the run's ledger is kept (SQLite store and blob store) and audited at the end."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -18,6 +20,8 @@ from fairbus.training.config import TrainConfig
 from fairbus_cli import detection_options as options
 
 if TYPE_CHECKING:  # torch comes with these: imported only when a command runs
+    from fairbus.ledger.records import Block
+    from fairbus.roster import Roster
     from fairbus.rounds import RoundRecord
     from fairbus.simulator import DropoutPlan, SimulationConfig
 
@@ -133,15 +137,62 @@ def simulate(
 
 
 def execute(config: SimulationConfig, out: Path) -> list[RoundRecord]:
-    """Run ``config`` with a progress bar, write the log and plots, print a summary."""
+    """Run ``config`` with a progress bar, write the log, plots and ledger, print a
+    summary, then audit the ledger (``fairbus audit --config out/ledger/ledger.toml``)."""
+    from fairbus_ledger_service import audit as auditing
+
+    from fairbus_cli.ledger import print_report
+
     try:
-        records = run_with_progress(config, out)
+        records, ledger = run_with_progress(config, out)
     except FairbusError as exc:
         console.print(f"[red]error:[/] {exc}")
         raise typer.Exit(2) from None
     print_summary(records, config.attacks)
     console.print(f"wrote {out / 'rounds.jsonl'}, {out / 'accuracy.png'}, {out / 'scores.png'}")
+    console.print(f"ledger: {ledger.config} (`fairbus audit --config {ledger.config}`)")
+    assert ledger.roster is not None
+    print_report("audit", auditing.audit(ledger.raw_blocks(), ledger.roster, ledger.blobs))
     return records
+
+
+class SimulationLedger:
+    """Where a simulation's ledger is kept: ``<out>/ledger/`` holds the roster, a ledger
+    configuration (SQLite store, blob store) that ``fairbus audit`` and ``fairbus ledger
+    verify`` read, the store and the blobs. A new run starts it afresh."""
+
+    def __init__(self, root: Path) -> None:
+        import shutil
+
+        from fairbus_ledger_service.blobs import BlobStore
+        from fairbus_ledger_service.stores import SqliteStore
+
+        shutil.rmtree(root, ignore_errors=True)
+        root.mkdir(parents=True)
+        self.root = root
+        self.config = root / "ledger.toml"
+        self.config.write_text(
+            "# The ledger of a `fairbus simulate` run (read by `fairbus audit`).\n"
+            'roster = "roster.toml"\nstore = "sqlite"\nsqlite = "ledger.sqlite"\n'
+            'blobs = "blobs"\n'
+        )
+        self.store = SqliteStore(root / "ledger.sqlite")
+        self.blobs = BlobStore(root / "blobs")
+        self.roster: Roster | None = None
+
+    def keep(self, blocks: list[Block], roster: Roster) -> None:
+        self.roster = roster
+        (self.root / "roster.toml").write_text(roster.to_toml())
+
+        async def append() -> None:
+            for block in blocks:
+                if not await self.store.append(block):
+                    raise FairbusError(f"block {block.height} does not follow the store's head")
+
+        asyncio.run(append())
+
+    def raw_blocks(self) -> list[bytes]:
+        return asyncio.run(self.store.read(0))
 
 
 def rounds_progress() -> Progress:
@@ -156,11 +207,14 @@ def rounds_progress() -> Progress:
     )
 
 
-def run_with_progress(config: SimulationConfig, out: Path) -> list[RoundRecord]:
+def run_with_progress(
+    config: SimulationConfig, out: Path
+) -> tuple[list[RoundRecord], SimulationLedger]:
     from fairbus.plots import plot_accuracy, plot_scores
     from fairbus.simulator import Simulation
 
     out.mkdir(parents=True, exist_ok=True)
+    ledger = SimulationLedger(out / "ledger")
     log = out / "rounds.jsonl"
     with (
         log.open("w", encoding="utf-8") as sink,
@@ -176,12 +230,15 @@ def run_with_progress(config: SimulationConfig, out: Path) -> list[RoundRecord]:
                 progress.console.log(f"round {record.round}: user {user} excluded as a violator")
 
         with console.status("loading data and keys…"):
-            simulation = Simulation(config)
-        records = simulation.run(on_round)
+            simulation = Simulation(config, on_blob=ledger.blobs.put)
+        try:
+            records = simulation.run(on_round)
+        finally:
+            ledger.keep(simulation.ledger.blocks, simulation.roster)
     attackers = set(config.attacks)
     plot_accuracy(records, out / "accuracy.png")
     plot_scores(records, out / "scores.png", attackers)
-    return records
+    return records, ledger
 
 
 def print_summary(records: list[RoundRecord], attacks: dict[int, Attack]) -> None:

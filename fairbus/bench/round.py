@@ -1,6 +1,10 @@
 """``fairbus bench round``: one secure round over the network, by phase, against a plain
 FedAvg round over the same broker with the same training.
 
+The plain run is the same runtime with ``[provider] secure = false``, the
+:class:`~fairbus.aggregation.PlainFedAvg` policy: the global model out and every user's
+float32 model back in the clear, unsigned and unrecorded, their mean.
+
 Both runs are whole local deployments (:class:`fairbus.runtime.local.LocalTask`): a
 broker, a ledger, the provider and 9 user processes training the paper's MNIST CNN
 (582,026 parameters, 2.3 MB as float32). No MNIST can be downloaded here, so the data
@@ -70,9 +74,10 @@ def run(workdir: Path, *, secure: bool, rounds: int, broker: str, store: str) ->
     with LocalTask(root, 9, rounds, {}, store, broker, training, provider) as task:
         records = task.wait_for_round(rounds, timeout=600 * rounds)
     measured = records[1:] if len(records) > 1 else records
-    provider_phases = ("ledger", "aggregation", "evaluation", "detection")
+    # evaluation: every group model (secure); global evaluation: the new global model (both)
+    provider_phases = ("ledger", "aggregation", "evaluation", "detection", "global_evaluation")
     phases = {
-        p: statistics.mean(float(r["timings_s"].get(p, 0.0)) for r in measured)  # type: ignore[attr-defined]
+        p.replace("_", " "): statistics.mean(float(r["timings_s"].get(p, 0.0)) for r in measured)  # type: ignore[attr-defined]
         for p in provider_phases
     }
     stats = [json.loads(p.read_text()) for p in sorted((root / "state").glob("user-*/stats.json"))]

@@ -2,14 +2,15 @@
 
 What travels on the bus for every ledger transaction a participant broadcasts (the
 provider's global model, announcement, dropout, evaluation and decision; a user's masked
-upload): ``{"e": <signed envelope, payload included>, "r": <a ledger node's signed
-Receipt listing the envelope's hash>}``. A receiver acts on the envelope only once the
-receipt checks out (:func:`check_receipt`), so it acts only on what the ledger holds:
-users never act on an announcement the ledger has not recorded (no equivocation, since
-the ledger takes one announcement per round and attempt), and the provider never
-aggregates an upload the ledger has not recorded. The ledger itself records a
-model-sized envelope without its payload (:func:`header_only`); its nodes keep the
-payload from the bus in their blob stores.
+upload): ``{"e": {"h": header, "p": payload, "s": signature}, "r": <a ledger node's signed
+Receipt listing the envelope's hash>}``. The protocol machines act on such a message only
+through :func:`open_recorded`, which parses it once (one msgpack decode of the whole
+thing), verifies the envelope's signature and body and the receipt, and hands back a typed
+:class:`RecordedMessage`: users act only on what the ledger holds (no equivocation, since
+the ledger takes one announcement per round and attempt), and the provider aggregates
+only uploads the ledger has recorded. The ledger itself records a model-sized envelope
+without its payload (:func:`header_only`); its nodes keep the payload from the bus in
+their blob stores. See ``docs/architecture.md``, "The one path".
 """
 
 from __future__ import annotations
@@ -17,12 +18,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from fairbus import envelope
+from fairbus.envelope import GENESIS, SignedEnvelope, Verified
 from fairbus.errors import FairbusError, SchemaError
+from fairbus.identity import Identity
 from fairbus.ledger.records import Committed
 from fairbus.roster import Role, Roster
 from fairbus.wire import codec
 from fairbus.wire.limits import DEFAULT_LIMITS, WireLimits
-from fairbus.wire.messages import Receipt
+from fairbus.wire.messages import Message, Receipt, ReceiptEntry
 
 MAX_RECEIPT_BYTES = 64 * 1024
 """A receipt names at most a block's worth of one submitter's transactions."""
@@ -34,30 +37,62 @@ class ReceiptError(FairbusError):
 
 @dataclass(frozen=True, eq=False)
 class Recorded:
-    envelope: bytes
+    """The wire form: an envelope and the receipt for it, both still unchecked."""
+
+    envelope: SignedEnvelope
     receipt: bytes
 
     def to_bytes(self) -> bytes:
-        return codec.pack({"e": self.envelope, "r": self.receipt})
+        env = self.envelope
+        inner = {"h": env.header_bytes, "p": env.payload, "s": env.signature}
+        return codec.pack({"e": inner, "r": self.receipt})
 
     @classmethod
     def from_bytes(cls, data: bytes, limits: WireLimits = DEFAULT_LIMITS) -> Recorded:
+        """Strict framing: one msgpack decode; the header is parsed, nothing verified."""
         outer = codec.unpack(data, limits)
         if not isinstance(outer, dict) or set(outer) != {"e", "r"}:
             raise SchemaError("a recorded message is a map with exactly the keys 'e' and 'r'")
-        env, receipt = outer["e"], outer["r"]
-        if not isinstance(env, bytes) or not isinstance(receipt, bytes):
-            raise SchemaError("recorded message fields 'e' and 'r' must be bytes")
+        inner, receipt = outer["e"], outer["r"]
+        if not isinstance(inner, dict) or set(inner) != {"h", "p", "s"}:
+            raise SchemaError("a recorded message's 'e' is an envelope map ('h', 'p', 's')")
+        parts = (inner["h"], inner["p"], inner["s"])
+        if not all(isinstance(part, bytes) for part in parts) or not isinstance(receipt, bytes):
+            raise SchemaError("a recorded message's envelope fields and receipt must be bytes")
         if len(receipt) > MAX_RECEIPT_BYTES:
             raise SchemaError(f"receipt of {len(receipt)} bytes > {MAX_RECEIPT_BYTES}")
-        return cls(env, receipt)
+        return cls(envelope.from_parts(*parts, limits), receipt)
 
 
-def header_only(data: bytes, limits: WireLimits = DEFAULT_LIMITS) -> bytes:
+@dataclass(frozen=True, eq=False)
+class RecordedMessage:
+    """A verified envelope and where the ledger committed it: what a machine acts on."""
+
+    verified: Verified
+    committed: Committed
+
+    @property
+    def message(self) -> Message:
+        return self.verified.message
+
+    @property
+    def envelope(self) -> SignedEnvelope:
+        return self.verified.envelope
+
+
+def header_only(env: SignedEnvelope) -> bytes:
     """The envelope as a ledger submission: the signed header and signature, no payload
     (the header's SHA-256 of the payload still binds it)."""
-    env = envelope.parse(data, limits)
     return codec.pack({"h": env.header_bytes, "p": b"", "s": env.signature})
+
+
+def sign_receipt(
+    node: Identity, task: str, height: int, block_hash: bytes, entries: list[ReceiptEntry]
+) -> bytes:
+    """A ledger node's signed receipt for ``entries`` of the block at ``height`` (receipts
+    are not chained: they are statements about the chain, not links in one)."""
+    body = Receipt(height, block_hash, tuple(sorted(entries, key=lambda e: e.index)))
+    return envelope.sign(node, task, body, prev=GENESIS).to_bytes()
 
 
 def check_receipt(
@@ -81,9 +116,10 @@ def check_receipt(
 
 def open_recorded(
     data: bytes, roster: Roster, limits: WireLimits = DEFAULT_LIMITS
-) -> tuple[bytes, Committed]:
-    """The envelope of a recorded message whose receipt checks out, and where it is.
-    The envelope itself is verified by whoever acts on it."""
+) -> RecordedMessage:
+    """Bytes from the bus to a verified message the ledger holds, or a
+    :class:`~fairbus.errors.FairbusError`: the receipt is checked first (cheap, and
+    nothing unrecorded is verified further), then the envelope's signature and body."""
     recorded = Recorded.from_bytes(data, limits)
-    tx_hash = envelope.parse(recorded.envelope, limits).hash
-    return recorded.envelope, check_receipt(recorded.receipt, tx_hash, roster, limits)
+    committed = check_receipt(recorded.receipt, recorded.envelope.hash, roster, limits)
+    return RecordedMessage(envelope.verify(recorded.envelope, roster, limits), committed)

@@ -36,18 +36,7 @@ MAX_BLOCK_BYTES = 1024 * 1024
 MAX_INLINE_PAYLOAD = 64 * 1024
 """Largest payload kept in a transaction; etcd refuses requests over 1.5 MiB by default."""
 
-LEDGER_TYPES = frozenset(
-    {
-        "announce",
-        "global_model",
-        "evaluation",
-        "decision",
-        "dropout",
-        "upload",
-        "roster_change",
-        "attestation",
-    }
-)
+LEDGER_TYPES = frozenset(name for name, cls in MESSAGE_TYPES.items() if cls.RECORDED)
 """Envelope types the ledger records: every message that extends a sender's chain."""
 
 

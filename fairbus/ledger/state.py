@@ -7,9 +7,14 @@ for the next block on top of it, each one or refused with a :class:`RefusedError
 naming a :class:`RefusalReason`; committing the block folds the draft in. Followers and
 ``fairbus audit`` replay blocks through the very same admission.
 
+The task's parameters (:class:`~fairbus.task.TaskParams`) come from the ledger itself:
+the provider's ``task_start`` transaction records them, once and before any announcement;
+nothing round-scoped is admitted before it, so every node and every auditor replaying the
+blocks runs the contract with the same parameters, and no node configures its own.
+
 The detection contract (the ledger issue; Algorithm 6 of the fairness paper): a decision
 is admitted only if Algorithm 6, re-derived here from the round's recorded grouping and
-evaluation with the task's :class:`~fairbus.detection.DetectionParams`, names the same
+evaluation with the recorded :class:`~fairbus.detection.DetectionParams`, names the same
 key users and violators, scores and τ. The provider cannot exclude anyone on its own word.
 """
 
@@ -17,12 +22,12 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Iterable
-from dataclasses import dataclass, field, replace
+from dataclasses import KW_ONLY, dataclass, field, replace
 from enum import StrEnum
 
 from nacl.exceptions import BadSignatureError
 
-from fairbus.detection import DetectionParams, RoundContributions, detect
+from fairbus.detection import RoundContributions, detect
 from fairbus.envelope import check_header_group
 from fairbus.errors import (
     FairbusError,
@@ -42,6 +47,7 @@ from fairbus.ledger.records import (
     check_links,
 )
 from fairbus.roster import Role, Roster
+from fairbus.task import TaskParams
 from fairbus.wire.limits import DEFAULT_LIMITS, WireLimits
 from fairbus.wire.messages import (
     MESSAGE_TYPES,
@@ -51,6 +57,7 @@ from fairbus.wire.messages import (
     GroupSpec,
     Message,
     RosterChange,
+    TaskStart,
     decode_body,
 )
 
@@ -122,8 +129,10 @@ class LedgerState:
     """The committed state. Mutated only by :meth:`commit`."""
 
     roster: Roster
-    params: DetectionParams
+    _: KW_ONLY
     limits: WireLimits = DEFAULT_LIMITS
+    task: TaskParams | None = field(default=None, init=False)
+    """The task's parameters, from its ``task_start`` transaction (None before it)."""
     height: int = -1
     head_hash: bytes = GENESIS_HASH
     heads: dict[int, bytes] = field(default_factory=dict)
@@ -175,6 +184,7 @@ class LedgerState:
         self.carried = draft.carried
         self.history = draft.history
         self.roster = draft.roster
+        self.task = draft.task
         self.height = block.height
         self.head_hash = block.hash
         self.last_block = block
@@ -195,6 +205,7 @@ class Draft:
         self.carried = state.carried
         self.history = state.history
         self.roster = state.roster
+        self.task = state.task
 
     def location(self, tx_hash: bytes) -> Location | None:
         """Where ``tx_hash`` is already: committed, or pending in this draft (height -1)."""
@@ -241,7 +252,17 @@ class Draft:
             return
         if kind == "attestation":
             return
+        if kind == "task_start":
+            assert isinstance(message, TaskStart)
+            self._task_start(message)
+            return
         assert header.round is not None and header.attempt is not None
+        if self.task is None:
+            raise RefusedError(
+                RefusalReason.OUT_OF_ORDER,
+                f"{kind!r} for round {header.round} before the task started (the provider's "
+                "task_start records the task's parameters first)",
+            )
         r, a = header.round, header.attempt
         if kind == "announce":
             assert isinstance(message, Announce)
@@ -271,6 +292,21 @@ class Draft:
                     RefusalReason.OUT_OF_ORDER, f"a dropout after round {r}'s evaluation"
                 )
             self.rounds[r] = replace(record, closed=True)
+
+    def _task_start(self, message: TaskStart) -> None:
+        if self.task is not None:
+            raise RefusedError(
+                RefusalReason.OUT_OF_ORDER,
+                "the task has started already: its parameters are recorded once",
+            )
+        if self.current_round or self.state.rounds or self.rounds:
+            raise RefusedError(
+                RefusalReason.OUT_OF_ORDER, "a task start after the first announcement"
+            )
+        try:
+            self.task = TaskParams.from_message(message)
+        except FairbusError as exc:
+            raise RefusedError(RefusalReason.MALFORMED, str(exc)) from None
 
     def _roster_change(self, message: RosterChange) -> None:
         try:
@@ -383,11 +419,12 @@ class Draft:
             if e.contribution is not None
         }
         evaluated = {e.gid for e in record.evaluation.accuracies}
+        assert self.task is not None  # nothing round-scoped is admitted before it
         try:
             result = detect(
                 grouping_of(record.announce, evaluated),
                 accuracies,
-                self.state.params,
+                self.task.detection,
                 contributions or None,
                 self.carried,
                 self.history,
@@ -499,9 +536,11 @@ def _group(spec: GroupSpec) -> Group:
     return Group(spec.gid, spec.kind, tuple(spec.members), spec.focus)
 
 
-def replay(roster: Roster, params: DetectionParams, blocks: Iterable[Block]) -> LedgerState:
+def replay(
+    roster: Roster, blocks: Iterable[Block], limits: WireLimits = DEFAULT_LIMITS
+) -> LedgerState:
     """Apply ``blocks`` from genesis; raises :class:`InvalidBlockError` on the first bad one."""
-    state = LedgerState(roster, params)
+    state = LedgerState(roster, limits=limits)
     for block in blocks:
         state.apply_block(block)
     return state

@@ -1,4 +1,8 @@
-"""The events the machines take and the outputs they return."""
+"""The events the machines take and the outputs they return.
+
+Drivers (the simulator, the networked runtime) only feed these events in and carry these
+outputs out; they never write into a machine (``docs/architecture.md``, "State machines").
+"""
 
 from __future__ import annotations
 
@@ -8,6 +12,7 @@ from typing import Any, Literal, TypeAlias
 import numpy as np
 import numpy.typing as npt
 
+from fairbus.envelope import SignedEnvelope
 from fairbus.field import FieldVector
 from fairbus.wire.messages import SHARE_KINDS
 
@@ -22,9 +27,29 @@ SEALED_KINDS = frozenset(SHARE_KINDS)
 # --- inputs ---------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class StartRound:
+    """The provider's driver: start the next round now (Alg. 1, line 4)."""
+
+    now: float
+
+
+@dataclass(frozen=True)
+class ChainHead:
+    """The ledger's chain head for ``participant``: the provider continues a returning
+    user's chain from it; a user resumes its own chain from it (after a restart, or when
+    the ledger did not record an upload it signed)."""
+
+    participant: int
+    head: bytes
+
+
 @dataclass(frozen=True, eq=False)
 class Received:
-    """Bytes that arrived for this machine; ``kind`` is the message type the topic names."""
+    """Bytes that arrived for this machine; ``kind`` is the message type the topic names.
+    Ledger transactions arrive as :class:`~fairbus.ledger.recorded.Recorded` bytes (the
+    envelope with its receipt), sealed shares as sealed envelopes; the machine parses and
+    verifies them once."""
 
     kind: str
     data: bytes
@@ -80,7 +105,17 @@ class Tick:
     now: float
 
 
-Event: TypeAlias = Received | Trained | Evaluated | Dropped | Joined | AttemptClosed | Tick
+Event: TypeAlias = (
+    StartRound
+    | ChainHead
+    | Received
+    | Trained
+    | Evaluated
+    | Dropped
+    | Joined
+    | AttemptClosed
+    | Tick
+)
 
 
 # --- outputs --------------------------------------------------------------------------------
@@ -88,9 +123,25 @@ Event: TypeAlias = Received | Trained | Evaluated | Dropped | Joined | AttemptCl
 
 @dataclass(frozen=True, eq=False)
 class Send:
+    """Bytes for ``to`` that do not go on the ledger (a sealed share)."""
+
     to: Address
     kind: str
     data: bytes
+
+
+@dataclass(frozen=True, eq=False)
+class Commit:
+    """A ledger transaction: commit ``envelope`` on the ledger (a model-sized one as its
+    header; the ledger nodes keep the payload from the bus), then send it to ``to`` with
+    the receipt, as :class:`~fairbus.ledger.recorded.Recorded` bytes."""
+
+    to: Address
+    envelope: SignedEnvelope
+
+    @property
+    def kind(self) -> str:
+        return self.envelope.header.type
 
 
 @dataclass(frozen=True, eq=False)
@@ -170,5 +221,5 @@ class Excluded:
 
 
 Output: TypeAlias = (
-    Send | Train | Evaluate | CloseAttempt | Refused | RoundDone | RoundFailed | Excluded
+    Send | Commit | Train | Evaluate | CloseAttempt | Refused | RoundDone | RoundFailed | Excluded
 )

@@ -18,6 +18,7 @@ if no grouping passes that check, the round finishes on the complete groups it h
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
 from enum import Enum
 
@@ -25,7 +26,13 @@ import numpy as np
 import numpy.typing as npt
 
 from fairbus import envelope, masking
-from fairbus.aggregation import AggregationStrategy, CleanGroupAverage, GroupModel
+from fairbus.aggregation import (
+    PLAIN_MODEL,
+    AggregationStrategy,
+    CleanGroupAverage,
+    GroupModel,
+    PlainModel,
+)
 from fairbus.detection import (
     DetectionParams,
     DetectionResult,
@@ -37,13 +44,16 @@ from fairbus.detection import (
 from fairbus.envelope import GENESIS, ChainTracker
 from fairbus.errors import FairbusError, GroupingError
 from fairbus.field import FieldVector, FixedPointCodec
-from fairbus.grouping import Grouping, make_grouping
+from fairbus.grouping import BASIC, Grouping, make_grouping
 from fairbus.identity import Identity
+from fairbus.ledger.recorded import open_recorded
 from fairbus.masking import GroupAggregate
 from fairbus.protocol.events import (
     USERS,
     AttemptClosed,
+    ChainHead,
     CloseAttempt,
+    Commit,
     Dropped,
     Evaluate,
     Evaluated,
@@ -56,11 +66,13 @@ from fairbus.protocol.events import (
     RoundDone,
     RoundFailed,
     Send,
+    StartRound,
     Tick,
     Trained,
 )
 from fairbus.protocol.user import model_digest
 from fairbus.roster import Role, Roster
+from fairbus.task import DEFAULT_DETECTION, PHASE_TIMEOUT, TaskParams
 from fairbus.wire.limits import DEFAULT_LIMITS, WireLimits
 from fairbus.wire.messages import (
     Announce,
@@ -74,25 +86,6 @@ from fairbus.wire.messages import (
     Message,
     UserScore,
 )
-
-
-def _default_detection() -> DetectionParams:
-    # Measured with `fairbus bench detection` (README): as written (tolerance 0) Alg. 6
-    # excluded 51 honest users in 20 no-attack runs of 9 users on digits, because once
-    # the model converges whether a group beats τ is a coin flip; a 0.01 tolerance
-    # (about one binomial standard error of accuracy on 450 test images) removes that.
-    # Accuracy cannot tell a free-rider's group there; the update norm can.
-    return DetectionParams(
-        bound_score=0.15,
-        bound_conf=0.5,
-        tolerance=0.05,
-        contribution_tolerance=0.2,
-        min_evidence=4,
-        carry_evidence=True,
-        key_score=0.3,
-        level_rounds=8,
-        evidence_window=4,
-    )
 
 
 @dataclass(frozen=True)
@@ -112,11 +105,20 @@ class ProviderConfig:
     grouping stops attackers hiding behind the same group mates round after round."""
     threshold: int | None = None
     frac_bits: int = 16
-    detection: DetectionParams = field(default_factory=_default_detection)
+    detection: DetectionParams = DEFAULT_DETECTION
+    """The task's Alg. 6 policy: recorded on the ledger at task start (:attr:`task`)."""
     defended: bool = True
-    phase_timeout: float = 300.0
+    phase_timeout: float = PHASE_TIMEOUT
     seed: int = 0
     strategy: AggregationStrategy = field(default_factory=CleanGroupAverage)
+
+    def __post_init__(self) -> None:
+        self.task  # noqa: B018 — refuse now a policy the ledger could not record
+
+    @property
+    def task(self) -> TaskParams:
+        """The task's consensus-critical parameters, as its task start records them."""
+        return TaskParams(self.detection)
 
 
 @dataclass
@@ -169,8 +171,11 @@ class ProviderMachine:
         initial_params: npt.NDArray[np.float32],
         config: ProviderConfig = ProviderConfig(),
         *,
+        online: Iterable[int] | None = None,
         limits: WireLimits = DEFAULT_LIMITS,
     ) -> None:
+        """``online``: the users present at the start (default: every user of the roster);
+        :class:`Joined` and :class:`Dropped` events change it."""
         self.identity = identity
         self.roster = roster
         self.config = config
@@ -180,7 +185,8 @@ class ProviderMachine:
         self.phase = ProviderPhase.IDLE
         self.round = 0
         self.attempt = 0
-        self.online: set[int] = set(roster.with_role(Role.USER))
+        users = set(roster.with_role(Role.USER))
+        self.online: set[int] = users if online is None else set(online) & users
         self.excluded: set[int] = set()
         self.key_users: frozenset[int] = frozenset()
         self.grouping: Grouping | None = None
@@ -198,6 +204,8 @@ class ProviderMachine:
         self._history: tuple[RoundContributions, ...] = ()
         self._trusted: list[int] = []
         self._record = TrustRecord()
+        self._plain_waiting: set[int] = set()  # PlainFedAvg: whose model the round awaits
+        self._plain_models: dict[int, npt.NDArray[np.float32]] = {}
 
     @property
     def prior_groups(self) -> list[tuple[int, ...]]:
@@ -208,34 +216,34 @@ class ProviderMachine:
         """The hash of the last envelope accepted from ``user`` (its chain head)."""
         return self._chains.head(user)
 
-    def resync_chain(self, user: int, head: bytes) -> None:
-        """Continue ``user``'s chain from ``head``, the ledger's (a driver calls this when
-        the user returns: an upload it committed may never have arrived here)."""
-        self._chains.resync(user, head)
-
     @property
     def d(self) -> int:
         return int(self.global_params.size)
 
     # --- rounds ----------------------------------------------------------------------------
 
-    def start_round(self, now: float = 0.0) -> list[Output]:
+    def _start_round(self, now: float) -> list[Output]:
         """Alg. 1, lines 4-10: regroup if needed, then announce round r + 1."""
         if self.phase is not ProviderPhase.IDLE:
-            raise FairbusError(f"round {self.round} is still {self.phase.value}")
+            return [Refused("RoundInProgress", f"round {self.round} is still {self.phase.value}")]
         self._now = max(self._now, now)
         self.round += 1
         self.attempt = 0
         self._dropped_this_round = set()
         self._prior_groups = []
         participants = sorted(self.online - self.excluded)
+        if not self.config.strategy.secure:
+            return self._start_plain(participants)
         if self._regroup or self.grouping is None or set(self.grouping.users) != set(participants):
             try:
                 self.grouping = self._make_grouping(participants)
             except GroupingError as exc:
                 return [RoundFailed(self.round, str(exc))]
             self._regroup = False
-        out: list[Output] = [self._signed(GlobalModel(self.d, self._model_bytes()))]
+        out: list[Output] = []
+        if self.prev == GENESIS:  # the task starts: its parameters are its first record
+            out.append(self._signed(self.config.task.to_message()))
+        out.append(self._signed(GlobalModel(self.d, self._model_bytes())))
         return out + self._announce()
 
     def _make_grouping(self, users: list[int]) -> Grouping:
@@ -285,15 +293,22 @@ class ProviderMachine:
     def _model_bytes(self) -> bytes:
         return self.global_params.astype("<f4", copy=False).tobytes()
 
-    def _signed(self, message: Message) -> Send:
+    def _signed(self, message: Message) -> Commit:
         scoped = {"round": self.round, "attempt": self.attempt} if message.SCOPED else {}
         env = envelope.sign(self.identity, self.roster.task, message, prev=self.prev, **scoped)
         self.prev = env.hash
-        return Send(USERS, message.TYPE, env.to_bytes())
+        return Commit(USERS, env)
 
     # --- events ------------------------------------------------------------------------------
 
     def handle(self, event: Event) -> list[Output]:
+        if isinstance(event, StartRound):
+            return self._start_round(event.now)
+        if isinstance(event, ChainHead):
+            # A returning user's chain continues from the ledger's head: an upload it
+            # committed just before it died may never have arrived here.
+            self._chains.resync(event.participant, event.head)
+            return []
         if isinstance(event, Received):
             try:
                 return self._on_received(event)
@@ -317,9 +332,11 @@ class ProviderMachine:
         raise TypeError(f"provider machine cannot take {type(event).__name__}")
 
     def _on_received(self, event: Received) -> list[Output]:
+        if not self.config.strategy.secure:
+            return self._on_plain(event)
         if event.kind != "upload":
             return []
-        verified = envelope.open_envelope(event.data, self.roster, self.limits)
+        verified = open_recorded(event.data, self.roster, self.limits).verified
         # The chain link is checked and recorded first, even for an upload that arrives
         # too late to use: the sender's next envelope will point at it.
         self._chains.accept(verified.envelope)
@@ -369,6 +386,8 @@ class ProviderMachine:
         self._now = max(self._now, now)
         if self.phase is not ProviderPhase.COLLECTING or now < self._deadline:
             return []
+        if not self.config.strategy.secure:
+            return self._finish_plain()
         assert self.grouping is not None
         late = {
             u
@@ -382,6 +401,8 @@ class ProviderMachine:
     def _on_dropped(self, users: set[int]) -> list[Output]:
         self.online -= users
         self._regroup = True
+        if not self.config.strategy.secure:
+            return self._plain_dropped(users)
         if self.grouping is None or self.phase not in (
             ProviderPhase.COLLECTING,
             ProviderPhase.REGROUPING,
@@ -455,6 +476,58 @@ class ProviderMachine:
             self.phase = ProviderPhase.EVALUATING
             return self._finish() if len(self._accuracy) >= len(self.grouping.groups) else []
         return []
+
+    # --- plain FedAvg: the PlainFedAvg policy, the baseline without the protocol ----------------
+
+    def _start_plain(self, users: list[int]) -> list[Output]:
+        """The global model in the clear to every online user; each answers with its
+        trained model (:class:`~fairbus.aggregation.PlainModel`) before the deadline."""
+        if not users:
+            return [RoundFailed(self.round, "no user is online")]
+        self._plain_waiting = set(users)
+        self._plain_models = {}
+        self._deadline = self._now + self.config.phase_timeout
+        self.phase = ProviderPhase.COLLECTING
+        model = PlainModel.of(self.round, self.identity.participant_id, self.global_params)
+        return [Send(USERS, PLAIN_MODEL, model.to_bytes())]
+
+    def _on_plain(self, event: Received) -> list[Output]:
+        if event.kind != "upload":
+            return []
+        model = PlainModel.from_bytes(event.data, self.limits)
+        user = model.sender
+        if self.phase is not ProviderPhase.COLLECTING or model.round != self.round:
+            return [Refused("StaleUpload", f"plain model from {user} for round {model.round}")]
+        if user not in self._plain_waiting or user in self._plain_models:
+            return [Refused("UnexpectedUpload", f"plain model from {user}, not awaited")]
+        if model.length != self.d:
+            raise GroupingError(f"plain model of {model.length} values for a model of {self.d}")
+        self._plain_models[user] = model.params()
+        return self._finish_plain() if self._plain_waiting <= set(self._plain_models) else []
+
+    def _plain_dropped(self, users: set[int]) -> list[Output]:
+        if self.phase is not ProviderPhase.COLLECTING:
+            return []
+        gone = (users & self._plain_waiting) - set(self._plain_models)
+        self._plain_waiting -= gone
+        self._dropped_this_round |= gone
+        return self._finish_plain() if self._plain_waiting <= set(self._plain_models) else []
+
+    def _finish_plain(self) -> list[Output]:
+        """FedAvg of the models that arrived (the current model if none did); whoever
+        missed the deadline counts as dropped, as in the secure round."""
+        late = self._plain_waiting - set(self._plain_models)
+        self.online -= late
+        self._dropped_this_round |= late
+        models = [GroupModel(u, BASIC, (u,), m) for u, m in sorted(self._plain_models.items())]
+        self.global_params = self.config.strategy.aggregate(self.global_params, models, ())
+        self._plain_waiting, self._plain_models = set(), {}
+        self.phase = ProviderPhase.IDLE
+        nobody: frozenset[int] = frozenset()
+        return [
+            RoundDone(self.round, 1, [], None, {}, nobody, nobody, frozenset(self.excluded),
+                      frozenset(self._dropped_this_round), self.global_params)
+        ]  # fmt: skip
 
     # --- detection, exclusion, aggregation ---------------------------------------------------
 

@@ -28,14 +28,18 @@ import numpy as np
 import numpy.typing as npt
 
 from fairbus import envelope, keyneg, masking
+from fairbus.aggregation import PLAIN_MODEL, PlainModel
 from fairbus.envelope import GENESIS, Verified
 from fairbus.errors import FairbusError, GroupingError
 from fairbus.field import FieldVector, FixedPointCodec
 from fairbus.grouping import check_grouping
 from fairbus.identity import Identity
+from fairbus.ledger.recorded import open_recorded
 from fairbus.protocol.events import (
     PROVIDER,
     SEALED_KINDS,
+    ChainHead,
+    Commit,
     Dropped,
     Evaluated,
     Event,
@@ -99,7 +103,12 @@ class UserMachine:
         limits: WireLimits = DEFAULT_LIMITS,
         prev: bytes = GENESIS,
         max_early: int = 1024,
+        secure: bool = True,
     ) -> None:
+        """``secure=False``: the task runs :class:`~fairbus.aggregation.PlainFedAvg`; the
+        user then answers the provider's plain global model with its own in the clear,
+        and nothing else. A user of a secure task refuses a plain model."""
+        self.secure = secure
         self.identity = identity
         self.me = identity.participant_id
         self.roster = roster
@@ -124,6 +133,8 @@ class UserMachine:
             return []
         try:
             if isinstance(event, Received):
+                if event.kind == PLAIN_MODEL or not self.secure:
+                    return self._on_plain(event.kind, event.data)
                 if event.kind in SEALED_KINDS:
                     return self._on_sealed(event.kind, event.data)
                 return self._on_signed(event.data)
@@ -131,6 +142,10 @@ class UserMachine:
                 return self._on_trained(event)
         except FairbusError as exc:
             return [Refused(type(exc).__name__, str(exc))]
+        if isinstance(event, ChainHead):
+            if event.participant == self.me:
+                self.prev = event.head  # the ledger's head wins: see ChainHead
+            return []
         if isinstance(event, Evaluated | Dropped | Joined | Tick):
             return []
         raise TypeError(f"user machine cannot take {type(event).__name__}")
@@ -138,7 +153,8 @@ class UserMachine:
     # --- signed messages from the provider --------------------------------------------------
 
     def _on_signed(self, data: bytes) -> list[Output]:
-        verified = envelope.open_envelope(data, self.roster, self.limits)
+        # Only what the ledger holds: the receipt is checked before anything else.
+        verified = open_recorded(data, self.roster, self.limits).verified
         msg = verified.message
         if isinstance(msg, GlobalModel):
             return self._on_global_model(verified, msg)
@@ -294,6 +310,10 @@ class UserMachine:
     def _on_trained(self, event: Trained) -> list[Output]:
         if event.round != self.round:
             return []
+        if not self.secure:
+            self.phase = UserPhase.IDLE
+            model = PlainModel.of(self.round, self.me, event.params)
+            return [Send(PROVIDER, "upload", model.to_bytes())]
         self._local = event.params.astype(np.float32, copy=False)
         out: list[Output] = []
         for state in list(self._groups.values()):
@@ -316,7 +336,24 @@ class UserMachine:
         self.prev = signed.hash
         state.uploaded = True
         state.key = None
-        return [Send(PROVIDER, "upload", signed.to_bytes())]
+        return [Commit(PROVIDER, signed)]
+
+    # --- plain FedAvg (PlainFedAvg: the baseline without the protocol) ------------------------
+
+    def _on_plain(self, kind: str, data: bytes) -> list[Output]:
+        if self.secure:
+            return [Refused("NotPlain", "a plain model for a user of a secure task: refused")]
+        if kind != PLAIN_MODEL:
+            return []  # a plain user takes part in nothing else
+        model = PlainModel.from_bytes(data, self.limits)
+        if model.sender != self.roster.provider:
+            raise GroupingError(f"a plain global model from {model.sender}, not the provider")
+        if model.round <= self.round:
+            return []  # stale or repeated
+        params = model.params()
+        self.round = model.round
+        self.phase = UserPhase.ACTIVE
+        return [Train(self.round, params)]
 
 
 def _round_of(v: Verified) -> int:

@@ -13,11 +13,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, TypeVar, cast
 
-from fairbus_ledger_service.config import detection_table
-
 from fairbus.detection import DetectionParams
 from fairbus.errors import FairbusError
 from fairbus.protocol.provider import ProviderConfig
+from fairbus.task import PHASE_TIMEOUT, detection_table
 from fairbus.training.config import TrainConfig
 from fairbus.training.data import DATASET_MODELS
 
@@ -55,7 +54,7 @@ class ProviderSettings:
     """Users online before round 1 starts; None: every user of the roster."""
     join_timeout: float = 120.0
     """Start with whoever is online (at least 3) after this long."""
-    phase_timeout: float = 60.0
+    phase_timeout: float = PHASE_TIMEOUT
     """A user that has not uploaded this long after an announcement counts as dropped."""
     basic_groupings: int = ProviderConfig.basic_groupings
     key_repeats: int = ProviderConfig.key_repeats

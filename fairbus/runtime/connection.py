@@ -62,6 +62,7 @@ class BusConnection:
         )
         self.connected = asyncio.Event()
         self.sent_bytes: dict[str, int] = {}
+        """Bytes published, by the topic's kind (:func:`fairbus.topics.parse`)."""
         self._stopping = False
 
     async def run(self) -> None:
@@ -102,7 +103,8 @@ class BusConnection:
                 self.connected.clear()
                 await asyncio.sleep(0.05)
                 continue
-            kind = topic.rsplit("/", 1)[-1]
+            parsed = topics.parse(self.task, topic)
+            kind = topic if parsed is None else parsed.kind
             self.sent_bytes[kind] = self.sent_bytes.get(kind, 0) + len(payload)
             return
 

@@ -1,12 +1,16 @@
 """``fairbus provider``: the provider machine
 (:class:`fairbus.protocol.provider.ProviderMachine`) driven over the bus.
 
-Each round: every ledger transaction the machine emits (global model, announcement,
-dropout, evaluation, decision) is committed first (model-sized ones as header only;
-the ledger nodes keep the payload from the bus) and then broadcast with its receipt.
-Uploads are taken only with a valid ledger receipt. Presence drives dropouts and
-rejoins; a timer drives the phase deadlines. One :class:`RoundRecord` per round goes to
-``<state>/provider/rounds.jsonl``.
+The driver only feeds the machine events (:class:`StartRound`, what arrives on the bus as
+:class:`Received` bytes, :class:`Joined`/:class:`Dropped` from presence,
+:class:`ChainHead` from the ledger for a returning user, :class:`Tick`, and the answers
+to its effects) and carries out what comes back: a :class:`Commit` is committed on the
+ledger (model-sized ones as header only; the ledger nodes keep the payload from the bus)
+and then broadcast with its receipt; a :class:`Send` is published as it is (under
+plain FedAvg, the global model in the clear). The machine checks every upload's receipt
+and signature itself. One :class:`RoundRecord` per round goes to
+``<state>/provider/rounds.jsonl``. ``[provider] secure = false`` runs the
+:class:`~fairbus.aggregation.PlainFedAvg` policy through the same loop.
 """
 
 from __future__ import annotations
@@ -16,20 +20,24 @@ import json
 import logging
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from typing import TYPE_CHECKING
 
 import numpy as np
 from fairbus_ledger_service.client import LedgerClient
 
 from fairbus import topics
+from fairbus.aggregation import PlainFedAvg
 from fairbus.envelope import GENESIS
 from fairbus.errors import FairbusError
 from fairbus.identity import Identity, load_broker_password
-from fairbus.ledger.recorded import Recorded, header_only, open_recorded
-from fairbus.ledger.records import LEDGER_TYPES, Transaction, is_model_sized
+from fairbus.ledger.recorded import Recorded, header_only
+from fairbus.ledger.records import Transaction, is_model_sized
 from fairbus.protocol.events import (
     AttemptClosed,
+    ChainHead,
     CloseAttempt,
+    Commit,
     Dropped,
     Evaluate,
     Evaluated,
@@ -41,9 +49,10 @@ from fairbus.protocol.events import (
     RoundDone,
     RoundFailed,
     Send,
+    StartRound,
     Tick,
 )
-from fairbus.protocol.provider import ProviderMachine
+from fairbus.protocol.provider import ProviderConfig, ProviderMachine
 from fairbus.roster import Role, Roster
 from fairbus.rounds import RoundRecord, record_round
 from fairbus.runtime.config import RuntimeConfig
@@ -63,6 +72,13 @@ NO_USERS_RETRY = 2.0
 
 class ProviderError(FairbusError):
     pass
+
+
+def machine_config(config: RuntimeConfig) -> ProviderConfig:
+    """The machine's policy from the task's configuration: ``[provider] secure = false``
+    is the :class:`~fairbus.aggregation.PlainFedAvg` aggregation policy."""
+    policy = config.provider_config()
+    return policy if config.provider.secure else replace(policy, strategy=PlainFedAvg())
 
 
 class ProviderRuntime:
@@ -100,40 +116,32 @@ class ProviderRuntime:
             self.bus, self.identity, self.roster, "provider", timeout=config.ledger_timeout
         )
         self.bus.subscriptions = [topics.uploads(self.task), topics.user_presences(self.task),
-                           *self.ledger.topics]  # fmt: skip
+                                  *self.ledger.topics]  # fmt: skip
         self.machine: ProviderMachine | None = None
         self._last_dropout = b""
-        self._plain: asyncio.Queue[tuple[int, bytes]] = asyncio.Queue()
 
     # --- bus ---------------------------------------------------------------------------------
 
     def _on_message(self, topic: str, data: bytes) -> None:
-        if not self.config.provider.secure and topic.endswith("/upload"):
-            sender = topics.sender_of(topic)
-            if sender is not None and sender[1] in self.users:
-                self._plain.put_nowait((sender[1], data))
+        """Route by topic; the bytes go to the machine (or the ledger client) unparsed."""
+        parsed = topics.parse(self.task, topic)
+        if parsed is None:
             return
-        if "/ledger/" in topic:
+        if parsed.from_ledger:
             self.ledger.dispatch(data)
             return
-        sender = topics.sender_of(topic)
-        if sender is None or sender[0] != "user" or sender[1] not in self.users:
+        if parsed.role != Role.USER.value or parsed.sender not in self.users:
             return
-        user = sender[1]
-        if topic.endswith("/presence"):
+        user = parsed.sender
+        if parsed.kind == "presence":
             if data == ONLINE and user not in self.online:
                 self.online.add(user)
                 self._inbox.put_nowait(Joined(user))
             elif data == OFFLINE and user in self.online:
                 self.online.discard(user)
                 self._inbox.put_nowait(Dropped(user))
-        elif topic.endswith("/upload"):
-            try:
-                env, _ = open_recorded(data, self.roster)
-            except FairbusError as exc:
-                log.warning("upload on user %d's topic without a valid receipt: %s", user, exc)
-                return
-            self._inbox.put_nowait(Received("upload", env))
+        elif parsed.kind == "upload" and parsed.recipient is None:
+            self._inbox.put_nowait(Received("upload", data))
 
     # --- the loop ------------------------------------------------------------------------------
 
@@ -158,15 +166,12 @@ class ProviderRuntime:
                 self.identity,
                 self.roster,
                 initial_params(t.model_name, t.seed),
-                self.config.provider_config(),
+                machine_config(self.config),
+                online=(),
             )
-            self.machine.online = set()
             await self._wait_for_users()
             while len(self.records) < self.config.provider.rounds:
-                if self.config.provider.secure:
-                    await self._play_round()
-                else:
-                    await self._play_plain_round()
+                await self._play_round()
             return self.records
         finally:
             await self.bus.leave()
@@ -192,13 +197,21 @@ class ProviderRuntime:
         log.info("users online: %s", sorted(self.machine.online))
 
     async def _drain(self) -> None:
-        """Hand the machine every queued presence change (between rounds)."""
-        assert self.machine is not None
+        """Hand the machine every queued event (between rounds)."""
         while not self._inbox.empty():
-            event = self._inbox.get_nowait()
-            if isinstance(event, Joined):
-                await self._resync_chain(event.user)
-            await self._carry_out(self.machine.handle(event))
+            await self._feed(self._inbox.get_nowait())
+
+    async def _feed(self, event: Event) -> None:
+        """One event into the machine, its outputs carried out. A user that (re)joins
+        continues its chain from the ledger's head first."""
+        assert self.machine is not None
+        if isinstance(event, Joined):
+            await self._resync_chain(event.user)
+        t0 = time.perf_counter()
+        outputs = self.machine.handle(event)
+        if isinstance(event, Received) and self._record is not None:
+            self._record.timings_s["aggregation"] += time.perf_counter() - t0
+        await self._carry_out(outputs)
 
     async def _play_round(self) -> None:
         assert self.machine is not None
@@ -206,71 +219,21 @@ class ProviderRuntime:
         await self._drain()
         # A user dropped for missing a deadline while still connected gets another chance.
         for user in sorted(self.online - machine.online - machine.excluded):
-            await self._resync_chain(user)
-            machine.handle(Joined(user))
+            await self._feed(Joined(user))
         record = RoundRecord.empty(machine.round + 1)
         self._record = record
         self._round_over.clear()
         start = time.perf_counter()
-        await self._carry_out(machine.start_round(time.time()))
+        await self._carry_out(machine.handle(StartRound(time.time())))
         record.timings_s["announce"] = time.perf_counter() - start
         while not self._round_over.is_set():
-            event = await self._inbox.get()
-            if isinstance(event, Joined):
-                await self._resync_chain(event.user)
-            t0 = time.perf_counter()
-            outputs = machine.handle(event)
-            if isinstance(event, Received):
-                record.timings_s["aggregation"] += time.perf_counter() - t0
-            await self._carry_out(outputs)
+            await self._feed(await self._inbox.get())
         record.timings_s["round"] = time.perf_counter() - start
         if record.failed is None:
             self._write(record)
         else:
             log.warning("round %d failed: %s; waiting for users", record.round, record.failed)
             await asyncio.sleep(NO_USERS_RETRY)
-
-    async def _play_plain_round(self) -> None:
-        """The benchmark's baseline, plain FedAvg over the same bus: the global model out,
-        every online user's trained model back in the clear, their mean. No grouping,
-        masking, signatures or ledger."""
-        assert self.machine is not None and self._evaluator is not None
-        machine = self.machine
-        await self._drain()
-        machine.round += 1
-        r = machine.round
-        record = RoundRecord.empty(r, attempts=1)
-        self._record = record
-        users = sorted(machine.online)
-        start = time.perf_counter()
-        payload = r.to_bytes(8, "little") + machine.global_params.astype("<f4").tobytes()
-        await self.bus.publish(topics.provider_message(self.task, self.pid, "plain_model"), payload)
-        record.bytes["plain_model"] = len(payload)
-        got: dict[int, np.ndarray] = {}
-        deadline = time.monotonic() + self.config.provider.phase_timeout
-        while len(got) < len(users) and time.monotonic() < deadline:
-            try:
-                user, data = await asyncio.wait_for(self._plain.get(), TICK)
-            except TimeoutError:
-                continue
-            if int.from_bytes(data[:8], "little") != r or len(data) != len(payload):
-                continue
-            got[user] = np.frombuffer(data[8:], dtype="<f4").astype(np.float32)
-        t0 = time.perf_counter()
-        if got:
-            machine.global_params = np.mean(list(got.values()), axis=0).astype(np.float32)
-        record.timings_s["aggregation"] = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        record.global_accuracy = await asyncio.to_thread(
-            self._evaluator.accuracy, machine.global_params
-        )
-        record.timings_s["evaluation"] = time.perf_counter() - t0
-        record.timings_s["round"] = time.perf_counter() - start
-        record.bytes = dict(record.bytes)
-        self.records.append(record)
-        self._write(record)
-        log.info("plain round %d: accuracy %.3f from %d users", r, record.global_accuracy,
-                 len(got))  # fmt: skip
 
     def _write(self, record: RoundRecord) -> None:
         with (self.out_dir / "rounds.jsonl").open("a") as f:
@@ -286,7 +249,7 @@ class ProviderRuntime:
             log.warning("no ledger head for returning user %d: %s", user, exc)
             return
         if answer.ok and answer.records:
-            self.machine.resync_chain(user, answer.records[0])
+            await self._carry_out(self.machine.handle(ChainHead(user, answer.records[0])))
 
     async def _tick(self) -> None:
         while True:
@@ -295,14 +258,16 @@ class ProviderRuntime:
 
     async def _carry_out(self, outputs: list[Output]) -> None:
         for out in outputs:
-            if isinstance(out, Send):
-                await self._broadcast(out)
+            if isinstance(out, Commit):
+                await self._commit(out)
+            elif isinstance(out, Send):
+                await self._publish(out.kind, out.data)
             elif isinstance(out, Evaluate):
                 await self._evaluate(out)
             elif isinstance(out, CloseAttempt):
                 await self._close_attempt(out)
             elif isinstance(out, RoundDone):
-                self._done(out)
+                await self._done(out)
             elif isinstance(out, RoundFailed):
                 assert self._record is not None
                 self._record.failed = out.reason
@@ -312,29 +277,31 @@ class ProviderRuntime:
                 if self._record is not None:
                     self._record.refusals.append(f"{out.reason}: {out.detail}")
 
-    async def _broadcast(self, out: Send) -> None:
+    async def _commit(self, out: Commit) -> None:
         """Commit on the ledger, then publish with the receipt."""
-        assert self._record is not None
-        if out.kind not in LEDGER_TYPES:
-            raise ProviderError(f"the provider machine sent an unrecorded {out.kind!r}")
+        assert self._record is not None and self.machine is not None
+        env, kind = out.envelope, out.kind
         start = time.perf_counter()
-        submission = header_only(out.data) if is_model_sized(out.kind) else out.data
+        submission = header_only(env) if is_model_sized(kind) else env.to_bytes()
         committed, receipt = await self.ledger.submit_for_receipt(submission)
-        if out.kind == "dropout":
+        if kind == "dropout":
             self._last_dropout = committed.tx_hash
         self._record.ledger_height = committed.height
         self._record.timings_s["ledger"] = (
             self._record.timings_s.get("ledger", 0.0) + time.perf_counter() - start
         )
-        payload = Recorded(out.data, receipt).to_bytes()
-        await self.bus.publish(topics.provider_message(self.task, self.pid, out.kind), payload)
-        self._record.bytes[out.kind] = self._record.bytes.get(out.kind, 0) + len(payload)
-        if out.kind == "announce":
-            assert self.machine is not None
+        await self._publish(kind, Recorded(env, receipt).to_bytes())
+        if kind == "announce":
             self._record.prior_groups = [list(g) for g in self.machine.prior_groups]
-        if out.kind == "dropout":
+        if kind == "dropout":
             log.info("round %d: users dropped out; attempt %d closed", self._record.round,
-                     self.machine.attempt if self.machine else -1)  # fmt: skip
+                     self.machine.attempt)  # fmt: skip
+
+    async def _publish(self, kind: str, payload: bytes) -> None:
+        """A broadcast on the provider's own topic for ``kind``, counted in the round's bytes."""
+        await self.bus.publish(topics.provider_message(self.task, self.pid, kind), payload)
+        if self._record is not None:
+            self._record.bytes[kind] = self._record.bytes.get(kind, 0) + len(payload)
 
     async def _close_attempt(self, effect: CloseAttempt) -> None:
         """Tell the machine which uploads the ledger recorded for the closed attempt. The
@@ -371,11 +338,15 @@ class ProviderRuntime:
         self._record.timings_s["detection"] += time.perf_counter() - start
         await self._carry_out(outputs)
 
-    def _done(self, done: RoundDone) -> None:
+    async def _done(self, done: RoundDone) -> None:
         assert self._record is not None and self._evaluator is not None
         record = self._record
         record_round(record, done)
-        record.global_accuracy = self._evaluator.accuracy(done.global_params)
+        start = time.perf_counter()
+        record.global_accuracy = await asyncio.to_thread(
+            self._evaluator.accuracy, done.global_params
+        )
+        record.timings_s["global_evaluation"] = time.perf_counter() - start
         record.bytes = dict(record.bytes)
         self.records.append(record)
         np.save(self.out_dir / "global_model.npy", done.global_params)

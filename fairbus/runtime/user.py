@@ -1,12 +1,17 @@
 """``fairbus user --id N``: the user machine (:class:`fairbus.protocol.user.UserMachine`)
 driven over the bus.
 
-Inputs: the provider's broadcasts, each with its ledger receipt, acted on only once the
-receipt checks out (so a user acts only on the announcement the ledger holds), and the
-sealed shares of its group mates on ``…/user/+/to/<me>/+``. Effects: training runs in a
-worker thread while keys are negotiated; shares are published sealed to their
-recipient; an upload is committed on the ledger (header only) and then published with
-its receipt. The chain head and the data partition persist in the user's state folder.
+The driver routes what arrives by topic (:mod:`fairbus.topics`) and hands the bytes to
+the machine unparsed: the provider's broadcasts (each a ledger transaction with its
+receipt, which the machine checks before acting on it, so a user acts only on the
+announcement the ledger holds) and the sealed shares of its group mates on
+``…/user/+/to/<me>/+``. It carries out what comes back: training runs in a worker thread
+while keys are negotiated; a :class:`Send` (a sealed share, or under plain FedAvg the
+model in the clear) is published; a :class:`Commit` (an upload) is committed on the
+ledger (header only) and then published with its receipt. When the ledger does not
+record an upload, the machine is given the ledger's head for this user
+(:class:`ChainHead`). The chain head and the data partition persist in the user's state
+folder.
 """
 
 from __future__ import annotations
@@ -22,14 +27,17 @@ import numpy as np
 import numpy.typing as npt
 from fairbus_ledger_service.client import LedgerClient, LedgerTimeoutError
 
-from fairbus import envelope, topics
+from fairbus import topics
+from fairbus.aggregation import PLAIN_MODEL
 from fairbus.errors import FairbusError
 from fairbus.identity import Identity, load_broker_password
-from fairbus.ledger.recorded import Recorded, header_only, open_recorded
+from fairbus.ledger.recorded import Recorded, header_only
 from fairbus.ledger.state import RefusedError
 from fairbus.protocol.events import (
     PROVIDER,
     SEALED_KINDS,
+    ChainHead,
+    Commit,
     Event,
     Excluded,
     Output,
@@ -45,13 +53,20 @@ from fairbus.runtime.config import RuntimeConfig
 from fairbus.runtime.connection import BusConnection
 from fairbus.runtime.user_state import UserState
 from fairbus.training.attacks import Attack
+from fairbus.wire.messages import MESSAGE_TYPES
 
 if TYPE_CHECKING:
     from fairbus.training.local import Trainer
 
 log = logging.getLogger("fairbus.user")
 
-PROVIDER_KINDS = frozenset({"global_model", "announce", "dropout", "evaluation", "decision"})
+PROVIDER_KINDS = frozenset(
+    name for name, cls in MESSAGE_TYPES.items() if cls.RECORDED and Role.PROVIDER in cls.SENDERS
+) | {PLAIN_MODEL}
+"""What a user takes from the provider's topics: every ledger transaction a provider may
+send (each with its receipt), and the global model in the clear under plain FedAvg."""
+ROUND_STARTS = frozenset({"global_model", PLAIN_MODEL})
+"""The broadcasts that open a round (a user's per-round timings and bytes start there)."""
 EXCLUDED_EXIT = 3
 """Exit status of a user process that was excluded for good (systemd must not restart it)."""
 
@@ -100,30 +115,27 @@ class UserRuntime:
             topics.direct_inbox(self.task, user_id),
             *self.ledger.topics,
         ]
-        self.machine = UserMachine(self.identity, self.roster)
+        # [provider] secure = false: the task runs plain FedAvg (the PlainFedAvg policy)
+        self.machine = UserMachine(self.identity, self.roster, secure=config.provider.secure)
         self._round_log: dict[str, float] = {}
         self._bytes_before: dict[str, int] = {}
 
     # --- bus ---------------------------------------------------------------------------------
 
     def _on_message(self, topic: str, data: bytes) -> None:
-        kind = topic.rsplit("/", 1)[-1]
-        if kind == "plain_model" and not self.config.provider.secure:
-            task = asyncio.create_task(self._plain_round(data))
-            self._training.add(task)
-            task.add_done_callback(self._training.discard)
+        """Route by topic; the bytes go to the machine (or the ledger client) unparsed."""
+        parsed = topics.parse(self.task, topic)
+        if parsed is None:
             return
-        if "/ledger/" in topic:
+        if parsed.from_ledger:
             self.ledger.dispatch(data)
-        elif kind in PROVIDER_KINDS:
-            try:
-                env, _ = open_recorded(data, self.roster)
-            except FairbusError as exc:
-                log.warning("user %d: a %s without a valid ledger receipt: %s", self.me, kind, exc)
-                return
-            self._inbox.put_nowait(Received(kind, env))
-        elif kind in SEALED_KINDS and "/to/" in topic:
-            self._inbox.put_nowait(Received(kind, data))
+            return
+        from_provider = parsed.role == Role.PROVIDER.value and parsed.recipient is None
+        share = parsed.role == Role.USER.value and parsed.recipient == self.me
+        if (from_provider and parsed.kind in PROVIDER_KINDS) or (
+            share and parsed.kind in SEALED_KINDS
+        ):
+            self._inbox.put_nowait(Received(parsed.kind, data))
 
     # --- the loop ------------------------------------------------------------------------------
 
@@ -139,7 +151,7 @@ class UserRuntime:
                      len(trainer.data))  # fmt: skip
             while True:
                 event = await self._inbox.get()
-                if isinstance(event, Received) and event.kind == "global_model":
+                if isinstance(event, Received) and event.kind in ROUND_STARTS:
                     self._round_log = {"announced": time.perf_counter()}
                     self._bytes_before = dict(self.bus.sent_bytes)
                 await self._carry_out(self.machine.handle(event))
@@ -150,8 +162,8 @@ class UserRuntime:
                 task.cancel()
 
     async def _resume_chain(self) -> None:
-        """The ledger's head for this user wins over the saved one (an upload signed just
-        before a crash may or may not have committed)."""
+        """Continue from the ledger's head for this user, which wins over the saved one
+        (an upload signed just before a crash may or may not have committed)."""
         saved = self.state.chain_head()
         try:
             answer = await self.ledger.query("head", sender=self.me)
@@ -162,17 +174,14 @@ class UserRuntime:
         if head != saved:
             log.info("user %d: chain head %s from the ledger", self.me, head.hex()[:16])
             self.state.save_chain_head(head)
-        self.machine.prev = head
+        await self._carry_out(self.machine.handle(ChainHead(self.me, head)))
 
     async def _carry_out(self, outputs: list[Output]) -> None:
         for out in outputs:
-            if isinstance(out, Send):
-                if out.to == PROVIDER:
-                    await self._upload(out.data)
-                else:
-                    assert isinstance(out.to, int)
-                    await self.bus.publish(topics.direct(self.task, self.me, out.to, out.kind),
-                                           out.data)  # fmt: skip
+            if isinstance(out, Commit):
+                await self._upload(out)
+            elif isinstance(out, Send):
+                await self._send(out)
             elif isinstance(out, Train):
                 task = asyncio.create_task(self._train(out))
                 self._training.add(task)
@@ -207,30 +216,27 @@ class UserRuntime:
         self._round_log["training_s"] = time.perf_counter() - start
         self._inbox.put_nowait(Trained(effect.round, params))
 
-    async def _plain_round(self, data: bytes) -> None:
-        """The benchmark's baseline (plain FedAvg): train, send the model in the clear."""
-        assert self._trainer is not None
-        r = int.from_bytes(data[:8], "little")
-        global_params = np.frombuffer(data[8:], dtype="<f4").astype(np.float32)
-        async with self._train_lock:
-            start = time.perf_counter()
-            params = await asyncio.to_thread(self._trainer.train, global_params)
-        self._round_log = {"training_s": time.perf_counter() - start}
-        self._bytes_before = dict(self.bus.sent_bytes)
+    async def _send(self, out: Send) -> None:
+        """A sealed share to a group mate, or (plain FedAvg) the model to the provider."""
+        if isinstance(out.to, int):
+            await self.bus.publish(topics.direct(self.task, self.me, out.to, out.kind), out.data)
+            return
+        assert out.to == PROVIDER
         start = time.perf_counter()
-        payload = data[:8] + params.astype("<f4").tobytes()
-        await self.bus.publish(topics.upload(self.task, self.me), payload)
-        self._round_log["upload_s"] = time.perf_counter() - start
-        self._round_log["uploads"] = 1
-        self._write_stats(r)
+        await self.bus.publish(topics.message(self.task, "user", self.me, out.kind), out.data)
+        self._round_log["upload_s"] = (
+            self._round_log.get("upload_s", 0.0) + time.perf_counter() - start
+        )
+        self._round_log["uploads"] = self._round_log.get("uploads", 0) + 1
+        self._write_stats(self.machine.round)
 
-    async def _upload(self, data: bytes) -> None:
+    async def _upload(self, out: Commit) -> None:
         """Commit on the ledger, then publish with the receipt (the provider takes an
         upload only with one)."""
         start = time.perf_counter()
         self._round_log.setdefault("first_upload", start)
         try:
-            _, receipt = await self.ledger.submit_for_receipt(header_only(data))
+            _, receipt = await self.ledger.submit_for_receipt(header_only(out.envelope))
         except (RefusedError, LedgerTimeoutError) as exc:
             # Not committed (or not known to be): the next upload links to whatever the
             # ledger holds as this user's head.
@@ -238,9 +244,10 @@ class UserRuntime:
             await self._resume_chain()
             return
         ledger_s = time.perf_counter() - start
-        self.state.save_chain_head(envelope.parse(data).hash)
+        self.state.save_chain_head(out.envelope.hash)
         await self.bus.publish(
-            topics.upload(self.task, self.me), Recorded(data, receipt).to_bytes()
+            topics.message(self.task, "user", self.me, out.kind),
+            Recorded(out.envelope, receipt).to_bytes(),
         )
         self._round_log["ledger_s"] = self._round_log.get("ledger_s", 0.0) + ledger_s
         self._round_log["upload_s"] = (

@@ -43,6 +43,9 @@ class Message(WireStruct):
     TYPE: ClassVar[str]
     SCOPED: ClassVar[bool] = False
     MODEL_SIZED: ClassVar[bool] = False
+    RECORDED: ClassVar[bool] = False
+    """Recorded on the ledger: every message of this type extends its sender's hash chain
+    there (the one place that says which kinds go on the ledger)."""
     SENDERS: ClassVar[frozenset[Role]]
 
     def payload(self) -> bytes:
@@ -179,6 +182,7 @@ class Announce(Message):
     negotiate_deadline: float
     upload_deadline: float
     TYPE: ClassVar[str] = "announce"
+    RECORDED: ClassVar[bool] = True
     SCOPED: ClassVar[bool] = True
     SENDERS: ClassVar[frozenset[Role]] = frozenset({Role.PROVIDER})
     FIELDS: ClassVar[dict[str, Spec]] = {
@@ -202,6 +206,7 @@ class GlobalModel(Message):
     length: int
     data: bytes
     TYPE: ClassVar[str] = "global_model"
+    RECORDED: ClassVar[bool] = True
     SCOPED: ClassVar[bool] = True
     MODEL_SIZED: ClassVar[bool] = True
     SENDERS: ClassVar[frozenset[Role]] = frozenset({Role.PROVIDER})
@@ -217,6 +222,7 @@ class MaskedUpload(Message):
     length: int
     data: bytes
     TYPE: ClassVar[str] = "upload"
+    RECORDED: ClassVar[bool] = True
     SCOPED: ClassVar[bool] = True
     MODEL_SIZED: ClassVar[bool] = True
     HEADER_GROUP: ClassVar[bool] = True
@@ -238,6 +244,7 @@ class Evaluation(Message):
 
     accuracies: tuple[GroupAccuracy, ...]
     TYPE: ClassVar[str] = "evaluation"
+    RECORDED: ClassVar[bool] = True
     SCOPED: ClassVar[bool] = True
     SENDERS: ClassVar[frozenset[Role]] = frozenset({Role.PROVIDER})
     FIELDS: ClassVar[dict[str, Spec]] = {
@@ -255,6 +262,7 @@ class Decision(Message):
     key_users: tuple[int, ...]
     violators: tuple[int, ...]
     TYPE: ClassVar[str] = "decision"
+    RECORDED: ClassVar[bool] = True
     SCOPED: ClassVar[bool] = True
     SENDERS: ClassVar[frozenset[Role]] = frozenset({Role.PROVIDER})
     FIELDS: ClassVar[dict[str, Spec]] = {
@@ -273,12 +281,62 @@ class Dropout(Message):
     users: tuple[int, ...]
     voided_groups: tuple[int, ...]
     TYPE: ClassVar[str] = "dropout"
+    RECORDED: ClassVar[bool] = True
     SCOPED: ClassVar[bool] = True
     SENDERS: ClassVar[frozenset[Role]] = frozenset({Role.PROVIDER})
     FIELDS: ClassVar[dict[str, Spec]] = {
         "users": ids(),
         "voided_groups": List(Int(0, 2**20), limit="max_groups", unique=True),
     }
+
+
+MAX_POLICY_ROUNDS = 2**16
+"""Bound on the whole-number fields of a detection policy (rounds, group scores)."""
+
+
+@dataclass(frozen=True)
+class DetectionPolicy(WireStruct):
+    """Algorithm 6's parameters as the ledger records them: the fields of
+    :class:`fairbus.detection.DetectionParams`, one for one (:mod:`fairbus.task` converts
+    and checks them as a whole)."""
+
+    bound_score: float
+    bound_conf: float
+    confidence: float
+    tolerance: float
+    contribution_tolerance: float | None
+    min_evidence: int
+    carry_evidence: bool
+    evidence_window: int | None
+    key_score: float | None
+    level_rounds: int | None
+    FIELDS: ClassVar[dict[str, Spec]] = {
+        "bound_score": Float(0.0, 1.0),
+        "bound_conf": Float(0.0, 1.0),
+        "confidence": Float(0.0, 1.0),
+        "tolerance": Float(0.0, 1.0),
+        "contribution_tolerance": Optional(Float(0.0, 1.0)),
+        "min_evidence": Int(2, MAX_POLICY_ROUNDS),
+        "carry_evidence": Bool(),
+        "evidence_window": Optional(Int(1, MAX_POLICY_ROUNDS)),
+        "key_score": Optional(Float(0.0, 1.0)),
+        "level_rounds": Optional(Int(1, MAX_POLICY_ROUNDS)),
+    }
+
+
+@message
+@dataclass(frozen=True)
+class TaskStart(Message):
+    """The task's consensus-critical parameters (:class:`fairbus.task.TaskParams`): the
+    provider's first transaction, before its first global model. The ledger admits it
+    once, before any announcement, and runs its contract with these; nothing round-scoped
+    is admitted before it."""
+
+    detection: DetectionPolicy
+    TYPE: ClassVar[str] = "task_start"
+    RECORDED: ClassVar[bool] = True
+    SENDERS: ClassVar[frozenset[Role]] = frozenset({Role.PROVIDER})
+    FIELDS: ClassVar[dict[str, Spec]] = {"detection": Struct(DetectionPolicy)}
 
 
 # --- ledger ------------------------------------------------------------------------------
@@ -398,6 +456,7 @@ class Refusal(Message):
 class RosterChange(Message):
     roster_toml: str
     TYPE: ClassVar[str] = "roster_change"
+    RECORDED: ClassVar[bool] = True
     SENDERS: ClassVar[frozenset[Role]] = frozenset({Role.ADMIN})
     FIELDS: ClassVar[dict[str, Spec]] = {"roster_toml": Str(max_len=200_000)}
 
@@ -413,6 +472,7 @@ class Attestation(Message):
     digest: bytes
     note: bytes
     TYPE: ClassVar[str] = "attestation"
+    RECORDED: ClassVar[bool] = True
     SENDERS: ClassVar[frozenset[Role]] = frozenset({Role.USER, Role.PROVIDER})
     FIELDS: ClassVar[dict[str, Spec]] = {
         "about": Str(max_len=64),

@@ -4,7 +4,8 @@
 to the block before, its transaction root, and every transaction's signature, payload
 hash and ``prev`` link (roster changes applied as they come). ``audit`` replays the
 blocks through the ledger's own state machine (:mod:`fairbus.ledger.state`), which does all of
-that and also re-derives every detection decision (Algorithm 6), and checks the blobs.
+that and also re-derives every detection decision (Algorithm 6) with the parameters the
+task start recorded, and checks the blobs.
 Both stop at, and name, the first bad record.
 """
 
@@ -16,11 +17,11 @@ from pathlib import Path
 
 import msgpack
 
-from fairbus.detection import DetectionParams
 from fairbus.errors import FairbusError, WireError
 from fairbus.ledger.records import GENESIS_HASH, Block, check_links
 from fairbus.ledger.state import InvalidBlockError, LedgerState, RefusedError, check_transaction
 from fairbus.roster import Roster
+from fairbus.task import TaskParams
 from fairbus.wire.limits import DEFAULT_LIMITS
 from fairbus.wire.messages import Dropout, RosterChange, decode_body
 from fairbus_ledger_service.blobs import BlobError, BlobStore
@@ -36,6 +37,9 @@ class Report:
     """The first bad record, named by block height (and transaction index)."""
     notes: tuple[str, ...] = ()
     """What is allowed but worth knowing (uploads of dropped users with no blob)."""
+    task: TaskParams | None = None
+    """The task's parameters as its task start recorded them (``audit`` only; None if the
+    ledger holds no task start yet): what every decision was re-derived with."""
 
     @property
     def ok(self) -> bool:
@@ -79,16 +83,16 @@ def verify(raw_blocks: Iterable[bytes], roster: Roster) -> Report:
 def audit(
     raw_blocks: Iterable[bytes],
     roster: Roster,
-    params: DetectionParams,
     blobs: BlobStore | None = None,
 ) -> Report:
     """:func:`verify`, plus every rule of the state machine and every decision re-derived
-    (Algorithm 6), plus every model-sized payload present and intact in ``blobs``."""
+    (Algorithm 6, with the parameters of the task's ``task_start`` transaction), plus every
+    model-sized payload present and intact in ``blobs``."""
     raw = list(raw_blocks)
     first = verify(raw, roster)
     if not first.ok:
         return first
-    state = LedgerState(roster, params)
+    state = LedgerState(roster)
     n_txs = 0
     missing: list[tuple[str, tuple[int | None, int | None], int]] = []
     dropped: set[tuple[int | None, int | None, int]] = set()
@@ -119,7 +123,7 @@ def audit(
         if (*scope, sender) not in dropped:
             return Report(len(raw), n_txs, where)
         notes.append(f"{where} (from user {sender}, who dropped out of that attempt)")
-    return Report(len(raw), n_txs, notes=tuple(notes))
+    return Report(len(raw), n_txs, notes=tuple(notes), task=state.task)
 
 
 def write_export(path: Path, raw_blocks: Iterable[bytes]) -> int:

@@ -1,43 +1,29 @@
 """The ledger node's configuration file (see ``configs/ledger.example.toml``).
 
 Strict: unknown keys, wrong types and missing files are a :class:`LedgerConfigError`
-naming the key.
+naming the key. A node configures no consensus-critical parameter: the task's (Algorithm
+6's policy) are recorded on the ledger at task start (:mod:`fairbus.task`), so every node
+and auditor takes the same ones from the blocks.
 """
 
 from __future__ import annotations
 
 import tomllib
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from fairbus.detection import DetectionParams
 from fairbus.errors import FairbusError
-from fairbus.protocol.provider import ProviderConfig
 
 
 class LedgerConfigError(FairbusError):
     pass
 
 
-def detection_table(table: object) -> DetectionParams:
-    """A ``[detection]`` table (the task's Alg. 6 policy; the provider's and every ledger
-    node's must be equal) over the provider's defaults. ``level_rounds = 0`` and
-    ``evidence_window = 0`` turn those extensions off (TOML has no null)."""
-    defaults = ProviderConfig().detection
-    names = {f.name for f in fields(DetectionParams)}
-    if not isinstance(table, dict) or set(table) - names:
-        raise FairbusError(f"[detection] takes only {sorted(names)} (the task's Alg. 6 policy)")
-    for key, value in table.items():
-        flag = isinstance(getattr(defaults, key), bool)
-        if flag != isinstance(value, bool) or not isinstance(value, int | float):
-            kind = "true or false" if flag else "a number"
-            raise FairbusError(f"[detection]: {key!r} must be {kind}, got {value!r}")
-    off = {k: None for k in ("level_rounds", "evidence_window") if table.get(k) == 0}
-    try:
-        return DetectionParams(**{**vars(defaults), **table, **off})
-    except (FairbusError, TypeError) as exc:
-        raise FairbusError(f"[detection]: {exc}") from None
+MOVED = (
+    "a ledger node takes no [detection] table: the Alg. 6 policy moved to the task's "
+    "configuration (fairbus.toml) and is recorded on the ledger at task start"
+)
 
 
 @dataclass(frozen=True)
@@ -49,7 +35,6 @@ class LedgerConfig:
     etcd: tuple[tuple[str, int], ...]
     blobs: Path
     broker: tuple[str, int]
-    detection: DetectionParams
     max_block_txs: int = 2048
     linger_ms: float = 5.0
     lease_ttl: int = 2
@@ -64,8 +49,10 @@ class LedgerConfig:
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any], *, base: Path, source: str) -> LedgerConfig:
-        known = {"roster", "keys", "store", "sqlite", "etcd", "blobs", "broker", "detection",
+        known = {"roster", "keys", "store", "sqlite", "etcd", "blobs", "broker",
                  "max_block_txs", "linger_ms", "lease_ttl"}  # fmt: skip
+        if "detection" in raw:
+            raise LedgerConfigError(f"{source}: {MOVED}")
         unknown = set(raw) - known
         if unknown:
             raise LedgerConfigError(f"{source}: unknown keys {sorted(unknown)}")
@@ -91,10 +78,6 @@ class LedgerConfig:
         etcd = raw.get("etcd", [])
         if not isinstance(etcd, list) or (store == "etcd" and not etcd):
             raise LedgerConfigError(f"{source}: 'etcd' must list the members as 'host:port'")
-        try:
-            params = detection_table(raw.get("detection", {}))
-        except FairbusError as exc:
-            raise LedgerConfigError(f"{source}: {exc}") from None
         ints = {k: raw.get(k, getattr(cls, k)) for k in ("max_block_txs", "lease_ttl")}
         for k, v in ints.items():
             if not isinstance(v, int) or v < 1:
@@ -110,7 +93,6 @@ class LedgerConfig:
             etcd=tuple(endpoint(e, "etcd") for e in etcd),
             blobs=path_of("blobs", "data/blobs"),
             broker=endpoint(raw.get("broker", "127.0.0.1:1883"), "broker"),
-            detection=params,
             max_block_txs=ints["max_block_txs"],
             linger_ms=float(linger),
             lease_ttl=ints["lease_ttl"],

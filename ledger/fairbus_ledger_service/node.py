@@ -98,6 +98,11 @@ class LedgerNode:
                 RefusalReason.TOO_LARGE if isinstance(exc, SizeError) else RefusalReason.MALFORMED
             )
             raise RefusedError(reason, str(exc)) from None
+        return self.transaction_of_envelope(env)
+
+    def transaction_of_envelope(self, env: SignedEnvelope) -> Transaction:
+        """The transaction of a parsed envelope; keep a model-sized payload in the blob
+        store (checked against the signed header's SHA-256)."""
         tx = Transaction.from_envelope(env)
         if is_model_sized(env.header.type) and env.payload:
             if self.blobs is None:

@@ -80,7 +80,7 @@ class LedgerService:
     async def run(self) -> None:
         store = await self._open_store()
         node = LedgerNode(
-            LedgerState(self.roster, self.config.detection),
+            LedgerState(self.roster),
             store,
             BlobStore(self.config.blobs),
             max_block_txs=self.config.max_block_txs,
@@ -201,7 +201,7 @@ class LedgerService:
         hash; the envelope's signature is checked when its transaction is validated."""
         assert self.node is not None
         with contextlib.suppress(FairbusError):
-            self.node.transaction_of(Recorded.from_bytes(data, self.node.limits).envelope)
+            self.node.transaction_of_envelope(Recorded.from_bytes(data, self.node.limits).envelope)
 
     def _on_submit(self, topic: str, data: bytes) -> None:
         assert self.node is not None

@@ -20,6 +20,7 @@ from fairbus_ledger_service.client import LedgerClient
 
 from fairbus import envelope, topics
 from fairbus.envelope import GENESIS
+from fairbus.errors import SignatureError
 from fairbus.identity import Identity, load_broker_password
 from fairbus.ledger.recorded import ReceiptError, Recorded, open_recorded
 from fairbus.ledger.state import RefusalReason, RefusedError
@@ -219,8 +220,8 @@ def test_killed_ledger_writer_during_a_round(tmp_path: Path) -> None:
 
 def test_a_forged_upload_claiming_to_be_user_3_is_refused(tmp_path: Path) -> None:
     """User 4 signs an upload whose header names user 3: the ledger refuses it (so it
-    never gets a receipt), the provider machine refuses it by signature, and a genuine
-    receipt for another transaction does not make it acceptable."""
+    never gets a receipt), its signature does not verify, and with a genuine receipt for
+    another transaction the provider machine refuses it all the same."""
     with LocalTask(tmp_path, 9, 1, {}, store="sqlite", broker="mosquitto") as task:
         assert task.ledger is not None
         records = task.wait_for_round(1, ROUND_TIMEOUT)
@@ -235,13 +236,14 @@ def test_a_forged_upload_claiming_to_be_user_3_is_refused(tmp_path: Path) -> Non
         )
         assert forged.header.sender == 3
         forged_bytes = forged.to_bytes()
+        port = task.ledger.broker_port
 
         async def submit() -> RefusedError:
             password = load_broker_password(tmp_path / "keys", 4)
             async with (
                 mqtt_client(
                     "127.0.0.1",
-                    task.ledger.broker_port,
+                    port,
                     "user-4-forger",
                     username="user-4",
                     password=password,
@@ -255,14 +257,19 @@ def test_a_forged_upload_claiming_to_be_user_3_is_refused(tmp_path: Path) -> Non
         refusal = asyncio.run(submit())
         assert refusal.reason is RefusalReason.BAD_SIGNATURE
 
+        with pytest.raises(SignatureError):
+            envelope.verify(forged, roster)
+
+        # On the bus, with a genuine receipt for another transaction: the provider
+        # machine checks the receipt itself and refuses the upload.
+        receipt_of_another = _any_receipt(tmp_path, roster)
+        on_the_bus = Recorded(forged, receipt_of_another).to_bytes()
+        with pytest.raises(ReceiptError):
+            open_recorded(on_the_bus, roster)
         provider = Identity.load(tmp_path / "keys", 0)
         machine = ProviderMachine(provider, roster, np.zeros(4, np.float32))
-        out = machine.handle(Received("upload", forged_bytes))
-        assert isinstance(out[0], Refused) and out[0].reason == "SignatureError"
-
-        receipt_of_another = _any_receipt(tmp_path, roster)
-        with pytest.raises(ReceiptError):
-            open_recorded(Recorded(forged_bytes, receipt_of_another).to_bytes(), roster)
+        (out,) = machine.handle(Received("upload", on_the_bus))
+        assert isinstance(out, Refused) and out.reason == "ReceiptError"
         _audit(task)
 
 

@@ -8,31 +8,32 @@ from pathlib import Path
 import pytest
 from fairbus_cli.main import app
 from fairbus_ledger_service.blobs import BlobStore
-from fairbus_ledger_service.config import LedgerConfig, LedgerConfigError, detection_table
+from fairbus_ledger_service.config import LedgerConfig, LedgerConfigError
 from fairbus_ledger_service.node import LedgerNode
 from fairbus_ledger_service.stores import SqliteStore
 from typer.testing import CliRunner
 
 from fairbus.ledger.records import Block, Transaction
 from fairbus.ledger.state import LedgerState
-from fairbus.protocol.provider import ProviderConfig
 from tests.support_ledger import RecordedRun, record_run
 
 REPO = Path(__file__).resolve().parents[2]
 
 
-def test_zero_turns_the_whole_number_extensions_off() -> None:
-    table = {"level_rounds": 0, "evidence_window": 0}
-    params = detection_table(table)
-    assert params.level_rounds is None and params.evidence_window is None
-
-
 def test_the_example_config_loads() -> None:
     config = LedgerConfig.load(REPO / "configs" / "ledger.example.toml")
     assert config.store == "etcd" and len(config.etcd) == 3
-    assert config.detection.carry_evidence and config.detection.key_score == 0.3
-    assert config.detection == ProviderConfig().detection  # the example spells the defaults
     assert config.roster.name == "roster.example.toml"
+
+
+def test_a_detection_table_is_refused_it_is_recorded_at_task_start(tmp_path: Path) -> None:
+    path = tmp_path / "ledger.toml"
+    path.write_text('roster = "r.toml"\n[detection]\nbound_score = 0.15\n')
+    with pytest.raises(LedgerConfigError) as info:
+        LedgerConfig.load(path)
+    message = str(info.value)
+    assert "[detection]" in message and "task's configuration" in message
+    assert "recorded on the ledger at task start" in message and "\n" not in message
 
 
 @pytest.mark.parametrize(
@@ -43,10 +44,7 @@ def test_the_example_config_loads() -> None:
         ('roster = "r.toml"\nbroker = "localhost"\n', "host:port"),
         ('roster = "r.toml"\nbroker = "h:99999"\n', "bad port"),
         ('roster = "r.toml"\nsurprise = 1\n', "unknown keys"),
-        ('roster = "r.toml"\n[detection]\nbound_scor = 1\n', "[detection]"),
-        ('roster = "r.toml"\n[detection]\nconfidence = 2.0\n', "[detection]"),
-        ('roster = "r.toml"\n[detection]\nlevel_rounds = 2.5\n', "whole number"),
-        ('roster = "r.toml"\n[detection]\nevidence_window = 2\n', "evidence_window"),
+        ('roster = "r.toml"\n[detection]\n', "task start"),
         ('roster = "r.toml"\nmax_block_txs = 0\n', "max_block_txs"),
         ("roster = 7\n", "'roster'"),
         ("roster = [", "r.toml"),
@@ -74,7 +72,7 @@ def _ledger_files(run: RecordedRun, root: Path) -> Path:
 
 async def _commit_all(run: RecordedRun, root: Path) -> None:
     store = SqliteStore(root / "l.sqlite")
-    node = LedgerNode(LedgerState(run.roster, run.params), store, BlobStore(root / "data/blobs"))
+    node = LedgerNode(LedgerState(run.roster), store, BlobStore(root / "data/blobs"))
     node.is_writer = True
     writer = asyncio.create_task(node.write_loop())
     for data in run.envelopes:
@@ -92,6 +90,7 @@ def test_verify_and_audit_pass_then_name_a_tampered_block(run: RecordedRun, tmp_
     assert "verify: OK" in ok.output
     ok = runner.invoke(app, ["audit", "--config", str(config)])
     assert ok.exit_code == 0, ok.output
+    assert "recorded at task start" in ok.output  # what the decisions were re-derived with
     # a decision in the store rewritten by hand, re-signed by nobody: names block and tx
     store = SqliteStore(tmp_path / "l.sqlite")
     raw = asyncio.run(store.read(0))

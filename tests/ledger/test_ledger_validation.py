@@ -59,7 +59,7 @@ async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator
 
 
 async def writer(run: RecordedRun, store: BlockStore, tmp_path: Path) -> LedgerNode:
-    node = LedgerNode(LedgerState(run.roster, run.params), store, BlobStore(tmp_path / "blobs"))
+    node = LedgerNode(LedgerState(run.roster), store, BlobStore(tmp_path / "blobs"))
     await node.sync()
     node.is_writer = True
     return node
@@ -84,7 +84,7 @@ async def test_a_whole_run_commits_and_any_node_replays_it(
     assert node.state.excluded <= {2, 7}  # only attackers can be excluded
     # a second node re-validates every block from the store and reaches the same state
     blocks = [Block.from_bytes(b) for b in await store.read(0)]
-    follower = replay(run.roster, run.params, blocks)
+    follower = replay(run.roster, blocks)
     assert follower.head_hash == node.state.head_hash
     assert follower.heads == node.state.heads
     assert follower.excluded == node.state.excluded
@@ -226,7 +226,7 @@ async def test_a_block_tampered_in_the_store_is_named_by_verify_and_audit(
     await submit_all(node, run.envelopes)
     raw = await store.read(0)
     assert verify(raw, run.roster).ok
-    assert audit(raw, run.roster, run.params, node.blobs).ok
+    assert audit(raw, run.roster, node.blobs).ok
     # the provider's first evaluation, rewritten in place: one accuracy changed
     height, k = next(
         (h, k)
@@ -244,7 +244,7 @@ async def test_a_block_tampered_in_the_store_is_named_by_verify_and_audit(
     bad = Block(block.height, block.prev_hash, block.tx_root, block.timestamp, tuple(txs))
     await _tamper(store, height, bad.to_bytes())
     raw = await store.read(0)
-    for report in (verify(raw, run.roster), audit(raw, run.roster, run.params)):
+    for report in (verify(raw, run.roster), audit(raw, run.roster)):
         assert not report.ok
         assert report.problem is not None
         assert report.problem.startswith(f"block {height}"), report.problem
@@ -298,7 +298,7 @@ async def test_a_roster_change_by_the_admin_admits_a_new_member(
     assert 42 in node.state.roster
     raw = await store.read(0)
     assert verify(raw, run.roster).ok  # verify applies the change as it comes
-    assert audit(raw, run.roster, run.params).ok
+    assert audit(raw, run.roster).ok
 
 
 async def test_dropouts_commit_and_a_closed_attempt_takes_no_more_uploads(tmp_path: Path) -> None:

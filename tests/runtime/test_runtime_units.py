@@ -86,12 +86,12 @@ def test_recorded_messages_are_decoded_strictly(
             Recorded.from_bytes(bad)
     # no receipt, a receipt signed by a user, a receipt for another transaction
     with pytest.raises(FairbusError):
-        open_recorded(Recorded(signed.to_bytes(), b"").to_bytes(), roster)
+        open_recorded(Recorded(signed, b"").to_bytes(), roster)
     user_note = envelope.sign(identities[1], roster.task, Attestation("n", bytes(32), b""),
                               prev=GENESIS)  # fmt: skip
     with pytest.raises(ReceiptError):
         check_receipt(user_note.to_bytes(), signed.hash, roster)
-    stripped = envelope.parse(header_only(signed.to_bytes()))
+    stripped = envelope.parse(header_only(signed))
     assert stripped.payload == b"" and stripped.hash == signed.hash
 
 

@@ -13,6 +13,7 @@ from fairbus.envelope import GENESIS
 from fairbus.errors import DecodeError, FairbusError, SchemaError, SizeError, WireError
 from fairbus.identity import Identity
 from fairbus.roster import Roster
+from fairbus.task import TaskParams
 from fairbus.wire import codec
 from fairbus.wire.limits import DEFAULT_LIMITS, WireLimits
 from fairbus.wire.messages import (
@@ -67,6 +68,7 @@ SAMPLES = [
     Refusal(H, "stale_prev", "prev does not match"),
     RosterChange("task = 'x'"),
     Attestation("global_model/round/3", bytes(32), b"received"),
+    TaskParams().to_message(),
 ]
 
 

@@ -1,0 +1,145 @@
+"""The task start: the ledger takes the task's parameters from the provider's first
+transaction, once, and re-derives every decision with them (no node configures its own)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from fairbus import envelope
+from fairbus.detection import DetectionParams
+from fairbus.envelope import GENESIS
+from fairbus.identity import Identity
+from fairbus.ledger.state import LedgerState, RefusalReason
+from fairbus.roster import Roster
+from fairbus.task import DEFAULT_DETECTION, TaskParams
+from fairbus.wire.messages import (
+    Announce,
+    DetectionPolicy,
+    GlobalModel,
+    GroupSpec,
+    TaskStart,
+)
+from tests.conftest import TASK
+from tests.support_ledger import RecordedRun, admit_all, record_run, with_task
+
+PAPER = TaskParams(DetectionParams())  # Alg. 6 as written: not what the run's provider used
+
+
+def _start(identity: Identity, task: TaskParams = PAPER, prev: bytes = GENESIS) -> bytes:
+    return envelope.sign(identity, TASK, task.to_message(), prev=prev).to_bytes()
+
+
+def _model(identity: Identity, prev: bytes = GENESIS) -> bytes:
+    message = GlobalModel(2, bytes(8))
+    return envelope.sign(identity, TASK, message, prev=prev, round=1, attempt=0).to_bytes()
+
+
+def _announce(identity: Identity, prev: bytes = GENESIS) -> bytes:
+    groups = (GroupSpec(0, "basic", (1, 2, 3), None, 3), GroupSpec(1, "basic", (4, 5, 6), None, 3))
+    message = Announce(bytes(32), 2, 16, groups, (), (), (), 1.0, 1.0)
+    return envelope.sign(identity, TASK, message, prev=prev, round=1, attempt=0).to_bytes()
+
+
+def test_a_task_start_is_admitted_once_and_sets_the_parameters(
+    identities: dict[int, Identity], roster: Roster
+) -> None:
+    provider = identities[0]
+    first = _start(provider)
+    state, refused = admit_all(roster, [first])
+    assert refused == [] and state.task == PAPER
+    again = _start(provider, TaskParams(), prev=state.head(0))
+    state, refused = admit_all(roster, [first, again])
+    assert [(k, e.reason) for k, e in refused] == [(1, RefusalReason.OUT_OF_ORDER)]
+    assert "once" in refused[0][1].detail
+    assert state.task == PAPER and state.height == 0  # the refused one changed nothing
+
+
+def test_only_the_provider_may_start_the_task(
+    identities: dict[int, Identity], roster: Roster
+) -> None:
+    for who in (3, 8, 9):  # a user, a ledger node, the admin
+        state, refused = admit_all(roster, [_start(identities[who])])
+        assert [e.reason for _, e in refused] == [RefusalReason.ROLE_NOT_ALLOWED], who
+        assert state.task is None
+
+
+def test_nothing_round_scoped_is_admitted_before_the_task_start(
+    identities: dict[int, Identity], roster: Roster
+) -> None:
+    provider = identities[0]
+    for data in (_announce(provider), _model(provider)):
+        state, refused = admit_all(roster, [data])
+        assert [e.reason for _, e in refused] == [RefusalReason.OUT_OF_ORDER]
+        assert "before the task started" in refused[0][1].detail
+        assert state.height == -1 and state.current_round == 0
+    # after it, the same announcement is admitted
+    start = _start(provider)
+    state, _ = admit_all(roster, [start])
+    model = _model(provider, prev=state.head(0))
+    state, _ = admit_all(roster, [start, model])
+    state, refused = admit_all(roster, [start, model, _announce(provider, prev=state.head(0))])
+    assert refused == [] and state.current_round == 1
+
+
+def test_an_invalid_policy_is_refused_as_malformed(
+    identities: dict[int, Identity], roster: Roster
+) -> None:
+    policy = dataclasses.asdict(DEFAULT_DETECTION) | {"evidence_window": 2, "min_evidence": 4}
+    message = TaskStart(DetectionPolicy(**policy))
+    data = envelope.sign(identities[0], TASK, message, prev=GENESIS).to_bytes()
+    state, refused = admit_all(roster, [data])
+    assert [e.reason for _, e in refused] == [RefusalReason.MALFORMED]
+    assert "evidence_window" in refused[0][1].detail and state.task is None
+
+
+def test_a_ledger_state_takes_no_parameters_from_outside(roster: Roster) -> None:
+    with pytest.raises(TypeError):
+        LedgerState(roster, DEFAULT_DETECTION)  # type: ignore[misc]
+    with pytest.raises(TypeError):
+        LedgerState(roster, task=TaskParams())  # type: ignore[call-arg]
+
+
+# --- a real run ---------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def run() -> RecordedRun:
+    return record_run(rounds=2)
+
+
+def test_the_run_starts_with_the_providers_parameters(run: RecordedRun) -> None:
+    assert envelope.parse(run.envelopes[0]).header.type == "task_start"
+    assert sum(envelope.parse(e).header.type == "task_start" for e in run.envelopes) == 1
+    state, refused = admit_all(run.roster, run.envelopes)
+    assert refused == [] and state.task == run.task == TaskParams()
+    assert state.current_round == 2
+
+
+def test_decisions_are_checked_against_the_recorded_parameters(run: RecordedRun) -> None:
+    """The same run, its task start recording another policy (the provider's chain signed
+    again after it): the first decision, made with the provider's policy, is refused,
+    and nothing before it is."""
+    envelopes = with_task(run, PAPER)
+    state, refused = admit_all(run.roster, envelopes)
+    assert state.task == PAPER
+    assert refused, "a decision made with another policy was admitted"
+    k, error = refused[0]
+    first_decision = next(
+        n for n, e in enumerate(envelopes) if envelope.parse(e).header.type == "decision"
+    )
+    assert (k, error.reason) == (first_decision, RefusalReason.CONTRACT_VIOLATION), error
+
+
+def test_a_task_start_after_an_announcement_is_refused(run: RecordedRun) -> None:
+    announced = next(
+        n for n, e in enumerate(run.envelopes) if envelope.parse(e).header.type == "announce"
+    )
+    state, _ = admit_all(run.roster, run.envelopes[: announced + 1])
+    assert state.current_round == 1
+    late = envelope.sign(
+        run.identities[0], run.roster.task, TaskParams().to_message(), prev=state.head(0)
+    ).to_bytes()
+    state, refused = admit_all(run.roster, [*run.envelopes[: announced + 1], late])
+    assert [e.reason for _, e in refused] == [RefusalReason.OUT_OF_ORDER]

@@ -1,0 +1,149 @@
+"""The task's consensus-critical parameters: one definition, strict TOML, the wire round trip."""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+
+import numpy as np
+import pytest
+
+from fairbus import envelope
+from fairbus.detection import DetectionParams
+from fairbus.errors import FairbusError, SchemaError
+from fairbus.identity import Identity
+from fairbus.protocol.events import Commit, StartRound
+from fairbus.protocol.provider import ProviderConfig, ProviderMachine
+from fairbus.roster import Roster
+from fairbus.task import DEFAULT_DETECTION, PHASE_TIMEOUT, TaskParams, detection_table
+from fairbus.wire import codec
+from fairbus.wire.limits import DEFAULT_LIMITS
+from fairbus.wire.messages import DetectionPolicy, TaskStart, decode_body
+
+POLICIES = [
+    DEFAULT_DETECTION,
+    DetectionParams(),  # the paper's, every extension off (None fields on the wire)
+    DetectionParams(bound_score=1, tolerance=0, contribution_tolerance=0.0, key_score=0.0),
+]
+
+
+def test_the_defaults_exist_once() -> None:
+    assert TaskParams().detection is DEFAULT_DETECTION
+    assert ProviderConfig().detection == DEFAULT_DETECTION
+    assert ProviderConfig().task == TaskParams()
+    assert ProviderConfig().phase_timeout == PHASE_TIMEOUT
+    assert detection_table({}) == DEFAULT_DETECTION
+
+
+def test_the_wire_policy_is_the_detection_params_field_for_field() -> None:
+    names = [f.name for f in dataclasses.fields(DetectionParams)]
+    assert list(DetectionPolicy.FIELDS) == names
+    assert [f.name for f in dataclasses.fields(DetectionPolicy)] == names
+
+
+@pytest.mark.parametrize("detection", POLICIES)
+def test_task_params_round_trip_through_the_wire(detection: DetectionParams) -> None:
+    task = TaskParams(detection)
+    message = task.to_message()
+    decoded = decode_body("task_start", message.payload(), DEFAULT_LIMITS)
+    assert isinstance(decoded, TaskStart)
+    assert decoded == TaskStart.from_wire(message.to_wire(), "", DEFAULT_LIMITS)
+    assert TaskParams.from_message(decoded) == task
+    # canonical: the same parameters give the same bytes (so the same transaction hash)
+    assert TaskParams.from_message(decoded).to_message().payload() == message.payload()
+
+
+def _wire(**changes: object) -> dict[str, object]:
+    policy = TaskParams().to_message().to_wire()["detection"]
+    return {"detection": {**policy, **changes}}
+
+
+@pytest.mark.parametrize(
+    ("changes", "complaint"),
+    [
+        ({"bound_score": 1.5}, "bound_score"),
+        ({"tolerance": -0.1}, "tolerance"),
+        ({"confidence": 1}, "confidence"),  # an int is not a float
+        ({"min_evidence": 1}, "min_evidence"),
+        ({"min_evidence": 2**40}, "min_evidence"),
+        ({"carry_evidence": 1}, "carry_evidence"),
+        ({"evidence_window": 0}, "evidence_window"),  # off is nil on the wire, not 0
+        ({"level_rounds": True}, "level_rounds"),
+        ({"key_score": float("nan")}, "key_score"),
+        ({"surprise": 1}, "unknown fields"),
+    ],
+)
+def test_a_task_start_is_decoded_strictly(changes: dict[str, object], complaint: str) -> None:
+    with pytest.raises(SchemaError, match=complaint):
+        decode_body("task_start", codec.pack(_wire(**changes)), DEFAULT_LIMITS)
+
+
+def test_a_well_typed_but_invalid_policy_is_refused_as_a_whole() -> None:
+    # every field within its bounds, but a window smaller than the evidence it must hold
+    message = decode_body(
+        "task_start", codec.pack(_wire(evidence_window=2, min_evidence=4)), DEFAULT_LIMITS
+    )
+    assert isinstance(message, TaskStart)
+    with pytest.raises(SchemaError, match="evidence_window"):
+        TaskParams.from_message(message)
+
+
+def test_parameters_the_ledger_could_not_record_are_refused_at_once() -> None:
+    out_of_bounds = DetectionParams(bound_score=2.0)  # valid for detect(), not recordable
+    with pytest.raises(SchemaError, match="bound_score"):
+        TaskParams(out_of_bounds)
+    with pytest.raises(SchemaError, match="bound_score"):
+        ProviderConfig(detection=out_of_bounds)
+
+
+def test_zero_turns_the_whole_number_extensions_off() -> None:
+    params = detection_table({"level_rounds": 0, "evidence_window": 0})
+    assert params.level_rounds is None and params.evidence_window is None
+    assert params.min_evidence == DEFAULT_DETECTION.min_evidence  # the rest: the defaults
+
+
+def test_a_toml_table_is_read_over_the_defaults() -> None:
+    table = tomllib.loads("[detection]\nbound_score = 0.2\ncarry_evidence = false\n")
+    params = detection_table(table["detection"])
+    assert params == dataclasses.replace(
+        DEFAULT_DETECTION, bound_score=0.2, carry_evidence=False
+    )
+    assert TaskParams.from_message(TaskParams(params).to_message()).detection == params
+
+
+@pytest.mark.parametrize(
+    ("table", "complaint"),
+    [
+        ({"bound_scor": 1}, "[detection] takes only"),
+        ([], "[detection] takes only"),
+        ({"carry_evidence": 1}, "'carry_evidence' must be true or false"),
+        ({"bound_score": True}, "'bound_score' must be a number"),
+        ({"bound_score": "0.1"}, "'bound_score' must be a number"),
+        ({"confidence": 2.0}, "[detection]: confidence"),
+        ({"level_rounds": 2.5}, "whole number"),
+        ({"evidence_window": 2}, "evidence_window"),
+        ({"bound_score": 2.0}, "bound_score"),  # beyond what the ledger records
+        ({"min_evidence": 10**30}, "min_evidence"),
+        ({"tolerance": float("inf")}, "tolerance"),
+    ],
+)
+def test_a_bad_detection_table_is_refused_by_name(table: object, complaint: str) -> None:
+    with pytest.raises(FairbusError) as info:
+        detection_table(table)
+    assert complaint in str(info.value)
+    assert str(info.value).startswith("[detection]")
+
+
+def test_the_provider_records_the_task_start_first(
+    identities: dict[int, Identity], roster: Roster
+) -> None:
+    machine = ProviderMachine(identities[0], roster, np.zeros(8, dtype=np.float32))
+    out = machine.handle(StartRound(0.0))
+    commits = [o for o in out if isinstance(o, Commit)]
+    assert [c.kind for c in commits] == ["task_start", "global_model", "announce"]
+    first = commits[0].envelope
+    assert first.header.prev == envelope.GENESIS and first.header.round is None
+    message = envelope.verify(first, roster).message
+    assert isinstance(message, TaskStart)
+    assert TaskParams.from_message(message) == machine.config.task
+    assert commits[1].envelope.header.prev == first.hash  # the chain goes on from it
