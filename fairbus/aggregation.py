@@ -55,7 +55,8 @@ class AggregationStrategy(Protocol):
 
 @dataclass(frozen=True)
 class CleanGroupAverage:
-    """The average of the clean basic groups, weighted by size (DESIGN.md, step 7).
+    """The average of the clean basic groups, weighted by size (Alg. 1, line 30;
+    docs/architecture.md, "One round", step 7).
 
     A group is clean when no detected violator is in it, so no byte from a violator
     enters the global model. Focus and reference groups repeat users and are left out.

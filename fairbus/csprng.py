@@ -1,4 +1,4 @@
-"""Secret randomness: libsodium only (DESIGN.md, "Keys and numbers").
+"""Secret randomness: libsodium only (docs/architecture.md, "Keys and numbers").
 
 A 32-byte seed comes from ``randombytes_buf`` (``nacl.utils.random``) and is expanded
 into field vectors with ``randombytes_deterministic`` (ChaCha20). Independent streams

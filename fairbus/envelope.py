@@ -1,4 +1,4 @@
-"""Signed envelopes and per-sender hash chains (DESIGN.md, "Wire" and "Ledger").
+"""Signed envelopes and per-sender hash chains (docs/architecture.md, "Wire" and "Ledger").
 
 An envelope is ``{"h": header, "p": payload, "s": signature}`` in msgpack, where
 ``header`` is the canonical msgpack of (version, task, type, sender, round,

@@ -55,8 +55,8 @@ from fairbus.protocol.user import UserMachine
 from fairbus.roster import Member, Role, Roster
 from fairbus.rounds import RoundRecord, record_round
 from fairbus.training.attacks import Attack
-from fairbus.training.data import DATASET_MODELS, load_dataset, partition_dirichlet, partition_iid
-from fairbus.training.local import Evaluator, TrainConfig, Trainer
+from fairbus.training.data import DATASET_MODELS, load_dataset, partition
+from fairbus.training.local import Evaluator, TrainConfig, Trainer, round_seed, trainer_seed
 from fairbus.training.models import initial_params
 
 PROVIDER_ID = 0
@@ -132,13 +132,10 @@ class Simulation:
         )
         self.ledger = InProcessLedger(self.roster, node, on_block=on_block, on_blob=on_blob)
         train, test = load_dataset(config.dataset, config.data_dir, seed=config.seed)
-        if config.partition == "iid":
-            parts = partition_iid(len(train), config.users, config.seed)
-        else:
-            parts = partition_dirichlet(train.y.numpy(), config.users, config.alpha, config.seed)
+        parts = partition(train, config.users, config.partition, config.alpha, config.seed)
         self.trainers = {
             u: Trainer(
-                config.model_name, train.subset(p), config.train, seed=config.seed * 1000 + u
+                config.model_name, train.subset(p), config.train, seed=trainer_seed(config.seed, u)
             )
             for u, p in zip(self.user_ids, parts, strict=True)
         }
@@ -308,7 +305,7 @@ class Simulation:
             lambda: attack.local_model(
                 effect.global_params,
                 self.trainers[user],
-                seed=self.config.seed * 7919 + effect.round,
+                seed=round_seed(self.config.seed, effect.round),
             ),
         )
         record.local_models[user] = params

@@ -1,4 +1,4 @@
-"""Who may publish and read which topics, derived from the roster (DESIGN.md, "Wire").
+"""Who may publish and read which topics, derived from the roster (docs/architecture.md, "Wire").
 
 Every identity publishes only under its own subtree ``fairbus/<task>/<role>/<id>/#``
 (presence, Last Will, ledger submit/query, sealed shares, uploads, the provider's

@@ -1,8 +1,8 @@
 """The embedded broker: amqtt 0.12.1 in-process, with the roster's users and ACL.
 
 For one machine with nothing installed (``fairbus broker --embedded``, the demo); Mosquitto
-is the production broker (DESIGN.md, "Measured facts": amqtt is MQTT 3.1.1 only, ~90 MB/s,
-no keepalive enforcement).
+is the production broker (docs/architecture.md, "Measured facts": amqtt is MQTT 3.1.1
+only, ~90 MB/s, no keepalive enforcement).
 
 Why two small plugins of our own instead of amqtt's ``FileAuthPlugin`` and
 ``TopicAccessControlListPlugin``:

@@ -4,7 +4,7 @@
 (from the roster, :func:`fairbus_broker.acl.mosquitto_acl`), and Mosquitto's own ``mosquitto.db``
 when persistence is on. Every file is written with mode 0600, atomically, on every start.
 
-Settings and why (DESIGN.md, "Measured facts"):
+Settings and why (docs/architecture.md, "Measured facts"):
 
 - ``allow_anonymous false``, ``password_file`` (or, with ``[tls] require_certificate``,
   ``use_identity_as_username true``: the certificate's CN is the username), ``acl_file``.

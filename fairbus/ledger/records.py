@@ -1,4 +1,4 @@
-"""What the ledger stores: transactions and hash-chained blocks (DESIGN.md, "Ledger").
+"""What the ledger stores: transactions and hash-chained blocks (docs/architecture.md, "Ledger").
 
 A transaction is a participant's signed envelope as recorded: the signed header bytes,
 the signature and — for small messages (announcements, evaluations, decisions, dropouts,

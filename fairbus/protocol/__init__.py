@@ -1,4 +1,4 @@
-"""Sans-I/O protocol machines (DESIGN.md, "Principles" 1): events in, messages out.
+"""Sans-I/O protocol machines (docs/architecture.md, "State machines"): events in, messages out.
 
 :class:`~fairbus.protocol.provider.ProviderMachine` and
 :class:`~fairbus.protocol.user.UserMachine` never touch a socket, a clock or a model:

@@ -286,3 +286,16 @@ def partition_dirichlet(
         if min(len(p) for p in parts) >= min_size:
             return [np.sort(np.asarray(p, dtype=np.int64)) for p in parts]
     raise DatasetError(f"Dir({alpha}) left some user with fewer than {min_size} samples")
+
+
+def partition(
+    train: Dataset, n_users: int, kind: str, alpha: float, seed: int
+) -> list[npt.NDArray[np.int64]]:
+    """Each user's sample indices: ``kind`` is "iid" or "dirichlet" (non-IID with
+    ``alpha``). The simulator and every networked user split the same way, so user k of
+    the sorted user ids holds part k in both."""
+    if kind == "iid":
+        return partition_iid(len(train), n_users, seed)
+    if kind == "dirichlet":
+        return partition_dirichlet(train.y.numpy(), n_users, alpha, seed)
+    raise DatasetError(f"partition must be 'iid' or 'dirichlet', got {kind!r}")

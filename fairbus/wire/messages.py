@@ -1,4 +1,4 @@
-"""One class per message type named in DESIGN.md, each with a strict schema.
+"""One class per message type (docs/architecture.md, "Wire"), each with a strict schema.
 
 Signed messages travel as the payload of a :class:`fairbus.envelope.SignedEnvelope`
 whose header names the type; sealed shares travel inside a

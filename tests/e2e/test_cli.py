@@ -76,9 +76,19 @@ def test_bench_crypto_small(tmp_path: Path) -> None:
 
 
 def test_demo_walkthrough_recovers_the_exact_group_mean() -> None:
+    """The real machines through the ledger (the command exits 1 unless the field sum is
+    exact, the keys cancel and the ledger replays); one upload alone is noise."""
     result = runner.invoke(app, ["walkthrough"])
     assert result.exit_code == 0, result.output
     assert "bit for bit" in result.output
+
+    def row(label: str) -> str:
+        line = next(line for line in result.output.splitlines() if label in line)
+        return line.rstrip(" │").rsplit("│", 1)[-1].strip()
+
+    assert row("ledger blocks") == "8"  # task start … decision: one transaction a block
+    assert row("ledger replays from genesis") == "yes"
+    assert float(row("one masked upload decoded")) < 0.3 < float(row("group mean recovered"))
 
 
 def test_the_networked_demo_runs_and_its_ledger_audits(tmp_path: Path) -> None:

@@ -29,6 +29,7 @@ from fairbus.protocol.provider import ProviderMachine
 from fairbus.roster import Roster
 from fairbus.runtime.local import CLI, LocalTask
 from fairbus.training.attacks import Behaviour
+from fairbus.training.models import initial_params
 from fairbus.wire.messages import MaskedUpload
 from tests.conftest import find_service_binary
 
@@ -129,6 +130,25 @@ def _foreign_client_is_refused_by_the_acl(task: LocalTask) -> None:
     seen = asyncio.run(attempt())
     assert topics.upload(roster.task, 4) in seen
     assert topics.upload(roster.task, 3) not in seen
+
+
+def test_plain_fedavg_runs_through_the_same_loop(tmp_path: Path) -> None:
+    """``[provider] secure = false``: the PlainFedAvg policy, through the same runtime
+    loop and machines. The global model goes out in the clear and each user's model comes
+    back in the clear on its upload topic: no groups, no shares, nothing on the ledger."""
+    with LocalTask(tmp_path, 4, 2, {}, store="sqlite", broker="embedded",
+                   provider={"secure": False}) as task:  # fmt: skip
+        records = task.wait_for_round(2, 2 * ROUND_TIMEOUT)
+    for r in records:
+        assert r["groups"] == [] and r["attempts"] == 1 and r["failed"] is None, r
+        assert r["ledger_height"] is None and not r["refusals"] and not r["dropped"]
+        assert set(r["bytes"]) == {"plain_model"}  # type: ignore[call-overload]
+    trained = np.load(tmp_path / "state" / "provider" / "global_model.npy")
+    assert not np.allclose(trained, initial_params("digits_cnn", 0))  # the users' mean
+    for user in range(1, 5):
+        stats = json.loads((tmp_path / "state" / f"user-{user}" / "stats.json").read_text())
+        sent = {kind for kind, n in stats["round_bytes"].items() if n}
+        assert sent == {"upload"} and stats["timings"]["uploads"] == 1
 
 
 def test_dropouts_regroup_and_rejoin(tmp_path: Path) -> None:

@@ -57,7 +57,6 @@ from fairbus import topics
 from fairbus.errors import FairbusError
 from fairbus.identity import load_broker_password, new_broker_password
 from fairbus.roster import Role, Roster
-
 from tests.conftest import TASK, find_service_binary
 
 REPO = Path(__file__).resolve().parents[2]

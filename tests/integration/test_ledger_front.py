@@ -97,9 +97,8 @@ async def test_a_follower_raises_an_alarm_on_an_invalid_block(tmp_path: Path) ->
     roles = {0: Role.PROVIDER, 1: Role.USER}
     ids = {pid: Identity.generate(pid) for pid in roles}
     roster = Roster(TASK, [Member(ids[pid].public, role) for pid, role in roles.items()])
-    params = LedgerConfig.from_dict({"roster": "r"}, base=tmp_path, source="-").detection
     store = SqliteStore(tmp_path / "l.sqlite")
-    writer = LedgerNode(LedgerState(roster, params), store, BlobStore(tmp_path / "b"))
+    writer = LedgerNode(LedgerState(roster), store, BlobStore(tmp_path / "b"))
     writer.is_writer = True
     loop = asyncio.create_task(writer.write_loop())
     prev = GENESIS
@@ -108,13 +107,13 @@ async def test_a_follower_raises_an_alarm_on_an_invalid_block(tmp_path: Path) ->
         await writer.submit(signed.to_bytes())
         prev = signed.hash
     loop.cancel()
-    follower = LedgerNode(LedgerState(roster, params), SqliteStore(tmp_path / "l.sqlite"))
+    follower = LedgerNode(LedgerState(roster), SqliteStore(tmp_path / "l.sqlite"))
     assert await follower.sync() == writer.state.height + 1 and follower.alarm is None
     # a block whose transaction is re-signed by an impostor, written straight to the store
     block = Block.from_bytes((await store.read(1, 2))[0])
     bad_tx = Transaction(block.txs[0].header_bytes, bytes(64), block.txs[0].payload)
     store.overwrite(1, Block.build(1, block.prev_hash, block.timestamp, [bad_tx]).to_bytes())
-    fresh = LedgerNode(LedgerState(roster, params), SqliteStore(tmp_path / "l.sqlite"))
+    fresh = LedgerNode(LedgerState(roster), SqliteStore(tmp_path / "l.sqlite"))
     assert await fresh.sync() == 0
     assert fresh.alarm is not None and "height 1" in fresh.alarm
     assert fresh.state.height == 0  # nothing from the bad block on was applied

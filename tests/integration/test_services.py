@@ -22,7 +22,6 @@ from fairbus.envelope import GENESIS
 from fairbus.identity import Identity
 from fairbus.roster import Roster
 from fairbus.wire.messages import MaskedUpload
-
 from tests.conftest import TASK, find_service_binary
 
 

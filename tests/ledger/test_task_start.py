@@ -96,7 +96,7 @@ def test_an_invalid_policy_is_refused_as_malformed(
 
 def test_a_ledger_state_takes_no_parameters_from_outside(roster: Roster) -> None:
     with pytest.raises(TypeError):
-        LedgerState(roster, DEFAULT_DETECTION)  # type: ignore[misc]
+        LedgerState(roster, DEFAULT_DETECTION)  # type: ignore[call-arg, arg-type]
     with pytest.raises(TypeError):
         LedgerState(roster, task=TaskParams())  # type: ignore[call-arg]
 

@@ -16,7 +16,6 @@ from fairbus.identity import Identity
 from fairbus.roster import Roster
 from fairbus.wire import codec
 from fairbus.wire.messages import Announce, GroupSpec, MaskedUpload, Presence
-
 from tests.conftest import TASK
 
 

@@ -29,7 +29,7 @@ def test_every_module_of_fairbus_is_core_or_a_driver() -> None:
     children = {f"fairbus.{m.name}" for m in pkgutil.iter_modules(fairbus.__path__)}
     assert children - core - DRIVERS == set(), "name the new module in pyproject's contract"
     assert core - children == set(), "the contract names a module that does not exist"
-    assert DRIVERS <= set(_contracts()["core"]["forbidden_modules"])  # type: ignore[arg-type]
+    assert set(_contracts()["core"]["forbidden_modules"]) >= DRIVERS  # type: ignore[arg-type]
 
 
 def _lint_imports(root: Path) -> subprocess.CompletedProcess[str]:
@@ -69,9 +69,12 @@ def test_the_contract_holds_and_a_wrong_import_breaks_it(tmp_path: Path) -> None
 
 
 def test_the_wheel_has_no_generic_top_level_names(tmp_path: Path) -> None:
+    source = tmp_path / "source"  # setuptools writes build/ into the tree it builds
+    skip = (".venv", ".git", "build", "out", "data", "state", "keys", "*.egg-info")
+    shutil.copytree(REPO, source, ignore=shutil.ignore_patterns(*skip, "__pycache__"))
     subprocess.run(
         [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
-         "-w", str(tmp_path), str(REPO)],
+         "-w", str(tmp_path), str(source)],
         check=True,
         capture_output=True,
         timeout=300,

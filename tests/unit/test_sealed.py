@@ -13,7 +13,6 @@ from fairbus.roster import Roster
 from fairbus.sealed import ReplayGuard, SealContext, SealedOuter, open_share, seal_share
 from fairbus.wire import codec
 from fairbus.wire.limits import DEFAULT_LIMITS
-
 from tests.conftest import TASK
 
 CTX = SealContext(TASK, round=4, attempt=1, group=2)

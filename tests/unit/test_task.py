@@ -105,9 +105,7 @@ def test_zero_turns_the_whole_number_extensions_off() -> None:
 def test_a_toml_table_is_read_over_the_defaults() -> None:
     table = tomllib.loads("[detection]\nbound_score = 0.2\ncarry_evidence = false\n")
     params = detection_table(table["detection"])
-    assert params == dataclasses.replace(
-        DEFAULT_DETECTION, bound_score=0.2, carry_evidence=False
-    )
+    assert params == dataclasses.replace(DEFAULT_DETECTION, bound_score=0.2, carry_evidence=False)
     assert TaskParams.from_message(TaskParams(params).to_message()).detection == params
 
 

@@ -39,7 +39,6 @@ from fairbus.wire.messages import (
     decode_body,
     vector_from_bytes,
 )
-
 from tests.conftest import TASK
 
 H = b"\x07" * 32
