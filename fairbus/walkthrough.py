@@ -243,13 +243,9 @@ def run(seed: int = 0, *, say: Callable[[str], None] = lambda _: None) -> Walkth
             "each user checked the receipts and the grouping (no user's model follows from "
             "the group sums), was asked to train, and dealt Shamir shares of a fresh random "
             f"vector, each sealed for one other member (Alg. 3, lines 2-4): {len(shares)} "
-            f"sealed shares, {report.bytes_sealed:,} bytes"
-            + (
-                f"; user {bystander} cannot open the share user {_sender(sample)} sealed "
-                f"for user {sample.to}"
-                if sealed
-                else ""
-            )
+            f"sealed shares, {report.bytes_sealed:,} bytes; user {bystander} "
+            f"{'cannot' if sealed else 'CAN (a bug)'} open the share user {_sender(sample)} "
+            f"sealed for user {sample.to}"
         )
 
         # --- 3. the Train effects: each user trains on its own third ------------------------

@@ -24,6 +24,7 @@ import hashlib
 from collections.abc import Iterable
 from dataclasses import KW_ONLY, dataclass, field, replace
 from enum import StrEnum
+from typing import TypeVar
 
 from nacl.exceptions import BadSignatureError
 
@@ -247,16 +248,15 @@ class Draft:
         header = tx.envelope.header
         kind = header.type
         if kind == "roster_change":
-            assert isinstance(message, RosterChange)
-            self._roster_change(message)
+            self._roster_change(_body(message, RosterChange))
             return
         if kind == "attestation":
             return
         if kind == "task_start":
-            assert isinstance(message, TaskStart)
-            self._task_start(message)
+            self._task_start(_body(message, TaskStart))
             return
-        assert header.round is not None and header.attempt is not None
+        if header.round is None or header.attempt is None:
+            raise RefusedError(RefusalReason.MALFORMED, f"a {kind!r} names no round and attempt")
         if self.task is None:
             raise RefusedError(
                 RefusalReason.OUT_OF_ORDER,
@@ -265,8 +265,7 @@ class Draft:
             )
         r, a = header.round, header.attempt
         if kind == "announce":
-            assert isinstance(message, Announce)
-            self._announce(r, a, message)
+            self._announce(r, a, _body(message, Announce))
             return
         if kind == "global_model":
             return
@@ -278,14 +277,13 @@ class Draft:
                 "(or a later attempt has)",
             )
         if kind == "upload":
-            assert header.group is not None
+            if header.group is None:
+                raise RefusedError(RefusalReason.MALFORMED, "an upload names no group")
             self._upload(r, header.sender, header.group, record)
         elif kind == "evaluation":
-            assert isinstance(message, Evaluation)
-            self._evaluation(r, record, message)
+            self._evaluation(r, record, _body(message, Evaluation))
         elif kind == "decision":
-            assert isinstance(message, Decision)
-            self._decision(r, record, message)
+            self._decision(r, record, _body(message, Decision))
         elif kind == "dropout":
             if record.evaluation is not None:
                 raise RefusedError(
@@ -419,7 +417,8 @@ class Draft:
             if e.contribution is not None
         }
         evaluated = {e.gid for e in record.evaluation.accuracies}
-        assert self.task is not None  # nothing round-scoped is admitted before it
+        if self.task is None:  # unreachable: nothing round-scoped precedes task_start
+            raise RefusedError(RefusalReason.OUT_OF_ORDER, "a decision before the task started")
         try:
             result = detect(
                 grouping_of(record.announce, evaluated),
@@ -519,6 +518,17 @@ def check_transaction(
         return decode_body(header.type, tx.payload, limits)
     except WireError as exc:
         raise RefusedError(_wire_reason(exc), str(exc)) from None
+
+
+_M = TypeVar("_M", bound=Message)
+
+
+def _body(message: Message | None, cls: type[_M]) -> _M:
+    """The decoded body as the type its header names (``check_transaction`` decoded it
+    by that type; anything else is refused, never asserted)."""
+    if not isinstance(message, cls):
+        raise RefusedError(RefusalReason.MALFORMED, f"the body is not a {cls.TYPE!r}")
+    return message
 
 
 def _wire_reason(exc: WireError) -> RefusalReason:
