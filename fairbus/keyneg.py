@@ -139,7 +139,7 @@ def keys_sum_to_zero(keys: Sequence[FieldVector]) -> bool:
 def negotiate_in_process(keying: GroupKeying, length: int) -> dict[int, FieldVector]:
     """Run all of Algorithm 3 for one group in this process; returns sk_gi per member.
 
-    For the walkthrough, tests and benchmarks. Real users run the same steps,
+    For tests and benchmarks. Real users run the same steps,
     exchanging shares through sealed envelopes.
     """
     dealt = {i: deal_shares(keying, length) for i in keying.members}

@@ -18,7 +18,7 @@ from fairbus.grouping import exposed_users
 from fairbus.ledger.recorded import Recorded
 from fairbus.protocol.events import Received
 from fairbus.protocol.provider import ProviderConfig
-from fairbus.simulator import DropoutPlan, Simulation, SimulationConfig
+from fairbus.simulator import DropoutPlan, LedgerRefusalError, Simulation, SimulationConfig
 from fairbus.training.local import TrainConfig
 
 FAST = TrainConfig(local_epochs=2)
@@ -182,3 +182,23 @@ def test_clean_group_average_falls_back_to_the_group_that_contributed_most() -> 
     assert CleanGroupAverage().aggregate(current, plain, {9}).tolist() == [2.0, 2.0]
     scored = [dataclasses.replace(groups[0], scored=True), *groups[1:]]
     assert CleanGroupAverage().aggregate(current, scored, {9}).tolist() == [1.0, 1.0]
+
+
+def test_a_decision_the_contract_refuses_stops_the_simulation() -> None:
+    """The ledger re-derives every decision with the parameters recorded at task start;
+    here the ledger's record is made to disagree with the provider (as if the provider
+    decided with another policy than the one it recorded): the run stops with the
+    refusal, and nothing after it is committed."""
+    sim = Simulation(SimulationConfig(users=6, rounds=2, seed=3, train=FAST))
+    first = sim.play_round(1)
+    assert first.failed is None and first.ledger_height == sim.ledger.height
+    task = sim.ledger.state.task
+    assert task is not None and task == sim.config.provider.task
+    # Every group scores under this policy; the provider's own scores some 0.5 in round 2.
+    lenient = dataclasses.replace(task.detection, tolerance=1.0, contribution_tolerance=None)
+    sim.ledger.state.task = dataclasses.replace(task, detection=lenient)
+    height = sim.ledger.height
+    with pytest.raises(LedgerRefusalError, match="decision.*contract_violation"):
+        sim.play_round(2)
+    kinds = [tx.envelope.header.type for b in sim.ledger.blocks[height + 1 :] for tx in b.txs]
+    assert "decision" not in kinds and "evaluation" in kinds
