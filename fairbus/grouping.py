@@ -9,8 +9,9 @@ trusted general users, active for no one, show what a clean group achieves this 
 (:func:`fairbus.detection.group_contributions`).
 
 The privacy invariant (docs/architecture.md, "Trust and privacy") is enforced here: the
-group sums the provider can decrypt within a round (over all attempts) must not determine any single user's
-model, i.e. no unit vector e_u lies in the row space of the group incidence matrix.
+group sums the provider can decrypt within a round (over all attempts) must not determine
+any single user's model, i.e. no unit vector e_u lies in the row space of the group
+incidence matrix.
 A grouping that fails is resampled; if no sample passes, focus repeats are reduced,
 then basic groupings; if nothing works a :class:`GroupingError` says so. Users run
 :func:`check_grouping` on what they receive and refuse a grouping that fails it.

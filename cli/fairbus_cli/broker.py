@@ -6,11 +6,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import typer
-from fairbus_broker.config import BrokerConfig
-from fairbus_broker.mosquitto import run_mosquitto, write_mosquitto_files
 from rich.console import Console
 
 from fairbus.errors import FairbusError
+from fairbus_broker.config import BrokerConfig
+from fairbus_broker.mosquitto import run_mosquitto, write_mosquitto_files
 
 console = Console(highlight=False)
 

@@ -10,15 +10,15 @@ import time
 from pathlib import Path
 
 import typer
+from rich.console import Console
+
+from fairbus.errors import FairbusError
+from fairbus.roster import Roster
 from fairbus_ledger_service import audit as auditing
 from fairbus_ledger_service.blobs import BlobStore
 from fairbus_ledger_service.config import LedgerConfig
 from fairbus_ledger_service.etcd_cluster import EtcdCluster
 from fairbus_ledger_service.stores import EtcdStore, SqliteStore
-from rich.console import Console
-
-from fairbus.errors import FairbusError
-from fairbus.roster import Roster
 
 console = Console()
 app = typer.Typer(

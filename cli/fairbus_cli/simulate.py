@@ -139,9 +139,8 @@ def simulate(
 def execute(config: SimulationConfig, out: Path) -> list[RoundRecord]:
     """Run ``config`` with a progress bar, write the log, plots and ledger, print a
     summary, then audit the ledger (``fairbus audit --config out/ledger/ledger.toml``)."""
-    from fairbus_ledger_service import audit as auditing
-
     from fairbus_cli.ledger import print_report
+    from fairbus_ledger_service import audit as auditing
 
     try:
         records, ledger = run_with_progress(config, out)

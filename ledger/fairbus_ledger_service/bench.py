@@ -27,13 +27,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import aiomqtt
-from fairbus_broker.mqtt import mqtt_client
 
 from fairbus import envelope, topics
 from fairbus.envelope import GENESIS
 from fairbus.ledger.records import Block
 from fairbus.wire.limits import DEFAULT_LIMITS
 from fairbus.wire.messages import Attestation, Receipt, decode_body
+from fairbus_broker.mqtt import mqtt_client
 from fairbus_ledger_service.deployment import LocalLedger
 
 TASK = "ledger-bench"

@@ -17,11 +17,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
 
-from fairbus_broker.mosquitto import find_mosquitto
-
 from fairbus.errors import FairbusError
 from fairbus.identity import Identity, new_broker_password
 from fairbus.roster import Member, Role, Roster
+from fairbus_broker.mosquitto import find_mosquitto
 from fairbus_ledger_service.etcd_cluster import EtcdCluster, find_etcd, free_port
 from fairbus_ledger_service.stores import EtcdStore
 

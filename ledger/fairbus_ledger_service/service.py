@@ -21,7 +21,6 @@ from collections.abc import Coroutine
 from typing import Any
 
 import aiomqtt
-from fairbus_broker.mqtt import mqtt_client
 
 from fairbus import envelope, topics
 from fairbus.envelope import GENESIS
@@ -40,6 +39,7 @@ from fairbus.wire.messages import (
     ReceiptEntry,
     Refusal,
 )
+from fairbus_broker.mqtt import mqtt_client
 from fairbus_ledger_service.blobs import BlobError, BlobStore
 from fairbus_ledger_service.config import LedgerConfig
 from fairbus_ledger_service.election import EtcdElection, lead_when_elected

@@ -26,6 +26,13 @@ from pathlib import Path
 import aiomqtt
 import pytest
 import typer
+from paho.mqtt.reasoncodes import ReasonCode
+from typer.testing import CliRunner
+
+from fairbus import topics
+from fairbus.errors import FairbusError
+from fairbus.identity import load_broker_password, new_broker_password
+from fairbus.roster import Role, Roster
 from fairbus_broker.acl import (
     acl_entries,
     filter_covers,
@@ -50,13 +57,6 @@ from fairbus_broker.passwords import (
 from fairbus_cli.broker import broker as broker_command
 from fairbus_ledger_service.deployment import DeploymentError, wait_for_port
 from fairbus_ledger_service.etcd_cluster import free_port
-from paho.mqtt.reasoncodes import ReasonCode
-from typer.testing import CliRunner
-
-from fairbus import topics
-from fairbus.errors import FairbusError
-from fairbus.identity import load_broker_password, new_broker_password
-from fairbus.roster import Role, Roster
 from tests.conftest import TASK, find_service_binary
 
 REPO = Path(__file__).resolve().parents[2]

@@ -14,15 +14,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from fairbus_broker.mqtt import mqtt_client
-from fairbus_ledger_service.audit import audit
-from fairbus_ledger_service.client import LedgerClient
-from fairbus_ledger_service.deployment import LocalLedger
 
 from fairbus import envelope, topics
 from fairbus.envelope import GENESIS
 from fairbus.ledger.records import Block
 from fairbus.wire.messages import Attestation, Query, QueryResponse
+from fairbus_broker.mqtt import mqtt_client
+from fairbus_ledger_service.audit import audit
+from fairbus_ledger_service.client import LedgerClient
+from fairbus_ledger_service.deployment import LocalLedger
 from tests.conftest import find_service_binary
 
 TASK = "ledger-cluster"

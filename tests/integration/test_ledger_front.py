@@ -10,13 +10,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from fairbus_broker.mqtt import mqtt_client
-from fairbus_ledger_service.blobs import BlobStore
-from fairbus_ledger_service.client import LedgerClient
-from fairbus_ledger_service.config import LedgerConfig
-from fairbus_ledger_service.node import LedgerNode
-from fairbus_ledger_service.service import LedgerService
-from fairbus_ledger_service.stores import SqliteStore
 
 from fairbus import envelope
 from fairbus.envelope import GENESIS
@@ -25,6 +18,13 @@ from fairbus.ledger.records import Block, Transaction
 from fairbus.ledger.state import LedgerState, RefusalReason, RefusedError
 from fairbus.roster import Member, Role, Roster
 from fairbus.wire.messages import Attestation, GlobalModel
+from fairbus_broker.mqtt import mqtt_client
+from fairbus_ledger_service.blobs import BlobStore
+from fairbus_ledger_service.client import LedgerClient
+from fairbus_ledger_service.config import LedgerConfig
+from fairbus_ledger_service.node import LedgerNode
+from fairbus_ledger_service.service import LedgerService
+from fairbus_ledger_service.stores import SqliteStore
 from tests.conftest import find_service_binary
 from tests.integration.test_services import free_port, running
 

@@ -14,14 +14,14 @@ from pathlib import Path
 
 import aiomqtt
 import pytest
-from fairbus_ledger_service.deployment import wait_for_port
-from fairbus_ledger_service.etcd_cluster import free_port
 
 from fairbus import envelope
 from fairbus.envelope import GENESIS
 from fairbus.identity import Identity
 from fairbus.roster import Roster
 from fairbus.wire.messages import MaskedUpload
+from fairbus_ledger_service.deployment import wait_for_port
+from fairbus_ledger_service.etcd_cluster import free_port
 from tests.conftest import TASK, find_service_binary
 
 

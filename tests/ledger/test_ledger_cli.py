@@ -6,15 +6,15 @@ import asyncio
 from pathlib import Path
 
 import pytest
+from typer.testing import CliRunner
+
+from fairbus.ledger.records import Block, Transaction
+from fairbus.ledger.state import LedgerState
 from fairbus_cli.main import app
 from fairbus_ledger_service.blobs import BlobStore
 from fairbus_ledger_service.config import LedgerConfig, LedgerConfigError
 from fairbus_ledger_service.node import LedgerNode
 from fairbus_ledger_service.stores import SqliteStore
-from typer.testing import CliRunner
-
-from fairbus.ledger.records import Block, Transaction
-from fairbus.ledger.state import LedgerState
 from tests.support_ledger import RecordedRun, record_run
 
 REPO = Path(__file__).resolve().parents[2]

@@ -8,11 +8,6 @@ from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
-from fairbus_ledger_service.audit import audit, read_export, verify, write_export
-from fairbus_ledger_service.blobs import BlobStore
-from fairbus_ledger_service.etcd_cluster import EtcdCluster
-from fairbus_ledger_service.node import LedgerNode, Refused
-from fairbus_ledger_service.stores import BlockStore, EtcdStore, SqliteStore, block_key
 
 from fairbus import envelope
 from fairbus.envelope import GENESIS
@@ -30,6 +25,11 @@ from fairbus.wire.messages import (
     MaskedUpload,
     RosterChange,
 )
+from fairbus_ledger_service.audit import audit, read_export, verify, write_export
+from fairbus_ledger_service.blobs import BlobStore
+from fairbus_ledger_service.etcd_cluster import EtcdCluster
+from fairbus_ledger_service.node import LedgerNode, Refused
+from fairbus_ledger_service.stores import BlockStore, EtcdStore, SqliteStore, block_key
 from tests.conftest import find_service_binary
 from tests.support_ledger import ADMIN_ID, RecordedRun, record_run
 

@@ -8,7 +8,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from fairbus_cli.main import app
 from typer.testing import CliRunner
 
 from fairbus import field
@@ -20,6 +19,7 @@ from fairbus.protocol.events import Received
 from fairbus.protocol.provider import ProviderConfig
 from fairbus.simulator import DropoutPlan, LedgerRefusalError, Simulation, SimulationConfig
 from fairbus.training.local import TrainConfig
+from fairbus_cli.main import app
 
 FAST = TrainConfig(local_epochs=2)
 
@@ -198,7 +198,7 @@ def test_a_decision_the_contract_refuses_stops_the_simulation() -> None:
     lenient = dataclasses.replace(task.detection, tolerance=1.0, contribution_tolerance=None)
     sim.ledger.state.task = dataclasses.replace(task, detection=lenient)
     height = sim.ledger.height
-    with pytest.raises(LedgerRefusalError, match="decision.*contract_violation"):
+    with pytest.raises(LedgerRefusalError, match=r"decision.*contract_violation"):
         sim.play_round(2)
     kinds = [tx.envelope.header.type for b in sim.ledger.blocks[height + 1 :] for tx in b.txs]
     assert "decision" not in kinds and "evaluation" in kinds
