@@ -14,6 +14,11 @@ may be decrypted. Then, in order: if every group is complete, the round goes on;
 the survivors are regrouped with fresh keys (attempt + 1), the known groups carried into
 the exposure check and announced (the ledger refuses an announcement that omits one);
 if no grouping passes that check, the round finishes on the complete groups it holds.
+
+Under the :class:`~fairbus.aggregation.PlainFedAvg` policy (``strategy.secure`` False, the
+baseline) a round is plain FedAvg instead: the global model goes to every online user in
+the clear (a :class:`Send`, nothing on the ledger), each answers with its trained model,
+and at the last answer (or the deadline) the policy averages them.
 """
 
 from __future__ import annotations

@@ -15,6 +15,10 @@ One round for one user (Algorithm 1, lines 9-21, as the user sees them):
 
 A new attempt of the same round supersedes the old one: its negotiation state is
 dropped, and the user never uploads for it again.
+
+A user of a task that runs :class:`~fairbus.aggregation.PlainFedAvg` (``secure=False``,
+the baseline) instead trains on the provider's plain global model and sends its model
+back in the clear; a user of a secure task refuses to.
 """
 
 from __future__ import annotations

@@ -15,9 +15,9 @@ import logging
 from collections.abc import Callable
 
 import aiomqtt
-from fairbus_broker.mqtt import mqtt_client
 
 from fairbus import topics
+from fairbus_broker.mqtt import mqtt_client
 
 log = logging.getLogger("fairbus.bus")
 

@@ -15,10 +15,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
 
-from fairbus_ledger_service.deployment import FAIRBUS_COMMAND, LocalLedger, stop_processes
-
 from fairbus.errors import FairbusError
 from fairbus.training.attacks import Behaviour
+from fairbus_ledger_service.deployment import FAIRBUS_COMMAND, LocalLedger, stop_processes
 
 CLI = list(FAIRBUS_COMMAND)
 

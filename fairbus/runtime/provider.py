@@ -24,7 +24,6 @@ from dataclasses import replace
 from typing import TYPE_CHECKING
 
 import numpy as np
-from fairbus_ledger_service.client import LedgerClient
 
 from fairbus import topics
 from fairbus.aggregation import PlainFedAvg
@@ -57,6 +56,7 @@ from fairbus.roster import Role, Roster
 from fairbus.rounds import RoundRecord, record_round
 from fairbus.runtime.config import RuntimeConfig
 from fairbus.runtime.connection import OFFLINE, ONLINE, BusConnection
+from fairbus_ledger_service.client import LedgerClient
 
 if TYPE_CHECKING:
     from fairbus.training.local import Evaluator

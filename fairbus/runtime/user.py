@@ -25,7 +25,6 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 import numpy.typing as npt
-from fairbus_ledger_service.client import LedgerClient, LedgerTimeoutError
 
 from fairbus import topics
 from fairbus.aggregation import PLAIN_MODEL
@@ -54,6 +53,7 @@ from fairbus.runtime.connection import BusConnection
 from fairbus.runtime.user_state import UserState
 from fairbus.training.attacks import Attack
 from fairbus.wire.messages import MESSAGE_TYPES
+from fairbus_ledger_service.client import LedgerClient, LedgerTimeoutError
 
 if TYPE_CHECKING:
     from fairbus.training.local import Trainer

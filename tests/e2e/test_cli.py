@@ -4,10 +4,10 @@ import json
 import stat
 from pathlib import Path
 
-from fairbus_cli.main import app
 from typer.testing import CliRunner
 
 from fairbus.roster import Role, Roster
+from fairbus_cli.main import app
 
 runner = CliRunner()
 

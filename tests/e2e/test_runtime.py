@@ -15,8 +15,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from fairbus_broker.mqtt import mqtt_client
-from fairbus_ledger_service.client import LedgerClient
 
 from fairbus import envelope, topics
 from fairbus.envelope import GENESIS
@@ -31,6 +29,8 @@ from fairbus.runtime.local import CLI, LocalTask
 from fairbus.training.attacks import Behaviour
 from fairbus.training.models import initial_params
 from fairbus.wire.messages import MaskedUpload
+from fairbus_broker.mqtt import mqtt_client
+from fairbus_ledger_service.client import LedgerClient
 from tests.conftest import find_service_binary
 
 pytestmark = pytest.mark.services
