@@ -123,7 +123,8 @@ Event: TypeAlias = (
 
 @dataclass(frozen=True, eq=False)
 class Send:
-    """Bytes for ``to`` that do not go on the ledger (a sealed share)."""
+    """Bytes for ``to`` that do not go on the ledger: a sealed share, or under
+    :class:`~fairbus.aggregation.PlainFedAvg` a model in the clear."""
 
     to: Address
     kind: str

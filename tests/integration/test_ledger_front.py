@@ -17,6 +17,7 @@ from fairbus.identity import Identity
 from fairbus.ledger.records import Block, Transaction
 from fairbus.ledger.state import LedgerState, RefusalReason, RefusedError
 from fairbus.roster import Member, Role, Roster
+from fairbus.task import TaskParams
 from fairbus.wire.messages import Attestation, GlobalModel
 from fairbus_broker.mqtt import mqtt_client
 from fairbus_ledger_service.blobs import BlobStore
@@ -59,18 +60,20 @@ async def test_receipts_refusals_and_queries_over_the_bus(broker: int, tmp_path:
     roster, ids, config = _deployment(tmp_path, broker)
     service = asyncio.create_task(LedgerService(config, 101).run())
     model = np.arange(582_026, dtype="<f4").tobytes()  # the paper's MNIST CNN size
+    start = envelope.sign(ids[0], TASK, TaskParams().to_message(), prev=GENESIS)
     signed = envelope.sign(
-        ids[0], TASK, GlobalModel(582_026, model), prev=GENESIS, round=1, attempt=0
+        ids[0], TASK, GlobalModel(582_026, model), prev=start.hash, round=1, attempt=0
     )
     try:
         async with (
             mqtt_client("127.0.0.1", broker, "provider-0") as mqtt,
             LedgerClient(mqtt, ids[0], roster, "provider", timeout=2.0) as ledger,
         ):
+            await ledger.submit(start.to_bytes())  # the task's parameters come first
             receipt = await ledger.submit(signed.to_bytes())
-            assert (receipt.tx_hash, receipt.height, receipt.index) == (signed.hash, 0, 0)
+            assert (receipt.tx_hash, receipt.height, receipt.index) == (signed.hash, 1, 0)
             again = await ledger.submit(signed.to_bytes())  # a replay: the first receipt
-            assert (again.height, again.index) == (0, 0)
+            assert (again.height, again.index) == (1, 0)
             fork = envelope.sign(ids[0], TASK, Attestation("x", bytes(32), b""), prev=GENESIS)
             with pytest.raises(RefusedError) as refused:
                 await ledger.submit(fork.to_bytes())
