@@ -55,8 +55,9 @@ from fairbus.protocol.user import UserMachine
 from fairbus.roster import Member, Role, Roster
 from fairbus.rounds import RoundRecord, record_round
 from fairbus.training.attacks import Attack
+from fairbus.training.config import round_seed, trainer_seed
 from fairbus.training.data import DATASET_MODELS, load_dataset, partition
-from fairbus.training.local import Evaluator, TrainConfig, Trainer, round_seed, trainer_seed
+from fairbus.training.local import Evaluator, TrainConfig, Trainer
 from fairbus.training.models import initial_params
 
 PROVIDER_ID = 0

@@ -148,6 +148,11 @@ class LedgerState:
     last_block: Block | None = None
     round_index: dict[int, set[bytes]] = field(default_factory=dict)
     """Round → hashes of the transactions scoped to it (for round queries)."""
+    blob_index: dict[bytes, frozenset[tuple[str, int]]] = field(default_factory=dict)
+    """Payload SHA-256 of every recorded model-sized transaction (its payload is in the
+    blob stores, not in a block) → the (type, sender) of each transaction that names it:
+    whose blob it is, for the ledger service's ``blob`` query (a masked upload goes only
+    to the provider, the ledger nodes and admins; a global model to everyone)."""
 
     def head(self, sender: int) -> bytes:
         return self.heads.get(sender, GENESIS_HASH)
@@ -176,9 +181,12 @@ class LedgerState:
         self.heads.update(draft.heads)
         for k, tx in enumerate(block.txs):
             self.index[tx.hash] = Location(block.height, k)
-            r = tx.envelope.header.round
-            if r is not None:
-                self.round_index.setdefault(r, set()).add(tx.hash)
+            header = tx.envelope.header
+            if header.round is not None:
+                self.round_index.setdefault(header.round, set()).add(tx.hash)
+            if tx.payload is None:
+                owners = self.blob_index.get(header.payload_sha256, frozenset())
+                self.blob_index[header.payload_sha256] = owners | {(header.type, header.sender)}
         self.rounds.update(draft.rounds)
         self.current_round = draft.current_round
         self.key_users = draft.key_users

@@ -52,6 +52,7 @@ from fairbus.runtime.config import RuntimeConfig
 from fairbus.runtime.connection import BusConnection
 from fairbus.runtime.user_state import UserState
 from fairbus.training.attacks import Attack
+from fairbus.training.config import round_seed, trainer_seed
 from fairbus.wire.messages import MESSAGE_TYPES
 from fairbus_ledger_service.client import LedgerClient, LedgerTimeoutError
 
@@ -208,7 +209,7 @@ class UserRuntime:
                     self.attack.local_model,
                     effect.global_params,
                     trainer,
-                    seed=self.config.training.seed * 7919 + effect.round,
+                    seed=round_seed(self.config.training.seed, effect.round),
                 )
             except Exception:
                 log.exception("user %d: training for round %d failed", self.me, effect.round)
@@ -274,7 +275,7 @@ class UserRuntime:
     # --- data ------------------------------------------------------------------------------------
 
     def _build_trainer(self) -> Trainer:
-        from fairbus.training.data import load_dataset, partition_dirichlet, partition_iid
+        from fairbus.training.data import load_dataset, partition
         from fairbus.training.local import Trainer
 
         t = self.config.training
@@ -290,10 +291,9 @@ class UserRuntime:
         }  # fmt: skip
         indices = self.state.partition(describe)
         if indices is None:
-            if t.partition == "iid":
-                parts = partition_iid(len(train), len(users), t.seed)
-            else:
-                parts = partition_dirichlet(train.y.numpy(), len(users), t.alpha, t.seed)
+            parts = partition(train, len(users), t.partition, t.alpha, t.seed)
             indices = parts[users.index(self.me)]
             self.state.save_partition(describe, indices)
-        return Trainer(t.model_name, train.subset(indices), t.train, seed=t.seed * 1000 + self.me)
+        return Trainer(
+            t.model_name, train.subset(indices), t.train, seed=trainer_seed(t.seed, self.me)
+        )

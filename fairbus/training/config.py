@@ -14,3 +14,14 @@ class TrainConfig:
     batch_size: int = 64
     local_epochs: int = 20
     momentum: float = 0.9
+
+
+def trainer_seed(task_seed: int, user: int) -> int:
+    """The seed of ``user``'s trainer (its batch order, dropout): one definition for the
+    simulator and the networked user, so both train the same way."""
+    return task_seed * 1000 + user
+
+
+def round_seed(task_seed: int, round: int) -> int:
+    """The seed an attack draws its noise from in ``round`` (one definition, as above)."""
+    return task_seed * 7919 + round

@@ -62,14 +62,3 @@ class Evaluator:
 
 
 __all__ = ["Evaluator", "TrainConfig", "Trainer"]
-
-
-def trainer_seed(task_seed: int, user: int) -> int:
-    """The seed of ``user``'s trainer (its batch order, dropout): one definition for the
-    simulator and the networked user, so both train the same way."""
-    return task_seed * 1000 + user
-
-
-def round_seed(task_seed: int, round: int) -> int:
-    """The seed an attack draws its noise from in ``round`` (one definition, as above)."""
-    return task_seed * 7919 + round

@@ -5,10 +5,15 @@ them; every node keeps the blobs of the model-sized payloads it sees on the bus 
 global models). The writer sends the receipt
 (``fairbus/<task>/ledger/<node>/receipt/<sender>``) only after the block is in the store,
 then the block header (``…/<node>/block``). A refusal goes back at once with its reason.
-Every node answers queries (a transaction by hash, a sender's head, a round's records) on
-``…/<node>/response/<asker>``; askers take the first answer. Followers poll the store's
-head, re-validate each new block and raise an alarm (log and stop applying) on an
-invalid one.
+Every node answers queries (a transaction by hash, a sender's head, a round's records, a
+blob) on ``…/<node>/response/<asker>``; askers take the first answer. Masked uploads go
+only to :data:`UPLOAD_READERS` (the provider, ledger nodes and admins): anyone else's
+``round`` query, ``blob`` query for an upload's payload and ``tx`` query for another
+participant's upload is answered ``ok=False`` with a ``role_not_allowed:`` error and
+nothing else, since the uploads of a complete group add up to its sum without any key
+(issue 12). Global models stay readable by every member of the roster. Followers poll
+the store's head, re-validate each new block and raise an alarm (log and stop applying)
+on an invalid one.
 """
 
 from __future__ import annotations
@@ -28,7 +33,7 @@ from fairbus.errors import FairbusError
 from fairbus.identity import Identity, load_broker_password
 from fairbus.ledger.recorded import Recorded
 from fairbus.ledger.records import Block, Committed
-from fairbus.ledger.state import LedgerState
+from fairbus.ledger.state import LedgerState, RefusalReason
 from fairbus.roster import Role, Roster
 from fairbus.wire.messages import (
     BlockHeader,
@@ -53,6 +58,15 @@ RECONNECT_DELAY = (0.2, 5.0)
 """First and longest wait (seconds) before connecting to the broker again."""
 BLOB_CHUNK = 64 * 1024
 """A blob is served as records of this size (the query response's bound per record)."""
+UPLOAD_READERS = frozenset({Role.PROVIDER, Role.LEDGER, Role.ADMIN})
+"""Who may obtain masked uploads from the ledger (their payloads, a round's upload list):
+those who may see group sums anyway (docs/architecture.md, "Trust and privacy")."""
+PUBLIC_BLOBS = frozenset({"global_model"})
+"""Recorded model-sized types whose payloads every member of the roster may read."""
+
+
+class QueryRefusedError(FairbusError):
+    """A query the asker's role may not make: answered ``ok=False`` with the reason."""
 
 
 class LedgerService:
@@ -261,18 +275,45 @@ class LedgerService:
         query = verified.message
         if not isinstance(query, Query) or verified.header.sender != asker:
             return
-        records, error = await self._records(query)
+        try:
+            records, error = await self._records(query, asker)
+        except QueryRefusedError as refused:
+            log.info("query from %d refused: %s", asker, refused)
+            records, error = [], f"{RefusalReason.ROLE_NOT_ALLOWED.value}: {refused}"
         response = QueryResponse(query.qid, not error, error, tuple(records))
         await self._publish(topics.ledger_response(self.task, self.node_id, asker), response)
 
-    async def _records(self, query: Query) -> tuple[list[bytes], str]:
+    def _reads_uploads(self, asker: int) -> bool:
+        """Whether ``asker`` may obtain masked uploads (by its role in the ledger's
+        roster, which a recorded roster change updates)."""
+        assert self.node is not None
+        member = self.node.state.roster.get(asker)
+        return member is not None and member.role in UPLOAD_READERS
+
+    def _readers(self) -> str:
+        return ", ".join(sorted(r.value for r in UPLOAD_READERS))
+
+    async def _records(self, query: Query, asker: int) -> tuple[list[bytes], str]:
+        """The answer to ``query`` from ``asker``: (records, "") or ([], why not found);
+        raises :class:`QueryRefusedError` for what ``asker`` may not obtain."""
         assert self.node is not None
         state = self.node.state
+        reader = self._reads_uploads(asker)
         if query.kind == "head":
             assert query.sender is not None
             return [state.head(query.sender)], ""
         if query.kind == "blob":
             assert query.tx_hash is not None and self.node.blobs is not None
+            owners = state.blob_index.get(query.tx_hash, frozenset())
+            public = bool(owners) and all(t in PUBLIC_BLOBS or s == asker for t, s in owners)
+            if not reader and not public:
+                # An upload's payload (another's, or one that is not recorded yet) or
+                # bytes no recorded global model names: nothing, not even whether it exists.
+                raise QueryRefusedError(
+                    f"blob {query.tx_hash.hex()[:16]} is not a recorded global model or "
+                    f"participant {asker}'s own upload; masked uploads go only to "
+                    f"{self._readers()}"
+                )
             try:
                 data = self.node.blobs.get(query.tx_hash)
             except BlobError as exc:
@@ -286,8 +327,20 @@ class LedgerService:
             block = Block.from_bytes(
                 (await self.node.store.read(where.height, where.height + 1))[0]
             )
-            return [block.txs[where.index].to_bytes()], ""
+            tx = block.txs[where.index]
+            header = tx.envelope.header
+            if not reader and header.type == "upload" and header.sender != asker:
+                raise QueryRefusedError(
+                    f"transaction {query.tx_hash.hex()[:16]} is participant {header.sender}'s "
+                    f"upload; masked uploads go only to {self._readers()}"
+                )
+            return [tx.to_bytes()], ""
         assert query.round is not None
+        if not reader:
+            raise QueryRefusedError(
+                f"round {query.round}'s transactions list its masked uploads, which go only "
+                f"to {self._readers()}"
+            )
         wanted = state.round_index.get(query.round, set())
         out: list[bytes] = []
         for height in sorted({state.index[h].height for h in wanted}):
