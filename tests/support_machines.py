@@ -19,6 +19,7 @@ from typing import TypeVar
 import numpy as np
 import numpy.typing as npt
 
+from fairbus import envelope
 from fairbus.envelope import SignedEnvelope
 from fairbus.identity import Identity
 from fairbus.ledger.inprocess import InProcessLedger
@@ -45,7 +46,7 @@ from fairbus.protocol.events import (
 from fairbus.protocol.provider import ProviderConfig, ProviderMachine
 from fairbus.protocol.user import UserMachine
 from fairbus.roster import Member, Role, Roster
-from fairbus.wire.messages import ReceiptEntry
+from fairbus.wire.messages import Message, ReceiptEntry
 
 TASK = "machines"
 D = 10
@@ -127,6 +128,16 @@ def receipted(env: SignedEnvelope, signer: Identity, task: str = TASK, height: i
     admitted it): what a ledger node that skipped validation, or an impostor, would send."""
     receipt = sign_receipt(signer, task, height, bytes(32), [ReceiptEntry(env.hash, 0)])
     return Recorded(env, receipt).to_bytes()
+
+
+def from_provider(task: Task, message: Message, *, round: int = 1, attempt: int = 0) -> bytes:
+    """``message`` signed by the provider and receipted directly by the ledger node (no
+    ledger admitted it): what a user receives when the provider sends something the
+    ledger would refuse and a node records it anyway. Users do not follow the provider's
+    chain, so ``prev`` is arbitrary."""
+    scoped = {"round": round, "attempt": attempt} if message.SCOPED else {}
+    env = envelope.sign(task.provider_identity, TASK, message, prev=bytes(32), **scoped)
+    return receipted(env, task.node)
 
 
 FORGERIES = {

@@ -75,14 +75,16 @@ class Evaluated:
 
 @dataclass(frozen=True)
 class Dropped:
-    """A user went offline (Last Will, presence) or missed a deadline."""
+    """A user went offline (Last Will, presence) or missed a deadline. The provider
+    refuses one for an id that is not a user of the roster (``Refused("NotAUser")``)."""
 
     user: int
 
 
 @dataclass(frozen=True)
 class Joined:
-    """A user came (back) online; it takes part from the next round on."""
+    """A user came (back) online; it takes part from the next round on. The provider
+    refuses one for an id that is not a user of the roster (``Refused("NotAUser")``)."""
 
     user: int
 
@@ -175,7 +177,11 @@ class CloseAttempt:
 
 @dataclass(frozen=True)
 class Refused:
-    """Something received was not acted on; ``reason`` is the error's class name."""
+    """Something received was not acted on and changed nothing; ``reason`` is the
+    error's class name (a :class:`~fairbus.errors.FairbusError`), or one of the machines'
+    own: ``RoundInProgress``, ``StaleUpload``, ``UnexpectedUpload``, ``NotPlain``,
+    ``NotAUser`` (presence of a non-user), ``EarlyShareRefused`` (an early share beyond
+    the user's bounds)."""
 
     reason: str
     detail: str

@@ -96,7 +96,9 @@ from fairbus.wire.messages import (
 @dataclass(frozen=True)
 class ProviderConfig:
     """The provider's policy. ``key_repeats`` (KIN) is an upper bound: grouping lowers it
-    when more focus groups would expose a user."""
+    when more focus groups would expose a user. There is no Shamir threshold to choose:
+    every group's is its size (Alg. 3 as written; users and the ledger refuse any other,
+    since a lower one lets fewer than all the other members unmask one)."""
 
     basic_groupings: int = 2
     key_repeats: int = 6
@@ -108,7 +110,6 @@ class ProviderConfig:
     """Not in the paper (False = Alg. 1: regroup only when the key users change, a
     violator is found or a user drops). Keys are fresh every round anyway; a fresh
     grouping stops attackers hiding behind the same group mates round after round."""
-    threshold: int | None = None
     frac_bits: int = 16
     detection: DetectionParams = DEFAULT_DETECTION
     """The task's Alg. 6 policy: recorded on the ledger at task start (:attr:`task`)."""
@@ -191,6 +192,7 @@ class ProviderMachine:
         self.round = 0
         self.attempt = 0
         users = set(roster.with_role(Role.USER))
+        self._users = frozenset(users)
         self.online: set[int] = users if online is None else set(online) & users
         self.excluded: set[int] = set()
         self.key_users: frozenset[int] = frozenset()
@@ -203,6 +205,7 @@ class ProviderMachine:
         self._dropped_this_round: set[int] = set()
         self._prior_groups: list[tuple[int, ...]] = []
         self._uploads: dict[int, dict[int, FieldVector]] = {}
+        self._announced: dict[int, tuple[int, ...]] = {}  # this attempt's groups, as announced
         self._decrypted: dict[int, GroupAggregate] = {}
         self._accuracy: dict[int, float] = {}
         self._evidence: dict[int, tuple[float, ...]] = {}
@@ -266,20 +269,13 @@ class ProviderMachine:
     def _announce(self) -> list[Output]:
         assert self.grouping is not None
         self._uploads = {g.gid: {} for g in self.grouping.groups}
+        self._announced = {g.gid: g.members for g in self.grouping.groups}
         self._decrypted = {}
         self._accuracy = {}
         self._deadline = self._now + self.config.phase_timeout
         self.phase = ProviderPhase.COLLECTING
         specs = tuple(
-            GroupSpec(
-                g.gid,
-                g.kind,
-                g.members,
-                g.focus,
-                len(g.members)
-                if self.config.threshold is None
-                else min(self.config.threshold, len(g.members)),
-            )
+            GroupSpec(g.gid, g.kind, g.members, g.focus, len(g.members))
             for g in self.grouping.groups
         )
         announce = Announce(
@@ -321,10 +317,13 @@ class ProviderMachine:
                 return [Refused(type(exc).__name__, str(exc))]
         if isinstance(event, Evaluated):
             return self._on_evaluated(event)
+        if isinstance(event, Dropped | Joined) and event.user not in self._users:
+            what = type(event).__name__
+            return [Refused("NotAUser", f"{what}({event.user}): not a user of the roster")]
         if isinstance(event, Dropped):
             return self._on_dropped({event.user})
         if isinstance(event, Joined):
-            if event.user not in self.excluded and self.roster.member(event.user).role is Role.USER:
+            if event.user not in self.excluded:
                 self.online.add(event.user)
                 self._regroup = True
             return []
@@ -342,14 +341,25 @@ class ProviderMachine:
         if event.kind != "upload":
             return []
         verified = open_recorded(event.data, self.roster, self.limits).verified
-        # The chain link is checked and recorded first, even for an upload that arrives
-        # too late to use: the sender's next envelope will point at it.
-        self._chains.accept(verified.envelope)
         msg = verified.message
-        if not isinstance(msg, MaskedUpload):
-            return []
         header = verified.header
         user = header.sender
+        self._chains.check(verified.envelope)
+        if isinstance(msg, MaskedUpload) and (header.round, header.attempt) == (
+            self.round,
+            self.attempt,
+        ):
+            # What the ledger never records (its receipt notwithstanding) changes nothing:
+            # an upload to a group of this attempt the sender is not in, or a second one.
+            if user not in self._announced.get(msg.group, ()):
+                raise GroupingError(f"user {user} uploaded to group {msg.group}, not its own")
+            if user in self._uploads.get(msg.group, {}):
+                raise GroupingError(f"user {user} uploaded twice to group {msg.group}")
+        # The chain link is recorded first, even for an upload that arrives too late to
+        # use: the sender's next envelope will point at it.
+        self._chains.accept(verified.envelope)
+        if not isinstance(msg, MaskedUpload):
+            return []
         collecting = self.phase in (ProviderPhase.COLLECTING, ProviderPhase.REGROUPING)
         if not collecting or (header.round, header.attempt) != (self.round, self.attempt):
             return [
@@ -394,14 +404,20 @@ class ProviderMachine:
         if not self.config.strategy.secure:
             return self._finish_plain()
         assert self.grouping is not None
-        late = {
+        # Late: the members of incomplete groups who uploaded nothing at all in this
+        # attempt (a user that hung, even before dealing its shares). Their group mates
+        # could derive no key for the groups they share with them; they are not to blame
+        # and take part in the next attempt. Only when every member of an incomplete group
+        # uploaded somewhere is it those who did not upload to it.
+        uploaded = {u for got in self._uploads.values() for u in got}
+        missing = {
             u
             for g in self.grouping.groups
             if g.gid not in self._decrypted
             for u in g.members
             if u not in self._uploads[g.gid]
         }
-        return self._on_dropped(late)
+        return self._on_dropped((missing - uploaded) or missing)
 
     def _on_dropped(self, users: set[int]) -> list[Output]:
         self.online -= users

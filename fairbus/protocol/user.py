@@ -3,10 +3,15 @@
 One round for one user (Algorithm 1, lines 9-21, as the user sees them):
 
 1. receive the global model and the signed announcement of round r, attempt a; check
-   the grouping (every group ≥ 3, and no user's model determined by the round's group
-   sums, the announced known groups of earlier attempts included:
-   :func:`fairbus.grouping.check_grouping`) or refuse it;
-2. ask the driver to train (:class:`Train`) — once per round, reused by later attempts;
+   the announcement's shape (every member a user of the roster, members ascending and
+   distinct, every group ≥ 3 with a Shamir threshold equal to its size, kinds and focus
+   users agreeing, group ids distinct) and the grouping (no user's model determined by
+   the round's group sums, the announced known groups of earlier attempts and the groups
+   this user itself uploaded to in earlier attempts included:
+   :func:`fairbus.grouping.check_grouping`), or refuse it (:class:`Refused`, nothing
+   changes);
+2. if it is in a group, ask the driver to train (:class:`Train`) — once per round,
+   reused by later attempts; a user in no group does not train;
 3. per group, Algorithm 3 over sealed shares: deal, add what arrives, send the sum,
    reconstruct s_g, derive sk_gi;
 4. per group, once its key and the model are ready: mask (Alg. 4), sign with the hash
@@ -15,6 +20,13 @@ One round for one user (Algorithm 1, lines 9-21, as the user sees them):
 
 A new attempt of the same round supersedes the old one: its negotiation state is
 dropped, and the user never uploads for it again.
+
+Shares that arrive before the announcement of their round and attempt ("early") are
+opened at once (so a forged one is refused, never kept) and kept only within bounds: for
+an announcement this user holds but cannot start yet, only from members of its own groups
+in it; otherwise at most :data:`EARLY_PER_SENDER` per sender, each no larger than a share
+of the model (:func:`share_bound`), and at most ``max_early`` in all. The rest is
+refused (``Refused("EarlyShareRefused")``).
 
 A user of a task that runs :class:`~fairbus.aggregation.PlainFedAvg` (``secure=False``,
 the baseline) instead trains on the provider's plain global model and sends its model
@@ -34,9 +46,15 @@ import numpy.typing as npt
 from fairbus import envelope, keyneg, masking
 from fairbus.aggregation import PLAIN_MODEL, PlainModel
 from fairbus.envelope import GENESIS, Verified
-from fairbus.errors import FairbusError, GroupingError
+from fairbus.errors import (
+    FairbusError,
+    GroupingError,
+    MismatchedShareError,
+    ReplayError,
+    SchemaError,
+)
 from fairbus.field import FieldVector, FixedPointCodec
-from fairbus.grouping import check_grouping
+from fairbus.grouping import FOCUS, check_grouping
 from fairbus.identity import Identity
 from fairbus.ledger.recorded import open_recorded
 from fairbus.protocol.events import (
@@ -57,8 +75,15 @@ from fairbus.protocol.events import (
     Train,
     Trained,
 )
-from fairbus.roster import Roster
-from fairbus.sealed import ReplayGuard, SealContext, SealedOuter, open_share, seal_share
+from fairbus.roster import Role, Roster
+from fairbus.sealed import (
+    OpenedShare,
+    ReplayGuard,
+    SealContext,
+    SealedOuter,
+    open_share,
+    seal_share,
+)
 from fairbus.shamir import Share
 from fairbus.wire import codec
 from fairbus.wire.limits import DEFAULT_LIMITS, WireLimits
@@ -72,6 +97,21 @@ from fairbus.wire.messages import (
     vector_to_bytes,
 )
 
+EARLY_PER_SENDER = 8
+"""At most this many early shares are kept per sender: one per group the two share in the
+next attempt (a pair shared at most 6 groups in samples of make_grouping's groupings under
+the default policy)."""
+
+EARLY_REFUSED = "EarlyShareRefused"
+"""The reason of a refused early share (:class:`Refused`)."""
+
+
+def share_bound(params: int, task: str) -> int:
+    """The most bytes an honest sealed share of a ``params``-value model takes: its
+    values (4 bytes each) and the routing context, in clear and boxed, with room to
+    spare."""
+    return 4 * params + 2 * len(task.encode()) + 512
+
 
 class UserPhase(Enum):
     IDLE = "idle"  # between rounds, or not in the current grouping
@@ -84,11 +124,24 @@ class _GroupState:
     spec: GroupSpec
     keying: keyneg.GroupKeying
     context: SealContext
+    length: int
     rand: FieldVector | None
     shares: dict[int, Share] = field(default_factory=dict)
     summed: dict[int, Share] = field(default_factory=dict)
     key: FieldVector | None = None
     uploaded: bool = False
+
+
+@dataclass(frozen=True, eq=False)
+class _Early:
+    """A share that arrived before the announcement of its round and attempt, opened
+    (authenticated) on arrival."""
+
+    round: int
+    attempt: int
+    group: int
+    size: int
+    opened: OpenedShare
 
 
 def model_digest(params: npt.NDArray[np.float32]) -> bytes:
@@ -124,11 +177,22 @@ class UserMachine:
         self._announce: tuple[int, int, Announce] | None = None
         self._model_offer: tuple[int, bytes, npt.NDArray[np.float32]] | None = None
         self._global: npt.NDArray[np.float32] | None = None
+        self._digest = b""  # the round's global model's hash
         self._local: npt.NDArray[np.float32] | None = None
+        self._trained_round = 0  # the last round it asked the driver to train for
+        self._uploaded: list[tuple[int, ...]] = []  # this round: groups it uploaded to
         self._codec = FixedPointCodec()
         self._groups: dict[int, _GroupState] = {}
         self._guard = ReplayGuard()
-        self._early: deque[tuple[int, int, str, bytes]] = deque(maxlen=max_early)
+        self._users = frozenset(roster.with_role(Role.USER))
+        self._max_early = max_early
+        self._early: deque[_Early] = deque()
+        self._early_count: dict[int, int] = {}  # sender → early shares kept
+
+    @property
+    def early_kept(self) -> tuple[int, int]:
+        """How many early shares this machine keeps, and their sealed bytes."""
+        return len(self._early), sum(e.size for e in self._early)
 
     # --- entry point ----------------------------------------------------------------------
 
@@ -174,9 +238,11 @@ class UserMachine:
         r = _round_of(v)
         if r < self.round:
             return []
+        if len(msg.data) != 4 * msg.length:
+            raise SchemaError(f"global model of {len(msg.data)} bytes for {msg.length} values")
         params = np.frombuffer(msg.data, dtype="<f4").astype(np.float32)
-        if params.shape != (msg.length,):
-            raise GroupingError(f"global model has {params.size} values, header says {msg.length}")
+        if not np.isfinite(params).all():
+            raise SchemaError(f"the global model of round {r} holds NaN or infinity")
         self._model_offer = (r, model_digest(params), params)
         return self._try_start()
 
@@ -184,42 +250,86 @@ class UserMachine:
         r, a = _round_of(v), _attempt_of(v)
         if (r, a) <= (self.round, self.attempt):
             return []  # stale or repeated announcement
+        if self._announce is not None and (r, a) < self._announce[:2]:
+            return []  # older than the one waiting for its model
+        self._check_announce(r, msg)
         self._announce = (r, a, msg)
         return self._try_start()
+
+    def _check_announce(self, r: int, msg: Announce) -> None:
+        """Refuse (:class:`GroupingError`) a malformed announcement or a grouping that
+        would expose a model; changes nothing."""
+        problems: list[str] = []
+        gids = [g.gid for g in msg.groups]
+        if len(set(gids)) != len(gids):
+            problems.append(f"group ids repeat: {gids}")
+        for g in msg.groups:
+            where = f"group {g.gid}"
+            members = list(g.members)
+            strangers = sorted(set(members) - self._users)
+            if strangers:
+                problems.append(f"{where} names {strangers}, not users of the roster")
+            if members != sorted(set(members)):
+                problems.append(f"{where} lists members out of order or twice: {members}")
+            if len(set(members)) < keyneg.MIN_GROUP_SIZE:
+                problems.append(f"{where} has fewer than {keyneg.MIN_GROUP_SIZE} members")
+            if g.threshold != len(members):
+                problems.append(
+                    f"{where} has Shamir threshold {g.threshold}; it must equal the group "
+                    f"size {len(members)} (Alg. 3)"
+                )
+            if g.kind == FOCUS:
+                if g.focus is None or g.focus not in members:
+                    problems.append(f"focus {where} does not contain its key user ({g.focus})")
+            elif g.focus is not None:
+                problems.append(f"{g.kind} {where} names a focus user ({g.focus})")
+        if problems:
+            raise GroupingError(f"round {r}: malformed announcement: " + "; ".join(problems))
+        # The known groups of earlier attempts: those announced (the ledger refuses an
+        # announcement that leaves out a group every member of which uploaded) and, in
+        # case the provider left one out, every group this user uploaded to itself (a
+        # group it did not upload to cannot be summed).
+        prior = [tuple(g) for g in msg.prior_groups]
+        own = [g for g in self._uploaded if g not in prior] if r == self.round else []
+        check_grouping([g.members for g in msg.groups], [*prior, *own])
 
     def _try_start(self) -> list[Output]:
         if self._announce is None:
             return []
         r, a, msg = self._announce
-        new_round = r != self.round
+        new_round = r != self.round or self._global is None
         offer = self._model_offer
         if new_round:
             if offer is None or offer[0] != r:
                 return []  # wait for this round's model
-            if offer[1] != msg.model_sha256:
-                self._announce = None
-                raise GroupingError(
-                    f"round {r}: the global model does not match the announced hash"
-                )
+            _, digest, model = offer
+        else:
+            assert self._global is not None
+            digest, model = self._digest, self._global
         self._announce = None
+        if digest != msg.model_sha256:
+            raise GroupingError(f"round {r}: the global model does not match the announced hash")
+        if model.size != msg.model_params:
+            raise GroupingError(
+                f"round {r}: announced model size {msg.model_params} differs from the "
+                f"global model's {model.size}"
+            )
+        codec = FixedPointCodec(msg.frac_bits)
         mine = [g for g in msg.groups if self.me in g.members]
-        # prior_groups: the ledger refuses an announcement that leaves out a group whose
-        # sum is known (every member uploaded before the attempt was closed).
-        check_grouping([g.members for g in msg.groups], msg.prior_groups)
-        for g in mine:
-            keyneg.GroupKeying(g.members, g.threshold)  # sizes, order, threshold
+        # Checked: now act on it.
         out: list[Output] = []
         if new_round:
-            assert offer is not None
-            self._global = offer[2]
-            if self._global.size != msg.model_params:
-                raise GroupingError("announced model size differs from the global model")
+            self._global, self._digest = model, digest
             self._local = None
+            self._uploaded = []
             self.round = r
-            out.append(Train(r, self._global))
+        if mine and self._trained_round != r:  # train once per round, only if grouped
+            self._trained_round = r
+            out.append(Train(r, model))
         self.attempt = a
-        self._codec = FixedPointCodec(msg.frac_bits)
+        self._codec = codec
         self._groups = {}
+        self._guard = ReplayGuard()  # earlier attempts' shares are ignored anyway
         self.phase = UserPhase.ACTIVE if mine else UserPhase.IDLE
         for spec in mine:
             out += self._deal(spec, msg.model_params)
@@ -247,7 +357,7 @@ class UserMachine:
         keying = keyneg.GroupKeying(spec.members, spec.threshold)
         context = SealContext(self.roster.task, self.round, self.attempt, spec.gid)
         dealt = keyneg.deal_shares(keying, length)  # lines 2-3
-        state = _GroupState(spec, keying, context, dealt.rand)
+        state = _GroupState(spec, keying, context, length, dealt.rand)
         state.shares[self.me] = dealt.shares[self.me]
         self._groups[spec.gid] = state
         out: list[Output] = [
@@ -260,29 +370,95 @@ class UserMachine:
     def _on_sealed(self, kind: str, data: bytes) -> list[Output]:
         outer = SealedOuter.from_wire(codec.unpack(data, self.limits), "sealed", self.limits)
         if (outer.round, outer.attempt) > (self.round, self.attempt):
-            self._early.append((outer.round, outer.attempt, kind, data))
-            return []
+            return self._keep_early(outer, data)
         state = self._groups.get(outer.group)
         if (outer.round, outer.attempt) != (self.round, self.attempt) or state is None:
             return []  # a superseded attempt, or a group we are not in
         opened = open_share(data, self.identity, self.roster, state.context, self.limits)
-        if opened.sender not in state.keying.members:
-            raise GroupingError(f"share from {opened.sender}, who is not in group {outer.group}")
+        return self._take(state, opened)
+
+    def _take(self, state: _GroupState, opened: OpenedShare) -> list[Output]:
+        """An opened share of this attempt: checked, then added (nothing changes if not)."""
+        keying = state.keying
+        if opened.sender not in keying.members:
+            raise GroupingError(f"share from {opened.sender}, who is not in group {state.spec.gid}")
+        point = keying.point_of(self.me if opened.kind == "share" else opened.sender)
+        share = opened.share
+        if share.x != point or share.values.shape != (state.length,):
+            raise MismatchedShareError(
+                f"{opened.kind} from {opened.sender} at x={share.x} with "
+                f"{share.values.shape[0]} values; expected x={point} and {state.length}"
+            )
         self._guard.admit(opened)
         target = state.shares if opened.kind == "share" else state.summed
-        target[opened.sender] = opened.share
+        target[opened.sender] = share
         return self._progress(state)
 
-    def _replay_early(self) -> list[Output]:
-        ready = [e for e in self._early if (e[0], e[1]) == (self.round, self.attempt)]
-        self._early = deque(
-            (e for e in self._early if (e[0], e[1]) > (self.round, self.attempt)),
-            maxlen=self._early.maxlen,
+    def _keep_early(self, outer: SealedOuter, data: bytes) -> list[Output]:
+        """A share for a round or attempt not yet started here: kept, opened, only within
+        bounds (see the module docstring); otherwise refused."""
+        where = (
+            f"early {outer.kind} from {outer.sender} for round {outer.round} attempt "
+            f"{outer.attempt} group {outer.group}"
         )
+
+        def refused(why: str) -> list[Output]:
+            return [Refused(EARLY_REFUSED, f"{where}: {why}")]
+
+        if outer.recipient != self.me or outer.task != self.roster.task:
+            raise ReplayError(f"{where}: sealed for {outer.recipient} in task {outer.task!r}")
+        if outer.kind != "share":
+            return refused("only a dealt share can come before its announcement")
+        if outer.sender == self.me or outer.sender not in self._users:
+            return refused("not from another user of the roster")
+        params = self._early_params()
+        pending = self._announce
+        if pending is not None and pending[:2] == (outer.round, outer.attempt):
+            msg = pending[2]
+            params = msg.model_params
+            spec = next((g for g in msg.groups if g.gid == outer.group), None)
+            if spec is None or not {self.me, outer.sender} <= set(spec.members):
+                return refused("the announced grouping puts us in no such group together")
+        bound = self.limits.max_model_bytes if params is None else share_bound(params, outer.task)
+        if len(data) > bound:
+            return refused(f"{len(data)} bytes, more than a share of the model ({bound})")
+        key = (outer.round, outer.attempt, outer.group, outer.sender)
+        if any((e.round, e.attempt, e.group, e.opened.sender) == key for e in self._early):
+            return refused("one is already kept")
+        if self._early_count.get(outer.sender, 0) >= EARLY_PER_SENDER:
+            return refused(f"{EARLY_PER_SENDER} from this sender are already kept")
+        if len(self._early) >= self._max_early:
+            return refused(f"{self._max_early} early shares are already kept")
+        # Opened now: a forged or moved share is refused here, never kept.
+        opened = open_share(data, self.identity, self.roster, outer.context, self.limits)
+        self._early.append(_Early(outer.round, outer.attempt, outer.group, len(data), opened))
+        self._early_count[outer.sender] = self._early_count.get(outer.sender, 0) + 1
+        return []
+
+    def _early_params(self) -> int | None:
+        """The model's size as known here (the same every round), if known."""
+        if self._global is not None:
+            return int(self._global.size)
+        if self._model_offer is not None:
+            return int(self._model_offer[2].size)
+        return None
+
+    def _replay_early(self) -> list[Output]:
+        """Hand in the early shares of the attempt just started; forget older ones."""
+        now = (self.round, self.attempt)
+        ready = [e for e in self._early if (e.round, e.attempt) == now]
+        self._early = deque(e for e in self._early if (e.round, e.attempt) > now)
+        self._early_count = {}
+        for e in self._early:
+            sender = e.opened.sender
+            self._early_count[sender] = self._early_count.get(sender, 0) + 1
         out: list[Output] = []
-        for _, _, kind, data in ready:
+        for e in ready:
+            state = self._groups.get(e.group)
+            if state is None:
+                continue  # a group we are not in
             try:
-                out += self._on_sealed(kind, data)
+                out += self._take(state, e.opened)
             except FairbusError as exc:
                 out.append(Refused(type(exc).__name__, str(exc)))
         return out
@@ -302,10 +478,10 @@ class UserMachine:
                 for j in keying.members
                 if j != self.me
             ]  # line 8
-        if state.key is None and self.me in state.summed and len(state.summed) >= keying.threshold:
-            assert state.rand is not None
+        rand = state.rand  # None once the key is derived: a late summed share does nothing
+        if rand is not None and self.me in state.summed and len(state.summed) >= keying.threshold:
             group_sum = keyneg.recover_group_sum(keying, state.summed)  # line 11
-            state.key = keyneg.derive_key(state.rand, group_sum, keying.size)  # line 12
+            state.key = keyneg.derive_key(rand, group_sum, keying.size)  # line 12
             state.rand = None
         return out + self._maybe_upload(state)
 
@@ -340,6 +516,7 @@ class UserMachine:
         self.prev = signed.hash
         state.uploaded = True
         state.key = None
+        self._uploaded.append(state.spec.members)
         return [Commit(PROVIDER, signed)]
 
     # --- plain FedAvg (PlainFedAvg: the baseline without the protocol) ------------------------

@@ -82,20 +82,45 @@ def unpack(data: bytes, limits: WireLimits, *, max_bytes: int | None = None) -> 
 
 # --- the structure walk -----------------------------------------------------------------------
 
-_FIXED = bytearray(256)
-"""Total size of each fixed-size scalar by its first byte (0: not a fixed-size scalar)."""
-for _b in (*range(0x00, 0x80), 0xC0, 0xC2, 0xC3, *range(0xE0, 0x100)):
-    _FIXED[_b] = 1  # fixints, nil, false, true
-for _b, _size in {0xCA: 5, 0xCB: 9, 0xCC: 2, 0xCD: 3, 0xCE: 5, 0xCF: 9}.items():
-    _FIXED[_b] = _size  # float32/64, uint8..64
-for _b, _size in {0xD0: 2, 0xD1: 3, 0xD2: 5, 0xD3: 9}.items():
-    _FIXED[_b] = _size  # int8..64
-_FIXED_SIZES = bytes(_FIXED)
+# What each first byte starts (msgpack spec): a scalar of a fixed total size (_SCALAR: the
+# size is in _SIZE), a string or bin with its length in the next 0/1/2/4 bytes, an array
+# or map with its count in the byte itself or the next 2/4 bytes, an ext type, or nothing.
+_SCALAR, _FIXSTR, _VAR1, _VAR2, _VAR4, _FIXMAP, _FIXARRAY = 0, 1, 2, 3, 4, 5, 6
+_ARRAY2, _ARRAY4, _MAP2, _MAP4, _EXT, _NEVER = 7, 8, 9, 10, 11, 12
+_WIDE_SCALARS = {
+    0xCA: 5,
+    0xCB: 9,
+    0xCC: 2,
+    0xCD: 3,
+    0xCE: 5,
+    0xCF: 9,
+    0xD0: 2,
+    0xD1: 3,
+    0xD2: 5,
+    0xD3: 9,
+}
+"""float32/64, uint8..64, int8..64: their total sizes."""
+_kind = bytearray(256)
+_size = bytearray(256)
+for _b in range(256):
+    if _b <= 0x7F or _b >= 0xE0 or _b in (0xC0, 0xC2, 0xC3):  # fixints, nil, booleans
+        _kind[_b], _size[_b] = _SCALAR, 1
+    elif _b <= 0x8F:
+        _kind[_b] = _FIXMAP
+    elif _b <= 0x9F:
+        _kind[_b] = _FIXARRAY
+    elif _b <= 0xBF:
+        _kind[_b] = _FIXSTR
+    elif _b in _WIDE_SCALARS:
+        _kind[_b], _size[_b] = _SCALAR, _WIDE_SCALARS[_b]
+    else:
+        _kind[_b] = {
+            0xC4: _VAR1, 0xD9: _VAR1, 0xC5: _VAR2, 0xDA: _VAR2, 0xC6: _VAR4, 0xDB: _VAR4,
+            0xDC: _ARRAY2, 0xDD: _ARRAY4, 0xDE: _MAP2, 0xDF: _MAP4, 0xC1: _NEVER,
+        }.get(_b, _EXT)  # fmt: skip
+_KIND, _SIZE = bytes(_kind), bytes(_size)
 _ONE_BYTE_RUN = re.compile(rb"[\x00-\x7f\xc0\xc2\xc3\xe0-\xff]+")
 """A run of one-byte scalars (small ids, nil, booleans), skipped at C speed."""
-_LENGTH_FIELD = {0xC4: 1, 0xD9: 1, 0xC5: 2, 0xDA: 2, 0xC6: 4, 0xDB: 4}
-"""bin8/str8, bin16/str16, bin32/str32: the width of the length after the type byte."""
-_EXT = frozenset({0xC7, 0xC8, 0xC9, 0xD4, 0xD5, 0xD6, 0xD7, 0xD8})
 
 
 def scan(data: bytes, limits: WireLimits) -> None:
@@ -106,13 +131,13 @@ def scan(data: bytes, limits: WireLimits) -> None:
     truncated, trailing or never-valid bytes.
 
     The work is one step per container, string and scalar read, and at most
-    ``max_items`` scalars are read (runs of one-byte scalars at once), so the worst
-    input of any size costs milliseconds and no memory beyond a stack of ``max_depth``
-    counts; whatever passes is then decoded by msgpack's C unpacker, which can build at
-    most that many objects.
+    ``max_items`` items are read (runs of one-byte scalars at once), so the worst input
+    of any size costs milliseconds and no memory beyond a stack of ``max_depth`` counts;
+    whatever passes is then decoded by msgpack's C unpacker, which can build at most
+    that many objects.
     """
     end = len(data)
-    fixed = _FIXED_SIZES
+    kinds, sizes = _KIND, _SIZE
     run = _ONE_BYTE_RUN.match
     max_depth, max_containers, max_items = limits.max_depth, limits.max_containers, limits.max_items
     max_array, max_map = limits.max_array_len, limits.max_map_len
@@ -120,64 +145,74 @@ def scan(data: bytes, limits: WireLimits) -> None:
     left = 1  # objects still to read at this level (the top level holds one)
     stack: list[int] = []  # the enclosing levels' objects still to read
     containers = items = 0
-    while True:
-        if not left:
-            if not stack:
-                break
-            left = stack.pop()
-            continue
-        if i >= end:
-            raise DecodeError("malformed msgpack: truncated")
-        b = data[i]
-        size = fixed[b]
-        if size:
-            if size == 1 and left > 2 and i + 1 < end and fixed[data[i + 1]] == 1:
-                match = run(data, i, min(end, i + left))
-                stop = match.end() if match is not None else i + 1  # it matches data[i]
-                left -= stop - i
-                i = stop
-            else:
+    try:
+        while True:
+            if not left:
+                if not stack:
+                    break
+                left = stack.pop()
+                continue
+            b = data[i]  # IndexError: truncated
+            kind = kinds[b]
+            if kind == _SCALAR:
+                if left > 2 and sizes[b] == 1 and sizes[data[i + 1]] == 1:
+                    # two one-byte scalars in a row: skip the whole run at once
+                    match = run(data, i, min(end, i + left))
+                    stop = match.end() if match is not None else i + 1  # data[i] matches
+                    left -= stop - i
+                    i = stop
+                    continue
                 left -= 1
-                i += size
-            continue
-        left -= 1
-        if 0xA0 <= b <= 0xBF:  # fixstr
-            i += 1 + (b & 0x1F)
-            continue
-        width = _LENGTH_FIELD.get(b)
-        if width is not None:  # bin or str
-            if i + 1 + width > end:
-                raise DecodeError("malformed msgpack: truncated")
-            i += 1 + width + int.from_bytes(data[i + 1 : i + 1 + width], "big")
-            continue
-        if b <= 0x9F:  # fixmap 0x80-0x8f, fixarray 0x90-0x9f
-            n, is_map, header = b & 0x0F, b < 0x90, 1
-        elif b in (0xDC, 0xDE, 0xDD, 0xDF):  # array16, map16, array32, map32
-            header = 3 if b in (0xDC, 0xDE) else 5
-            if i + header > end:
-                raise DecodeError("malformed msgpack: truncated")
-            n, is_map = int.from_bytes(data[i + 1 : i + header], "big"), b in (0xDE, 0xDF)
-        elif b in _EXT:
-            raise SizeError("message field too large: msgpack ext types are not accepted")
-        else:  # 0xc1, never used
-            raise DecodeError(f"malformed msgpack: byte 0x{b:02x} at offset {i}")
-        if is_map:
-            if n > max_map:
-                raise SizeError(f"message field too large: a map of {n} keys exceeds {max_map}")
-            n *= 2
-        elif n > max_array:
-            raise SizeError(f"message field too large: an array of {n} items exceeds {max_array}")
-        containers += 1
-        items += n
-        if len(stack) >= max_depth:
-            raise SizeError(f"message nested deeper than {max_depth} arrays and maps")
-        if containers > max_containers:
-            raise SizeError(f"message holds more than {max_containers} arrays and maps")
-        if items > max_items:
-            raise SizeError(f"message holds more than {max_items} items in its arrays and maps")
-        stack.append(left)
-        left = n
-        i += header
+                i += sizes[b]
+                continue
+            left -= 1
+            if kind == _FIXSTR:
+                i += 1 + (b & 0x1F)
+                continue
+            if kind == _VAR1:
+                i += 2 + data[i + 1]
+                continue
+            if kind == _VAR2:
+                i += 3 + (data[i + 1] << 8 | data[i + 2])
+                continue
+            if kind == _VAR4:
+                if i + 5 > end:
+                    raise DecodeError("malformed msgpack: truncated")
+                i += 5 + int.from_bytes(data[i + 1 : i + 5], "big")
+                continue
+            if kind in (_FIXMAP, _FIXARRAY):
+                n, is_map, header = b & 0x0F, kind == _FIXMAP, 1
+            elif kind in (_ARRAY2, _MAP2):
+                n, is_map, header = data[i + 1] << 8 | data[i + 2], kind == _MAP2, 3
+            elif kind in (_ARRAY4, _MAP4):
+                if i + 5 > end:
+                    raise DecodeError("malformed msgpack: truncated")
+                n, is_map, header = int.from_bytes(data[i + 1 : i + 5], "big"), kind == _MAP4, 5
+            elif kind == _EXT:
+                raise SizeError("message field too large: msgpack ext types are not accepted")
+            else:  # 0xc1, never used
+                raise DecodeError(f"malformed msgpack: byte 0x{b:02x} at offset {i}")
+            if is_map:
+                if n > max_map:
+                    raise SizeError(f"message field too large: a map of {n} keys exceeds {max_map}")
+                n *= 2
+            elif n > max_array:
+                raise SizeError(
+                    f"message field too large: an array of {n} items exceeds {max_array}"
+                )
+            containers += 1
+            items += n
+            if len(stack) >= max_depth:
+                raise SizeError(f"message nested deeper than {max_depth} arrays and maps")
+            if containers > max_containers:
+                raise SizeError(f"message holds more than {max_containers} arrays and maps")
+            if items > max_items:
+                raise SizeError(f"message holds more than {max_items} items in its arrays and maps")
+            stack.append(left)
+            left = n
+            i += header
+    except IndexError:
+        raise DecodeError("malformed msgpack: truncated") from None
     if i > end:
         raise DecodeError("malformed msgpack: truncated")
     if i < end:

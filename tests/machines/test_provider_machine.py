@@ -36,11 +36,19 @@ from fairbus.protocol.events import (
 )
 from fairbus.protocol.provider import ProviderConfig, ProviderPhase
 from fairbus.roster import Roster
-from fairbus.wire.messages import Announce, Attestation, Dropout, GlobalModel, TaskStart
+from fairbus.wire.messages import (
+    Announce,
+    Attestation,
+    Dropout,
+    GlobalModel,
+    MaskedUpload,
+    TaskStart,
+)
 from tests.support_machines import (
     FORGERIES,
     LEDGER_ID,
     PROVIDER_ID,
+    TASK,
     Driver,
     Target,
     Task,
@@ -51,6 +59,7 @@ from tests.support_machines import (
     kinds,
     make_task,
     of_type,
+    receipted,
 )
 
 
@@ -297,14 +306,17 @@ def test_presence_decides_who_takes_part_in_the_next_round() -> None:
     assert grouped(driver.play_round(0.0)) == {1, 2, 3, 4, 5}
     assert driver.handle(PROVIDER, Joined(6)) == []
     driver.online.add(6)
-    for outsider in (PROVIDER_ID, LEDGER_ID):  # not users: never grouped
-        assert driver.handle(PROVIDER, Joined(outsider)) == []
+    for outsider in (PROVIDER_ID, LEDGER_ID, 999):  # not users: never grouped
+        out = driver.handle(PROVIDER, Joined(outsider))
+        assert [(type(o).__name__, getattr(o, "reason", "")) for o in out] == [
+            ("Refused", "NotAUser")
+        ]
     assert grouped(driver.play_round(1.0)) == {1, 2, 3, 4, 5, 6}
     assert driver.handle(PROVIDER, Dropped(3)) == []  # between rounds: nothing to void
     driver.online.discard(3)
     done = driver.play_round(2.0)
     assert grouped(done) == {1, 2, 4, 5, 6} and done.attempts == 1
-    assert driver.refusals() == []
+    assert [r.reason for _, r in driver.refusals()] == ["NotAUser"] * 3
     # the users ignore presence: it is the provider's business
     for event in (Joined(3), Dropped(2), Tick(5.0)):
         assert task.users[1].handle(event) == []
@@ -385,16 +397,40 @@ def test_a_user_silent_past_the_deadline_is_dropped() -> None:
     assert driver.refusals() == []
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="at the deadline the provider counts as dropped every member of an incomplete "
-    "group who did not upload to it, so the group mates of a user that hangs before "
-    "dealing its shares are dropped with it (and leave the provider's online set)",
-)
 def test_a_user_that_hangs_before_dealing_shares_is_dropped_alone() -> None:
-    driver = Driver(make_task(6, config=ProviderConfig(phase_timeout=30.0)))
+    """User 6 takes nothing in: its group mates derive no key for the groups they share
+    with it and upload only to their others. At the deadline only user 6, who uploaded
+    nothing, is late; its mates stay online and take part in the next attempt."""
+    task = make_task(6, config=ProviderConfig(phase_timeout=30.0))
+    driver = Driver(task)
     done = _silent(driver, lambda target, event: target == 6)
     assert done.dropped == {6}
+    assert task.provider.online == {1, 2, 3, 4, 5}
+    (dropout,) = driver.commits("dropout")
+    body = envelope.verify(dropout.envelope, task.roster).message
+    assert isinstance(body, Dropout) and body.users == (6,)
+
+
+def test_at_the_deadline_a_user_that_uploaded_to_some_of_its_groups_is_late_for_the_rest() -> None:
+    """Every member of the incomplete groups uploaded somewhere: those who did not upload
+    to them are late (the deadline still ends the attempt)."""
+    task = make_task(6, config=ProviderConfig(phase_timeout=30.0))
+    driver = Driver(task)
+    seen: list[int] = []
+
+    def hang(target: Target, event: Event) -> bool:
+        # the provider receives user 6's first upload only (6 hung after it)
+        if target != PROVIDER or not isinstance(event, Received) or event.kind != "upload":
+            return False
+        if Recorded.from_bytes(event.data).envelope.header.sender != 6:
+            return False
+        seen.append(6)
+        return len(seen) > 1
+
+    done = _silent(driver, hang)
+    assert len(seen) > 1  # user 6 is in more than one group
+    assert done.dropped == {6}
+    assert task.provider.online == {1, 2, 3, 4, 5}
 
 
 def test_the_task_start_records_the_configured_parameters_once() -> None:
@@ -408,3 +444,84 @@ def test_the_task_start_records_the_configured_parameters_once() -> None:
     assert isinstance(body, TaskStart) and body == config.task.to_message()
     assert start.envelope.header.prev == GENESIS
     assert task.ledger.state.task == config.task
+
+
+@pytest.mark.parametrize(
+    "event", [Joined(999), Dropped(999), Dropped(PROVIDER_ID), Joined(LEDGER_ID)]
+)
+def test_presence_of_someone_who_is_not_a_user_is_refused_mid_round(event: Event) -> None:
+    """Presence for an id that is not a user of the roster (999, the provider, a ledger
+    node) is refused and changes nothing: no dropout, the round completes."""
+    task = make_task(6)
+    driver = Driver(task, hold=_holding_uploads)
+    driver.handle(PROVIDER, StartRound(0.0))
+    driver.pump()
+    online = set(task.provider.online)
+    out = task.provider.handle(event)
+    assert [(type(o).__name__, getattr(o, "reason", "")) for o in out] == [("Refused", "NotAUser")]
+    assert task.provider.online == online and task.provider.phase is ProviderPhase.COLLECTING
+    driver.release()
+    done = driver.round_done()
+    assert done.attempts == 1 and not done.dropped and driver.refusals() == []
+
+
+def _upload(task: Task, user: int, group: int, length: int = 10) -> bytes:
+    """A masked upload ``user`` signs on top of its chain head, receipted directly by the
+    ledger node (the ledger itself would refuse it)."""
+    body = MaskedUpload(group, length, bytes(4 * length))
+    head = task.provider.chain_head(user)
+    env = envelope.sign(task.identities[user], TASK, body, prev=head, round=1, attempt=0)
+    return receipted(env, task.node)
+
+
+@pytest.mark.parametrize("case", ["no such group", "not its group", "a second upload"])
+def test_an_upload_the_ledger_would_never_record_is_refused_and_changes_nothing(
+    case: str,
+) -> None:
+    task = make_task(6)
+    driver = Driver(task, hold=_holding_uploads)
+    driver.handle(PROVIDER, StartRound(0.0))
+    driver.pump()
+    announce = _announce_of(driver, 0)
+    user = 1
+    mine = [g.gid for g in announce.groups if user in g.members]
+    if case == "no such group":
+        gid = 999
+    elif case == "not its group":
+        gid = next(g.gid for g in announce.groups if user not in g.members)
+    else:  # user 1's first real upload arrives, then another one to the same group
+        first = next(
+            e
+            for _, e in driver.held
+            if isinstance(e, Received)
+            and Recorded.from_bytes(e.data).envelope.header.sender == user
+        )
+        assert not of_type(task.provider.handle(first), Refused)
+        driver.held = [(t, e) for t, e in driver.held if e is not first]
+        gid = Recorded.from_bytes(first.data).envelope.header.group or 0
+        assert gid in mine
+    head = task.provider.chain_head(user)
+    out = task.provider.handle(Received("upload", _upload(task, user, gid)))
+    assert [(type(o).__name__, getattr(o, "reason", "")) for o in out] == [
+        ("Refused", "GroupingError")
+    ]
+    assert task.provider.chain_head(user) == head  # nothing changed: the chain neither
+    driver.release()  # the real uploads: the round completes
+    done = driver.round_done()
+    assert done.attempts == 1 and not done.dropped and driver.refusals() == []
+
+
+def test_an_upload_of_the_wrong_length_is_refused() -> None:
+    """The ledger records an upload's header only, so it may hold one of the wrong
+    length: the provider refuses it (and continues the sender's chain from it)."""
+    task = make_task(6)
+    driver = Driver(task, hold=_holding_uploads)
+    driver.handle(PROVIDER, StartRound(0.0))
+    driver.pump()
+    announce = _announce_of(driver, 0)
+    gid = next(g.gid for g in announce.groups if 1 in g.members)
+    out = task.provider.handle(Received("upload", _upload(task, 1, gid, length=9)))
+    assert [(type(o).__name__, getattr(o, "reason", "")) for o in out] == [
+        ("Refused", "GroupingError")
+    ]
+    assert task.provider.phase is ProviderPhase.COLLECTING
