@@ -59,7 +59,9 @@ def unpack(data: bytes, limits: WireLimits, *, max_bytes: int | None = None) -> 
             strict_map_key=True,
             object_pairs_hook=_pairs_to_dict,
             max_bin_len=min(bound, limits.max_model_bytes),
-            max_str_len=limits.max_str_len,
+            # Text is never model-sized; each field's schema bounds it further (a
+            # roster change carries a whole roster's TOML).
+            max_str_len=max(limits.max_str_len, min(bound, limits.max_small_payload)),
             max_array_len=limits.max_array_len,
             max_map_len=limits.max_map_len,
             max_ext_len=0,

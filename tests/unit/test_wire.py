@@ -157,7 +157,9 @@ def test_oversize_is_refused_by_configurable_limits(
     with pytest.raises(SizeError):
         decode_body("dropout", many.payload(), DEFAULT_LIMITS)
     # a small-payload type may not smuggle a model-sized body
-    huge_roster = RosterChange("x" * 150_000)
+    large_roster = RosterChange("x" * 150_000)  # a roster of ~1,000 members fits
+    assert decode_body("roster_change", large_roster.payload(), DEFAULT_LIMITS) == large_roster
+    huge_roster = RosterChange("x" * 300_000)
     with pytest.raises(SizeError):
         decode_body("roster_change", huge_roster.payload(), DEFAULT_LIMITS)
     with pytest.raises(WireError):
