@@ -180,7 +180,6 @@ class UserMachine:
         self._digest = b""  # the round's global model's hash
         self._local: npt.NDArray[np.float32] | None = None
         self._trained_round = 0  # the last round it asked the driver to train for
-        self._uploaded: list[tuple[int, ...]] = []  # this round: groups it uploaded to
         self._codec = FixedPointCodec()
         self._groups: dict[int, _GroupState] = {}
         self._guard = ReplayGuard()
@@ -285,13 +284,12 @@ class UserMachine:
                 problems.append(f"{g.kind} {where} names a focus user ({g.focus})")
         if problems:
             raise GroupingError(f"round {r}: malformed announcement: " + "; ".join(problems))
-        # The known groups of earlier attempts: those announced (the ledger refuses an
-        # announcement that leaves out a group every member of which uploaded) and, in
-        # case the provider left one out, every group this user uploaded to itself (a
-        # group it did not upload to cannot be summed).
-        prior = [tuple(g) for g in msg.prior_groups]
-        own = [g for g in self._uploaded if g not in prior] if r == self.round else []
-        check_grouping([g.members for g in msg.groups], [*prior, *own])
+        # The known groups of earlier attempts, as announced: the ledger refuses an
+        # announcement that leaves out a group every member of which uploaded, and a
+        # user acts only on what the ledger holds. (Adding every group this user uploaded
+        # to was tried: after a dropout those groups are often incomplete, and honest
+        # users then refused every regrouping.)
+        check_grouping([g.members for g in msg.groups], [tuple(g) for g in msg.prior_groups])
 
     def _try_start(self) -> list[Output]:
         if self._announce is None:
@@ -321,7 +319,6 @@ class UserMachine:
         if new_round:
             self._global, self._digest = model, digest
             self._local = None
-            self._uploaded = []
             self.round = r
         if mine and self._trained_round != r:  # train once per round, only if grouped
             self._trained_round = r
@@ -516,7 +513,6 @@ class UserMachine:
         self.prev = signed.hash
         state.uploaded = True
         state.key = None
-        self._uploaded.append(state.spec.members)
         return [Commit(PROVIDER, signed)]
 
     # --- plain FedAvg (PlainFedAvg: the baseline without the protocol) ------------------------

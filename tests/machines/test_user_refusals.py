@@ -18,6 +18,7 @@ import pytest
 from fairbus import envelope
 from fairbus.errors import ReplayError
 from fairbus.ledger.recorded import open_recorded
+from fairbus.ledger.state import RefusalReason, RefusedError
 from fairbus.protocol.events import (
     PROVIDER,
     Commit,
@@ -34,7 +35,7 @@ from fairbus.protocol.provider import ProviderConfig
 from fairbus.protocol.user import UserPhase
 from fairbus.sealed import SealContext, seal_share
 from fairbus.shamir import Share
-from fairbus.wire.messages import Announce, GlobalModel, GroupSpec
+from fairbus.wire.messages import Announce, Dropout, GlobalModel, GroupSpec
 from tests.support_machines import (
     LEDGER_ID,
     PROVIDER_ID,
@@ -221,11 +222,12 @@ def test_an_announcement_naming_another_model_size_is_refused() -> None:
     _plays_the_real_round(driver)
 
 
-def test_members_refuse_a_grouping_that_a_group_they_uploaded_to_would_expose() -> None:
-    """Attempt 0: every group but user 7's completes (7 never uploads). The provider's
-    attempt 1 leaves the complete group A out of ``prior_groups`` and groups A with one
-    more user: with A's sum known, that user's model is A ∪ {x} − A. The members of A,
-    who uploaded to it, refuse; user 7, who uploaded nowhere, cannot tell and accepts."""
+def test_an_announcement_that_omits_a_known_group_never_reaches_the_users() -> None:
+    """Attempt 0: every group but user 7's completes (7 never uploads). An attempt 1 that
+    leaves a complete group A out of ``prior_groups`` and groups A with one more user
+    (whose model would be A ∪ {x} − A) is refused by the ledger, so no user ever gets a
+    receipt for it; users rely on that check (they cannot tell a complete group from an
+    incomplete one themselves)."""
     task = make_task(7)
     stuck = 7
 
@@ -247,23 +249,22 @@ def test_members_refuse_a_grouping_that_a_group_they_uploaded_to_would_expose() 
     assert complete
     a = complete[0]
     rest = tuple(u for u in sorted(task.users) if u not in a and u != stuck)
-    assert len(rest) == 3
     exposing = (tuple(sorted((*a, stuck))), rest)
     groups = tuple(GroupSpec(k, "basic", g, None, len(g)) for k, g in enumerate(exposing))
     attempt1 = dataclasses.replace(real, groups=groups, key_users=(), prior_groups=())
-    data = from_provider(task, attempt1, attempt=1)
-    for u in a:
-        out = task.users[u].handle(Received("announce", data))
-        refused = _only_refusal(list(out), "GroupingError")
-        assert "determine the model" in refused.detail
-        assert task.users[u].attempt == 0
-    out = task.users[stuck].handle(Received("announce", data))
-    assert not count(out, Refused) and count(out, Send) == len(exposing[0]) - 1
-    assert task.users[stuck].attempt == 1
-    # the same grouping, with A announced as known, is refused by everyone
-    honest = dataclasses.replace(attempt1, prior_groups=(a,))
-    out = task.users[stuck].handle(Received("announce", from_provider(task, honest, attempt=2)))
-    _only_refusal(list(out), "GroupingError")
+    provider = task.provider_identity
+    head = task.ledger.head(task.roster.provider)
+    dropout = envelope.sign(
+        provider, task.roster.task, Dropout((stuck,), (0,)), prev=head, round=1, attempt=0
+    )
+    task.ledger.commit(dropout)
+    signed = envelope.sign(
+        provider, task.roster.task, attempt1, prev=dropout.hash, round=1, attempt=1
+    )
+    with pytest.raises(RefusedError) as refused:
+        task.ledger.commit(signed)
+    assert refused.value.reason is RefusalReason.BAD_GROUPING
+    assert "omit groups whose sums are known" in refused.value.detail
 
 
 def _message(driver: Driver, commit: Commit) -> Announce:
