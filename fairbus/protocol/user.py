@@ -295,15 +295,15 @@ class UserMachine:
         if self._announce is None:
             return []
         r, a, msg = self._announce
-        new_round = r != self.round or self._global is None
         offer = self._model_offer
-        if new_round:
+        if r == self.round and self._global is not None:  # a later attempt of this round
+            new_round = False
+            digest, model = self._digest, self._global
+        else:
+            new_round = True
             if offer is None or offer[0] != r:
                 return []  # wait for this round's model
             _, digest, model = offer
-        else:
-            assert self._global is not None
-            digest, model = self._digest, self._global
         self._announce = None
         if digest != msg.model_sha256:
             raise GroupingError(f"round {r}: the global model does not match the announced hash")
