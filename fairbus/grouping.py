@@ -19,14 +19,18 @@ then basic groupings; if nothing works a :class:`GroupingError` says so. Users r
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass
 from fractions import Fraction
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from fairbus.errors import GroupingError
 from fairbus.keyneg import MIN_GROUP_SIZE as MIN_GROUP
+
+if TYPE_CHECKING:
+    from fairbus.wire.messages import GroupSpec
 
 BASIC = "basic"
 FOCUS = "focus"
@@ -305,3 +309,40 @@ def make_grouping(
         f"even with one basic grouping and no focus groups ({len(prior_groups)} earlier "
         "groups this round)"
     )
+
+
+def announced_group_problems(groups: Sequence[GroupSpec], users: Collection[int]) -> list[str]:
+    """What is wrong with the groups of an announcement, each problem in words (empty when
+    none): group ids distinct; every member one of ``users`` (the roster's users: no
+    unknown id, no provider, ledger node or admin), members strictly ascending (sorted,
+    none twice), at least three of them, the Shamir threshold equal to the group size
+    (Alg. 3 as written: a lower threshold lets fewer than all members unmask one), and
+    kind and focus user agreeing (a basic or reference group has none; a focus group has
+    one, among its members). The ledger and every user apply this same check."""
+    problems: list[str] = []
+    gids = [g.gid for g in groups]
+    if len(set(gids)) != len(gids):
+        problems.append(f"group ids repeat: {gids}")
+    for g in groups:
+        where = f"group {g.gid}"
+        members = list(g.members)
+        strangers = sorted(set(members) - set(users))
+        if strangers:
+            problems.append(f"{where} names {strangers}, not users of the roster")
+        if len(set(members)) != len(members):
+            problems.append(f"{where} names a member twice: {members}")
+        elif members != sorted(members):
+            problems.append(f"{where} lists its members out of order: {members}")
+        if len(set(members)) < MIN_GROUP:
+            problems.append(f"{where} has {len(set(members))} members, fewer than {MIN_GROUP}")
+        if g.threshold != len(members):
+            problems.append(
+                f"{where} has Shamir threshold {g.threshold}; it must equal the group "
+                f"size {len(members)}"
+            )
+        if g.kind == FOCUS:
+            if g.focus is None or g.focus not in members:
+                problems.append(f"focus {where} does not contain its key user ({g.focus})")
+        elif g.focus is not None:
+            problems.append(f"{g.kind} {where} names a focus user ({g.focus})")
+    return problems

@@ -38,8 +38,7 @@ from fairbus.errors import (
     UnknownSenderError,
     WireError,
 )
-from fairbus.grouping import FOCUS, Group, Grouping, check_grouping
-from fairbus.keyneg import MIN_GROUP_SIZE
+from fairbus.grouping import Group, Grouping, announced_group_problems, check_grouping
 from fairbus.ledger.records import (
     GENESIS_HASH,
     LEDGER_TYPES,
@@ -348,7 +347,7 @@ class Draft:
                 f"announcement of round {r} attempt {a} comes after round "
                 f"{self.current_round}" + (f" attempt {last.attempt}" if last is not None else ""),
             )
-        shape = self._group_shape_problems(message)
+        shape = announced_group_problems(message.groups, self.roster.with_role(Role.USER))
         if shape:
             # Checked first: the exposure check below assumes groups of distinct users.
             raise RefusedError(RefusalReason.BAD_GROUPING, "; ".join(shape))
@@ -390,44 +389,6 @@ class Draft:
             raise RefusedError(RefusalReason.BAD_GROUPING, "; ".join(problems))
         self.current_round = r
         self.rounds[r] = RoundRecord(a, message)
-
-    def _group_shape_problems(self, message: Announce) -> list[str]:
-        """What is wrong with the announced groups themselves: every member an active
-        user of the roster (no unknown id, no provider, ledger node or admin), members
-        strictly ascending (sorted, none twice), at least three of them, the Shamir
-        threshold equal to the group size (Alg. 3 as written: a lower threshold lets
-        fewer than all members unmask one), and kind and focus user agreeing (a basic or
-        reference group has none; a focus group has one, among its members)."""
-        problems: list[str] = []
-        for g in message.groups:
-            where = f"group {g.gid}"
-            members = list(g.members)
-            strangers = sorted(
-                u
-                for u in set(members)
-                if u not in self.roster or self.roster[u].role is not Role.USER
-            )
-            if strangers:
-                problems.append(f"{where} names {strangers}, not users of the roster")
-            if len(set(members)) != len(members):
-                problems.append(f"{where} names a member twice: {members}")
-            elif members != sorted(members):
-                problems.append(f"{where} lists its members out of order: {members}")
-            if len(set(members)) < MIN_GROUP_SIZE:
-                problems.append(
-                    f"{where} has {len(set(members))} members, fewer than {MIN_GROUP_SIZE}"
-                )
-            if g.threshold != len(members):
-                problems.append(
-                    f"{where} has Shamir threshold {g.threshold}; it must equal the group "
-                    f"size {len(members)}"
-                )
-            if g.kind == FOCUS:
-                if g.focus is None or g.focus not in members:
-                    problems.append(f"focus {where} does not contain its key user ({g.focus})")
-            elif g.focus is not None:
-                problems.append(f"{g.kind} {where} names a focus user ({g.focus})")
-        return problems
 
     def _upload(self, r: int, sender: int, gid: int, record: RoundRecord) -> None:
         if sender in self.excluded:

@@ -54,7 +54,7 @@ from fairbus.errors import (
     SchemaError,
 )
 from fairbus.field import FieldVector, FixedPointCodec
-from fairbus.grouping import FOCUS, check_grouping
+from fairbus.grouping import announced_group_problems, check_grouping
 from fairbus.identity import Identity
 from fairbus.ledger.recorded import open_recorded
 from fairbus.protocol.events import (
@@ -258,30 +258,7 @@ class UserMachine:
     def _check_announce(self, r: int, msg: Announce) -> None:
         """Refuse (:class:`GroupingError`) a malformed announcement or a grouping that
         would expose a model; changes nothing."""
-        problems: list[str] = []
-        gids = [g.gid for g in msg.groups]
-        if len(set(gids)) != len(gids):
-            problems.append(f"group ids repeat: {gids}")
-        for g in msg.groups:
-            where = f"group {g.gid}"
-            members = list(g.members)
-            strangers = sorted(set(members) - self._users)
-            if strangers:
-                problems.append(f"{where} names {strangers}, not users of the roster")
-            if members != sorted(set(members)):
-                problems.append(f"{where} lists members out of order or twice: {members}")
-            if len(set(members)) < keyneg.MIN_GROUP_SIZE:
-                problems.append(f"{where} has fewer than {keyneg.MIN_GROUP_SIZE} members")
-            if g.threshold != len(members):
-                problems.append(
-                    f"{where} has Shamir threshold {g.threshold}; it must equal the group "
-                    f"size {len(members)} (Alg. 3)"
-                )
-            if g.kind == FOCUS:
-                if g.focus is None or g.focus not in members:
-                    problems.append(f"focus {where} does not contain its key user ({g.focus})")
-            elif g.focus is not None:
-                problems.append(f"{g.kind} {where} names a focus user ({g.focus})")
+        problems = announced_group_problems(msg.groups, self._users)
         if problems:
             raise GroupingError(f"round {r}: malformed announcement: " + "; ".join(problems))
         # The known groups of earlier attempts, as announced: the ledger refuses an
