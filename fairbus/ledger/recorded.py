@@ -21,7 +21,7 @@ from fairbus import envelope
 from fairbus.envelope import GENESIS, SignedEnvelope, Verified
 from fairbus.errors import FairbusError, SchemaError
 from fairbus.identity import Identity
-from fairbus.ledger.records import Committed
+from fairbus.ledger.records import Committed, is_model_sized
 from fairbus.roster import Role, Roster
 from fairbus.wire import codec
 from fairbus.wire.limits import DEFAULT_LIMITS, WireLimits
@@ -93,6 +93,13 @@ def sign_receipt(
     are not chained: they are statements about the chain, not links in one)."""
     body = Receipt(height, block_hash, tuple(sorted(entries, key=lambda e: e.index)))
     return envelope.sign(node, task, body, prev=GENESIS).to_bytes()
+
+
+def ledger_submission(env: SignedEnvelope) -> bytes:
+    """What a participant submits to the ledger for ``env``: a model-sized one as its
+    header (:func:`header_only`; the ledger nodes keep the payload from the bus), any
+    other whole."""
+    return header_only(env) if is_model_sized(env.header.type) else env.to_bytes()
 
 
 def check_receipt(

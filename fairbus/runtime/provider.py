@@ -30,8 +30,8 @@ from fairbus.aggregation import PlainFedAvg
 from fairbus.envelope import GENESIS
 from fairbus.errors import FairbusError
 from fairbus.identity import Identity, load_broker_password
-from fairbus.ledger.recorded import Recorded, header_only
-from fairbus.ledger.records import Transaction, is_model_sized
+from fairbus.ledger.recorded import Recorded, ledger_submission
+from fairbus.ledger.records import Transaction
 from fairbus.protocol.events import (
     AttemptClosed,
     ChainHead,
@@ -282,8 +282,7 @@ class ProviderRuntime:
         assert self._record is not None and self.machine is not None
         env, kind = out.envelope, out.kind
         start = time.perf_counter()
-        submission = header_only(env) if is_model_sized(kind) else env.to_bytes()
-        committed, receipt = await self.ledger.submit_for_receipt(submission)
+        committed, receipt = await self.ledger.submit_for_receipt(ledger_submission(env))
         if kind == "dropout":
             self._last_dropout = committed.tx_hash
         self._record.ledger_height = committed.height

@@ -30,7 +30,7 @@ from fairbus import topics
 from fairbus.aggregation import PLAIN_MODEL
 from fairbus.errors import FairbusError
 from fairbus.identity import Identity, load_broker_password
-from fairbus.ledger.recorded import Recorded, header_only
+from fairbus.ledger.recorded import Recorded, ledger_submission
 from fairbus.ledger.state import RefusedError
 from fairbus.protocol.events import (
     PROVIDER,
@@ -237,7 +237,7 @@ class UserRuntime:
         start = time.perf_counter()
         self._round_log.setdefault("first_upload", start)
         try:
-            _, receipt = await self.ledger.submit_for_receipt(header_only(out.envelope))
+            _, receipt = await self.ledger.submit_for_receipt(ledger_submission(out.envelope))
         except (RefusedError, LedgerTimeoutError) as exc:
             # Not committed (or not known to be): the next upload links to whatever the
             # ledger holds as this user's head.
