@@ -427,6 +427,15 @@ class ExposureScreen:
         for group in groups:
             self.add(group)
 
+    def copy(self) -> ExposureScreen:
+        """An independent screen with the same groups (to try a set of groups and undo)."""
+        twin = ExposureScreen.__new__(ExposureScreen)
+        twin.users, twin.c, twin.prime = self.users, self.c, self.prime
+        twin.groups = list(self.groups)
+        twin._column = self._column
+        twin._basis = self._basis.copy()
+        return twin
+
     @property
     def dimension(self) -> int:
         """k: the dimension of the (modular) null space, n minus the rank of the groups."""
@@ -457,6 +466,13 @@ class ExposureScreen:
     def admits(self, group: Iterable[int]) -> bool:
         """Would the groups so far plus ``group`` pass the (modular) check under c?"""
         _, basis = self._with(group)
+        return self._safe(basis)
+
+    def _safe(self, basis: _Matrix) -> bool:
+        # A row space of dimension r holds a vector with support n − r + 1 or less, so
+        # a safe grouping keeps k = n − r ≥ c + 1: past that, no need to search.
+        if basis.shape[1] < min(self.dimension, self.c + 1):
+            return False
         return _safe_mod_p(basis, self.prime, self.c)
 
     def add(self, group: Iterable[int]) -> None:
@@ -467,7 +483,7 @@ class ExposureScreen:
     def try_add(self, group: Iterable[int]) -> bool:
         """Add ``group`` if the screen admits it; say whether it did."""
         members, basis = self._with(group)
-        if not _safe_mod_p(basis, self.prime, self.c):
+        if not self._safe(basis):
             return False
         self._basis = basis
         self.groups.append(members)
@@ -478,6 +494,42 @@ class ExposureScreen:
         return exposing_sets(self.groups, self.users, self.c)
 
 
+_PROJECTION = np.random.default_rng(20261129).integers(1, 2**16, size=(2, 4096), dtype=np.int64)
+"""Fixed (public, reproducible) random weights for :func:`_safe_mod_p`'s c ≤ 1 path."""
+
+
 def _safe_mod_p(basis: _Matrix, prime: int, c: int) -> bool:
+    if c <= 1 and basis.shape[1] <= _PROJECTION.shape[1]:
+        return _no_loops_or_parallels(basis, prime, c)
     circuits = _all_circuits(_ModP(basis, prime), c + 1)
     return next(circuits, None) is None
+
+
+def _no_loops_or_parallels(basis: _Matrix, prime: int, c: int) -> bool:
+    """c ≤ 1 quickly: no zero row and (c = 1) no two parallel rows mod p, seen through
+    two fixed random projections of the rows. Parallel rows have parallel projections,
+    so nothing is missed; two rows that are not parallel collide with chance about 1/p
+    (a harmless group refused)."""
+    if basis.shape[1] == 0:
+        return bool(basis.shape[0] == 0)
+    if not basis.any(axis=1).all():
+        return False
+    if c == 0:
+        return True
+    # entries < 2**31, weights < 2**16: each product < 2**47, sums of ≤ 4096 fit in int64
+    weights = _PROJECTION[:, : basis.shape[1]]
+    a = (basis @ weights[0]) % prime
+    b = (basis @ weights[1]) % prime
+    both_zero = (a == 0) & (b == 0)
+    if both_zero.any():  # a non-zero row that both projections miss: look exactly
+        return next(_all_circuits(_ModP(basis, prime), c + 1), None) is None
+    infinite = b == 0
+    inverse = np.ones_like(b)
+    base, exponent = np.where(infinite, 1, b), prime - 2
+    while exponent:
+        if exponent & 1:
+            inverse = inverse * base % prime
+        base = base * base % prime
+        exponent >>= 1
+    slope = np.where(infinite, prime, a * inverse % prime)
+    return len(np.unique(slope)) == len(slope)

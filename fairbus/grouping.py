@@ -8,25 +8,28 @@ active, the two general users *passive*. Not in the paper: *reference* groups of
 trusted general users, active for no one, show what a clean group achieves this round
 (:func:`fairbus.detection.group_contributions`).
 
-The privacy invariant (docs/architecture.md, "Trust and privacy") is enforced here: the
-group sums the provider can decrypt within a round (over all attempts) must not determine
-any single user's model, i.e. no unit vector e_u lies in the row space of the group
-incidence matrix.
-A grouping that fails is resampled; if no sample passes, focus repeats are reduced,
-then basic groupings; if nothing works a :class:`GroupingError` says so. Users run
-:func:`check_grouping` on what they receive and refuse a grouping that fails it.
+The privacy invariant (docs/architecture.md, "Trust and privacy"; issue 12): the group
+sums the provider can decrypt (every attempt of the round, and earlier rounds that started
+from the same global model), together with the models of any c users (the task's
+collusion bound: a member knows its own model, a free-rider's is the public global
+model), must not determine any other user's model (:mod:`fairbus.exposure`). Groups have
+max(3, c + 2) members. :func:`make_grouping` builds a grouping one group at a time and
+admits a group only if the invariant still holds; users and the ledger run
+:func:`check_grouping` with the task's c on every announcement and refuse one that fails.
 """
 
 from __future__ import annotations
 
-from collections.abc import Collection, Iterable, Sequence
+import math
+from collections.abc import Collection, Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from fractions import Fraction
+from itertools import combinations
 from typing import TYPE_CHECKING
 
 import numpy as np
 
 from fairbus.errors import GroupingError
+from fairbus.exposure import DEFAULT_COLLUSION, ExposureScreen, check_exposure, exposing_sets
 from fairbus.keyneg import MIN_GROUP_SIZE as MIN_GROUP
 
 if TYPE_CHECKING:
@@ -93,153 +96,304 @@ class Grouping:
 # --- the exposure check -----------------------------------------------------------------
 
 
-def exposed_users(groups: Iterable[Sequence[int]]) -> list[int]:
-    """Users whose model is determined by the sums of ``groups`` (exact, over the rationals).
-
-    e_u is in the row space of the incidence matrix iff the reduced row echelon form
-    has the row e_u. Exact Fraction arithmetic: this is a privacy check, and the
-    matrices (tens of groups by tens of users) are small.
-    """
-    rows = [sorted(set(g)) for g in groups]
-    users = sorted({u for g in rows for u in g})
-    column = {u: k for k, u in enumerate(users)}
-    matrix = []
-    for g in rows:
-        row = [Fraction(0)] * len(users)
-        for u in g:
-            row[column[u]] = Fraction(1)
-        matrix.append(row)
-    rref = _rref(matrix)
-    exposed = []
-    for row in rref:
-        nonzero = [k for k, v in enumerate(row) if v != 0]
-        if len(nonzero) == 1:
-            exposed.append(users[nonzero[0]])
-    return sorted(exposed)
-
-
-def _rref(matrix: list[list[Fraction]]) -> list[list[Fraction]]:
-    rows = [r[:] for r in matrix]
-    if not rows:
-        return []
-    width = len(rows[0])
-    pivot_row = 0
-    for col in range(width):
-        pivot = next((r for r in range(pivot_row, len(rows)) if rows[r][col] != 0), None)
-        if pivot is None:
-            continue
-        rows[pivot_row], rows[pivot] = rows[pivot], rows[pivot_row]
-        lead = rows[pivot_row][col]
-        rows[pivot_row] = [v / lead for v in rows[pivot_row]]
-        for r in range(len(rows)):
-            if r != pivot_row and rows[r][col] != 0:
-                factor = rows[r][col]
-                rows[r] = [a - factor * b for a, b in zip(rows[r], rows[pivot_row], strict=True)]
-        pivot_row += 1
-        if pivot_row == len(rows):
-            break
-    return rows[:pivot_row]
-
-
-def _probably_exposed(member_lists: Sequence[Sequence[int]]) -> bool:
-    """Fast float screen: diag of the projection onto the row space is 1 for exposed users.
-
-    Only ever used to *reject* quickly; a grouping it passes is confirmed exactly.
-    """
-    users = sorted({u for g in member_lists for u in g})
-    column = {u: k for k, u in enumerate(users)}
-    matrix = np.zeros((len(member_lists), len(users)))
-    for r, g in enumerate(member_lists):
-        matrix[r, [column[u] for u in g]] = 1.0
-    _, singular, vt = np.linalg.svd(matrix, full_matrices=False)
-    basis = vt[singular > 1e-9 * max(1.0, float(singular.max(initial=0.0)))]
-    return bool((np.einsum("ij,ij->j", basis, basis) > 1 - 1e-6).any())
+def group_size(c: int = DEFAULT_COLLUSION) -> int:
+    """The size of a basic, focus or reference group under collusion bound ``c``: three,
+    or c + 2 where that is more (a group of c + 1 is one circuit on its own: c members
+    who pool their models read the last one from the sum)."""
+    return max(MIN_GROUP, c + 2)
 
 
 def check_grouping(
     grouping: Grouping | Sequence[Sequence[int]],
     prior_groups: Iterable[Sequence[int]] = (),
+    c: int = DEFAULT_COLLUSION,
 ) -> None:
-    """Refuse (raise :class:`GroupingError`) a grouping that has a group smaller than 3 or,
-    together with ``prior_groups`` of the same round, determines some user's model."""
+    """Refuse (raise :class:`GroupingError`) a grouping that has a group smaller than
+    :func:`group_size` or whose sums, together with ``prior_groups`` (the groups of
+    earlier attempts of the round, and of earlier rounds from the same global model) and
+    the models of any ``c`` users, determine some other user's model
+    (:func:`fairbus.exposure.check_exposure`, exact)."""
     member_lists = (
         [g.members for g in grouping.groups]
         if isinstance(grouping, Grouping)
         else [tuple(g) for g in grouping]
     )
+    smallest = group_size(c)
     for members in member_lists:
-        if len(set(members)) < MIN_GROUP:
-            raise GroupingError(f"group {sorted(members)} has fewer than {MIN_GROUP} members")
-    exposed = exposed_users([*prior_groups, *member_lists])
-    if exposed:
-        raise GroupingError(
-            f"the group sums of this round would determine the model of user(s) {exposed}"
-        )
+        if len(set(members)) < smallest:
+            raise GroupingError(
+                f"group {sorted(members)} has fewer than {smallest} members (collusion bound {c})"
+            )
+    check_exposure(member_lists, c, prior_groups=prior_groups)
 
 
 # --- Algorithm 2 ----------------------------------------------------------------------------
 
 
-def partition_sizes(n: int) -> list[int]:
-    """Sizes of one basic grouping of n users: n // 3 groups of 3, the remainder spread."""
-    if n < MIN_GROUP:
-        raise GroupingError(f"need at least {MIN_GROUP} users to form a group, have {n}")
-    count = n // MIN_GROUP
-    sizes = [MIN_GROUP] * count
-    for k in range(n - MIN_GROUP * count):
+def partition_sizes(n: int, size: int = MIN_GROUP) -> list[int]:
+    """Sizes of one basic grouping of n users: n // size groups of ``size``, the
+    remainder spread over them."""
+    if n < size:
+        raise GroupingError(f"need at least {size} users to form a group, have {n}")
+    count = n // size
+    sizes = [size] * count
+    for k in range(n - size * count):
         sizes[k % count] += 1
     return sizes
 
 
-def _sample(
-    users: list[int],
-    key_users: list[int],
-    basic_groupings: int,
-    key_repeats: int,
-    rng: np.random.Generator,
-    partners: list[int],
-    references: int,
-) -> list[Group]:
-    groups: list[Group] = []
-    seen: set[tuple[int, ...]] = set()
-    sizes = partition_sizes(len(users))
-    allow_duplicates = len(users) < 2 * MIN_GROUP
-    for _ in range(basic_groupings):  # lines 2-8
-        for _retry in range(50):
-            order = [users[k] for k in rng.permutation(len(users))]
-            start, part = 0, []
+SAMPLES = 32
+"""Candidate member sets drawn for one group before the search gives that group up."""
+
+CANDIDATES = 4
+"""Whole groupings built per call; the one with the most focus groups is kept (at 9 users
+the first basic grouping decides whether a key user has room for one focus group or
+two)."""
+
+
+class _Builder:
+    """Algorithm 2 a group at a time, each group admitted only if the groups so far
+    (with the prior ones) still expose no one under c (:class:`ExposureScreen`)."""
+
+    def __init__(
+        self, users: list[int], c: int, prior: Sequence[Sequence[int]], rng: np.random.Generator
+    ) -> None:
+        universe = sorted({*users, *(u for g in prior for u in g)})
+        self.screen = ExposureScreen(universe, c, prior)
+        self.users = users
+        self.size = group_size(c)
+        self.rng = rng
+        self.groups: list[Group] = []
+        self.taken: set[tuple[int, ...]] = set()
+        self.mates: dict[int, set[int]] = {u: set() for u in universe}
+        """Who already shares a group with whom (prior groups included)."""
+        self.faces: set[tuple[int, ...]] = set()
+        """Every group's member sets with one member left out."""
+        self.c = c
+        for g in prior:
+            self._meet(tuple(sorted(g)))
+
+    def _meet(self, members: tuple[int, ...]) -> None:
+        for u in members:
+            self.mates[u].update(members)
+            self.mates[u].discard(u)
+        self.faces.update(combinations(members, len(members) - 1))
+
+    def _add(self, kind: str, members: tuple[int, ...], focus: int | None = None) -> bool:
+        if members in self.taken:
+            return False
+        # Two groups of the same size that differ in one member each give the difference
+        # of two models: refused under c >= 1 without asking the screen.
+        if self.c >= 1 and any(f in self.faces for f in combinations(members, len(members) - 1)):
+            return False
+        if not self.screen.try_add(members):
+            return False
+        self.taken.add(members)
+        self._meet(members)
+        self.groups.append(Group(len(self.groups), kind, members, focus))
+        return True
+
+    def _strangers(
+        self, pool: Sequence[int], count: int, among: Collection[int]
+    ) -> tuple[int, ...]:
+        """``count`` users of ``pool`` drawn one by one, preferring users who share no
+        group yet with those drawn (or with ``among``): under c ≥ 1 two groups of three
+        that share two members expose both others, so such draws are tried first."""
+        chosen: list[int] = []
+        left = list(pool)
+        for _ in range(count):
+            met = set(among).union(*(self.mates[u] for u in chosen))
+            fresh = [u for u in left if u not in met]
+            source = fresh or left
+            pick = source[int(self.rng.integers(len(source)))]
+            chosen.append(pick)
+            left.remove(pick)
+        return tuple(sorted(chosen))
+
+    def _draw(self, pool: Sequence[int], count: int) -> tuple[int, ...]:
+        picks = self.rng.choice(len(pool), size=count, replace=False)
+        return tuple(sorted(pool[int(k)] for k in picks))
+
+    def _candidates(
+        self, pool: Sequence[int], count: int, among: Collection[int] = ()
+    ) -> Iterator[tuple[int, ...]]:
+        """Member sets of ``count`` from ``pool`` to try, in random order: all of them
+        where they are few (a small pool has few that fit, and sampling misses them),
+        else :data:`SAMPLES` draws of :meth:`_strangers`."""
+        if math.comb(len(pool), count) <= SAMPLES:
+            every = list(combinations(sorted(pool), count))
+            yield from (every[int(k)] for k in self.rng.permutation(len(every)))
+            return
+        for _ in range(SAMPLES):
+            yield self._strangers(pool, count, among)
+
+    def partition(self, tries: int) -> bool:
+        """Lines 2-8: one basic grouping, every user in one group; the groups are drawn
+        one by one from the users not yet placed. All or nothing."""
+        sizes = partition_sizes(len(self.users), self.size)
+        for _ in range(tries):
+            saved = (self.screen.copy(), len(self.groups), set(self.taken))
+            left = list(self.users)
             for size in sizes:
-                part.append(tuple(sorted(order[start : start + size])))
-                start += size
-            if allow_duplicates or not seen.intersection(part):
-                break
-        for members in part:
-            seen.add(members)
-            groups.append(Group(len(groups), BASIC, members))
-    general = [u for u in users if u not in key_users]
-    trusted_general = [u for u in partners if u in general]
-    # too few trusted general users for a reference group: trusted key users too
-    preferred = trusted_general if len(trusted_general) >= MIN_GROUP else list(partners)
-    for key in key_users:  # lines 9-16
-        pool = _focus_pool(key, users, general, trusted_general, partners)
-        chosen: set[tuple[int, ...]] = set()
-        for _ in range(key_repeats):
-            # A repeat of the same members would be the same model: no new evidence.
-            for _retry in range(20):
-                picks = rng.choice(len(pool), size=MIN_GROUP - 1, replace=False)
-                members = tuple(sorted([key, *(pool[int(k)] for k in picks)]))
-                if members not in chosen:
-                    chosen.add(members)
-                    groups.append(Group(len(groups), FOCUS, members, focus=key))
+                if not any(self._take(left, members) for members in self._candidates(left, size)):
                     break
-    taken = {g.members for g in groups}
-    for _ in range(references if len(preferred) >= MIN_GROUP else 0):
-        picks = rng.choice(len(preferred), size=MIN_GROUP, replace=False)
-        members = tuple(sorted(preferred[int(k)] for k in picks))
-        if members not in taken:
-            taken.add(members)
-            groups.append(Group(len(groups), REFERENCE, members))
-    return groups
+            else:
+                return True
+            self.screen, count, self.taken = saved
+            del self.groups[count:]
+        return False
+
+    def _take(self, left: list[int], members: tuple[int, ...]) -> bool:
+        if not self._add(BASIC, members):
+            return False
+        for u in members:
+            left.remove(u)
+        return True
+
+    def focus(self, key: int, pool: list[int]) -> bool:
+        """Lines 10-15: one focus group of ``key`` and size − 1 users of ``pool``."""
+        if len(pool) < self.size - 1:
+            return False
+        others_pool = [u for u in pool if u != key]
+        for others in self._candidates(others_pool, self.size - 1, {key, *self.mates[key]}):
+            if self._add(FOCUS, tuple(sorted((key, *others))), focus=key):
+                return True
+        return False
+
+    def reference(self, pool: list[int]) -> bool:
+        """A reference group of ``size`` users of ``pool`` (not in the paper)."""
+        if len(pool) < self.size:
+            return False
+        return any(self._add(REFERENCE, m) for m in self._candidates(pool, self.size))
+
+
+def make_grouping(
+    users: Iterable[int],
+    key_users: Iterable[int] = (),
+    *,
+    c: int = DEFAULT_COLLUSION,
+    basic_groupings: int = 2,
+    key_repeats: int = 2,
+    seed: int | Sequence[int] = 0,
+    prior_groups: Sequence[Sequence[int]] = (),
+    partners: Iterable[int] = (),
+    references: int = 0,
+    tries: int = 20,
+    candidates: int = CANDIDATES,
+    key_order: Sequence[int] = (),
+) -> Grouping:
+    """Algorithm 2 under the exposure check with collusion bound ``c``; deterministic for
+    a given ``seed``.
+
+    Built one group at a time, each admitted only while every model stays hidden from
+    whoever holds the sums and any c models (:class:`fairbus.exposure.ExposureScreen`;
+    the result is confirmed exactly). In order of what detection needs most: one basic
+    grouping (lines 2-8; without it there is no round), then focus groups one per key
+    user in turn, up to ``key_repeats`` each (lines 9-16), then further basic groupings up
+    to ``basic_groupings``, each whole or not at all, then up to ``references`` reference
+    groups of trusted general users. ``prior_groups`` are the groups whose
+    sums the provider may hold already (earlier attempts of this round, earlier rounds
+    from the same global model). ``key_order`` says which key users come first when
+    room for focus groups is short (the provider's most suspected first); the others
+    follow in a random order. Focus partners come from ``partners`` (the users the
+    provider trusts most, general users first) where there are enough of them. Of
+    ``candidates`` groupings built so, the one with the most focus groups is kept.
+
+    Two groups of three may share at most one member under c ≥ 1, and the incidence matrix's rank
+    stays at most n − c − 1, so room is scarce: at 9 users two basic groupings leave room
+    for about one more group. Raises :class:`GroupingError` when not even one basic
+    grouping passes.
+    """
+    active = sorted(set(users))
+    keys = sorted(set(key_users) & set(active))
+    if basic_groupings < 1 or key_repeats < 0 or references < 0:
+        raise GroupingError("need basic_groupings >= 1, key_repeats >= 0 and references >= 0")
+    partition_sizes(len(active), group_size(c))
+    rng = np.random.default_rng(seed)  # grouping is public: no CSPRNG needed
+    first = [k for k in dict.fromkeys(key_order) if k in set(keys)]
+    rest = [k for k in keys if k not in set(first)]
+    policy = _Policy(
+        first + [rest[int(k)] for k in rng.permutation(len(rest))],
+        key_repeats,
+        references,
+        basic_groupings,
+        sorted(set(partners)),
+    )
+    best: tuple[tuple[int, tuple[int, ...], int], _Builder, dict[int, int], int] | None = None
+    for _ in range(candidates):
+        build = _Builder(active, c, prior_groups, rng)
+        if not build.partition(tries):
+            continue
+        achieved, basics = policy.fill(build, tries)
+        served = tuple(achieved[k] for k in policy.keys)
+        rank = (sum(served), served, len(build.groups))
+        if best is None or rank > best[0]:
+            best = (rank, build, achieved, basics)
+    if best is None:
+        raise GroupingError(
+            f"no grouping of users {active} keeps every model hidden under collusion bound "
+            f"{c}, not even one basic grouping ({len(prior_groups)} earlier groups count)"
+        )
+    _, build, achieved, basics = best
+    groups = _confirmed(build.groups, active, c, prior_groups)
+    return Grouping(tuple(groups), frozenset(keys), max(achieved.values(), default=0), basics)
+
+
+@dataclass(frozen=True)
+class _Policy:
+    """What :func:`make_grouping` adds after the first basic grouping, in order."""
+
+    keys: list[int]
+    """In the order their focus groups are built, one each in turn."""
+    key_repeats: int
+    references: int
+    basic_groupings: int
+    partners: list[int]
+
+    def fill(self, build: _Builder, tries: int) -> tuple[dict[int, int], int]:
+        """Focus groups one per key user in turn (lines 9-16), further basic groupings,
+        then reference groups; the focus groups per key user and the basic groupings."""
+        active = build.users
+        preferred = [u for u in self.partners if u in set(active)]
+        general = [u for u in active if u not in self.keys]
+        trusted_general = [u for u in preferred if u in general]
+        pools = {
+            key: _focus_pool(key, active, general, trusted_general, preferred, build.size)
+            for key in self.keys
+        }
+        achieved = dict.fromkeys(self.keys, 0)
+        open_keys = list(self.keys)
+        for _ in range(self.key_repeats):
+            for key in list(open_keys):
+                if build.focus(key, pools[key]):
+                    achieved[key] += 1
+                else:
+                    open_keys.remove(key)
+        basics = 1
+        while basics < self.basic_groupings and build.partition(max(1, tries // 4)):
+            basics += 1
+        # too few trusted general users for a reference group: trusted key users too
+        reference_pool = trusted_general if len(trusted_general) >= build.size else preferred
+        for _ in range(self.references):
+            if not build.reference(reference_pool):
+                break
+        return achieved, basics
+
+
+def _confirmed(
+    groups: list[Group], users: list[int], c: int, prior: Sequence[Sequence[int]]
+) -> list[Group]:
+    """The screen works modulo a prime; confirm exactly. Should the exact check find a
+    set the screen missed (about one chance in 2**31), drop the last groups until it
+    passes; the first basic grouping is never dropped alone."""
+    kept = list(groups)
+    universe = sorted({*users, *(u for g in prior for u in g)})
+    while kept and exposing_sets([*prior, *(g.members for g in kept)], universe, c):
+        kept.pop()
+    first = len(partition_sizes(len(users), group_size(c)))
+    if len(kept) < first:
+        raise GroupingError(f"no grouping of users {users} passed the exact exposure check")
+    return kept
 
 
 def _focus_pool(
@@ -248,67 +402,15 @@ def _focus_pool(
     general: list[int],
     trusted_general: list[int],
     partners: list[int],
+    size: int,
 ) -> list[int]:
-    """Whom a focus group of ``key`` draws its two others from, first that has two:
+    """Whom a focus group of ``key`` draws its others from, first that has enough:
     trusted general users (line 12), trusted users, general users, anyone."""
-    need = MIN_GROUP - 1
+    need = size - 1
     for pool in (trusted_general, [u for u in partners if u != key], general):
         if len(pool) >= need:
             return pool
     return [u for u in users if u != key]
-
-
-def make_grouping(
-    users: Iterable[int],
-    key_users: Iterable[int] = (),
-    *,
-    basic_groupings: int = 2,
-    key_repeats: int = 2,
-    seed: int | Sequence[int] = 0,
-    prior_groups: Sequence[Sequence[int]] = (),
-    partners: Iterable[int] = (),
-    references: int = 0,
-    tries: int = 200,
-) -> Grouping:
-    """Algorithm 2 with the exposure check; deterministic for a given ``seed``.
-
-    ``prior_groups`` are the groups of earlier attempts of this round whose sums the
-    provider may hold. Focus partners are drawn from ``partners`` (the general users the
-    provider trusts most) when at least two of them take part, else from all general
-    users; ``references`` reference groups of three of them are added where there are
-    at least three partners. When no sample of ``tries`` passes the check, focus
-    repeats are reduced, down to one, then reference groups, then basic groupings; focus
-    groups (the groups that say most about a key user) go last. A reference group is
-    what tells a free-rider's focus groups from clean ones when every key user is an
-    attacker.
-    """
-    active = sorted(set(users))
-    keys = sorted(set(key_users) & set(active))
-    if basic_groupings < 1 or key_repeats < 0:
-        raise GroupingError("need basic_groupings >= 1 and key_repeats >= 0")
-    partition_sizes(len(active))
-    preferred = sorted(set(partners) & set(active))
-    rng = np.random.default_rng(seed)  # grouping is public: no CSPRNG needed
-    basics_down = range(basic_groupings, 0, -1)
-    kin_down = range(key_repeats, 0, -1)
-    shapes = [(b, k, r) for b in basics_down for r in range(references, 0, -1) for k in kin_down]
-    shapes += [(b, k, 0) for b in basics_down for k in kin_down]
-    shapes += [(b, 0, r) for b in basics_down for r in range(references, -1, -1)]
-    for basics, kin, ref in shapes:
-        for _ in range(tries):
-            groups = _sample(active, keys, basics, kin, rng, preferred, ref)
-            if _probably_exposed([*prior_groups, *(g.members for g in groups)]):
-                continue
-            try:
-                check_grouping([g.members for g in groups], prior_groups)
-            except GroupingError:
-                continue
-            return Grouping(tuple(groups), frozenset(keys), kin, basics)
-    raise GroupingError(
-        f"no grouping of users {active} with key users {keys} keeps every model hidden, "
-        f"even with one basic grouping and no focus groups ({len(prior_groups)} earlier "
-        "groups this round)"
-    )
 
 
 def announced_group_problems(groups: Sequence[GroupSpec], users: Collection[int]) -> list[str]:

@@ -147,7 +147,10 @@ class Simulation:
             initial_params(config.model_name, config.seed),
             config.provider,
         )
-        self.machines = {u: UserMachine(self.identities[u], self.roster) for u in self.user_ids}
+        c = config.provider.collusion
+        self.machines = {
+            u: UserMachine(self.identities[u], self.roster, collusion=c) for u in self.user_ids
+        }
         self.alive = set(self.user_ids)
         self._queue: deque[tuple[int | str, str, bytes, int | str]] = deque()
         self._record: RoundRecord | None = None
@@ -329,7 +332,9 @@ class Simulation:
         # (an upload it signed just before dying may or may not have been recorded); the
         # provider continues the user's chain from the same head.
         head = self.ledger.head(user)
-        self.machines[user] = UserMachine(self.identities[user], self.roster, prev=head)
+        self.machines[user] = UserMachine(
+            self.identities[user], self.roster, prev=head, collusion=self.config.provider.collusion
+        )
         self.alive.add(user)
         self._dispatch(PROVIDER, self.provider.handle(ChainHead(user, head)))
         self._dispatch(PROVIDER, self.provider.handle(Joined(user)))

@@ -10,9 +10,9 @@ and every ledger node, follower and ``fairbus audit`` takes them from that trans
 (``docs/architecture.md``, "The ledger contract"). A ledger node's own configuration
 holds none.
 
-Today that is Algorithm 6's :class:`~fairbus.detection.DetectionParams`, the only ones
-the ledger re-derives anything with; a future consensus-critical parameter goes into
-:class:`TaskParams` and the message, and nowhere else.
+Today that is Algorithm 6's :class:`~fairbus.detection.DetectionParams` and the collusion
+bound c of the exposure check (:mod:`fairbus.exposure`); a future consensus-critical
+parameter goes into :class:`TaskParams` and the message, and nowhere else.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from typing import Any
 
 from fairbus.detection import DetectionParams
 from fairbus.errors import FairbusError, SchemaError
+from fairbus.exposure import DEFAULT_COLLUSION
 from fairbus.wire.limits import DEFAULT_LIMITS
 from fairbus.wire.messages import DetectionPolicy, TaskStart
 
@@ -64,8 +65,15 @@ class TaskParams:
     a task its ledger would refuse; raises :class:`~fairbus.errors.SchemaError`."""
 
     detection: DetectionParams = DEFAULT_DETECTION
+    collusion: int = DEFAULT_COLLUSION
+    """c, the task's collusion bound (issue 12): no user's model may be determined by the
+    group sums the provider can decrypt together with the models of any c other users.
+    1 by default: a member knows its own model, and a free-rider's is the public global
+    model. Groups have max(3, c + 2) members."""
 
     def __post_init__(self) -> None:
+        if isinstance(self.collusion, bool) or not isinstance(self.collusion, int):
+            raise SchemaError(f"the collusion bound must be a whole number, not {self.collusion!r}")
         try:
             wire = self.to_message().to_wire()
         except (TypeError, ValueError, OverflowError) as exc:
@@ -74,14 +82,14 @@ class TaskParams:
 
     def to_message(self) -> TaskStart:
         """The body of the task-start transaction."""
-        return TaskStart(DetectionPolicy(**dataclasses.asdict(self.detection)))
+        return TaskStart(DetectionPolicy(**dataclasses.asdict(self.detection)), self.collusion)
 
     @classmethod
     def from_message(cls, message: TaskStart) -> TaskParams:
         """The parameters a (strictly decoded) task start records; raises
         :class:`~fairbus.errors.SchemaError` if they do not make a valid policy."""
         try:
-            return cls(DetectionParams(**dataclasses.asdict(message.detection)))
+            return cls(DetectionParams(**dataclasses.asdict(message.detection)), message.collusion)
         except FairbusError as exc:
             raise SchemaError(f"task_start: {exc}") from None
 

@@ -68,6 +68,13 @@ def simulate(
     dropout: list[str] = typer.Option(
         [], help="ROUND:USER:PHASE, PHASE = negotiation | upload (repeatable)."
     ),
+    collusion: int = typer.Option(
+        1,
+        min=0,
+        max=16,
+        help="Collusion bound c: no model may follow from the group sums and any c models "
+        "(groups of max(3, c + 2)).",
+    ),
     basic_groupings: int = typer.Option(2, help="Basic groupings per round (Alg. 2)."),
     key_repeats: int = typer.Option(
         DEFAULTS.key_repeats, help="Most focus groups per key user, KIN (Alg. 2)."
@@ -130,6 +137,7 @@ def simulate(
             ),
             defended=not undefended,
             seed=seed,
+            collusion=collusion,
         ),
         dropouts=tuple(_dropout(d) for d in dropout),
     )

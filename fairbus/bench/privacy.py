@@ -1,20 +1,20 @@
-"""``fairbus bench privacy``: do today's groupings expose anyone when c models are known?
+"""``fairbus bench privacy``: do the provider's groupings expose anyone when c models
+are known?
 
 Issue 12, item 2 and its must-show: for n users, a share of them key users and a
 collusion bound c, draw groupings from the provider's grouping
-(:func:`fairbus.grouping.make_grouping` with the provider's defaults: two basic
-groupings, up to six focus groups per key user, two reference groups, the non-key users
-as trusted partners; one seed per sample) and count how many expose someone under c
-(:func:`fairbus.exposure.exposing_sets`; the target is 0), the focus groups per key user
-the grouping achieved, the time of the new check (the full list of exposing sets, and
-the yes/no :func:`fairbus.exposure.is_safe`) beside today's Fraction check
-(:func:`fairbus.grouping.exposed_users`), and the time ``make_grouping`` itself took.
+(:func:`fairbus.grouping.make_grouping` under that c, with the provider's defaults: up to
+two basic groupings, up to six focus groups per key user, two reference groups, the
+non-key users as trusted partners; one seed per sample) and count how many expose
+someone under c (:func:`fairbus.exposure.exposing_sets`, exact; the target is 0), the
+focus groups per key user the grouping achieved, the time of the check (the full list
+of exposing sets, and the yes/no :func:`fairbus.exposure.is_safe`), and the time
+``make_grouping`` itself took.
 
-``make_grouping`` is slow with many key users (seconds per grouping at 9 users, minutes
-at 100; issue 16), so each setting runs in a child process under a share of a total time
-budget: the settings still to run split what is left, a setting that finishes early
-leaves its time to the others, and a setting out of time is stopped and reports the
-samples it finished (possibly none). The report states the samples used per setting.
+Each setting runs in a child process under a share of a total time budget: the settings
+still to run split what is left, a setting that finishes early leaves its time to the
+others, and a setting out of time is stopped and reports the samples it finished
+(possibly none). The report states the samples used per setting.
 """
 
 from __future__ import annotations
@@ -39,8 +39,6 @@ USERS: tuple[int, ...] = (9, 15, 30, 60, 100)
 KEY_SHARES: tuple[float, ...] = (0.0, 0.2, 0.4)
 BOUNDS: tuple[int, ...] = (1, 2)
 SAMPLES = 1_000
-FRACTION_SAMPLES = 100
-"""Today's Fraction check (0.1-0.5 s at 100 users) is timed on the first samples only."""
 BUDGET_S = 540.0
 """Total seconds for all settings (the bench should end within about ten minutes)."""
 
@@ -62,8 +60,12 @@ class Setting:
 
 @dataclass(frozen=True)
 class Check:
-    """The new check on one grouping under one c."""
+    """One grouping built under one c, and the exact check on it."""
 
+    make_s: float
+    groups: int
+    basic_groupings: int
+    focus_per_key: float | None
     sets: int
     exposed_users: int
     list_ms: float
@@ -73,11 +75,6 @@ class Check:
 @dataclass(frozen=True)
 class Sample:
     seed: int
-    make_s: float
-    groups: int
-    focus_per_key: float | None
-    fraction_ms: float | None
-    today_exposed: int | None
     checks: dict[int, Check]
 
 
@@ -98,23 +95,19 @@ class Row:
     focus_per_key_min: float | None
     focus_per_key_max: float | None
     groups_mean: float | None
+    basic_groupings_mean: float | None
     check_ms_median: float | None
     check_ms_p99: float | None
     safe_ms_median: float | None
     safe_ms_p99: float | None
-    fraction_ms_median: float | None
-    fraction_ms_p99: float | None
-    fraction_samples: int
     make_s_median: float | None
     make_s_max: float | None
-    today_failures: int
 
 
 @dataclass
 class Report:
     rows: list[Row] = field(default_factory=list)
     samples: int = SAMPLES
-    fraction_samples: int = FRACTION_SAMPLES
     budget_s: float = BUDGET_S
     params: GroupingParams = field(default_factory=GroupingParams)
     elapsed_s: float = 0.0
@@ -129,41 +122,30 @@ def settings(users: Sequence[int], shares: Sequence[float]) -> list[Setting]:
     return [Setting(n, key_count(n, s)) for n in users for s in shares]
 
 
-def draw(
-    setting: Setting,
-    sample: int,
-    bounds: Sequence[int],
-    params: GroupingParams,
-    fraction: bool = True,
-) -> Sample:
-    """One grouping from the provider's grouping and the checks on it (today's Fraction
-    check too if ``fraction``)."""
+def draw(setting: Setting, sample: int, bounds: Sequence[int], params: GroupingParams) -> Sample:
+    """One grouping per c from the provider's grouping, and the exact check on each."""
     from fairbus.exposure import exposing_sets, is_safe
-    from fairbus.grouping import exposed_users, make_grouping
+    from fairbus.grouping import make_grouping
 
     n, k = setting.users, setting.key_users
     rng = np.random.default_rng((n, k, sample))
     users = list(range(1, n + 1))
     keys = sorted(int(u) for u in rng.choice(users, size=k, replace=False)) if k else []
-    start = time.perf_counter()
-    grouping = make_grouping(
-        users,
-        keys,
-        basic_groupings=params.basic_groupings,
-        key_repeats=params.key_repeats,
-        seed=(n, k, sample),
-        partners=[u for u in users if u not in keys],
-        references=params.references,
-    )
-    make_s = time.perf_counter() - start
-    groups = [g.members for g in grouping.groups]
-    fraction_ms, today = None, None
-    if fraction:
-        start = time.perf_counter()
-        today = len(exposed_users(groups))
-        fraction_ms = (time.perf_counter() - start) * 1e3
     checks = {}
     for c in bounds:
+        start = time.perf_counter()
+        grouping = make_grouping(
+            users,
+            keys,
+            c=c,
+            basic_groupings=params.basic_groupings,
+            key_repeats=params.key_repeats,
+            seed=(n, k, sample),
+            partners=[u for u in users if u not in keys],
+            references=params.references,
+        )
+        make_s = time.perf_counter() - start
+        groups = [g.members for g in grouping.groups]
         start = time.perf_counter()
         found = exposing_sets(groups, c=c)
         list_ms = (time.perf_counter() - start) * 1e3
@@ -172,9 +154,13 @@ def draw(
         safe_ms = (time.perf_counter() - start) * 1e3
         if safe != (not found):
             raise AssertionError(f"is_safe and exposing_sets disagree on {groups}, c = {c}")
-        checks[c] = Check(len(found), len({u for s in found for u in s}), list_ms, safe_ms)
-    focus = len(grouping.focus) / k if k else None
-    return Sample(sample, make_s, len(groups), focus, fraction_ms, today, checks)
+        focus = len(grouping.focus) / k if k else None
+        exposed = len({u for s in found for u in s})
+        checks[c] = Check(
+            make_s, len(groups), grouping.basic_groupings, focus, len(found), exposed,
+            list_ms, safe_ms,
+        )  # fmt: skip
+    return Sample(sample, checks)
 
 
 def _from_json(item: dict[str, Any]) -> Sample:
@@ -189,13 +175,12 @@ def collect(
     params: GroupingParams,
     slice_s: float,
     progress: Callable[[int], None] = lambda done: None,
-    fraction_samples: int = FRACTION_SAMPLES,
 ) -> tuple[list[Sample], bool]:
     """Samples of one setting drawn by a child process (``python -m
     fairbus.bench.privacy``, one JSON line per sample) within ``slice_s`` seconds; True
     if all were drawn. A child out of time is killed in the middle of its grouping."""
     spec = {"setting": asdict(setting), "bounds": bounds, "samples": samples}
-    spec.update(params=asdict(params), fraction_samples=fraction_samples)
+    spec.update(params=asdict(params))
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
     deadline = time.monotonic() + slice_s
     lines: queue.Queue[str | None] = queue.Queue()
@@ -256,11 +241,10 @@ def summarize(
         return how(values) if values else None
 
     checks = [s.checks[c] for s in got]
-    focus = [s.focus_per_key for s in got if s.focus_per_key is not None]
+    focus = [x.focus_per_key for x in checks if x.focus_per_key is not None]
     lists = [x.list_ms for x in checks]
     safes = [x.safe_ms for x in checks]
-    fractions = [s.fraction_ms for s in got if s.fraction_ms is not None]
-    makes = [s.make_s for s in got]
+    makes = [x.make_s for x in checks]
 
     def p99(values: Sequence[float]) -> float:
         return _quantile(values, 0.99)
@@ -279,17 +263,14 @@ def summarize(
         focus_per_key_mean=stat(focus, statistics.fmean),
         focus_per_key_min=stat(focus, min),
         focus_per_key_max=stat(focus, max),
-        groups_mean=stat([float(s.groups) for s in got], statistics.fmean),
+        groups_mean=stat([float(x.groups) for x in checks], statistics.fmean),
+        basic_groupings_mean=stat([float(x.basic_groupings) for x in checks], statistics.fmean),
         check_ms_median=stat(lists, statistics.median),
         check_ms_p99=stat(lists, p99),
         safe_ms_median=stat(safes, statistics.median),
         safe_ms_p99=stat(safes, p99),
-        fraction_ms_median=stat(fractions, statistics.median),
-        fraction_ms_p99=stat(fractions, p99),
-        fraction_samples=len(fractions),
         make_s_median=stat(makes, statistics.median),
         make_s_max=stat(makes, max),
-        today_failures=sum(1 for s in got if s.today_exposed),
     )
 
 
@@ -301,14 +282,11 @@ def run(
     budget_s: float = BUDGET_S,
     params: GroupingParams | None = None,
     progress: Callable[[Setting, int, float], None] = lambda setting, done, slice_s: None,
-    fraction_samples: int = FRACTION_SAMPLES,
 ) -> Report:
     """Every setting in turn, each under its share of what is left of ``budget_s``."""
     params = params or GroupingParams()
     todo = settings(users, shares)
-    report = Report(
-        samples=samples, fraction_samples=fraction_samples, budget_s=budget_s, params=params
-    )
+    report = Report(samples=samples, budget_s=budget_s, params=params)
     start = time.monotonic()
     for index, setting in enumerate(todo):
         left = budget_s - (time.monotonic() - start)
@@ -318,9 +296,7 @@ def run(
         def tick(done: int, setting: Setting = setting, slice_s: float = slice_s) -> None:
             progress(setting, done, slice_s)
 
-        got, finished = collect(
-            setting, tuple(bounds), samples, params, slice_s, tick, fraction_samples
-        )
+        got, finished = collect(setting, tuple(bounds), samples, params, slice_s, tick)
         report.rows.extend(summarize(setting, c, got, finished, slice_s) for c in bounds)
     report.elapsed_s = time.monotonic() - start
     return report
@@ -330,16 +306,13 @@ def _child(argv: Sequence[str]) -> None:
     """``python -m fairbus.bench.privacy SPEC``: draw the samples of one setting and
     print each as a JSON line (what :func:`collect` reads)."""
     from fairbus.exposure import exposing_sets
-    from fairbus.grouping import exposed_users
 
     spec = json.loads(argv[0])
     setting = Setting(**spec["setting"])
     params = GroupingParams(**spec["params"])
     exposing_sets([(1, 2, 3), (1, 2, 4), (3, 4, 5)], c=2)  # warm up before timing
-    exposed_users([(1, 2, 3), (1, 2, 4)])
     for sample in range(spec["samples"]):
-        fraction = sample < spec["fraction_samples"]
-        result = draw(setting, sample, spec["bounds"], params, fraction)
+        result = draw(setting, sample, spec["bounds"], params)
         print(json.dumps(asdict(result)), flush=True)
 
 

@@ -38,6 +38,7 @@ from fairbus.errors import (
     UnknownSenderError,
     WireError,
 )
+from fairbus.exposure import DEFAULT_COLLUSION
 from fairbus.grouping import Group, Grouping, announced_group_problems, check_grouping
 from fairbus.ledger.records import (
     GENESIS_HASH,
@@ -117,6 +118,12 @@ class RoundRecord:
         return [
             g for g in self.announce.groups if all((g.gid, m) in self.uploads for m in g.members)
         ]
+
+    def known_groups(self) -> set[tuple[int, ...]]:
+        """Every group whose sum the provider may hold once this attempt is over: its
+        complete groups and the prior groups its announcement counted."""
+        known = {tuple(sorted(g.members)) for g in self.complete_groups()}
+        return known | {tuple(sorted(g)) for g in self.announce.prior_groups}
 
     def evaluated_groups(self) -> list[GroupSpec]:
         """What the evaluation may cover: every group (all of them), or after a dropout
@@ -354,15 +361,17 @@ class Draft:
         grouping = grouping_of(message)
         users = set(grouping.users)
         problems = []
-        if last is not None:
-            # Every group the provider may have decrypted in this round must be in the
-            # exposure check of the new grouping.
-            named = {tuple(sorted(g)) for g in message.prior_groups}
-            known = [tuple(sorted(g.members)) for g in last.complete_groups()]
-            known += [tuple(sorted(g)) for g in last.announce.prior_groups]
-            missing = sorted(set(known) - named)
-            if missing:
-                problems.append(f"prior_groups omit groups whose sums are known: {missing}")
+        c = self.task.collusion if self.task is not None else DEFAULT_COLLUSION
+        if message.collusion != c:
+            problems.append(f"it names collusion bound {message.collusion}, the task's is {c}")
+        # Every group whose sum the provider may hold must be in the exposure check of
+        # the new grouping: those of earlier attempts of this round (issue 12, item 2),
+        # and those of earlier rounds that started from the same global model, whose
+        # users may train the same models again (item 5).
+        known = last.known_groups() if last is not None else self._same_model(r, message)
+        missing = sorted(known - {tuple(sorted(g)) for g in message.prior_groups})
+        if missing:
+            problems.append(f"prior_groups omit groups whose sums are known: {missing}")
         if len({g.gid for g in grouping.groups}) != len(grouping.groups):
             problems.append("group ids repeat")
         if users & self.excluded:
@@ -382,13 +391,24 @@ class Draft:
                 problems.append(f"focus group {g.gid} is not built around a key user")
         if not problems:
             try:
-                check_grouping(grouping, message.prior_groups)
+                check_grouping(grouping, message.prior_groups, c)
             except GroupingError as exc:
                 problems.append(str(exc))
         if problems:
             raise RefusedError(RefusalReason.BAD_GROUPING, "; ".join(problems))
         self.current_round = r
         self.rounds[r] = RoundRecord(a, message)
+
+    def _same_model(self, r: int, message: Announce) -> set[tuple[int, ...]]:
+        """The known groups of every earlier round announced with the same global model
+        (users check that the model they train is the announced one)."""
+        known: set[tuple[int, ...]] = set()
+        for number in sorted({*self.state.rounds, *self.rounds}):
+            record = self.round(number)
+            same = record is not None and record.announce.model_sha256 == message.model_sha256
+            if number < r and record is not None and same:
+                known |= record.known_groups()
+        return known
 
     def _upload(self, r: int, sender: int, gid: int, record: RoundRecord) -> None:
         if sender in self.excluded:

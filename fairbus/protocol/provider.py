@@ -48,6 +48,7 @@ from fairbus.detection import (
 )
 from fairbus.envelope import GENESIS, ChainTracker
 from fairbus.errors import FairbusError, GroupingError
+from fairbus.exposure import DEFAULT_COLLUSION
 from fairbus.field import FieldVector, FixedPointCodec
 from fairbus.grouping import BASIC, Grouping, make_grouping
 from fairbus.identity import Identity
@@ -113,6 +114,8 @@ class ProviderConfig:
     frac_bits: int = 16
     detection: DetectionParams = DEFAULT_DETECTION
     """The task's Alg. 6 policy: recorded on the ledger at task start (:attr:`task`)."""
+    collusion: int = DEFAULT_COLLUSION
+    """The task's collusion bound c (:class:`fairbus.task.TaskParams`), recorded likewise."""
     defended: bool = True
     phase_timeout: float = PHASE_TIMEOUT
     seed: int = 0
@@ -124,7 +127,7 @@ class ProviderConfig:
     @property
     def task(self) -> TaskParams:
         """The task's consensus-critical parameters, as its task start records them."""
-        return TaskParams(self.detection)
+        return TaskParams(self.detection, self.collusion)
 
 
 @dataclass
@@ -204,8 +207,11 @@ class ProviderMachine:
         self._now = 0.0
         self._dropped_this_round: set[int] = set()
         self._prior_groups: list[tuple[int, ...]] = []
+        self._known_by_model: dict[bytes, set[tuple[int, ...]]] = {}
+        """Global model hash → the groups whose sums rounds from that model revealed."""
         self._uploads: dict[int, dict[int, FieldVector]] = {}
         self._announced: dict[int, tuple[int, ...]] = {}  # this attempt's groups, as announced
+        self._voided: set[int] = set()  # the groups this attempt's dropout voided
         self._decrypted: dict[int, GroupAggregate] = {}
         self._accuracy: dict[int, float] = {}
         self._evidence: dict[int, tuple[float, ...]] = {}
@@ -217,7 +223,8 @@ class ProviderMachine:
 
     @property
     def prior_groups(self) -> list[tuple[int, ...]]:
-        """Groups of earlier attempts of this round that received an upload."""
+        """The groups whose sums the provider may hold before this attempt: those of
+        earlier attempts of this round, and of earlier rounds from the same global model."""
         return list(self._prior_groups)
 
     def chain_head(self, user: int) -> bytes:
@@ -238,7 +245,9 @@ class ProviderMachine:
         self.round += 1
         self.attempt = 0
         self._dropped_this_round = set()
-        self._prior_groups = []
+        # Item 5 of issue 12: a round from the same global model as an earlier one may
+        # reproduce the same trained models, so the earlier sums count in its check.
+        self._prior_groups = sorted(self._known_by_model.get(self._digest(), set()))
         participants = sorted(self.online - self.excluded)
         if not self.config.strategy.secure:
             return self._start_plain(participants)
@@ -254,22 +263,34 @@ class ProviderMachine:
         out.append(self._signed(GlobalModel(self.d, self._model_bytes())))
         return out + self._announce()
 
+    def _digest(self) -> bytes:
+        return model_digest(self.global_params)
+
+    def _remember_known(self) -> None:
+        """At the end of a round: every group it announced may have revealed its sum
+        (the ledger counts the complete ones; this is a superset)."""
+        known = self._known_by_model.setdefault(self._digest(), set())
+        known.update(self._prior_groups, self._announced.values())
+
     def _make_grouping(self, users: list[int]) -> Grouping:
         return make_grouping(
             users,
             self.key_users,
+            c=self.config.collusion,
             basic_groupings=self.config.basic_groupings,
             key_repeats=self.config.key_repeats,
             seed=(self.config.seed, self.round, self.attempt),
             prior_groups=self._prior_groups,
             partners=self._trusted,
             references=self.config.reference_groups,
+            key_order=sorted(self.key_users, key=lambda u: (self._record.trust(u), u)),
         )
 
     def _announce(self) -> list[Output]:
         assert self.grouping is not None
         self._uploads = {g.gid: {} for g in self.grouping.groups}
         self._announced = {g.gid: g.members for g in self.grouping.groups}
+        self._voided = set()
         self._decrypted = {}
         self._accuracy = {}
         self._deadline = self._now + self.config.phase_timeout
@@ -288,6 +309,7 @@ class ProviderMachine:
             tuple(self._prior_groups),
             self._deadline,
             self._deadline,
+            self.config.collusion,
         )
         return [self._signed(announce)]
 
@@ -438,6 +460,7 @@ class ProviderMachine:
         # Void the attempt; regroup the survivors with fresh keys (attempt + 1) once the
         # driver says whose uploads for it were recorded.
         voided = [g.gid for g in self.grouping.groups if affected & set(g.members)]
+        self._voided = set(voided)
         self.phase = ProviderPhase.REGROUPING
         return [
             self._signed(Dropout(tuple(sorted(affected)), tuple(voided))),
@@ -473,7 +496,17 @@ class ProviderMachine:
         if len(usable) == len(grouping.groups):
             return self._maybe_evaluating()
         earlier = list(self._prior_groups)
-        self._prior_groups = earlier + [g.members for g in known]
+        # Counted: the groups whose sums the ledger holds, and every group the dropout
+        # did not void that holds a recorded upload: its other members may have uploaded
+        # before they saw the dropout, and each user counts the groups it uploaded to
+        # (issue 12, item 2).
+        started = {gid for gid, _ in recorded}
+        counted = [
+            g
+            for g in grouping.groups
+            if g in known or (g.gid not in self._voided and g.gid in started)
+        ]
+        self._prior_groups = earlier + [g.members for g in counted]
         survivors = sorted(set(grouping.users) - self._dropped_this_round)
         self.attempt += 1
         try:
@@ -483,6 +516,7 @@ class ProviderMachine:
             self.attempt -= 1
             self._prior_groups = earlier
             if not usable:
+                self._remember_known()
                 self.phase = ProviderPhase.IDLE
                 self.grouping = None
                 return [RoundFailed(self.round, str(exc))]
@@ -614,6 +648,7 @@ class ProviderMachine:
             )
             for g in grouping.groups
         ]
+        self._remember_known()
         self.global_params = self.config.strategy.aggregate(self.global_params, models, violators)
         self.excluded |= violators  # lines 26-29
         changed = new_keys != self.key_users or violators or self._dropped_this_round

@@ -53,6 +53,7 @@ from fairbus.errors import (
     ReplayError,
     SchemaError,
 )
+from fairbus.exposure import DEFAULT_COLLUSION
 from fairbus.field import FieldVector, FixedPointCodec
 from fairbus.grouping import announced_group_problems, check_grouping
 from fairbus.identity import Identity
@@ -161,11 +162,14 @@ class UserMachine:
         prev: bytes = GENESIS,
         max_early: int = 1024,
         secure: bool = True,
+        collusion: int = DEFAULT_COLLUSION,
     ) -> None:
         """``secure=False``: the task runs :class:`~fairbus.aggregation.PlainFedAvg`; the
         user then answers the provider's plain global model with its own in the clear,
         and nothing else. A user of a secure task refuses a plain model."""
         self.secure = secure
+        self.collusion = collusion
+        """The least collusion bound this user accepts (the task's c may be larger)."""
         self.identity = identity
         self.me = identity.participant_id
         self.roster = roster
@@ -182,6 +186,9 @@ class UserMachine:
         self._trained_round = 0  # the last round it asked the driver to train for
         self._codec = FixedPointCodec()
         self._groups: dict[int, _GroupState] = {}
+        self._joined: list[tuple[int, int, int, tuple[int, ...]]] = []
+        """(round, attempt, group, members) of every upload this user made this round."""
+        self._voided: dict[tuple[int, int], set[int]] = {}  # (round, attempt) → voided groups
         self._guard = ReplayGuard()
         self._users = frozenset(roster.with_role(Role.USER))
         self._max_early = max_early
@@ -251,22 +258,36 @@ class UserMachine:
             return []  # stale or repeated announcement
         if self._announce is not None and (r, a) < self._announce[:2]:
             return []  # older than the one waiting for its model
-        self._check_announce(r, msg)
+        self._check_announce(r, a, msg)
         self._announce = (r, a, msg)
         return self._try_start()
 
-    def _check_announce(self, r: int, msg: Announce) -> None:
+    def _check_announce(self, r: int, a: int, msg: Announce) -> None:
         """Refuse (:class:`GroupingError`) a malformed announcement or a grouping that
         would expose a model; changes nothing."""
         problems = announced_group_problems(msg.groups, self._users)
         if problems:
             raise GroupingError(f"round {r}: malformed announcement: " + "; ".join(problems))
-        # The known groups of earlier attempts, as announced: the ledger refuses an
-        # announcement that leaves out a group every member of which uploaded, and a
-        # user acts only on what the ledger holds. (Adding every group this user uploaded
-        # to was tried: after a dropout those groups are often incomplete, and honest
-        # users then refused every regrouping.)
-        check_grouping([g.members for g in msg.groups], [tuple(g) for g in msg.prior_groups])
+        if msg.collusion < self.collusion:
+            raise GroupingError(
+                f"round {r}: the announcement's collusion bound {msg.collusion} is below "
+                f"this user's {self.collusion}"
+            )
+        # The groups the ledger says the provider may hold (it refuses an announcement
+        # that leaves one out), and every group this user uploaded to in an earlier
+        # attempt of the round that the dropout did not void.
+        check_grouping(
+            [g.members for g in msg.groups],
+            [*(tuple(g) for g in msg.prior_groups), *self._own_prior(r, a)],
+            msg.collusion,
+        )
+
+    def _own_prior(self, r: int, a: int) -> list[tuple[int, ...]]:
+        return [
+            members
+            for jr, ja, gid, members in self._joined
+            if jr == r and ja < a and gid not in self._voided.get((jr, ja), set())
+        ]
 
     def _try_start(self) -> list[Output]:
         if self._announce is None:
@@ -297,6 +318,7 @@ class UserMachine:
             self._global, self._digest = model, digest
             self._local = None
             self.round = r
+            self._joined, self._voided = [], {}
         if mine and self._trained_round != r:  # train once per round, only if grouped
             self._trained_round = r
             out.append(Train(r, model))
@@ -321,7 +343,10 @@ class UserMachine:
         return []
 
     def _on_dropout(self, v: Verified, msg: Dropout) -> list[Output]:
-        if (_round_of(v), _attempt_of(v)) == (self.round, self.attempt):
+        scope = (_round_of(v), _attempt_of(v))
+        if scope[0] == self.round:
+            self._voided.setdefault(scope, set()).update(msg.voided_groups)
+        if scope == (self.round, self.attempt):
             self._groups = {}  # superseded: never upload for this attempt again
         return []
 
@@ -489,6 +514,7 @@ class UserMachine:
         )
         self.prev = signed.hash
         state.uploaded = True
+        self._joined.append((self.round, self.attempt, state.spec.gid, state.spec.members))
         state.key = None
         return [Commit(PROVIDER, signed)]
 

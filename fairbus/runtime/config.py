@@ -15,10 +15,12 @@ from typing import Any, Literal, TypeVar, cast
 
 from fairbus.detection import DetectionParams
 from fairbus.errors import FairbusError
+from fairbus.exposure import DEFAULT_COLLUSION
 from fairbus.protocol.provider import ProviderConfig
 from fairbus.task import PHASE_TIMEOUT, detection_table
 from fairbus.training.config import TrainConfig
 from fairbus.training.data import DATASET_MODELS
+from fairbus.wire.messages import MAX_COLLUSION
 
 T = TypeVar("T")
 
@@ -75,6 +77,9 @@ class RuntimeConfig:
     provider: ProviderSettings
     detection: DetectionParams
     ledger_timeout: float = 5.0
+    collusion: int = DEFAULT_COLLUSION
+    """The task's collusion bound c (recorded at task start; :mod:`fairbus.exposure`):
+    the provider groups under it, and a user refuses an announcement with a smaller c."""
 
     def provider_config(self) -> ProviderConfig:
         p = self.provider
@@ -87,6 +92,7 @@ class RuntimeConfig:
             defended=p.defended,
             phase_timeout=p.phase_timeout,
             seed=self.training.seed,
+            collusion=self.collusion,
         )
 
     @classmethod
@@ -156,8 +162,11 @@ class RuntimeConfig:
             provider=provider_settings,
             detection=detection,
             ledger_timeout=top.number("ledger_timeout", 5.0, low=0.1),
+            collusion=top.integer("collusion", DEFAULT_COLLUSION, low=0),
         )
         top.done()
+        if config.collusion > MAX_COLLUSION:
+            raise RuntimeConfigError(f"{source}: 'collusion' must be at most {MAX_COLLUSION}")
         return config
 
 

@@ -117,7 +117,9 @@ class UserRuntime:
             *self.ledger.topics,
         ]
         # [provider] secure = false: the task runs plain FedAvg (the PlainFedAvg policy)
-        self.machine = UserMachine(self.identity, self.roster, secure=config.provider.secure)
+        self.machine = UserMachine(
+            self.identity, self.roster, secure=config.provider.secure, collusion=config.collusion
+        )
         self._round_log: dict[str, float] = {}
         self._bytes_before: dict[str, int] = {}
 

@@ -37,6 +37,8 @@ from fairbus.wire.schema import (
 
 HASH = Bin(exact=32)
 MAX_ATTEMPT = 1023
+MAX_COLLUSION = 16
+"""The largest collusion bound c a task may name (groups of c + 2 members and more)."""
 
 
 class Message(WireStruct):
@@ -167,9 +169,10 @@ class Presence(Message):
 class Announce(Message):
     """Round r, attempt a: the global model's hash, the grouping and the deadlines.
 
-    ``prior_groups`` are the member lists of groups of earlier attempts of this round
-    that received at least one upload: their sums may be known to the provider, so
-    users include them in the exposure check.
+    ``prior_groups`` are the member lists of groups whose sums the provider may hold:
+    those of earlier attempts of this round and of earlier rounds that started from the
+    same global model. ``collusion`` is the task's collusion bound c (recorded at task
+    start): users and the ledger run the exposure check with it.
     """
 
     model_sha256: bytes
@@ -181,6 +184,7 @@ class Announce(Message):
     prior_groups: tuple[tuple[int, ...], ...]
     negotiate_deadline: float
     upload_deadline: float
+    collusion: int
     TYPE: ClassVar[str] = "announce"
     RECORDED: ClassVar[bool] = True
     SCOPED: ClassVar[bool] = True
@@ -195,6 +199,7 @@ class Announce(Message):
         "prior_groups": List(ids("max_group_members"), limit="max_groups"),
         "negotiate_deadline": Float(0.0),
         "upload_deadline": Float(0.0),
+        "collusion": Int(0, MAX_COLLUSION),
     }
 
 
@@ -333,10 +338,14 @@ class TaskStart(Message):
     is admitted before it."""
 
     detection: DetectionPolicy
+    collusion: int
     TYPE: ClassVar[str] = "task_start"
     RECORDED: ClassVar[bool] = True
     SENDERS: ClassVar[frozenset[Role]] = frozenset({Role.PROVIDER})
-    FIELDS: ClassVar[dict[str, Spec]] = {"detection": Struct(DetectionPolicy)}
+    FIELDS: ClassVar[dict[str, Spec]] = {
+        "detection": Struct(DetectionPolicy),
+        "collusion": Int(0, MAX_COLLUSION),
+    }
 
 
 # --- ledger ------------------------------------------------------------------------------

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import concurrent.futures
 import contextlib
 import logging
 import time
@@ -84,6 +85,10 @@ class LedgerNode:
         self._queue: asyncio.Queue[_Pending] = asyncio.Queue()
         self._carry: collections.deque[_Pending] = collections.deque()
         self._blocks: list[bytes] = []  # block hashes by height, for receipts of duplicates
+        self._decoder = concurrent.futures.ThreadPoolExecutor(1, "ledger-decode")
+        """Submissions are decoded (and their blobs written) here, off the event loop, so
+        a large or deep payload never stalls the writer (issue 12, item 4). One thread:
+        decoded in arrival order, so a sender's chain stays in order."""
 
     # --- submissions -----------------------------------------------------------------------
 
@@ -119,13 +124,25 @@ class LedgerNode:
 
     def submit_nowait(self, data: bytes) -> asyncio.Future[Outcome]:
         """:meth:`submit` without a coroutine per submission: a future that resolves
-        with the outcome (at once for a refusal or a duplicate)."""
-        done: asyncio.Future[Outcome] = asyncio.get_running_loop().create_future()
-        try:
-            tx = self.transaction_of(data)
-        except RefusedError as exc:
-            done.set_result(Refused(None, exc.reason, exc.detail))
-            return done
+        with the outcome (as soon as it is decoded for a refusal or a duplicate). The
+        envelope is decoded on the decoder thread; submissions keep their order."""
+        loop = asyncio.get_running_loop()
+        done: asyncio.Future[Outcome] = loop.create_future()
+        decoding = loop.run_in_executor(self._decoder, self.transaction_of, data)
+        decoding.add_done_callback(lambda decoded: self._decoded(decoded, done))
+        return done
+
+    def _decoded(self, decoded: asyncio.Future[Transaction], done: asyncio.Future[Outcome]) -> None:
+        if done.cancelled():
+            return
+        error = decoded.exception()
+        if isinstance(error, RefusedError):
+            done.set_result(Refused(None, error.reason, error.detail))
+            return
+        if error is not None:
+            done.set_exception(error)
+            return
+        tx = decoded.result()
         known = self.state.index.get(tx.hash)
         if known is not None:
             done.set_result(self._receipt(tx.hash, known, duplicate=True))
@@ -133,7 +150,10 @@ class LedgerNode:
             done.set_exception(NotWriterError("this ledger node is not the writer"))
         else:
             self._queue.put_nowait(_Pending(tx, done))
-        return done
+
+    def close(self) -> None:
+        """Stop the decoder thread (after the submissions it holds)."""
+        self._decoder.shutdown(wait=True, cancel_futures=True)
 
     def _receipt(self, tx_hash: bytes, where: Location, duplicate: bool = False) -> Committed:
         return Committed(

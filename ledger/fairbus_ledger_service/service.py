@@ -105,14 +105,17 @@ class LedgerService:
         await node.sync()
         log.info("ledger node %d: %s store at height %d", self.node_id, self.config.store,
                  node.state.height)  # fmt: skip
-        async with asyncio.TaskGroup() as tasks:
-            tasks.create_task(node.write_loop())
-            tasks.create_task(self._follow())
-            if isinstance(store, EtcdStore):
-                tasks.create_task(self._elect(store))
-            else:
-                await self._become_writer(None)
-            await self._serve(tasks)
+        try:
+            async with asyncio.TaskGroup() as tasks:
+                tasks.create_task(node.write_loop())
+                tasks.create_task(self._follow())
+                if isinstance(store, EtcdStore):
+                    tasks.create_task(self._elect(store))
+                else:
+                    await self._become_writer(None)
+                await self._serve(tasks)
+        finally:
+            node.close()
 
     async def _serve(self, tasks: asyncio.TaskGroup) -> None:
         """The bus, kept up: a lost broker connection is made again (with backoff) and the

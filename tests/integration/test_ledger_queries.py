@@ -90,7 +90,7 @@ async def round_one(broker: int, tmp_path: Path) -> AsyncIterator[Round]:
             )
             await provider.submit(model.to_bytes())
             grouping = Announce(
-                bytes(32), D, 16, (GroupSpec(0, "basic", USERS, None, 3),), (), (), (), 1.0, 1.0
+                bytes(32), D, 16, (GroupSpec(0, "basic", USERS, None, 3),), (), (), (), 1.0, 1.0, 1
             )
             announce = envelope.sign(
                 ids[PROVIDER], TASK, grouping, prev=model.hash, round=1, attempt=0

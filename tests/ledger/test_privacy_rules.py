@@ -76,8 +76,15 @@ class Chain:
         return caught.value
 
 
-def announce(groups: tuple[GroupSpec, ...], key_users: tuple[int, ...] = ()) -> Announce:
-    return Announce(bytes(32), 2, 16, groups, key_users, (), (), 1.0, 1.0)
+def announce(
+    groups: tuple[GroupSpec, ...],
+    key_users: tuple[int, ...] = (),
+    *,
+    model: bytes = bytes(32),
+    prior: tuple[tuple[int, ...], ...] = (),
+    collusion: int = 1,
+) -> Announce:
+    return Announce(model, 2, 16, groups, key_users, (), prior, 1.0, 1.0, collusion)
 
 
 @pytest.fixture
@@ -227,7 +234,7 @@ def test_nothing_is_admitted_for_a_decided_round(chain: Chain) -> None:
     # the next round goes on as usual
     chain.admit(chain.sign(PROVIDER, GlobalModel(2, bytes(8)), round=2))
     keys = tuple(sorted(chain.state.key_users))
-    chain.admit(chain.sign(PROVIDER, announce(HONEST, keys), round=2))
+    chain.admit(chain.sign(PROVIDER, announce(HONEST, keys, model=b"\x02" * 32), round=2))
     assert chain.state.current_round == 2
 
 
@@ -241,3 +248,75 @@ def test_an_upload_after_the_evaluation_is_refused(chain: Chain) -> None:
         RefusalReason.OUT_OF_ORDER,
         "after its evaluation",
     )
+
+
+def basic(gid: int, members: tuple[int, ...]) -> GroupSpec:
+    return GroupSpec(gid, "basic", members, None, len(members))
+
+
+@pytest.mark.parametrize(
+    ("what", "groups", "exposed"),
+    [
+        # {1,2,3} − {1,2,4} = x3 − x4: whoever knows one of the two reads the other
+        ("two groups that share two members", ((1, 2, 3), (1, 2, 4), (5, 6, 7)), "{3, 4}"),
+        # the free-rider 7's model is the public global model: it exposes its mate 6
+        ("a free-rider's known model", ((1, 2, 3), (4, 5, 6), (4, 5, 7)), "{6, 7}"),
+        # every model is determined by the four sums, no model known
+        ("the 4-user design", ((1, 2, 3), (1, 2, 4), (1, 3, 4), (2, 3, 4)), "{1}, {2}, {3}, {4}"),
+    ],
+)
+def test_an_exposing_grouping_is_refused(
+    chain: Chain, what: str, groups: tuple[tuple[int, ...], ...], exposed: str
+) -> None:
+    specs = tuple(basic(k, g) for k, g in enumerate(groups))
+    chain.refused(
+        chain.sign(PROVIDER, announce(specs), round=1),
+        RefusalReason.BAD_GROUPING,
+        "with the models of 1 other user(s) known",
+        exposed,
+    )
+
+
+def test_the_announced_collusion_bound_must_be_the_tasks(chain: Chain) -> None:
+    chain.refused(
+        chain.sign(PROVIDER, announce(HONEST, collusion=0), round=1),
+        RefusalReason.BAD_GROUPING,
+        "collusion bound 0, the task's is 1",
+    )
+
+
+def test_a_task_with_c2_needs_groups_of_four(
+    identities: dict[int, Identity], roster: Roster
+) -> None:
+    c2 = Chain(LedgerState(roster), identities)
+    c2.admit(c2.sign(PROVIDER, TaskParams(DetectionParams(), collusion=2).to_message()))
+    c2.admit(c2.sign(PROVIDER, GlobalModel(2, bytes(8)), round=1))
+    c2.refused(
+        c2.sign(PROVIDER, announce(HONEST, collusion=2), round=1),
+        RefusalReason.BAD_GROUPING,
+        "fewer than 4 members",
+    )
+    c2.admit(c2.sign(PROVIDER, announce((basic(0, (1, 2, 3, 4, 5, 6, 7)),), collusion=2), round=1))
+
+
+def test_a_round_from_the_same_global_model_counts_the_earlier_sums(chain: Chain) -> None:
+    """Issue 12, item 5: users who train again from the same global model may reproduce
+    the same models, so round 1's sums count in round 2's check."""
+    decide_round_one(chain)
+    chain.admit(chain.sign(PROVIDER, GlobalModel(2, bytes(8)), round=2))
+    keys = tuple(sorted(chain.state.key_users))
+    mixed = (basic(0, (1, 2, 4)), basic(1, (3, 5, 6)))
+    # the same model (bytes(32)) without round 1's groups: refused
+    chain.refused(
+        chain.sign(PROVIDER, announce(mixed, keys), round=2),
+        RefusalReason.BAD_GROUPING,
+        "prior_groups omit groups whose sums are known: [(1, 2, 3), (4, 5, 6)]",
+    )
+    # with them: {1,2,3} and {1,2,4} share two members
+    chain.refused(
+        chain.sign(PROVIDER, announce(mixed, keys, prior=((1, 2, 3), (4, 5, 6))), round=2),
+        RefusalReason.BAD_GROUPING,
+        "{3, 4}",
+    )
+    # a new model: round 1's sums say nothing about round 2's models
+    chain.admit(chain.sign(PROVIDER, announce(mixed, keys, model=b"\x02" * 32), round=2))

@@ -38,7 +38,7 @@ def _model(identity: Identity, prev: bytes = GENESIS) -> bytes:
 
 def _announce(identity: Identity, prev: bytes = GENESIS) -> bytes:
     groups = (GroupSpec(0, "basic", (1, 2, 3), None, 3), GroupSpec(1, "basic", (4, 5, 6), None, 3))
-    message = Announce(bytes(32), 2, 16, groups, (), (), (), 1.0, 1.0)
+    message = Announce(bytes(32), 2, 16, groups, (), (), (), 1.0, 1.0, 1)
     return envelope.sign(identity, TASK, message, prev=prev, round=1, attempt=0).to_bytes()
 
 
@@ -87,7 +87,7 @@ def test_an_invalid_policy_is_refused_as_malformed(
     identities: dict[int, Identity], roster: Roster
 ) -> None:
     policy = dataclasses.asdict(DEFAULT_DETECTION) | {"evidence_window": 2, "min_evidence": 4}
-    message = TaskStart(DetectionPolicy(**policy))
+    message = TaskStart(DetectionPolicy(**policy), 1)
     data = envelope.sign(identities[0], TASK, message, prev=GENESIS).to_bytes()
     state, refused = admit_all(roster, [data])
     assert [e.reason for _, e in refused] == [RefusalReason.MALFORMED]

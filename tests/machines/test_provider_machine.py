@@ -401,11 +401,11 @@ def test_a_user_that_hangs_before_dealing_shares_is_dropped_alone() -> None:
     """User 6 takes nothing in: its group mates derive no key for the groups they share
     with it and upload only to their others. At the deadline only user 6, who uploaded
     nothing, is late; its mates stay online and take part in the next attempt."""
-    task = make_task(6, config=ProviderConfig(phase_timeout=30.0))
+    task = make_task(9, config=ProviderConfig(phase_timeout=30.0))
     driver = Driver(task)
     done = _silent(driver, lambda target, event: target == 6)
     assert done.dropped == {6}
-    assert task.provider.online == {1, 2, 3, 4, 5}
+    assert task.provider.online == {1, 2, 3, 4, 5, 7, 8, 9}
     (dropout,) = driver.commits("dropout")
     body = envelope.verify(dropout.envelope, task.roster).message
     assert isinstance(body, Dropout) and body.users == (6,)
@@ -414,7 +414,7 @@ def test_a_user_that_hangs_before_dealing_shares_is_dropped_alone() -> None:
 def test_at_the_deadline_a_user_that_uploaded_to_some_of_its_groups_is_late_for_the_rest() -> None:
     """Every member of the incomplete groups uploaded somewhere: those who did not upload
     to them are late (the deadline still ends the attempt)."""
-    task = make_task(6, config=ProviderConfig(phase_timeout=30.0))
+    task = make_task(9, config=ProviderConfig(phase_timeout=30.0))
     driver = Driver(task)
     seen: list[int] = []
 
@@ -430,7 +430,7 @@ def test_at_the_deadline_a_user_that_uploaded_to_some_of_its_groups_is_late_for_
     done = _silent(driver, hang)
     assert len(seen) > 1  # user 6 is in more than one group
     assert done.dropped == {6}
-    assert task.provider.online == {1, 2, 3, 4, 5}
+    assert task.provider.online == {1, 2, 3, 4, 5, 7, 8, 9}
 
 
 def test_the_task_start_records_the_configured_parameters_once() -> None:

@@ -60,8 +60,9 @@ def _reasons(outputs: Iterable[object]) -> list[str]:
 
 def test_a_user_plays_its_part_of_a_round() -> None:
     """Train once; a sealed share for every other member of each of its groups; the
-    summed shares; then, given its model, one signed masked upload per group, chained."""
-    task = make_task(6)
+    summed shares; then, given its model, one signed masked upload per group, chained
+    (nine users: two basic groupings, so every user is in two groups)."""
+    task = make_task(9)
     me = 1
 
     def hold_trained(target: Target, event: Event) -> bool:
@@ -222,7 +223,7 @@ def _start(task: Task, announce: Announce, params: np.ndarray) -> tuple[bytes, S
 
 def _announce(groups: Sequence[tuple[int, ...]], digest: bytes, size: int) -> Announce:
     specs = tuple(GroupSpec(k, "basic", g, None, len(g)) for k, g in enumerate(groups))
-    return Announce(digest, size, 16, specs, (), (), (), 1.0, 1.0)
+    return Announce(digest, size, 16, specs, (), (), (), 1.0, 1.0, 1)
 
 
 def test_users_refuse_a_grouping_that_exposes_someone() -> None:

@@ -321,3 +321,53 @@ def test_a_late_summed_share_after_the_key_is_derived_does_nothing() -> None:
     # and a replayed summed share is a typed refusal
     out = machine.handle(Received("summed_share", data))
     _only_refusal(list(out), ReplayError.__name__)
+
+
+def test_an_announcement_below_the_users_collusion_bound_is_refused() -> None:
+    task = make_task(6)
+    driver, held = _round_with_held(task, "announce")
+    machine = task.users[ME]
+    real = _announce(held["announce"], task)
+    assert real.collusion == 1  # the task's c, recorded at task start
+    bad = dataclasses.replace(real, collusion=0)
+    refused = _only_refusal(
+        list(machine.handle(Received("announce", from_provider(task, bad)))), "GroupingError"
+    )
+    assert "collusion bound 0 is below this user's 1" in refused.detail
+    assert (machine.phase, machine.round, machine.attempt) == (UserPhase.IDLE, 0, -1)
+    _plays_the_real_round(driver)
+
+
+@pytest.mark.parametrize("voided", [False, True])
+def test_a_user_counts_the_groups_it_uploaded_to_earlier_in_the_round(voided: bool) -> None:
+    """User 1 uploads to its group G in attempt 0; the provider never sees the uploads.
+    An attempt 1 whose ``prior_groups`` leave G out and that groups 1 with all of G but
+    one member (G − G' is the difference of two models) is refused by user 1 itself: it
+    counts every group it uploaded to unless the attempt's dropout voided that group."""
+    task = make_task(6)
+
+    def hold(target: Target, event: Event) -> bool:
+        return target == PROVIDER and isinstance(event, Received) and event.kind == "upload"
+
+    driver = Driver(task, hold=hold)
+    driver.handle(PROVIDER, StartRound(0.0))
+    driver.pump()
+    machine = task.users[ME]
+    real = _message(driver, driver.commits("announce")[0])
+    (mine,) = [g for g in real.groups if ME in g.members]
+    assert driver.commits("upload", ME)  # it uploaded to G
+    mate, dropped = (u for u in mine.members if u != ME)
+    outsiders = [u for u in sorted(task.users) if u not in mine.members]
+    regrouped = (tuple(sorted((ME, mate, outsiders[0]))), tuple(sorted((dropped, *outsiders[1:]))))
+    groups = tuple(GroupSpec(k, "basic", g, None, 3) for k, g in enumerate(regrouped))
+    attempt1 = dataclasses.replace(real, groups=groups, key_users=(), prior_groups=())
+    notice = Dropout((dropped,), (mine.gid,) if voided else ())
+    machine.handle(Received("dropout", from_provider(task, notice)))
+    out = list(machine.handle(Received("announce", from_provider(task, attempt1, attempt=1))))
+    if voided:  # a voided group's sum is never complete: nothing to count
+        assert not of_type(out, Refused) and machine.attempt == 1
+        return
+    refused = _only_refusal(out, "GroupingError")
+    exposed = sorted((dropped, outsiders[0]))  # G − {1, mate, outsider}
+    assert "{" + f"{exposed[0]}, {exposed[1]}" + "}" in refused.detail, refused.detail
+    assert machine.attempt == 0

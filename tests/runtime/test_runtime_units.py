@@ -33,6 +33,7 @@ def test_the_example_configuration_loads() -> None:
     assert config.training.dataset == "digits" and config.provider.rounds == 10
     assert config.roster == EXAMPLE.parent / "roster.example.toml"
     assert config.provider_config().detection == config.detection
+    assert config.collusion == 1 == config.provider_config().task.collusion
 
 
 @pytest.mark.parametrize(
@@ -52,6 +53,9 @@ def test_the_example_configuration_loads() -> None:
         ({"roster": "r", "provider": {"speed": 1}}, "unknown keys"),
         ({"roster": "r", "detection": {"bound_score": "x"}}, "[detection]"),
         ({"roster": "r", "training": 5}, "must be dict"),
+        ({"roster": "r", "collusion": -1}, "'collusion' must be at least 0"),
+        ({"roster": "r", "collusion": 17}, "'collusion' must be at most 16"),
+        ({"roster": "r", "collusion": 1.5}, "'collusion' must be int"),
     ],
 )
 def test_bad_configurations_are_refused(raw: dict[str, object], says: str) -> None:

@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 from fairbus import field
 from fairbus.aggregation import CleanGroupAverage, GroupModel
 from fairbus.field import FixedPointCodec
-from fairbus.grouping import exposed_users
+from fairbus.exposure import exposing_sets
 from fairbus.ledger.recorded import Recorded
 from fairbus.protocol.events import Received
 from fairbus.protocol.provider import ProviderConfig
@@ -29,7 +29,7 @@ def _check_round_invariants(record) -> None:  # type: ignore[no-untyped-def]
     assert record.groups, "the round completed"
     assert all(len(g["members"]) >= 3 for g in record.groups)
     final = [g["members"] for g in record.groups]
-    assert exposed_users([*record.prior_groups, *final]) == []
+    assert exposing_sets([*record.prior_groups, *final], c=1) == []
 
 
 def test_decrypted_group_means_equal_the_plaintext_bit_for_bit() -> None:
@@ -46,6 +46,16 @@ def test_decrypted_group_means_equal_the_plaintext_bit_for_bit() -> None:
         np.testing.assert_array_equal(record.field_sums[g["gid"]], plain)
     assert record.bytes["upload"] > 0 and record.bytes["share"] > 0
     assert set(record.timings_s) >= {"training", "negotiation", "aggregation", "evaluation"}
+
+
+def test_a_task_with_collusion_bound_two_groups_in_fours_and_exposes_no_one() -> None:
+    config = SimulationConfig(
+        users=9, rounds=1, seed=2, train=FAST, provider=ProviderConfig(collusion=2)
+    )
+    record = Simulation(config).play_round(1)
+    assert record.failed is None and record.groups
+    assert all(len(g["members"]) >= 4 for g in record.groups)
+    assert exposing_sets([g["members"] for g in record.groups], range(1, 10), c=2) == []
 
 
 @pytest.mark.parametrize("phase", ["negotiation", "upload"])
@@ -189,7 +199,7 @@ def test_a_decision_the_contract_refuses_stops_the_simulation() -> None:
     here the ledger's record is made to disagree with the provider (as if the provider
     decided with another policy than the one it recorded): the run stops with the
     refusal, and nothing after it is committed."""
-    sim = Simulation(SimulationConfig(users=6, rounds=2, seed=3, train=FAST))
+    sim = Simulation(SimulationConfig(users=9, rounds=2, seed=3, train=FAST))
     first = sim.play_round(1)
     assert first.failed is None and first.ledger_height == sim.ledger.height
     task = sim.ledger.state.task

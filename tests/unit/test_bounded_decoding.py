@@ -218,7 +218,7 @@ def _largest_announce() -> Announce:
         for gid in range(n)
     )
     prior = tuple(g.members for g in groups)
-    return Announce(bytes(32), PAPER_PARAMS, 16, groups, (1, 2, 3), (4, 5), prior, 1.0, 2.0)
+    return Announce(bytes(32), PAPER_PARAMS, 16, groups, (1, 2, 3), (4, 5), prior, 1.0, 2.0, 1)
 
 
 def _largest_decision() -> Decision:

@@ -58,7 +58,7 @@ def test_role_must_be_allowed_to_send_the_type(
     identities: dict[int, Identity], roster: Roster
 ) -> None:
     announce = Announce(
-        b"\x00" * 32, 10, 16, (GroupSpec(0, "basic", (1, 2, 3), None, 3),), (), (), (), 1.0, 2.0
+        b"\x00" * 32, 10, 16, (GroupSpec(0, "basic", (1, 2, 3), None, 3),), (), (), (), 1.0, 2.0, 1
     )
     env = envelope.sign(identities[3], TASK, announce, prev=GENESIS, round=1, attempt=0)
     with pytest.raises(RoleError, match="only provider"):

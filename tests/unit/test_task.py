@@ -53,9 +53,9 @@ def test_task_params_round_trip_through_the_wire(detection: DetectionParams) -> 
     assert TaskParams.from_message(decoded).to_message().payload() == message.payload()
 
 
-def _wire(**changes: object) -> dict[str, object]:
+def _wire(collusion: object = 1, **changes: object) -> dict[str, object]:
     policy = TaskParams().to_message().to_wire()["detection"]
-    return {"detection": {**policy, **changes}}
+    return {"detection": {**policy, **changes}, "collusion": collusion}
 
 
 @pytest.mark.parametrize(
@@ -76,6 +76,21 @@ def _wire(**changes: object) -> dict[str, object]:
 def test_a_task_start_is_decoded_strictly(changes: dict[str, object], complaint: str) -> None:
     with pytest.raises(SchemaError, match=complaint):
         decode_body("task_start", codec.pack(_wire(**changes)), DEFAULT_LIMITS)
+
+
+@pytest.mark.parametrize("collusion", [-1, 17, True, 1.0, None])
+def test_a_task_starts_collusion_bound_is_decoded_strictly(collusion: object) -> None:
+    with pytest.raises(SchemaError, match="collusion"):
+        decode_body("task_start", codec.pack(_wire(collusion)), DEFAULT_LIMITS)
+
+
+@pytest.mark.parametrize("c", [0, 1, 2, 16])
+def test_the_collusion_bound_is_recorded_at_task_start(c: int) -> None:
+    task = TaskParams(collusion=c)
+    decoded = decode_body("task_start", task.to_message().payload(), DEFAULT_LIMITS)
+    assert isinstance(decoded, TaskStart) and decoded.collusion == c
+    assert TaskParams.from_message(decoded) == task
+    assert TaskParams().collusion == 1  # the default: a member knows its own model
 
 
 def test_a_well_typed_but_invalid_policy_is_refused_as_a_whole() -> None:

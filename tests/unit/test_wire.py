@@ -54,6 +54,7 @@ SAMPLES = [
         ((1, 2, 4),),
         10.0,
         20.0,
+        1,
     ),
     GlobalModel(2, b"\0" * 8),
     MaskedUpload(1, 2, b"\1" * 8),
