@@ -12,8 +12,8 @@ from typer.testing import CliRunner
 
 from fairbus import field
 from fairbus.aggregation import CleanGroupAverage, GroupModel
-from fairbus.field import FixedPointCodec
 from fairbus.exposure import exposing_sets
+from fairbus.field import FixedPointCodec
 from fairbus.ledger.recorded import Recorded
 from fairbus.protocol.events import Received
 from fairbus.protocol.provider import ProviderConfig
