@@ -64,8 +64,9 @@ class CleanGroupAverage:
     so attackers not yet found do not hold the model back (with two poisoners among nine
     it otherwise stays near chance for rounds); where none scored, the clean basic group
     that contributed most (with three poisoners among nine, averaging all of them keeps
-    the model at chance, and nothing can be detected while it is). With no clean group
-    the current model is kept.
+    the model at chance, and nothing can be detected while it is). Where every basic
+    group holds a violator, the clean focus and reference groups stand in; with no clean
+    group at all the current model is kept.
     """
 
     secure: ClassVar[bool] = True
@@ -78,6 +79,12 @@ class CleanGroupAverage:
     ) -> npt.NDArray[np.float32]:
         bad = set(violators)
         clean = [g for g in groups if g.kind == BASIC and not bad.intersection(g.members)]
+        if not clean:
+            # Every basic group holds a violator just found: the clean focus and
+            # reference groups move the model instead. Kept as it is, the model would
+            # start the next round again, whose sums then count with this round's in the
+            # exposure check (issue 12, item 5), and often no grouping would pass.
+            clean = [g for g in groups if not bad.intersection(g.members)]
         scored = [g for g in clean if g.scored]
         if not scored and clean and all(g.contribution is not None for g in clean):
             scored = [max(clean, key=lambda g: (g.contribution or 0.0, -g.gid))]

@@ -199,11 +199,16 @@ def detect(
 
     assessments: dict[int, UserAssessment] = {}
     evidence: dict[int, tuple[float, ...]] = {}
+    # Not in the paper: a lone basic group is τ itself (it always "beats" its own
+    # accuracy), so it says nothing about its members and is left out of score_i. The
+    # grouping has one only where more would leave no room for focus groups
+    # (fairbus.grouping.make_grouping), and there the focus groups decide.
+    informative = len(basic) > 1
     for user in grouping.users:
         # Lines 9-15: score_i, the fraction of the user's active groups that beat τ.
-        active = grouping.active(user)
+        active = tuple(g for g in grouping.active(user) if informative or g.kind != BASIC)
         group_scores = tuple(scores_group(g.gid) for g in active)
-        score = sum(group_scores) / len(group_scores)
+        score = sum(group_scores) / len(group_scores) if group_scores else 1.0
         if params.carry_evidence:
             # one score per distinct focus group: a repeat is the same model again
             distinct = {g.members: g.gid for g in reversed(active) if g.focus == user}
@@ -214,7 +219,7 @@ def detect(
             if user in key_users:
                 basic_scores = [scores_group(g.gid) for g in active if g.kind == BASIC]
                 pooled = basic_scores + list(group_scores)
-                score = sum(pooled) / len(pooled)
+                score = sum(pooled) / len(pooled) if pooled else 1.0
         evidence[user] = group_scores
         n = len(group_scores)
         conf_lo = conf_up = None

@@ -130,12 +130,12 @@ def check_grouping(
 # --- Algorithm 2 ----------------------------------------------------------------------------
 
 
-def partition_sizes(n: int, size: int = MIN_GROUP) -> list[int]:
-    """Sizes of one basic grouping of n users: n // size groups of ``size``, the
-    remainder spread over them."""
+def partition_sizes(n: int, size: int = MIN_GROUP, count: int | None = None) -> list[int]:
+    """Sizes of one basic grouping of n users: ``count`` groups (default n // size, the
+    most there can be) of ``size`` or more, the remainder spread over them."""
     if n < size:
         raise GroupingError(f"need at least {size} users to form a group, have {n}")
-    count = n // size
+    count = n // size if count is None else max(1, min(count, n // size))
     sizes = [size] * count
     for k in range(n - size * count):
         sizes[k % count] += 1
@@ -149,6 +149,17 @@ CANDIDATES = 4
 """Whole groupings built per call; the one with the most focus groups is kept (at 9 users
 the first basic grouping decides whether a key user has room for one focus group or
 two)."""
+
+
+@dataclass(frozen=True)
+class _Saved:
+    """A :class:`_Builder`'s state before a basic grouping is tried (undone if it fails)."""
+
+    screen: ExposureScreen
+    groups: int
+    taken: set[tuple[int, ...]]
+    mates: dict[int, set[int]]
+    faces: set[tuple[int, ...]]
 
 
 class _Builder:
@@ -165,6 +176,8 @@ class _Builder:
         self.rng = rng
         self.groups: list[Group] = []
         self.taken: set[tuple[int, ...]] = set()
+        self.first: list[int] = partition_sizes(len(users), self.size)
+        """The group sizes of the first basic grouping."""
         self.mates: dict[int, set[int]] = {u: set() for u in universe}
         """Who already shares a group with whom (prior groups included)."""
         self.faces: set[tuple[int, ...]] = set()
@@ -210,10 +223,6 @@ class _Builder:
             left.remove(pick)
         return tuple(sorted(chosen))
 
-    def _draw(self, pool: Sequence[int], count: int) -> tuple[int, ...]:
-        picks = self.rng.choice(len(pool), size=count, replace=False)
-        return tuple(sorted(pool[int(k)] for k in picks))
-
     def _candidates(
         self, pool: Sequence[int], count: int, among: Collection[int] = ()
     ) -> Iterator[tuple[int, ...]]:
@@ -227,21 +236,33 @@ class _Builder:
         for _ in range(SAMPLES):
             yield self._strangers(pool, count, among)
 
-    def partition(self, tries: int) -> bool:
-        """Lines 2-8: one basic grouping, every user in one group; the groups are drawn
-        one by one from the users not yet placed. All or nothing."""
-        sizes = partition_sizes(len(self.users), self.size)
+    def partition(self, tries: int, sizes: list[int] | None = None) -> bool:
+        """Lines 2-8: one basic grouping, every user in one group (of ``sizes``, by
+        default those of the first); the groups are drawn one by one from the users not
+        yet placed. All or nothing."""
+        sizes = sizes or self.first
+        if self.groups and self.screen.dimension - (len(sizes) - 1) < self.c + 1:
+            return False  # a further partition mostly adds rank len(sizes) − 1: no room
         for _ in range(tries):
-            saved = (self.screen.copy(), len(self.groups), set(self.taken))
+            saved = self._save()
             left = list(self.users)
             for size in sizes:
                 if not any(self._take(left, members) for members in self._candidates(left, size)):
                     break
             else:
                 return True
-            self.screen, count, self.taken = saved
-            del self.groups[count:]
+            self._restore(saved)
         return False
+
+    def _save(self) -> _Saved:
+        mates = {u: set(m) for u, m in self.mates.items()}
+        return _Saved(self.screen.copy(), len(self.groups), set(self.taken), mates, set(self.faces))
+
+    def _restore(self, saved: _Saved) -> None:
+        self.screen, self.taken, self.mates, self.faces = (
+            saved.screen, saved.taken, saved.mates, saved.faces
+        )  # fmt: skip
+        del self.groups[saved.groups :]
 
     def _take(self, left: list[int], members: tuple[int, ...]) -> bool:
         if not self._add(BASIC, members):
@@ -252,8 +273,8 @@ class _Builder:
 
     def focus(self, key: int, pool: list[int]) -> bool:
         """Lines 10-15: one focus group of ``key`` and size − 1 users of ``pool``."""
-        if len(pool) < self.size - 1:
-            return False
+        if len(pool) < self.size - 1 or self.screen.dimension <= self.c + 1:
+            return False  # the rank is at its bound: every new group would expose
         others_pool = [u for u in pool if u != key]
         for others in self._candidates(others_pool, self.size - 1, {key, *self.mates[key]}):
             if self._add(FOCUS, tuple(sorted((key, *others))), focus=key):
@@ -262,7 +283,7 @@ class _Builder:
 
     def reference(self, pool: list[int]) -> bool:
         """A reference group of ``size`` users of ``pool`` (not in the paper)."""
-        if len(pool) < self.size:
+        if len(pool) < self.size or self.screen.dimension <= self.c + 1:
             return False
         return any(self._add(REFERENCE, m) for m in self._candidates(pool, self.size))
 
@@ -319,23 +340,33 @@ def make_grouping(
         basic_groupings,
         sorted(set(partners)),
     )
-    best: tuple[tuple[int, tuple[int, ...], int], _Builder, dict[int, int], int] | None = None
-    for _ in range(candidates):
-        build = _Builder(active, c, prior_groups, rng)
-        if not build.partition(tries):
-            continue
-        achieved, basics = policy.fill(build, tries)
-        served = tuple(achieved[k] for k in policy.keys)
-        rank = (sum(served), served, len(build.groups))
-        if best is None or rank > best[0]:
-            best = (rank, build, achieved, basics)
+    best: tuple[tuple[int, ...], _Builder, dict[int, int], int] | None = None
+    most = len(partition_sizes(len(active), group_size(c)))
+    for count in (most, most - 1) if keys and most > 1 else (most,):
+        # One group fewer in the first basic grouping frees rank for focus groups: at 6
+        # users two groups of three leave room for none (a focus group of three shares
+        # two members with one of them), one group of six for three.
+        for _ in range(candidates):
+            build = _Builder(active, c, prior_groups, rng)
+            build.first = partition_sizes(len(active), build.size, count)
+            if not build.partition(tries):
+                continue
+            achieved, basics = policy.fill(build, tries)
+            served = tuple(achieved[k] for k in policy.keys)
+            # Focus groups for someone first, then as many basic groups as fit, then
+            # the most focus groups, most suspected key users first.
+            rank = (min(sum(served), 1), count, sum(served), *served, len(build.groups))
+            if best is None or rank > best[0]:
+                best = (rank, build, achieved, basics)
+        if best is not None and best[0][0] == 1:
+            break
     if best is None:
         raise GroupingError(
             f"no grouping of users {active} keeps every model hidden under collusion bound "
             f"{c}, not even one basic grouping ({len(prior_groups)} earlier groups count)"
         )
     _, build, achieved, basics = best
-    groups = _confirmed(build.groups, active, c, prior_groups)
+    groups = _confirmed(build.groups, len(build.first), active, c, prior_groups)
     return Grouping(tuple(groups), frozenset(keys), max(achieved.values(), default=0), basics)
 
 
@@ -381,7 +412,7 @@ class _Policy:
 
 
 def _confirmed(
-    groups: list[Group], users: list[int], c: int, prior: Sequence[Sequence[int]]
+    groups: list[Group], first: int, users: list[int], c: int, prior: Sequence[Sequence[int]]
 ) -> list[Group]:
     """The screen works modulo a prime; confirm exactly. Should the exact check find a
     set the screen missed (about one chance in 2**31), drop the last groups until it
@@ -390,7 +421,6 @@ def _confirmed(
     universe = sorted({*users, *(u for g in prior for u in g)})
     while kept and exposing_sets([*prior, *(g.members for g in kept)], universe, c):
         kept.pop()
-    first = len(partition_sizes(len(users), group_size(c)))
     if len(kept) < first:
         raise GroupingError(f"no grouping of users {users} passed the exact exposure check")
     return kept

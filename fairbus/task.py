@@ -46,7 +46,7 @@ DEFAULT_DETECTION = DetectionParams(
     bound_conf=0.5,
     tolerance=0.05,
     contribution_tolerance=0.2,
-    min_evidence=4,
+    min_evidence=3,  # the exposure check with c = 1 leaves 1-2 focus groups per round
     carry_evidence=True,
     key_score=0.3,
     level_rounds=8,

@@ -192,6 +192,12 @@ def test_clean_group_average_falls_back_to_the_group_that_contributed_most() -> 
     assert CleanGroupAverage().aggregate(current, plain, {9}).tolist() == [2.0, 2.0]
     scored = [dataclasses.replace(groups[0], scored=True), *groups[1:]]
     assert CleanGroupAverage().aggregate(current, scored, {9}).tolist() == [1.0, 1.0]
+    # every basic group holds a violator: the clean focus group moves the model, so the
+    # next round does not start from the same model again
+    lone = model(0, (1, 2, 3, 4, 5, 6), 1.0, 0.5)
+    focus = dataclasses.replace(model(1, (2, 5, 6), 4.0, 0.4), kind="focus", scored=True)
+    assert CleanGroupAverage().aggregate(current, [lone, focus], {1}).tolist() == [4.0, 4.0]
+    assert CleanGroupAverage().aggregate(current, [lone], {1}).tolist() == [0.0, 0.0]
 
 
 def test_a_decision_the_contract_refuses_stops_the_simulation() -> None:

@@ -342,3 +342,15 @@ def test_equal_accuracies_do_not_turn_the_fit_round() -> None:
     fitted, flat_fit = fit_contributions(rounds), fit_contributions(flat)
     assert fitted is not None and flat_fit is not None
     assert flat_fit.levels == pytest.approx(fitted.levels)
+
+
+def test_a_lone_basic_group_says_nothing_about_its_members() -> None:
+    """Where the grouping has room for focus groups only with one basic group of all
+    users, that group is τ itself: it counts for no one's score_i; the focus groups decide."""
+    groups = (Group(0, BASIC, (1, 2, 3, 4, 5, 6)), Group(1, FOCUS, (1, 5, 6), focus=1))
+    grouping = Grouping(groups, frozenset({1}), key_repeats=1, basic_groupings=1)
+    params = DetectionParams(carry_evidence=True, min_evidence=2)
+    result = detect(grouping, {0: 0.9, 1: 0.5}, params, carried={1: (0.0,)})
+    assert result.assessments[1].score == 0.0  # its focus groups, now and carried
+    assert all(result.assessments[u].score == 1.0 for u in (2, 3, 4, 5, 6))
+    assert result.violators == {1}

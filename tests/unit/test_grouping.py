@@ -45,11 +45,17 @@ def test_groupings_are_well_formed_and_never_expose(n: int, c: int, data: st.Dat
     grouping = make_grouping(users, keys, c=c, basic_groupings=2, key_repeats=2, seed=seed)
     assert all(len(g.members) >= group_size(c) for g in grouping.groups)
     assert exposing_sets([g.members for g in grouping.groups], users, c) == []
-    # the first groups are one basic grouping: a partition of all users
-    per = len(partition_sizes(n, group_size(c)))
+    # the first groups are one basic grouping: a partition of all users (with key users
+    # it may have one group fewer than the most, to make room for focus groups)
+    most = len(partition_sizes(n, group_size(c)))
+    per = next(
+        k
+        for k in (most, most - 1)
+        if sorted(u for g in grouping.groups[:k] for u in g.members) == users
+    )
+    assert per == most or keys
     first = grouping.groups[:per]
     assert all(g.kind == BASIC for g in first)
-    assert sorted(u for g in first for u in g.members) == users
     assert len(grouping.basic) == per * grouping.basic_groupings
     for g in grouping.focus:
         assert g.kind == FOCUS and g.focus in keys and g.focus in g.members
@@ -66,6 +72,15 @@ def test_no_two_groups_share_two_members_under_c1() -> None:
             for b in g.groups:
                 if a.gid < b.gid:
                     assert len(set(a.members) & set(b.members)) <= 1, (a, b)
+
+
+def test_with_no_room_for_focus_groups_the_basic_grouping_has_one_group_fewer() -> None:
+    # six users in two groups of three leave no room for a focus group of three
+    g = make_grouping(range(1, 7), [1], key_repeats=2, seed=0)
+    assert [x.members for x in g.basic] == [(1, 2, 3, 4, 5, 6)]
+    assert len(g.focus) == 1
+    plain = make_grouping(range(1, 7), [], seed=0)
+    assert [len(x.members) for x in plain.basic][:2] == [3, 3]
 
 
 def test_deterministic_for_a_seed_and_different_across_seeds() -> None:
