@@ -53,8 +53,11 @@ null space O(m·n·r) in C; c = 0 and c = 1: O(n·k) more (gcds and one hash per
 c ≥ 2: O(R^c · k) modular operations (numpy, R^(c−1) projections of O(R·k) each, so
 O(R²k) for c = 2 and O(R³k) for c = 3), plus one small exact rank per circuit found.
 :class:`ExposureScreen` adds one group to an existing (modular) null-space basis in
-O(n·k), for a grouping built a group at a time; its verdicts are a screen, and the final
-set of groups is confirmed by :func:`exposing_sets`.
+O(n·k), for a grouping built a group at a time; for c ≤ 1 it looks for parallel rows
+through two fixed random projections (O(n·k), no per-row normalisation), and it refuses
+at once a group that would push the rank past n − c − 1 (any row space of dimension r
+holds a vector on at most n − r + 1 users). Its verdicts are a screen, and the final set
+of groups is confirmed by :func:`exposing_sets`.
 """
 
 from __future__ import annotations

@@ -460,7 +460,7 @@ class ProviderMachine:
         # Void the attempt; regroup the survivors with fresh keys (attempt + 1) once the
         # driver says whose uploads for it were recorded.
         voided = [g.gid for g in self.grouping.groups if affected & set(g.members)]
-        self._voided = set(voided)
+        self._voided |= set(voided)
         self.phase = ProviderPhase.REGROUPING
         return [
             self._signed(Dropout(tuple(sorted(affected)), tuple(voided))),
@@ -496,17 +496,19 @@ class ProviderMachine:
         if len(usable) == len(grouping.groups):
             return self._maybe_evaluating()
         earlier = list(self._prior_groups)
-        # Counted: the groups whose sums the ledger holds, and every group the dropout
-        # did not void that holds a recorded upload: its other members may have uploaded
-        # before they saw the dropout, and each user counts the groups it uploaded to
-        # (issue 12, item 2).
+        # Counted: every group of the attempt as announced (not only those a finish on
+        # the complete groups kept, should a second dropout come) whose sum the ledger
+        # holds, and every one the dropouts did not void that holds a recorded upload:
+        # its other members may have uploaded before they saw the dropout, and each user
+        # counts the groups it uploaded to (issue 12, item 2).
         started = {gid for gid, _ in recorded}
         counted = [
-            g
-            for g in grouping.groups
-            if g in known or (g.gid not in self._voided and g.gid in started)
+            members
+            for gid, members in self._announced.items()
+            if all((gid, m) in recorded for m in members)
+            or (gid not in self._voided and gid in started)
         ]
-        self._prior_groups = earlier + [g.members for g in counted]
+        self._prior_groups = list(dict.fromkeys([*earlier, *counted]))
         survivors = sorted(set(grouping.users) - self._dropped_this_round)
         self.attempt += 1
         try:

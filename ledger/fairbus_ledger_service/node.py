@@ -6,6 +6,14 @@ resolved only after the append returned, never before. The other nodes follow: t
 read every new block from the store, re-validate it and raise an alarm on an invalid one.
 With etcd, the writer is elected through a lease (:class:`EtcdElection`); with SQLite
 the one node is always the writer.
+
+A node keeps a model-sized payload (a masked upload, a global model) in its blob store
+only if the ledger has committed its hash already, or if its envelope's signed header
+verifies against the roster (a member allowed to send that type, this task, and the bytes
+hashing to the signed SHA-256): nothing is written for anything else (issue 14, item 7).
+What a verified sender has in the store before a block names it is *parked*, and bounded
+per sender (:data:`MAX_PARKED_BLOBS`, :data:`PARKED_MODELS`); a commit naming a payload
+releases it.
 """
 
 from __future__ import annotations
@@ -14,7 +22,9 @@ import asyncio
 import collections
 import concurrent.futures
 import contextlib
+import hashlib
 import logging
+import threading
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, replace
@@ -28,12 +38,32 @@ from fairbus.ledger.state import (
     Location,
     RefusalReason,
     RefusedError,
+    check_transaction,
 )
 from fairbus.wire.limits import DEFAULT_LIMITS, WireLimits
 from fairbus_ledger_service.blobs import BlobError, BlobStore
 from fairbus_ledger_service.stores import BlockStore
 
 log = logging.getLogger("fairbus.ledger")
+
+MAX_PARKED_BLOBS = 4
+"""Blobs one sender may have parked (stored, not yet named by a committed transaction).
+An honest sender has one model-sized payload in flight at a time (its upload for the
+current round attempt; the provider its global model) and publishes it on the bus only
+once it is committed; four leave room for a new attempt and a follower a few blocks
+behind. A payload whose transaction the ledger refuses stays counted (the count is kept
+in memory, so until the node restarts): refusals cannot churn a node's disk."""
+PARKED_MODELS = 4
+"""A sender's parked bytes are bounded by this many of the largest model-sized payload
+the wire limits allow (:func:`largest_model_payload`): 4 × (48 MiB + 4 KiB) by default."""
+_MODEL_FRAMING = 4096
+"""What a model-sized body may add to ``max_model_bytes`` (its msgpack framing), as
+:func:`fairbus.wire.messages.decode_body` allows."""
+
+
+def largest_model_payload(limits: WireLimits) -> int:
+    """The largest model-sized payload ``limits`` let a node decode: larger is refused."""
+    return limits.max_model_bytes + _MODEL_FRAMING
 
 
 @dataclass(frozen=True)
@@ -48,6 +78,19 @@ Outcome = Committed | Refused
 
 class NotWriterError(FairbusError):
     """This node is not the writer now; submit to the writer, or retry."""
+
+
+class BlobRefusedError(RefusedError):
+    """A model-sized payload this node does not keep, and why; nothing was written. It
+    names the transaction, so that a submitter's refusal reaches it."""
+
+    def __init__(self, reason: RefusalReason, detail: str, tx_hash: bytes) -> None:
+        super().__init__(reason, detail)
+        self.tx_hash = tx_hash
+
+
+class ParkedBlobsError(BlobRefusedError):
+    """The sender already has as many blobs or bytes parked as a node keeps for it."""
 
 
 @dataclass
@@ -70,7 +113,12 @@ class LedgerNode:
         linger: float = 0.002,
         limits: WireLimits = DEFAULT_LIMITS,
         on_block: Callable[[Block], Awaitable[None]] | None = None,
+        max_parked_blobs: int = MAX_PARKED_BLOBS,
+        max_parked_bytes: int | None = None,
     ) -> None:
+        """``max_parked_blobs`` and ``max_parked_bytes`` bound each sender's parked blobs
+        (the bytes default to :data:`PARKED_MODELS` of the largest model ``limits``
+        allow)."""
         self.state = state
         self.store = store
         self.blobs = blobs
@@ -79,6 +127,18 @@ class LedgerNode:
         self.linger = linger
         self.limits = limits
         self.on_block = on_block
+        self.max_parked_blobs = max_parked_blobs
+        self.max_parked_bytes = (
+            PARKED_MODELS * largest_model_payload(limits)
+            if max_parked_bytes is None
+            else max_parked_bytes
+        )
+        self._parked: dict[int, dict[bytes, int]] = {}
+        """Sender → payload SHA-256 → size of each blob it has parked."""
+        self._parked_lock = threading.Lock()
+        """Blobs are parked on the decoder thread (or the service's loop) and released
+        on the loop after a commit; the committed check and the parking happen under
+        this lock, so a blob committed meanwhile is never left counted."""
         self.fence: bytes | None = None
         self.is_writer = False
         self.alarm: str | None = None
@@ -107,16 +167,104 @@ class LedgerNode:
 
     def transaction_of_envelope(self, env: SignedEnvelope) -> Transaction:
         """The transaction of a parsed envelope; keep a model-sized payload in the blob
-        store (checked against the signed header's SHA-256)."""
+        store (:meth:`keep_payload`), or raise :class:`BlobRefusedError`."""
         tx = Transaction.from_envelope(env)
         if is_model_sized(env.header.type) and env.payload:
-            if self.blobs is None:
-                raise RefusedError(RefusalReason.TOO_LARGE, "this node keeps no blobs")
-            try:
-                self.blobs.put(env.header.payload_sha256, env.payload)
-            except BlobError as exc:
-                raise RefusedError(RefusalReason.PAYLOAD_MISMATCH, str(exc)) from None
+            self.keep_payload(tx, env)
         return tx
+
+    def keep_payload(self, tx: Transaction, env: SignedEnvelope) -> None:
+        """Write ``env``'s payload to the blob store if the ledger committed its hash, or
+        if ``tx`` (``env`` recorded) verifies against the roster and its sender has room
+        to park it; otherwise raise :class:`BlobRefusedError` (a
+        :class:`ParkedBlobsError` for a sender past its bound) and write nothing. The
+        signature is checked first: one Ed25519 check before hashing the payload."""
+        header = env.header
+        digest = header.payload_sha256
+        if self.blobs is None:
+            raise BlobRefusedError(RefusalReason.TOO_LARGE, "this node keeps no blobs", tx.hash)
+        largest = largest_model_payload(self.limits)
+        if len(env.payload) > largest:
+            raise BlobRefusedError(
+                RefusalReason.TOO_LARGE,
+                f"a {header.type!r} payload of {len(env.payload)} bytes exceeds {largest}",
+                tx.hash,
+            )
+        if digest not in self.state.blob_index:
+            try:
+                check_transaction(tx, self.state.roster, self.limits)
+            except RefusedError as exc:
+                raise BlobRefusedError(exc.reason, exc.detail, tx.hash) from None
+        if hashlib.sha256(env.payload).digest() != digest:
+            raise BlobRefusedError(
+                RefusalReason.PAYLOAD_MISMATCH,
+                "payload does not match the signed SHA-256; not stored",
+                tx.hash,
+            )
+        parked = self._park(header.sender, digest, len(env.payload), tx.hash)
+        try:
+            self.blobs.put(digest, env.payload)
+        except Exception as exc:
+            if parked:
+                self._unpark(header.sender, digest)
+            if isinstance(exc, BlobError):
+                raise BlobRefusedError(RefusalReason.TOO_LARGE, str(exc), tx.hash) from None
+            raise
+
+    def parked(self, sender: int) -> tuple[int, int]:
+        """How many blobs, and bytes, ``sender`` has parked on this node."""
+        with self._parked_lock:
+            mine = self._parked.get(sender, {})
+            return len(mine), sum(mine.values())
+
+    def _park(self, sender: int, digest: bytes, size: int, tx_hash: bytes) -> bool:
+        """Count ``digest`` against ``sender``'s bound; False if it needs no counting (the
+        ledger committed it, or the sender parked it already). Raises
+        :class:`ParkedBlobsError` when the sender has no room left."""
+        with self._parked_lock:
+            if digest in self.state.blob_index:
+                return False
+            mine = self._parked.setdefault(sender, {})
+            if digest in mine:
+                return False
+            count, total = len(mine), sum(mine.values())
+            if count >= self.max_parked_blobs or total + size > self.max_parked_bytes:
+                if not mine:
+                    del self._parked[sender]
+                log.warning(
+                    "blob %s (%d bytes) from participant %d refused: %d blobs, %d bytes "
+                    "already await commit (at most %d, %d bytes)",
+                    digest.hex()[:16], size, sender, count, total,
+                    self.max_parked_blobs, self.max_parked_bytes,
+                )  # fmt: skip
+                raise ParkedBlobsError(
+                    RefusalReason.TOO_LARGE,
+                    f"participant {sender} has {count} blobs ({total} bytes) awaiting "
+                    f"commit; a ledger node parks at most {self.max_parked_blobs} blobs, "
+                    f"{self.max_parked_bytes} bytes per sender",
+                    tx_hash,
+                )
+            mine[digest] = size
+            return True
+
+    def _unpark(self, sender: int, digest: bytes) -> None:
+        with self._parked_lock:
+            mine = self._parked.get(sender, {})
+            mine.pop(digest, None)
+            if not mine:
+                self._parked.pop(sender, None)
+
+    def _settle(self, block: Block) -> None:
+        """The blobs ``block`` names are committed: they count against nobody now."""
+        named = {tx.envelope.header.payload_sha256 for tx in block.txs if tx.payload is None}
+        if not named:
+            return
+        with self._parked_lock:
+            for sender, mine in list(self._parked.items()):
+                for digest in named & mine.keys():
+                    del mine[digest]
+                if not mine:
+                    del self._parked[sender]
 
     async def submit(self, data: bytes) -> Outcome:
         """Validate and commit one envelope; resolves after the block is in the store."""
@@ -137,7 +285,8 @@ class LedgerNode:
             return
         error = decoded.exception()
         if isinstance(error, RefusedError):
-            done.set_result(Refused(None, error.reason, error.detail))
+            tx_hash = error.tx_hash if isinstance(error, BlobRefusedError) else None
+            done.set_result(Refused(tx_hash, error.reason, error.detail))
             return
         if error is not None:
             done.set_exception(error)
@@ -181,6 +330,7 @@ class LedgerNode:
                 self.alarm = f"invalid block at height {self.state.height + 1}: {exc}"
                 log.error("ALARM: %s", self.alarm)
                 return 0
+            self._settle(block)
             self._blocks.append(block.hash)
             if self.on_block is not None:
                 await self.on_block(block)
@@ -252,6 +402,7 @@ class LedgerNode:
             self._put_back(batch)
             return
         self.state.commit(draft, block)
+        self._settle(block)
         self._blocks.append(block.hash)
         for k, tx in enumerate(block.txs):
             receipt = Committed(tx.hash, block.height, block.hash, k)

@@ -2,7 +2,9 @@
 
 The writer subscribes to submissions (``fairbus/<task>/+/+/ledger/submit``) and commits
 them; every node keeps the blobs of the model-sized payloads it sees on the bus (uploads,
-global models). The writer sends the receipt
+global models) whose signed headers verify against the roster, or whose hashes the ledger
+has committed, up to a bound per sender on what awaits commit (:class:`LedgerNode`,
+issue 14, item 7); it writes nothing for anything else. The writer sends the receipt
 (``fairbus/<task>/ledger/<node>/receipt/<sender>``) only after the block is in the store,
 then the block header (``…/<node>/block``). A refusal goes back at once with its reason.
 Every node answers queries (a transaction by hash, a sender's head, a round's records, a
@@ -214,11 +216,14 @@ class LedgerService:
 
     def _keep_blob(self, data: bytes) -> None:
         """A model-sized envelope seen on the bus (:mod:`fairbus.ledger.recorded`): keep its
-        payload by hash. The blob store checks the payload against the signed header's
-        hash; the envelope's signature is checked when its transaction is validated."""
+        payload by hash if :meth:`LedgerNode.keep_payload` takes it (a committed hash, or a
+        header signed by a roster member allowed to send it, the payload matching it and
+        the sender within its bound); anything else is dropped, and nothing written."""
         assert self.node is not None
-        with contextlib.suppress(FairbusError):
+        try:
             self.node.transaction_of_envelope(Recorded.from_bytes(data, self.node.limits).envelope)
+        except FairbusError as exc:
+            log.debug("blob from the bus not kept: %s", exc)
 
     def _on_submit(self, topic: str, data: bytes) -> None:
         assert self.node is not None

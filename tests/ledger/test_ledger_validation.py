@@ -4,6 +4,7 @@ with its reason and changes nothing (etcd: a real 3-member cluster on loopback).
 from __future__ import annotations
 
 import asyncio
+import threading
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
@@ -108,6 +109,41 @@ async def test_a_replayed_transaction_gets_its_first_receipt(
         first[1].index,
     )
     assert node.state.height == height  # nothing applied
+
+
+async def test_submissions_are_decoded_off_the_event_loop_and_in_order(
+    run: RecordedRun, tmp_path: Path
+) -> None:
+    """Issue 12, item 4: decoding (and writing a blob) happens on the node's decoder
+    thread, so a 16 MiB nested payload does not stall the writer's loop; submissions keep
+    their order, so every sender's chain is committed as sent."""
+    store = SqliteStore(tmp_path / "ledger.sqlite")
+    node = await writer(run, store, tmp_path)
+    threads: list[int] = []
+    decode = node.transaction_of
+
+    def recording(data: bytes) -> Transaction:
+        threads.append(threading.get_ident())
+        return decode(data)
+
+    node.transaction_of = recording  # type: ignore[method-assign]
+    nested = b"\x91" * (16 * 1024 * 1024)  # an array in an array in an array ...
+    loop = asyncio.create_task(node.write_loop())
+    try:
+        pending = [node.submit_nowait(nested), *map(node.submit_nowait, run.envelopes[:20])]
+        outcomes = await asyncio.gather(*pending)
+    finally:
+        loop.cancel()
+        node.close()
+        await store.close()
+    assert isinstance(outcomes[0], Refused)
+    assert outcomes[0].reason in (RefusalReason.MALFORMED, RefusalReason.TOO_LARGE)
+    assert all(isinstance(o, Committed) for o in outcomes[1:]), outcomes[1:]
+    assert threading.get_ident() not in threads and len(set(threads)) == 1
+    committed = [o for o in outcomes[1:] if isinstance(o, Committed)]
+    assert [(o.height, o.index) for o in committed] == sorted(
+        (o.height, o.index) for o in committed
+    )
 
 
 async def test_bad_inputs_are_refused_with_their_reason_and_change_nothing(

@@ -4,14 +4,18 @@ training. Every transaction it emits goes through the ledger's validation state 
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from typing import ClassVar
 
 import numpy as np
+import numpy.typing as npt
 import pytest
 
 from fairbus import envelope
-from fairbus.aggregation import UndefendedFedAvg
+from fairbus.aggregation import GroupModel, UndefendedFedAvg
 from fairbus.envelope import GENESIS
+from fairbus.exposure import exposing_sets
 from fairbus.field import FixedPointCodec, sum_vectors
 from fairbus.ledger.recorded import Recorded, open_recorded
 from fairbus.protocol.events import (
@@ -28,6 +32,7 @@ from fairbus.protocol.events import (
     Received,
     Refused,
     RoundDone,
+    RoundFailed,
     Send,
     StartRound,
     Tick,
@@ -525,3 +530,47 @@ def test_an_upload_of_the_wrong_length_is_refused() -> None:
         ("Refused", "GroupingError")
     ]
     assert task.provider.phase is ProviderPhase.COLLECTING
+
+
+@dataclass(frozen=True)
+class KeepsTheModel:
+    """A test strategy: the global model never changes (as when no group is clean)."""
+
+    secure: ClassVar[bool] = True
+
+    def aggregate(
+        self,
+        current: npt.NDArray[np.float32],
+        groups: Sequence[GroupModel],
+        violators: Iterable[int],
+    ) -> npt.NDArray[np.float32]:
+        return current
+
+
+def test_a_round_from_the_same_global_model_counts_the_earlier_rounds_sums() -> None:
+    """Issue 12, item 5: round 2 starts from round 1's model, so users may train the
+    same models again; its grouping counts round 1's groups (the ledger refuses one that
+    leaves them out), and where none passes the round fails rather than expose anyone."""
+    config = ProviderConfig(strategy=KeepsTheModel(), key_repeats=2, seed=4)
+    driver = Driver(make_task(12, config=config))
+    first = driver.play_round(0.0)
+    earlier = {g.members for g in first.groups}
+    since = len(driver.log)
+    driver.handle(PROVIDER, StartRound(1.0))
+    driver.pump()
+    failed = of_type(driver.outputs(PROVIDER, since), RoundFailed)
+    announced = [_announcement(driver, c) for c in driver.commits("announce")][1:]
+    if failed:
+        assert not announced and "keeps every model hidden" in failed[0].reason
+        return
+    (second,) = announced
+    assert earlier <= set(second.prior_groups)
+    groups = [*earlier, *(g.members for g in second.groups)]
+    assert exposing_sets(groups, range(1, 13), c=1) == []
+    assert driver.refusals() == []
+
+
+def _announcement(driver: Driver, commit: Commit) -> Announce:
+    message = envelope.verify(commit.envelope, driver.task.roster).message
+    assert isinstance(message, Announce)
+    return message
