@@ -13,6 +13,12 @@ class FairbusError(Exception):
     """Base of every error fairbus raises on purpose."""
 
 
+class OperatorError(FairbusError):
+    """A mistake the operator must fix (a configuration, roster, key or state file, the
+    broker login): retrying cannot help. The CLI prints its message, which names the file
+    and what is wrong with it, in one line and exits with status 2."""
+
+
 # --- field arithmetic and codecs -------------------------------------------------------
 
 
@@ -66,11 +72,11 @@ class DetectionError(FairbusError):
 # --- identities and roster ---------------------------------------------------------------
 
 
-class IdentityError(FairbusError):
+class IdentityError(OperatorError):
     """A key file is missing, malformed or unsafely readable."""
 
 
-class RosterError(FairbusError):
+class RosterError(OperatorError):
     """The roster file is malformed, or names someone it does not know."""
 
 

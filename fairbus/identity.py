@@ -20,6 +20,7 @@ from nacl.signing import SigningKey, VerifyKey
 from fairbus.errors import IdentityError
 
 KEY_BYTES = 32
+MQTT_KEY_FILE = "broker password file"
 
 
 @dataclass(frozen=True)
@@ -109,12 +110,33 @@ def new_broker_password(directory: Path, participant_id: int, *, overwrite: bool
 
 def load_broker_password(directory: Path, participant_id: int) -> str | None:
     """The participant's broker password, or None when it has no ``<id>.mqtt.key``
-    (a broker that allows anonymous logins)."""
+    (what ``fairbus broker`` reads: such a member gets no login). A participant that logs
+    in uses :func:`require_broker_password`."""
     _check_id(participant_id)
     path = broker_password_path(directory, participant_id)
     if not path.exists():
         return None
-    return _read_secret(path).hex()
+    return _read_secret(path, MQTT_KEY_FILE).hex()
+
+
+def require_broker_password(directory: Path, participant_id: int) -> str:
+    """The participant's broker password from ``<id>.mqtt.key``. A participant of a task
+    always logs in with one (the broker refuses anonymous clients): a missing, unreadable
+    or over-readable file is an :class:`IdentityError` naming it, never a silent
+    anonymous login."""
+    _check_id(participant_id)
+    path = broker_password_path(directory, participant_id)
+    try:
+        path.lstat()
+    except FileNotFoundError:
+        raise IdentityError(
+            f"{MQTT_KEY_FILE} {path} does not exist: participant {participant_id} logs in to "
+            "the broker with the password `fairbus keys new` writes there (and `fairbus "
+            "broker` reads from the same keys folder)"
+        ) from None
+    except OSError:
+        pass  # _read_secret names the problem
+    return _read_secret(path, MQTT_KEY_FILE).hex()
 
 
 def key_paths(directory: Path, participant_id: int) -> tuple[Path, Path]:
@@ -140,23 +162,33 @@ def _write_secret(path: Path, key: bytes) -> None:
     os.replace(tmp, path)
 
 
-def _read_secret(path: Path) -> bytes:
+def _read_secret(path: Path, what: str = "key file") -> bytes:
+    """The key in ``path``; every refusal (missing, over-readable, unreadable, not a key)
+    is one :class:`IdentityError` naming the file."""
     try:
         st = path.stat()
     except FileNotFoundError:
-        raise IdentityError(f"key file {path} does not exist (run `fairbus keys new`)") from None
+        raise IdentityError(f"{what} {path} does not exist (run `fairbus keys new`)") from None
+    except OSError as exc:
+        raise IdentityError(f"cannot read {what} {path}: {exc.strerror or exc}") from None
     if st.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
         raise IdentityError(
-            f"key file {path} has mode {stat.S_IMODE(st.st_mode):04o}; it must be 0600 "
+            f"{what} {path} has mode {stat.S_IMODE(st.st_mode):04o}; it must be 0600 "
             f"(run `chmod 600 {path}`)"
         )
-    text = path.read_bytes()
+    try:
+        text = path.read_bytes()
+    except OSError as exc:
+        raise IdentityError(
+            f"cannot read {what} {path}: {exc.strerror or exc} (it must be a file of "
+            "this account with mode 0600)"
+        ) from None
     if len(text) > 4 * KEY_BYTES:
-        raise IdentityError(f"key file {path} is too long to be a key")
+        raise IdentityError(f"{what} {path} is too long to be a key")
     try:
         key = bytes.fromhex(text.decode("ascii").strip())
     except (UnicodeDecodeError, ValueError):
-        raise IdentityError(f"key file {path} is not hex") from None
+        raise IdentityError(f"{what} {path} is not hex") from None
     if len(key) != KEY_BYTES:
-        raise IdentityError(f"key file {path} holds {len(key)} bytes, expected {KEY_BYTES}")
+        raise IdentityError(f"{what} {path} holds {len(key)} bytes, expected {KEY_BYTES}")
     return key

@@ -125,12 +125,16 @@ class Roster(Mapping[int, Member]):
             size = path.stat().st_size
         except FileNotFoundError:
             raise RosterError(f"roster file {path} does not exist") from None
+        except OSError as exc:
+            raise RosterError(f"cannot read roster file {path}: {exc.strerror or exc}") from None
         if size > MAX_ROSTER_BYTES:
             raise RosterError(f"roster file {path} is {size} bytes, over {MAX_ROSTER_BYTES}")
         try:
             text = path.read_text(encoding="utf-8")
         except UnicodeDecodeError as exc:
             raise RosterError(f"roster file {path} is not UTF-8: {exc}") from None
+        except OSError as exc:
+            raise RosterError(f"cannot read roster file {path}: {exc.strerror or exc}") from None
         return cls.from_toml(text, source=str(path))
 
     @classmethod

@@ -48,7 +48,7 @@ DEFAULT_DETECTION = DetectionParams(
     contribution_tolerance=0.2,
     min_evidence=3,  # the exposure check with c = 1 leaves 1-2 focus groups per round
     carry_evidence=True,
-    key_score=0.4,  # keeps a suspect a key user (so it gets focus groups) on 1 lucky group in 3
+    key_score=0.3,
     level_rounds=8,
     evidence_window=4,
 )

@@ -1,11 +1,12 @@
-"""The broker package's errors; both are :class:`fairbus.errors.FairbusError`."""
+"""The broker package's errors; both are :class:`fairbus.errors.OperatorError` (the CLI
+prints them in one line and exits with status 2)."""
 
 from __future__ import annotations
 
-from fairbus.errors import FairbusError
+from fairbus.errors import OperatorError
 
 
-class BrokerError(FairbusError):
+class BrokerError(OperatorError):
     """The broker cannot be configured or started (missing binary, no logins, a crash)."""
 
 

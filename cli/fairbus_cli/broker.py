@@ -11,6 +11,7 @@ from rich.console import Console
 from fairbus.errors import FairbusError
 from fairbus_broker.config import BrokerConfig
 from fairbus_broker.mosquitto import run_mosquitto, write_mosquitto_files
+from fairbus_cli.errors import STOPPERS, stop
 
 console = Console(highlight=False)
 
@@ -30,9 +31,9 @@ def broker(
     try:
         cfg = BrokerConfig.load(config)
         code = _embedded(cfg) if embedded else _mosquitto(cfg)
-    except FairbusError as exc:
-        console.print(f"[red]cannot start the broker:[/] {exc}")
-        raise typer.Exit(1) from None
+    except (FairbusError, *STOPPERS) as exc:
+        label = "cannot start the broker"
+        stop(console, exc, failed=label, mistake=label)
     raise typer.Exit(code)
 
 

@@ -19,6 +19,7 @@ from rich.table import Table
 
 from fairbus.errors import FairbusError
 from fairbus.training.attacks import Behaviour
+from fairbus_cli.errors import say
 from fairbus_cli.simulate import console, rounds_progress
 
 ATTACKS = {2: Behaviour.POISONER, 5: Behaviour.FREE_RIDER}
@@ -55,7 +56,7 @@ def demo(
             audit = _audit(root)  # while the ledger (etcd) still runs
         console.print(f"all processes stopped; {time.monotonic() - start:.0f} s in all")
     except FairbusError as exc:
-        console.print(f"[red]demo failed:[/] {exc}")
+        say(console, "demo failed", exc)
         raise typer.Exit(1) from None
     _report(root, out)
     console.print(audit)

@@ -10,6 +10,7 @@ from rich.console import Console
 from fairbus.errors import FairbusError, IdentityError
 from fairbus.identity import Identity, broker_password_path, new_broker_password
 from fairbus.roster import Member, Role, Roster
+from fairbus_cli.errors import say
 
 app = typer.Typer(help="Create and inspect participant key files.", no_args_is_help=True)
 console = Console()
@@ -55,7 +56,7 @@ def new(
         else:
             console.print(Roster("fairbus", [member]).to_toml().split("\n", 2)[2], markup=False)
     except FairbusError as exc:
-        console.print(f"[red]error:[/] {exc}")
+        say(console, "error", exc)
         raise typer.Exit(2) from None
 
 
@@ -68,7 +69,7 @@ def show(
     try:
         identity = Identity.load(directory, participant_id)
     except FairbusError as exc:
-        console.print(f"[red]error:[/] {exc}")
+        say(console, "error", exc)
         raise typer.Exit(2) from None
     console.print(f"verify_key = {identity.public.verify_hex}")
     console.print(f"box_key    = {identity.public.box_hex}")

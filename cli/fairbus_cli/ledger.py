@@ -11,9 +11,11 @@ from pathlib import Path
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from fairbus.errors import FairbusError
 from fairbus.roster import Roster
+from fairbus_cli.errors import OPERATOR_EXIT, STOPPERS, one_line, say, stop
 from fairbus_ledger_service import audit as auditing
 from fairbus_ledger_service.blobs import BlobStore
 from fairbus_ledger_service.config import LedgerConfig
@@ -46,9 +48,10 @@ def ledger(
 
     try:
         service = LedgerService(LedgerConfig.load(config), node)
-    except FairbusError as exc:
-        console.print(f"[red]cannot start ledger node {node}:[/] {exc}")
-        raise typer.Exit(1) from None
+    except (FairbusError, *STOPPERS) as exc:
+        # everything it reads at start is the operator's: configuration, roster, keys
+        say(console, f"cannot start ledger node {node}", exc)
+        raise typer.Exit(OPERATOR_EXIT) from None
 
     async def main() -> None:
         loop = asyncio.get_running_loop()
@@ -57,8 +60,12 @@ def ledger(
         loop.add_signal_handler(signal.SIGTERM, task.cancel)
         await service.run()
 
-    with contextlib.suppress(asyncio.CancelledError, KeyboardInterrupt):
-        asyncio.run(main())
+    try:
+        with contextlib.suppress(asyncio.CancelledError, KeyboardInterrupt):
+            asyncio.run(main())
+    except (FairbusError, *STOPPERS) as exc:
+        label = f"ledger node {node} stopped"
+        stop(console, exc, failed=label, mistake=label)
 
 
 async def _read_store(config: LedgerConfig) -> list[bytes]:
@@ -88,9 +95,12 @@ def print_report(what: str, report: auditing.Report) -> None:
             policy = ", ".join(f"{k} {v}" for k, v in vars(report.task.detection).items())
             console.print(f"  Alg. 6 policy recorded at task start: {policy}")
         for note in report.notes:
-            console.print(f"  note: {note}")
+            console.print(f"  note: {escape(note)}")
         return
-    console.print(f"[red]{what}: FAILED[/] after {report.blocks} good blocks: {report.problem}")
+    problem = escape(one_line(report.problem))
+    console.print(
+        f"[red]{what}: FAILED[/] after {report.blocks} good blocks: {problem}", soft_wrap=True
+    )
     raise typer.Exit(1)
 
 
@@ -104,7 +114,7 @@ def verify(
         cfg = LedgerConfig.load(config)
         print_report("verify", auditing.verify(_blocks(cfg, export), Roster.load(cfg.roster)))
     except FairbusError as exc:
-        console.print(f"[red]verify:[/] {exc}")
+        say(console, "verify", exc)
         raise typer.Exit(1) from None
 
 
@@ -158,6 +168,6 @@ def audit_command(
             BlobStore(cfg.blobs) if blobs else None,
         )
     except FairbusError as exc:
-        console.print(f"[red]audit:[/] {exc}")
+        say(console, "audit", exc)
         raise typer.Exit(1) from None
     print_report("audit", report)

@@ -11,9 +11,11 @@ from typing import Any
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from fairbus.errors import FairbusError
 from fairbus.training.attacks import Attack, Behaviour
+from fairbus_cli.errors import STOPPERS, one_line, stop
 
 console = Console(stderr=True)
 
@@ -42,6 +44,8 @@ def provider(config: Path = CONFIG) -> None:
     evaluate them, detect violators (Alg. 6) and aggregate the clean groups.
 
     Writes STATE/provider/rounds.jsonl (one JSON line per round) and the global model.
+    A mistake in the configuration, roster, key files, state folder or broker login is
+    one line and exit status 2; an unreachable broker is waited for (and said so).
     """
     from fairbus.runtime.config import RuntimeConfig
     from fairbus.runtime.provider import ProviderRuntime
@@ -49,9 +53,8 @@ def provider(config: Path = CONFIG) -> None:
     try:
         settings = RuntimeConfig.load(config)
         _run_until_stopped(lambda: ProviderRuntime(settings).run())
-    except FairbusError as exc:
-        console.print(f"[red]provider stopped:[/] {exc}")
-        raise typer.Exit(1) from None
+    except (FairbusError, *STOPPERS) as exc:
+        stop(console, exc, failed="provider stopped")
 
 
 def user(
@@ -66,7 +69,9 @@ def user(
     """Take part in training as user ID: train on the local share of the data, negotiate
     group keys over sealed direct channels (Alg. 3), upload the masked model (Alg. 4)
     once the ledger has recorded it. Keeps its chain head and data partition in
-    STATE/user-ID across restarts. Exits with status 3 when excluded as a violator.
+    STATE/user-ID across restarts. Exits with status 3 when excluded as a violator; a
+    mistake in the configuration, roster, key files, state folder or broker login is one
+    line and exit status 2; an unreachable broker is waited for (and said so).
     """
     from fairbus.runtime.config import RuntimeConfig
     from fairbus.runtime.user import EXCLUDED_EXIT, UserExcludedError, UserRuntime
@@ -75,8 +80,8 @@ def user(
         settings = RuntimeConfig.load(config)
         _run_until_stopped(lambda: UserRuntime(settings, user_id, Attack(attack)).run())
     except UserExcludedError as exc:
-        console.print(f"[yellow]{exc}[/]; it takes no further part")
+        message = escape(one_line(exc))
+        console.print(f"[yellow]{message}[/]; it takes no further part", soft_wrap=True)
         raise typer.Exit(EXCLUDED_EXIT) from None
-    except FairbusError as exc:
-        console.print(f"[red]user {user_id} stopped:[/] {exc}")
-        raise typer.Exit(1) from None
+    except (FairbusError, *STOPPERS) as exc:
+        stop(console, exc, failed=f"user {user_id} stopped")

@@ -10,6 +10,7 @@ from rich.table import Table
 
 from fairbus.errors import FairbusError
 from fairbus.roster import Roster
+from fairbus_cli.errors import say
 
 app = typer.Typer(help="Inspect roster files.", no_args_is_help=True)
 console = Console()
@@ -21,7 +22,7 @@ def check(path: Path = typer.Argument(..., help="Roster TOML file.")) -> None:
     try:
         roster = Roster.load(path)
     except FairbusError as exc:
-        console.print(f"[red]invalid roster:[/] {exc}")
+        say(console, "invalid roster", exc)
         raise typer.Exit(2) from None
     table = Table(title=f"roster of task {roster.task!r}")
     for column in ("id", "role", "name", "verify key"):

@@ -18,6 +18,7 @@ from fairbus.protocol.provider import ProviderConfig
 from fairbus.training.attacks import Attack, Behaviour
 from fairbus.training.config import TrainConfig
 from fairbus_cli import detection_options as options
+from fairbus_cli.errors import say
 
 if TYPE_CHECKING:  # torch comes with these: imported only when a command runs
     from fairbus.ledger.records import Block
@@ -153,7 +154,7 @@ def execute(config: SimulationConfig, out: Path) -> list[RoundRecord]:
     try:
         records, ledger = run_with_progress(config, out)
     except FairbusError as exc:
-        console.print(f"[red]error:[/] {exc}")
+        say(console, "error", exc)
         raise typer.Exit(2) from None
     print_summary(records, config.attacks)
     console.print(f"wrote {out / 'rounds.jsonl'}, {out / 'accuracy.png'}, {out / 'scores.png'}")

@@ -266,11 +266,10 @@ class ProviderMachine:
     def _digest(self) -> bytes:
         return model_digest(self.global_params)
 
-    def _remember_known(self) -> None:
-        """At the end of a round: every group it announced may have revealed its sum
-        (the ledger counts the complete ones; this is a superset)."""
-        known = self._known_by_model.setdefault(self._digest(), set())
-        known.update(self._prior_groups, self._announced.values())
+    def _remember_known(self, groups: Iterable[tuple[int, ...]]) -> None:
+        """At the end of a round: the groups whose sums it may have revealed, kept for a
+        later round from the same global model (never fewer than the ledger counts)."""
+        self._known_by_model.setdefault(self._digest(), set()).update(groups)
 
     def _make_grouping(self, users: list[int]) -> Grouping:
         return make_grouping(
@@ -518,7 +517,8 @@ class ProviderMachine:
             self.attempt -= 1
             self._prior_groups = earlier
             if not usable:
-                self._remember_known()
+                # Only groups that hold a recorded upload can have revealed anything.
+                self._remember_known([*earlier, *counted])
                 self.phase = ProviderPhase.IDLE
                 self.grouping = None
                 return [RoundFailed(self.round, str(exc))]
@@ -650,7 +650,7 @@ class ProviderMachine:
             )
             for g in grouping.groups
         ]
-        self._remember_known()
+        self._remember_known([*self._prior_groups, *self._announced.values()])
         self.global_params = self.config.strategy.aggregate(self.global_params, models, violators)
         self.excluded |= violators  # lines 26-29
         changed = new_keys != self.key_users or violators or self._dropped_this_round

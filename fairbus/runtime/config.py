@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Literal, TypeVar, cast
 
 from fairbus.detection import DetectionParams
-from fairbus.errors import FairbusError
+from fairbus.errors import FairbusError, OperatorError
 from fairbus.exposure import DEFAULT_COLLUSION
 from fairbus.protocol.provider import ProviderConfig
 from fairbus.task import PHASE_TIMEOUT, detection_table
@@ -25,8 +25,9 @@ from fairbus.wire.messages import MAX_COLLUSION
 T = TypeVar("T")
 
 
-class RuntimeConfigError(FairbusError):
-    pass
+class RuntimeConfigError(OperatorError):
+    """The task's configuration is unreadable or wrong; the message names the file and
+    the table (``t.toml [provider]: 'rounds' must be int``)."""
 
 
 @dataclass(frozen=True)
@@ -99,7 +100,9 @@ class RuntimeConfig:
     def load(cls, path: Path) -> RuntimeConfig:
         try:
             raw = tomllib.loads(path.read_text())
-        except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+        except OSError as exc:
+            raise RuntimeConfigError(f"cannot read {path}: {exc.strerror or exc}") from None
+        except (UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
             raise RuntimeConfigError(f"{path}: {exc}") from None
         return cls.from_dict(raw, base=path.parent, source=str(path))
 

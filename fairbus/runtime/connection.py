@@ -5,6 +5,11 @@ retained ``offline`` Last Will, and subscribes again. The session is persistent
 (``clean_session`` off, a stable client id), so QoS 1 messages sent while it was briefly
 away are queued by the broker and delivered on reconnect: the machine it feeds resumes
 its current phase. Publishing waits for the connection and retries across a reconnect.
+
+A broker that cannot be reached is reported in one log line at the first failure and then
+every :data:`REPORT_EVERY` seconds while it is retried. A login the broker refuses (a
+wrong password, a login it does not know) is not retried: :meth:`BusConnection.serve`
+ends with a :class:`BrokerLoginError`.
 """
 
 from __future__ import annotations
@@ -12,20 +17,32 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Coroutine
+from pathlib import Path
+from typing import Any, TypeVar
 
 import aiomqtt
 
 from fairbus import topics
-from fairbus_broker.mqtt import mqtt_client
+from fairbus.errors import OperatorError
+from fairbus_broker.mqtt import login_refused, mqtt_client, refusal_reason
 
 log = logging.getLogger("fairbus.bus")
+T = TypeVar("T")
 
 ONLINE = b"online"
 OFFLINE = b"offline"
 KEEPALIVE = 10
 """Seconds: the broker fires the Last Will after 1.5 × this without a packet from a hung
 client (a killed one's socket closes at once)."""
+REPORT_EVERY = 30.0
+"""Seconds between the warnings that the broker still cannot be reached."""
+
+
+class BrokerLoginError(OperatorError):
+    """The broker refused this participant's login (CONNACK "bad user name or password"
+    or "not authorized"): the password file does not match what the broker was given."""
 
 
 class BusConnection:
@@ -43,13 +60,22 @@ class BusConnection:
         subscriptions: list[str],
         on_message: Callable[[str, bytes], None],
         backoff: tuple[float, float] = (0.2, 10.0),
+        password_file: Path | None = None,
+        report_every: float = REPORT_EVERY,
     ) -> None:
+        """``password_file`` (where ``password`` came from) is named when the broker
+        refuses the login; ``report_every`` is the seconds between "still cannot reach
+        the broker" warnings."""
         self.task, self.role, self.pid = task, role, pid
+        self.host, self.port = host, port
         self.subscriptions = subscriptions
         self.on_message = on_message
         self.backoff = backoff
+        self.password_file = password_file
+        self.report_every = report_every
         self.presence_topic = topics.presence(task, role, pid)
         identifier = topics.username(role, pid)
+        self.login = identifier
         self.client = mqtt_client(
             host,
             port,
@@ -65,10 +91,39 @@ class BusConnection:
         """Bytes published, by the topic's kind (:func:`fairbus.topics.parse`)."""
         self._stopping = False
 
+    async def serve(self, body: Coroutine[Any, Any, T]) -> T:
+        """Run ``body`` while :meth:`run` keeps the session up; say offline when it ends
+        (returns, raises or is cancelled). When the session ends for good (a refused
+        login), ``body`` is cancelled and the :class:`BrokerLoginError` raised."""
+        connection = asyncio.create_task(self.run())
+        work = asyncio.ensure_future(body)
+        try:
+            await asyncio.wait({connection, work}, return_when=asyncio.FIRST_COMPLETED)
+            failed = connection.done() and not connection.cancelled() and connection.exception()
+            if failed and not work.done():
+                work.cancel()
+                await asyncio.wait({work})
+                connection.result()  # raises the refusal
+            return await work
+        finally:
+            if not work.done():
+                work.cancel()
+                await asyncio.wait({work})
+            await self.leave()
+            if connection.done() and not connection.cancelled():
+                connection.exception()  # retrieved: asyncio must not log it as lost
+            connection.cancel()
+
     async def run(self) -> None:
-        """Connect, and connect again whenever the connection is lost, until cancelled."""
+        """Connect, and connect again whenever the connection is lost, until cancelled.
+        A refused login raises :class:`BrokerLoginError` at once; an unreachable broker
+        is retried with backoff for ever, and reported at the first failure and then
+        every ``report_every`` seconds."""
         delay = self.backoff[0]
+        down_since: float | None = None  # the first miss of the current run of failures
+        next_report = 0.0
         while not self._stopping:
+            was_connected = False  # this attempt got in (a publish may clear `connected`)
             try:
                 async with self.client:
                     # Subscribed before saying online: whoever reacts to the presence
@@ -79,8 +134,14 @@ class BusConnection:
                         self.presence_topic, ONLINE, qos=topics.QOS, retain=True
                     )
                     self.connected.set()
+                    was_connected = True
                     delay = self.backoff[0]
-                    log.info("%s-%d: connected", self.role, self.pid)
+                    if down_since is None:
+                        log.info("%s: connected to %s:%d", self.login, self.host, self.port)
+                    else:
+                        log.info("%s: connected to %s:%d after %.0f s", self.login, self.host,
+                                 self.port, time.monotonic() - down_since)  # fmt: skip
+                    down_since = None
                     async for message in self.client.messages:
                         if isinstance(message.payload, bytes | bytearray):
                             self.on_message(str(message.topic), bytes(message.payload))
@@ -88,10 +149,35 @@ class BusConnection:
                 self.connected.clear()
                 if self._stopping:
                     return
-                log.warning("%s-%d: bus lost (%s); again in %.1f s", self.role, self.pid,
-                            exc, delay)  # fmt: skip
+                if login_refused(exc):
+                    raise self._refused(exc) from None
+                now = time.monotonic()
+                if was_connected or down_since is None:
+                    down_since, next_report = now, now + self.report_every
+                    what = "bus lost" if was_connected else "cannot reach the broker"
+                    log.warning("%s: %s (%s); retrying %s:%d, and saying so every %.0f s "
+                                "until it answers", self.login, what, exc, self.host, self.port,
+                                self.report_every)  # fmt: skip
+                elif now >= next_report:
+                    next_report = now + self.report_every
+                    log.warning("%s: still cannot reach the broker at %s:%d after %.0f s (%s); "
+                                "retrying", self.login, self.host, self.port, now - down_since,
+                                exc)  # fmt: skip
+                else:
+                    log.debug("%s: broker at %s:%d: %s; again in %.1f s", self.login,
+                              self.host, self.port, exc, delay)  # fmt: skip
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, self.backoff[1])
+
+    def _refused(self, exc: aiomqtt.MqttError) -> BrokerLoginError:
+        """The one-line error for a login the broker refused."""
+        where = f" from {self.password_file}" if self.password_file is not None else ""
+        return BrokerLoginError(
+            f"the broker at {self.host}:{self.port} refused the login {self.login!r} "
+            f"({refusal_reason(exc)}): its password{where} is not the one the broker has, "
+            "or the broker's roster lacks this participant (restart `fairbus broker` with "
+            "the same roster and keys)"
+        )
 
     async def publish(self, topic: str, payload: bytes, qos: int = topics.QOS) -> None:
         """Publish once connected; a publish cut by a lost connection is sent again."""

@@ -29,7 +29,7 @@ from fairbus import topics
 from fairbus.aggregation import PlainFedAvg
 from fairbus.envelope import GENESIS
 from fairbus.errors import FairbusError
-from fairbus.identity import Identity, load_broker_password
+from fairbus.identity import Identity, broker_password_path, require_broker_password
 from fairbus.ledger.recorded import Recorded, ledger_submission
 from fairbus.ledger.records import Transaction
 from fairbus.protocol.events import (
@@ -56,6 +56,7 @@ from fairbus.roster import Role, Roster
 from fairbus.rounds import RoundRecord, record_round
 from fairbus.runtime.config import RuntimeConfig
 from fairbus.runtime.connection import OFFLINE, ONLINE, BusConnection
+from fairbus.runtime.state import prepare_state_folder, state_io
 from fairbus_ledger_service.client import LedgerClient
 
 if TYPE_CHECKING:
@@ -95,8 +96,7 @@ class ProviderRuntime:
         self.task = self.roster.task
         self.users = self.roster.with_role(Role.USER)
         self.on_round = on_round
-        self.out_dir = config.state / "provider"
-        self.out_dir.mkdir(parents=True, exist_ok=True)
+        self.out_dir = prepare_state_folder(config.state / "provider")
         self.records: list[RoundRecord] = []
         self.online: set[int] = set()
         self._inbox: asyncio.Queue[Event] = asyncio.Queue()
@@ -108,7 +108,8 @@ class ProviderRuntime:
             task=self.task,
             role="provider",
             pid=self.pid,
-            password=load_broker_password(config.keys, self.pid),
+            password=require_broker_password(config.keys, self.pid),
+            password_file=broker_password_path(config.keys, self.pid),
             subscriptions=[],
             on_message=self._on_message,
         )
@@ -146,37 +147,39 @@ class ProviderRuntime:
     # --- the loop ------------------------------------------------------------------------------
 
     async def run(self) -> list[RoundRecord]:
-        """Play ``rounds`` rounds and return their records."""
+        """Play ``rounds`` rounds and return their records. A login the broker refuses
+        ends it (:class:`~fairbus.runtime.connection.BrokerLoginError`)."""
+        self._evaluator = await asyncio.to_thread(self._build_evaluator)
+        ticker = asyncio.create_task(self._tick())
+        try:
+            return await self.bus.serve(self._play())
+        finally:
+            ticker.cancel()
+
+    async def _play(self) -> list[RoundRecord]:
+        """Once on the bus: check the ledger, wait for the users, play the rounds."""
         from fairbus.training.models import initial_params
 
         t = self.config.training
-        self._evaluator = await asyncio.to_thread(self._build_evaluator)
-        connection = asyncio.create_task(self.bus.run())
-        ticker = asyncio.create_task(self._tick())
-        try:
-            await self.bus.connected.wait()
-            head = await self._ledger_head()
-            if head != GENESIS:
-                raise ProviderError(
-                    f"the ledger already holds provider {self.pid}'s transactions for task "
-                    f"{self.task!r}; resuming a task is not supported: start a new task "
-                    "(a new roster task name) or a fresh ledger"
-                )
-            self.machine = ProviderMachine(
-                self.identity,
-                self.roster,
-                initial_params(t.model_name, t.seed),
-                machine_config(self.config),
-                online=(),
+        await self.bus.connected.wait()
+        head = await self._ledger_head()
+        if head != GENESIS:
+            raise ProviderError(
+                f"the ledger already holds provider {self.pid}'s transactions for task "
+                f"{self.task!r}; resuming a task is not supported: start a new task "
+                "(a new roster task name) or a fresh ledger"
             )
-            await self._wait_for_users()
-            while len(self.records) < self.config.provider.rounds:
-                await self._play_round()
-            return self.records
-        finally:
-            await self.bus.leave()
-            ticker.cancel()
-            connection.cancel()
+        self.machine = ProviderMachine(
+            self.identity,
+            self.roster,
+            initial_params(t.model_name, t.seed),
+            machine_config(self.config),
+            online=(),
+        )
+        await self._wait_for_users()
+        while len(self.records) < self.config.provider.rounds:
+            await self._play_round()
+        return self.records
 
     async def _ledger_head(self) -> bytes:
         answer = await self.ledger.query("head", sender=self.pid)
@@ -236,7 +239,8 @@ class ProviderRuntime:
             await asyncio.sleep(NO_USERS_RETRY)
 
     def _write(self, record: RoundRecord) -> None:
-        with (self.out_dir / "rounds.jsonl").open("a") as f:
+        path = self.out_dir / "rounds.jsonl"
+        with state_io("write", path), path.open("a") as f:
             f.write(json.dumps(record.to_json()) + "\n")
 
     async def _resync_chain(self, user: int) -> None:
@@ -348,7 +352,9 @@ class ProviderRuntime:
         record.timings_s["global_evaluation"] = time.perf_counter() - start
         record.bytes = dict(record.bytes)
         self.records.append(record)
-        np.save(self.out_dir / "global_model.npy", done.global_params)
+        model_path = self.out_dir / "global_model.npy"
+        with state_io("write", model_path):
+            np.save(model_path, done.global_params)
         log.info("round %d: accuracy %.3f, key users %s, violators %s, excluded %s",
                  record.round, record.global_accuracy, record.key_users, record.violators,
                  record.excluded)  # fmt: skip

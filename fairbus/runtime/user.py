@@ -28,8 +28,8 @@ import numpy.typing as npt
 
 from fairbus import topics
 from fairbus.aggregation import PLAIN_MODEL
-from fairbus.errors import FairbusError
-from fairbus.identity import Identity, load_broker_password
+from fairbus.errors import EnvelopeError, FairbusError, RosterError
+from fairbus.identity import Identity, broker_password_path, require_broker_password
 from fairbus.ledger.recorded import Recorded, ledger_submission
 from fairbus.ledger.state import RefusedError
 from fairbus.protocol.events import (
@@ -50,6 +50,7 @@ from fairbus.protocol.user import UserMachine
 from fairbus.roster import Role, Roster
 from fairbus.runtime.config import RuntimeConfig
 from fairbus.runtime.connection import BusConnection
+from fairbus.runtime.state import state_io
 from fairbus.runtime.user_state import UserState
 from fairbus.training.attacks import Attack
 from fairbus.training.config import round_seed, trainer_seed
@@ -89,7 +90,10 @@ class UserRuntime:
         self.me = user_id
         self.attack = attack or Attack()
         self.roster = Roster.load(config.roster)
-        self.roster.member(user_id, roles=[Role.USER])
+        try:
+            self.roster.member(user_id, roles=[Role.USER])
+        except EnvelopeError as exc:  # not in the roster, or not as a user
+            raise RosterError(f"{config.roster}: {exc}") from None
         self.identity = Identity.load(config.keys, user_id)
         self.task = self.roster.task
         self.state = UserState(config.state / f"user-{user_id}")
@@ -104,7 +108,8 @@ class UserRuntime:
             task=self.task,
             role="user",
             pid=user_id,
-            password=load_broker_password(config.keys, user_id),
+            password=require_broker_password(config.keys, user_id),
+            password_file=broker_password_path(config.keys, user_id),
             subscriptions=[],
             on_message=self._on_message,
         )
@@ -143,26 +148,28 @@ class UserRuntime:
     # --- the loop ------------------------------------------------------------------------------
 
     async def run(self) -> None:
-        """Until excluded (:class:`UserExcludedError`) or cancelled."""
+        """Until excluded (:class:`UserExcludedError`), cancelled, or refused by the broker
+        (:class:`~fairbus.runtime.connection.BrokerLoginError`)."""
         trainer = await asyncio.to_thread(self._build_trainer)
         self._trainer = trainer
-        connection = asyncio.create_task(self.bus.run())
         try:
-            await self.bus.connected.wait()
-            await self._resume_chain()
-            log.info("user %d: ready (%s, %d samples)", self.me, self.config.training.dataset,
-                     len(trainer.data))  # fmt: skip
-            while True:
-                event = await self._inbox.get()
-                if isinstance(event, Received) and event.kind in ROUND_STARTS:
-                    self._round_log = {"announced": time.perf_counter()}
-                    self._bytes_before = dict(self.bus.sent_bytes)
-                await self._carry_out(self.machine.handle(event))
+            await self.bus.serve(self._take_part(trainer))
         finally:
-            await self.bus.leave()
-            connection.cancel()
             for task in self._training:
                 task.cancel()
+
+    async def _take_part(self, trainer: Trainer) -> None:
+        """Once on the bus: resume the chain, then feed the machine what arrives."""
+        await self.bus.connected.wait()
+        await self._resume_chain()
+        log.info("user %d: ready (%s, %d samples)", self.me, self.config.training.dataset,
+                 len(trainer.data))  # fmt: skip
+        while True:
+            event = await self._inbox.get()
+            if isinstance(event, Received) and event.kind in ROUND_STARTS:
+                self._round_log = {"announced": time.perf_counter()}
+                self._bytes_before = dict(self.bus.sent_bytes)
+            await self._carry_out(self.machine.handle(event))
 
     async def _resume_chain(self) -> None:
         """Continue from the ledger's head for this user, which wins over the saved one
@@ -270,7 +277,9 @@ class UserRuntime:
         }
         stats = {"round": round_, "bytes": self.bus.sent_bytes, "round_bytes": this_round,
                  "timings": timings}  # fmt: skip
-        (self.state.directory / "stats.json").write_text(json.dumps(stats))
+        path = self.state.directory / "stats.json"
+        with state_io("write", path):
+            path.write_text(json.dumps(stats))
         if self.on_event is not None:
             self.on_event("stats", stats)
 

@@ -7,7 +7,9 @@
   data, fixed at the first start, so a restart trains on the same data even if the
   configuration's split would now come out differently.
 
-Files are written atomically (a temporary file, fsync, rename).
+Files are written atomically (a temporary file, fsync, rename). A folder or file that
+cannot be created, read or written is a :class:`~fairbus.runtime.state.StateError`
+naming it; damaged contents are a :class:`UserStateError`.
 """
 
 from __future__ import annotations
@@ -15,37 +17,25 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import os
 from pathlib import Path
 
 import numpy as np
 import numpy.typing as npt
 
 from fairbus.envelope import GENESIS
-from fairbus.errors import FairbusError
+from fairbus.runtime.state import StateError, prepare_state_folder, state_io, write_atomic
 
 MAX_PARTITION_BYTES = 64 * 1024 * 1024
 
 
-class UserStateError(FairbusError):
-    pass
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    try:
-        os.write(fd, data)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
+class UserStateError(StateError):
+    """A file in the user's state folder is damaged or belongs to another setup."""
 
 
 class UserState:
     def __init__(self, directory: Path) -> None:
-        self.directory = directory
-        directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+        """Create the folder (0700) if needed and check that it is writable."""
+        self.directory = prepare_state_folder(directory)
 
     # --- chain head ---------------------------------------------------------------------------
 
@@ -54,9 +44,10 @@ class UserState:
         return self.directory / "chain_head"
 
     def chain_head(self) -> bytes:
-        if not self._head_path.exists():
-            return GENESIS
-        text = self._head_path.read_bytes()[:256].decode("ascii", "replace").strip()
+        with state_io("read", self._head_path):
+            if not self._head_path.exists():
+                return GENESIS
+            text = self._head_path.read_bytes()[:256].decode("ascii", "replace").strip()
         try:
             head = bytes.fromhex(text)
         except ValueError:
@@ -66,7 +57,7 @@ class UserState:
         return head
 
     def save_chain_head(self, head: bytes) -> None:
-        _write_atomic(self._head_path, head.hex().encode("ascii") + b"\n")
+        write_atomic(self._head_path, head.hex().encode("ascii") + b"\n")
 
     # --- data partition -----------------------------------------------------------------------
 
@@ -74,15 +65,24 @@ class UserState:
         """The saved indices, or None before the first start. ``describe`` must match
         what they were saved with (data set, split): another data set is an error."""
         meta_path, data_path = self.directory / "partition.json", self.directory / "partition.npy"
-        if not data_path.exists():
-            return None
-        meta = json.loads(meta_path.read_text())
+        with state_io("read", data_path):
+            if not data_path.exists():
+                return None
+        with state_io("read", meta_path):
+            meta_text = meta_path.read_text(encoding="utf-8", errors="replace")
+        try:
+            meta = json.loads(meta_text)
+        except ValueError:
+            meta = None
+        if not isinstance(meta, dict):
+            raise UserStateError(f"{meta_path} is damaged (not a JSON object)")
         if meta.get("describe") != describe:
             raise UserStateError(
                 f"{self.directory} holds the partition of {meta.get('describe')}, "
                 f"not of {describe}; remove the folder to start this user afresh"
             )
-        raw = data_path.read_bytes()
+        with state_io("read", data_path):
+            raw = data_path.read_bytes()
         if len(raw) > MAX_PARTITION_BYTES or hashlib.sha256(raw).hexdigest() != meta.get("sha256"):
             raise UserStateError(f"{data_path} is damaged (its hash does not match)")
         indices: npt.NDArray[np.int64] = np.load(io.BytesIO(raw), allow_pickle=False)
@@ -94,6 +94,6 @@ class UserState:
         buffer = io.BytesIO()
         np.save(buffer, indices.astype(np.int64), allow_pickle=False)
         raw = buffer.getvalue()
-        _write_atomic(self.directory / "partition.npy", raw)
+        write_atomic(self.directory / "partition.npy", raw)
         meta = {"describe": describe, "sha256": hashlib.sha256(raw).hexdigest()}
-        _write_atomic(self.directory / "partition.json", json.dumps(meta).encode())
+        write_atomic(self.directory / "partition.json", json.dumps(meta).encode())

@@ -29,10 +29,10 @@ import numpy as np
 import numpy.typing as npt
 import torch
 
-from fairbus.errors import FairbusError
+from fairbus.errors import OperatorError
 
 
-class DatasetError(FairbusError):
+class DatasetError(OperatorError):
     """A data set is missing, malformed, or asked for in a way that cannot work."""
 
 

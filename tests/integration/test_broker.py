@@ -602,7 +602,7 @@ def test_cli_reports_a_bad_config(tmp_path: Path) -> None:
     bad = tmp_path / "broker.toml"
     bad.write_text('roster = "r.toml"\nport = "1883"\n')
     result = CliRunner().invoke(app, ["--config", str(bad)])
-    assert result.exit_code == 1
+    assert result.exit_code == 2  # an operator's mistake (fairbus_cli.errors)
     assert "'port' must be an integer" in " ".join(result.output.split())
 
 
