@@ -31,8 +31,8 @@ import aiomqtt
 
 from fairbus import envelope, topics
 from fairbus.envelope import GENESIS
-from fairbus.errors import FairbusError
-from fairbus.identity import Identity, load_broker_password
+from fairbus.errors import FairbusError, OperatorError
+from fairbus.identity import Identity, require_broker_password
 from fairbus.ledger.recorded import Recorded
 from fairbus.ledger.records import Block, Committed
 from fairbus.ledger.state import LedgerState, RefusalReason
@@ -46,7 +46,7 @@ from fairbus.wire.messages import (
     ReceiptEntry,
     Refusal,
 )
-from fairbus_broker.mqtt import mqtt_client
+from fairbus_broker.mqtt import login_refused, mqtt_client, refusal_reason
 from fairbus_ledger_service.blobs import BlobError, BlobStore
 from fairbus_ledger_service.config import LedgerConfig
 from fairbus_ledger_service.election import EtcdElection, lead_when_elected
@@ -116,6 +116,14 @@ class LedgerService:
                 else:
                     await self._become_writer(None)
                 await self._serve(tasks)
+        except BaseExceptionGroup as group:
+            # An operator's mistake (a refused broker login) is one line, not a group.
+            mistakes = group.subgroup(OperatorError)
+            while isinstance(mistakes, BaseExceptionGroup):
+                mistakes = mistakes.exceptions[0]  # type: ignore[assignment]
+            if mistakes is not None:
+                raise mistakes from None
+            raise
         finally:
             node.close()
 
@@ -124,10 +132,8 @@ class LedgerService:
         subscriptions renewed; submitters retry what went unanswered meanwhile."""
         host, port = self.config.broker
         login = topics.username("ledger", self.node_id)
-        password = load_broker_password(self.config.keys, self.node_id)
-        client = mqtt_client(
-            host, port, login, username=login if password else None, password=password
-        )
+        password = require_broker_password(self.config.keys, self.node_id)
+        client = mqtt_client(host, port, login, username=login, password=password)
         delay = RECONNECT_DELAY[0]
         while True:
             try:
@@ -150,6 +156,12 @@ class LedgerService:
                             tasks.create_task(self._on_message(topic, data))
             except aiomqtt.MqttError as exc:
                 self.mqtt = None
+                if login_refused(exc):
+                    raise OperatorError(
+                        f"the broker at {host}:{port} refused login {login!r} "
+                        f"({refusal_reason(exc)}): check "
+                        f"{self.config.keys / f'{self.node_id}.mqtt.key'}"
+                    ) from None
                 log.warning("ledger node %d: bus lost (%s); again in %.1f s", self.node_id,
                             exc, delay)  # fmt: skip
                 await asyncio.sleep(delay)
