@@ -32,7 +32,7 @@ import aiomqtt
 from fairbus import envelope, topics
 from fairbus.envelope import GENESIS
 from fairbus.errors import FairbusError, OperatorError
-from fairbus.identity import Identity, require_broker_password
+from fairbus.identity import Identity, load_broker_password
 from fairbus.ledger.recorded import Recorded
 from fairbus.ledger.records import Block, Committed
 from fairbus.ledger.state import LedgerState, RefusalReason
@@ -132,8 +132,13 @@ class LedgerService:
         subscriptions renewed; submitters retry what went unanswered meanwhile."""
         host, port = self.config.broker
         login = topics.username("ledger", self.node_id)
-        password = require_broker_password(self.config.keys, self.node_id)
-        client = mqtt_client(host, port, login, username=login, password=password)
+        password = load_broker_password(self.config.keys, self.node_id)
+        if password is None:
+            log.warning("ledger node %d: no %s: logging in to the broker anonymously",
+                        self.node_id, self.config.keys / f"{self.node_id}.mqtt.key")  # fmt: skip
+        client = mqtt_client(
+            host, port, login, username=login if password else None, password=password
+        )
         delay = RECONNECT_DELAY[0]
         while True:
             try:
