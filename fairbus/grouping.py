@@ -345,8 +345,7 @@ def make_grouping(
     for count in (most, most - 1) if keys and most > 1 else (most,):
         # One group fewer in the first basic grouping frees rank for focus groups: at 6
         # users two groups of three leave room for none (a focus group of three shares
-        # two members with one of them), one group of six for one; at 9 users with four
-        # key users, groups of 4 and 5 leave room for about four, three of 3 for three.
+        # two members with one of them), one group of six for one.
         for _ in range(candidates):
             build = _Builder(active, c, prior_groups, rng)
             build.first = partition_sizes(len(active), build.size, count)
@@ -354,11 +353,15 @@ def make_grouping(
                 continue
             achieved, basics = policy.fill(build, tries)
             served = tuple(achieved[k] for k in policy.keys)
-            # The most focus groups, then as many basic groups as fit, then the most
-            # suspected key users served first.
-            rank = (sum(served), count, *served, len(build.groups))
+            # Focus groups for someone first, then as many basic groups as fit, then
+            # the most focus groups, most suspected key users first. (Ranking the most
+            # focus groups first, so a coarser basic grouping whenever it frees room,
+            # caught more attackers at 2+2 but excluded an honest user at 0+0: README.)
+            rank = (min(sum(served), 1), count, sum(served), *served, len(build.groups))
             if best is None or rank > best[0]:
                 best = (rank, build, achieved, basics)
+        if best is not None and best[0][0] == 1:
+            break
     if best is None:
         raise GroupingError(
             f"no grouping of users {active} keeps every model hidden under collusion bound "
