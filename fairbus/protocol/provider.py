@@ -387,6 +387,9 @@ class ProviderMachine:
                 Refused("StaleUpload", f"upload from {user} for ({header.round}, {header.attempt})")
             ]
         assert self.grouping is not None
+        if msg.group in self._announced and msg.group not in self._uploads:
+            # announced, but the round finishes on the complete groups without it
+            return [Refused("StaleUpload", f"upload from {user} to group {msg.group}, left out")]
         group = self.grouping.group(msg.group)
         if user not in group.members:
             raise GroupingError(f"user {user} uploaded to group {group.gid}, which it is not in")

@@ -189,11 +189,8 @@ def test_dropouts_regroup_and_rejoin(tmp_path: Path) -> None:
         _wait(lambda: any(r["round"] == full for r in task.rounds_done()), ROUND_TIMEOUT,
               f"round {full}")  # fmt: skip
         record = next(r for r in task.rounds_done() if r["round"] == full)
-        # user 3 was grouped again: it uploaded in this round (its groups may be among
-        # those a finish on the complete groups leaves out)
-        stats3 = json.loads((tmp_path / "state" / "user-3" / "stats.json").read_text())
-        assert stats3["round"] >= full, stats3
         # regrouped (attempt + 1), or finished on the groups complete before the dropout
+        # (then user 3's groups may be among those left out: it is checked below)
         assert victim in record["dropped"]  # type: ignore[operator]
         task.start_user(victim)
         task.kill(9)  # never comes back
@@ -203,6 +200,7 @@ def test_dropouts_regroup_and_rejoin(tmp_path: Path) -> None:
         _check_rounds(records, len(records))
         last = {m for g in records[-1]["groups"] for m in g["members"]}  # type: ignore[attr-defined]
         assert victim in last and 9 not in last
+        assert 3 in last  # the user restarted first is grouped again
         _audit(task)
 
 
