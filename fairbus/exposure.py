@@ -62,6 +62,7 @@ of groups is confirmed by :func:`exposing_sets`.
 
 from __future__ import annotations
 
+import hashlib
 import math
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -497,8 +498,20 @@ class ExposureScreen:
         return exposing_sets(self.groups, self.users, self.c)
 
 
-_PROJECTION = np.random.default_rng(20261129).integers(1, 2**16, size=(2, 4096), dtype=np.int64)
-"""Fixed (public, reproducible) random weights for :func:`_safe_mod_p`'s c ≤ 1 path."""
+def _fixed_weights(rows: int, columns: int) -> _Matrix:
+    """Public, reproducible pseudo-random weights in [1, 2**16): SHA-256 of a counter
+    (nothing secret depends on them, and every machine gets the same ones)."""
+    size = 2 * rows * columns
+    stream = b"".join(
+        hashlib.sha256(b"fairbus exposure projection %d" % k).digest()
+        for k in range(-(-size // 32))
+    )
+    words = np.frombuffer(stream[:size], dtype="<u2").astype(np.int64)
+    return (words | 1).reshape(rows, columns)
+
+
+_PROJECTION = _fixed_weights(2, 4096)
+"""Fixed weights for :func:`_safe_mod_p`'s c ≤ 1 path."""
 
 
 def _safe_mod_p(basis: _Matrix, prime: int, c: int) -> bool:

@@ -49,7 +49,6 @@ runner = CliRunner()
 USER = 3
 DEV_FULL = Path("/dev/full")
 as_root = os.geteuid() == 0
-needs_dev_full = pytest.mark.skipif(not DEV_FULL.exists(), reason="no /dev/full here")
 
 
 @dataclass(frozen=True)
@@ -248,7 +247,6 @@ def test_a_read_only_state_folder_is_one_line(
     assert str(task.state) in line and "Permission denied" in line
 
 
-@needs_dev_full
 @pytest.mark.parametrize(("command", "folder"), [(provider, "provider"), (user, f"user-{USER}")])
 def test_a_full_state_folder_is_one_line(task: Task, command: Command, folder: str) -> None:
     """The start-up write test meets a full device (its file leads to /dev/full, which
@@ -260,7 +258,6 @@ def test_a_full_state_folder_is_one_line(task: Task, command: Command, folder: s
     assert f"cannot write in the state folder {directory}: No space left on device" in line
 
 
-@needs_dev_full
 def test_state_writes_on_a_full_disk_are_state_errors(tmp_path: Path) -> None:
     state = UserState(tmp_path / "user-3")
     (state.directory / "chain_head.tmp").symlink_to(DEV_FULL)
