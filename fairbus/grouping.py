@@ -167,7 +167,12 @@ class _Builder:
     (with the prior ones) still expose no one under c (:class:`ExposureScreen`)."""
 
     def __init__(
-        self, users: list[int], c: int, prior: Sequence[Sequence[int]], rng: np.random.Generator
+        self,
+        users: list[int],
+        c: int,
+        prior: Sequence[Sequence[int]],
+        rng: np.random.Generator,
+        first: list[int],
     ) -> None:
         universe = sorted({*users, *(u for g in prior for u in g)})
         self.screen = ExposureScreen(universe, c, prior)
@@ -176,7 +181,7 @@ class _Builder:
         self.rng = rng
         self.groups: list[Group] = []
         self.taken: set[tuple[int, ...]] = set()
-        self.first: list[int] = partition_sizes(len(users), self.size)
+        self.first = first
         """The group sizes of the first basic grouping."""
         self.mates: dict[int, set[int]] = {u: set() for u in universe}
         """Who already shares a group with whom (prior groups included)."""
@@ -329,7 +334,6 @@ def make_grouping(
     keys = sorted(set(key_users) & set(active))
     if basic_groupings < 1 or key_repeats < 0 or references < 0:
         raise GroupingError("need basic_groupings >= 1, key_repeats >= 0 and references >= 0")
-    partition_sizes(len(active), group_size(c))
     rng = np.random.default_rng(seed)  # grouping is public: no CSPRNG needed
     first = [k for k in dict.fromkeys(key_order) if k in set(keys)]
     rest = [k for k in keys if k not in set(first)]
@@ -347,8 +351,8 @@ def make_grouping(
         # users two groups of three leave room for none (a focus group of three shares
         # two members with one of them), one group of six for one.
         for _ in range(candidates):
-            build = _Builder(active, c, prior_groups, rng)
-            build.first = partition_sizes(len(active), build.size, count)
+            sizes = partition_sizes(len(active), group_size(c), count)
+            build = _Builder(active, c, prior_groups, rng, sizes)
             if not build.partition(tries):
                 continue
             achieved, basics = policy.fill(build, tries)
