@@ -23,6 +23,8 @@ and at the last answer (or the deadline) the policy averages them.
 
 from __future__ import annotations
 
+import itertools
+from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
 from enum import Enum
@@ -50,7 +52,7 @@ from fairbus.envelope import GENESIS, ChainTracker
 from fairbus.errors import FairbusError, GroupingError
 from fairbus.exposure import DEFAULT_COLLUSION
 from fairbus.field import FieldVector, FixedPointCodec
-from fairbus.grouping import BASIC, Grouping, make_grouping
+from fairbus.grouping import BASIC, Grouping, group_size, make_grouping
 from fairbus.identity import Identity
 from fairbus.ledger.recorded import open_recorded
 from fairbus.masking import GroupAggregate
@@ -92,6 +94,10 @@ from fairbus.wire.messages import (
     Message,
     UserScore,
 )
+
+SIT_OUT_TRIES = 24
+"""Groupings tried with some users sitting a round out, when no grouping of them all is
+safe (:meth:`ProviderMachine._grouping_with_some_sitting_out`)."""
 
 
 @dataclass(frozen=True)
@@ -255,7 +261,10 @@ class ProviderMachine:
             try:
                 self.grouping = self._make_grouping(participants)
             except GroupingError as exc:
-                return [RoundFailed(self.round, str(exc))]
+                try:
+                    self.grouping = self._grouping_with_some_sitting_out(participants, exc)
+                except GroupingError:
+                    return [RoundFailed(self.round, str(exc))]
             self._regroup = False
         out: list[Output] = []
         if self.prev == GENESIS:  # the task starts: its parameters are its first record
@@ -284,6 +293,28 @@ class ProviderMachine:
             references=self.config.reference_groups,
             key_order=sorted(self.key_users, key=lambda u: (self._record.trust(u), u)),
         )
+
+    def _grouping_with_some_sitting_out(self, users: list[int], error: GroupingError) -> Grouping:
+        """A grouping of all but a few of ``users`` when the sums already known
+        (``prior_groups``) leave no safe grouping of them all: a partition of the users
+        reveals their total, and with known groups covering all but two of them it would
+        give the sum of those two. The users in fewest known groups sit the round out
+        first; at most :data:`SIT_OUT_TRIES` groupings are tried. Not in the paper, which
+        has no exposure check across attempts; without it a round from a repeated global
+        model could never be grouped again (issue 12, item 5)."""
+        covered = Counter(u for g in self._prior_groups for u in g)
+        order = sorted(users, key=lambda u: (covered[u], u))
+        tries = 0
+        for k in range(1, len(users) - group_size(self.config.collusion) + 1):
+            for out in itertools.combinations(order, k):
+                if tries == SIT_OUT_TRIES:
+                    raise error
+                tries += 1
+                try:
+                    return self._make_grouping([u for u in users if u not in out])
+                except GroupingError:
+                    continue
+        raise error
 
     def _announce(self) -> list[Output]:
         assert self.grouping is not None
@@ -517,6 +548,12 @@ class ProviderMachine:
             self.grouping = self._make_grouping(survivors)
             return self._announce()
         except GroupingError as exc:
+            if not usable:
+                try:
+                    self.grouping = self._grouping_with_some_sitting_out(survivors, exc)
+                    return self._announce()
+                except GroupingError:
+                    pass
             self.attempt -= 1
             self._prior_groups = earlier
             if not usable:

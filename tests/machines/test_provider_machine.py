@@ -574,3 +574,33 @@ def _announcement(driver: Driver, commit: Commit) -> Announce:
     message = envelope.verify(commit.envelope, driver.task.roster).message
     assert isinstance(message, Announce)
     return message
+
+
+def test_when_no_grouping_of_all_survivors_is_safe_some_sit_the_attempt_out() -> None:
+    """A dropout after one upload in each of two basic groups (and none complete): their
+    sums may be known (each member counts the groups it uploaded to), so a partition of
+    all eight survivors would give the sum of the two users left in the dropout's basic
+    group. Rather than fail the round — whose global model a later round would repeat,
+    with the same known groups, for ever — the next attempt leaves the fewest users out
+    that makes a safe grouping, and the round completes."""
+    driver = Driver(make_task(9), hold=lambda target, event: isinstance(event, Trained))
+    driver.handle(PROVIDER, StartRound(0.0))
+    driver.pump()
+    first = _announce_of(driver, attempt=0)
+    g1, g2, g3 = [g.members for g in first.groups if g.kind == "basic"][:3]
+    driver.release(lambda target, event: target in (g1[0], g2[0]))
+    victim = g3[0]
+    driver.online.discard(victim)
+    driver.handle(PROVIDER, Dropped(victim))
+    driver.pump()
+    second = _announce_of(driver, attempt=1)
+    assert {g1, g2} <= set(second.prior_groups)
+    grouped = {m for g in second.groups for m in g.members}
+    survivors = set(range(1, 10)) - {victim}
+    assert grouped < survivors  # someone sits out
+    groups = [*second.prior_groups, *(g.members for g in second.groups)]
+    assert exposing_sets(groups, range(1, 10), c=1) == []
+    driver.release()
+    done = driver.round_done()
+    assert done.attempts == 2 and {m for g in done.groups for m in g.members} == grouped
+    assert driver.refusals() == []
