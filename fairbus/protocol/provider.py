@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import itertools
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from enum import Enum
 
@@ -55,6 +55,7 @@ from fairbus.field import FieldVector, FixedPointCodec
 from fairbus.grouping import BASIC, Grouping, group_size, make_grouping
 from fairbus.identity import Identity
 from fairbus.ledger.recorded import open_recorded
+from fairbus.ledger.state import RoundRecord, grouping_of
 from fairbus.masking import GroupAggregate
 from fairbus.protocol.events import (
     USERS,
@@ -78,6 +79,7 @@ from fairbus.protocol.events import (
     Tick,
     Trained,
 )
+from fairbus.protocol.recovery import RecoveryError, Replayed, global_model, group_aggregates
 from fairbus.protocol.user import model_digest
 from fairbus.roster import Role, Roster
 from fairbus.task import DEFAULT_DETECTION, PHASE_TIMEOUT, TaskParams
@@ -171,6 +173,13 @@ class TrustRecord:
         return [u for k, u in enumerate(ranked) if self.trust(u) >= bar or k < at_least]
 
 
+class _Interrupted(Enum):
+    """How :meth:`ProviderMachine.restore` found the last round."""
+
+    CLOSE = "close"  # announced, not evaluated: close the attempt and regroup
+    DECIDE = "decide"  # evaluated, not decided: decide from the recorded evaluation
+
+
 class ProviderPhase(Enum):
     IDLE = "idle"  # between rounds
     COLLECTING = "collecting"  # announced; waiting for every group's uploads
@@ -224,6 +233,11 @@ class ProviderMachine:
         self._history: tuple[RoundContributions, ...] = ()
         self._trusted: list[int] = []
         self._record = TrustRecord()
+        self._interrupted: _Interrupted | None = None
+        self._resuming = False  # the attempt being closed is one a restart interrupted
+        self._contributions: dict[int, float] = {}
+        """Set by :meth:`restore` for a round the ledger shows under way: the next
+        :class:`StartRound` goes on with it instead of starting a new one."""
         self._plain_waiting: set[int] = set()  # PlainFedAvg: whose model the round awaits
         self._plain_models: dict[int, npt.NDArray[np.float32]] = {}
 
@@ -243,11 +257,133 @@ class ProviderMachine:
 
     # --- rounds ----------------------------------------------------------------------------
 
+    @property
+    def next_round(self) -> int:
+        """The round the next :class:`StartRound` plays (an interrupted one goes on)."""
+        return self.round if self._interrupted is not None else self.round + 1
+
+    @classmethod
+    def restore(
+        cls,
+        identity: Identity,
+        roster: Roster,
+        initial_params: npt.NDArray[np.float32],
+        config: ProviderConfig,
+        replayed: Replayed,
+        blobs: Mapping[bytes, bytes],
+        *,
+        online: Iterable[int] | None = None,
+        limits: WireLimits = DEFAULT_LIMITS,
+    ) -> ProviderMachine:
+        """A provider rebuilt from what the ledger holds (issue 14, item 1; not in the
+        paper): chain heads, excluded and key users, Alg. 6's evidence and history (each
+        decided round's detection run again, in order, and checked against the ledger's),
+        the groups each global model revealed, and the global model (the last round's,
+        advanced by its aggregate if it was decided). A round the ledger shows under way
+        goes on at the next :class:`StartRound`: decided from its recorded evaluation if
+        there is one, otherwise closed (a dropout naming nobody) and regrouped with fresh
+        keys. Raises :class:`~fairbus.protocol.recovery.RecoveryError`."""
+        draft = replayed.draft
+        if draft.task != config.task:
+            raise RecoveryError(
+                f"the ledger's task parameters {draft.task} are not this provider's "
+                f"{config.task}: resume with the configuration the task started with"
+            )
+        pid = identity.participant_id
+        last = replayed.last_round
+        params = initial_params if last == 0 else global_model(replayed, last, pid, blobs, limits)
+        machine = cls(identity, roster, params, config, online=online, limits=limits)
+        machine.prev = draft.head(pid)
+        machine._chains = ChainTracker({u: draft.head(u) for u in machine._users})
+        machine.round = last
+        for number in range(1, last + 1):
+            record = replayed.round(number)
+            if record is not None:
+                machine._replay_round(replayed, number, record, blobs)
+        if draft.excluded != frozenset(machine.excluded) or draft.key_users != machine.key_users:
+            raise RecoveryError("Alg. 6 run again does not give the ledger's decisions")
+        return machine
+
+    def _replay_round(
+        self, replayed: Replayed, number: int, record: RoundRecord, blobs: Mapping[bytes, bytes]
+    ) -> None:
+        """One recorded round folded in, as :meth:`_decide` did (or goes on) with it."""
+        last = number == self.round
+        known = self._known_by_model.setdefault(record.announce.model_sha256, set())
+        known |= record.known_groups()
+        evaluation = record.evaluation
+        if evaluation is None:
+            if last:
+                self.attempt = record.attempt
+                self.grouping = grouping_of(record.announce)
+                self._announced = {g.gid: g.members for g in self.grouping.groups}
+                self._prior_groups = [tuple(g) for g in record.announce.prior_groups]
+                self._interrupted = _Interrupted.CLOSE
+            return  # a failed round: only its known groups count
+        gids = [e.gid for e in evaluation.accuracies]
+        self._accuracy = {e.gid: e.accuracy for e in evaluation.accuracies}
+        contributions = {e.gid: e.contribution or 0.0 for e in evaluation.accuracies}
+        self.grouping = grouping_of(record.announce, set(gids))
+        self._announced = {g.gid: g.members for g in record.announce.groups}
+        self._prior_groups = [tuple(g) for g in record.announce.prior_groups]
+        self.attempt = record.attempt
+        if not last:  # only the detection state: no model moves before the last round
+            self._decrypted = {}
+            self._redetect(contributions)
+            return
+        self._decrypted = group_aggregates(replayed, number, gids, blobs, self.codec, self.limits)
+        self._contributions = contributions
+        self._interrupted = _Interrupted.DECIDE
+        if record.decided or not self.config.defended:  # the same decision, in memory
+            self._interrupted = None
+            self._decide(contributions, record=False)
+
+    def _redetect(self, contributions: dict[int, float]) -> None:
+        """Alg. 6 for an earlier decided round: the evidence, history, trust and the
+        excluded and key users it left."""
+        assert self.grouping is not None
+        if not self.config.defended:
+            return
+        result = detect(
+            self.grouping,
+            self._accuracy,
+            self.config.detection,
+            contributions,
+            self._evidence,
+            self._history,
+        )
+        self._evidence, self._history = dict(result.evidence), result.history
+        self._record.add(self.grouping, result)
+        self.excluded |= result.violators
+        self._trusted = self._record.most_trusted(
+            sorted(set(self.grouping.users) - result.violators - self.excluded)
+        )
+        self.key_users = result.new_key_users
+
+    def _go_on(self) -> list[Output]:
+        """The interrupted round :meth:`restore` found, carried on."""
+        assert self.grouping is not None
+        how, self._interrupted = self._interrupted, None
+        self._dropped_this_round = set()
+        if how is _Interrupted.DECIDE:
+            return self._decide(self._contributions)
+        # Close the attempt (nobody dropped; its keys died with the provider) and
+        # regroup whoever is online, with fresh keys, once the ledger says which of its
+        # uploads it recorded.
+        voided = tuple(sorted(self._announced))
+        self._voided = set(voided)
+        self._uploads = {}
+        self._resuming = True
+        self.phase = ProviderPhase.REGROUPING
+        return [self._signed(Dropout((), voided)), CloseAttempt(self.round, self.attempt)]
+
     def _start_round(self, now: float) -> list[Output]:
         """Alg. 1, lines 4-10: regroup if needed, then announce round r + 1."""
         if self.phase is not ProviderPhase.IDLE:
             return [Refused("RoundInProgress", f"round {self.round} is still {self.phase.value}")]
         self._now = max(self._now, now)
+        if self._interrupted is not None:
+            return self._go_on()
         self.round += 1
         self.attempt = 0
         self._dropped_this_round = set()
@@ -264,7 +400,8 @@ class ProviderMachine:
                 try:
                     self.grouping = self._grouping_with_some_sitting_out(participants, exc)
                 except GroupingError:
-                    return [RoundFailed(self.round, str(exc))]
+                    self.round -= 1  # nothing recorded: the number is not used up
+                    return [RoundFailed(self.round + 1, str(exc))]
             self._regroup = False
         out: list[Output] = []
         if self.prev == GENESIS:  # the task starts: its parameters are its first record
@@ -525,6 +662,9 @@ class ProviderMachine:
         usable = [
             g for g in known if all((g.gid, m) in received or m not in dropped for m in g.members)
         ]
+        resuming, self._resuming = self._resuming, False
+        if resuming:  # the uploads died with the provider that received them
+            usable = []
         self.phase = ProviderPhase.COLLECTING
         if len(usable) == len(grouping.groups):
             return self._maybe_evaluating()
@@ -542,7 +682,9 @@ class ProviderMachine:
             or (gid not in self._voided and gid in started)
         ]
         self._prior_groups = list(dict.fromkeys([*earlier, *counted]))
-        survivors = sorted(set(grouping.users) - self._dropped_this_round)
+        survivors = sorted(
+            (self.online - self.excluded) if resuming else set(grouping.users) - dropped
+        )
         self.attempt += 1
         try:
             self.grouping = self._make_grouping(survivors)
@@ -629,14 +771,14 @@ class ProviderMachine:
     # --- detection, exclusion, aggregation ---------------------------------------------------
 
     def _finish(self) -> list[Output]:
+        """Alg. 5 done for every group: record the evaluation, then decide."""
         assert self.grouping is not None
-        grouping = self.grouping
         contributions = group_contributions(
             {
                 gid: r.mean.astype(np.float64) - self.global_params
                 for gid, r in self._decrypted.items()
             },
-            (g.gid for g in grouping.basic),
+            (g.gid for g in self.grouping.basic),
         )
         evaluation = Evaluation(
             tuple(
@@ -644,7 +786,14 @@ class ProviderMachine:
                 for gid, acc in sorted(self._accuracy.items())
             )
         )
-        out: list[Output] = [self._signed(evaluation)]
+        return [self._signed(evaluation), *self._decide(contributions)]
+
+    def _decide(self, contributions: dict[int, float], *, record: bool = True) -> list[Output]:
+        """Alg. 6 on the recorded evaluation, the decision (unless ``record`` is False:
+        :meth:`restore` re-deriving one the ledger holds), and the new global model."""
+        assert self.grouping is not None
+        grouping = self.grouping
+        out: list[Output] = []
         tau: float | None = None
         assessments: dict[int, object] = {}
         violators: frozenset[int] = frozenset()
@@ -663,7 +812,7 @@ class ProviderMachine:
             self._evidence = dict(result.evidence)
             self._history = result.history
             scored = dict(result.group_scores)
-            forward = -1.0 if result.level is not None and result.level < 0 else 1.0
+            forward = _forward(result)
             tau, violators, new_keys = result.tau, result.violators, result.new_key_users
             self._record.add(grouping, result)
             self._trusted = self._record.most_trusted(
@@ -674,22 +823,10 @@ class ProviderMachine:
                 UserScore(a.user, a.score, a.conf_lo, a.conf_up)
                 for a in result.assessments.values()
             )
-            out.append(
-                self._signed(
-                    Decision(tau, scores, tuple(sorted(new_keys)), tuple(sorted(violators)))
-                )
-            )
-        models = [
-            GroupModel(
-                g.gid,
-                g.kind,
-                g.members,
-                self._decrypted[g.gid].mean,
-                scored.get(g.gid, 1.0) > 0,
-                forward * contributions[g.gid],
-            )
-            for g in grouping.groups
-        ]
+            if record:
+                decision = Decision(tau, scores, tuple(sorted(new_keys)), tuple(sorted(violators)))
+                out.append(self._signed(decision))
+        models = _group_models(grouping, self._decrypted, scored, forward, contributions)
         self._remember_known([*self._prior_groups, *self._announced.values()])
         self.global_params = self.config.strategy.aggregate(self.global_params, models, violators)
         self.excluded |= violators  # lines 26-29
@@ -725,3 +862,29 @@ class ProviderMachine:
             )
         )
         return out
+
+
+def _forward(result: DetectionResult) -> float:
+    """Which way a contribution counts: against the yardstick's sign (Alg. 6)."""
+    return -1.0 if result.level is not None and result.level < 0 else 1.0
+
+
+def _group_models(
+    grouping: Grouping,
+    decrypted: dict[int, GroupAggregate],
+    scored: dict[int, float],
+    forward: float,
+    contributions: dict[int, float],
+) -> list[GroupModel]:
+    """The decrypted groups as the aggregation policy takes them."""
+    return [
+        GroupModel(
+            g.gid,
+            g.kind,
+            g.members,
+            decrypted[g.gid].mean,
+            scored.get(g.gid, 1.0) > 0,
+            forward * contributions[g.gid],
+        )
+        for g in grouping.groups
+    ]

@@ -1,0 +1,187 @@
+"""What a restarted provider reads back from the ledger (issue 14, item 1).
+
+Not in the paper. The ledger holds every transaction of the task; the provider's state
+between rounds is a function of them: the round and attempt (the last announcement),
+the excluded users, the key users and Alg. 6's evidence (the decisions, which the
+ledger re-derives), each user's chain head, the groups each global model's rounds
+revealed, and the global model itself (the last round's recorded :class:`GlobalModel`,
+advanced by the last decided round's aggregate). The group models of a round are the
+sums of its recorded masked uploads (the masks cancel within a group), so no key is
+needed to re-derive them; their blobs are checked against the hashes the ledger holds.
+
+The driver does the I/O: it reads the task start and every round's transactions
+(:class:`LedgerHistory`), asks :func:`blobs_needed` which payloads to fetch, and
+hands them to :meth:`fairbus.protocol.provider.ProviderMachine.restore`. This module
+only replays and decodes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import numpy.typing as npt
+
+from fairbus import masking
+from fairbus.errors import FairbusError
+from fairbus.field import FixedPointCodec
+from fairbus.ledger.records import Transaction
+from fairbus.ledger.state import Draft, LedgerState, RefusedError, RoundRecord
+from fairbus.roster import Roster
+from fairbus.wire.limits import DEFAULT_LIMITS, WireLimits
+from fairbus.wire.messages import GlobalModel, MaskedUpload, decode_body
+
+
+class RecoveryError(FairbusError):
+    """The ledger's record cannot be resumed from (it fails its own rules, a blob is
+    missing or altered, or the task is not this provider's)."""
+
+
+@dataclass(frozen=True)
+class LedgerHistory:
+    """The task as the ledger holds it: the task start, then each round's transactions
+    in ledger order (rounds 1, 2, ... with no gaps)."""
+
+    task_start: Transaction
+    rounds: tuple[tuple[Transaction, ...], ...]
+
+    @classmethod
+    def of(cls, txs: Iterable[Transaction]) -> LedgerHistory:
+        """From the task's transactions in ledger order (others' roster changes and
+        attestations are not the provider's state and are left out)."""
+        start: Transaction | None = None
+        rounds: dict[int, list[Transaction]] = {}
+        for tx in txs:
+            header = tx.envelope.header
+            if header.type == "task_start" and start is None:
+                start = tx
+            elif header.round is not None:
+                rounds.setdefault(header.round, []).append(tx)
+        if start is None:
+            raise RecoveryError("the ledger holds no task start")
+        if sorted(rounds) != list(range(1, len(rounds) + 1)):
+            raise RecoveryError(f"the ledger's rounds {sorted(rounds)} have gaps")
+        return cls(start, tuple(tuple(rounds[r]) for r in sorted(rounds)))
+
+
+@dataclass(frozen=True)
+class Replayed:
+    """The ledger's rules applied to a :class:`LedgerHistory` from genesis."""
+
+    draft: Draft
+    history: LedgerHistory
+
+    def round(self, number: int) -> RoundRecord | None:
+        return self.draft.round(number)
+
+    @property
+    def last_round(self) -> int:
+        """The last round with an announcement (0 before any)."""
+        announced = [r for r in range(1, len(self.history.rounds) + 1) if self.round(r)]
+        return max(announced, default=0)
+
+    def global_model_tx(self, number: int, provider: int) -> Transaction:
+        """Round ``number``'s recorded global model (the last one, should there be two)."""
+        txs = [
+            tx
+            for tx in self.history.rounds[number - 1]
+            if tx.envelope.header.type == "global_model" and tx.envelope.header.sender == provider
+        ]
+        if not txs:
+            raise RecoveryError(f"round {number} has no recorded global model")
+        return txs[-1]
+
+    def upload_txs(self, number: int, record: RoundRecord) -> dict[tuple[int, int], Transaction]:
+        """(group, sender) → the upload recorded for round ``number``'s latest attempt."""
+        out: dict[tuple[int, int], Transaction] = {}
+        for tx in self.history.rounds[number - 1]:
+            header = tx.envelope.header
+            if header.type == "upload" and header.attempt == record.attempt:
+                assert header.group is not None  # the ledger refuses an upload without one
+                out[header.group, header.sender] = tx
+        return out
+
+
+def replay(roster: Roster, history: LedgerHistory, limits: WireLimits = DEFAULT_LIMITS) -> Replayed:
+    """Apply the ledger's rules (:class:`~fairbus.ledger.state.Draft`) to ``history``;
+    :class:`RecoveryError` if any transaction breaks them."""
+    draft = LedgerState(roster, limits=limits).draft()
+    txs = [history.task_start, *(tx for round_txs in history.rounds for tx in round_txs)]
+    for k, tx in enumerate(txs):
+        try:
+            draft.admit(tx)
+        except RefusedError as exc:
+            raise RecoveryError(f"the ledger's transaction {k} fails its rules: {exc}") from None
+    return Replayed(draft, history)
+
+
+def blobs_needed(replayed: Replayed, provider: int) -> list[bytes]:
+    """The payload hashes a restore needs: the last round's global model and, if that
+    round was evaluated, the uploads of its evaluated groups."""
+    last = replayed.last_round
+    if last == 0:
+        return []
+    record = replayed.round(last)
+    assert record is not None
+    needed = [replayed.global_model_tx(last, provider).envelope.header.payload_sha256]
+    if record.evaluation is not None:
+        uploads = replayed.upload_txs(last, record)
+        evaluated = {e.gid for e in record.evaluation.accuracies}
+        needed += [
+            tx.envelope.header.payload_sha256 for (g, _), tx in uploads.items() if g in evaluated
+        ]
+    return needed
+
+
+def _blob(blobs: Mapping[bytes, bytes], tx: Transaction) -> bytes:
+    digest = tx.envelope.header.payload_sha256
+    data = blobs.get(digest)
+    if data is None or hashlib.sha256(data).digest() != digest:
+        raise RecoveryError(f"blob {digest.hex()[:16]} is missing or does not match its hash")
+    return data
+
+
+def global_model(
+    replayed: Replayed,
+    number: int,
+    provider: int,
+    blobs: Mapping[bytes, bytes],
+    limits: WireLimits = DEFAULT_LIMITS,
+) -> npt.NDArray[np.float32]:
+    """Round ``number``'s global model from its blob, checked against the announced hash."""
+    tx = replayed.global_model_tx(number, provider)
+    message = decode_body("global_model", _blob(blobs, tx), limits)
+    assert isinstance(message, GlobalModel)
+    if len(message.data) != 4 * message.length:
+        raise RecoveryError(f"round {number}'s global model blob is malformed")
+    return np.frombuffer(message.data, dtype="<f4").astype(np.float32)
+
+
+def group_aggregates(
+    replayed: Replayed,
+    number: int,
+    gids: Sequence[int],
+    blobs: Mapping[bytes, bytes],
+    codec: FixedPointCodec,
+    limits: WireLimits = DEFAULT_LIMITS,
+) -> dict[int, masking.GroupAggregate]:
+    """Alg. 5, line 1, from the recorded uploads of round ``number``'s latest attempt:
+    each group's sum of masked uploads, decoded."""
+    record = replayed.round(number)
+    assert record is not None
+    uploads = replayed.upload_txs(number, record)
+    specs = {g.gid: g for g in record.announce.groups}
+    out: dict[int, masking.GroupAggregate] = {}
+    for gid in gids:
+        vectors = []
+        for member in specs[gid].members:
+            tx = uploads.get((gid, member))
+            if tx is None:
+                raise RecoveryError(f"round {number}: no recorded upload of {member} to {gid}")
+            message = decode_body("upload", _blob(blobs, tx), limits)
+            assert isinstance(message, MaskedUpload)
+            vectors.append(message.vector())
+        out[gid] = masking.aggregate_decrypt(vectors, codec)
+    return out

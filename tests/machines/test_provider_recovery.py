@@ -1,0 +1,154 @@
+"""A provider rebuilt from the ledger (issue 14, item 1): the real machines and the
+ledger's own rules over an in-memory network, the provider replaced mid-task by one
+:meth:`ProviderMachine.restore` builds from the recorded transactions and blobs."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from fairbus import envelope
+from fairbus.envelope import GENESIS
+from fairbus.ledger.records import Transaction
+from fairbus.protocol.events import (
+    PROVIDER,
+    CloseAttempt,
+    Commit,
+    Evaluate,
+    RoundDone,
+    StartRound,
+    Trained,
+)
+from fairbus.protocol.provider import ProviderConfig, ProviderMachine, ProviderPhase
+from fairbus.protocol.recovery import LedgerHistory, RecoveryError, replay
+from fairbus.task import DEFAULT_DETECTION
+from fairbus.wire.messages import Decision, Dropout
+from tests.support_machines import Driver, Task, initial_model, kinds, make_task, of_type
+
+CONFIG = ProviderConfig(seed=3)
+
+
+def _accuracy(effect: Evaluate) -> float:
+    """Differs from group to group (so Alg. 6 has something to find), the same on
+    every run for the same group model."""
+    return round(0.95 - 40 * float(np.abs(effect.params).mean() - 0.25) ** 2, 6)
+
+
+def _transactions(task: Task, drop_last: int = 0) -> list[Transaction]:
+    txs = [tx for block in task.ledger.blocks for tx in block.txs]
+    return txs[: len(txs) - drop_last]
+
+
+def _blobs(driver: Driver) -> dict[bytes, bytes]:
+    """Every model-sized payload committed so far, as the ledger nodes' blob stores hold."""
+    return {
+        c.envelope.header.payload_sha256: c.envelope.payload
+        for c in of_type((out for _, out in driver.log), Commit)
+    }
+
+
+def _restore(
+    driver: Driver, drop_last: int = 0, config: ProviderConfig = CONFIG
+) -> ProviderMachine:
+    task = driver.task
+    history = LedgerHistory.of(_transactions(task, drop_last))
+    replayed = replay(task.roster, history)
+    return ProviderMachine.restore(
+        task.provider_identity, task.roster, initial_model(), config, replayed, _blobs(driver),
+        online=driver.online,
+    )  # fmt: skip
+
+
+def test_a_restored_provider_goes_on_exactly_as_the_uninterrupted_one() -> None:
+    """Four rounds straight, and two rounds, a restore from the ledger, two more: the
+    same groupings, decisions and global models bit for bit."""
+    straight = Driver(make_task(9, config=CONFIG), accuracy=_accuracy)
+    expected = [straight.play_round(float(r)) for r in range(4)]
+
+    driver = Driver(make_task(9, config=CONFIG), accuracy=_accuracy)
+    for r in range(2):
+        driver.play_round(float(r))
+    original = driver.task.provider
+    restored = _restore(driver)
+    assert restored.next_round == 3 and restored.phase is ProviderPhase.IDLE
+    assert np.array_equal(restored.global_params, original.global_params)
+    assert (restored.excluded, restored.key_users) == (original.excluded, original.key_users)
+    assert restored.prev == original.prev != GENESIS
+    assert all(restored.chain_head(u) == original.chain_head(u) for u in range(1, 10))
+    driver.task.provider = restored
+    got = [driver.play_round(float(r)) for r in range(2, 4)]
+    for want, have in zip(expected[2:], got, strict=True):
+        assert [g.members for g in have.groups] == [g.members for g in want.groups]
+        assert (have.key_users, have.violators) == (want.key_users, want.violators)
+        assert np.array_equal(have.global_params, want.global_params)
+    assert driver.refusals() == []
+
+
+def test_a_round_evaluated_but_not_decided_is_decided_as_the_ledger_would() -> None:
+    """The provider died between its evaluation and its decision: the restored one
+    commits the decision Alg. 6 gives on the recorded evaluation, and the same model."""
+    driver = Driver(make_task(9, config=CONFIG), accuracy=_accuracy)
+    driver.play_round(0.0)
+    done = driver.play_round(1.0)
+    decision = driver.commits("decision")[-1]
+    restored = _restore(driver, drop_last=1)  # the ledger as it was before the decision
+    assert restored.next_round == 2
+    out = restored.handle(StartRound(2.0))
+    assert kinds(out) == ["Commit:decision", "RoundDone"]
+    again = envelope.verify(of_type(out, Commit)[0].envelope, driver.task.roster).message
+    want = envelope.verify(decision.envelope, driver.task.roster).message
+    assert isinstance(again, Decision) and again == want
+    (redone,) = of_type(out, RoundDone)
+    assert np.array_equal(redone.global_params, done.global_params)
+
+
+def test_a_round_interrupted_while_collecting_is_closed_and_regrouped_with_fresh_keys() -> None:
+    """The provider died with some uploads of round 2 recorded and others not made yet:
+    the restored one closes the attempt (a dropout naming nobody), regroups with the
+    complete groups counted, and the users finish the round on the new attempt."""
+    late = {1, 4, 7}
+    driver = Driver(make_task(9, config=CONFIG), accuracy=_accuracy)
+    driver.play_round(0.0)
+    driver.hold = lambda target, event: target in late and isinstance(event, Trained)
+    driver.handle(PROVIDER, StartRound(1.0))
+    driver.pump()
+    recorded = driver.task.ledger.uploads(2, 0)
+    assert recorded and not {u for _, u in recorded} & late
+    # kill -9: what was on its way to the old provider is lost with it
+    driver.queue = type(driver.queue)(e for e in driver.queue if e[0] != PROVIDER)
+    restored = _restore(driver)
+    assert restored.next_round == 2
+    driver.task.provider = restored
+    since = len(driver.log)
+    out = driver.handle(PROVIDER, StartRound(2.0))
+    assert kinds(out) == ["Commit:dropout", "CloseAttempt"]
+    assert of_type(out, CloseAttempt)[0] == CloseAttempt(2, 0)
+    body = envelope.verify(of_type(out, Commit)[0].envelope, driver.task.roster).message
+    assert isinstance(body, Dropout) and body.users == ()
+    driver.pump()  # the dropout and the new announcement reach the users
+    assert [a.envelope.header.attempt for a in driver.commits("announce")][-1] == 1
+    driver.hold = lambda target, event: False
+    driver.release()  # the late users' models: uploaded to the new attempt only
+    done = driver.round_done(since)
+    assert done.round == 2 and done.attempts == 2
+    assert driver.refusals() == []
+    replay(driver.task.roster, LedgerHistory.of(_transactions(driver.task)))  # all rules hold
+
+
+def test_a_restore_with_other_task_parameters_is_refused() -> None:
+    driver = Driver(make_task(6, config=CONFIG), accuracy=_accuracy)
+    driver.play_round(0.0)
+    other = ProviderConfig(seed=3, detection=DEFAULT_DETECTION.__class__(key_score=0.5))
+    with pytest.raises(RecoveryError, match="task parameters"):
+        _restore(driver, config=other)
+
+
+def test_a_missing_or_altered_blob_is_refused() -> None:
+    driver = Driver(make_task(6, config=CONFIG), accuracy=_accuracy)
+    driver.play_round(0.0)
+    task = driver.task
+    replayed = replay(task.roster, LedgerHistory.of(_transactions(task)))
+    blobs = {k: v[:-1] + bytes([v[-1] ^ 1]) for k, v in _blobs(driver).items()}
+    with pytest.raises(RecoveryError, match="does not match its hash"):
+        ProviderMachine.restore(task.provider_identity, task.roster, initial_model(), CONFIG,
+                                replayed, blobs)  # fmt: skip
