@@ -107,6 +107,11 @@ def user_presences(task: str) -> str:
     return f"fairbus/{task}/user/+/presence"
 
 
+def presences(task: str) -> str:
+    """Every participant's presence (``fairbus status`` reads them as an admin)."""
+    return f"fairbus/{task}/+/+/presence"
+
+
 def username(role: str, pid: int) -> str:
     """The broker login (and, with ``use_username_as_clientid``, the client id)."""
     return f"{role}-{pid}"

@@ -41,7 +41,8 @@ def permissions(task: str, role: Role, pid: int) -> Permissions:
     elif role is Role.LEDGER:
         read = (f"{root}/#",)
     elif role is Role.ADMIN:
-        read = ledger_replies
+        # `fairbus status` (an admin's login): the ledger's answers, and who is online
+        read = (*ledger_replies, topics.presences(task))
     else:  # pragma: no cover — Role is closed; a new role must be given rights here
         raise AssertionError(f"no broker rights defined for role {role!r}")
     return Permissions(write=(f"{topics.own(task, role.value, pid)}/#",), read=read)

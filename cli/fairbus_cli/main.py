@@ -10,11 +10,13 @@ from fairbus_cli import (
     bench,
     broker,
     demo,
+    init,
     keys,
     ledger,
     participants,
     roster,
     simulate,
+    status,
     walkthrough,
 )
 
@@ -39,8 +41,10 @@ app.command("broker")(broker.broker)
 app.command("provider")(participants.provider)
 app.command("user")(participants.user)
 app.command("demo")(demo.demo)
+app.command("init")(init.init)
 app.command("walkthrough")(walkthrough.walkthrough_command)
 app.command("simulate")(simulate.simulate)
+app.command("status")(status.status)
 
 
 @app.callback()

@@ -69,6 +69,21 @@ class ProviderSettings:
 
 
 @dataclass(frozen=True)
+class MetricsSettings:
+    """``[metrics]``: Prometheus ``/metrics`` over HTTP (:mod:`fairbus.runtime.metrics`).
+    A role whose port is not set serves none; 0 takes a free port (logged)."""
+
+    address: str = "127.0.0.1"
+    """Where the metrics ports listen: loopback unless told otherwise."""
+    provider_port: int | None = None
+    user_port: int | None = None
+    """Every user serves on this port (one user per machine); 0 when several share one."""
+
+    def port(self, role: str) -> int | None:
+        return self.provider_port if role == "provider" else self.user_port
+
+
+@dataclass(frozen=True)
 class RuntimeConfig:
     roster: Path
     keys: Path
@@ -81,6 +96,7 @@ class RuntimeConfig:
     collusion: int = DEFAULT_COLLUSION
     """The task's collusion bound c (recorded at task start; :mod:`fairbus.exposure`):
     the provider groups under it, and a user refuses an announcement with a smaller c."""
+    metrics: MetricsSettings = field(default_factory=MetricsSettings)
 
     def provider_config(self) -> ProviderConfig:
         p = self.provider
@@ -156,6 +172,13 @@ class RuntimeConfig:
             secure=provider.take("secure", bool, p.secure),
         )
         provider.done()
+        metrics = _Table(top.table("metrics"), f"{source} [metrics]", base)
+        metrics_settings = MetricsSettings(
+            address=metrics.take("address", str, MetricsSettings.address),
+            provider_port=metrics.port("provider_port"),
+            user_port=metrics.port("user_port"),
+        )
+        metrics.done()
         config = cls(
             roster=top.path("roster"),
             keys=top.path("keys", "keys"),
@@ -166,6 +189,7 @@ class RuntimeConfig:
             detection=detection,
             ledger_timeout=top.number("ledger_timeout", 5.0, low=0.1),
             collusion=top.integer("collusion", DEFAULT_COLLUSION, low=0),
+            metrics=metrics_settings,
         )
         top.done()
         if config.collusion > MAX_COLLUSION:
@@ -218,6 +242,13 @@ class _Table:
             raise RuntimeConfigError(f"{self.source}: {key!r} (a path) is required")
         p = Path(value)
         return p if p.is_absolute() else self.base / p
+
+    def port(self, key: str) -> int | None:
+        """An optional TCP port to listen on; 0 asks for a free one."""
+        value = self.take(key, int, None)
+        if value is not None and not 0 <= value < 65536:
+            raise RuntimeConfigError(f"{self.source}: {key!r} must be a port (0 to 65535)")
+        return value
 
     def endpoint(self, key: str, default: str) -> tuple[str, int]:
         value = self.take(key, str, default)

@@ -11,15 +11,44 @@ from __future__ import annotations
 import json
 import subprocess
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
 
 from fairbus.errors import FairbusError
 from fairbus.training.attacks import Behaviour
-from fairbus_ledger_service.deployment import FAIRBUS_COMMAND, LocalLedger, stop_processes
+from fairbus_ledger_service.deployment import (
+    FAIRBUS_COMMAND,
+    LocalLedger,
+    stop_processes,
+    toml_values,
+)
 
 CLI = list(FAIRBUS_COMMAND)
+
+
+def task_config_toml(
+    broker: tuple[str, int],
+    *,
+    state: str = "state",
+    top: Mapping[str, object] | None = None,
+    training: Mapping[str, object] | None = None,
+    provider: Mapping[str, object] | None = None,
+) -> str:
+    """The task's configuration (``fairbus provider/user --config``; see
+    :class:`fairbus.runtime.config.RuntimeConfig`) for the roster and key files beside it:
+    ``top`` adds top-level keys (``ledger_timeout``, ``collusion``), ``training`` and
+    ``provider`` fill those tables. What ``fairbus init`` and :class:`LocalTask` write."""
+    head = {"roster": "roster.toml", "keys": "keys", "state": state,
+            "broker": f"{broker[0]}:{broker[1]}", **(top or {})}  # fmt: skip
+    return (
+        toml_values(head)
+        + "\n[training]\n"
+        + toml_values(training or {})
+        + "\n[provider]\n"
+        + toml_values(provider or {})
+    )
 
 
 class LocalTaskError(FairbusError):
@@ -39,6 +68,10 @@ class LocalTask:
     task: str = "local-task"
     ledger: LocalLedger | None = None
     processes: dict[int, subprocess.Popen[bytes]] = field(default_factory=dict)
+    metrics: dict[str, object] = field(default_factory=dict)
+    """The task's ``[metrics]`` table (``provider_port``, ``user_port``); empty: none."""
+    ledger_metrics_ports: dict[int, int] = field(default_factory=dict)
+    """Ledger node → its metrics port (:attr:`LocalLedger.metrics_ports`)."""
 
     @property
     def config(self) -> Path:
@@ -51,7 +84,8 @@ class LocalTask:
     def __enter__(self) -> LocalTask:
         nodes = (101,) if self.store == "sqlite" else (101, 102, 103)
         self.ledger = LocalLedger(self.root, self.task, nodes, tuple(range(1, self.users + 1)),
-                                  store=self.store, broker=self.broker)  # fmt: skip
+                                  store=self.store, broker=self.broker,
+                                  metrics_ports=self.ledger_metrics_ports)  # fmt: skip
         try:
             self.ledger.__enter__()
             self._write_config()
@@ -64,19 +98,20 @@ class LocalTask:
         return self
 
     def _write_config(self) -> None:
-        def table(name: str, values: dict[str, object]) -> str:
-            lines = [f"[{name}]"] + [f"{k} = {json.dumps(v)}" for k, v in values.items()]
-            return "\n".join(lines) + "\n"
-
         assert self.ledger is not None
         provider = {"rounds": self.rounds, "join_timeout": 60, "phase_timeout": 30}
         self.config.write_text(
-            f'roster = "roster.toml"\nkeys = "keys"\nstate = "state"\n'
-            f'broker = "127.0.0.1:{self.ledger.broker_port}"\nledger_timeout = 2.0\n'
-            # every participant shares this machine's cores: one torch thread each
-            + table("training", {"threads": 1, **self.training})
-            + table("provider", {**provider, **self.provider})
+            task_config_toml(
+                ("127.0.0.1", self.ledger.broker_port),
+                top={"ledger_timeout": 2.0},
+                # every participant shares this machine's cores: one torch thread each
+                training={"threads": 1, **self.training},
+                provider={**provider, **self.provider},
+            )
         )
+        if self.metrics:
+            with self.config.open("a", encoding="utf-8") as f:
+                f.write("\n[metrics]\n" + toml_values(self.metrics))
 
     def _spawn(self, pid: int, argv: list[str]) -> None:
         log = open(self.root / f"participant-{pid}.log", "ab")  # noqa: SIM115 — the child's

@@ -50,6 +50,7 @@ from fairbus.protocol.user import UserMachine
 from fairbus.roster import Role, Roster
 from fairbus.runtime.config import RuntimeConfig
 from fairbus.runtime.connection import BusConnection
+from fairbus.runtime.metrics import RuntimeMetrics
 from fairbus.runtime.state import state_io
 from fairbus.runtime.user_state import UserState
 from fairbus.training.attacks import Attack
@@ -116,6 +117,7 @@ class UserRuntime:
         self.ledger = LedgerClient(
             self.bus, self.identity, self.roster, "user", timeout=config.ledger_timeout
         )
+        self.metrics = RuntimeMetrics.start(config.metrics, "user", user_id, self.bus)
         self.bus.subscriptions = [
             topics.provider_messages(self.task),
             topics.direct_inbox(self.task, user_id),
@@ -198,6 +200,7 @@ class UserRuntime:
                 task.add_done_callback(self._training.discard)
             elif isinstance(out, Refused):
                 log.warning("user %d refused a message: %s: %s", self.me, out.reason, out.detail)
+                self.metrics.refused(out.reason)
             elif isinstance(out, Excluded):
                 self._write_stats(out.round)
                 raise UserExcludedError(f"user {self.me} was excluded in round {out.round}")
@@ -224,6 +227,7 @@ class UserRuntime:
                 log.exception("user %d: training for round %d failed", self.me, effect.round)
                 return
         self._round_log["training_s"] = time.perf_counter() - start
+        self.metrics.phase("training", self._round_log["training_s"])
         self._inbox.put_nowait(Trained(effect.round, params))
 
     async def _send(self, out: Send) -> None:
@@ -238,6 +242,7 @@ class UserRuntime:
             self._round_log.get("upload_s", 0.0) + time.perf_counter() - start
         )
         self._round_log["uploads"] = self._round_log.get("uploads", 0) + 1
+        self.metrics.took_part(self.machine.round)
         self._write_stats(self.machine.round)
 
     async def _upload(self, out: Commit) -> None:
@@ -246,14 +251,20 @@ class UserRuntime:
         start = time.perf_counter()
         self._round_log.setdefault("first_upload", start)
         try:
-            _, receipt = await self.ledger.submit_for_receipt(ledger_submission(out.envelope))
+            committed, receipt = await self.ledger.submit_for_receipt(
+                ledger_submission(out.envelope)
+            )
         except (RefusedError, LedgerTimeoutError) as exc:
+            if isinstance(exc, RefusedError):
+                self.metrics.refused(exc.reason.value)
             # Not committed (or not known to be): the next upload links to whatever the
             # ledger holds as this user's head.
             log.warning("user %d: upload not recorded: %s", self.me, exc)
             await self._resume_chain()
             return
         ledger_s = time.perf_counter() - start
+        self.metrics.committed(out.kind, ledger_s, committed.height)
+        self.metrics.took_part(self.machine.round)
         self.state.save_chain_head(out.envelope.hash)
         await self.bus.publish(
             topics.message(self.task, "user", self.me, out.kind),

@@ -397,15 +397,23 @@ class BlockHeader(Message):
     }
 
 
-QUERY_KEYS = {"tx": "tx_hash", "head": "sender", "round": "round", "blob": "tx_hash"}
-"""The field each kind of query sets (a blob is asked for by its SHA-256 in ``tx_hash``)."""
+QUERY_KEYS: dict[str, str | None] = {
+    "tx": "tx_hash",
+    "head": "sender",
+    "round": "round",
+    "blob": "tx_hash",
+    "height": None,
+}
+"""The field each kind of query sets (a blob is asked for by its SHA-256 in ``tx_hash``;
+``height``, the ledger's last block, sets none)."""
 
 
 @message
 @dataclass(frozen=True)
 class Query(Message):
     """A request to the ledger: a transaction by hash, a sender's head, a round's records,
-    or a blob (a model-sized payload) by its SHA-256 (in ``tx_hash``)."""
+    a blob (a model-sized payload) by its SHA-256 (in ``tx_hash``), or the height and
+    hash of its last block (``height``)."""
 
     qid: int
     kind: str
@@ -426,7 +434,11 @@ class Query(Message):
         needed = QUERY_KEYS[self.kind]
         for name in ("tx_hash", "sender", "round"):
             if (getattr(self, name) is None) == (name == needed):
-                raise SchemaError(f"a {self.kind!r} query sets {needed!r} and nothing else")
+                raise SchemaError(
+                    f"a {self.kind!r} query sets {needed!r} and nothing else"
+                    if needed
+                    else f"a {self.kind!r} query sets no key"
+                )
 
 
 @message

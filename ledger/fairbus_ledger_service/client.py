@@ -29,6 +29,15 @@ from fairbus_ledger_service.blobs import BlobError
 T = TypeVar("T")
 
 
+HEIGHT_BYTES = 8
+
+
+def encode_height(height: int) -> bytes:
+    """A ``height`` query's first record: the last block's height, signed big-endian
+    (-1 for an empty ledger); the second record is that block's hash."""
+    return height.to_bytes(HEIGHT_BYTES, "big", signed=True)
+
+
 class LedgerTimeoutError(FairbusError):
     """No ledger node answered in time (after every retry)."""
 
@@ -164,6 +173,18 @@ class LedgerClient:
             raise LedgerTimeoutError(f"no answer to {kind!r} query") from None
         finally:
             self._queries.pop(qid, None)
+
+    async def height(self) -> tuple[int, bytes]:
+        """The height of the ledger's last block (-1: none) and that block's hash, as the
+        first ledger node to answer has it."""
+        response = await self.query("height")
+        if not response.ok or len(response.records) != 2:
+            why = response.error or "no records"
+            raise FairbusError(f"the ledger did not tell its height: {why}")
+        raw, head = response.records
+        if len(raw) != HEIGHT_BYTES:
+            raise FairbusError("the ledger's height answer is malformed")
+        return int.from_bytes(raw, "big", signed=True), head
 
     async def blob(self, digest: bytes) -> bytes:
         """A model-sized payload by its SHA-256, from any ledger node, checked."""

@@ -38,6 +38,9 @@ class LedgerConfig:
     max_block_txs: int = 2048
     linger_ms: float = 5.0
     lease_ttl: int = 2
+    metrics_port: int | None = None
+    """Serve Prometheus metrics on this port (0: a free one); None: no exporter."""
+    metrics_address: str = "127.0.0.1"
 
     @classmethod
     def load(cls, path: Path) -> LedgerConfig:
@@ -50,7 +53,8 @@ class LedgerConfig:
     @classmethod
     def from_dict(cls, raw: dict[str, Any], *, base: Path, source: str) -> LedgerConfig:
         known = {"roster", "keys", "store", "sqlite", "etcd", "blobs", "broker",
-                 "max_block_txs", "linger_ms", "lease_ttl"}  # fmt: skip
+                 "max_block_txs", "linger_ms", "lease_ttl", "metrics_port",
+                 "metrics_address"}  # fmt: skip
         if "detection" in raw:
             raise LedgerConfigError(f"{source}: {MOVED}")
         unknown = set(raw) - known
@@ -85,6 +89,16 @@ class LedgerConfig:
         linger = raw.get("linger_ms", cls.linger_ms)
         if not isinstance(linger, int | float) or linger < 0:
             raise LedgerConfigError(f"{source}: 'linger_ms' must be >= 0")
+        metrics_port = raw.get("metrics_port")
+        if metrics_port is not None and (
+            isinstance(metrics_port, bool)
+            or not isinstance(metrics_port, int)
+            or not 0 <= metrics_port < 65536
+        ):
+            raise LedgerConfigError(f"{source}: 'metrics_port' must be a port (0 to 65535)")
+        metrics_address = raw.get("metrics_address", cls.metrics_address)
+        if not isinstance(metrics_address, str) or not metrics_address:
+            raise LedgerConfigError(f"{source}: 'metrics_address' must be a host address")
         return cls(
             roster=path_of("roster"),
             keys=path_of("keys", "keys"),
@@ -96,4 +110,6 @@ class LedgerConfig:
             max_block_txs=ints["max_block_txs"],
             linger_ms=float(linger),
             lease_ttl=ints["lease_ttl"],
+            metrics_port=metrics_port,
+            metrics_address=metrics_address,
         )

@@ -8,11 +8,12 @@ deployment would use are written (roster, key files 0600, one ledger TOML per no
 from __future__ import annotations
 
 import contextlib
+import json
 import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -31,6 +32,75 @@ FAIRBUS_COMMAND = (sys.executable, "-m", "fairbus_cli")
 
 class DeploymentError(FairbusError):
     pass
+
+
+def toml_values(values: Mapping[str, object]) -> str:
+    """``key = value`` lines of a TOML table (strings, numbers, booleans, lists of them):
+    how every configuration file of a provisioned task is written."""
+    return "".join(f"{key} = {json.dumps(value)}\n" for key, value in values.items())
+
+
+def provision_identities(
+    root: Path,
+    task: str,
+    roles: Mapping[int, Role],
+    *,
+    names: Mapping[int, str] | None = None,
+    broker_passwords: bool = True,
+) -> dict[int, Identity]:
+    """Fresh keys for every participant of ``roles`` and the task's roster.
+
+    Writes ``root/keys/<id>.sign.key`` and ``<id>.box.key`` (and ``<id>.mqtt.key``, the
+    broker password, unless ``broker_passwords`` is false), each from libsodium's CSPRNG
+    with mode 0600 in a 0700 folder, and ``root/roster.toml`` with their public keys.
+    Refuses to overwrite a key file. What ``fairbus init`` and :class:`LocalLedger` write.
+    """
+    names = names or {}
+    identities = {pid: Identity.generate(pid) for pid in roles}
+    roster = Roster(
+        task,
+        [Member(identities[pid].public, role, names.get(pid, "")) for pid, role in roles.items()],
+    )
+    keys = root / "keys"
+    for pid, identity in identities.items():
+        identity.save(keys)
+        if broker_passwords:
+            new_broker_password(keys, pid)
+    (root / "roster.toml").write_text(roster.to_toml(), encoding="utf-8")
+    return identities
+
+
+def broker_config_toml(
+    port: int, *, host: str = "127.0.0.1", data_dir: str = "broker", persistence: bool = True
+) -> str:
+    """A broker configuration (``fairbus broker --config``) for the roster and key files
+    beside it; the other settings keep :class:`fairbus_broker.config.BrokerConfig`'s
+    defaults."""
+    return toml_values(
+        {"roster": "roster.toml", "keys": "keys", "data_dir": data_dir, "host": host,
+         "port": port, "persistence": persistence}
+    )  # fmt: skip
+
+
+def ledger_config_toml(
+    *,
+    store: str,
+    data_dir: str,
+    broker: tuple[str, int],
+    etcd: Sequence[tuple[str, int]] = (),
+) -> str:
+    """A ledger node's configuration (``fairbus ledger --node N --config``) for the roster
+    and key files beside it: an ``etcd`` store on those members, or a ``sqlite`` one, and
+    this node's files (blobs, the SQLite store) under ``data_dir``."""
+    where: dict[str, object] = (
+        {"store": "etcd", "etcd": [f"{h}:{p}" for h, p in etcd]}
+        if store == "etcd"
+        else {"store": "sqlite", "sqlite": f"{data_dir}/ledger.sqlite"}
+    )
+    return toml_values(
+        {"roster": "roster.toml", "keys": "keys", **where, "blobs": f"{data_dir}/blobs",
+         "broker": f"{broker[0]}:{broker[1]}"}
+    )  # fmt: skip
 
 
 def wait_for_port(port: int, proc: subprocess.Popen[bytes], timeout: float = 10.0) -> None:
@@ -81,6 +151,8 @@ class LocalLedger:
     _broker: subprocess.Popen[bytes] | None = None
     broker_config: Path | None = None
     _etcd: EtcdCluster | None = None
+    metrics_ports: dict[int, int] = field(default_factory=dict)
+    """Node → the port it serves Prometheus metrics on (``metrics_port`` in its file)."""
 
     @property
     def etcd(self) -> EtcdCluster:
@@ -95,15 +167,9 @@ class LocalLedger:
         roles = {0: Role.PROVIDER, 200: Role.ADMIN}
         roles.update(dict.fromkeys(self.users, Role.USER))
         roles.update(dict.fromkeys(self.nodes, Role.LEDGER))
-        self.identities = {pid: Identity.generate(pid) for pid in roles}
-        roster = Roster(
-            self.task, [Member(self.identities[pid].public, role) for pid, role in roles.items()]
+        self.identities = provision_identities(
+            self.root, self.task, roles, broker_passwords=self.broker != "open"
         )
-        (self.root / "roster.toml").write_text(roster.to_toml())
-        for pid, identity in self.identities.items():
-            identity.save(self.root / "keys")
-            if self.broker != "open":
-                new_broker_password(self.root / "keys", pid)
 
     def _start_broker(self) -> None:
         self.broker_port = free_port()
@@ -124,10 +190,7 @@ class LocalLedger:
     def _start_guarded_broker(self) -> None:
         """``fairbus broker`` in its own process: the roster's logins and ACL."""
         self.broker_config = self.root / "broker.toml"
-        self.broker_config.write_text(
-            f'roster = "roster.toml"\nkeys = "keys"\nport = {self.broker_port}\n'
-            'data_dir = "broker"\npersistence = false\n'
-        )
+        self.broker_config.write_text(broker_config_toml(self.broker_port, persistence=False))
         log = open(self.root / "broker.log", "ab")  # noqa: SIM115 — owned by the child
         argv = [*FAIRBUS_COMMAND, "broker",
                 "--config", str(self.broker_config)]  # fmt: skip
@@ -149,15 +212,16 @@ class LocalLedger:
     def _write_configs(self) -> None:
         for node in self.nodes:
             cfg = self.root / f"ledger-{node}.toml"
-            if self.store == "etcd":
-                members = ", ".join(f'"{h}:{p}"' for h, p in self.etcd.endpoints)
-                where = f'store = "etcd"\netcd = [{members}]\n'
-            else:
-                where = f'store = "sqlite"\nsqlite = "node-{node}/ledger.sqlite"\n'
+            etcd = self.etcd.endpoints if self.store == "etcd" else ()
+            broker = ("127.0.0.1", self.broker_port)
             cfg.write_text(
-                f'roster = "roster.toml"\nkeys = "keys"\n{where}'
-                f'blobs = "node-{node}/blobs"\nbroker = "127.0.0.1:{self.broker_port}"\n'
+                ledger_config_toml(
+                    store=self.store, data_dir=f"node-{node}", etcd=etcd, broker=broker
+                )
             )
+            if node in self.metrics_ports:
+                with cfg.open("a", encoding="utf-8") as f:
+                    f.write(toml_values({"metrics_port": self.metrics_ports[node]}))
             self.configs[node] = cfg
 
     def start_node(self, node: int) -> None:

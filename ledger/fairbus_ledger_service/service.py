@@ -8,14 +8,15 @@ issue 14, item 7); it writes nothing for anything else. The writer sends the rec
 (``fairbus/<task>/ledger/<node>/receipt/<sender>``) only after the block is in the store,
 then the block header (``…/<node>/block``). A refusal goes back at once with its reason.
 Every node answers queries (a transaction by hash, a sender's head, a round's records, a
-blob) on ``…/<node>/response/<asker>``; askers take the first answer. Masked uploads go
-only to :data:`UPLOAD_READERS` (the provider, ledger nodes and admins): anyone else's
-``round`` query, ``blob`` query for an upload's payload and ``tx`` query for another
-participant's upload is answered ``ok=False`` with a ``role_not_allowed:`` error and
-nothing else, since the uploads of a complete group add up to its sum without any key
-(issue 12). Global models stay readable by every member of the roster. Followers poll
-the store's head, re-validate each new block and raise an alarm (log and stop applying)
-on an invalid one.
+blob, the height and hash of its last block) on ``…/<node>/response/<asker>``; askers
+take the first answer. Metrics (:mod:`fairbus_ledger_service.metrics`) are served on
+``metrics_port`` when configured. Masked uploads go only to :data:`UPLOAD_READERS` (the
+provider, ledger nodes and admins): anyone else's ``round`` query, ``blob`` query for an
+upload's payload and ``tx`` query for another participant's upload is answered
+``ok=False`` with a ``role_not_allowed:`` error and nothing else, since the uploads of a
+complete group add up to its sum without any key (issue 12). Global models stay readable
+by every member of the roster. Followers poll the store's head, re-validate each new
+block and raise an alarm (log and stop applying) on an invalid one.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import asyncio
 import contextlib
 import hashlib
 import logging
+import time
 from collections.abc import Coroutine
 from typing import Any
 
@@ -48,8 +50,10 @@ from fairbus.wire.messages import (
 )
 from fairbus_broker.mqtt import login_refused, mqtt_client, refusal_reason
 from fairbus_ledger_service.blobs import BlobError, BlobStore
+from fairbus_ledger_service.client import encode_height
 from fairbus_ledger_service.config import LedgerConfig
 from fairbus_ledger_service.election import EtcdElection, lead_when_elected
+from fairbus_ledger_service.metrics import LedgerMetrics
 from fairbus_ledger_service.node import LedgerNode, NotWriterError, Outcome, Refused
 from fairbus_ledger_service.stores import BlockStore, EtcdStore, SqliteStore
 
@@ -84,6 +88,9 @@ class LedgerService:
         self._receipts: dict[tuple[int, int, bytes], list[ReceiptEntry]] = {}
         self._flush: asyncio.Task[None] | None = None
         self._tasks: set[asyncio.Task[None]] = set()
+        self.metrics = LedgerMetrics(node_id)
+        """Prometheus metrics (:mod:`fairbus_ledger_service.metrics`); served on
+        ``metrics_port`` while :meth:`run` runs."""
 
     # --- store -------------------------------------------------------------------------------
 
@@ -104,6 +111,13 @@ class LedgerService:
             on_block=self._published_block,
         )
         self.node = node
+        self.metrics.watch(
+            height=lambda: node.state.height,
+            writer=lambda: node.is_writer,
+            alarm=lambda: node.alarm is not None,
+            connected=lambda: self.mqtt is not None,
+        )
+        self.metrics.serve(self.config.metrics_port, self.config.metrics_address)
         await node.sync()
         log.info("ledger node %d: %s store at height %d", self.node_id, self.config.store,
                  node.state.height)  # fmt: skip
@@ -126,6 +140,7 @@ class LedgerService:
             raise
         finally:
             node.close()
+            self.metrics.close()
 
     async def _serve(self, tasks: asyncio.TaskGroup) -> None:
         """The bus, kept up: a lost broker connection is made again (with backoff) and the
@@ -241,6 +256,9 @@ class LedgerService:
             self.node.transaction_of_envelope(Recorded.from_bytes(data, self.node.limits).envelope)
         except FairbusError as exc:
             log.debug("blob from the bus not kept: %s", exc)
+            self.metrics.blob(kept=False)
+        else:
+            self.metrics.blob(kept=True)
 
     def _on_submit(self, topic: str, data: bytes) -> None:
         assert self.node is not None
@@ -248,15 +266,21 @@ class LedgerService:
         if asker is None or not self.node.is_writer:
             return
         future = self.node.submit_nowait(data)
-        future.add_done_callback(lambda f: self._answered(asker[1], data, f))
+        arrived = time.perf_counter()
+        future.add_done_callback(lambda f: self._answered(asker[1], data, f, arrived))
 
-    def _answered(self, asker: int, data: bytes, future: asyncio.Future[Outcome]) -> None:
+    def _answered(
+        self, asker: int, data: bytes, future: asyncio.Future[Outcome], arrived: float
+    ) -> None:
         if future.cancelled() or isinstance(future.exception(), NotWriterError):
             return
         outcome = future.result()
         if isinstance(outcome, Committed):
+            if not outcome.duplicate:
+                self.metrics.committed_after(time.perf_counter() - arrived)
             self._collect_receipt(asker, outcome)
         else:
+            self.metrics.refused(outcome.reason.value)
             self._background(self._refuse(asker, data, outcome))
 
     def _background(self, coro: Coroutine[Any, Any, None]) -> None:
@@ -305,6 +329,9 @@ class LedgerService:
         except QueryRefusedError as refused:
             log.info("query from %d refused: %s", asker, refused)
             records, error = [], f"{RefusalReason.ROLE_NOT_ALLOWED.value}: {refused}"
+            self.metrics.query(query.kind, "refused")
+        else:
+            self.metrics.query(query.kind, "not_found" if error else "ok")
         response = QueryResponse(query.qid, not error, error, tuple(records))
         await self._publish(topics.ledger_response(self.task, self.node_id, asker), response)
 
@@ -327,6 +354,8 @@ class LedgerService:
         if query.kind == "head":
             assert query.sender is not None
             return [state.head(query.sender)], ""
+        if query.kind == "height":
+            return [encode_height(state.height), state.head_hash], ""
         if query.kind == "blob":
             assert query.tx_hash is not None and self.node.blobs is not None
             owners = state.blob_index.get(query.tx_hash, frozenset())
