@@ -79,7 +79,13 @@ from fairbus.protocol.events import (
     Tick,
     Trained,
 )
-from fairbus.protocol.recovery import RecoveryError, Replayed, global_model, group_aggregates
+from fairbus.protocol.recovery import (
+    RecoveryError,
+    Replayed,
+    global_model,
+    group_aggregates,
+    recorded_uploads,
+)
 from fairbus.protocol.user import model_digest
 from fairbus.roster import Role, Roster
 from fairbus.task import DEFAULT_DETECTION, PHASE_TIMEOUT, TaskParams
@@ -318,6 +324,10 @@ class ProviderMachine:
                 self.grouping = grouping_of(record.announce)
                 self._announced = {g.gid: g.members for g in self.grouping.groups}
                 self._prior_groups = [tuple(g) for g in record.announce.prior_groups]
+                self._uploads = {gid: {} for gid in self._announced}
+                held = recorded_uploads(replayed, number, blobs, self.limits)
+                for (gid, user), upload in held.items():
+                    self._uploads[gid][user] = upload.vector()
                 self._interrupted = _Interrupted.CLOSE
             return  # a failed round: only its known groups count
         gids = [e.gid for e in evaluation.accuracies]
@@ -367,15 +377,27 @@ class ProviderMachine:
         self._dropped_this_round = set()
         if how is _Interrupted.DECIDE:
             return self._decide(self._contributions)
-        # Close the attempt (nobody dropped; its keys died with the provider) and
-        # regroup whoever is online, with fresh keys, once the ledger says which of its
-        # uploads it recorded.
-        voided = tuple(sorted(self._announced))
+        # Close the attempt (a dropout naming nobody: what was in flight to the old
+        # process is lost) and, once the ledger says which uploads it recorded, finish on
+        # its groups if all are complete, else regroup whoever is online with fresh keys.
+        # The complete groups whose uploads the ledger held at the restore are decrypted
+        # (and evaluated) now.
+        voided = tuple(sorted(self._announced))  # none may grow: only complete ones count
         self._voided = set(voided)
-        self._uploads = {}
+        self._decrypted, self._accuracy = {}, {}
         self._resuming = True
         self.phase = ProviderPhase.REGROUPING
-        return [self._signed(Dropout((), voided)), CloseAttempt(self.round, self.attempt)]
+        out: list[Output] = [
+            self._signed(Dropout((), voided)),
+            CloseAttempt(self.round, self.attempt),
+        ]
+        for g in self.grouping.groups:
+            got = self._uploads[g.gid]
+            if len(got) == len(g.members):
+                result = masking.aggregate_decrypt([got[u] for u in g.members], self.codec)
+                self._decrypted[g.gid] = result
+                out.append(Evaluate(self.round, self.attempt, g.gid, result.mean))
+        return out
 
     def _start_round(self, now: float) -> list[Output]:
         """Alg. 1, lines 4-10: regroup if needed, then announce round r + 1."""
@@ -533,6 +555,11 @@ class ProviderMachine:
         msg = verified.message
         header = verified.header
         user = header.sender
+        if header.prev != self._chains.head(user):
+            # The receipt says the ledger took this link, so the ledger's chain for the
+            # user grew where this provider did not see it (an upload committed while it
+            # was down, or just before the user restarted): its view moves on.
+            self._chains.resync(user, header.prev)
         self._chains.check(verified.envelope)
         if isinstance(msg, MaskedUpload) and (header.round, header.attempt) == (
             self.round,
@@ -663,8 +690,10 @@ class ProviderMachine:
             g for g in known if all((g.gid, m) in received or m not in dropped for m in g.members)
         ]
         resuming, self._resuming = self._resuming, False
-        if resuming:  # the uploads died with the provider that received them
-            usable = []
+        if resuming:  # only what this process holds: the rest died with the old one
+            usable = [g for g in known if all((g.gid, m) in received for m in g.members)]
+        if not any(g.kind == BASIC for g in usable):
+            usable = []  # Alg. 6 weighs contributions against basic groups: none, no finish
         self.phase = ProviderPhase.COLLECTING
         if len(usable) == len(grouping.groups):
             return self._maybe_evaluating()

@@ -25,7 +25,7 @@ import numpy as np
 import numpy.typing as npt
 
 from fairbus import masking
-from fairbus.errors import FairbusError
+from fairbus.errors import OperatorError
 from fairbus.field import FixedPointCodec
 from fairbus.ledger.records import Transaction
 from fairbus.ledger.state import Draft, LedgerState, RefusedError, RoundRecord
@@ -34,7 +34,7 @@ from fairbus.wire.limits import DEFAULT_LIMITS, WireLimits
 from fairbus.wire.messages import GlobalModel, MaskedUpload, decode_body
 
 
-class RecoveryError(FairbusError):
+class RecoveryError(OperatorError):
     """The ledger's record cannot be resumed from (it fails its own rules, a blob is
     missing or altered, or the task is not this provider's)."""
 
@@ -75,6 +75,12 @@ class Replayed:
 
     def round(self, number: int) -> RoundRecord | None:
         return self.draft.round(number)
+
+    @property
+    def decided_rounds(self) -> int:
+        """How many rounds the ledger shows decided."""
+        records = (self.round(r) for r in range(1, len(self.history.rounds) + 1))
+        return sum(1 for record in records if record is not None and record.decided)
 
     @property
     def last_round(self) -> int:
@@ -118,21 +124,38 @@ def replay(roster: Roster, history: LedgerHistory, limits: WireLimits = DEFAULT_
 
 
 def blobs_needed(replayed: Replayed, provider: int) -> list[bytes]:
-    """The payload hashes a restore needs: the last round's global model and, if that
-    round was evaluated, the uploads of its evaluated groups."""
+    """The payload hashes a restore needs: the last round's global model and the
+    uploads recorded for its latest attempt (all of them if the round is under way: the
+    complete groups among them need not be lost; only the evaluated ones otherwise)."""
     last = replayed.last_round
     if last == 0:
         return []
     record = replayed.round(last)
     assert record is not None
     needed = [replayed.global_model_tx(last, provider).envelope.header.payload_sha256]
+    uploads = replayed.upload_txs(last, record)
     if record.evaluation is not None:
-        uploads = replayed.upload_txs(last, record)
         evaluated = {e.gid for e in record.evaluation.accuracies}
-        needed += [
-            tx.envelope.header.payload_sha256 for (g, _), tx in uploads.items() if g in evaluated
-        ]
-    return needed
+        uploads = {key: tx for key, tx in uploads.items() if key[0] in evaluated}
+    return needed + [tx.envelope.header.payload_sha256 for tx in uploads.values()]
+
+
+def recorded_uploads(
+    replayed: Replayed,
+    number: int,
+    blobs: Mapping[bytes, bytes],
+    limits: WireLimits = DEFAULT_LIMITS,
+) -> dict[tuple[int, int], MaskedUpload]:
+    """(group, sender) → the masked upload recorded for round ``number``'s latest
+    attempt, from its checked blob."""
+    record = replayed.round(number)
+    assert record is not None
+    out: dict[tuple[int, int], MaskedUpload] = {}
+    for key, tx in replayed.upload_txs(number, record).items():
+        message = decode_body("upload", _blob(blobs, tx), limits)
+        assert isinstance(message, MaskedUpload)
+        out[key] = message
+    return out
 
 
 def _blob(blobs: Mapping[bytes, bytes], tx: Transaction) -> bytes:

@@ -59,6 +59,10 @@ class ProviderSettings:
     """Start with whoever is online (at least 3) after this long."""
     phase_timeout: float = PHASE_TIMEOUT
     """A user that has not uploaded this long after an announcement counts as dropped."""
+    presence_grace: float = 5.0
+    """Seconds a user's ``offline`` presence (a Last Will, or a retained one replayed
+    during a broker restart) must last before the provider counts it as dropped; the
+    phase deadline catches a user that hangs while connected."""
     basic_groupings: int = ProviderConfig.basic_groupings
     key_repeats: int = ProviderConfig.key_repeats
     reference_groups: int = ProviderConfig.reference_groups
@@ -163,6 +167,7 @@ class RuntimeConfig:
             rounds=provider.integer("rounds", p.rounds, low=1),
             min_users=min_users,
             join_timeout=provider.number("join_timeout", p.join_timeout, low=0.0),
+            presence_grace=provider.number("presence_grace", p.presence_grace, low=0.0),
             phase_timeout=provider.number("phase_timeout", p.phase_timeout, low=0.1),
             basic_groupings=provider.integer("basic_groupings", p.basic_groupings, low=1),
             key_repeats=provider.integer("key_repeats", p.key_repeats, low=0),

@@ -19,10 +19,12 @@ import contextlib
 import logging
 import time
 from collections.abc import Callable, Coroutine
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
 import aiomqtt
+import nacl.utils
 
 from fairbus import topics
 from fairbus.errors import OperatorError
@@ -33,6 +35,30 @@ T = TypeVar("T")
 
 ONLINE = b"online"
 OFFLINE = b"offline"
+SESSION_BYTES = 8
+"""Random bytes naming one process's session in its ``online`` presence."""
+
+
+@dataclass(frozen=True)
+class Presence:
+    """A participant's retained presence: online (with the session of the process that
+    said so: a restarted process has a new one) or offline."""
+
+    online: bool
+    session: str = ""
+
+    @classmethod
+    def parse(cls, data: bytes) -> Presence | None:
+        """``online <session>``, a bare ``online`` (no session) or ``offline``; None for
+        anything else."""
+        if data == OFFLINE:
+            return cls(False)
+        word, _, session = data.partition(b" ")
+        if word != ONLINE or len(session) > 2 * SESSION_BYTES or not session.isalnum():
+            return cls(True) if data == ONLINE else None
+        return cls(True, session.decode("ascii"))
+
+
 KEEPALIVE = 10
 """Seconds: the broker fires the Last Will after 1.5 × this without a packet from a hung
 client (a killed one's socket closes at once)."""
@@ -74,6 +100,8 @@ class BusConnection:
         self.password_file = password_file
         self.report_every = report_every
         self.presence_topic = topics.presence(task, role, pid)
+        self.session = nacl.utils.random(SESSION_BYTES).hex()
+        """This process's session (a reconnect keeps it; a restart draws a new one)."""
         identifier = topics.username(role, pid)
         self.login = identifier
         self.client = mqtt_client(
@@ -130,8 +158,9 @@ class BusConnection:
                     # (the provider starting a round) must not outrun the subscriptions.
                     for topic in self.subscriptions:
                         await self.client.subscribe(topic, qos=topics.QOS)
+                    online = ONLINE + b" " + self.session.encode()
                     await self.client.publish(
-                        self.presence_topic, ONLINE, qos=topics.QOS, retain=True
+                        self.presence_topic, online, qos=topics.QOS, retain=True
                     )
                     self.connected.set()
                     was_connected = True

@@ -19,11 +19,12 @@ import asyncio
 import json
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import replace
 from typing import TYPE_CHECKING
 
 import numpy as np
+import numpy.typing as npt
 
 from fairbus import topics
 from fairbus.aggregation import PlainFedAvg
@@ -32,12 +33,12 @@ from fairbus.errors import FairbusError
 from fairbus.identity import Identity, broker_password_path, require_broker_password
 from fairbus.ledger.recorded import Recorded, ledger_submission
 from fairbus.ledger.records import Transaction
+from fairbus.ledger.state import RefusedError
 from fairbus.protocol.events import (
     AttemptClosed,
     ChainHead,
     CloseAttempt,
     Commit,
-    Dropped,
     Evaluate,
     Evaluated,
     Event,
@@ -52,10 +53,19 @@ from fairbus.protocol.events import (
     Tick,
 )
 from fairbus.protocol.provider import ProviderConfig, ProviderMachine
+from fairbus.protocol.recovery import (
+    LedgerHistory,
+    RecoveryError,
+    Replayed,
+    blobs_needed,
+    replay,
+)
 from fairbus.roster import Role, Roster
 from fairbus.rounds import RoundRecord, record_round
 from fairbus.runtime.config import RuntimeConfig
-from fairbus.runtime.connection import OFFLINE, ONLINE, BusConnection
+from fairbus.runtime.connection import BusConnection, Presence
+from fairbus.runtime.metrics import RuntimeMetrics
+from fairbus.runtime.presence import PresenceTracker
 from fairbus.runtime.state import prepare_state_folder, state_io
 from fairbus_ledger_service.client import LedgerClient
 
@@ -98,7 +108,7 @@ class ProviderRuntime:
         self.on_round = on_round
         self.out_dir = prepare_state_folder(config.state / "provider")
         self.records: list[RoundRecord] = []
-        self.online: set[int] = set()
+        self.presence = PresenceTracker(frozenset(self.users), config.provider.presence_grace)
         self._inbox: asyncio.Queue[Event] = asyncio.Queue()
         self._round_over = asyncio.Event()
         self._record: RoundRecord | None = None
@@ -116,6 +126,7 @@ class ProviderRuntime:
         self.ledger = LedgerClient(
             self.bus, self.identity, self.roster, "provider", timeout=config.ledger_timeout
         )
+        self.metrics = RuntimeMetrics.start(config.metrics, "provider", self.pid, self.bus)
         self.bus.subscriptions = [topics.uploads(self.task), topics.user_presences(self.task),
                                   *self.ledger.topics]  # fmt: skip
         self.machine: ProviderMachine | None = None
@@ -135,12 +146,10 @@ class ProviderRuntime:
             return
         user = parsed.sender
         if parsed.kind == "presence":
-            if data == ONLINE and user not in self.online:
-                self.online.add(user)
-                self._inbox.put_nowait(Joined(user))
-            elif data == OFFLINE and user in self.online:
-                self.online.discard(user)
-                self._inbox.put_nowait(Dropped(user))
+            presence = Presence.parse(data)
+            if presence is not None:
+                for event in self.presence.saw(user, presence, time.monotonic()):
+                    self._inbox.put_nowait(event)
         elif parsed.kind == "upload" and parsed.recipient is None:
             self._inbox.put_nowait(Received("upload", data))
 
@@ -163,23 +172,73 @@ class ProviderRuntime:
         t = self.config.training
         await self.bus.connected.wait()
         head = await self._ledger_head()
-        if head != GENESIS:
-            raise ProviderError(
-                f"the ledger already holds provider {self.pid}'s transactions for task "
-                f"{self.task!r}; resuming a task is not supported: start a new task "
-                "(a new roster task name) or a fresh ledger"
+        initial = initial_params(t.model_name, t.seed)
+        decided = 0
+        if head == GENESIS:
+            self.machine = ProviderMachine(
+                self.identity, self.roster, initial, machine_config(self.config), online=()
             )
-        self.machine = ProviderMachine(
+        else:
+            replayed = await self._read_ledger(head)
+            self.machine = await self._restore(replayed, initial)
+            decided = replayed.decided_rounds
+        await self._wait_for_users()
+        while decided + len(self.records) < self.config.provider.rounds:
+            try:
+                await self._play_round()
+            except RefusedError as exc:
+                # The ledger holds something this machine does not know: rebuild it
+                # from the ledger and go on (issue 14, item 3: never exit on a refusal).
+                log.error("the ledger refused the provider's transaction (%s); rebuilding "
+                          "from the ledger", exc)  # fmt: skip
+                self.metrics.refused(exc.reason.value)
+                replayed = await self._read_ledger(await self._ledger_head())
+                self.machine = await self._restore(replayed, initial, online=self.presence.online)
+                decided = replayed.decided_rounds - len(self.records)
+        return self.records
+
+    async def _read_ledger(self, head: bytes) -> Replayed:
+        """The task as the ledger holds it: the provider's task start (the first link
+        of its chain) and every round's transactions, replayed under the ledger's rules."""
+        rounds: list[tuple[Transaction, ...]] = []
+        while True:
+            answer = await self.ledger.query("round", round=len(rounds) + 1)
+            if not answer.ok or not answer.records:
+                break
+            rounds.append(tuple(Transaction.from_bytes(r) for r in answer.records))
+        mine = [tx for txs in rounds[:1] for tx in txs if tx.envelope.header.sender == self.pid]
+        start_hash = mine[0].envelope.header.prev if mine else head
+        answer = await self.ledger.query("tx", tx_hash=start_hash)
+        if not answer.ok or not answer.records:
+            raise RecoveryError(f"no ledger node has the task start {start_hash.hex()[:16]}")
+        history = LedgerHistory(Transaction.from_bytes(answer.records[0]), tuple(rounds))
+        return await asyncio.to_thread(replay, self.roster, history)
+
+    async def _restore(
+        self,
+        replayed: Replayed,
+        initial: npt.NDArray[np.float32],
+        online: Iterable[int] = (),
+    ) -> ProviderMachine:
+        """The provider machine rebuilt from the ledger and the blobs it names."""
+        blobs = {d: await self.ledger.blob(d) for d in blobs_needed(replayed, self.pid)}
+        machine = await asyncio.to_thread(
+            ProviderMachine.restore,
             self.identity,
             self.roster,
-            initial_params(t.model_name, t.seed),
+            initial,
             machine_config(self.config),
-            online=(),
+            replayed,
+            blobs,
+            online=set(online),
         )
-        await self._wait_for_users()
-        while len(self.records) < self.config.provider.rounds:
-            await self._play_round()
-        return self.records
+        log.info(
+            "resuming task %r from the ledger: %d rounds decided, round %d %s, excluded %s",
+            self.task, replayed.decided_rounds, machine.next_round,
+            "goes on" if machine.next_round == machine.round else "is next",
+            sorted(machine.excluded),
+        )  # fmt: skip
+        return machine
 
     async def _ledger_head(self) -> bytes:
         answer = await self.ledger.query("head", sender=self.pid)
@@ -221,9 +280,9 @@ class ProviderRuntime:
         machine = self.machine
         await self._drain()
         # A user dropped for missing a deadline while still connected gets another chance.
-        for user in sorted(self.online - machine.online - machine.excluded):
+        for user in sorted(self.presence.online - machine.online - machine.excluded):
             await self._feed(Joined(user))
-        record = RoundRecord.empty(machine.round + 1)
+        record = RoundRecord.empty(machine.next_round)
         self._record = record
         self._round_over.clear()
         start = time.perf_counter()
@@ -232,6 +291,7 @@ class ProviderRuntime:
         while not self._round_over.is_set():
             await self._feed(await self._inbox.get())
         record.timings_s["round"] = time.perf_counter() - start
+        self.metrics.round_ended(record)
         if record.failed is None:
             self._write(record)
         else:
@@ -256,8 +316,11 @@ class ProviderRuntime:
             await self._carry_out(self.machine.handle(ChainHead(user, answer.records[0])))
 
     async def _tick(self) -> None:
+        """The machine's clock, and the end of each presence grace period."""
         while True:
             await asyncio.sleep(TICK)
+            for event in self.presence.expire(time.monotonic()):
+                self._inbox.put_nowait(event)
             self._inbox.put_nowait(Tick(time.time()))
 
     async def _carry_out(self, outputs: list[Output]) -> None:
@@ -278,6 +341,7 @@ class ProviderRuntime:
                 self._round_over.set()
             elif isinstance(out, Refused):
                 log.warning("refused: %s: %s", out.reason, out.detail)
+                self.metrics.refused(out.reason)
                 if self._record is not None:
                     self._record.refusals.append(f"{out.reason}: {out.detail}")
 
@@ -287,6 +351,7 @@ class ProviderRuntime:
         env, kind = out.envelope, out.kind
         start = time.perf_counter()
         committed, receipt = await self.ledger.submit_for_receipt(ledger_submission(env))
+        self.metrics.committed(kind, time.perf_counter() - start, committed.height)
         if kind == "dropout":
             self._last_dropout = committed.tx_hash
         self._record.ledger_height = committed.height

@@ -31,7 +31,7 @@ from fairbus.identity import Identity, broker_password_path, require_broker_pass
 from fairbus.ledger.records import Transaction
 from fairbus.roster import Role, Roster
 from fairbus.runtime.config import RuntimeConfig
-from fairbus.runtime.connection import OFFLINE, ONLINE
+from fairbus.runtime.connection import Presence
 from fairbus.wire.messages import Announce, Decision, Message
 from fairbus_broker.mqtt import login_refused, mqtt_client, refusal_reason
 from fairbus_ledger_service.client import LedgerClient, LedgerTimeoutError
@@ -155,9 +155,18 @@ async def task_status(
             f"node of task {roster.task!r} on the broker at {host}:{port}?)"
         ) from None
     users = roster.with_role(Role.USER)
-    status.provider_online = presence.get((Role.PROVIDER.value, status.provider)) == ONLINE
-    status.online = [u for u in users if presence.get((Role.USER.value, u)) == ONLINE]
-    status.offline = [u for u in users if presence.get((Role.USER.value, u)) == OFFLINE]
+
+    def seen(role: Role, pid: int) -> Presence | None:
+        data = presence.get((role.value, pid))
+        return None if data is None else Presence.parse(data)
+
+    def online(role: Role, pid: int) -> bool:
+        said = seen(role, pid)
+        return said is not None and said.online
+
+    status.provider_online = online(Role.PROVIDER, status.provider)
+    status.online = [u for u in users if online(Role.USER, u)]
+    status.offline = [u for u in users if seen(Role.USER, u) == Presence(False)]
     status.unseen = [u for u in users if (Role.USER.value, u) not in presence]
     return status
 

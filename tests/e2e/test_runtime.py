@@ -196,11 +196,22 @@ def test_dropouts_regroup_and_rejoin(tmp_path: Path) -> None:
         task.kill(9)  # never comes back
         back = tmp_path / f"participant-{victim}.log"
         _wait(lambda: back.read_text().count("connected") >= 2, ROUND_TIMEOUT, "the victim")
-        records = task.wait_for_round(len(task.rounds_done()) + 2, 2 * ROUND_TIMEOUT)
+        after = len(task.rounds_done())
+
+        def took_part(user: int, record: dict[str, object]) -> bool:
+            members = {m for g in record["groups"] for m in g["members"]}  # type: ignore[attr-defined]
+            return user in members and user not in record["dropped"]  # type: ignore[operator]
+
+        def rejoined() -> bool:
+            later = task.rounds_done()[after:]
+            return all(any(took_part(u, r) for r in later) for u in (victim, 3))
+
+        # both restarted users are grouped again and finish a round (a first training
+        # in a fresh process may miss one deadline on a busy machine)
+        _wait(rejoined, 4 * ROUND_TIMEOUT, "the restarted users in a completed round")
+        records = task.rounds_done()
         _check_rounds(records, len(records))
-        last = {m for g in records[-1]["groups"] for m in g["members"]}  # type: ignore[attr-defined]
-        assert victim in last and 9 not in last
-        assert 3 in last  # the user restarted first is grouped again
+        assert not any(took_part(9, r) for r in records[after + 1 :])  # 9 never comes back
         _audit(task)
 
 

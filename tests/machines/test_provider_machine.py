@@ -265,10 +265,11 @@ def test_start_round_while_a_round_runs_is_refused() -> None:
     assert driver.refusals() == []
 
 
-def test_chain_head_resyncs_the_providers_view_of_a_users_chain() -> None:
+def test_a_receipted_upload_moves_the_providers_view_of_a_users_chain() -> None:
     """User 1's chain grew on the ledger where the provider did not see it (here a
-    recorded attestation; in practice an upload committed just before a crash): its
-    next upload is refused as a broken link until the provider takes the ledger's head."""
+    recorded attestation; in practice an upload committed while the provider was down):
+    its next upload carries a receipt, so the ledger took that link; the provider's view
+    moves to it (a ChainHead from the ledger does the same), and a replay is refused."""
     task = make_task(6)
     driver = Driver(task)
     driver.play_round(0.0)
@@ -291,13 +292,15 @@ def test_chain_head_resyncs_the_providers_view_of_a_users_chain() -> None:
         if isinstance(e, Received) and Recorded.from_bytes(e.data).envelope.header.sender == 1
     ]
     assert mine
-    refused = task.provider.handle(mine[0])
-    assert [getattr(o, "reason", "") for o in refused] == ["ChainError"]
-    assert task.provider.chain_head(1) == seen  # a refusal changes nothing
-    assert task.provider.handle(ChainHead(1, back)) == []
-    assert task.provider.chain_head(1) == back
-    driver.release()  # the same upload again, and the others: the round completes
-    assert driver.round_done(since).round == 2 and driver.refusals() == []
+    assert task.provider.handle(ChainHead(1, seen)) == []  # a stale view, as after a restart
+    assert task.provider.handle(mine[0]) == []
+    upload = Recorded.from_bytes(mine[0].data).envelope
+    assert task.provider.chain_head(1) == upload.hash
+    again = task.provider.handle(mine[0])
+    assert [getattr(o, "reason", "") for o in again] == ["ReplayError"]
+    driver.release(lambda t, e: e is not mine[0])  # the others: the round completes
+    assert driver.round_done(since).round == 2
+    assert [r.reason for _, r in driver.refusals()] == []
 
 
 def test_presence_decides_who_takes_part_in_the_next_round() -> None:

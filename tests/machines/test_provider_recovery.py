@@ -22,7 +22,7 @@ from fairbus.protocol.events import (
 from fairbus.protocol.provider import ProviderConfig, ProviderMachine, ProviderPhase
 from fairbus.protocol.recovery import LedgerHistory, RecoveryError, replay
 from fairbus.task import DEFAULT_DETECTION
-from fairbus.wire.messages import Decision, Dropout
+from fairbus.wire.messages import Announce, Decision, Dropout
 from tests.support_machines import Driver, Task, initial_model, kinds, make_task, of_type
 
 CONFIG = ProviderConfig(seed=3)
@@ -104,8 +104,9 @@ def test_a_round_evaluated_but_not_decided_is_decided_as_the_ledger_would() -> N
 
 def test_a_round_interrupted_while_collecting_is_closed_and_regrouped_with_fresh_keys() -> None:
     """The provider died with some uploads of round 2 recorded and others not made yet:
-    the restored one closes the attempt (a dropout naming nobody), regroups with the
-    complete groups counted, and the users finish the round on the new attempt."""
+    the restored one closes the attempt (a dropout naming nobody), regroups with fresh
+    keys, the complete groups counted, and the users finish the round on the new
+    attempt."""
     late = {1, 4, 7}
     driver = Driver(make_task(9, config=CONFIG), accuracy=_accuracy)
     driver.play_round(0.0)
@@ -121,10 +122,13 @@ def test_a_round_interrupted_while_collecting_is_closed_and_regrouped_with_fresh
     driver.task.provider = restored
     since = len(driver.log)
     out = driver.handle(PROVIDER, StartRound(2.0))
-    assert kinds(out) == ["Commit:dropout", "CloseAttempt"]
+    complete = [g for g in _announce(driver, 0).groups if not set(g.members) & late]
+    # the groups complete on the ledger are decrypted from its blobs and evaluated
+    assert kinds(out) == ["Commit:dropout", "CloseAttempt", *["Evaluate"] * len(complete)]
     assert of_type(out, CloseAttempt)[0] == CloseAttempt(2, 0)
     body = envelope.verify(of_type(out, Commit)[0].envelope, driver.task.roster).message
     assert isinstance(body, Dropout) and body.users == ()
+    assert body.voided_groups == tuple(sorted(g.gid for g in _announce(driver, 0).groups))
     driver.pump()  # the dropout and the new announcement reach the users
     assert [a.envelope.header.attempt for a in driver.commits("announce")][-1] == 1
     driver.hold = lambda target, event: False
@@ -152,3 +156,39 @@ def test_a_missing_or_altered_blob_is_refused() -> None:
     with pytest.raises(RecoveryError, match="does not match its hash"):
         ProviderMachine.restore(task.provider_identity, task.roster, initial_model(), CONFIG,
                                 replayed, blobs)  # fmt: skip
+
+
+def test_a_round_whose_uploads_were_all_recorded_finishes_on_them() -> None:
+    """The provider died after the last upload was recorded, before it decrypted it:
+    every group is complete on the ledger, so the restored one closes the attempt and
+    finishes the round on its groups from the blobs, with no new attempt (a regrouping
+    with all of them known could expose someone)."""
+    driver = Driver(make_task(9, config=CONFIG), accuracy=_accuracy)
+    straight = Driver(make_task(9, config=CONFIG), accuracy=_accuracy)
+    straight.play_round(0.0)
+    want = straight.play_round(1.0)
+    driver.play_round(0.0)
+    driver.hold = lambda target, event: target == PROVIDER
+    driver.handle(PROVIDER, StartRound(1.0))
+    driver.pump()
+    announced = _announce(driver, 0)
+    assert len(driver.task.ledger.uploads(2, 0)) == sum(len(g.members) for g in announced.groups)
+    driver.held = []  # lost with the old process
+    driver.hold = lambda target, event: False
+    driver.task.provider = _restore(driver)
+    since = len(driver.log)
+    driver.handle(PROVIDER, StartRound(2.0))
+    driver.pump()
+    done = driver.round_done(since)
+    assert done.attempts == 1 and len(driver.commits("announce")) == 2  # rounds 1, 2 only
+    assert np.array_equal(done.global_params, want.global_params)
+    assert driver.refusals() == []
+
+
+def _announce(driver: Driver, attempt: int) -> Announce:
+    for c in reversed(driver.commits("announce")):
+        if c.envelope.header.attempt == attempt:
+            message = envelope.verify(c.envelope, driver.task.roster).message
+            assert isinstance(message, Announce)
+            return message
+    raise AssertionError(f"no announcement of attempt {attempt}")
