@@ -245,3 +245,12 @@ class ChainTracker:
         self.check(envelope)
         self._heads[envelope.header.sender] = envelope.hash
         self._seen.add(envelope.hash)
+
+    def seen(self, envelope_hash: bytes) -> bool:
+        """Whether an envelope with this hash was accepted (or :meth:`remember`-ed)."""
+        return envelope_hash in self._seen
+
+    def remember(self, envelope_hash: bytes) -> None:
+        """Count an envelope as accepted without moving any head (one the ledger
+        recorded before this tracker was built)."""
+        self._seen.add(envelope_hash)

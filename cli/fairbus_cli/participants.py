@@ -38,20 +38,37 @@ def _run_until_stopped(main: Callable[[], Coroutine[Any, Any, object]]) -> None:
         asyncio.run(guarded())
 
 
-def provider(config: Path = CONFIG) -> None:
+def provider(
+    config: Path = CONFIG,
+    standby: bool = typer.Option(
+        False,
+        "--standby",
+        help="Run as a hot standby: wait (data and model loaded) until the active "
+        "provider's etcd lease lapses, then take over from the ledger. Needs [provider] "
+        "etcd in the configuration.",
+    ),
+) -> None:
     """Coordinate training: announce each round (recorded on the ledger first), collect
     the masked uploads that carry ledger receipts, decrypt the group models (Alg. 5),
     evaluate them, detect violators (Alg. 6) and aggregate the clean groups.
 
+    Started again after a crash (same identity), it rebuilds its state from the ledger
+    and goes on; an interrupted round is closed and continues as a new attempt. With
+    [provider] etcd, providers elect the active one and the others wait as standbys.
     Writes STATE/provider/rounds.jsonl (one JSON line per round) and the global model.
     A mistake in the configuration, roster, key files, state folder or broker login is
     one line and exit status 2; an unreachable broker is waited for (and said so).
     """
-    from fairbus.runtime.config import RuntimeConfig
+    from fairbus.runtime.config import RuntimeConfig, RuntimeConfigError
     from fairbus.runtime.provider import ProviderRuntime
 
     try:
         settings = RuntimeConfig.load(config)
+        if standby and not settings.provider.etcd:
+            raise RuntimeConfigError(
+                f"{config} [provider]: --standby needs 'etcd' (the members through which "
+                "providers elect the active one)"
+            )
         _run_until_stopped(lambda: ProviderRuntime(settings).run())
     except (FairbusError, *STOPPERS) as exc:
         stop(console, exc, failed="provider stopped")

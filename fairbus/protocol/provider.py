@@ -328,6 +328,8 @@ class ProviderMachine:
                 held = recorded_uploads(replayed, number, blobs, self.limits)
                 for (gid, user), upload in held.items():
                     self._uploads[gid][user] = upload.vector()
+                for tx in replayed.upload_txs(number, record).values():
+                    self._chains.remember(tx.hash)  # the broker may deliver them again
                 self._interrupted = _Interrupted.CLOSE
             return  # a failed round: only its known groups count
         gids = [e.gid for e in evaluation.accuracies]
@@ -555,6 +557,8 @@ class ProviderMachine:
         msg = verified.message
         header = verified.header
         user = header.sender
+        if self._chains.seen(verified.envelope.hash):
+            return []  # a second delivery (MQTT QoS 1 is at least once): nothing new
         if header.prev != self._chains.head(user):
             # The receipt says the ledger took this link, so the ledger's chain for the
             # user grew where this provider did not see it (an upload committed while it

@@ -70,6 +70,11 @@ class ProviderSettings:
     defended: bool = True
     secure: bool = True
     """False: plain FedAvg over the same bus (the benchmark's baseline), no masking."""
+    etcd: tuple[tuple[str, int], ...] = ()
+    """etcd members (``"host:port"``) through which providers elect the active one (a
+    hot standby, ``fairbus provider --standby``); empty: a single provider."""
+    lease_ttl: int = 2
+    """Seconds the active provider's etcd lease outlives it: the standby's takeover."""
 
 
 @dataclass(frozen=True)
@@ -163,6 +168,7 @@ class RuntimeConfig:
         min_users = provider.take("min_users", int, None)
         if min_users is not None and min_users < 3:
             raise RuntimeConfigError(f"{source} [provider]: 'min_users' must be at least 3")
+        etcd: list[object] = provider.take("etcd", list, [])
         provider_settings = ProviderSettings(
             rounds=provider.integer("rounds", p.rounds, low=1),
             min_users=min_users,
@@ -175,6 +181,8 @@ class RuntimeConfig:
             regroup_every_round=provider.take("regroup_every_round", bool, p.regroup_every_round),
             defended=provider.take("defended", bool, p.defended),
             secure=provider.take("secure", bool, p.secure),
+            etcd=tuple(_endpoint(e, f"{source} [provider]") for e in etcd),
+            lease_ttl=provider.integer("lease_ttl", p.lease_ttl, low=1),
         )
         provider.done()
         metrics = _Table(top.table("metrics"), f"{source} [metrics]", base)
@@ -200,6 +208,14 @@ class RuntimeConfig:
         if config.collusion > MAX_COLLUSION:
             raise RuntimeConfigError(f"{source}: 'collusion' must be at most {MAX_COLLUSION}")
         return config
+
+
+def _endpoint(value: object, source: str) -> tuple[str, int]:
+    """``"host:port"`` as (host, port)."""
+    host, _, port = str(value).rpartition(":")
+    if not isinstance(value, str) or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise RuntimeConfigError(f"{source}: 'etcd' entries are 'host:port', got {value!r}")
+    return host, int(port)
 
 
 class _Table:

@@ -26,6 +26,8 @@ from fairbus_ledger_service.deployment import (
 )
 
 CLI = list(FAIRBUS_COMMAND)
+STANDBY = -1
+"""The key of a standby provider's process in :attr:`LocalTask.processes`."""
 
 
 def task_config_toml(
@@ -68,6 +70,9 @@ class LocalTask:
     task: str = "local-task"
     ledger: LocalLedger | None = None
     processes: dict[int, subprocess.Popen[bytes]] = field(default_factory=dict)
+    standby: bool = False
+    """Providers elect the active one through the ledger's etcd (``store="etcd"``); a
+    second provider process waits as a hot standby (:meth:`start_standby`)."""
     metrics: dict[str, object] = field(default_factory=dict)
     """The task's ``[metrics]`` table (``provider_port``, ``user_port``); empty: none."""
     ledger_metrics_ports: dict[int, int] = field(default_factory=dict)
@@ -99,7 +104,11 @@ class LocalTask:
 
     def _write_config(self) -> None:
         assert self.ledger is not None
-        provider = {"rounds": self.rounds, "join_timeout": 60, "phase_timeout": 30}
+        provider: dict[str, object] = {
+            "rounds": self.rounds, "join_timeout": 60, "phase_timeout": 30
+        }  # fmt: skip
+        if self.standby:
+            provider["etcd"] = [f"{h}:{p}" for h, p in self.ledger.alive_endpoints()]
         self.config.write_text(
             task_config_toml(
                 ("127.0.0.1", self.ledger.broker_port),
@@ -113,12 +122,19 @@ class LocalTask:
             with self.config.open("a", encoding="utf-8") as f:
                 f.write("\n[metrics]\n" + toml_values(self.metrics))
 
-    def _spawn(self, pid: int, argv: list[str]) -> None:
-        log = open(self.root / f"participant-{pid}.log", "ab")  # noqa: SIM115 — the child's
+    def _spawn(self, pid: int, argv: list[str], name: str | None = None) -> None:
+        log_path = self.root / f"participant-{name or pid}.log"
+        log = open(log_path, "ab")  # noqa: SIM115 — the child's
         self.processes[pid] = subprocess.Popen(argv, stdout=log, stderr=log)
 
     def start_provider(self) -> None:
         self._spawn(0, [*CLI, "provider", "--config", str(self.config)])
+
+    def start_standby(self) -> None:
+        """A second provider process, waiting as a hot standby (its log:
+        ``participant-standby.log``); :meth:`kill` ``STANDBY`` stops it."""
+        argv = [*CLI, "provider", "--standby", "--config", str(self.config)]
+        self._spawn(STANDBY, argv, "standby")
 
     def start_user(self, user: int) -> None:
         attack = self.attacks.get(user, Behaviour.HONEST)

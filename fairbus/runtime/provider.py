@@ -66,6 +66,7 @@ from fairbus.runtime.config import RuntimeConfig
 from fairbus.runtime.connection import BusConnection, Presence
 from fairbus.runtime.metrics import RuntimeMetrics
 from fairbus.runtime.presence import PresenceTracker
+from fairbus.runtime.standby import when_elected
 from fairbus.runtime.state import prepare_state_folder, state_io
 from fairbus_ledger_service.client import LedgerClient
 
@@ -159,6 +160,12 @@ class ProviderRuntime:
         """Play ``rounds`` rounds and return their records. A login the broker refuses
         ends it (:class:`~fairbus.runtime.connection.BrokerLoginError`)."""
         self._evaluator = await asyncio.to_thread(self._build_evaluator)
+        p = self.config.provider
+        if p.etcd:  # a hot standby until elected (fairbus.runtime.standby)
+            return await when_elected(p.etcd, self.task, self.pid, p.lease_ttl, self._serve)
+        return await self._serve()
+
+    async def _serve(self) -> list[RoundRecord]:
         ticker = asyncio.create_task(self._tick())
         try:
             return await self.bus.serve(self._play())

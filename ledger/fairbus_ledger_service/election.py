@@ -20,18 +20,27 @@ from fairbus_ledger_service.stores import EtcdStore
 log = logging.getLogger("fairbus.ledger")
 
 
+def provider_key(task: str) -> bytes:
+    """The key the active provider of ``task`` holds (a hot standby waits for it)."""
+    return f"/fairbus/{task}/provider/active".encode()
+
+
 class EtcdElection:
-    def __init__(self, store: EtcdStore, node_id: int, ttl: int = 2) -> None:
+    def __init__(
+        self, store: EtcdStore, node_id: int, ttl: int = 2, key: bytes | None = None
+    ) -> None:
+        """``key``: what is held (default the ledger writer's key)."""
         self.store = store
         self.ttl = ttl
+        self.key = store.writer_key if key is None else key
         self.value = f"{node_id}:{os.urandom(8).hex()}".encode()
         self.lease_id: int | None = None
 
     async def campaign_once(self) -> bool:
-        """Try to become the writer; True if this node holds the writer key now."""
+        """Try to hold the key; True if this node holds it now."""
         client, tx = self.store.client, self.store.client.transactions
         lease = await client.lease(self.ttl)
-        key = self.store.writer_key
+        key = self.key
         ok, _ = await client.transaction(
             compare=[tx.version(key) == 0],
             success=[tx.put(key, self.value, lease=lease)],

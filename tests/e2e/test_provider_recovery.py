@@ -23,6 +23,7 @@ from fairbus.runtime.provider import machine_config
 from fairbus.training.models import initial_params
 from fairbus_ledger_service.audit import read_export
 from fairbus_ledger_service.blobs import BlobStore
+from tests.conftest import find_service_binary
 from tests.e2e.test_runtime import ATTACKS, ROUND_TIMEOUT, _audit, _check_rounds, _wait
 
 pytestmark = pytest.mark.services
@@ -84,6 +85,33 @@ def test_a_provider_killed_mid_task_is_restarted_and_training_goes_on(
         _check_rounds(records, ROUNDS)
         log = (tmp_path / "participant-0.log").read_text()
         assert "resuming task" in log
+        _audit(task)
+        final = np.load(tmp_path / "state" / "provider" / "global_model.npy")
+        assert np.array_equal(final, _model_the_ledger_implies(task))
+
+
+def test_a_standby_takes_over_when_the_active_provider_dies(tmp_path: Path) -> None:
+    """Two provider processes elect the active one through etcd; kill -9 of the active
+    one mid-task: the standby (data and model loaded, waiting for the lease) takes over
+    from the ledger within seconds, and training completes every round."""
+    find_service_binary("mosquitto", "/usr/sbin/mosquitto")
+    find_service_binary("etcd", "/usr/bin/etcd")
+    with LocalTask(tmp_path, 9, ROUNDS, ATTACKS, store="etcd", broker="mosquitto",
+                   standby=True) as task:  # fmt: skip
+        task.start_standby()
+        standby = tmp_path / "participant-standby.log"
+        task.wait_for_round(1, ROUND_TIMEOUT)
+        _wait(lambda: "waiting for its lease" in standby.read_text(), ROUND_TIMEOUT,
+              "the standby")  # fmt: skip
+        killed = time.monotonic()
+        task.kill(0)
+        _wait(lambda: "resuming task" in standby.read_text(), 60.0, "the takeover")
+        assert time.monotonic() - killed < 30.0  # `fairbus bench failover` measures it
+        records = task.wait_for_round(ROUNDS, ROUNDS * ROUND_TIMEOUT)
+        numbers = [int(r["round"]) for r in records]  # type: ignore[call-overload]
+        assert len(numbers) == ROUNDS and numbers == sorted(set(numbers)), numbers
+        _check_rounds(records, ROUNDS)
+        assert f"round {numbers[-1]}: accuracy" in standby.read_text()  # it finished the task
         _audit(task)
         final = np.load(tmp_path / "state" / "provider" / "global_model.npy")
         assert np.array_equal(final, _model_the_ledger_implies(task))
