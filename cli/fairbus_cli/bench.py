@@ -394,3 +394,36 @@ def privacy_bench(
         "the setting's share of the budget ran out first. Groups have max(3, c + 2) "
         "members; 'basic' is the mean number of basic groupings that fit."
     )
+
+
+@app.command("failover")
+def failover_bench(
+    kills: int = typer.Option(5, help="kill -9 of the active provider, this many times."),
+    restart_delay: float = typer.Option(1.0, help="Seconds before the restart (RestartSec)."),
+    workdir: Path = typer.Option(Path("out/bench-failover"), help="Files of both deployments."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
+) -> None:
+    """How long training pauses when the provider dies: with a hot standby (etcd
+    election) and by a restart after RESTART_DELAY seconds, over KILLS kills each; from
+    the kill to the next provider having rebuilt its state from the ledger."""
+    import shutil
+
+    from fairbus.bench import failover
+
+    shutil.rmtree(workdir, ignore_errors=True)
+    results = [
+        failover.measure(workdir, mode, kills=kills, restart_delay=restart_delay,
+                         progress=lambda line: console.print(f"[dim]{line}[/]"))
+        for mode in ("standby", "restart")
+    ]  # fmt: skip
+    if as_json:
+        console.print_json(json.dumps([{**vars(r), "median_s": r.median_s} for r in results]))
+        return
+    table = Table(title=f"provider failover, 9 users, {kills} kills each")
+    for column in ("mode", "median pause", "worst pause", "pauses", "target"):
+        table.add_column(column)
+    targets = {"standby": "≤ 5 s", "restart": f"≤ {restart_delay:g} + 10 s"}
+    for r in results:
+        table.add_row(r.mode, f"{r.median_s:.2f} s", f"{r.worst_s:.2f} s",
+                      ", ".join(f"{p:.1f}" for p in r.pauses_s), targets[r.mode])  # fmt: skip
+    console.print(table)

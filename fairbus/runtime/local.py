@@ -70,11 +70,15 @@ class LocalTask:
     task: str = "local-task"
     ledger: LocalLedger | None = None
     processes: dict[int, subprocess.Popen[bytes]] = field(default_factory=dict)
+    broker_persistence: bool = False
+    """Mosquitto persists sessions and retained presence across a restart."""
     standby: bool = False
     """Providers elect the active one through the ledger's etcd (``store="etcd"``); a
     second provider process waits as a hot standby (:meth:`start_standby`)."""
     metrics: dict[str, object] = field(default_factory=dict)
     """The task's ``[metrics]`` table (``provider_port``, ``user_port``); empty: none."""
+    _providers: set[int] = field(default_factory=lambda: {0})
+    """The keys in :attr:`processes` of provider processes (the first and any standby)."""
     ledger_metrics_ports: dict[int, int] = field(default_factory=dict)
     """Ledger node → its metrics port (:attr:`LocalLedger.metrics_ports`)."""
 
@@ -90,6 +94,7 @@ class LocalTask:
         nodes = (101,) if self.store == "sqlite" else (101, 102, 103)
         self.ledger = LocalLedger(self.root, self.task, nodes, tuple(range(1, self.users + 1)),
                                   store=self.store, broker=self.broker,
+                                  broker_persistence=self.broker_persistence,
                                   metrics_ports=self.ledger_metrics_ports)  # fmt: skip
         try:
             self.ledger.__enter__()
@@ -130,11 +135,12 @@ class LocalTask:
     def start_provider(self) -> None:
         self._spawn(0, [*CLI, "provider", "--config", str(self.config)])
 
-    def start_standby(self) -> None:
-        """A second provider process, waiting as a hot standby (its log:
-        ``participant-standby.log``); :meth:`kill` ``STANDBY`` stops it."""
+    def start_standby(self, key: int = STANDBY) -> None:
+        """A provider process waiting as a hot standby, kept as ``processes[key]`` (its
+        log: ``participant-standby.log``, or ``participant-<key>-standby.log``)."""
         argv = [*CLI, "provider", "--standby", "--config", str(self.config)]
-        self._spawn(STANDBY, argv, "standby")
+        self._spawn(key, argv, "standby" if key == STANDBY else f"{key}-standby")
+        self._providers.add(key)
 
     def start_user(self, user: int) -> None:
         attack = self.attacks.get(user, Behaviour.HONEST)
@@ -161,10 +167,12 @@ class LocalTask:
             done = self.rounds_done()
             if len(done) >= n:
                 return done
-            if self.provider_process.poll() is not None and len(self.rounds_done()) < n:
+            providers = [self.processes[k] for k in sorted(self._providers)]
+            if all(p.poll() is not None for p in providers) and len(self.rounds_done()) < n:
+                codes = [p.returncode for p in providers]
                 raise LocalTaskError(
-                    f"the provider exited ({self.provider_process.returncode}) after "
-                    f"{len(done)} rounds; see {self.root / 'participant-0.log'}"
+                    f"every provider process exited ({codes}) after {len(done)} rounds; "
+                    f"see {self.root / 'participant-0.log'}"
                 )
             time.sleep(0.2)
         raise LocalTaskError(f"{n} rounds not done within {timeout} s; see {self.root}")

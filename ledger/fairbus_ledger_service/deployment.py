@@ -144,6 +144,8 @@ class LocalLedger:
     broker: str = "open"
     """``mosquitto`` (passwords and the roster's ACL), ``embedded`` (amqtt, the same), or
     ``open`` (Mosquitto with anonymous access, no ACL)."""
+    broker_persistence: bool = False
+    """Mosquitto keeps sessions and retained messages across a restart (in ``root``)."""
     identities: dict[int, Identity] = field(default_factory=dict)
     processes: dict[int, subprocess.Popen[bytes]] = field(default_factory=dict)
     configs: dict[int, Path] = field(default_factory=dict)
@@ -190,7 +192,9 @@ class LocalLedger:
     def _start_guarded_broker(self) -> None:
         """``fairbus broker`` in its own process: the roster's logins and ACL."""
         self.broker_config = self.root / "broker.toml"
-        self.broker_config.write_text(broker_config_toml(self.broker_port, persistence=False))
+        self.broker_config.write_text(
+            broker_config_toml(self.broker_port, persistence=self.broker_persistence)
+        )
         log = open(self.root / "broker.log", "ab")  # noqa: SIM115 — owned by the child
         argv = [*FAIRBUS_COMMAND, "broker",
                 "--config", str(self.broker_config)]  # fmt: skip

@@ -98,6 +98,9 @@ def test_a_standby_takes_over_when_the_active_provider_dies(tmp_path: Path) -> N
     find_service_binary("etcd", "/usr/bin/etcd")
     with LocalTask(tmp_path, 9, ROUNDS, ATTACKS, store="etcd", broker="mosquitto",
                    standby=True) as task:  # fmt: skip
+        first = tmp_path / "participant-0.log"
+        _wait(lambda: "elected the active provider" in first.read_text(), ROUND_TIMEOUT,
+              "the first provider elected")  # fmt: skip
         task.start_standby()
         standby = tmp_path / "participant-standby.log"
         task.wait_for_round(1, ROUND_TIMEOUT)

@@ -608,3 +608,44 @@ def test_when_no_grouping_of_all_survivors_is_safe_some_sit_the_attempt_out() ->
     done = driver.round_done()
     assert done.attempts == 2 and {m for g in done.groups for m in g.members} == grouped
     assert driver.refusals() == []
+
+
+def test_a_second_dropout_after_a_finish_on_complete_groups_counts_every_known_group() -> None:
+    """Issue 14's prior-groups regression. Two basic groups complete on the ledger, but
+    the uploads of one member of each have not reached the provider. The first of them
+    drops: no grouping of the survivors passes the check, so the round goes on with the
+    complete groups the provider holds or will. Then the second drops and the round
+    fails. What the provider counts as known must be every group of the attempt whose
+    sum the ledger holds — also the one the finish left out: the next round, from the
+    same global model, must name it, or the ledger refuses its announcement (this
+    Driver raises on a refusal)."""
+    task = make_task(9)
+    driver = Driver(task, hold=lambda target, event: isinstance(event, Trained))
+    driver.handle(PROVIDER, StartRound(0.0))
+    driver.pump()
+    g1, g2, _ = [g.members for g in _announce_of(driver, attempt=0).groups if g.kind == "basic"][:3]
+    victim, late = g2[0], g1[0]
+
+    def undelivered(target: Target, event: Event) -> bool:
+        if target != PROVIDER or not isinstance(event, Received) or event.kind != "upload":
+            return False
+        return Recorded.from_bytes(event.data).envelope.header.sender in (victim, late)
+
+    driver.hold = undelivered  # recorded on the ledger, not yet at the provider
+    driver.release(lambda target, event: target in (*g1, *g2))
+    driver.online.discard(victim)
+    driver.handle(PROVIDER, Dropped(victim))
+    driver.pump()
+    assert len(driver.commits("announce")) == 1, "the survivors could be regrouped"
+    assert task.provider.phase is ProviderPhase.COLLECTING  # on the complete groups
+    assert g2 not in {g.members for g in task.provider.grouping.groups}  # type: ignore[union-attr]
+    driver.online.discard(late)
+    driver.handle(PROVIDER, Dropped(late))
+    driver.pump()
+    assert of_type(driver.outputs(PROVIDER), RoundFailed)
+    driver.held = []
+    driver.hold = lambda target, event: False
+    driver.handle(PROVIDER, StartRound(1.0))  # round 2, from the same global model
+    driver.pump()
+    second = [_announcement(driver, c) for c in driver.commits("announce")][1:]
+    assert second and g2 in second[0].prior_groups
