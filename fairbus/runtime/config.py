@@ -59,7 +59,7 @@ class ProviderSettings:
     """Start with whoever is online (at least 3) after this long."""
     phase_timeout: float = PHASE_TIMEOUT
     """A user that has not uploaded this long after an announcement counts as dropped."""
-    presence_grace: float = 5.0
+    presence_grace: float = 10.0
     """Seconds a user's ``offline`` presence (a Last Will, or a retained one replayed
     during a broker restart) must last before the provider counts it as dropped; the
     phase deadline catches a user that hangs while connected."""

@@ -85,7 +85,7 @@ class BusConnection:
         password: str | None,
         subscriptions: list[str],
         on_message: Callable[[str, bytes], None],
-        backoff: tuple[float, float] = (0.2, 10.0),
+        backoff: tuple[float, float] = (0.2, 2.0),
         password_file: Path | None = None,
         report_every: float = REPORT_EVERY,
     ) -> None:

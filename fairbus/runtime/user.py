@@ -49,7 +49,7 @@ from fairbus.protocol.events import (
 from fairbus.protocol.user import UserMachine
 from fairbus.roster import Role, Roster
 from fairbus.runtime.config import RuntimeConfig
-from fairbus.runtime.connection import BusConnection
+from fairbus.runtime.connection import BusConnection, Presence
 from fairbus.runtime.metrics import RuntimeMetrics
 from fairbus.runtime.state import state_io
 from fairbus.runtime.user_state import UserState
@@ -127,6 +127,7 @@ class UserRuntime:
         self.machine = UserMachine(
             self.identity, self.roster, secure=config.provider.secure, collusion=config.collusion
         )
+        self._provider_session: str | None = None
         self._round_log: dict[str, float] = {}
         self._bytes_before: dict[str, int] = {}
 
@@ -141,11 +142,27 @@ class UserRuntime:
             self.ledger.dispatch(data)
             return
         from_provider = parsed.role == Role.PROVIDER.value and parsed.recipient is None
+        if from_provider and parsed.kind == "presence":
+            self._on_provider_presence(Presence.parse(data))
+            return
         share = parsed.role == Role.USER.value and parsed.recipient == self.me
         if (from_provider and parsed.kind in PROVIDER_KINDS) or (
             share and parsed.kind in SEALED_KINDS
         ):
             self._inbox.put_nowait(Received(parsed.kind, data))
+
+    def _on_provider_presence(self, presence: Presence | None) -> None:
+        """Say when the provider goes and comes back: the round waits for it (a restarted
+        provider or a standby goes on from the ledger; nothing here needs to change)."""
+        if presence is None:
+            return
+        if not presence.online:
+            log.warning("user %d: the provider is offline; waiting for it (or its standby) "
+                        "to come back", self.me)  # fmt: skip
+        elif self._provider_session not in (None, presence.session):
+            log.info("user %d: a provider is back (a new session): the round goes on from "
+                     "the ledger", self.me)  # fmt: skip
+        self._provider_session = presence.session if presence.online else self._provider_session
 
     # --- the loop ------------------------------------------------------------------------------
 

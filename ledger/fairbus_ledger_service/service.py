@@ -60,7 +60,7 @@ from fairbus_ledger_service.stores import BlockStore, EtcdStore, SqliteStore
 log = logging.getLogger("fairbus.ledger")
 
 FOLLOW_INTERVAL = 0.05
-RECONNECT_DELAY = (0.2, 5.0)
+RECONNECT_DELAY = (0.2, 2.0)
 """First and longest wait (seconds) before connecting to the broker again."""
 BLOB_CHUNK = 64 * 1024
 """A blob is served as records of this size (the query response's bound per record)."""
@@ -151,9 +151,13 @@ class LedgerService:
         if password is None:
             log.warning("ledger node %d: no %s: logging in to the broker anonymously",
                         self.node_id, self.config.keys / f"{self.node_id}.mqtt.key")  # fmt: skip
+        # A persistent session: uploads published while this node reconnects are queued
+        # for it (and kept across a broker restart where the broker persists), so their
+        # payloads reach the blob store.
         client = mqtt_client(
-            host, port, login, username=login if password else None, password=password
-        )
+            host, port, login, username=login if password else None, password=password,
+            clean_session=False,
+        )  # fmt: skip
         delay = RECONNECT_DELAY[0]
         while True:
             try:
