@@ -53,19 +53,22 @@ def test_five_broker_restarts_during_uploads_are_ridden_out(
 def test_a_stopped_user_is_dropped_by_the_deadline_and_rejoins_after_sigcont(
     tmp_path: Path,
 ) -> None:
-    """SIGSTOP of user 5 right after round 2 is announced: it holds its socket (the
-    broker's keepalive would take 15 s to notice); the provider's phase deadline (6 s
-    here) drops it and the survivors finish the round; SIGCONT: it is grouped again."""
-    with LocalTask(tmp_path, 9, 6, {}, store="sqlite", broker="embedded",
-                   provider={"phase_timeout": 6.0}) as task:  # fmt: skip
+    """SIGSTOP of user 5 right after a round is recorded: it holds its socket (the
+    broker's keepalive would take 15 s to notice, then the 10 s presence grace); the
+    provider's phase deadline (10 s here) drops it and the survivors finish the round;
+    SIGCONT: it is grouped again."""
+    with LocalTask(tmp_path, 9, 8, {}, store="sqlite", broker="embedded",
+                   training={"local_epochs": 1},
+                   provider={"phase_timeout": 10.0}) as task:  # fmt: skip
         task.wait_for_round(1, ROUND_TIMEOUT)
         stopped = task.processes[5]
         os.kill(stopped.pid, signal.SIGSTOP)
         paused = time.monotonic()
+        done = len(task.rounds_done())
         try:
-            records = task.wait_for_round(2, ROUND_TIMEOUT)
-            assert 5 in records[1]["dropped"], records[1]  # type: ignore[operator]
-            assert time.monotonic() - paused < 15.0 + 5.0  # the deadline, not keepalive
+            records = task.wait_for_round(done + 1, ROUND_TIMEOUT)
+            assert 5 in records[done]["dropped"], records[done]  # type: ignore[operator]
+            assert time.monotonic() - paused < 15.0 + 10.0  # the deadline, not the Will
         finally:
             os.kill(stopped.pid, signal.SIGCONT)
         after = len(task.rounds_done())

@@ -96,24 +96,26 @@ def test_a_standby_takes_over_when_the_active_provider_dies(tmp_path: Path) -> N
     from the ledger within seconds, and training completes every round."""
     find_service_binary("mosquitto", "/usr/sbin/mosquitto")
     find_service_binary("etcd", "/usr/bin/etcd")
-    with LocalTask(tmp_path, 9, ROUNDS, ATTACKS, store="etcd", broker="mosquitto",
-                   standby=True) as task:  # fmt: skip
+    rounds = ROUNDS + 2  # rounds long enough for the standby to load before the end
+    with LocalTask(tmp_path, 9, rounds, ATTACKS, store="etcd", broker="mosquitto",
+                   standby=True, training={"local_epochs": 20}) as task:  # fmt: skip
         first = tmp_path / "participant-0.log"
         _wait(lambda: "elected the active provider" in first.read_text(), ROUND_TIMEOUT,
               "the first provider elected")  # fmt: skip
         task.start_standby()
         standby = tmp_path / "participant-standby.log"
-        task.wait_for_round(1, ROUND_TIMEOUT)
         _wait(lambda: "waiting for its lease" in standby.read_text(), ROUND_TIMEOUT,
               "the standby")  # fmt: skip
+        task.wait_for_round(1, ROUND_TIMEOUT)
+        assert len(task.rounds_done()) < rounds, "the task ended before the kill"
         killed = time.monotonic()
         task.kill(0)
         _wait(lambda: "resuming task" in standby.read_text(), 60.0, "the takeover")
         assert time.monotonic() - killed < 30.0  # `fairbus bench failover` measures it
-        records = task.wait_for_round(ROUNDS, ROUNDS * ROUND_TIMEOUT)
+        records = task.wait_for_round(rounds, rounds * ROUND_TIMEOUT)
         numbers = [int(r["round"]) for r in records]  # type: ignore[call-overload]
-        assert len(numbers) == ROUNDS and numbers == sorted(set(numbers)), numbers
-        _check_rounds(records, ROUNDS)
+        assert len(numbers) == rounds and numbers == sorted(set(numbers)), numbers
+        _check_rounds(records, rounds)
         assert f"round {numbers[-1]}: accuracy" in standby.read_text()  # it finished the task
         _audit(task)
         final = np.load(tmp_path / "state" / "provider" / "global_model.npy")

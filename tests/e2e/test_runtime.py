@@ -40,14 +40,22 @@ ROUND_TIMEOUT = 120.0
 
 
 def _audit(task: LocalTask, node: int = 101) -> None:
-    """``fairbus audit`` on ``node``'s store and blobs (while the ledger still runs)."""
-    result = subprocess.run(
-        [*CLI, "audit", "--config", str(task.root / f"ledger-{node}.toml")],
-        capture_output=True,
-        text=True,
-        check=False,
-        timeout=120,
-    )
+    """``fairbus audit`` on ``node``'s store and blobs (while the ledger still runs). A
+    payload follows its committed header on the bus, so an upload committed a moment ago
+    may have no blob yet: a "no blob" is asked again for a few seconds, nothing else."""
+    deadline = time.monotonic() + 10.0
+    while True:
+        result = subprocess.run(
+            [*CLI, "audit", "--config", str(task.root / f"ledger-{node}.toml")],
+            capture_output=True,
+            text=True,
+            check=False,
+            timeout=120,
+        )
+        in_flight = "no blob" in result.stdout and time.monotonic() < deadline
+        if result.returncode == 0 or not in_flight:
+            break
+        time.sleep(1.0)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "audit: OK" in result.stdout
 
@@ -165,7 +173,10 @@ def test_dropouts_regroup_and_rejoin(tmp_path: Path) -> None:
         time.sleep(0.3)
         task.kill(3)
         records = task.wait_for_round(2, ROUND_TIMEOUT)
-        assert 3 in records[1]["dropped"] and records[1]["attempts"] >= 2  # type: ignore[operator]
+        # regrouped (attempt + 1), or finished on the groups complete when its offline
+        # presence had lasted the grace period
+        assert 3 in records[1]["dropped"]  # type: ignore[operator]
+        assert all(3 not in g["members"] for g in records[1]["groups"])  # type: ignore[attr-defined]
         task.start_user(3)
         log3 = tmp_path / "participant-3.log"
         _wait(lambda: log3.read_text().count("user-3: connected") >= 2, ROUND_TIMEOUT, "user 3")
