@@ -21,6 +21,7 @@ from pathlib import Path
 from fairbus.runtime.local import STANDBY, LocalTask
 
 RESUMED = "resuming task"
+ELECTED = "elected the active provider"
 WAITING = "waiting for its lease"
 TIMEOUT = 180.0
 
@@ -66,13 +67,15 @@ def measure(
     """``mode``: ``standby`` or ``restart``."""
     standby = mode == "standby"
     result = FailoverResult(mode, restart_delay_s=0.0 if standby else restart_delay)
-    with LocalTask(workdir / mode, 9, kills + 2, {}, store="etcd" if standby else "sqlite",
-                   broker="mosquitto", standby=standby,
-                   training={"local_epochs": 2}) as task:  # fmt: skip
-        if standby:
-            _wait(lambda: _count(task, "elected the active provider") > 0, "first election")
-            task.start_standby()
+    with LocalTask(workdir / mode, 9, 2 * kills + 2, {}, broker="mosquitto",
+                   store="etcd" if standby else "sqlite", standby=standby,
+                   training={"local_epochs": 20}) as task:  # fmt: skip
         active, spare = 0, STANDBY
+        if standby:
+            task.start_standby()  # both load at once; whichever is elected first plays
+            _wait(lambda: _count(task, ELECTED) > 0, "first election")
+            if ELECTED not in (task.root / "participant-0.log").read_text():
+                active, spare = STANDBY, 0
         task.wait_for_round(1, TIMEOUT)
         for k in range(kills):
             done = len(task.rounds_done())
@@ -92,5 +95,5 @@ def measure(
             _wait(lambda: _count(task, RESUMED) > resumed, "takeover")  # noqa: B023
             result.pauses_s.append(time.monotonic() - killed)
             progress(f"{mode}: kill {k + 1}/{kills}: paused {result.pauses_s[-1]:.2f} s")
-        result.rounds = len(task.wait_for_round(kills + 2, TIMEOUT))
+        result.rounds = len(task.wait_for_round(2 * kills + 2, TIMEOUT))
     return result

@@ -253,7 +253,8 @@ class ProviderRuntime:
 
     async def _wait_for_users(self) -> None:
         assert self.machine is not None
-        want = self.config.provider.min_users or len(self.users)
+        eligible = len(set(self.users) - self.machine.excluded)  # a resumed task excludes some
+        want = min(self.config.provider.min_users or eligible, eligible)
         deadline = time.monotonic() + self.config.provider.join_timeout
         log.info("waiting for %d of %d users (at most %.0f s)", want, len(self.users),
                  self.config.provider.join_timeout)  # fmt: skip

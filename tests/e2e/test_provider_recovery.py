@@ -18,7 +18,7 @@ from fairbus.protocol.provider import ProviderMachine
 from fairbus.protocol.recovery import LedgerHistory, blobs_needed, replay
 from fairbus.roster import Roster
 from fairbus.runtime.config import RuntimeConfig
-from fairbus.runtime.local import CLI, LocalTask
+from fairbus.runtime.local import CLI, STANDBY, LocalTask
 from fairbus.runtime.provider import machine_config
 from fairbus.training.models import initial_params
 from fairbus_ledger_service.audit import read_export
@@ -43,15 +43,29 @@ def _uploaded(task: LocalTask, round: int) -> bool:
     return False
 
 
-def _model_the_ledger_implies(task: LocalTask) -> np.ndarray:
+def _finished(task: LocalTask, providers: list[int], rounds: int) -> list[dict[str, object]]:
+    """Wait for the provider processes to finish the task; its round records, checked:
+    none twice, every round the ledger decided (a round decided just before a kill may
+    have no line in rounds.jsonl: the ledger is the record)."""
+    for key in providers:
+        task.processes[key].wait(timeout=rounds * ROUND_TIMEOUT)
+    records = task.rounds_done()
+    numbers = [int(r["round"]) for r in records]  # type: ignore[call-overload]
+    assert numbers == sorted(set(numbers)) and len(numbers) >= rounds - 1, numbers
+    _check_rounds(records, len(records))
+    return records
+
+
+def _model_the_ledger_implies(task: LocalTask, rounds: int) -> np.ndarray:
     """The global model after the last decided round, re-derived from the ledger node's
-    blocks and blobs alone."""
+    blocks and blobs alone (which must show ``rounds`` rounds decided)."""
     export = task.root / "blocks.export"
     subprocess.run([*CLI, "ledger", "export", "--config", str(task.root / "ledger-101.toml"),
                     "--out", str(export)], check=True, capture_output=True, timeout=60)  # fmt: skip
     roster = Roster.load(task.root / "roster.toml")
     txs = [tx for data in read_export(export) for tx in Block.from_bytes(data).txs]
     replayed = replay(roster, LedgerHistory.of(txs))
+    assert replayed.decided_rounds == rounds
     store = BlobStore(task.root / "node-101" / "blobs")
     blobs = {d: store.get(d) for d in blobs_needed(replayed, roster.provider)}
     config = RuntimeConfig.load(task.config)
@@ -77,17 +91,12 @@ def test_a_provider_killed_mid_task_is_restarted_and_training_goes_on(
             _wait(lambda: _uploaded(task, 2), ROUND_TIMEOUT, "an upload in round 2")
         task.kill(0)
         task.start_provider()
-        records = task.wait_for_round(ROUNDS, ROUNDS * ROUND_TIMEOUT)
-        numbers = [int(r["round"]) for r in records]  # type: ignore[call-overload]
-        # none decided twice, none lost (a round that failed on a busy machine is
-        # retried under the next number)
-        assert len(numbers) == ROUNDS and numbers == sorted(set(numbers)), numbers
-        _check_rounds(records, ROUNDS)
+        _finished(task, [0], ROUNDS)
         log = (tmp_path / "participant-0.log").read_text()
         assert "resuming task" in log
         _audit(task)
         final = np.load(tmp_path / "state" / "provider" / "global_model.npy")
-        assert np.array_equal(final, _model_the_ledger_implies(task))
+        assert np.array_equal(final, _model_the_ledger_implies(task, ROUNDS))
 
 
 def test_a_standby_takes_over_when_the_active_provider_dies(tmp_path: Path) -> None:
@@ -96,27 +105,27 @@ def test_a_standby_takes_over_when_the_active_provider_dies(tmp_path: Path) -> N
     from the ledger within seconds, and training completes every round."""
     find_service_binary("mosquitto", "/usr/sbin/mosquitto")
     find_service_binary("etcd", "/usr/bin/etcd")
-    rounds = ROUNDS + 2  # rounds long enough for the standby to load before the end
+    rounds = ROUNDS + 2
     with LocalTask(tmp_path, 9, rounds, ATTACKS, store="etcd", broker="mosquitto",
                    standby=True, training={"local_epochs": 20}) as task:  # fmt: skip
-        first = tmp_path / "participant-0.log"
-        _wait(lambda: "elected the active provider" in first.read_text(), ROUND_TIMEOUT,
-              "the first provider elected")  # fmt: skip
         task.start_standby()
-        standby = tmp_path / "participant-standby.log"
-        _wait(lambda: "waiting for its lease" in standby.read_text(), ROUND_TIMEOUT,
-              "the standby")  # fmt: skip
+        logs = {0: tmp_path / "participant-0.log", STANDBY: tmp_path / "participant-standby.log"}
+
+        def holding(text: str) -> list[int]:
+            return [k for k, path in logs.items() if path.exists() and text in path.read_text()]
+
+        _wait(lambda: holding("elected the active provider"), ROUND_TIMEOUT, "an election")
+        (active,) = holding("elected the active provider")
+        spare = STANDBY if active == 0 else 0
+        _wait(lambda: spare in holding("waiting for its lease"), ROUND_TIMEOUT, "the standby")
         task.wait_for_round(1, ROUND_TIMEOUT)
         assert len(task.rounds_done()) < rounds, "the task ended before the kill"
         killed = time.monotonic()
-        task.kill(0)
-        _wait(lambda: "resuming task" in standby.read_text(), 60.0, "the takeover")
+        task.kill(active)
+        _wait(lambda: spare in holding("resuming task"), 60.0, "the takeover")
         assert time.monotonic() - killed < 30.0  # `fairbus bench failover` measures it
-        records = task.wait_for_round(rounds, rounds * ROUND_TIMEOUT)
-        numbers = [int(r["round"]) for r in records]  # type: ignore[call-overload]
-        assert len(numbers) == rounds and numbers == sorted(set(numbers)), numbers
-        _check_rounds(records, rounds)
-        assert f"round {numbers[-1]}: accuracy" in standby.read_text()  # it finished the task
+        records = _finished(task, [spare], rounds)
+        assert f"round {records[-1]['round']}: accuracy" in logs[spare].read_text()
         _audit(task)
         final = np.load(tmp_path / "state" / "provider" / "global_model.npy")
-        assert np.array_equal(final, _model_the_ledger_implies(task))
+        assert np.array_equal(final, _model_the_ledger_implies(task, rounds))
