@@ -9,6 +9,7 @@ configurations (``task.toml``, read by ``fairbus provider`` and ``fairbus user``
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import time
 from collections.abc import Mapping
@@ -70,6 +71,8 @@ class LocalTask:
     task: str = "local-task"
     ledger: LocalLedger | None = None
     processes: dict[int, subprocess.Popen[bytes]] = field(default_factory=dict)
+    provider_env: dict[str, str] = field(default_factory=dict)
+    """Environment for the first provider process only (a failpoint)."""
     broker_persistence: bool = False
     """Mosquitto persists sessions and retained presence across a restart."""
     standby: bool = False
@@ -99,7 +102,7 @@ class LocalTask:
         try:
             self.ledger.__enter__()
             self._write_config()
-            self.start_provider()
+            self.start_provider(self.provider_env or None)
             for user in range(1, self.users + 1):
                 self.start_user(user)
         except BaseException:
@@ -127,13 +130,17 @@ class LocalTask:
             with self.config.open("a", encoding="utf-8") as f:
                 f.write("\n[metrics]\n" + toml_values(self.metrics))
 
-    def _spawn(self, pid: int, argv: list[str], name: str | None = None) -> None:
+    def _spawn(
+        self, pid: int, argv: list[str], name: str | None = None, env: dict[str, str] | None = None
+    ) -> None:
         log_path = self.root / f"participant-{name or pid}.log"
         log = open(log_path, "ab")  # noqa: SIM115 — the child's
-        self.processes[pid] = subprocess.Popen(argv, stdout=log, stderr=log)
+        environment = None if env is None else {**os.environ, **env}
+        self.processes[pid] = subprocess.Popen(argv, stdout=log, stderr=log, env=environment)
 
-    def start_provider(self) -> None:
-        self._spawn(0, [*CLI, "provider", "--config", str(self.config)])
+    def start_provider(self, env: dict[str, str] | None = None) -> None:
+        """``env``: more environment for it (a failpoint, :mod:`fairbus.runtime.failpoints`)."""
+        self._spawn(0, [*CLI, "provider", "--config", str(self.config)], env=env)
 
     def start_standby(self, key: int = STANDBY) -> None:
         """A provider process waiting as a hot standby, kept as ``processes[key]`` (its

@@ -64,6 +64,7 @@ from fairbus.roster import Role, Roster
 from fairbus.rounds import RoundRecord, record_round
 from fairbus.runtime.config import RuntimeConfig
 from fairbus.runtime.connection import BusConnection, Presence
+from fairbus.runtime.failpoints import crash_after
 from fairbus.runtime.metrics import RuntimeMetrics
 from fairbus.runtime.presence import PresenceTracker
 from fairbus.runtime.standby import when_elected
@@ -359,6 +360,7 @@ class ProviderRuntime:
         env, kind = out.envelope, out.kind
         start = time.perf_counter()
         committed, receipt = await self.ledger.submit_for_receipt(ledger_submission(env))
+        crash_after(kind, self._record.round)
         self.metrics.committed(kind, time.perf_counter() - start, committed.height)
         if kind == "dropout":
             self._last_dropout = committed.tx_hash

@@ -18,6 +18,7 @@ from fairbus.protocol.provider import ProviderMachine
 from fairbus.protocol.recovery import LedgerHistory, blobs_needed, replay
 from fairbus.roster import Roster
 from fairbus.runtime.config import RuntimeConfig
+from fairbus.runtime.failpoints import ENV, KILLED
 from fairbus.runtime.local import CLI, STANDBY, LocalTask
 from fairbus.runtime.provider import machine_config
 from fairbus.training.models import initial_params
@@ -28,7 +29,7 @@ from tests.e2e.test_runtime import ATTACKS, ROUND_TIMEOUT, _audit, _check_rounds
 
 pytestmark = pytest.mark.services
 
-ROUNDS = 4
+ROUNDS = 3
 
 
 def _uploaded(task: LocalTask, round: int) -> bool:
@@ -77,19 +78,30 @@ def _model_the_ledger_implies(task: LocalTask, rounds: int) -> np.ndarray:
     return machine.global_params
 
 
-@pytest.mark.parametrize("when", ["negotiation", "upload", "between-rounds"])
+FAILPOINTS = {"announcement": "announce:2", "evaluation": "evaluation:2", "decision": "decision:2"}
+"""Phases too short to hit with a signal: the provider dies right after the ledger
+commits that transaction of round 2, before publishing it (:mod:`fairbus.runtime.
+failpoints`)."""
+
+
+@pytest.mark.parametrize("when", ["announcement", "negotiation", "upload", "evaluation",
+                                  "decision"])  # fmt: skip
 def test_a_provider_killed_mid_task_is_restarted_and_training_goes_on(
     tmp_path: Path, when: str
 ) -> None:
     epochs = 40 if when == "negotiation" else 2
+    crash = {ENV: FAILPOINTS[when]} if when in FAILPOINTS else {}
     with LocalTask(tmp_path, 9, ROUNDS, ATTACKS, store="sqlite", broker="embedded",
-                   training={"local_epochs": epochs}) as task:  # fmt: skip
+                   training={"local_epochs": epochs}, provider_env=crash) as task:  # fmt: skip
         task.wait_for_round(1, ROUND_TIMEOUT)
         if when == "negotiation":
             time.sleep(0.3)  # round 2 announced, models still training
         elif when == "upload":
             _wait(lambda: _uploaded(task, 2), ROUND_TIMEOUT, "an upload in round 2")
-        task.kill(0)
+        if crash:
+            assert task.provider_process.wait(ROUND_TIMEOUT) == KILLED
+        else:
+            task.kill(0)
         task.start_provider()
         _finished(task, [0], ROUNDS)
         log = (tmp_path / "participant-0.log").read_text()
