@@ -105,7 +105,8 @@ class Replayed:
         for tx in self.history.rounds[number - 1]:
             header = tx.envelope.header
             if header.type == "upload" and header.attempt == record.attempt:
-                assert header.group is not None  # the ledger refuses an upload without one
+                if header.group is None:  # the ledger's rules refuse one; not this record
+                    raise RecoveryError(f"round {number}: an upload names no group")
                 out[header.group, header.sender] = tx
         return out
 
@@ -130,8 +131,7 @@ def blobs_needed(replayed: Replayed, provider: int) -> list[bytes]:
     last = replayed.last_round
     if last == 0:
         return []
-    record = replayed.round(last)
-    assert record is not None
+    record = _record(replayed, last)
     needed = [replayed.global_model_tx(last, provider).envelope.header.payload_sha256]
     uploads = replayed.upload_txs(last, record)
     if record.evaluation is not None:
@@ -148,14 +148,25 @@ def recorded_uploads(
 ) -> dict[tuple[int, int], MaskedUpload]:
     """(group, sender) → the masked upload recorded for round ``number``'s latest
     attempt, from its checked blob."""
+    record = _record(replayed, number)
+    return {
+        key: _upload(_blob(blobs, tx), limits)
+        for key, tx in replayed.upload_txs(number, record).items()
+    }
+
+
+def _record(replayed: Replayed, number: int) -> RoundRecord:
     record = replayed.round(number)
-    assert record is not None
-    out: dict[tuple[int, int], MaskedUpload] = {}
-    for key, tx in replayed.upload_txs(number, record).items():
-        message = decode_body("upload", _blob(blobs, tx), limits)
-        assert isinstance(message, MaskedUpload)
-        out[key] = message
-    return out
+    if record is None:
+        raise RecoveryError(f"the ledger holds no announcement of round {number}")
+    return record
+
+
+def _upload(data: bytes, limits: WireLimits) -> MaskedUpload:
+    message = decode_body("upload", data, limits)
+    if not isinstance(message, MaskedUpload):
+        raise RecoveryError("an upload's blob does not hold a masked upload")
+    return message
 
 
 def _blob(blobs: Mapping[bytes, bytes], tx: Transaction) -> bytes:
@@ -176,8 +187,7 @@ def global_model(
     """Round ``number``'s global model from its blob, checked against the announced hash."""
     tx = replayed.global_model_tx(number, provider)
     message = decode_body("global_model", _blob(blobs, tx), limits)
-    assert isinstance(message, GlobalModel)
-    if len(message.data) != 4 * message.length:
+    if not isinstance(message, GlobalModel) or len(message.data) != 4 * message.length:
         raise RecoveryError(f"round {number}'s global model blob is malformed")
     return np.frombuffer(message.data, dtype="<f4").astype(np.float32)
 
@@ -192,8 +202,7 @@ def group_aggregates(
 ) -> dict[int, masking.GroupAggregate]:
     """Alg. 5, line 1, from the recorded uploads of round ``number``'s latest attempt:
     each group's sum of masked uploads, decoded."""
-    record = replayed.round(number)
-    assert record is not None
+    record = _record(replayed, number)
     uploads = replayed.upload_txs(number, record)
     specs = {g.gid: g for g in record.announce.groups}
     out: dict[int, masking.GroupAggregate] = {}
@@ -203,8 +212,6 @@ def group_aggregates(
             tx = uploads.get((gid, member))
             if tx is None:
                 raise RecoveryError(f"round {number}: no recorded upload of {member} to {gid}")
-            message = decode_body("upload", _blob(blobs, tx), limits)
-            assert isinstance(message, MaskedUpload)
-            vectors.append(message.vector())
+            vectors.append(_upload(_blob(blobs, tx), limits).vector())
         out[gid] = masking.aggregate_decrypt(vectors, codec)
     return out
