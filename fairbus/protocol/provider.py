@@ -341,23 +341,22 @@ class ProviderMachine:
         self.attempt = record.attempt
         if not last:  # only the detection state: no model moves before the last round
             self._decrypted = {}
-            self._redetect(contributions)
+            self._redetect(self.grouping, contributions)
             return
         self._decrypted = group_aggregates(replayed, number, gids, blobs, self.codec, self.limits)
         self._contributions = contributions
         self._interrupted = _Interrupted.DECIDE
         if record.decided or not self.config.defended:  # the same decision, in memory
             self._interrupted = None
-            self._decide(contributions, record=False)
+            self._decide(self.grouping, contributions, record=False)
 
-    def _redetect(self, contributions: dict[int, float]) -> None:
+    def _redetect(self, grouping: Grouping, contributions: dict[int, float]) -> None:
         """Alg. 6 for an earlier decided round: the evidence, history, trust and the
         excluded and key users it left."""
-        assert self.grouping is not None
         if not self.config.defended:
             return
         result = detect(
-            self.grouping,
+            grouping,
             self._accuracy,
             self.config.detection,
             contributions,
@@ -365,20 +364,21 @@ class ProviderMachine:
             self._history,
         )
         self._evidence, self._history = dict(result.evidence), result.history
-        self._record.add(self.grouping, result)
+        self._record.add(grouping, result)
         self.excluded |= result.violators
         self._trusted = self._record.most_trusted(
-            sorted(set(self.grouping.users) - result.violators - self.excluded)
+            sorted(set(grouping.users) - result.violators - self.excluded)
         )
         self.key_users = result.new_key_users
 
     def _go_on(self) -> list[Output]:
         """The interrupted round :meth:`restore` found, carried on."""
-        assert self.grouping is not None
         how, self._interrupted = self._interrupted, None
         self._dropped_this_round = set()
         if how is _Interrupted.DECIDE:
-            return self._decide(self._contributions)
+            if self.grouping is None:
+                raise RecoveryError(f"round {self.round}: no grouping to decide on")
+            return self._decide(self.grouping, self._contributions)
         # Close the attempt (a dropout naming nobody: what was in flight to the old
         # process is lost) and, once the ledger says which uploads it recorded, finish on
         # its groups if all are complete, else regroup whoever is online with fresh keys.
@@ -393,13 +393,16 @@ class ProviderMachine:
             self._signed(Dropout((), voided)),
             CloseAttempt(self.round, self.attempt),
         ]
-        for g in self.grouping.groups:
-            got = self._uploads[g.gid]
-            if len(got) == len(g.members):
-                result = masking.aggregate_decrypt([got[u] for u in g.members], self.codec)
-                self._decrypted[g.gid] = result
-                out.append(Evaluate(self.round, self.attempt, g.gid, result.mean))
-        return out
+        complete = [gid for gid, members in self._announced.items()
+                    if len(self._uploads[gid]) == len(members)]  # fmt: skip
+        return out + [self._decrypt(gid) for gid in complete]
+
+    def _decrypt(self, gid: int) -> Evaluate:
+        """Alg. 5 for a group whose every upload is held; its model to evaluate."""
+        uploads = self._uploads[gid]
+        result = masking.aggregate_decrypt([uploads[u] for u in self._announced[gid]], self.codec)
+        self._decrypted[gid] = result
+        return Evaluate(self.round, self.attempt, gid, result.mean)
 
     def _start_round(self, now: float) -> list[Output]:
         """Alg. 1, lines 4-10: regroup if needed, then announce round r + 1."""
@@ -599,12 +602,10 @@ class ProviderMachine:
         self._uploads[group.gid][user] = msg.vector()
         if len(self._uploads[group.gid]) < len(group.members):
             return []
-        uploads = self._uploads[group.gid]
-        result = masking.aggregate_decrypt([uploads[u] for u in group.members], self.codec)
-        self._decrypted[group.gid] = result
+        evaluate = self._decrypt(group.gid)
         if len(self._decrypted) == len(self.grouping.groups):
             self.phase = ProviderPhase.EVALUATING
-        return [Evaluate(self.round, self.attempt, group.gid, result.mean)]
+        return [evaluate]
 
     def _on_evaluated(self, event: Evaluated) -> list[Output]:
         if (event.round, event.attempt) != (
@@ -819,13 +820,14 @@ class ProviderMachine:
                 for gid, acc in sorted(self._accuracy.items())
             )
         )
-        return [self._signed(evaluation), *self._decide(contributions)]
+        return [self._signed(evaluation), *self._decide(self.grouping, contributions)]
 
-    def _decide(self, contributions: dict[int, float], *, record: bool = True) -> list[Output]:
-        """Alg. 6 on the recorded evaluation, the decision (unless ``record`` is False:
-        :meth:`restore` re-deriving one the ledger holds), and the new global model."""
-        assert self.grouping is not None
-        grouping = self.grouping
+    def _decide(
+        self, grouping: Grouping, contributions: dict[int, float], *, record: bool = True
+    ) -> list[Output]:
+        """Alg. 6 on the recorded evaluation of ``grouping`` (the round's), the decision
+        (unless ``record`` is False: :meth:`restore` re-deriving one the ledger holds),
+        and the new global model."""
         out: list[Output] = []
         tau: float | None = None
         assessments: dict[int, object] = {}
