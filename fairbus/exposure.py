@@ -54,7 +54,9 @@ c ≥ 2: O(R^c · k) modular operations (numpy, R^(c−1) projections of O(R·k)
 O(R²k) for c = 2 and O(R³k) for c = 3), plus one small exact rank per circuit found.
 :class:`ExposureScreen` adds one group to an existing (modular) null-space basis in
 O(n·k), for a grouping built a group at a time; for c ≤ 1 it looks for parallel rows
-through two fixed random projections (O(n·k), no per-row normalisation), and it refuses
+through two fixed random projections (O(n·k), no per-row normalisation), for c = 2 for
+dependent triples through a fixed projection to three coordinates (O(n·k + n²), each
+alarm settled exactly mod p: :func:`_no_circuit_of_three`), and it refuses
 at once a group that would push the rank past n − c − 1 (any row space of dimension r
 holds a vector on at most n − r + 1 users). Its verdicts are a screen, and the final set
 of groups is confirmed by :func:`exposing_sets`.
@@ -62,6 +64,7 @@ of groups is confirmed by :func:`exposing_sets`.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import math
 from collections.abc import Iterable, Iterator, Sequence
@@ -349,14 +352,7 @@ def _scale_to_monic(matrix: _Matrix, prime: int) -> _Matrix:
     if matrix.shape[0] == 0:
         return matrix
     first = (matrix != 0).argmax(axis=1)
-    lead = matrix[np.arange(matrix.shape[0]), first]
-    inverse = np.ones_like(lead)
-    base, exponent = lead % prime, prime - 2
-    while exponent:
-        if exponent & 1:
-            inverse = inverse * base % prime
-        base = base * base % prime
-        exponent >>= 1
+    inverse = _inverse_mod(matrix[np.arange(matrix.shape[0]), first], prime)
     return np.ascontiguousarray(matrix * inverse[:, None] % prime)
 
 
@@ -408,6 +404,14 @@ class ExposureScreen:
     eliminated from the others and dropped. :meth:`admits` runs the modular circuit search
     on the would-be basis.
 
+    Verdicts are remembered: whether a group may join depends only on the set of groups
+    already there (the check is on their row space mod p, which neither the order they
+    came in nor a repeated group changes), so a builder that undoes a failed attempt and
+    draws the same group again (Algorithm 2's basic groupings are retried up to ``tries``
+    times from the same state, and at 9 or 15 users about 40% of the groups tried repeat
+    an earlier question) gets the earlier answer without a second search. Copies share
+    the memory; the answer is the one the search gave, never a guess.
+
     It is a screen: mod p a rank can drop, so it may refuse a harmless group (rarely:
     about one chance in 2**31 per minor), and a modular null space can in principle miss a
     rational circuit. Whatever it accepts must be confirmed with :meth:`confirm` (the exact
@@ -428,6 +432,10 @@ class ExposureScreen:
         self.groups: list[tuple[int, ...]] = []
         self._column = {u: i for i, u in enumerate(self.users)}
         self._basis: _Matrix = np.eye(len(self.users), dtype=np.int64)
+        self._state: frozenset[tuple[int, ...]] = frozenset()
+        """The set of groups so far: what a verdict depends on."""
+        self._verdicts: dict[tuple[frozenset[tuple[int, ...]], tuple[int, ...]], bool] = {}
+        """Verdicts of :meth:`_safe` by (state, group), shared with copies."""
         for group in groups:
             self.add(group)
 
@@ -438,6 +446,8 @@ class ExposureScreen:
         twin.groups = list(self.groups)
         twin._column = self._column
         twin._basis = self._basis.copy()
+        twin._state = self._state
+        twin._verdicts = self._verdicts
         return twin
 
     @property
@@ -469,8 +479,17 @@ class ExposureScreen:
 
     def admits(self, group: Iterable[int]) -> bool:
         """Would the groups so far plus ``group`` pass the (modular) check under c?"""
-        _, basis = self._with(group)
-        return self._safe(basis)
+        members = tuple(sorted({int(u) for u in group}))
+        known = self._verdicts.get((self._state, members))
+        if known is not None:
+            return known
+        _, basis = self._with(members)
+        return self._judge(members, basis)
+
+    def _judge(self, members: tuple[int, ...], basis: _Matrix) -> bool:
+        verdict = self._safe(basis)
+        self._verdicts[(self._state, members)] = verdict
+        return verdict
 
     def _safe(self, basis: _Matrix) -> bool:
         # A row space of dimension r holds a vector with support n − r + 1 or less, so
@@ -483,14 +502,20 @@ class ExposureScreen:
         """Add ``group`` whatever it exposes."""
         members, self._basis = self._with(group)
         self.groups.append(members)
+        self._state = self._state | {members}
 
     def try_add(self, group: Iterable[int]) -> bool:
         """Add ``group`` if the screen admits it; say whether it did."""
-        members, basis = self._with(group)
-        if not self._safe(basis):
+        members = tuple(sorted({int(u) for u in group}))
+        known = self._verdicts.get((self._state, members))
+        if known is False:
+            return False
+        members, basis = self._with(members)
+        if not (known or self._judge(members, basis)):
             return False
         self._basis = basis
         self.groups.append(members)
+        self._state = self._state | {members}
         return True
 
     def confirm(self) -> list[Circuit]:
@@ -510,15 +535,155 @@ def _fixed_weights(rows: int, columns: int) -> _Matrix:
     return (words | 1).reshape(rows, columns)
 
 
-_PROJECTION = _fixed_weights(2, 4096)
-"""Fixed weights for :func:`_safe_mod_p`'s c ≤ 1 path."""
+_PROJECTION = _fixed_weights(3, 4096)
+"""Fixed weights for :func:`_safe_mod_p`'s c ≤ 2 paths (the c ≤ 1 path reads the first
+two rows, the c = 2 path all three)."""
 
 
 def _safe_mod_p(basis: _Matrix, prime: int, c: int) -> bool:
+    """No circuit of at most c + 1 rows of ``basis`` mod p: the same verdict as the general
+    search :func:`_all_circuits`, by a quicker route for c ≤ 2."""
     if c <= 1 and basis.shape[1] <= _PROJECTION.shape[1]:
         return _no_loops_or_parallels(basis, prime, c)
-    circuits = _all_circuits(_ModP(basis, prime), c + 1)
-    return next(circuits, None) is None
+    if c == 2 and 3 <= basis.shape[1] <= _PROJECTION.shape[1]:
+        return _no_circuit_of_three(basis, prime)
+    return _no_circuit(basis, prime, c)
+
+
+def _no_circuit(basis: _Matrix, prime: int, c: int) -> bool:
+    """The general search: no circuit of at most c + 1 rows of ``basis`` mod p."""
+    return next(_all_circuits(_ModP(basis, prime), c + 1), None) is None
+
+
+_FEW = 32
+"""Up to this many residues, Python's ``pow`` inverts them faster than numpy."""
+
+
+def _inverse_mod(values: _Matrix, prime: int) -> _Matrix:
+    """Elementwise inverse of residues mod p, 0 for 0.
+
+    A few are inverted one by one by Python's ``pow``. More at once by batch inversion
+    (Montgomery's trick, as a binary tree so that numpy does each level in one go):
+    multiply neighbours pairwise up to a single product, invert that one residue, and go
+    back down, the inverse of each child being its parent's inverse times its sibling.
+    That is O(m) products for m residues and one ``pow`` in place of m; each product of
+    two residues is < 2**62 and fits in int64. Zeros are set aside (inverted as 1, then
+    reported as 0) so that they do not zero the product.
+    """
+    flat = values.reshape(-1) % prime
+    if flat.size <= _FEW:
+        inverted = [pow(v, -1, prime) if v else 0 for v in flat.tolist()]
+        return np.array(inverted, dtype=np.int64).reshape(values.shape)
+    zero = flat == 0
+    level = np.where(zero, 1, flat)
+    levels: list[_Matrix] = []
+    while level.size > 1:
+        if level.size % 2:
+            level = np.append(level, 1)
+        levels.append(level)
+        level = level[0::2] * level[1::2] % prime
+    inverse = np.array([pow(int(level[0]), -1, prime)], dtype=np.int64)
+    for below in reversed(levels):
+        inverse = inverse[: below.size // 2]
+        children = np.empty_like(below)
+        children[0::2] = inverse * below[1::2] % prime
+        children[1::2] = inverse * below[0::2] % prime
+        inverse = children
+    inverse = inverse[: flat.size]
+    inverse[zero] = 0
+    return inverse.reshape(values.shape)
+
+
+def _no_circuit_of_three(basis: _Matrix, prime: int) -> bool:
+    """c = 2 quickly: no zero row, no two parallel rows and no three dependent rows mod p,
+    with the same verdict as :func:`_no_circuit` but O(n²) work on 3-vectors in place of
+    n projections of the n × k basis (issue 16: the general search on every candidate
+    group made a grouping of 100 users take seconds at c = 2).
+
+    The rows are projected to three coordinates by fixed weights W (P = N·Wᵀ mod p). A
+    linear map keeps every dependence, so rows that are dependent in N are dependent in
+    P; the converse can fail (about one chance in p per set), so P only proposes and N
+    decides. Degenerate P (a zero row, two parallel rows) is left to the general search.
+    Otherwise every two rows a, b of P span a plane with normal P_a × P_b ≠ 0, and three
+    rows a, b, x are dependent iff x lies in the plane of a and b, iff the pairs {a, b}
+    and {a, x} have parallel normals. So the pairs are bucketed by their normal brought
+    to monic form (first non-zero entry 1, packed into one int64), and the rows of every
+    bucket of two or more pairs (P-coplanar) are searched exactly in N; a circuit found
+    among some rows of N is a circuit of N, and a circuit of three rows of N lies in one
+    bucket, so nothing is missed and nothing is invented.
+    """
+    p = prime
+    if not basis.any(axis=1).all():
+        return False  # a zero row: e_u is in the row space, u is exposed outright
+    rows = basis.shape[0]
+    if rows < 3:
+        return _no_circuit(basis, p, 2)
+    # entries < 2**31, weights < 2**16: each product < 2**47, sums of ≤ 4096 fit in int64
+    projected = (basis @ _PROJECTION[:, : basis.shape[1]].T) % p
+    if not projected.any(axis=1).all():
+        return _no_circuit(basis, p, 2)
+    first, second = _pairs(rows)
+    a, b = projected[first], projected[second]
+    # the cross product: each product < 2**62, a difference of two fits in int64
+    normal = (
+        np.stack(
+            [
+                a[:, 1] * b[:, 2] - a[:, 2] * b[:, 1],
+                a[:, 2] * b[:, 0] - a[:, 0] * b[:, 2],
+                a[:, 0] * b[:, 1] - a[:, 1] * b[:, 0],
+            ],
+            axis=1,
+        )
+        % p
+    )
+    nonzero = normal != 0
+    flat = ~nonzero.any(axis=1)
+    if flat.any():  # rows parallel in P: parallel in N too, or else a rare false alarm
+        if _any_parallel(basis, first[flat], second[flat], p):
+            return False
+        return _no_circuit(basis, p, 2)
+    lead = nonzero.argmax(axis=1)
+    inverse = _inverse_mod(normal[np.arange(len(lead)), lead], p)
+    monic = normal * inverse[:, None] % p
+    # a monic normal is (1, y, z), (0, 1, z) or (0, 0, 1): y·p + z < p², p² + z, p² + p
+    # (p² < 2**62, so every key fits in int64 and the three forms never meet)
+    keys = np.where(
+        lead == 0,
+        monic[:, 1] * p + monic[:, 2],
+        np.where(lead == 1, p * p + monic[:, 2], p * p + p),
+    )
+    ordered = np.sort(keys)
+    same = ordered[1:] == ordered[:-1]
+    if not same.any():
+        return True
+    for value in np.unique(ordered[1:][same]):
+        pairs = np.flatnonzero(keys == value)
+        members = np.unique(np.concatenate([first[pairs], second[pairs]]))
+        if not _no_circuit(basis[members], p, 2):
+            return False
+    return True
+
+
+@functools.lru_cache(maxsize=64)
+def _pairs(rows: int) -> tuple[npt.NDArray[np.intp], npt.NDArray[np.intp]]:
+    """Every pair i < j of ``rows`` row indices, as two index vectors (read-only)."""
+    first, second = np.triu_indices(rows, 1)
+    first.setflags(write=False)
+    second.setflags(write=False)
+    return first, second
+
+
+def _any_parallel(
+    basis: _Matrix, first: npt.NDArray[np.intp], second: npt.NDArray[np.intp], prime: int
+) -> bool:
+    """Is some pair of non-zero rows (``first[i]``, ``second[i]``) of ``basis`` parallel
+    mod p? Rows u, v are iff u_l·v − v_l·u = 0 for u's first non-zero coordinate l
+    (products < 2**62, their difference fits in int64)."""
+    u, v = basis[first], basis[second]
+    lead = (u != 0).argmax(axis=1)
+    picks = np.arange(len(lead))
+    cross = (u[picks, lead][:, None] * v - v[picks, lead][:, None] * u) % prime
+    return bool((~cross.any(axis=1)).any())
 
 
 def _no_loops_or_parallels(basis: _Matrix, prime: int, c: int) -> bool:
@@ -540,12 +705,6 @@ def _no_loops_or_parallels(basis: _Matrix, prime: int, c: int) -> bool:
     if both_zero.any():  # a non-zero row that both projections miss: look exactly
         return next(_all_circuits(_ModP(basis, prime), c + 1), None) is None
     infinite = b == 0
-    inverse = np.ones_like(b)
-    base, exponent = np.where(infinite, 1, b), prime - 2
-    while exponent:
-        if exponent & 1:
-            inverse = inverse * base % prime
-        base = base * base % prime
-        exponent >>= 1
+    inverse = _inverse_mod(np.where(infinite, 1, b), prime)
     slope = np.where(infinite, prime, a * inverse % prime)
     return len(np.unique(slope)) == len(slope)

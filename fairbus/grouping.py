@@ -173,9 +173,13 @@ class _Builder:
         prior: Sequence[Sequence[int]],
         rng: np.random.Generator,
         first: list[int],
+        screen: ExposureScreen | None = None,
     ) -> None:
         universe = sorted({*users, *(u for g in prior for u in g)})
-        self.screen = ExposureScreen(universe, c, prior)
+        self.screen = screen.copy() if screen is not None else ExposureScreen(universe, c, prior)
+        """A copy of ``screen`` where given (a screen of exactly the prior groups, made once
+        per :func:`make_grouping` call: its copies share their verdicts, so the builders
+        of one call do not search twice for the same group on the same groups)."""
         self.users = users
         self.size = group_size(c)
         self.rng = rng
@@ -346,13 +350,15 @@ def make_grouping(
     )
     best: tuple[tuple[int, ...], _Builder, dict[int, int], int] | None = None
     most = len(partition_sizes(len(active), group_size(c)))
+    universe = sorted({*active, *(u for g in prior_groups for u in g)})
+    screen = ExposureScreen(universe, c, prior_groups)
     for count in (most, most - 1) if keys and most > 1 else (most,):
         # One group fewer in the first basic grouping frees rank for focus groups: at 6
         # users two groups of three leave room for none (a focus group of three shares
         # two members with one of them), one group of six for one.
         for _ in range(candidates):
             sizes = partition_sizes(len(active), group_size(c), count)
-            build = _Builder(active, c, prior_groups, rng, sizes)
+            build = _Builder(active, c, prior_groups, rng, sizes, screen)
             if not build.partition(tries):
                 continue
             achieved, basics = policy.fill(build, tries)

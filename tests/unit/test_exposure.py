@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from fractions import Fraction
 from itertools import combinations
 
+import numpy as np
 import pytest
 from flint import fmpz
 from hypothesis import given, settings
@@ -223,3 +224,55 @@ def test_the_privacy_bench_draws_and_summarizes() -> None:
     assert finished and [s.seed for s in got] == [0, 1, 2]
     row = privacy.summarize(privacy.Setting(9, 0), 1, got, finished, 60.0)
     assert row.samples == 3 and row.stopped == "done" and row.focus_per_key_mean is None
+
+
+@st.composite
+def configurations(draw: st.DrawFn) -> list[list[int]]:
+    """Small integer row configurations, often with planted dependent pairs and triples
+    (the c = 2 screen must find exactly the circuits the general search finds)."""
+    k = draw(st.integers(3, 7))
+    n = draw(st.integers(3, 14))
+    entry = st.integers(-3, 3)
+    rows = draw(st.lists(st.lists(entry, min_size=k, max_size=k), min_size=n, max_size=n))
+    for _ in range(draw(st.integers(0, 2))):
+        i, j, x = draw(st.permutations(range(n)))[:3]
+        s, t = draw(st.integers(-2, 2)), draw(st.integers(-2, 2))
+        rows[x] = [s * a + t * b for a, b in zip(rows[i], rows[j], strict=True)]
+    return rows
+
+
+@settings(max_examples=200)
+@given(configurations(), st.booleans())
+def test_the_c2_screen_matches_the_general_search(rows: list[list[int]], coarse: bool) -> None:
+    p = exposure.PRIMES[0]
+    basis = np.array(rows, dtype=np.int64) % p
+    with pytest.MonkeyPatch.context() as patch:
+        if coarse:  # weights 1..3: the projection raises many false alarms to sort out
+            weights = np.arange(4096, dtype=np.int64) * np.array([[1], [2], [3]]) % 3 + 1
+            patch.setattr(exposure, "_PROJECTION", weights)
+        fast = exposure._no_circuit_of_three(basis, p)
+    assert fast == exposure._no_circuit(basis, p, 2)
+    assert fast == exposure._safe_mod_p(basis, p, 2)
+
+
+@given(st.lists(st.integers(0, 2**40), max_size=200))
+def test_residues_are_inverted_one_by_one_or_in_a_batch(values: list[int]) -> None:
+    p = exposure.PRIMES[0]
+    residues = np.array(values, dtype=np.int64) % p
+    inverse = exposure._inverse_mod(residues, p)
+    assert inverse.shape == residues.shape
+    for v, w in zip(residues.tolist(), inverse.tolist(), strict=True):
+        assert w == (pow(v, -1, p) if v else 0)
+
+
+def test_the_screen_remembers_verdicts_across_copies() -> None:
+    screen = ExposureScreen(range(1, 10), c=2)
+    assert screen.try_add((1, 2, 3, 4))
+    twin = screen.copy()
+    assert not twin.try_add((1, 2, 3, 5, 6))  # {4, 5, 6} would be tied together
+    assert not screen.admits((1, 2, 3, 5, 6))  # the twin's verdict, on the same groups
+    assert screen.groups == twin.groups == [(1, 2, 3, 4)]
+    assert twin.try_add((5, 6, 7, 8))
+    assert screen.admits((5, 6, 7, 8)) and screen.try_add((8, 5, 6, 7))
+    assert screen.groups == twin.groups
+    assert screen.confirm() == twin.confirm() == []
