@@ -10,8 +10,9 @@ and every ledger node, follower and ``fairbus audit`` takes them from that trans
 (``docs/architecture.md``, "The ledger contract"). A ledger node's own configuration
 holds none.
 
-Today that is Algorithm 6's :class:`~fairbus.detection.DetectionParams` and the collusion
-bound c of the exposure check (:mod:`fairbus.exposure`); a future consensus-critical
+Today that is Algorithm 6's :class:`~fairbus.detection.DetectionParams`, the collusion
+bound c of the exposure check (:mod:`fairbus.exposure`) and the keying of the groups
+(Alg. 3 or :mod:`fairbus.pairwise`); a future consensus-critical
 parameter goes into :class:`TaskParams` and the message, and nowhere else.
 """
 
@@ -25,7 +26,7 @@ from fairbus.detection import DetectionParams
 from fairbus.errors import FairbusError, SchemaError
 from fairbus.exposure import DEFAULT_COLLUSION
 from fairbus.wire.limits import DEFAULT_LIMITS
-from fairbus.wire.messages import DetectionPolicy, TaskStart
+from fairbus.wire.messages import KEYINGS, SHAMIR, DetectionPolicy, TaskStart
 
 PHASE_TIMEOUT = 300.0
 """Seconds a user may stay silent after an announcement before it counts as dropped (the
@@ -35,6 +36,9 @@ user that dies is noticed at once by its presence (the broker's Last Will), so t
 only the backstop for a user that is connected but silent, and a false dropout is costly
 (the attempt is voided and every survivor renegotiates keys) while a slow honest user
 (the paper's CIFAR-10 CNN for 20 local epochs on a CPU) easily needs more than a minute."""
+
+DEFAULT_KEYING = SHAMIR
+"""The keying a task uses unless its configuration says otherwise (README, "Keying")."""
 
 DEFAULT_DETECTION = DetectionParams(
     # Measured with `fairbus bench detection` (README): as written (tolerance 0) Alg. 6
@@ -70,10 +74,17 @@ class TaskParams:
     group sums the provider can decrypt together with the models of any c other users.
     1 by default: a member knows its own model, and a free-rider's is the public global
     model. Groups have max(3, c + 2) members."""
+    keying: str = DEFAULT_KEYING
+    """How the members of a group make their keys (:data:`~fairbus.wire.messages.
+    KEYINGS`): ``pairwise`` (:mod:`fairbus.pairwise`, no shares on the wire) or
+    ``shamir`` (Alg. 3 as the paper has it). Every announcement names it; the ledger
+    refuses one that names another."""
 
     def __post_init__(self) -> None:
         if isinstance(self.collusion, bool) or not isinstance(self.collusion, int):
             raise SchemaError(f"the collusion bound must be a whole number, not {self.collusion!r}")
+        if self.keying not in KEYINGS:
+            raise SchemaError(f"keying must be one of {list(KEYINGS)}, not {self.keying!r}")
         try:
             wire = self.to_message().to_wire()
         except (TypeError, ValueError, OverflowError) as exc:
@@ -82,14 +93,16 @@ class TaskParams:
 
     def to_message(self) -> TaskStart:
         """The body of the task-start transaction."""
-        return TaskStart(DetectionPolicy(**dataclasses.asdict(self.detection)), self.collusion)
+        policy = DetectionPolicy(**dataclasses.asdict(self.detection))
+        return TaskStart(policy, self.collusion, self.keying)
 
     @classmethod
     def from_message(cls, message: TaskStart) -> TaskParams:
         """The parameters a (strictly decoded) task start records; raises
         :class:`~fairbus.errors.SchemaError` if they do not make a valid policy."""
         try:
-            return cls(DetectionParams(**dataclasses.asdict(message.detection)), message.collusion)
+            detection = DetectionParams(**dataclasses.asdict(message.detection))
+            return cls(detection, message.collusion, message.keying)
         except FairbusError as exc:
             raise SchemaError(f"task_start: {exc}") from None
 

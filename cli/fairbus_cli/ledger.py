@@ -94,6 +94,8 @@ def print_report(what: str, report: auditing.Report) -> None:
         if report.task is not None:
             policy = ", ".join(f"{k} {v}" for k, v in vars(report.task.detection).items())
             console.print(f"  Alg. 6 policy recorded at task start: {policy}")
+            task = report.task
+            console.print(f"  collusion bound c {task.collusion}, keying {task.keying}")
         for note in report.notes:
             console.print(f"  note: {escape(note)}")
         return

@@ -15,8 +15,10 @@ from rich.table import Table
 
 from fairbus.errors import FairbusError
 from fairbus.protocol.provider import ProviderConfig
+from fairbus.task import DEFAULT_KEYING
 from fairbus.training.attacks import Attack, Behaviour
 from fairbus.training.config import TrainConfig
+from fairbus.wire.messages import KEYINGS
 from fairbus_cli import detection_options as options
 from fairbus_cli.errors import say
 
@@ -76,6 +78,11 @@ def simulate(
         help="Collusion bound c: no model may follow from the group sums and any c models "
         "(groups of max(3, c + 2)).",
     ),
+    keying: str = typer.Option(
+        DEFAULT_KEYING,
+        help="How group members make their keys: 'shamir' (Alg. 3: shares as long as the "
+        "model to every group mate) or 'pairwise' (from X25519 agreements; nothing sent).",
+    ),
     basic_groupings: int = typer.Option(2, help="Basic groupings per round (Alg. 2)."),
     key_repeats: int = typer.Option(
         DEFAULTS.key_repeats, help="Most focus groups per key user, KIN (Alg. 2)."
@@ -101,6 +108,8 @@ def simulate(
     intervals, key users, violators, timings, bytes per message type) and the plots
     OUT/accuracy.png and OUT/scores.png.
     """
+    if keying not in KEYINGS:
+        raise typer.BadParameter(f"one of {', '.join(KEYINGS)}", param_hint="--keying")
     attacks: dict[int, Attack] = {}
     for ids, behaviour in (
         (poisoners, Behaviour.POISONER),
@@ -139,6 +148,7 @@ def simulate(
             defended=not undefended,
             seed=seed,
             collusion=collusion,
+            keying=keying,
         ),
         dropouts=tuple(_dropout(d) for d in dropout),
     )

@@ -49,7 +49,7 @@ from fairbus.ledger.records import (
     check_links,
 )
 from fairbus.roster import Role, Roster
-from fairbus.task import TaskParams
+from fairbus.task import DEFAULT_KEYING, TaskParams
 from fairbus.wire.limits import DEFAULT_LIMITS, WireLimits
 from fairbus.wire.messages import (
     MESSAGE_TYPES,
@@ -364,6 +364,9 @@ class Draft:
         c = self.task.collusion if self.task is not None else DEFAULT_COLLUSION
         if message.collusion != c:
             problems.append(f"it names collusion bound {message.collusion}, the task's is {c}")
+        keying = self.task.keying if self.task is not None else DEFAULT_KEYING
+        if message.keying != keying:
+            problems.append(f"it names keying {message.keying!r}, the task's is {keying!r}")
         # Every group whose sum the provider may hold must be in the exposure check of
         # the new grouping: those of earlier attempts of this round (issue 12, item 2),
         # and those of earlier rounds that started from the same global model, whose

@@ -88,7 +88,7 @@ from fairbus.protocol.recovery import (
 )
 from fairbus.protocol.user import model_digest
 from fairbus.roster import Role, Roster
-from fairbus.task import DEFAULT_DETECTION, PHASE_TIMEOUT, TaskParams
+from fairbus.task import DEFAULT_DETECTION, DEFAULT_KEYING, PHASE_TIMEOUT, TaskParams
 from fairbus.wire.limits import DEFAULT_LIMITS, WireLimits
 from fairbus.wire.messages import (
     Announce,
@@ -130,6 +130,8 @@ class ProviderConfig:
     """The task's Alg. 6 policy: recorded on the ledger at task start (:attr:`task`)."""
     collusion: int = DEFAULT_COLLUSION
     """The task's collusion bound c (:class:`fairbus.task.TaskParams`), recorded likewise."""
+    keying: str = DEFAULT_KEYING
+    """How group members make their keys (:class:`fairbus.task.TaskParams`), likewise."""
     defended: bool = True
     phase_timeout: float = PHASE_TIMEOUT
     seed: int = 0
@@ -141,7 +143,7 @@ class ProviderConfig:
     @property
     def task(self) -> TaskParams:
         """The task's consensus-critical parameters, as its task start records them."""
-        return TaskParams(self.detection, self.collusion)
+        return TaskParams(self.detection, self.collusion, self.keying)
 
 
 @dataclass
@@ -182,7 +184,8 @@ class TrustRecord:
 class _Interrupted(Enum):
     """How :meth:`ProviderMachine.restore` found the last round."""
 
-    CLOSE = "close"  # announced, not evaluated: close the attempt and regroup
+    CLOSE = "close"  # announced, no upload recorded: close the attempt and regroup
+    COLLECT = "collect"  # announced, uploads recorded: the users act on it, collect the rest
     DECIDE = "decide"  # evaluated, not decided: decide from the recorded evaluation
 
 
@@ -287,8 +290,9 @@ class ProviderMachine:
         the groups each global model revealed, and the global model (the last round's,
         advanced by its aggregate if it was decided). A round the ledger shows under way
         goes on at the next :class:`StartRound`: decided from its recorded evaluation if
-        there is one, otherwise closed (a dropout naming nobody) and regrouped with fresh
-        keys. Raises :class:`~fairbus.protocol.recovery.RecoveryError`."""
+        there is one; an attempt some user uploaded to collects the rest of its uploads
+        under a fresh deadline; otherwise it is closed (a dropout naming nobody) and
+        regrouped with fresh keys. Raises :class:`~fairbus.protocol.recovery.RecoveryError`."""
         draft = replayed.draft
         if draft.task != config.task:
             raise RecoveryError(
@@ -330,7 +334,7 @@ class ProviderMachine:
                     self._uploads[gid][user] = upload.vector()
                 for tx in replayed.upload_txs(number, record).values():
                     self._chains.remember(tx.hash)  # the broker may deliver them again
-                self._interrupted = _Interrupted.CLOSE
+                self._interrupted = _Interrupted.COLLECT if held else _Interrupted.CLOSE
             return  # a failed round: only its known groups count
         gids = [e.gid for e in evaluation.accuracies]
         self._accuracy = {e.gid: e.accuracy for e in evaluation.accuracies}
@@ -379,6 +383,8 @@ class ProviderMachine:
             if self.grouping is None:
                 raise RecoveryError(f"round {self.round}: no grouping to decide on")
             return self._decide(self.grouping, self._contributions)
+        if how is _Interrupted.COLLECT:
+            return self._collect_the_rest()
         # Close the attempt (a dropout naming nobody: what was in flight to the old
         # process is lost) and, once the ledger says which uploads it recorded, finish on
         # its groups if all are complete, else regroup whoever is online with fresh keys.
@@ -396,6 +402,25 @@ class ProviderMachine:
         complete = [gid for gid, members in self._announced.items()
                     if len(self._uploads[gid]) == len(members)]  # fmt: skip
         return out + [self._decrypt(gid) for gid in complete]
+
+    def _collect_the_rest(self) -> list[Output]:
+        """An interrupted attempt the users already upload to goes on where it stands:
+        its groups have started, so closing it would leave their sums in every later
+        check of the round (often leaving no grouping of the survivors that passes). The
+        uploads still to come arrive as before (every upload is on the ledger before it
+        is published, and the restore read those); a fresh phase deadline catches the
+        users who will not upload, through the usual dropout and regrouping."""
+        if self.grouping is None:
+            raise RecoveryError(f"round {self.round}: no grouping to collect uploads for")
+        self._voided, self._decrypted, self._accuracy = set(), {}, {}
+        self._deadline = self._now + self.config.phase_timeout
+        self.phase = ProviderPhase.COLLECTING
+        complete = [gid for gid, members in self._announced.items()
+                    if len(self._uploads[gid]) == len(members)]  # fmt: skip
+        out: list[Output] = [self._decrypt(gid) for gid in complete]
+        if len(self._decrypted) == len(self.grouping.groups):
+            self.phase = ProviderPhase.EVALUATING
+        return out
 
     def _decrypt(self, gid: int) -> Evaluate:
         """Alg. 5 for a group whose every upload is held; its model to evaluate."""
@@ -504,6 +529,7 @@ class ProviderMachine:
             self._deadline,
             self._deadline,
             self.config.collusion,
+            self.config.keying,
         )
         return [self._signed(announce)]
 

@@ -12,8 +12,10 @@ One round for one user (Algorithm 1, lines 9-21, as the user sees them):
    changes);
 2. if it is in a group, ask the driver to train (:class:`Train`) — once per round,
    reused by later attempts; a user in no group does not train;
-3. per group, Algorithm 3 over sealed shares: deal, add what arrives, send the sum,
-   reconstruct s_g, derive sk_gi;
+3. per group, its key sk_gi: by Algorithm 3 over sealed shares (deal, add what arrives,
+   send the sum, reconstruct s_g, derive sk_gi), or, when the announcement names the
+   ``pairwise`` keying, at once from X25519 agreements with its group mates
+   (:mod:`fairbus.pairwise`; nothing sent, and a share for such a group is refused);
 4. per group, once its key and the model are ready: mask (Alg. 4), sign with the hash
    chain link, upload;
 5. on the decision, learn whether it was excluded.
@@ -58,6 +60,7 @@ from fairbus.field import FieldVector, FixedPointCodec
 from fairbus.grouping import announced_group_problems, check_grouping
 from fairbus.identity import Identity
 from fairbus.ledger.recorded import open_recorded
+from fairbus.pairwise import MaskContext, PairwiseKeys
 from fairbus.protocol.events import (
     PROVIDER,
     SEALED_KINDS,
@@ -89,6 +92,7 @@ from fairbus.shamir import Share
 from fairbus.wire import codec
 from fairbus.wire.limits import DEFAULT_LIMITS, WireLimits
 from fairbus.wire.messages import (
+    PAIRWISE,
     Announce,
     Decision,
     Dropout,
@@ -131,6 +135,7 @@ class _GroupState:
     summed: dict[int, Share] = field(default_factory=dict)
     key: FieldVector | None = None
     uploaded: bool = False
+    pairwise: bool = False  # keyed from pairwise agreements: it takes no shares
 
 
 @dataclass(frozen=True, eq=False)
@@ -194,6 +199,7 @@ class UserMachine:
         self._max_early = max_early
         self._early: deque[_Early] = deque()
         self._early_count: dict[int, int] = {}  # sender → early shares kept
+        self._pairwise = PairwiseKeys(identity, roster)
 
     @property
     def early_kept(self) -> tuple[int, int]:
@@ -328,7 +334,10 @@ class UserMachine:
         self._guard = ReplayGuard()  # earlier attempts' shares are ignored anyway
         self.phase = UserPhase.ACTIVE if mine else UserPhase.IDLE
         for spec in mine:
-            out += self._deal(spec, msg.model_params)
+            if msg.keying == PAIRWISE:
+                out += self._key_pairwise(spec, msg.model_params)
+            else:
+                out += self._deal(spec, msg.model_params)
         out += self._replay_early()
         return out
 
@@ -366,6 +375,16 @@ class UserMachine:
         ]  # line 4
         return out + self._progress(state)
 
+    def _key_pairwise(self, spec: GroupSpec, length: int) -> list[Output]:
+        """The compact keying (:mod:`fairbus.pairwise`): sk_gi at once, nothing sent."""
+        context = SealContext(self.roster.task, self.round, self.attempt, spec.gid)
+        state = _GroupState(spec, keyneg.GroupKeying(spec.members, spec.threshold), context,
+                            length, None, pairwise=True)  # fmt: skip
+        mask = MaskContext(self.roster.task, self.round, self.attempt, spec.gid, spec.members)
+        state.key = self._pairwise.group_key(mask, length)
+        self._groups[spec.gid] = state
+        return self._maybe_upload(state)
+
     def _on_sealed(self, kind: str, data: bytes) -> list[Output]:
         outer = SealedOuter.from_wire(codec.unpack(data, self.limits), "sealed", self.limits)
         if (outer.round, outer.attempt) > (self.round, self.attempt):
@@ -379,6 +398,11 @@ class UserMachine:
     def _take(self, state: _GroupState, opened: OpenedShare) -> list[Output]:
         """An opened share of this attempt: checked, then added (nothing changes if not)."""
         keying = state.keying
+        if state.pairwise:
+            raise GroupingError(
+                f"{opened.kind} from {opened.sender} for group {state.spec.gid}, whose keys "
+                "come from pairwise agreements: no share belongs to it"
+            )
         if opened.sender not in keying.members:
             raise GroupingError(f"share from {opened.sender}, who is not in group {state.spec.gid}")
         point = keying.point_of(self.me if opened.kind == "share" else opened.sender)

@@ -17,10 +17,10 @@ from fairbus.detection import DetectionParams
 from fairbus.errors import FairbusError, OperatorError
 from fairbus.exposure import DEFAULT_COLLUSION
 from fairbus.protocol.provider import ProviderConfig
-from fairbus.task import PHASE_TIMEOUT, detection_table
+from fairbus.task import DEFAULT_KEYING, PHASE_TIMEOUT, detection_table
 from fairbus.training.config import TrainConfig
 from fairbus.training.data import DATASET_MODELS
-from fairbus.wire.messages import MAX_COLLUSION
+from fairbus.wire.messages import KEYINGS, MAX_COLLUSION
 
 T = TypeVar("T")
 
@@ -105,6 +105,9 @@ class RuntimeConfig:
     collusion: int = DEFAULT_COLLUSION
     """The task's collusion bound c (recorded at task start; :mod:`fairbus.exposure`):
     the provider groups under it, and a user refuses an announcement with a smaller c."""
+    keying: str = DEFAULT_KEYING
+    """How group members make their keys (recorded at task start): ``shamir`` (Alg. 3)
+    or ``pairwise`` (:mod:`fairbus.pairwise`)."""
     metrics: MetricsSettings = field(default_factory=MetricsSettings)
 
     def provider_config(self) -> ProviderConfig:
@@ -119,6 +122,7 @@ class RuntimeConfig:
             phase_timeout=p.phase_timeout,
             seed=self.training.seed,
             collusion=self.collusion,
+            keying=self.keying,
         )
 
     @classmethod
@@ -202,11 +206,16 @@ class RuntimeConfig:
             detection=detection,
             ledger_timeout=top.number("ledger_timeout", 5.0, low=0.1),
             collusion=top.integer("collusion", DEFAULT_COLLUSION, low=0),
+            keying=top.take("keying", str, DEFAULT_KEYING),
             metrics=metrics_settings,
         )
         top.done()
         if config.collusion > MAX_COLLUSION:
             raise RuntimeConfigError(f"{source}: 'collusion' must be at most {MAX_COLLUSION}")
+        if config.keying not in KEYINGS:
+            raise RuntimeConfigError(
+                f"{source}: 'keying' must be one of {', '.join(KEYINGS)}, not {config.keying!r}"
+            )
         return config
 
 

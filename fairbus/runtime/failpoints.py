@@ -2,8 +2,9 @@
 ``FAIRBUS_CRASH_AFTER=<kind>:<round>`` in its environment the provider dies at once
 (``os._exit(137)``, what a ``kill -9`` leaves) right after the ledger commits its first
 ``<kind>`` transaction (``announce``, ``evaluation``, ``decision``, ...) in round
-``<round>`` or later, before it publishes it: a crash in a phase too short to hit with a
-signal. Unset, it does nothing."""
+``<round>`` or later, before it publishes it — or, with ``published-<kind>``, right
+after it published it (the broker has it: the users go on without the provider): a
+crash in a phase too short to hit with a signal. Unset, it does nothing."""
 
 from __future__ import annotations
 

@@ -78,6 +78,8 @@ class LocalTask:
     standby: bool = False
     """Providers elect the active one through the ledger's etcd (``store="etcd"``); a
     second provider process waits as a hot standby (:meth:`start_standby`)."""
+    defer_users: bool = False
+    """The user processes wait for :meth:`start_users` (a standby to load first)."""
     metrics: dict[str, object] = field(default_factory=dict)
     """The task's ``[metrics]`` table (``provider_port``, ``user_port``); empty: none."""
     _providers: set[int] = field(default_factory=lambda: {0})
@@ -103,8 +105,8 @@ class LocalTask:
             self.ledger.__enter__()
             self._write_config()
             self.start_provider(self.provider_env or None)
-            for user in range(1, self.users + 1):
-                self.start_user(user)
+            if not self.defer_users:
+                self.start_users()
         except BaseException:
             self.stop()
             raise
@@ -142,12 +144,17 @@ class LocalTask:
         """``env``: more environment for it (a failpoint, :mod:`fairbus.runtime.failpoints`)."""
         self._spawn(0, [*CLI, "provider", "--config", str(self.config)], env=env)
 
-    def start_standby(self, key: int = STANDBY) -> None:
+    def start_standby(self, key: int = STANDBY, env: dict[str, str] | None = None) -> None:
         """A provider process waiting as a hot standby, kept as ``processes[key]`` (its
-        log: ``participant-standby.log``, or ``participant-<key>-standby.log``)."""
+        log: ``participant-standby.log``, or ``participant-<key>-standby.log``); ``env``
+        as for :meth:`start_provider`."""
         argv = [*CLI, "provider", "--standby", "--config", str(self.config)]
-        self._spawn(key, argv, "standby" if key == STANDBY else f"{key}-standby")
+        self._spawn(key, argv, "standby" if key == STANDBY else f"{key}-standby", env=env)
         self._providers.add(key)
+
+    def start_users(self) -> None:
+        for user in range(1, self.users + 1):
+            self.start_user(user)
 
     def start_user(self, user: int) -> None:
         attack = self.attacks.get(user, Behaviour.HONEST)

@@ -279,10 +279,18 @@ class ProviderRuntime:
         if isinstance(event, Joined):
             await self._resync_chain(event.user)
         t0 = time.perf_counter()
-        outputs = self.machine.handle(event)
+        outputs = await self._step(event)
         if isinstance(event, Received) and self._record is not None:
             self._record.timings_s["aggregation"] += time.perf_counter() - t0
         await self._carry_out(outputs)
+
+    async def _step(self, event: Event) -> list[Output]:
+        """One step of the machine, in a worker thread: a step that searches for a
+        grouping can take seconds, and meanwhile the event loop must keep the broker's
+        keepalive and the etcd lease going. Only this coroutine chain steps the machine,
+        one step at a time, so the machine needs no lock."""
+        assert self.machine is not None
+        return await asyncio.to_thread(self.machine.handle, event)
 
     async def _play_round(self) -> None:
         assert self.machine is not None
@@ -295,7 +303,7 @@ class ProviderRuntime:
         self._record = record
         self._round_over.clear()
         start = time.perf_counter()
-        await self._carry_out(machine.handle(StartRound(time.time())))
+        await self._carry_out(await self._step(StartRound(time.time())))
         record.timings_s["announce"] = time.perf_counter() - start
         while not self._round_over.is_set():
             await self._feed(await self._inbox.get())
@@ -322,7 +330,7 @@ class ProviderRuntime:
             log.warning("no ledger head for returning user %d: %s", user, exc)
             return
         if answer.ok and answer.records:
-            await self._carry_out(self.machine.handle(ChainHead(user, answer.records[0])))
+            await self._carry_out(await self._step(ChainHead(user, answer.records[0])))
 
     async def _tick(self) -> None:
         """The machine's clock, and the end of each presence grace period."""
@@ -369,6 +377,7 @@ class ProviderRuntime:
             self._record.timings_s.get("ledger", 0.0) + time.perf_counter() - start
         )
         await self._publish(kind, Recorded(env, receipt).to_bytes())
+        crash_after(f"published-{kind}", self._record.round)
         if kind == "announce":
             self._record.prior_groups = [list(g) for g in self.machine.prior_groups]
         if kind == "dropout":
@@ -404,7 +413,7 @@ class ProviderRuntime:
             and tx.envelope.header.group is not None
         )
         closed = AttemptClosed(effect.round, effect.attempt, uploads)
-        await self._carry_out(self.machine.handle(closed))
+        await self._carry_out(await self._step(closed))
 
     async def _evaluate(self, effect: Evaluate) -> None:
         assert self._evaluator is not None and self.machine is not None and self._record
@@ -412,7 +421,7 @@ class ProviderRuntime:
         accuracy = await asyncio.to_thread(self._evaluator.accuracy, effect.params)
         self._record.timings_s["evaluation"] += time.perf_counter() - start
         start = time.perf_counter()
-        outputs = self.machine.handle(Evaluated(effect.round, effect.attempt, effect.gid, accuracy))
+        outputs = await self._step(Evaluated(effect.round, effect.attempt, effect.gid, accuracy))
         self._record.timings_s["detection"] += time.perf_counter() - start
         await self._carry_out(outputs)
 

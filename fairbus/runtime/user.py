@@ -188,7 +188,7 @@ class UserRuntime:
             if isinstance(event, Received) and event.kind in ROUND_STARTS:
                 self._round_log = {"announced": time.perf_counter()}
                 self._bytes_before = dict(self.bus.sent_bytes)
-            await self._carry_out(self.machine.handle(event))
+            await self._carry_out(await self._step(event))
 
     async def _resume_chain(self) -> None:
         """Continue from the ledger's head for this user, which wins over the saved one
@@ -203,7 +203,13 @@ class UserRuntime:
         if head != saved:
             log.info("user %d: chain head %s from the ledger", self.me, head.hex()[:16])
             self.state.save_chain_head(head)
-        await self._carry_out(self.machine.handle(ChainHead(self.me, head)))
+        await self._carry_out(await self._step(ChainHead(self.me, head)))
+
+    async def _step(self, event: Event) -> list[Output]:
+        """One step of the machine, in a worker thread (an announcement's exposure check
+        can take a while; the event loop keeps the broker's keepalive going). Only
+        :meth:`_take_part` steps the machine, one step at a time."""
+        return await asyncio.to_thread(self.machine.handle, event)
 
     async def _carry_out(self, outputs: list[Output]) -> None:
         for out in outputs:

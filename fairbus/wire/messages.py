@@ -40,6 +40,13 @@ MAX_ATTEMPT = 1023
 MAX_COLLUSION = 16
 """The largest collusion bound c a task may name (groups of c + 2 members and more)."""
 
+SHAMIR = "shamir"
+"""Alg. 3 of the fairness paper: every member deals Shamir shares of a random vector."""
+PAIRWISE = "pairwise"
+"""Issue 16: masks from pairwise X25519 agreements (:mod:`fairbus.pairwise`); no shares."""
+KEYINGS = (SHAMIR, PAIRWISE)
+"""How a task's group keys are made; recorded at task start, named by each announcement."""
+
 
 class Message(WireStruct):
     TYPE: ClassVar[str]
@@ -172,7 +179,8 @@ class Announce(Message):
     ``prior_groups`` are the member lists of groups whose sums the provider may hold:
     those of earlier attempts of this round and of earlier rounds that started from the
     same global model. ``collusion`` is the task's collusion bound c (recorded at task
-    start): users and the ledger run the exposure check with it.
+    start): users and the ledger run the exposure check with it. ``keying`` is the task's
+    (:data:`KEYINGS`), also recorded at task start: how the members make their keys.
     """
 
     model_sha256: bytes
@@ -185,6 +193,7 @@ class Announce(Message):
     negotiate_deadline: float
     upload_deadline: float
     collusion: int
+    keying: str = SHAMIR
     TYPE: ClassVar[str] = "announce"
     RECORDED: ClassVar[bool] = True
     SCOPED: ClassVar[bool] = True
@@ -200,6 +209,7 @@ class Announce(Message):
         "negotiate_deadline": Float(0.0),
         "upload_deadline": Float(0.0),
         "collusion": Int(0, MAX_COLLUSION),
+        "keying": names(KEYINGS),
     }
 
 
@@ -339,12 +349,14 @@ class TaskStart(Message):
 
     detection: DetectionPolicy
     collusion: int
+    keying: str = SHAMIR
     TYPE: ClassVar[str] = "task_start"
     RECORDED: ClassVar[bool] = True
     SENDERS: ClassVar[frozenset[Role]] = frozenset({Role.PROVIDER})
     FIELDS: ClassVar[dict[str, Spec]] = {
         "detection": Struct(DetectionPolicy),
         "collusion": Int(0, MAX_COLLUSION),
+        "keying": names(KEYINGS),
     }
 
 

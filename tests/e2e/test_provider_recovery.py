@@ -78,66 +78,101 @@ def _model_the_ledger_implies(task: LocalTask, rounds: int) -> np.ndarray:
     return machine.global_params
 
 
-FAILPOINTS = {"announcement": "announce:2", "evaluation": "evaluation:2", "decision": "decision:2"}
+PHASES = ["negotiation", "upload", "announcement", "evaluation", "decision"]
+"""The phases the provider dies in, one kill per round from :data:`FIRST_KILL` on, in
+one deployment (ten deployments would cost CI ten start-ups)."""
+
+FAILPOINTS = {
+    "announcement": "announce",  # committed, never published
+    "negotiation": "published-announce",  # the users have it and go on without a provider
+    "evaluation": "evaluation",
+    "decision": "decision",
+}
 """Phases too short to hit with a signal: the provider dies right after the ledger
-commits that transaction of round 2, before publishing it (:mod:`fairbus.runtime.
-failpoints`)."""
+commits that transaction of the round (:mod:`fairbus.runtime.failpoints`)."""
+
+FIRST_KILL = 2
+ROUNDS_WITH_KILLS = FIRST_KILL + len(PHASES)
 
 
-@pytest.mark.parametrize("when", ["announcement", "negotiation", "upload", "evaluation",
-                                  "decision"])  # fmt: skip
-def test_a_provider_killed_mid_task_is_restarted_and_training_goes_on(
-    tmp_path: Path, when: str
+def _failpoint(kill: int) -> dict[str, str] | None:
+    """The environment of the provider process that is to die in kill number ``kill``
+    (0-based): a failpoint for its phase, or none (a signal, or no kill left)."""
+    if kill >= len(PHASES) or PHASES[kill] not in FAILPOINTS:
+        return None
+    return {ENV: f"{FAILPOINTS[PHASES[kill]]}:{FIRST_KILL + kill}"}
+
+
+def _die(task: LocalTask, provider: int, kill: int) -> None:
+    """Have the active provider process ``provider`` die in phase ``PHASES[kill]`` of
+    round ``FIRST_KILL + kill``: by its failpoint, or by kill -9 once a user uploaded."""
+    phase, round = PHASES[kill], FIRST_KILL + kill
+    if phase in FAILPOINTS:
+        code = task.processes[provider].wait(ROUND_TIMEOUT)
+        assert code == KILLED, f"the provider did not die at its {phase} failpoint: {code}"
+        return
+    _wait(lambda: _uploaded(task, round), ROUND_TIMEOUT, f"an upload in round {round}")
+    task.kill(provider)
+
+
+def _resumed(task: LocalTask) -> int:
+    return sum(p.read_text().count("resuming task") for p in task.root.glob("participant-*.log"))
+
+
+def test_a_provider_killed_in_each_phase_is_restarted_and_training_goes_on(
+    tmp_path: Path,
 ) -> None:
-    epochs = 40 if when == "negotiation" else 2
-    crash = {ENV: FAILPOINTS[when]} if when in FAILPOINTS else {}
-    with LocalTask(tmp_path, 9, ROUNDS, ATTACKS, store="sqlite", broker="embedded",
-                   training={"local_epochs": epochs}, provider_env=crash) as task:  # fmt: skip
-        task.wait_for_round(1, ROUND_TIMEOUT)
-        if when == "negotiation":
-            time.sleep(0.3)  # round 2 announced, models still training
-        elif when == "upload":
-            _wait(lambda: _uploaded(task, 2), ROUND_TIMEOUT, "an upload in round 2")
-        if crash:
-            assert task.provider_process.wait(ROUND_TIMEOUT) == KILLED
-        else:
-            task.kill(0)
-        task.start_provider()
-        _finished(task, [0], ROUNDS)
-        log = (tmp_path / "participant-0.log").read_text()
-        assert "resuming task" in log
-        _audit(task)
-        final = np.load(tmp_path / "state" / "provider" / "global_model.npy")
-        assert np.array_equal(final, _model_the_ledger_implies(task, ROUNDS))
+    """kill -9 of the provider in every phase, a round each; each time a restart with
+    the same identity rebuilds it from the ledger. Every round completes, none is
+    decided twice, and the final model is the one the ledger implies."""
+    with LocalTask(tmp_path, 9, ROUNDS_WITH_KILLS, ATTACKS, store="sqlite",
+                   broker="embedded",
+                   provider_env=_failpoint(0) or {}) as task:  # fmt: skip
+        for kill, phase in enumerate(PHASES):
+            _die(task, 0, kill)
+            task.start_provider(_failpoint(kill + 1))
+            _wait(lambda: _resumed(task) > kill, ROUND_TIMEOUT, f"a resume after {phase}")  # noqa: B023
+        _finished(task, [0], ROUNDS_WITH_KILLS)
+        _the_final_model_is_the_ledgers(task, ROUNDS_WITH_KILLS)
 
 
-def test_a_standby_takes_over_when_the_active_provider_dies(tmp_path: Path) -> None:
-    """Two provider processes elect the active one through etcd; kill -9 of the active
-    one mid-task: the standby (data and model loaded, waiting for the lease) takes over
-    from the ledger within seconds, and training completes every round."""
+def test_a_standby_takes_over_whenever_the_active_provider_dies(tmp_path: Path) -> None:
+    """Provider 0 is elected the active one through etcd, then a standby starts (data
+    and model loaded, waiting for the lease), then the users. The active provider dies
+    in every phase, a round each; each time the standby takes over from the ledger
+    within seconds and the dead one comes back as the next standby. Every round
+    completes, none is decided twice, and the final model is the one the ledger
+    implies."""
     find_service_binary("mosquitto", "/usr/sbin/mosquitto")
     find_service_binary("etcd", "/usr/bin/etcd")
-    rounds = ROUNDS + 2
-    with LocalTask(tmp_path, 9, rounds, ATTACKS, store="etcd", broker="mosquitto",
-                   standby=True, training={"local_epochs": 20}) as task:  # fmt: skip
-        task.start_standby()
-        logs = {0: tmp_path / "participant-0.log", STANDBY: tmp_path / "participant-standby.log"}
+    logs = {0: tmp_path / "participant-0.log", STANDBY: tmp_path / "participant-standby.log"}
+    with LocalTask(tmp_path, 9, ROUNDS_WITH_KILLS, ATTACKS, store="etcd", broker="mosquitto",
+                   standby=True,
+                   provider_env=_failpoint(0) or {}, defer_users=True) as task:  # fmt: skip
+        _wait(lambda: "elected the active provider" in logs[0].read_text(), ROUND_TIMEOUT,
+              "provider 0's election")  # fmt: skip
+        # Process k dies in kill k: the first standby in kill 1, and each one started
+        # after kill k - 1 (the dead one back as a standby) in kill k + 1.
+        task.start_standby(STANDBY, _failpoint(1))
+        waiting = "waiting for its lease"
+        _wait(lambda: logs[STANDBY].exists() and waiting in logs[STANDBY].read_text(),
+              ROUND_TIMEOUT, "the standby")  # fmt: skip
+        task.start_users()
+        active, spare = 0, STANDBY  # the dead one restarts as participant-<key>-standby.log
+        for kill, phase in enumerate(PHASES):
+            _die(task, active, kill)
+            died = time.monotonic()
+            _wait(lambda: _resumed(task) > kill, 60.0, f"the takeover after {phase}")  # noqa: B023
+            assert time.monotonic() - died < 30.0, phase  # `fairbus bench failover` measures it
+            task.start_standby(active, _failpoint(kill + 2))
+            active, spare = spare, active
+        records = _finished(task, [active], ROUNDS_WITH_KILLS)
+        last = f"round {records[-1]['round']}: accuracy"
+        assert any(last in log.read_text() for log in tmp_path.glob("participant-*standby.log"))
+        _the_final_model_is_the_ledgers(task, ROUNDS_WITH_KILLS)
 
-        def holding(text: str) -> list[int]:
-            return [k for k, path in logs.items() if path.exists() and text in path.read_text()]
 
-        _wait(lambda: holding("elected the active provider"), ROUND_TIMEOUT, "an election")
-        (active,) = holding("elected the active provider")
-        spare = STANDBY if active == 0 else 0
-        _wait(lambda: spare in holding("waiting for its lease"), ROUND_TIMEOUT, "the standby")
-        task.wait_for_round(1, ROUND_TIMEOUT)
-        assert len(task.rounds_done()) < rounds, "the task ended before the kill"
-        killed = time.monotonic()
-        task.kill(active)
-        _wait(lambda: spare in holding("resuming task"), 60.0, "the takeover")
-        assert time.monotonic() - killed < 30.0  # `fairbus bench failover` measures it
-        records = _finished(task, [spare], rounds)
-        assert f"round {records[-1]['round']}: accuracy" in logs[spare].read_text()
-        _audit(task)
-        final = np.load(tmp_path / "state" / "provider" / "global_model.npy")
-        assert np.array_equal(final, _model_the_ledger_implies(task, rounds))
+def _the_final_model_is_the_ledgers(task: LocalTask, rounds: int) -> None:
+    _audit(task)
+    final = np.load(task.root / "state" / "provider" / "global_model.npy")
+    assert np.array_equal(final, _model_the_ledger_implies(task, rounds))

@@ -17,6 +17,7 @@ from fairbus.protocol.events import (
     Evaluate,
     RoundDone,
     StartRound,
+    Tick,
     Trained,
 )
 from fairbus.protocol.provider import ProviderConfig, ProviderMachine, ProviderPhase
@@ -102,29 +103,83 @@ def test_a_round_evaluated_but_not_decided_is_decided_as_the_ledger_would() -> N
     assert np.array_equal(redone.global_params, done.global_params)
 
 
-def test_a_round_interrupted_while_collecting_is_closed_and_regrouped_with_fresh_keys() -> None:
-    """The provider died with some uploads of round 2 recorded and others not made yet:
-    the restored one closes the attempt (a dropout naming nobody), regroups with fresh
-    keys, the complete groups counted, and the users finish the round on the new
-    attempt."""
-    late = {1, 4, 7}
-    driver = Driver(make_task(9, config=CONFIG), accuracy=_accuracy)
+def _killed_while_collecting(late: set[int], config: ProviderConfig = CONFIG) -> Driver:
+    """Round 1 played; round 2 announced and the users in ``late`` still training when
+    the provider dies (kill -9: what was on its way to it is lost); the provider is
+    replaced by one restored from the ledger."""
+    driver = Driver(make_task(9, config=config), accuracy=_accuracy)
     driver.play_round(0.0)
     driver.hold = lambda target, event: target in late and isinstance(event, Trained)
     driver.handle(PROVIDER, StartRound(1.0))
     driver.pump()
     recorded = driver.task.ledger.uploads(2, 0)
-    assert recorded and not {u for _, u in recorded} & late
-    # kill -9: what was on its way to the old provider is lost with it
+    assert not {u for _, u in recorded} & late
     driver.queue = type(driver.queue)(e for e in driver.queue if e[0] != PROVIDER)
-    restored = _restore(driver)
+    restored = _restore(driver, config=config)
     assert restored.next_round == 2
     driver.task.provider = restored
+    return driver
+
+
+def test_an_attempt_with_recorded_uploads_collects_the_rest_after_a_restore() -> None:
+    """The provider died with some uploads of round 2 recorded and others not made yet:
+    the restored one decrypts the groups complete on the ledger from its blobs, takes
+    the late users' uploads as they come, and finishes the round on the same attempt,
+    with the model the uninterrupted run gives."""
+    late = {1, 4, 7}
+    straight = Driver(make_task(9, config=CONFIG), accuracy=_accuracy)
+    straight.play_round(0.0)
+    want = straight.play_round(1.0)
+    driver = _killed_while_collecting(late)
     since = len(driver.log)
     out = driver.handle(PROVIDER, StartRound(2.0))
     complete = [g for g in _announce(driver, 0).groups if not set(g.members) & late]
-    # the groups complete on the ledger are decrypted from its blobs and evaluated
-    assert kinds(out) == ["Commit:dropout", "CloseAttempt", *["Evaluate"] * len(complete)]
+    assert complete and kinds(out) == ["Evaluate"] * len(complete)
+    assert driver.task.provider.phase is ProviderPhase.COLLECTING
+    driver.pump()
+    driver.hold = lambda target, event: False
+    driver.release()  # the late users' models, uploaded to attempt 0
+    done = driver.round_done(since)
+    assert (done.round, done.attempts) == (2, 1) and not driver.commits("dropout")
+    assert np.array_equal(done.global_params, want.global_params)
+    assert driver.refusals() == []
+    replay(driver.task.roster, LedgerHistory.of(_transactions(driver.task)))  # all rules hold
+
+
+def test_a_restored_attempt_drops_who_never_uploads_at_a_fresh_deadline() -> None:
+    """The late users never upload (they died with the provider): the restored
+    provider's fresh phase deadline drops them with a dropout naming them, and the
+    survivors finish the round on a new attempt with fresh keys."""
+    late = {1, 4, 7}
+    driver = _killed_while_collecting(late, ProviderConfig(seed=3, phase_timeout=30.0))
+    driver.online -= late
+    driver.held = []
+    driver.hold = lambda target, event: False
+    since = len(driver.log)
+    driver.handle(PROVIDER, StartRound(50.0))
+    driver.pump()
+    assert driver.handle(PROVIDER, Tick(79.0)) == []  # 30 s from the restart
+    out = driver.handle(PROVIDER, Tick(81.0))
+    assert kinds(out) == ["Commit:dropout", "CloseAttempt"]
+    body = envelope.verify(of_type(out, Commit)[0].envelope, driver.task.roster).message
+    assert isinstance(body, Dropout) and set(body.users) == late
+    driver.pump()
+    done = driver.round_done(since)
+    assert done.round == 2 and done.attempts >= 2 and done.dropped == late
+    assert all(not set(g.members) & late for g in done.groups)
+    replay(driver.task.roster, LedgerHistory.of(_transactions(driver.task)))
+
+
+def test_an_attempt_nobody_uploaded_to_is_closed_and_regrouped_with_fresh_keys() -> None:
+    """The provider died before any upload of round 2 was recorded (the users may never
+    have seen the announcement): the restored one closes the attempt at once (a
+    dropout naming nobody, voiding every group) and regroups with fresh keys; the users
+    finish the round on the new attempt."""
+    everyone = set(range(1, 10))
+    driver = _killed_while_collecting(everyone)
+    since = len(driver.log)
+    out = driver.handle(PROVIDER, StartRound(2.0))
+    assert kinds(out) == ["Commit:dropout", "CloseAttempt"]
     assert of_type(out, CloseAttempt)[0] == CloseAttempt(2, 0)
     body = envelope.verify(of_type(out, Commit)[0].envelope, driver.task.roster).message
     assert isinstance(body, Dropout) and body.users == ()
@@ -132,11 +187,11 @@ def test_a_round_interrupted_while_collecting_is_closed_and_regrouped_with_fresh
     driver.pump()  # the dropout and the new announcement reach the users
     assert [a.envelope.header.attempt for a in driver.commits("announce")][-1] == 1
     driver.hold = lambda target, event: False
-    driver.release()  # the late users' models: uploaded to the new attempt only
+    driver.release()  # the trained models: uploaded to the new attempt only
     done = driver.round_done(since)
     assert done.round == 2 and done.attempts == 2
     assert driver.refusals() == []
-    replay(driver.task.roster, LedgerHistory.of(_transactions(driver.task)))  # all rules hold
+    replay(driver.task.roster, LedgerHistory.of(_transactions(driver.task)))
 
 
 def test_a_restore_with_other_task_parameters_is_refused() -> None:
@@ -160,9 +215,9 @@ def test_a_missing_or_altered_blob_is_refused() -> None:
 
 def test_a_round_whose_uploads_were_all_recorded_finishes_on_them() -> None:
     """The provider died after the last upload was recorded, before it decrypted it:
-    every group is complete on the ledger, so the restored one closes the attempt and
-    finishes the round on its groups from the blobs, with no new attempt (a regrouping
-    with all of them known could expose someone)."""
+    every group is complete on the ledger, so the restored one finishes the round on
+    its groups from the blobs, with no new attempt (a regrouping with all of them known
+    could expose someone)."""
     driver = Driver(make_task(9, config=CONFIG), accuracy=_accuracy)
     straight = Driver(make_task(9, config=CONFIG), accuracy=_accuracy)
     straight.play_round(0.0)

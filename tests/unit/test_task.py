@@ -53,9 +53,9 @@ def test_task_params_round_trip_through_the_wire(detection: DetectionParams) -> 
     assert TaskParams.from_message(decoded).to_message().payload() == message.payload()
 
 
-def _wire(collusion: object = 1, **changes: object) -> dict[str, object]:
+def _wire(collusion: object = 1, keying: object = "shamir", **changes: object) -> dict[str, object]:
     policy = TaskParams().to_message().to_wire()["detection"]
-    return {"detection": {**policy, **changes}, "collusion": collusion}
+    return {"detection": {**policy, **changes}, "collusion": collusion, "keying": keying}
 
 
 @pytest.mark.parametrize(
@@ -82,6 +82,20 @@ def test_a_task_start_is_decoded_strictly(changes: dict[str, object], complaint:
 def test_a_task_starts_collusion_bound_is_decoded_strictly(collusion: object) -> None:
     with pytest.raises(SchemaError, match="collusion"):
         decode_body("task_start", codec.pack(_wire(collusion)), DEFAULT_LIMITS)
+
+
+@pytest.mark.parametrize("keying", ["Shamir", "pairwise ", "", 1, None])
+def test_a_task_starts_keying_is_decoded_strictly(keying: object) -> None:
+    with pytest.raises(SchemaError, match="keying"):
+        decode_body("task_start", codec.pack(_wire(keying=keying)), DEFAULT_LIMITS)
+
+
+@pytest.mark.parametrize("keying", ["shamir", "pairwise"])
+def test_the_keying_is_recorded_at_task_start(keying: str) -> None:
+    task = TaskParams(keying=keying)
+    assert TaskParams.from_message(task.to_message()) == task
+    with pytest.raises(SchemaError, match="keying"):
+        TaskParams(keying="bonawitz")
 
 
 @pytest.mark.parametrize("c", [0, 1, 2, 16])
