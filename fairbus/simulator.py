@@ -59,6 +59,7 @@ from fairbus.training.config import round_seed, trainer_seed
 from fairbus.training.data import DATASET_MODELS, load_dataset, partition
 from fairbus.training.local import Evaluator, TrainConfig, Trainer
 from fairbus.training.models import initial_params
+from fairbus.wire.messages import PAIRWISE
 
 PROVIDER_ID = 0
 LEDGER_NODE_ID = 100_000
@@ -71,7 +72,8 @@ class LedgerRefusalError(FairbusError):
 
 @dataclass(frozen=True)
 class DropoutPlan:
-    """Kill ``user`` in ``round``: mid key negotiation, or after its first upload."""
+    """Kill ``user`` in ``round``: mid key negotiation (with pairwise keys, which need
+    none: while it trains), or after its first upload."""
 
     round: int
     user: int
@@ -246,6 +248,10 @@ class Simulation:
                             self._kill(plan)
             elif isinstance(out, Train):
                 assert isinstance(source, int)
+                dying = self._plan.get(source)
+                if dying is not None and dying.phase == "negotiation" and self._no_shares:
+                    self._kill(dying)  # pairwise keys: nothing to negotiate; dies training
+                    continue
                 self._train(source, out)
             elif isinstance(out, Evaluate):
                 self._evaluate(out)
@@ -320,6 +326,11 @@ class Simulation:
         record_round(self._record, done)
 
     # --- dropouts -------------------------------------------------------------------------------
+
+    @property
+    def _no_shares(self) -> bool:
+        """Whether the task's groups key without shares (:mod:`fairbus.pairwise`)."""
+        return self.config.provider.keying == PAIRWISE
 
     def _kill(self, plan: DropoutPlan) -> None:
         self.alive.discard(plan.user)

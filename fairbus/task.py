@@ -26,7 +26,7 @@ from fairbus.detection import DetectionParams
 from fairbus.errors import FairbusError, SchemaError
 from fairbus.exposure import DEFAULT_COLLUSION
 from fairbus.wire.limits import DEFAULT_LIMITS
-from fairbus.wire.messages import KEYINGS, SHAMIR, DetectionPolicy, TaskStart
+from fairbus.wire.messages import DEFAULT_KEYING, KEYINGS, DetectionPolicy, TaskStart
 
 PHASE_TIMEOUT = 300.0
 """Seconds a user may stay silent after an announcement before it counts as dropped (the
@@ -36,9 +36,6 @@ user that dies is noticed at once by its presence (the broker's Last Will), so t
 only the backstop for a user that is connected but silent, and a false dropout is costly
 (the attempt is voided and every survivor renegotiates keys) while a slow honest user
 (the paper's CIFAR-10 CNN for 20 local epochs on a CPU) easily needs more than a minute."""
-
-DEFAULT_KEYING = SHAMIR
-"""The keying a task uses unless its configuration says otherwise (README, "Keying")."""
 
 DEFAULT_DETECTION = DetectionParams(
     # Measured with `fairbus bench detection` (README): as written (tolerance 0) Alg. 6

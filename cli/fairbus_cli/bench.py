@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import typer
@@ -13,6 +14,7 @@ from rich.table import Table
 
 from fairbus.bench import crypto
 from fairbus.protocol.provider import ProviderConfig
+from fairbus.wire.messages import KEYINGS
 from fairbus_cli import detection_options as options
 
 DEFAULTS = ProviderConfig()
@@ -35,6 +37,8 @@ def crypto_bench(
 
     Per user: share generation, sealing, summation, reconstruction, key derivation,
     masking, signing the upload. Per group: the provider's verification and unmasking.
+    Beside them the compact pairwise keying, in units of one libsodium expansion of a
+    model-size vector timed in the same run, and the bytes a user sends per group.
     """
     with Progress(console=console, transient=True) as progress:
         task = progress.add_task("timing groups", total=repeats)
@@ -52,7 +56,16 @@ def crypto_bench(
             for step in timings.samples
         }
         out["user_total"] = {"median_ms": result.user_total_ms}
-        console.print_json(json.dumps({"params": params, "exact": result.exact, "steps": out}))
+        out["pairwise_total"] = {"median_ms": result.pairwise_total_ms}
+        summary = {
+            "params": params,
+            "exact": result.exact,
+            "pairwise_exact": result.pairwise_exact,
+            "pairwise_in_expansions": result.pairwise_in_expansions,
+            "bytes_per_group": result.bytes_per_group,
+            "steps": out,
+        }
+        console.print_json(json.dumps(summary))
         return
     table = Table(
         title=(
@@ -102,9 +115,30 @@ def crypto_bench(
         f"{crypto.BCP_DECRYPT_MS:,.0f} ms",
     )
     console.print(paper)
-    verdict = "[green]exact[/]" if result.exact else "[red]NOT exact[/]"
-    console.print(f"decrypted group sums equal the plaintext encodings' sums: {verdict}")
-    if not result.exact:
+    keyings = Table(title="keyings per user and group (issue 16): Alg. 3 against pairwise keys")
+    for column in ("", "Alg. 3 (shamir)", "pairwise", "target"):
+        keyings.add_column(column, justify="right")
+    expansion = timings.median("one expansion")
+    ratio = result.pairwise_in_expansions
+    ok = ratio <= crypto.PAIRWISE_TARGET_EXPANSIONS
+    keyings.add_row(
+        "computation (key + masking)",
+        f"{result.user_total_ms:.2f} ms = {result.user_total_ms / expansion:.1f} expansions",
+        f"{result.pairwise_total_ms:.2f} ms = {ratio:.1f} expansions",
+        f"≤ {crypto.PAIRWISE_TARGET_EXPANSIONS:.0f} expansions {'✓' if ok else '✗'}",
+    )
+    keyings.add_row("one expansion of d values (libsodium)", f"{expansion:.2f} ms", "", "")
+    sent = result.bytes_per_group
+    keyings.add_row(
+        "bytes sent (shares and upload)", f"{sent['shamir']:,}", f"{sent['pairwise']:,}", ""
+    )
+    console.print(keyings)
+    for name, exact in (("Alg. 3", result.exact), ("pairwise", result.pairwise_exact)):
+        verdict = "[green]exact[/]" if exact else "[red]NOT exact[/]"
+        console.print(
+            f"{name}: decrypted group sums equal the plaintext encodings' sums: {verdict}"
+        )
+    if not (result.exact and result.pairwise_exact):
         raise typer.Exit(1)
 
 
@@ -260,37 +294,52 @@ def round_bench(
     per_user: int = typer.Option(6_667, help="Training images per user (paper: 60,000 / 9)."),
     broker: str = typer.Option("mosquitto", help="'mosquitto' or 'embedded'."),
     ledger: str = typer.Option("sqlite", help="'sqlite' or 'etcd'."),
-    workdir: Path = typer.Option(Path("out/bench-round"), help="Files of both deployments."),
+    workdir: Path = typer.Option(Path("out/bench-round"), help="Files of the deployments."),
+    keying: list[str] = typer.Option(
+        list(KEYINGS), help="Keyings of the secure runs, one deployment each (repeat)."
+    ),
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
 ) -> None:
     """One secure round of 9 user processes training the paper's MNIST CNN (582,026
-    parameters) over the network, by phase, with bytes per user and per upload; and the
-    same training as plain FedAvg over the same broker. Prints secure/plain."""
+    parameters) over the network, by phase, with bytes per user and per upload, once per
+    keying (Alg. 3's shares, or pairwise keys); and the same training as plain FedAvg
+    over the same broker. Prints secure/plain for each."""
     from fairbus.bench import round as round_module
 
-    secure, plain = round_module.bench(
-        workdir, rounds=rounds, per_user=per_user, broker=broker, store=ledger
-    )
-    ratio = secure.round_s / plain.round_s
+    unknown = sorted(set(keying) - set(KEYINGS))
+    if unknown:
+        raise typer.BadParameter(f"one of {', '.join(KEYINGS)}", param_hint="--keying")
+    runs, plain = round_module.bench(workdir, rounds=rounds, per_user=per_user, broker=broker,
+                                     store=ledger, keyings=tuple(keying))  # fmt: skip
+    ratios = {k: run.round_s / plain.round_s for k, run in runs.items()}
+    byte_ratios = {k: run.bytes_per_user / plain.bytes_per_user for k, run in runs.items()}
     if as_json:
-        console.print_json(json.dumps({"secure": vars(secure), "plain": vars(plain),
-                                       "ratio": ratio}))  # fmt: skip
+        console.print_json(json.dumps({"secure": {k: vars(r) for k, r in runs.items()},
+                                       "plain": vars(plain), "ratio": ratios,
+                                       "bytes_ratio": byte_ratios}))  # fmt: skip
         return
     table = Table(title=f"one round, 9 users, MNIST CNN, {broker} broker, {ledger} ledger")
-    for column in ("measure", "secure", "plain FedAvg", "target"):
-        table.add_column(column)
-    table.add_row("round wall time", f"{secure.round_s:.2f} s", f"{plain.round_s:.2f} s",
-                  f"ratio {ratio:.3f} (≤ 1.15)")  # fmt: skip
-    for phase, value in secure.phases_s.items():
-        table.add_row(f"  {phase}", f"{value:.3f} s", f"{plain.phases_s.get(phase, 0.0):.3f} s", "")
+    table.add_column("measure")
+    for k in runs:
+        table.add_column(f"secure, {k}")
+    table.add_column("plain FedAvg")
+    table.add_column("target")
+
+    def row(what: str, cell: Callable[[round_module.RoundRun], str], target: str = "") -> None:
+        table.add_row(what, *(cell(r) for r in runs.values()), cell(plain), target)
+
+    row("round wall time", lambda r: f"{r.round_s:.2f} s")
+    table.add_row("  secure / plain", *(f"{ratios[k]:.3f}" for k in runs), "",
+                  "≤ 1.05 with pairwise keys")  # fmt: skip
+    for phase in runs[next(iter(runs))].phases_s:
+        row(f"  {phase}", lambda r, p=phase: f"{r.phases_s.get(p, 0.0):.3f} s")  # type: ignore[misc]
     size = round_module.MODEL_FLOAT32_BYTES
-    table.add_row("bytes sent per user", f"{secure.bytes_per_user:,.0f}",
-                  f"{plain.bytes_per_user:,.0f}", "")  # fmt: skip
-    table.add_row("bytes per upload", f"{secure.bytes_per_upload:,.0f}",
-                  f"{plain.bytes_per_upload:,.0f}",
-                  f"{size:,} ± 5% ({secure.bytes_per_upload / size - 1:+.2%})")  # fmt: skip
-    table.add_row("global accuracy (last round)", f"{secure.accuracy:.3f}",
-                  f"{plain.accuracy:.3f}", "")  # fmt: skip
+    row("bytes sent per user", lambda r: f"{r.bytes_per_user:,.0f}")
+    table.add_row("  secure / plain", *(f"{byte_ratios[k]:.2f}" for k in runs), "",
+                  "≤ 1.05 with pairwise keys")  # fmt: skip
+    row("bytes per upload", lambda r: f"{r.bytes_per_upload:,.0f}",
+        f"{size:,} ± 5%")  # fmt: skip
+    row("global accuracy (last round)", lambda r: f"{r.accuracy:.3f}")
     console.print(table)
 
 

@@ -15,10 +15,9 @@ from rich.table import Table
 
 from fairbus.errors import FairbusError
 from fairbus.protocol.provider import ProviderConfig
-from fairbus.task import DEFAULT_KEYING
 from fairbus.training.attacks import Attack, Behaviour
 from fairbus.training.config import TrainConfig
-from fairbus.wire.messages import KEYINGS
+from fairbus.wire.messages import DEFAULT_KEYING, KEYINGS
 from fairbus_cli import detection_options as options
 from fairbus_cli.errors import say
 

@@ -5,6 +5,13 @@ summation, reconstruction, key derivation, masking, signing the upload) and the
 provider's verification and unmasking, for a model of ``params`` parameters
 (default 582,026: the paper's MNIST CNN). Steps are timed separately over
 ``repeats`` fresh groups; the median and 90th percentile are reported.
+
+Beside Alg. 3 it times the compact keying (:mod:`fairbus.pairwise`, issue 16): one
+user's key from its pairwise agreements, against one libsodium expansion of a
+model-size vector (``randombytes_deterministic``) measured in the same run — the
+issue's target is a per-group computation (key and masking) of at most
+:data:`PAIRWISE_TARGET_EXPANSIONS` expansions — and checks that its masked uploads
+decrypt exactly too. Bytes each user sends per group are counted for both keyings.
 """
 
 from __future__ import annotations
@@ -20,9 +27,11 @@ from typing import TypeVar
 import numpy as np
 
 from fairbus import envelope, keyneg, masking
+from fairbus.csprng import expand_field, new_seed
 from fairbus.envelope import GENESIS
 from fairbus.field import FieldVector, FixedPointCodec, sum_vectors
 from fairbus.identity import Identity
+from fairbus.pairwise import MaskContext, PairwiseKeys
 from fairbus.roster import Member, Role, Roster
 from fairbus.sealed import SealContext, open_share, seal_share
 from fairbus.wire.messages import MaskedUpload, vector_to_bytes
@@ -35,6 +44,8 @@ BCP_ENCRYPT_MS = 96.35 / 20 * 1000
 BCP_DECRYPT_MS = 175.19 / 20 * 1000
 USER_TARGET_MS = 25.0
 PROVIDER_TARGET_MS = 10.0
+PAIRWISE_TARGET_EXPANSIONS = 6.0
+"""Issue 16: a user's per-group crypto with pairwise keys ≤ 6 model-size expansions."""
 
 T = TypeVar("T")
 
@@ -70,6 +81,8 @@ USER_COMPUTE_STEPS = (
 USER_IO_STEPS = ("seal shares", "open shares", "sign upload")
 """Sealing/opening all of one user's shares; "sign upload" includes masking it again."""
 PROVIDER_STEPS = ("verify uploads", "unmask group")
+PAIRWISE_STEPS = ("pairwise keying", "one expansion")
+"""The compact keying's key for one group, and the unit it is measured in."""
 
 
 @dataclass(frozen=True)
@@ -81,10 +94,22 @@ class CryptoBenchResult:
     cpu: str
     timings: Timings
     exact: bool
+    pairwise_exact: bool
+    bytes_per_group: dict[str, int]
+    """Keying → bytes one user sends for one group (its shares and its upload)."""
 
     @property
     def user_total_ms(self) -> float:
         return sum(self.timings.median(s) for s in USER_COMPUTE_STEPS)
+
+    @property
+    def pairwise_total_ms(self) -> float:
+        """A user's per-group computation with pairwise keys: its key and the masking."""
+        return self.timings.median("pairwise keying") + self.timings.median("masking")
+
+    @property
+    def pairwise_in_expansions(self) -> float:
+        return self.pairwise_total_ms / self.timings.median("one expansion")
 
     @property
     def unmask_ms(self) -> float:
@@ -156,13 +181,29 @@ def _run(
         assert isinstance(message, MaskedUpload)
         return message.vector()
 
+    pairwise = {i: PairwiseKeys(identities[i], roster) for i in members}
+    sent: dict[str, int] = {}
+
+    def one_pairwise_group(rep: int) -> bool:
+        """The compact keying for one fresh group; True if the decrypted sum is exact."""
+        context = MaskContext("bench", rep, 0, 0, tuple(members))
+        timings.time("one expansion", lambda: expand_field(new_seed(), params))
+        keys = {i: pairwise[i].group_key(context, params) for i in others}
+        keys[me] = timings.time("pairwise keying", lambda: pairwise[me].group_key(context, params))
+        uploads = {i: upload_bytes(i, keys[i], rep) for i in members}
+        sent["pairwise"] = len(uploads[me])
+        vectors = [verified_vector(uploads[i]) for i in members]
+        agg = masking.aggregate_decrypt(vectors, codec)
+        plain = sum_vectors([codec.encode(models[i], summands=keying.size) for i in members])
+        return bool(np.array_equal(agg.field_sum, plain))
+
     def one_group(rep: int) -> bool:
         """Alg. 3-5 for one fresh group; True if the decrypted sum is exact."""
         ctx = SealContext("bench", rep, 0, 0)
         # Everyone else's part of Algorithm 3 runs untimed; user `me`'s part is timed.
         dealt = {i: keyneg.deal_shares(keying, params) for i in others}
         dealt[me] = timings.time("share generation", lambda: keyneg.deal_shares(keying, params))
-        timings.time(
+        sealed_out = timings.time(
             "seal shares",
             lambda: [
                 seal_share(identities[me], roster, j, ctx, "share", dealt[me].shares[j])
@@ -197,6 +238,10 @@ def _run(
         )
         uploads = {i: upload_bytes(i, keys[i], rep) for i in others}
         uploads[me] = timings.time("sign upload", lambda: upload_bytes(me, keys[me], rep))
+        summed_out = [
+            seal_share(identities[me], roster, j, ctx, "summed_share", summed[me]) for j in others
+        ]
+        sent["shamir"] = sum(map(len, sealed_out + summed_out)) + len(uploads[me])
         vectors = timings.time(
             "verify uploads", lambda: [verified_vector(uploads[i]) for i in members]
         )
@@ -204,8 +249,12 @@ def _run(
         plain = sum_vectors([codec.encode(models[i], summands=keying.size) for i in members])
         return bool(np.array_equal(agg.field_sum, plain))
 
+    pairwise_exact = True
     for rep in range(repeats):
         exact = one_group(rep) and exact
+        pairwise_exact = one_pairwise_group(rep) and pairwise_exact
         if progress is not None:
             progress(rep + 1)
-    return CryptoBenchResult(params, group_size, keying.threshold, repeats, cpu, timings, exact)
+    return CryptoBenchResult(
+        params, group_size, keying.threshold, repeats, cpu, timings, exact, pairwise_exact, sent
+    )

@@ -1,6 +1,7 @@
 """``fairbus bench round``: one secure round over the network, by phase, against a plain
 FedAvg round over the same broker with the same training.
 
+Secure runs go once per keying (Alg. 3's Shamir shares, or pairwise keys: issue 16).
 The plain run is the same runtime with ``[provider] secure = false``, the
 :class:`~fairbus.aggregation.PlainFedAvg` policy: the global model out and every user's
 float32 model back in the clear, unsigned and unrecorded, their mean.
@@ -27,6 +28,7 @@ import numpy as np
 
 from fairbus.runtime.local import LocalTask
 from fairbus.training.models import build_model, count_parameters
+from fairbus.wire.messages import KEYINGS, SHAMIR
 
 MODEL_FLOAT32_BYTES = 582_026 * 4
 
@@ -65,13 +67,16 @@ class RoundRun:
     accuracy: float
 
 
-def run(workdir: Path, *, secure: bool, rounds: int, broker: str, store: str) -> RoundRun:
-    root = workdir / ("secure" if secure else "plain")
+def run(
+    workdir: Path, *, secure: bool, rounds: int, broker: str, store: str, keying: str = SHAMIR
+) -> RoundRun:
+    root = workdir / (f"secure-{keying}" if secure else "plain")
     shutil.rmtree(root, ignore_errors=True)
     data = str((workdir / "mnist").resolve())
     training: dict[str, object] = {"dataset": "mnist", "data_dir": data, "local_epochs": 1}
     provider: dict[str, object] = {"secure": secure, "phase_timeout": 600}
-    with LocalTask(root, 9, rounds, {}, store, broker, training, provider) as task:
+    with LocalTask(root, 9, rounds, {}, store, broker, training, provider,
+                   top={"keying": keying}) as task:  # fmt: skip
         records = task.wait_for_round(rounds, timeout=600 * rounds)
     measured = records[1:] if len(records) > 1 else records
     # evaluation: every group model (secure); global evaluation: the new global model (both)
@@ -104,10 +109,20 @@ def run(workdir: Path, *, secure: bool, rounds: int, broker: str, store: str) ->
 
 
 def bench(
-    workdir: Path, *, rounds: int = 3, per_user: int = 6_667, broker: str, store: str
-) -> tuple[RoundRun, RoundRun]:
+    workdir: Path,
+    *,
+    rounds: int = 3,
+    per_user: int = 6_667,
+    broker: str,
+    store: str,
+    keyings: tuple[str, ...] = KEYINGS,
+) -> tuple[dict[str, RoundRun], RoundRun]:
+    """Plain FedAvg, then a secure run per keying: ({keying: secure run}, plain run)."""
     assert count_parameters(build_model("mnist_cnn")) * 4 == MODEL_FLOAT32_BYTES
     write_mnist_like(workdir / "mnist", per_user * 9, 1_000)
     plain = run(workdir, secure=False, rounds=rounds, broker=broker, store=store)
-    secure = run(workdir, secure=True, rounds=rounds, broker=broker, store=store)
+    secure = {
+        k: run(workdir, secure=True, rounds=rounds, broker=broker, store=store, keying=k)
+        for k in keyings
+    }
     return secure, plain

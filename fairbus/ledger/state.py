@@ -49,9 +49,10 @@ from fairbus.ledger.records import (
     check_links,
 )
 from fairbus.roster import Role, Roster
-from fairbus.task import DEFAULT_KEYING, TaskParams
+from fairbus.task import TaskParams
 from fairbus.wire.limits import DEFAULT_LIMITS, WireLimits
 from fairbus.wire.messages import (
+    DEFAULT_KEYING,
     MESSAGE_TYPES,
     Announce,
     Decision,

@@ -88,9 +88,10 @@ from fairbus.protocol.recovery import (
 )
 from fairbus.protocol.user import model_digest
 from fairbus.roster import Role, Roster
-from fairbus.task import DEFAULT_DETECTION, DEFAULT_KEYING, PHASE_TIMEOUT, TaskParams
+from fairbus.task import DEFAULT_DETECTION, PHASE_TIMEOUT, TaskParams
 from fairbus.wire.limits import DEFAULT_LIMITS, WireLimits
 from fairbus.wire.messages import (
+    DEFAULT_KEYING,
     Announce,
     Decision,
     Dropout,

@@ -17,10 +17,10 @@ from fairbus.detection import DetectionParams
 from fairbus.errors import FairbusError, OperatorError
 from fairbus.exposure import DEFAULT_COLLUSION
 from fairbus.protocol.provider import ProviderConfig
-from fairbus.task import DEFAULT_KEYING, PHASE_TIMEOUT, detection_table
+from fairbus.task import PHASE_TIMEOUT, detection_table
 from fairbus.training.config import TrainConfig
 from fairbus.training.data import DATASET_MODELS
-from fairbus.wire.messages import KEYINGS, MAX_COLLUSION
+from fairbus.wire.messages import DEFAULT_KEYING, KEYINGS, MAX_COLLUSION
 
 T = TypeVar("T")
 

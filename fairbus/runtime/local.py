@@ -78,6 +78,8 @@ class LocalTask:
     standby: bool = False
     """Providers elect the active one through the ledger's etcd (``store="etcd"``); a
     second provider process waits as a hot standby (:meth:`start_standby`)."""
+    top: dict[str, object] = field(default_factory=dict)
+    """More top-level keys of the task's configuration (``keying``, ``collusion``)."""
     defer_users: bool = False
     """The user processes wait for :meth:`start_users` (a standby to load first)."""
     metrics: dict[str, object] = field(default_factory=dict)
@@ -122,7 +124,7 @@ class LocalTask:
         self.config.write_text(
             task_config_toml(
                 ("127.0.0.1", self.ledger.broker_port),
-                top={"ledger_timeout": 2.0},
+                top={"ledger_timeout": 2.0, **self.top},
                 # every participant shares this machine's cores: one torch thread each
                 training={"threads": 1, **self.training},
                 provider={**provider, **self.provider},

@@ -84,22 +84,34 @@ def _wait(predicate: object, timeout: float, what: str) -> None:
 
 
 @pytest.mark.parametrize(
-    ("store", "broker"),
-    [("etcd", "mosquitto"), ("sqlite", "embedded")],
-    ids=["mosquitto+3-etcd+3-ledger-nodes", "embedded-broker+sqlite-ledger"],
+    ("store", "broker", "keying"),
+    [("etcd", "mosquitto", "shamir"), ("sqlite", "embedded", "pairwise")],
+    ids=["mosquitto+3-etcd+3-ledger-nodes+alg-3", "embedded-broker+sqlite-ledger+pairwise"],
 )
 def test_three_rounds_of_nine_users_on_a_whole_stack(
-    tmp_path: Path, store: str, broker: str
+    tmp_path: Path, store: str, broker: str, keying: str
 ) -> None:
     if broker == "mosquitto":
         find_service_binary("mosquitto", "/usr/sbin/mosquitto")
     if store == "etcd":
         find_service_binary("etcd", "/usr/bin/etcd")
-    with LocalTask(tmp_path, 9, 3, ATTACKS, store=store, broker=broker) as task:
+    with LocalTask(tmp_path, 9, 3, ATTACKS, store=store, broker=broker,
+                   top={"keying": keying}) as task:  # fmt: skip
         records = task.wait_for_round(3, 3 * ROUND_TIMEOUT)
         _check_rounds(records, 3)
+        sent = _bytes_sent_by_kind(task)
+        assert ("share" in sent) == (keying == "shamir"), sent  # pairwise keys: no shares
         _foreign_client_is_refused_by_the_acl(task)
         _audit(task)
+
+
+def _bytes_sent_by_kind(task: LocalTask) -> dict[str, int]:
+    """What the users sent in their last round, by message kind (their stats)."""
+    sent: dict[str, int] = {}
+    for path in (task.root / "state").glob("user-*/stats.json"):
+        for kind, count in json.loads(path.read_text())["round_bytes"].items():
+            sent[kind] = sent.get(kind, 0) + int(count)
+    return sent
 
 
 def _foreign_client_is_refused_by_the_acl(task: LocalTask) -> None:

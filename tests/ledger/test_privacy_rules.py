@@ -22,6 +22,7 @@ from fairbus.ledger.state import LedgerState, RefusalReason, RefusedError, group
 from fairbus.roster import Roster
 from fairbus.task import TaskParams
 from fairbus.wire.messages import (
+    DEFAULT_KEYING,
     Announce,
     Decision,
     Dropout,
@@ -83,8 +84,9 @@ def announce(
     model: bytes = bytes(32),
     prior: tuple[tuple[int, ...], ...] = (),
     collusion: int = 1,
+    keying: str = DEFAULT_KEYING,
 ) -> Announce:
-    return Announce(model, 2, 16, groups, key_users, (), prior, 1.0, 1.0, collusion)
+    return Announce(model, 2, 16, groups, key_users, (), prior, 1.0, 1.0, collusion, keying)
 
 
 @pytest.fixture
@@ -283,6 +285,22 @@ def test_the_announced_collusion_bound_must_be_the_tasks(chain: Chain) -> None:
         RefusalReason.BAD_GROUPING,
         "collusion bound 0, the task's is 1",
     )
+
+
+def test_the_announced_keying_must_be_the_tasks(
+    identities: dict[int, Identity], roster: Roster
+) -> None:
+    """A task started with one keying: an announcement naming the other is refused (a
+    user would make its keys one way and its group mates the other: no group sum)."""
+    chain = Chain(LedgerState(roster), identities)
+    chain.admit(chain.sign(PROVIDER, TaskParams(keying="shamir").to_message()))
+    chain.admit(chain.sign(PROVIDER, GlobalModel(2, bytes(8)), round=1))
+    chain.refused(
+        chain.sign(PROVIDER, announce(HONEST, keying="pairwise"), round=1),
+        RefusalReason.BAD_GROUPING,
+        "keying 'pairwise', the task's is 'shamir'",
+    )
+    chain.admit(chain.sign(PROVIDER, announce(HONEST, keying="shamir"), round=1))
 
 
 def test_a_task_with_c2_needs_groups_of_four(

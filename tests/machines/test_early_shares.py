@@ -14,6 +14,7 @@ import numpy as np
 
 from fairbus.ledger.recorded import open_recorded
 from fairbus.protocol.events import PROVIDER, Event, Received, Refused, StartRound
+from fairbus.protocol.provider import ProviderConfig
 from fairbus.protocol.user import EARLY_PER_SENDER, EARLY_REFUSED, UserMachine
 from fairbus.sealed import SealContext, SealedOuter, seal_share
 from fairbus.shamir import Share
@@ -23,6 +24,9 @@ from tests.support_machines import TASK, Driver, Target, Task, make_task
 
 ME = 1
 MiB = 1024 * 1024
+
+ALG3 = ProviderConfig(keying="shamir")
+"""These tests follow Alg. 3's shares (the pairwise keying sends none)."""
 
 
 def _reasons(outputs: Sequence[object]) -> list[str]:
@@ -61,7 +65,7 @@ def _flood(
 
 
 def test_forty_forged_one_mib_early_shares_are_not_kept() -> None:
-    task = make_task(6)
+    task = make_task(6, config=ALG3)
     machine = task.users[ME]
     # before any round: the model's size is unknown, but a forged box does not open
     assert _flood(machine, 1, _forged) == ["SealError"] * 40
@@ -82,7 +86,7 @@ def test_forty_forged_one_mib_early_shares_are_not_kept() -> None:
 
 
 def test_at_most_a_few_early_shares_are_kept_per_sender() -> None:
-    task = make_task(6)
+    task = make_task(6, config=ALG3)
     machine = task.users[ME]
     kept = 0
     for group in range(EARLY_PER_SENDER + 4):
@@ -102,7 +106,7 @@ def test_at_most_a_few_early_shares_are_kept_per_sender() -> None:
 
 
 def test_an_early_summed_share_is_refused() -> None:
-    task = make_task(6)
+    task = make_task(6, config=ALG3)
     machine = task.users[ME]
     share = Share(2, np.zeros(10, np.uint32))
     context = SealContext(TASK, 1, 0, 0)
@@ -113,7 +117,7 @@ def test_an_early_summed_share_is_refused() -> None:
 
 def test_early_shares_from_group_mates_are_kept_and_used() -> None:
     """Round 2: user 1 gets the broadcasts last; its group mates' shares wait for it."""
-    task = make_task(6)
+    task = make_task(6, config=ALG3)
     held_back = {"on": False}
 
     def hold(target: Target, event: Event) -> bool:
@@ -140,7 +144,7 @@ def test_early_shares_from_group_mates_are_kept_and_used() -> None:
 def test_with_the_announcement_in_hand_only_group_mates_shares_are_kept() -> None:
     """The announcement is in, the model not yet: an early share for a group user 1 is
     not in, or from someone not in its group, is refused; its mates' are kept."""
-    task = make_task(6)
+    task = make_task(6, config=ALG3)
 
     def hold(target: Target, event: Event) -> bool:
         return target == ME and isinstance(event, Received) and event.kind == "global_model"

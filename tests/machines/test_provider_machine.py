@@ -84,7 +84,7 @@ def test_a_whole_round_driven_by_hand(n: int) -> None:
     Trained → signed, chained uploads → the provider decrypts each group (Evaluate) →
     Evaluated → evaluation and decision → RoundDone; each group's decrypted sum is the sum
     of its members' plaintext encodings, bit for bit."""
-    task = make_task(n)
+    task = make_task(n, config=ProviderConfig(keying="shamir"))  # Alg. 3's shares
     provider, ledger, users, roster = task.provider, task.ledger, task.users, task.roster
 
     start = provider.handle(StartRound(0.0))
@@ -93,7 +93,7 @@ def test_a_whole_round_driven_by_hand(n: int) -> None:
     assert (provider.phase, provider.round, provider.attempt) == (ProviderPhase.COLLECTING, 1, 0)
     broadcasts = [(c.kind, ledger.commit(c.envelope)) for c in of_type(start, Commit)]
     assert ledger.height == 2
-    assert open_recorded(broadcasts[0][1], roster).message == ProviderConfig().task.to_message()
+    assert open_recorded(broadcasts[0][1], roster).message == provider.config.task.to_message()
     model = open_recorded(broadcasts[1][1], roster).message
     assert isinstance(model, GlobalModel)
     assert np.array_equal(np.frombuffer(model.data, "<f4"), initial_model())

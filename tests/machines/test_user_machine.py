@@ -33,6 +33,7 @@ from fairbus.protocol.events import (
     Train,
     Trained,
 )
+from fairbus.protocol.provider import ProviderConfig
 from fairbus.protocol.user import UserPhase, model_digest
 from fairbus.sealed import SealContext, open_share
 from fairbus.task import TaskParams
@@ -53,6 +54,9 @@ from tests.support_machines import (
 
 BROADCASTS = ("global_model", "announce")
 
+ALG3 = ProviderConfig(keying="shamir")
+"""These tests follow Alg. 3's shares (the pairwise keying sends none)."""
+
 
 def _reasons(outputs: Iterable[object]) -> list[str]:
     return [o.reason for o in outputs if isinstance(o, Refused)]
@@ -62,7 +66,7 @@ def test_a_user_plays_its_part_of_a_round() -> None:
     """Train once; a sealed share for every other member of each of its groups; the
     summed shares; then, given its model, one signed masked upload per group, chained
     (nine users: two basic groupings, so every user is in two groups)."""
-    task = make_task(9)
+    task = make_task(9, config=ALG3)
     me = 1
 
     def hold_trained(target: Target, event: Event) -> bool:
@@ -113,7 +117,7 @@ def test_a_user_plays_its_part_of_a_round() -> None:
 def test_a_broadcast_without_a_valid_receipt_is_refused_and_changes_nothing(
     kind: str, how: str
 ) -> None:
-    task = make_task(6)
+    task = make_task(6, config=ALG3)
     me = 1
 
     def hold(target: Target, event: Event) -> bool:
@@ -146,7 +150,7 @@ def test_a_broadcast_without_a_valid_receipt_is_refused_and_changes_nothing(
 def test_chain_head_resumes_a_restarted_users_chain(resume_from: str | None) -> None:
     """A restarted user has forgotten its chain head; its next upload must link to what
     the ledger holds, or the ledger refuses it."""
-    task = make_task(6)
+    task = make_task(6, config=ALG3)
     driver = Driver(task)
     driver.play_round(0.0)
     head = task.ledger.head(1)
@@ -176,7 +180,7 @@ def _sign_with_receipt(task: Task, message: Message, prev: bytes, round: int = 1
 
 
 def test_a_decision_naming_the_user_excludes_it_for_good() -> None:
-    task = make_task(6)
+    task = make_task(6, config=ALG3)
 
     def hold_decisions(target: Target, event: Event) -> bool:
         return isinstance(event, Received) and event.kind == "decision"
@@ -199,7 +203,7 @@ def test_a_decision_naming_the_user_excludes_it_for_good() -> None:
 
 
 def test_user_ignores_what_is_not_its_business() -> None:
-    machine = make_task(3).users[1]
+    machine = make_task(3, config=ALG3).users[1]
     for event in (Joined(2), Dropped(2), Tick(1.0), Evaluated(1, 0, 0, 0.5)):
         assert machine.handle(event) == []
     assert machine.handle(Trained(1, np.zeros(10, np.float32))) == []  # no round yet
@@ -227,7 +231,7 @@ def _announce(groups: Sequence[tuple[int, ...]], digest: bytes, size: int) -> An
 
 
 def test_users_refuse_a_grouping_that_exposes_someone() -> None:
-    task = make_task(5)
+    task = make_task(5, config=ALG3)
     params = np.zeros(10, dtype=np.float32)
     # (1,2,3) − (1,2,4) − … : these four sums determine users 3, 4 and 5
     crafted = [(1, 2, 3), (1, 2, 4), (3, 4, 5), (1, 2, 5)]
@@ -245,7 +249,7 @@ def test_users_refuse_a_grouping_that_exposes_someone() -> None:
 
 
 def test_users_refuse_an_announcement_whose_model_hash_differs() -> None:
-    task = make_task(3)
+    task = make_task(3, config=ALG3)
     params = np.ones(10, dtype=np.float32)
     announce = _announce([(1, 2, 3)], model_digest(params + 1), 10)
     model, signed = _start(task, announce, params)
