@@ -206,10 +206,10 @@ class UserRuntime:
         await self._carry_out(await self._step(ChainHead(self.me, head)))
 
     async def _step(self, event: Event) -> list[Output]:
-        """One step of the machine, in a worker thread (an announcement's exposure check
-        can take a while; the event loop keeps the broker's keepalive going). Only
-        :meth:`_take_part` steps the machine, one step at a time."""
-        return await asyncio.to_thread(self.machine.handle, event)
+        """One step of the machine, on the event loop: a user's steps are short (an
+        announcement's exposure check takes milliseconds at the sizes a round has);
+        training runs in a worker thread (:meth:`_train`)."""
+        return self.machine.handle(event)
 
     async def _carry_out(self, outputs: list[Output]) -> None:
         for out in outputs:
