@@ -454,6 +454,16 @@ class Draft:
                 f"evaluation of groups {sorted(evaluated)}, round {r} has groups "
                 f"{sorted(announced)}",
             )
+        # Issue 13: a group's model exists only once every member's upload is recorded
+        # (their sum is the group sum); an accuracy for any other group is made up.
+        complete = {g.gid for g in record.complete_groups()}
+        made_up = sorted(set(evaluated) - complete)
+        if made_up:
+            raise RefusedError(
+                RefusalReason.CONTRACT_VIOLATION,
+                f"evaluation of groups {made_up} of round {r} attempt {record.attempt}, "
+                "whose members' uploads are not all recorded",
+            )
         self.rounds[r] = replace(record, evaluation=message)
 
     def _decision(self, r: int, record: RoundRecord, message: Decision) -> None:

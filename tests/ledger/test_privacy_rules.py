@@ -243,6 +243,9 @@ def test_nothing_is_admitted_for_a_decided_round(chain: Chain) -> None:
 def test_an_upload_after_the_evaluation_is_refused(chain: Chain) -> None:
     groups = (*HONEST, GroupSpec(2, "basic", (1, 4, 7), None, 3))
     chain.admit(chain.sign(PROVIDER, announce(groups), round=1))
+    for g in groups:
+        for user in g.members:
+            chain.admit(chain.sign(user, MaskedUpload(g.gid, 2, bytes(8)), round=1))
     evaluation = Evaluation(tuple(GroupAccuracy(g.gid, 0.9, None) for g in groups))
     chain.admit(chain.sign(PROVIDER, evaluation, round=1))
     chain.refused(
@@ -250,6 +253,31 @@ def test_an_upload_after_the_evaluation_is_refused(chain: Chain) -> None:
         RefusalReason.OUT_OF_ORDER,
         "after its evaluation",
     )
+
+
+@pytest.mark.parametrize(
+    ("missing", "named"),
+    [({(0, 1), (0, 2), (0, 3), (1, 4), (1, 5), (1, 6)}, "[0, 1]"), ({(1, 6)}, "[1]")],
+    ids=["no upload at all", "one member's missing"],
+)
+def test_an_evaluation_of_a_group_without_all_its_uploads_is_refused(
+    chain: Chain, missing: set[tuple[int, int]], named: str
+) -> None:
+    """Issue 13: the provider evaluated groups that received no upload at all (or not
+    every member's) and made up their accuracies: refused, nothing recorded."""
+    chain.admit(chain.sign(PROVIDER, announce(HONEST), round=1))
+    for g in HONEST:
+        for user in g.members:
+            if (g.gid, user) not in missing:
+                chain.admit(chain.sign(user, MaskedUpload(g.gid, 2, bytes(8)), round=1))
+    evaluation = Evaluation(tuple(GroupAccuracy(g.gid, 0.9, None) for g in HONEST))
+    chain.refused(
+        chain.sign(PROVIDER, evaluation, round=1),
+        RefusalReason.CONTRACT_VIOLATION,
+        f"groups {named}",
+        "uploads are not all recorded",
+    )
+    assert chain.state.rounds[1].evaluation is None
 
 
 def basic(gid: int, members: tuple[int, ...]) -> GroupSpec:
