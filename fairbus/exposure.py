@@ -479,12 +479,16 @@ class ExposureScreen:
 
     def admits(self, group: Iterable[int]) -> bool:
         """Would the groups so far plus ``group`` pass the (modular) check under c?"""
-        members = tuple(sorted({int(u) for u in group}))
-        known = self._verdicts.get((self._state, members))
+        members, known = self._known(group)
         if known is not None:
             return known
         _, basis = self._with(members)
         return self._judge(members, basis)
+
+    def _known(self, group: Iterable[int]) -> tuple[tuple[int, ...], bool | None]:
+        """The group's members, and the verdict already given on it here, if any."""
+        members = tuple(sorted({int(u) for u in group}))
+        return members, self._verdicts.get((self._state, members))
 
     def _judge(self, members: tuple[int, ...], basis: _Matrix) -> bool:
         verdict = self._safe(basis)
@@ -506,8 +510,7 @@ class ExposureScreen:
 
     def try_add(self, group: Iterable[int]) -> bool:
         """Add ``group`` if the screen admits it; say whether it did."""
-        members = tuple(sorted({int(u) for u in group}))
-        known = self._verdicts.get((self._state, members))
+        members, known = self._known(group)
         if known is False:
             return False
         members, basis = self._with(members)
@@ -703,7 +706,7 @@ def _no_loops_or_parallels(basis: _Matrix, prime: int, c: int) -> bool:
     b = (basis @ weights[1]) % prime
     both_zero = (a == 0) & (b == 0)
     if both_zero.any():  # a non-zero row that both projections miss: look exactly
-        return next(_all_circuits(_ModP(basis, prime), c + 1), None) is None
+        return _no_circuit(basis, prime, c)
     infinite = b == 0
     inverse = _inverse_mod(np.where(infinite, 1, b), prime)
     slope = np.where(infinite, prime, a * inverse % prime)

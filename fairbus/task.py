@@ -26,7 +26,7 @@ from fairbus.detection import DetectionParams
 from fairbus.errors import FairbusError, SchemaError
 from fairbus.exposure import DEFAULT_COLLUSION
 from fairbus.wire.limits import DEFAULT_LIMITS
-from fairbus.wire.messages import DEFAULT_KEYING, KEYINGS, DetectionPolicy, TaskStart
+from fairbus.wire.messages import DEFAULT_KEYING, DetectionPolicy, TaskStart
 
 PHASE_TIMEOUT = 300.0
 """Seconds a user may stay silent after an announcement before it counts as dropped (the
@@ -80,8 +80,6 @@ class TaskParams:
     def __post_init__(self) -> None:
         if isinstance(self.collusion, bool) or not isinstance(self.collusion, int):
             raise SchemaError(f"the collusion bound must be a whole number, not {self.collusion!r}")
-        if self.keying not in KEYINGS:
-            raise SchemaError(f"keying must be one of {list(KEYINGS)}, not {self.keying!r}")
         try:
             wire = self.to_message().to_wire()
         except (TypeError, ValueError, OverflowError) as exc:

@@ -16,6 +16,7 @@ from fairbus.bench import crypto
 from fairbus.protocol.provider import ProviderConfig
 from fairbus.wire.messages import KEYINGS
 from fairbus_cli import detection_options as options
+from fairbus_cli import keying_option
 
 DEFAULTS = ProviderConfig()
 
@@ -296,7 +297,9 @@ def round_bench(
     ledger: str = typer.Option("sqlite", help="'sqlite' or 'etcd'."),
     workdir: Path = typer.Option(Path("out/bench-round"), help="Files of the deployments."),
     keying: list[str] = typer.Option(
-        list(KEYINGS), help="Keyings of the secure runs, one deployment each (repeat)."
+        list(KEYINGS),
+        help="Keyings of the secure runs, one deployment each (repeat).",
+        callback=keying_option.known_keyings,
     ),
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
 ) -> None:
@@ -306,9 +309,6 @@ def round_bench(
     over the same broker. Prints secure/plain for each."""
     from fairbus.bench import round as round_module
 
-    unknown = sorted(set(keying) - set(KEYINGS))
-    if unknown:
-        raise typer.BadParameter(f"one of {', '.join(KEYINGS)}", param_hint="--keying")
     runs, plain = round_module.bench(workdir, rounds=rounds, per_user=per_user, broker=broker,
                                      store=ledger, keyings=tuple(keying))  # fmt: skip
     ratios = {k: run.round_s / plain.round_s for k, run in runs.items()}

@@ -17,8 +17,9 @@ from fairbus.errors import FairbusError
 from fairbus.protocol.provider import ProviderConfig
 from fairbus.training.attacks import Attack, Behaviour
 from fairbus.training.config import TrainConfig
-from fairbus.wire.messages import DEFAULT_KEYING, KEYINGS
+from fairbus.wire.messages import DEFAULT_KEYING
 from fairbus_cli import detection_options as options
+from fairbus_cli import keying_option
 from fairbus_cli.errors import say
 
 if TYPE_CHECKING:  # torch comes with these: imported only when a command runs
@@ -78,9 +79,7 @@ def simulate(
         "(groups of max(3, c + 2)).",
     ),
     keying: str = typer.Option(
-        DEFAULT_KEYING,
-        help="How group members make their keys: 'shamir' (Alg. 3: shares as long as the "
-        "model to every group mate) or 'pairwise' (from X25519 agreements; nothing sent).",
+        DEFAULT_KEYING, help=keying_option.HELP, callback=keying_option.known_keyings
     ),
     basic_groupings: int = typer.Option(2, help="Basic groupings per round (Alg. 2)."),
     key_repeats: int = typer.Option(
@@ -107,8 +106,6 @@ def simulate(
     intervals, key users, violators, timings, bytes per message type) and the plots
     OUT/accuracy.png and OUT/scores.png.
     """
-    if keying not in KEYINGS:
-        raise typer.BadParameter(f"one of {', '.join(KEYINGS)}", param_hint="--keying")
     attacks: dict[int, Attack] = {}
     for ids, behaviour in (
         (poisoners, Behaviour.POISONER),

@@ -81,8 +81,6 @@ USER_COMPUTE_STEPS = (
 USER_IO_STEPS = ("seal shares", "open shares", "sign upload")
 """Sealing/opening all of one user's shares; "sign upload" includes masking it again."""
 PROVIDER_STEPS = ("verify uploads", "unmask group")
-PAIRWISE_STEPS = ("pairwise keying", "one expansion")
-"""The compact keying's key for one group, and the unit it is measured in."""
 
 
 @dataclass(frozen=True)
@@ -181,6 +179,12 @@ def _run(
         assert isinstance(message, MaskedUpload)
         return message.vector()
 
+    plain = sum_vectors([codec.encode(models[i], summands=keying.size) for i in members])
+
+    def decrypted_exactly(agg: masking.GroupAggregate) -> bool:
+        """Is the group's decrypted sum its plaintext encodings' sum, bit for bit?"""
+        return bool(np.array_equal(agg.field_sum, plain))
+
     pairwise = {i: PairwiseKeys(identities[i], roster) for i in members}
     sent: dict[str, int] = {}
 
@@ -193,9 +197,7 @@ def _run(
         uploads = {i: upload_bytes(i, keys[i], rep) for i in members}
         sent["pairwise"] = len(uploads[me])
         vectors = [verified_vector(uploads[i]) for i in members]
-        agg = masking.aggregate_decrypt(vectors, codec)
-        plain = sum_vectors([codec.encode(models[i], summands=keying.size) for i in members])
-        return bool(np.array_equal(agg.field_sum, plain))
+        return decrypted_exactly(masking.aggregate_decrypt(vectors, codec))
 
     def one_group(rep: int) -> bool:
         """Alg. 3-5 for one fresh group; True if the decrypted sum is exact."""
@@ -246,8 +248,7 @@ def _run(
             "verify uploads", lambda: [verified_vector(uploads[i]) for i in members]
         )
         agg = timings.time("unmask group", lambda: masking.aggregate_decrypt(vectors, codec))
-        plain = sum_vectors([codec.encode(models[i], summands=keying.size) for i in members])
-        return bool(np.array_equal(agg.field_sum, plain))
+        return decrypted_exactly(agg)
 
     pairwise_exact = True
     for rep in range(repeats):

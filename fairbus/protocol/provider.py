@@ -400,9 +400,7 @@ class ProviderMachine:
             self._signed(Dropout((), voided)),
             CloseAttempt(self.round, self.attempt),
         ]
-        complete = [gid for gid, members in self._announced.items()
-                    if len(self._uploads[gid]) == len(members)]  # fmt: skip
-        return out + [self._decrypt(gid) for gid in complete]
+        return out + [self._decrypt(gid) for gid in self._held_complete()]
 
     def _collect_the_rest(self) -> list[Output]:
         """An interrupted attempt the users already upload to goes on where it stands:
@@ -416,12 +414,13 @@ class ProviderMachine:
         self._voided, self._decrypted, self._accuracy = set(), {}, {}
         self._deadline = self._now + self.config.phase_timeout
         self.phase = ProviderPhase.COLLECTING
-        complete = [gid for gid, members in self._announced.items()
-                    if len(self._uploads[gid]) == len(members)]  # fmt: skip
-        out: list[Output] = [self._decrypt(gid) for gid in complete]
-        if len(self._decrypted) == len(self.grouping.groups):
-            self.phase = ProviderPhase.EVALUATING
-        return out
+        out: list[Output] = [self._decrypt(gid) for gid in self._held_complete()]
+        return out + self._maybe_evaluating()
+
+    def _held_complete(self) -> list[int]:
+        """The groups of this attempt whose every upload this machine holds."""
+        return [gid for gid, members in self._announced.items()
+                if len(self._uploads[gid]) == len(members)]  # fmt: skip
 
     def _decrypt(self, gid: int) -> Evaluate:
         """Alg. 5 for a group whose every upload is held; its model to evaluate."""

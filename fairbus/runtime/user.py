@@ -188,7 +188,7 @@ class UserRuntime:
             if isinstance(event, Received) and event.kind in ROUND_STARTS:
                 self._round_log = {"announced": time.perf_counter()}
                 self._bytes_before = dict(self.bus.sent_bytes)
-            await self._carry_out(await self._step(event))
+            await self._carry_out(self.machine.handle(event))
 
     async def _resume_chain(self) -> None:
         """Continue from the ledger's head for this user, which wins over the saved one
@@ -203,13 +203,7 @@ class UserRuntime:
         if head != saved:
             log.info("user %d: chain head %s from the ledger", self.me, head.hex()[:16])
             self.state.save_chain_head(head)
-        await self._carry_out(await self._step(ChainHead(self.me, head)))
-
-    async def _step(self, event: Event) -> list[Output]:
-        """One step of the machine, on the event loop: a user's steps are short (an
-        announcement's exposure check takes milliseconds at the sizes a round has);
-        training runs in a worker thread (:meth:`_train`)."""
-        return self.machine.handle(event)
+        await self._carry_out(self.machine.handle(ChainHead(self.me, head)))
 
     async def _carry_out(self, outputs: list[Output]) -> None:
         for out in outputs:
