@@ -333,16 +333,30 @@ def group_contributions(
     same and a group with a free-rider (k − 1)/k of it. Which way is forward is left to
     :func:`fit_contributions`: with as many poisoners as honest users the median follows
     the poisoners as often as not.
+
+    Consensus-critical (the ledger re-derives it, :mod:`fairbus.ledger.verify`), so the
+    same on every machine: the median and the elementwise products are correctly
+    rounded IEEE operations, and the sums are exactly rounded (``math.fsum``), where a
+    BLAS dot product's summation order would depend on the CPU and the thread count.
     """
     basic = list(basic)
     if not basic:
         raise DetectionError("contributions need at least one basic group")
     direction = np.median(np.stack([updates[gid] for gid in basic]), axis=0)
-    length = float(np.linalg.norm(direction))
+    length = math.sqrt(_exact_sum(np.square(direction)))
     if length == 0.0 or not math.isfinite(length):
         return dict.fromkeys(updates, 0.0)
     direction /= length
-    return {gid: float(update @ direction) for gid, update in updates.items()}
+    return {gid: _exact_sum(update * direction) for gid, update in updates.items()}
+
+
+def _exact_sum(values: npt.NDArray[np.float64]) -> float:
+    """The correctly rounded sum, whatever the order (NaN where an infinity or an
+    overflow leaves no sum: only models that are out of range anyway)."""
+    try:
+        return math.fsum(values.tolist())
+    except (OverflowError, ValueError):
+        return math.nan
 
 
 def _kept_history(

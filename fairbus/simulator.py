@@ -18,11 +18,12 @@ from __future__ import annotations
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
 from fairbus.errors import FairbusError
+from fairbus.evaluation import ExactEvaluator, QuantizedTestSet
 from fairbus.identity import Identity
 from fairbus.ledger.inprocess import BlobSink, BlockSink, InProcessLedger
 from fairbus.ledger.state import RefusedError
@@ -57,7 +58,7 @@ from fairbus.rounds import RoundRecord, record_round
 from fairbus.training.attacks import Attack
 from fairbus.training.config import round_seed, trainer_seed
 from fairbus.training.data import DATASET_MODELS, load_dataset, partition
-from fairbus.training.local import Evaluator, TrainConfig, Trainer
+from fairbus.training.local import TrainConfig, Trainer
 from fairbus.training.models import initial_params
 from fairbus.wire.messages import PAIRWISE
 
@@ -142,12 +143,13 @@ class Simulation:
             )
             for u, p in zip(self.user_ids, parts, strict=True)
         }
-        self.evaluator = Evaluator(config.model_name, test)
+        test_set = QuantizedTestSet.quantize(test.x.numpy(), test.y.numpy(), test.num_classes)
+        self.evaluator = ExactEvaluator(config.model_name, test_set)
         self.provider = ProviderMachine(
             provider,
             self.roster,
             initial_params(config.model_name, config.seed),
-            config.provider,
+            replace(config.provider, model_name=config.model_name, test_set=test_set.to_message()),
         )
         c = config.provider.collusion
         self.machines = {

@@ -11,8 +11,9 @@ and every ledger node, follower and ``fairbus audit`` takes them from that trans
 holds none.
 
 Today that is Algorithm 6's :class:`~fairbus.detection.DetectionParams`, the collusion
-bound c of the exposure check (:mod:`fairbus.exposure`) and the keying of the groups
-(Alg. 3 or :mod:`fairbus.pairwise`); a future consensus-critical
+bound c of the exposure check (:mod:`fairbus.exposure`), the keying of the groups
+(Alg. 3 or :mod:`fairbus.pairwise`) and what evaluations are re-derived with (the model
+and the committed test set, :mod:`fairbus.ledger.verify`); a future consensus-critical
 parameter goes into :class:`TaskParams` and the message, and nowhere else.
 """
 
@@ -26,7 +27,7 @@ from fairbus.detection import DetectionParams
 from fairbus.errors import FairbusError, SchemaError
 from fairbus.exposure import DEFAULT_COLLUSION
 from fairbus.wire.limits import DEFAULT_LIMITS
-from fairbus.wire.messages import DEFAULT_KEYING, DetectionPolicy, TaskStart
+from fairbus.wire.messages import DEFAULT_KEYING, DetectionPolicy, EvaluationSpec, TaskStart
 
 PHASE_TIMEOUT = 300.0
 """Seconds a user may stay silent after an announcement before it counts as dropped (the
@@ -76,6 +77,9 @@ class TaskParams:
     KEYINGS`): ``pairwise`` (:mod:`fairbus.pairwise`, no shares on the wire) or
     ``shamir`` (Alg. 3 as the paper has it). Every announcement names it; the ledger
     refuses one that names another."""
+    evaluation: EvaluationSpec | None = None
+    """The model and the committed test set every evaluation is re-derived with (issue
+    13; :mod:`fairbus.ledger.verify`). A ledger node refuses a task start without it."""
 
     def __post_init__(self) -> None:
         if isinstance(self.collusion, bool) or not isinstance(self.collusion, int):
@@ -89,7 +93,7 @@ class TaskParams:
     def to_message(self) -> TaskStart:
         """The body of the task-start transaction."""
         policy = DetectionPolicy(**dataclasses.asdict(self.detection))
-        return TaskStart(policy, self.collusion, self.keying)
+        return TaskStart(policy, self.collusion, self.keying, self.evaluation)
 
     @classmethod
     def from_message(cls, message: TaskStart) -> TaskParams:
@@ -97,7 +101,7 @@ class TaskParams:
         :class:`~fairbus.errors.SchemaError` if they do not make a valid policy."""
         try:
             detection = DetectionParams(**dataclasses.asdict(message.detection))
-            return cls(detection, message.collusion, message.keying)
+            return cls(detection, message.collusion, message.keying, message.evaluation)
         except FairbusError as exc:
             raise SchemaError(f"task_start: {exc}") from None
 

@@ -84,6 +84,17 @@ def global_models(task: str) -> str:
     return f"fairbus/{task}/provider/+/global_model"
 
 
+def relayed_payload(task: str, pid: int) -> str:
+    """Recorded model-sized envelopes the provider hands the ledger nodes: its test set,
+    and the uploads an evaluation is re-derived from when a node lacks them. Below its
+    ``ledger`` subtree, which no user may read (users read ``provider/+/+``)."""
+    return f"{own(task, 'provider', pid)}/ledger/payload"
+
+
+def relayed_payloads(task: str) -> str:
+    return f"fairbus/{task}/provider/+/ledger/payload"
+
+
 def direct(task: str, sender: int, recipient: int, kind: str) -> str:
     """A sealed share from one user to another (``share`` or ``summed_share``)."""
     return f"{own(task, 'user', sender)}/to/{recipient}/{kind}"
@@ -176,6 +187,8 @@ def _parse_tail(parts: list[str]) -> Topic | None:
         return Topic(role, pid, rest[0])
     if len(rest) == 2 and rest[0] == "ledger" and rest[1] in LEDGER_REQUESTS:
         return Topic(role, pid, rest[1], to_ledger=True)
+    if rest == ["ledger", "payload"] and role == Role.PROVIDER.value:
+        return Topic(role, pid, "payload", to_ledger=True)
     if len(rest) == 3 and rest[0] == "to" and role == Role.USER.value:
         recipient = _number(rest[1])
         return None if recipient is None else Topic(role, pid, rest[2], recipient)

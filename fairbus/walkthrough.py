@@ -192,7 +192,7 @@ def run(seed: int = 0, *, say: Callable[[str], None] = lambda _: None) -> Walkth
         )
         data = _Digits(seed)
         report.params = d = int(data.initial.size)
-        ledger = InProcessLedger(roster, ids[LEDGER_ID])
+        ledger = InProcessLedger(roster, ids[LEDGER_ID], re_derive=False)  # its own MLP
         provider = ProviderMachine(ids[PROVIDER_ID], roster, data.initial, CONFIG)
         users = {u: UserMachine(ids[u], roster) for u in USER_IDS}
 

@@ -29,7 +29,7 @@ class RecordedRun:
     identities: dict[int, Identity]
     envelopes: list[bytes]
     """Every envelope a ledger records, in the order the participants sent them (the
-    provider's task start first)."""
+    provider's test set and task start first)."""
 
 
 def record_run(rounds: int = 3, dropouts: tuple[DropoutPlan, ...] = ()) -> RecordedRun:
@@ -66,7 +66,7 @@ def record_run(rounds: int = 3, dropouts: tuple[DropoutPlan, ...] = ()) -> Recor
             Member(ledger.public, Role.LEDGER),
         ],
     )
-    return RecordedRun(roster, config.provider.task, identities, envelopes)
+    return RecordedRun(roster, sim.provider.config.task, identities, envelopes)
 
 
 def with_task(run: RecordedRun, task: TaskParams) -> list[bytes]:

@@ -115,7 +115,7 @@ def make_task(
         provider,
         node,
         identities,
-        InProcessLedger(roster, node, clock=lambda: 0.0),
+        InProcessLedger(roster, node, clock=lambda: 0.0, re_derive=False),  # toy models
         ProviderMachine(
             provider, roster, initial_model(d), config or ProviderConfig(), online=online
         ),

@@ -143,6 +143,54 @@ def crypto_bench(
         raise typer.Exit(1)
 
 
+@app.command("evaluation")
+def evaluation_bench(
+    model: str = typer.Option(
+        "mnist_cnn", help="mnist_cnn (the paper's), cifar10_cnn or digits_cnn."
+    ),
+    samples: int = typer.Option(1000, help="Test samples (MNIST's test set has 10,000)."),
+    repeats: int = typer.Option(5, help="Evaluations to time (medians reported)."),
+    threads: int = typer.Option(1, help="Torch threads."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
+) -> None:
+    """What the ledger's re-derivation of an evaluation costs (issue 13): per group, the
+    sum of the masked uploads and the exact fixed-point evaluation on the committed test
+    set, beside the float32 evaluation the provider ran before; per round at 9 users
+    (8 groups) with the contributions."""
+    from fairbus.bench import evaluation
+
+    if model not in evaluation.INPUT_SHAPES:
+        raise typer.BadParameter(
+            f"choose one of {sorted(evaluation.INPUT_SHAPES)}", param_hint="--model"
+        )
+    with Progress(console=console, transient=True) as progress:
+        task = progress.add_task("evaluating", total=repeats)
+        result = evaluation.run(
+            model, samples, repeats, threads,
+            progress=lambda done: progress.update(task, completed=done),
+        )  # fmt: skip
+    rows = {
+        "float32 evaluation (before), s": result.float_s,
+        "exact evaluation, s": result.exact_s,
+        "exact / float32": result.exact_s / result.float_s,
+        "sum of 3 masked uploads, s": result.aggregate_s,
+        "per group (sum + exact evaluation), s": result.group_s,
+        "contributions of 8 groups, s": result.contributions_s,
+        "per round at 9 users (8 groups), s": result.round_s,
+    }
+    if as_json:
+        console.print_json(json.dumps({"model": model, "samples": samples,
+                                       "threads": threads, **rows}))  # fmt: skip
+        return
+    table = Table(title=f"Re-deriving an evaluation: {model}, {samples:,} test samples, "
+                  f"{threads} thread(s)")  # fmt: skip
+    table.add_column("what")
+    table.add_column("value", justify="right")
+    for name, value in rows.items():
+        table.add_row(name, f"{value:.3f}")
+    console.print(table)
+
+
 @app.command("detection")
 def detection_bench(
     seeds: int = typer.Option(20, help="Seeds per scenario."),

@@ -8,6 +8,9 @@ linked as the writer builds them, and each commit is answered with a receipt sig
 ledger node of the roster, which the machines check as they check a networked node's.
 Blocks and model-sized payloads go to the sinks given (the CLI writes them to a SQLite
 store and a blob store, so ``fairbus audit`` checks a simulated run like a deployed one).
+It re-derives every evaluation from the payloads (:mod:`fairbus.ledger.verify`), kept in
+memory for the round in progress, unless ``re_derive`` is False: only the machines'
+tests turn that off, whose toy models no test set can evaluate.
 """
 
 from __future__ import annotations
@@ -19,7 +22,8 @@ from fairbus.envelope import SignedEnvelope
 from fairbus.identity import Identity
 from fairbus.ledger.recorded import Recorded, sign_receipt
 from fairbus.ledger.records import Block, Transaction, is_model_sized
-from fairbus.ledger.state import LedgerState, Location
+from fairbus.ledger.state import LedgerState, Location, RefusedError
+from fairbus.ledger.verify import EvaluationCheck
 from fairbus.roster import Role, Roster
 from fairbus.wire.limits import DEFAULT_LIMITS, WireLimits
 from fairbus.wire.messages import ReceiptEntry
@@ -43,10 +47,14 @@ class InProcessLedger:
         on_blob: BlobSink | None = None,
         limits: WireLimits = DEFAULT_LIMITS,
         clock: Callable[[], float] = time.time,
+        re_derive: bool = True,
     ) -> None:
         roster.member(node.participant_id, roles=[Role.LEDGER])
         self.node = node
-        self.state = LedgerState(roster, limits=limits)
+        self._blobs: dict[bytes, bytes] = {}
+        self._round_blobs: list[bytes] = []
+        check = EvaluationCheck(self._blobs.get, limits) if re_derive else None
+        self.state = LedgerState(roster, limits=limits, evaluations=check)
         self.blocks: list[Block] = []
         self._on_block = on_block
         self._on_blob = on_blob
@@ -64,13 +72,35 @@ class InProcessLedger:
         tx = Transaction.from_envelope(env)
         known = self.state.index.get(tx.hash)
         if known is None:
-            known = self._append(tx)
+            known = self._append_with_payload(tx, env)
             if is_model_sized(env.header.type) and self._on_blob is not None:
                 self._on_blob(env.header.payload_sha256, env.payload)
         block = self.blocks[known.height]
         entry = ReceiptEntry(tx.hash, known.index)
         receipt = sign_receipt(self.node, self.state.roster.task, block.height, block.hash, [entry])
         return Recorded(env, receipt).to_bytes()
+
+    def _append_with_payload(self, tx: Transaction, env: SignedEnvelope) -> Location:
+        """Admit ``tx`` with its payload at hand (the evaluation check reads it); an
+        upload's payload is dropped once its round is decided, the rest kept."""
+        kind = env.header.type
+        digest = env.header.payload_sha256
+        held = is_model_sized(kind) and digest not in self._blobs
+        if held:
+            self._blobs[digest] = env.payload
+        try:
+            where = self._append(tx)
+        except RefusedError:
+            if held:
+                del self._blobs[digest]
+            raise
+        if held and kind == "upload":
+            self._round_blobs.append(digest)
+        if kind == "decision":
+            for done in self._round_blobs:
+                self._blobs.pop(done, None)
+            self._round_blobs = []
+        return where
 
     def _append(self, tx: Transaction) -> Location:
         draft = self.state.draft()

@@ -48,6 +48,7 @@ from fairbus.ledger.records import (
     Transaction,
     check_links,
 )
+from fairbus.ledger.verify import EvaluationCheck, PayloadMissingError, RecordedRound
 from fairbus.roster import Role, Roster
 from fairbus.task import TaskParams
 from fairbus.wire.limits import DEFAULT_LIMITS, WireLimits
@@ -80,6 +81,9 @@ class RefusalReason(StrEnum):
     NOT_IN_GROUP = "not_in_group"
     EXCLUDED = "excluded"
     CONTRACT_VIOLATION = "contract_violation"
+    MISSING_PAYLOAD = "missing_payload"
+    """This node lacks a payload the transaction is re-derived from (a model-sized
+    payload travels on the bus after its commit); the submitter may relay it and retry."""
 
 
 class RefusedError(FairbusError):
@@ -113,6 +117,15 @@ class RoundRecord:
     """(group, sender) of every upload recorded for this attempt."""
     closed: bool = False
     """A dropout was recorded: the attempt takes no more uploads."""
+    global_blob: bytes = b""
+    """Payload SHA-256 of the global model recorded for the round (before its
+    announcement): what the evaluation's contributions are measured from."""
+    upload_blobs: tuple[tuple[tuple[int, int], bytes], ...] = ()
+    """((group, sender), payload SHA-256) of every upload recorded for this attempt."""
+
+    def recorded(self) -> RecordedRound:
+        """What :class:`~fairbus.ledger.verify.EvaluationCheck` re-derives numbers from."""
+        return RecordedRound(self.announce, self.global_blob, dict(self.upload_blobs))
 
     def complete_groups(self) -> list[GroupSpec]:
         """The groups every member of which uploaded: the provider can decrypt these."""
@@ -140,8 +153,18 @@ class LedgerState:
     roster: Roster
     _: KW_ONLY
     limits: WireLimits = DEFAULT_LIMITS
+    evaluations: EvaluationCheck | None = None
+    """Re-derives every evaluation from the recorded payloads (issue 13); a ledger node
+    and ``fairbus audit`` always have one, and then a task start must name its test set.
+    None only where the numbers were re-derived already by the ledger being read (the
+    provider's recovery replays its ledger) and in tests of the protocol alone."""
     task: TaskParams | None = field(default=None, init=False)
     """The task's parameters, from its ``task_start`` transaction (None before it)."""
+    test_set: bytes | None = field(default=None, init=False)
+    """Payload SHA-256 of the task's ``test_set`` transaction (at most one, before the
+    task start)."""
+    global_blob: bytes = field(default=b"", init=False)
+    """Payload SHA-256 of the latest ``global_model`` transaction."""
     height: int = -1
     head_hash: bytes = GENESIS_HASH
     heads: dict[int, bytes] = field(default_factory=dict)
@@ -164,16 +187,65 @@ class LedgerState:
     def head(self, sender: int) -> bytes:
         return self.heads.get(sender, GENESIS_HASH)
 
-    def draft(self) -> Draft:
-        return Draft(self)
+    def draft(self, *, re_derive: bool = True) -> Draft:
+        return Draft(self, re_derive=re_derive)
 
-    def apply_block(self, block: Block) -> None:
+    def payloads_needed(self, txs: Iterable[Transaction]) -> set[bytes]:
+        """The payload SHA-256s that admitting ``txs`` reads (a task start's test set,
+        an evaluation's uploads and global model): a ledger node takes model-sized
+        payloads from the bus, so it waits for these before it admits the batch."""
+        if self.evaluations is None:
+            return set()
+        needed: set[bytes] = set()
+        for tx in txs:
+            try:
+                header = tx.envelope.header
+                message = check_transaction(tx, self.roster, self.limits)
+            except FairbusError:
+                continue
+            if isinstance(message, TaskStart) and message.evaluation is not None:
+                needed.add(message.evaluation.test_set_sha256)
+            record = self.rounds.get(header.round) if header.round is not None else None
+            if isinstance(message, Evaluation) and record is not None:
+                gids = {e.gid for e in message.accuracies}
+                needed.add(record.global_blob)
+                needed |= {d for (gid, _), d in record.upload_blobs if gid in gids}
+        return needed
+
+    def prepare_evaluations(self, txs: Iterable[Transaction]) -> None:
+        """Re-derive the numbers of every evaluation among ``txs`` ahead of admission
+        (seconds of work: a ledger node runs this off its event loop), so that admitting
+        them finds the numbers ready. Changes no state; any problem is left for
+        admission to report."""
+        check = self.evaluations
+        spec = self.task.evaluation if self.task is not None else None
+        if check is None or spec is None:
+            return
+        for tx in txs:
+            try:
+                header = tx.envelope.header
+                if header.type != "evaluation" or header.round is None:
+                    continue
+                record = self.rounds.get(header.round)
+                message = check_transaction(tx, self.roster, self.limits)
+                if record is None or not isinstance(message, Evaluation):
+                    continue
+                gids = [e.gid for e in message.accuracies]
+                if {g.gid for g in record.complete_groups()} >= set(gids):
+                    check.prepare(spec, record.recorded(), gids)
+            except FairbusError:
+                continue
+
+    def apply_block(self, block: Block, *, re_derive: bool = True) -> None:
         """Re-validate a committed block from the store and fold it in, or raise
-        :class:`InvalidBlockError` (nothing applied)."""
+        :class:`InvalidBlockError` (nothing applied). ``re_derive=False``: a follower
+        lacking the payloads of an evaluation the writer re-derived applies it without
+        re-deriving its numbers (ledger nodes are crash-fault tolerant, not Byzantine;
+        ``fairbus audit`` re-derives everything)."""
         problem = check_links(block, self.last_block)
         if problem:
             raise InvalidBlockError(problem)
-        draft = self.draft()
+        draft = self.draft(re_derive=re_derive)
         for k, tx in enumerate(block.txs):
             if draft.location(tx.hash) is not None:
                 raise InvalidBlockError(f"block {block.height}: transaction {k} is a duplicate")
@@ -202,6 +274,8 @@ class LedgerState:
         self.history = draft.history
         self.roster = draft.roster
         self.task = draft.task
+        self.test_set = draft.test_set
+        self.global_blob = draft.global_blob
         self.height = block.height
         self.head_hash = block.hash
         self.last_block = block
@@ -210,8 +284,9 @@ class LedgerState:
 class Draft:
     """Transactions admitted for the next block, on top of a :class:`LedgerState`."""
 
-    def __init__(self, state: LedgerState) -> None:
+    def __init__(self, state: LedgerState, *, re_derive: bool = True) -> None:
         self.state = state
+        self.re_derive = re_derive
         self.txs: list[Transaction] = []
         self.heads: dict[int, bytes] = {}
         self.hashes: dict[bytes, int] = {}
@@ -223,6 +298,8 @@ class Draft:
         self.history = state.history
         self.roster = state.roster
         self.task = state.task
+        self.test_set = state.test_set
+        self.global_blob = state.global_blob
 
     def location(self, tx_hash: bytes) -> Location | None:
         """Where ``tx_hash`` is already: committed, or pending in this draft (height -1)."""
@@ -271,6 +348,9 @@ class Draft:
         if kind == "task_start":
             self._task_start(_body(message, TaskStart))
             return
+        if kind == "test_set":
+            self._test_set(header.payload_sha256)
+            return
         if header.round is None or header.attempt is None:
             raise RefusedError(RefusalReason.MALFORMED, f"a {kind!r} names no round and attempt")
         if self.task is None:
@@ -284,6 +364,7 @@ class Draft:
             self._announce(r, a, _body(message, Announce))
             return
         if kind == "global_model":
+            self.global_blob = header.payload_sha256
             return
         record = self.round(r)
         if record is not None and record.decided:
@@ -302,7 +383,7 @@ class Draft:
         if kind == "upload":
             if header.group is None:
                 raise RefusedError(RefusalReason.MALFORMED, "an upload names no group")
-            self._upload(r, header.sender, header.group, record)
+            self._upload(r, header.sender, header.group, header.payload_sha256, record)
         elif kind == "evaluation":
             self._evaluation(r, record, _body(message, Evaluation))
         elif kind == "decision":
@@ -325,9 +406,41 @@ class Draft:
                 RefusalReason.OUT_OF_ORDER, "a task start after the first announcement"
             )
         try:
-            self.task = TaskParams.from_message(message)
+            task = TaskParams.from_message(message)
         except FairbusError as exc:
             raise RefusedError(RefusalReason.MALFORMED, str(exc)) from None
+        check = self.state.evaluations
+        if check is not None:
+            spec = task.evaluation
+            if spec is None:
+                raise RefusedError(
+                    RefusalReason.CONTRACT_VIOLATION,
+                    "the task start names no test set: this ledger re-derives every "
+                    "evaluation (issue 13), so the task must commit one first",
+                )
+            if spec.test_set_sha256 != self.test_set:
+                raise RefusedError(
+                    RefusalReason.CONTRACT_VIOLATION,
+                    f"the task start names test set {spec.test_set_sha256.hex()[:16]}, the "
+                    "ledger recorded "
+                    + (self.test_set.hex()[:16] if self.test_set is not None else "none"),
+                )
+            try:
+                if self.re_derive:
+                    check.check_test_set(spec)
+            except PayloadMissingError as exc:
+                raise RefusedError(RefusalReason.MISSING_PAYLOAD, str(exc)) from None
+            except FairbusError as exc:
+                raise RefusedError(RefusalReason.CONTRACT_VIOLATION, str(exc)) from None
+        self.task = task
+
+    def _test_set(self, digest: bytes) -> None:
+        if self.task is not None or self.test_set is not None:
+            raise RefusedError(
+                RefusalReason.OUT_OF_ORDER,
+                "a test set is recorded once, before the task start",
+            )
+        self.test_set = digest
 
     def _roster_change(self, message: RosterChange) -> None:
         try:
@@ -401,7 +514,7 @@ class Draft:
         if problems:
             raise RefusedError(RefusalReason.BAD_GROUPING, "; ".join(problems))
         self.current_round = r
-        self.rounds[r] = RoundRecord(a, message)
+        self.rounds[r] = RoundRecord(a, message, global_blob=self.global_blob)
 
     def _same_model(self, r: int, message: Announce) -> set[tuple[int, ...]]:
         """The known groups of every earlier round announced with the same global model
@@ -414,7 +527,7 @@ class Draft:
                 known |= record.known_groups()
         return known
 
-    def _upload(self, r: int, sender: int, gid: int, record: RoundRecord) -> None:
+    def _upload(self, r: int, sender: int, gid: int, digest: bytes, record: RoundRecord) -> None:
         if sender in self.excluded:
             raise RefusedError(RefusalReason.EXCLUDED, f"participant {sender} is excluded")
         if record.evaluation is not None:
@@ -436,7 +549,11 @@ class Draft:
             raise RefusedError(
                 RefusalReason.OUT_OF_ORDER, f"participant {sender} already uploaded to group {gid}"
             )
-        self.rounds[r] = replace(record, uploads=record.uploads | {(gid, sender)})
+        self.rounds[r] = replace(
+            record,
+            uploads=record.uploads | {(gid, sender)},
+            upload_blobs=(*record.upload_blobs, ((gid, sender), digest)),
+        )
 
     def _evaluation(self, r: int, record: RoundRecord, message: Evaluation) -> None:
         if record.evaluation is not None:
@@ -464,7 +581,38 @@ class Draft:
                 f"evaluation of groups {made_up} of round {r} attempt {record.attempt}, "
                 "whose members' uploads are not all recorded",
             )
+        self._check_numbers(r, record, message)
         self.rounds[r] = replace(record, evaluation=message)
+
+    def _check_numbers(self, r: int, record: RoundRecord, message: Evaluation) -> None:
+        """Issue 13: every accuracy and contribution is the one the recorded uploads, the
+        recorded global model and the committed test set give, bit for bit."""
+        check = self.state.evaluations
+        spec = self.task.evaluation if self.task is not None else None
+        if check is None or spec is None or not self.re_derive:
+            return
+        gids = [e.gid for e in message.accuracies]
+        try:
+            want = check.numbers(spec, record.recorded(), gids)
+        except PayloadMissingError as exc:
+            raise RefusedError(
+                RefusalReason.MISSING_PAYLOAD,
+                f"round {r}: the evaluation cannot be re-derived here yet: {exc}",
+            ) from None
+        except FairbusError as exc:
+            raise RefusedError(
+                RefusalReason.CONTRACT_VIOLATION,
+                f"round {r}: the evaluation cannot be re-derived: {exc}",
+            ) from None
+        for e in message.accuracies:
+            accuracy, contribution = want[e.gid]
+            if e.accuracy != accuracy or e.contribution != contribution:
+                raise RefusedError(
+                    RefusalReason.CONTRACT_VIOLATION,
+                    f"round {r}: group {e.gid} has accuracy {accuracy!r} and contribution "
+                    f"{contribution!r} on the recorded uploads and the committed test set; "
+                    f"the evaluation says {e.accuracy!r} and {e.contribution!r}",
+                )
 
     def _decision(self, r: int, record: RoundRecord, message: Decision) -> None:
         if record.evaluation is None or record.decided:

@@ -23,6 +23,7 @@ and at the last answer (or the deadline) the policy averages them.
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 from collections import Counter
 from collections.abc import Iterable, Mapping
@@ -56,6 +57,7 @@ from fairbus.grouping import BASIC, Grouping, group_size, make_grouping
 from fairbus.identity import Identity
 from fairbus.ledger.recorded import open_recorded
 from fairbus.ledger.state import RoundRecord, grouping_of
+from fairbus.ledger.verify import round_updates
 from fairbus.masking import GroupAggregate
 from fairbus.protocol.events import (
     USERS,
@@ -93,9 +95,11 @@ from fairbus.wire.limits import DEFAULT_LIMITS, WireLimits
 from fairbus.wire.messages import (
     DEFAULT_KEYING,
     Announce,
+    CommittedTestSet,
     Decision,
     Dropout,
     Evaluation,
+    EvaluationSpec,
     GlobalModel,
     GroupAccuracy,
     GroupSpec,
@@ -137,14 +141,25 @@ class ProviderConfig:
     phase_timeout: float = PHASE_TIMEOUT
     seed: int = 0
     strategy: AggregationStrategy = field(default_factory=CleanGroupAverage)
+    model_name: str | None = None
+    test_set: CommittedTestSet | None = None
+    """The task's test set (:class:`fairbus.evaluation.QuantizedTestSet`), recorded on
+    the ledger before the task start, so that every ledger node re-derives each
+    accuracy the provider reports on the same data with ``model_name`` (issue 13)."""
 
     def __post_init__(self) -> None:
+        if (self.model_name is None) != (self.test_set is None):
+            raise FairbusError("a task's test set and its model name go together")
         self.task  # noqa: B018 — refuse now a policy the ledger could not record
 
     @property
     def task(self) -> TaskParams:
         """The task's consensus-critical parameters, as its task start records them."""
-        return TaskParams(self.detection, self.collusion, self.keying)
+        spec = None
+        if self.model_name is not None and self.test_set is not None:
+            digest = hashlib.sha256(self.test_set.payload()).digest()
+            spec = EvaluationSpec(self.model_name, digest)
+        return TaskParams(self.detection, self.collusion, self.keying, spec)
 
 
 @dataclass
@@ -457,6 +472,8 @@ class ProviderMachine:
             self._regroup = False
         out: list[Output] = []
         if self.prev == GENESIS:  # the task starts: its parameters are its first record
+            if self.config.test_set is not None:  # after the test set they name
+                out.append(self._signed(self.config.test_set))
             out.append(self._signed(self.config.task.to_message()))
         out.append(self._signed(GlobalModel(self.d, self._model_bytes())))
         return out + self._announce()
@@ -833,12 +850,9 @@ class ProviderMachine:
     def _finish(self) -> list[Output]:
         """Alg. 5 done for every group: record the evaluation, then decide."""
         assert self.grouping is not None
+        means = {gid: r.mean for gid, r in self._decrypted.items()}
         contributions = group_contributions(
-            {
-                gid: r.mean.astype(np.float64) - self.global_params
-                for gid, r in self._decrypted.items()
-            },
-            (g.gid for g in self.grouping.basic),
+            round_updates(means, self.global_params), (g.gid for g in self.grouping.basic)
         )
         evaluation = Evaluation(
             tuple(

@@ -21,7 +21,6 @@ import logging
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import replace
-from typing import TYPE_CHECKING
 
 import numpy as np
 import numpy.typing as npt
@@ -30,10 +29,11 @@ from fairbus import topics
 from fairbus.aggregation import PlainFedAvg
 from fairbus.envelope import GENESIS
 from fairbus.errors import FairbusError
+from fairbus.evaluation import ExactEvaluator, QuantizedTestSet
 from fairbus.identity import Identity, broker_password_path, require_broker_password
 from fairbus.ledger.recorded import Recorded, ledger_submission
 from fairbus.ledger.records import Transaction
-from fairbus.ledger.state import RefusedError
+from fairbus.ledger.state import RefusalReason, RefusedError
 from fairbus.protocol.events import (
     AttemptClosed,
     ChainHead,
@@ -71,9 +71,6 @@ from fairbus.runtime.standby import when_elected
 from fairbus.runtime.state import prepare_state_folder, state_io
 from fairbus_ledger_service.client import LedgerClient
 
-if TYPE_CHECKING:
-    from fairbus.training.local import Evaluator
-
 log = logging.getLogger("fairbus.provider")
 
 TICK = 0.25
@@ -87,11 +84,25 @@ class ProviderError(FairbusError):
     pass
 
 
-def machine_config(config: RuntimeConfig) -> ProviderConfig:
+def machine_config(config: RuntimeConfig, test_set: QuantizedTestSet) -> ProviderConfig:
     """The machine's policy from the task's configuration: ``[provider] secure = false``
-    is the :class:`~fairbus.aggregation.PlainFedAvg` aggregation policy."""
-    policy = config.provider_config()
+    is the :class:`~fairbus.aggregation.PlainFedAvg` aggregation policy. ``test_set`` is
+    recorded before the task start (the ledger re-derives every accuracy on it)."""
+    policy = replace(
+        config.provider_config(),
+        model_name=config.training.model_name,
+        test_set=test_set.to_message(),
+    )
     return policy if config.provider.secure else replace(policy, strategy=PlainFedAvg())
+
+
+def load_test_set(config: RuntimeConfig) -> QuantizedTestSet:
+    """The task's test set, as the provider records it and evaluates on it."""
+    from fairbus.training.data import load_dataset
+
+    t = config.training
+    _, test = load_dataset(t.dataset, t.data_dir, seed=t.seed)
+    return QuantizedTestSet.quantize(test.x.numpy(), test.y.numpy(), test.num_classes)
 
 
 class ProviderRuntime:
@@ -114,7 +125,7 @@ class ProviderRuntime:
         self._inbox: asyncio.Queue[Event] = asyncio.Queue()
         self._round_over = asyncio.Event()
         self._record: RoundRecord | None = None
-        self._evaluator: Evaluator | None = None
+        self._evaluator: ExactEvaluator | None = None
         self.bus = BusConnection(
             *config.broker,
             task=self.task,
@@ -133,6 +144,10 @@ class ProviderRuntime:
                                   *self.ledger.topics]  # fmt: skip
         self.machine: ProviderMachine | None = None
         self._last_dropout = b""
+        self._round_uploads: list[bytes] = []
+        self._test_set: bytes | None = None
+        """The round's uploads as received and the task's test set, recorded envelopes
+        to relay to a ledger node that lacks one when it re-derives an evaluation."""
 
     # --- bus ---------------------------------------------------------------------------------
 
@@ -153,6 +168,7 @@ class ProviderRuntime:
                 for event in self.presence.saw(user, presence, time.monotonic()):
                     self._inbox.put_nowait(event)
         elif parsed.kind == "upload" and parsed.recipient is None:
+            self._round_uploads.append(data)
             self._inbox.put_nowait(Received("upload", data))
 
     # --- the loop ------------------------------------------------------------------------------
@@ -184,7 +200,7 @@ class ProviderRuntime:
         decided = 0
         if head == GENESIS:
             self.machine = ProviderMachine(
-                self.identity, self.roster, initial, machine_config(self.config), online=()
+                self.identity, self.roster, initial, self._machine_config(), online=()
             )
         else:
             replayed = await self._read_ledger(head)
@@ -235,7 +251,7 @@ class ProviderRuntime:
             self.identity,
             self.roster,
             initial,
-            machine_config(self.config),
+            self._machine_config(),
             replayed,
             blobs,
             online=set(online),
@@ -302,6 +318,7 @@ class ProviderRuntime:
         record = RoundRecord.empty(machine.next_round)
         self._record = record
         self._round_over.clear()
+        self._round_uploads = []
         start = time.perf_counter()
         await self._carry_out(await self._step(StartRound(time.time())))
         record.timings_s["announce"] = time.perf_counter() - start
@@ -367,7 +384,19 @@ class ProviderRuntime:
         assert self._record is not None and self.machine is not None
         env, kind = out.envelope, out.kind
         start = time.perf_counter()
-        committed, receipt = await self.ledger.submit_for_receipt(ledger_submission(env))
+        try:
+            committed, receipt = await self.ledger.submit_for_receipt(ledger_submission(env))
+        except RefusedError as exc:
+            if exc.reason is not RefusalReason.MISSING_PAYLOAD:
+                raise
+            # A ledger node takes model-sized payloads from the bus and missed some (a
+            # broker restart, a late subscription): hand them over and submit again.
+            relayed = [*([self._test_set] if self._test_set else []), *self._round_uploads]
+            log.warning("the ledger lacks payloads of the %s (%s); relaying %d", kind,
+                        exc.detail, len(relayed))  # fmt: skip
+            for data in relayed:
+                await self.bus.publish(topics.relayed_payload(self.task, self.pid), data)
+            committed, receipt = await self.ledger.submit_for_receipt(ledger_submission(env))
         crash_after(kind, self._record.round)
         self.metrics.committed(kind, time.perf_counter() - start, committed.height)
         if kind == "dropout":
@@ -376,7 +405,11 @@ class ProviderRuntime:
         self._record.timings_s["ledger"] = (
             self._record.timings_s.get("ledger", 0.0) + time.perf_counter() - start
         )
-        await self._publish(kind, Recorded(env, receipt).to_bytes())
+        if kind == "test_set":  # for the ledger nodes only
+            self._test_set = Recorded(env, receipt).to_bytes()
+            await self.bus.publish(topics.relayed_payload(self.task, self.pid), self._test_set)
+        else:
+            await self._publish(kind, Recorded(env, receipt).to_bytes())
         crash_after(f"published-{kind}", self._record.round)
         if kind == "announce":
             self._record.prior_groups = [list(g) for g in self.machine.prior_groups]
@@ -446,14 +479,16 @@ class ProviderRuntime:
         if self.on_round is not None:
             self.on_round(record)
 
-    def _build_evaluator(self) -> Evaluator:
-        from fairbus.training.data import load_dataset
-        from fairbus.training.local import Evaluator
+    def _machine_config(self) -> ProviderConfig:
+        if self._evaluator is None:
+            raise ProviderError("the provider's test set is not loaded yet")
+        return machine_config(self.config, self._evaluator.test_set)
 
+    def _build_evaluator(self) -> ExactEvaluator:
+        """The task's test set and the exact evaluation the ledger re-derives."""
         t = self.config.training
         if t.threads:
             import torch
 
             torch.set_num_threads(t.threads)
-        _, test = load_dataset(t.dataset, t.data_dir, seed=t.seed)
-        return Evaluator(t.model_name, test)
+        return ExactEvaluator(t.model_name, load_test_set(self.config))

@@ -345,6 +345,49 @@ class DetectionPolicy(WireStruct):
     }
 
 
+@dataclass(frozen=True)
+class EvaluationSpec(WireStruct):
+    """What every evaluation of the task is re-derived with (issue 13): the model's
+    architecture (a name of :data:`fairbus.training.models.MODELS`) and the SHA-256 of
+    the payload of the task's ``test_set`` transaction, recorded before the task start."""
+
+    model: str
+    test_set_sha256: bytes
+    FIELDS: ClassVar[dict[str, Spec]] = {"model": Str(max_len=64), "test_set_sha256": HASH}
+
+
+@message
+@dataclass(frozen=True)
+class CommittedTestSet(Message):
+    """The task's test set, as :mod:`fairbus.evaluation` reads it: inputs quantized to
+    unsigned 16-bit little-endian (N × C × H × W) and one byte per label. The provider
+    records it before the task start; the ledger nodes keep it in their blob stores and
+    re-derive every accuracy on it."""
+
+    shape: tuple[int, ...]
+    classes: int
+    inputs: bytes
+    labels: bytes
+    TYPE: ClassVar[str] = "test_set"
+    RECORDED: ClassVar[bool] = True
+    MODEL_SIZED: ClassVar[bool] = True
+    SUBMITTED_WHOLE: ClassVar[bool] = True
+    """Submitted with its payload (other model-sized types go as their header, the nodes
+    taking the payload from the bus): the writer reads it to admit the task start that
+    follows at once."""
+    SENDERS: ClassVar[frozenset[Role]] = frozenset({Role.PROVIDER})
+    FIELDS: ClassVar[dict[str, Spec]] = {
+        "shape": List(Int(1, 4096), max_len=3),
+        "classes": Int(2, 256),
+        "inputs": Bin(),
+        "labels": Bin(),
+    }
+
+    def __post_init__(self) -> None:
+        if len(self.shape) != 3:
+            raise SchemaError(f"test set shape {self.shape}: expected (channels, height, width)")
+
+
 @message
 @dataclass(frozen=True)
 class TaskStart(Message):
@@ -356,6 +399,7 @@ class TaskStart(Message):
     detection: DetectionPolicy
     collusion: int
     keying: str = DEFAULT_KEYING
+    evaluation: EvaluationSpec | None = None
     TYPE: ClassVar[str] = "task_start"
     RECORDED: ClassVar[bool] = True
     SENDERS: ClassVar[frozenset[Role]] = frozenset({Role.PROVIDER})
@@ -363,6 +407,7 @@ class TaskStart(Message):
         "detection": Struct(DetectionPolicy),
         "collusion": Int(0, MAX_COLLUSION),
         "keying": names(KEYINGS),
+        "evaluation": Optional(Struct(EvaluationSpec)),
     }
 
 

@@ -20,6 +20,7 @@ import msgpack
 from fairbus.errors import FairbusError, WireError
 from fairbus.ledger.records import GENESIS_HASH, Block, check_links
 from fairbus.ledger.state import InvalidBlockError, LedgerState, RefusedError, check_transaction
+from fairbus.ledger.verify import EvaluationCheck
 from fairbus.roster import Roster
 from fairbus.task import TaskParams
 from fairbus.wire.limits import DEFAULT_LIMITS
@@ -92,7 +93,10 @@ def audit(
     first = verify(raw, roster)
     if not first.ok:
         return first
-    state = LedgerState(roster)
+    # With the blobs, every evaluation is re-derived from the recorded uploads and the
+    # committed test set (issue 13); without them only what the blocks hold is checked.
+    check = EvaluationCheck(blobs.find) if blobs is not None else None
+    state = LedgerState(roster, evaluations=check)
     n_txs = 0
     missing: list[tuple[str, tuple[int | None, int | None], int]] = []
     dropped: set[tuple[int | None, int | None, int]] = set()

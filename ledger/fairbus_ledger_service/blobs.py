@@ -58,5 +58,13 @@ class BlobStore:
             raise BlobError(f"blob {digest.hex()[:16]} is corrupted on disk")
         return data
 
+    def find(self, digest: bytes) -> bytes | None:
+        """The bytes under ``digest``, or None if missing or corrupted (a
+        :data:`fairbus.ledger.verify.BlobSource`)."""
+        try:
+            return self.get(digest)
+        except BlobError:
+            return None
+
     def __contains__(self, digest: bytes) -> bool:
         return self._path(digest).exists()

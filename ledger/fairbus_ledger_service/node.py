@@ -26,7 +26,7 @@ import hashlib
 import logging
 import threading
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, replace
 
 from fairbus.envelope import SignedEnvelope
@@ -53,6 +53,15 @@ current round attempt; the provider its global model) and publishes it on the bu
 once it is committed; four leave room for a new attempt and a follower a few blocks
 behind. A payload whose transaction the ledger refuses stays counted (the count is kept
 in memory, so until the node restarts): refusals cannot churn a node's disk."""
+PAYLOAD_WAIT = 2.0
+"""Seconds the writer waits for the payloads a batch is re-derived from (a test set,
+uploads, a global model): a participant publishes a model-sized payload on the bus only
+once its transaction is committed, and a ledger node takes it from there. Then it refuses
+(``missing_payload``) and the provider relays what it holds; below the participants'
+ledger timeout (5 s by default), so that the refusal reaches it."""
+FOLLOWER_PAYLOAD_WAIT = 10.0
+"""Seconds a follower waits for them before it applies a block as the writer re-derived
+it (nobody waits for a follower)."""
 PARKED_MODELS = 4
 """A sender's parked bytes are bounded by this many of the largest model-sized payload
 the wire limits allow (:func:`largest_model_payload`): 4 × (48 MiB + 4 KiB) by default."""
@@ -322,19 +331,41 @@ class LedgerNode:
         if self.alarm:
             return 0
         raw = await self.store.read(self.state.height + 1)
+        applied = 0
         for data in raw:
             try:
                 block = Block.from_bytes(data, self.limits)
-                self.state.apply_block(block)
+                at_hand = await self._payloads_at_hand(block.txs, FOLLOWER_PAYLOAD_WAIT)
+                if not at_hand:
+                    log.warning("block %d: payloads it is re-derived from never came over the "
+                                "bus; applied as the writer re-derived it (`fairbus audit` "
+                                "re-derives everything)", block.height)  # fmt: skip
+                await asyncio.to_thread(self.state.prepare_evaluations, block.txs)
+                self.state.apply_block(block, re_derive=at_hand)
             except (InvalidBlockError, WireError) as exc:
                 self.alarm = f"invalid block at height {self.state.height + 1}: {exc}"
                 log.error("ALARM: %s", self.alarm)
                 return 0
             self._settle(block)
             self._blocks.append(block.hash)
+            applied += 1
             if self.on_block is not None:
                 await self.on_block(block)
-        return len(raw)
+        return applied
+
+    async def _payloads_at_hand(self, txs: Sequence[Transaction], wait: float) -> bool:
+        """Wait (up to ``wait`` seconds) until the blob store holds every payload
+        admitting ``txs`` reads; whether it does."""
+        needed = self.state.payloads_needed(txs)
+        if not needed or self.blobs is None:
+            return not needed
+        blobs = self.blobs
+        deadline = time.monotonic() + wait
+        while any(d not in blobs for d in needed):
+            if time.monotonic() > deadline:
+                return False
+            await asyncio.sleep(0.02)
+        return True
 
     # --- writing ---------------------------------------------------------------------------
 
@@ -376,6 +407,12 @@ class LedgerNode:
             for item in batch:
                 item.done.set_exception(NotWriterError("this node stopped being the writer"))
             return
+        # Re-deriving an evaluation takes seconds (issue 13): done on a worker thread,
+        # so queries and submissions keep being served meanwhile, once the payloads it
+        # reads have come over the bus (admission refuses it if they never do).
+        txs = [i.tx for i in batch]
+        await self._payloads_at_hand(txs, PAYLOAD_WAIT)
+        await asyncio.to_thread(self.state.prepare_evaluations, txs)
         draft = self.state.draft()
         waiting: dict[bytes, list[_Pending]] = {}
         for item in batch:

@@ -38,6 +38,7 @@ from fairbus.identity import Identity, load_broker_password
 from fairbus.ledger.recorded import Recorded
 from fairbus.ledger.records import Block, Committed
 from fairbus.ledger.state import LedgerState, RefusalReason
+from fairbus.ledger.verify import EvaluationCheck
 from fairbus.roster import Role, Roster
 from fairbus.wire.messages import (
     BlockHeader,
@@ -102,10 +103,11 @@ class LedgerService:
 
     async def run(self) -> None:
         store = await self._open_store()
+        blobs = BlobStore(self.config.blobs)
         node = LedgerNode(
-            LedgerState(self.roster),
+            LedgerState(self.roster, evaluations=EvaluationCheck(blobs.find)),
             store,
-            BlobStore(self.config.blobs),
+            blobs,
             max_block_txs=self.config.max_block_txs,
             linger=self.config.linger_ms / 1000,
             on_block=self._published_block,
@@ -215,8 +217,13 @@ class LedgerService:
         return f"fairbus/{self.task}/+/+/ledger/submit"
 
     def _blob_topics(self) -> list[str]:
-        """Where model-sized payloads travel on the bus (uploads, global models)."""
-        return [topics.uploads(self.task), topics.global_models(self.task)]
+        """Where model-sized payloads travel on the bus (uploads, global models, and what
+        the provider relays: the task's test set, uploads a node lacks)."""
+        return [
+            topics.uploads(self.task),
+            topics.global_models(self.task),
+            topics.relayed_payloads(self.task),
+        ]
 
     async def _become_writer(self, fence: bytes | None) -> None:
         """Only the writer takes submissions; the others keep blobs from the bus."""

@@ -738,6 +738,7 @@ def test_read_rights_of_a_user() -> None:
     assert may_receive(perms, topics.direct(T, 5, 3, "share"))
     assert not may_receive(perms, topics.direct(T, 5, 4, "share"))
     assert not may_receive(perms, topics.ledger_submit(T, "provider", 0))
+    assert not may_receive(perms, topics.relayed_payload(T, 0))  # for ledger nodes only
 
 
 # --- passwords ---------------------------------------------------------------------------------

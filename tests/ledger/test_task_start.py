@@ -110,10 +110,13 @@ def run() -> RecordedRun:
 
 
 def test_the_run_starts_with_the_providers_parameters(run: RecordedRun) -> None:
-    assert envelope.parse(run.envelopes[0]).header.type == "task_start"
-    assert sum(envelope.parse(e).header.type == "task_start" for e in run.envelopes) == 1
+    kinds = [envelope.parse(e).header.type for e in run.envelopes]
+    assert kinds[:2] == ["test_set", "task_start"]
+    assert kinds.count("task_start") == kinds.count("test_set") == 1
     state, refused = admit_all(run.roster, run.envelopes)
-    assert refused == [] and state.task == run.task == TaskParams()
+    assert refused == [] and state.task == run.task
+    assert dataclasses.replace(run.task, evaluation=None) == TaskParams()
+    assert run.task.evaluation is not None and run.task.evaluation.model == "digits_cnn"
     assert state.current_round == 2
 
 

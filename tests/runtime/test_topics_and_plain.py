@@ -55,6 +55,7 @@ def test_every_topic_the_runtime_builds_parses_back() -> None:
         topics.ledger_receipt(T, 101, 4): Topic("ledger", 101, "receipt", 4),
         topics.ledger_response(T, 8, 0): Topic("ledger", 8, "response", 0),
         topics.ledger_block(T, 8): Topic("ledger", 8, "block"),
+        topics.relayed_payload(T, 0): Topic("provider", 0, "payload", to_ledger=True),
     }
     for topic, expected in cases.items():
         assert topics.parse(T, topic) == expected, topic
@@ -78,6 +79,7 @@ def test_every_topic_the_runtime_builds_parses_back() -> None:
         "fairbus/test-task/provider/0/to/3/share",  # only users send shares
         "fairbus/test-task/user/3/to/4",
         "fairbus/test-task/user/3/ledger/delete",
+        "fairbus/test-task/user/3/ledger/payload",  # only the provider relays payloads
         "fairbus/test-task/user/3/a/b/c/d",
         "fairbus/test-task/user/3//upload",
         "fairbus/test-task/ledger/8/receipt/x",

@@ -214,7 +214,7 @@ def test_a_decision_the_contract_refuses_stops_the_simulation() -> None:
     first = sim.play_round(1)
     assert first.failed is None and first.ledger_height == sim.ledger.height
     task = sim.ledger.state.task
-    assert task is not None and task == sim.config.provider.task
+    assert task is not None and task == sim.provider.config.task
     # Every group scores under this policy; the provider's own scores some 0.5 in round 2.
     lenient = dataclasses.replace(task.detection, tolerance=1.0, contribution_tolerance=None)
     sim.ledger.state.task = dataclasses.replace(task, detection=lenient)

@@ -32,9 +32,11 @@ from fairbus.wire.messages import (
     Announce,
     Attestation,
     BlockHeader,
+    CommittedTestSet,
     Decision,
     Dropout,
     Evaluation,
+    EvaluationSpec,
     GlobalModel,
     GroupAccuracy,
     GroupSpec,
@@ -238,7 +240,9 @@ LARGEST: dict[str, Callable[[], Message]] = {
     "dropout": lambda: Dropout(
         tuple(range(DEFAULT_LIMITS.max_array_len)), tuple(range(DEFAULT_LIMITS.max_groups))
     ),
-    "task_start": lambda: TaskParams().to_message(),
+    "task_start": lambda: TaskParams(evaluation=EvaluationSpec("m" * 64, bytes(32))).to_message(),
+    # MNIST's 10,000 test images, quantized to 16 bits (issue 13)
+    "test_set": lambda: CommittedTestSet((1, 28, 28), 10, bytes(2 * 784 * 10_000), bytes(10_000)),
     "receipt": lambda: Receipt(
         2**40, bytes(32), tuple(ReceiptEntry(bytes(32), k) for k in range(MAX_BLOCK_TXS))
     ),

@@ -55,7 +55,8 @@ def test_task_params_round_trip_through_the_wire(detection: DetectionParams) -> 
 
 def _wire(collusion: object = 1, keying: object = "shamir", **changes: object) -> dict[str, object]:
     policy = TaskParams().to_message().to_wire()["detection"]
-    return {"detection": {**policy, **changes}, "collusion": collusion, "keying": keying}
+    wire = {"detection": {**policy, **changes}, "collusion": collusion, "keying": keying}
+    return {**wire, "evaluation": None}
 
 
 @pytest.mark.parametrize(

@@ -21,9 +21,11 @@ from fairbus.wire.messages import (
     Announce,
     Attestation,
     BlockHeader,
+    CommittedTestSet,
     Decision,
     Dropout,
     Evaluation,
+    EvaluationSpec,
     GlobalModel,
     GroupAccuracy,
     GroupSpec,
@@ -69,6 +71,8 @@ SAMPLES = [
     RosterChange("task = 'x'"),
     Attestation("global_model/round/3", bytes(32), b"received"),
     TaskParams().to_message(),
+    TaskParams(evaluation=EvaluationSpec("digits_cnn", H)).to_message(),
+    CommittedTestSet((1, 2, 2), 10, bytes(2 * 2 * 4), bytes(2)),
 ]
 
 

@@ -1,0 +1,205 @@
+"""The ledger re-derives a round's evaluation from what it recorded (issue 13, item 1).
+
+Nothing in a decision rests on the provider's word: before a ledger node admits an
+evaluation it recomputes, for every evaluated group,
+
+* the group's model: the sum of its members' recorded masked uploads is the group sum
+  (the masks cancel; no key is needed), decoded and divided by the group size exactly
+  as Alg. 5 does (:func:`fairbus.masking.aggregate_decrypt`);
+* its contribution (:func:`fairbus.detection.group_contributions`) from those models and
+  the round's recorded global model;
+* its accuracy on the task's committed test set with :class:`~fairbus.evaluation.
+  ExactEvaluator`, in exact fixed-point arithmetic,
+
+and admits the evaluation only if the provider's numbers are these, bit for bit. Each
+step is deterministic on every machine (integer field sums, correctly rounded IEEE
+operations, exactly rounded sums, exact integer inference), so no tolerance is needed:
+a follower or an auditor re-deriving the block gets the same numbers as the writer.
+
+I/O is the caller's: the payloads come from a :data:`BlobSource` (a ledger node's blob
+store, the exported blobs ``fairbus audit`` reads, the in-process ledger's memory).
+The work (seconds for the paper's MNIST CNN) is done by :meth:`EvaluationCheck.prepare`,
+which a ledger node runs off its event loop before it admits the transaction; admission
+then finds the numbers ready.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+from collections import OrderedDict
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, TypeVar
+
+import numpy as np
+import numpy.typing as npt
+
+from fairbus import masking
+from fairbus.detection import group_contributions
+from fairbus.errors import FairbusError
+from fairbus.field import FixedPointCodec
+from fairbus.wire.limits import DEFAULT_LIMITS, WireLimits
+from fairbus.wire.messages import (
+    Announce,
+    CommittedTestSet,
+    EvaluationSpec,
+    GlobalModel,
+    MaskedUpload,
+    decode_body,
+)
+
+if TYPE_CHECKING:
+    from fairbus.evaluation import ExactEvaluator
+
+_M = TypeVar("_M", GlobalModel, MaskedUpload, CommittedTestSet)
+
+BlobSource = Callable[[bytes], "bytes | None"]
+"""Payload SHA-256 → the payload, or None if this holder does not have it."""
+
+CACHED = 8
+
+
+class VerificationError(FairbusError):
+    """The recorded payloads cannot give an evaluation (missing, altered or malformed)."""
+
+
+class PayloadMissingError(VerificationError):
+    """This holder lacks a payload the evaluation is re-derived from (it may come yet)."""
+
+
+@dataclass(frozen=True)
+class RecordedRound:
+    """What the ledger holds about an attempt that an evaluation is re-derived from."""
+
+    announce: Announce
+    global_blob: bytes
+    """Payload SHA-256 of the round's ``global_model`` transaction."""
+    uploads: Mapping[tuple[int, int], bytes]
+    """(group, member) → payload SHA-256 of its recorded masked upload."""
+
+
+GroupNumbers = dict[int, tuple[float, float]]
+"""Group id → (accuracy, contribution), as the evaluation must state them."""
+
+
+def round_updates(
+    means: Mapping[int, npt.NDArray[np.float32]], global_params: npt.NDArray[np.floating]
+) -> dict[int, npt.NDArray[np.float64]]:
+    """Each group model minus the round's global model as recorded (float32), in float64:
+    the input of :func:`~fairbus.detection.group_contributions`, for the provider and the
+    ledger alike."""
+    published = np.asarray(global_params).astype("<f4").astype(np.float64)
+    return {gid: mean.astype(np.float64) - published for gid, mean in means.items()}
+
+
+class EvaluationCheck:
+    """Re-derives evaluations for one ledger holder; keeps the last few results so the
+    work done off the event loop (:meth:`prepare`) is not repeated at admission."""
+
+    def __init__(self, blobs: BlobSource, limits: WireLimits = DEFAULT_LIMITS) -> None:
+        self.blobs = blobs
+        self.limits = limits
+        self._evaluators: dict[tuple[str, bytes], ExactEvaluator] = {}
+        self._results: OrderedDict[tuple[object, ...], GroupNumbers] = OrderedDict()
+        self._lock = threading.Lock()
+        """:meth:`prepare` runs on a worker thread, admission on the event loop."""
+
+    def numbers(
+        self, spec: EvaluationSpec, recorded: RecordedRound, gids: Sequence[int]
+    ) -> GroupNumbers:
+        """The accuracy and contribution of each group of ``gids`` (every member's upload
+        recorded); raises :class:`VerificationError`."""
+        key = _key(spec, recorded, gids)
+        with self._lock:
+            cached = self._results.get(key)
+            if cached is not None:
+                return cached
+            result = self._compute(spec, recorded, sorted(gids))
+            self._results[key] = result
+            while len(self._results) > CACHED:
+                self._results.popitem(last=False)
+            return result
+
+    prepare = numbers
+    """The same work, named for what a ledger node does with it off its event loop."""
+
+    def check_test_set(self, spec: EvaluationSpec) -> None:
+        """That the model is one the exact evaluation can run and the committed test set
+        decodes and fits it; raises :class:`VerificationError`."""
+        with self._lock:
+            self._evaluator(spec)
+
+    # --- the work ------------------------------------------------------------------------
+
+    def _compute(
+        self, spec: EvaluationSpec, recorded: RecordedRound, gids: list[int]
+    ) -> GroupNumbers:
+        from fairbus.protocol.user import model_digest
+
+        announce = recorded.announce
+        model = self._decoded(recorded.global_blob, "global_model", GlobalModel)
+        if len(model.data) != 4 * model.length or model.length != announce.model_params:
+            raise VerificationError("the round's global model does not fit its announcement")
+        global_params = np.frombuffer(model.data, dtype="<f4").astype(np.float32)
+        if model_digest(global_params) != announce.model_sha256:
+            raise VerificationError("the recorded global model is not the announced one")
+        codec = FixedPointCodec(announce.frac_bits)
+        members = {g.gid: g.members for g in announce.groups}
+        means: dict[int, npt.NDArray[np.float32]] = {}
+        for gid in gids:
+            vectors = []
+            for member in members[gid]:
+                digest = recorded.uploads.get((gid, member))
+                if digest is None:
+                    raise VerificationError(f"no recorded upload of {member} to group {gid}")
+                upload = self._decoded(digest, "upload", MaskedUpload)
+                if upload.length != announce.model_params:
+                    raise VerificationError(f"the upload of {member} to group {gid} has "
+                                            f"{upload.length} values")  # fmt: skip
+                vectors.append(upload.vector())
+            try:
+                means[gid] = masking.aggregate_decrypt(vectors, codec).mean
+            except FairbusError as exc:
+                raise VerificationError(f"group {gid}: {exc}") from None
+        basic = [g.gid for g in announce.groups if g.gid in means and g.kind == "basic"]
+        try:
+            contributions = group_contributions(round_updates(means, global_params), basic)
+        except FairbusError as exc:
+            raise VerificationError(str(exc)) from None
+        evaluator = self._evaluator(spec)
+        return {gid: (evaluator.accuracy(means[gid]), contributions[gid]) for gid in gids}
+
+    def _evaluator(self, spec: EvaluationSpec) -> ExactEvaluator:
+        from fairbus.evaluation import ExactEvaluator, QuantizedTestSet
+
+        key = (spec.model, spec.test_set_sha256)
+        known = self._evaluators.get(key)
+        if known is not None:
+            return known
+        message = self._decoded(spec.test_set_sha256, "test_set", CommittedTestSet)
+        try:
+            evaluator = ExactEvaluator(spec.model, QuantizedTestSet.from_message(message))
+        except FairbusError as exc:
+            raise VerificationError(f"the task's test set or model: {exc}") from None
+        self._evaluators = {key: evaluator}  # one task per ledger
+        return evaluator
+
+    def _decoded(self, digest: bytes, kind: str, cls: type[_M]) -> _M:
+        data = self.blobs(digest)
+        if data is None:
+            raise PayloadMissingError(f"no blob {digest.hex()[:16]} (the {kind} payload) here")
+        if hashlib.sha256(data).digest() != digest:
+            raise VerificationError(f"the {kind} payload {digest.hex()[:16]} is altered")
+        try:
+            message = decode_body(kind, data, self.limits)
+        except FairbusError as exc:
+            raise VerificationError(f"the {kind} payload {digest.hex()[:16]}: {exc}") from None
+        if not isinstance(message, cls):
+            raise VerificationError(f"the payload {digest.hex()[:16]} is not a {kind}")
+        return message
+
+
+def _key(spec: EvaluationSpec, recorded: RecordedRound, gids: Sequence[int]) -> tuple[object, ...]:
+    uploads = tuple(sorted(recorded.uploads.items()))
+    return (spec, recorded.global_blob, recorded.announce, uploads, tuple(sorted(gids)))

@@ -1,0 +1,351 @@
+"""Issue 13, item 1: nothing in a decision rests on the provider's word. The ledger
+re-derives every evaluation from the recorded uploads, the recorded global model and the
+committed test set (:mod:`fairbus.ledger.verify`): an accuracy off by one test sample, a
+contribution scaled by 1.01, a decision computed from altered numbers are refused with
+``contract_violation`` and change nothing; ``fairbus audit`` names an altered evaluation
+in an exported ledger; and the exact evaluation is the same whatever the thread count
+or batch size, equal to a pure int64 computation.
+
+The round is a real one: a simulation of 9 users on digits (its in-process ledger
+re-derives every number too), whose blocks and blobs are replayed here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+from pathlib import Path
+
+import numpy as np
+import numpy.typing as npt
+import pytest
+import torch
+
+from fairbus import envelope, evaluation
+from fairbus.detection import detect
+from fairbus.errors import SchemaError
+from fairbus.evaluation import ExactEvaluator, QuantizedTestSet
+from fairbus.identity import Identity
+from fairbus.ledger.records import Block, Transaction
+from fairbus.ledger.state import LedgerState, RefusalReason, RefusedError, grouping_of
+from fairbus.ledger.verify import EvaluationCheck
+from fairbus.simulator import Simulation, SimulationConfig
+from fairbus.training.data import load_digits
+from fairbus.training.local import TrainConfig
+from fairbus.training.models import initial_params
+from fairbus.wire.limits import DEFAULT_LIMITS
+from fairbus.wire.messages import (
+    CommittedTestSet,
+    Decision,
+    Evaluation,
+    EvaluationSpec,
+    Message,
+    TaskStart,
+    UserScore,
+    decode_body,
+)
+from fairbus_ledger_service.audit import audit
+from fairbus_ledger_service.blobs import BlobStore
+
+
+@dataclasses.dataclass
+class Recorded:
+    """One simulated round: its blocks and blobs, and the provider's identity."""
+
+    sim: Simulation
+    blocks: list[Block]
+    blobs: dict[bytes, bytes]
+
+    @property
+    def provider(self) -> Identity:
+        return self.sim.provider.identity
+
+    def index_of(self, kind: str) -> int:
+        return next(k for k, b in enumerate(self.blocks) if b.txs[0].envelope.header.type == kind)
+
+    def state_before(self, kind: str) -> LedgerState:
+        """A ledger node that re-derives evaluations, with every block before the first
+        ``kind`` transaction applied."""
+        state = LedgerState(self.sim.roster, evaluations=EvaluationCheck(self.blobs.get))
+        for block in self.blocks[: self.index_of(kind)]:
+            state.apply_block(block)
+        return state
+
+
+@pytest.fixture(scope="module")
+def recorded() -> Recorded:
+    blocks: list[Block] = []
+    blobs: dict[bytes, bytes] = {}
+    config = SimulationConfig(users=9, rounds=1, seed=3, train=TrainConfig(local_epochs=2))
+    sim = Simulation(config, on_block=blocks.append, on_blob=blobs.__setitem__)
+    [record] = sim.run()
+    assert record.failed is None and not record.refusals, record
+    return Recorded(sim, blocks, blobs)
+
+
+def _signed(rec: Recorded, state: LedgerState, message: Message) -> Transaction:
+    scope = {"round": 1, "attempt": 0} if message.SCOPED else {}
+    env = envelope.sign(rec.provider, rec.sim.roster.task, message,
+                        prev=state.head(rec.provider.participant_id), **scope)  # fmt: skip
+    return Transaction.from_envelope(env)
+
+
+def _snapshot(state: LedgerState) -> tuple[object, ...]:
+    return (state.height, dict(state.heads), dict(state.rounds), state.excluded,
+            state.key_users)  # fmt: skip
+
+
+def _refused(state: LedgerState, tx: Transaction, *words: str) -> None:
+    before = _snapshot(state)
+    with pytest.raises(RefusedError) as caught:
+        state.draft().admit(tx)
+    assert caught.value.reason is RefusalReason.CONTRACT_VIOLATION, caught.value
+    for word in words:
+        assert word in caught.value.detail, caught.value.detail
+    assert _snapshot(state) == before
+
+
+def _honest_evaluation(rec: Recorded) -> Evaluation:
+    tx = rec.blocks[rec.index_of("evaluation")].txs[0]
+    body = decode_body("evaluation", tx.payload or b"", DEFAULT_LIMITS)
+    assert isinstance(body, Evaluation)
+    return body
+
+
+def _altered(evaluation_: Evaluation, gid: int, **change: float) -> Evaluation:
+    return Evaluation(
+        tuple(dataclasses.replace(e, **change) if e.gid == gid else e
+              for e in evaluation_.accuracies)
+    )  # fmt: skip
+
+
+def test_the_honest_evaluation_is_re_derived_and_admitted(recorded: Recorded) -> None:
+    state = recorded.state_before("evaluation")
+    honest = _honest_evaluation(recorded)
+    state.draft().admit(_signed(recorded, state, honest))
+
+
+def test_an_accuracy_off_by_one_test_sample_is_refused(recorded: Recorded) -> None:
+    state = recorded.state_before("evaluation")
+    honest = _honest_evaluation(recorded)
+    samples = len(recorded.sim.evaluator.test_set)
+    first = honest.accuracies[0]
+    correct = round(first.accuracy * samples)
+    assert correct / samples == first.accuracy  # the accuracy is a count of samples
+    for wrong in (correct + 1, correct - 1):
+        forged = _altered(honest, first.gid, accuracy=wrong / samples)
+        _refused(state, _signed(recorded, state, forged), f"group {first.gid}", "accuracy")
+
+
+def test_a_contribution_scaled_by_1_01_is_refused(recorded: Recorded) -> None:
+    state = recorded.state_before("evaluation")
+    honest = _honest_evaluation(recorded)
+    last = honest.accuracies[-1]
+    assert last.contribution is not None and last.contribution != 0.0
+    forged = _altered(honest, last.gid, contribution=last.contribution * 1.01)
+    _refused(state, _signed(recorded, state, forged), f"group {last.gid}", "contribution")
+
+
+def test_a_decision_based_on_altered_numbers_is_refused(recorded: Recorded) -> None:
+    """The honest evaluation is recorded; a decision that Alg. 6 gives on other
+    accuracies (one group's lowered to nothing) is refused."""
+    state = recorded.state_before("decision")
+    honest = state.rounds[1].evaluation
+    assert honest is not None
+    low = honest.accuracies[0].gid
+    altered = {e.gid: (0.0 if e.gid == low else e.accuracy) for e in honest.accuracies}
+    contributions = {e.gid: e.contribution for e in honest.accuracies}
+    task = state.task
+    assert task is not None
+    result = detect(grouping_of(state.rounds[1].announce), altered, task.detection,
+                    contributions, state.carried, state.history)  # type: ignore[arg-type]  # fmt: skip
+    scores = tuple(UserScore(a.user, a.score, a.conf_lo, a.conf_up)
+                   for a in result.assessments.values())  # fmt: skip
+    forged = Decision(result.tau, scores, tuple(sorted(result.new_key_users)),
+                      tuple(sorted(result.violators)))  # fmt: skip
+    before = _snapshot(state)
+    with pytest.raises(RefusedError) as caught:
+        state.draft().admit(_signed(recorded, state, forged))
+    assert caught.value.reason is RefusalReason.CONTRACT_VIOLATION
+    assert _snapshot(state) == before
+
+
+def test_audit_names_an_altered_evaluation(recorded: Recorded, tmp_path: Path) -> None:
+    """An exported ledger whose evaluation block was replaced by one with an altered
+    accuracy (signed by the provider, linked correctly): the audit names that block."""
+    at = recorded.index_of("evaluation")
+    state = recorded.state_before("evaluation")
+    honest = _honest_evaluation(recorded)
+    forged = _altered(honest, honest.accuracies[0].gid, accuracy=0.5)
+    tx = _signed(recorded, state, forged)
+    blocks = list(recorded.blocks[:at])
+    blocks.append(Block.build(at, blocks[-1].hash, 0.0, [tx]))
+    store = BlobStore(tmp_path / "blobs")
+    for digest, data in recorded.blobs.items():
+        store.put(digest, data)
+    report = audit([b.to_bytes() for b in blocks], recorded.sim.roster, store)
+    assert not report.ok
+    assert f"block {at}" in str(report.problem) and "contract_violation" in str(report.problem)
+    honest_report = audit([b.to_bytes() for b in recorded.blocks], recorded.sim.roster, store)
+    assert honest_report.ok, honest_report.problem
+
+
+# --- the exact evaluation -------------------------------------------------------------------
+
+
+def _digits_test_set() -> QuantizedTestSet:
+    _, test = load_digits(seed=0)
+    return QuantizedTestSet.quantize(test.x.numpy(), test.y.numpy(), test.num_classes)
+
+
+def _trained_like(seed: int) -> npt.NDArray[np.float32]:
+    """Parameters spread well beyond an initial model's (a deterministic formula)."""
+    params = initial_params("digits_cnn", seed)
+    ramp = np.sin(np.arange(params.size, dtype=np.float64) * 0.37) * 0.3
+    return (params * 4.0 + ramp).astype(np.float32)
+
+
+def test_the_exact_evaluation_does_not_depend_on_threads_or_batches(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    evaluator = ExactEvaluator("digits_cnn", _digits_test_set())
+    params = _trained_like(1)
+    threads = torch.get_num_threads()
+    try:
+        counts = set()
+        for n_threads, batch in ((1, 256), (2, 256), (1, 7), (2, 450)):
+            torch.set_num_threads(n_threads)
+            monkeypatch.setattr(evaluation, "BATCH", batch)
+            counts.add(evaluator.correct(params))
+    finally:
+        torch.set_num_threads(threads)
+    assert len(counts) == 1
+
+
+def test_the_exact_evaluation_equals_integer_arithmetic() -> None:
+    """The float64 fixed-point forward pass gives the logits a pure int64 computation
+    gives (numpy's integer matmul never rounds), for every test sample."""
+    test_set = _digits_test_set()
+    params = _trained_like(2)
+    evaluator = ExactEvaluator("digits_cnn", test_set)
+    weights = evaluation._quantized_weights(params.astype(np.float64), evaluator.layers)
+    with torch.no_grad():
+        fast = evaluation._forward(torch.from_numpy(test_set.inputs), evaluator.layers, weights)
+    slow = _int64_forward(test_set.inputs.astype(np.int64), evaluator.layers, weights)
+    assert np.array_equal(fast.numpy().astype(np.int64), slow)
+    right = int((slow.argmax(axis=1) == test_set.labels).sum())
+    assert evaluator.correct(params) == right
+
+
+def _int64_forward(
+    x: npt.NDArray[np.int64],
+    layers: list[evaluation._Layer],
+    weights: list[tuple[npt.NDArray[np.float64], npt.NDArray[np.float64]]],
+) -> npt.NDArray[np.int64]:
+    shift = evaluation.WEIGHT_FRAC_BITS
+    limit = evaluation.ACT_LIMIT
+    params = iter(weights)
+    for layer in layers:
+        if layer.kind == "relu":
+            x = np.maximum(x, 0)
+        elif layer.kind == "pool":
+            n, c, h, w = x.shape
+            k = layer.kernel
+            x = (
+                x[:, :, : h // k * k, : w // k * k]
+                .reshape(n, c, h // k, k, w // k, k)
+                .max(axis=(3, 5))
+            )
+        elif layer.kind == "flatten":
+            x = x.reshape(x.shape[0], -1)
+        else:
+            w_f, b_f = next(params)
+            w_q, b_q = w_f.astype(np.int64), b_f.astype(np.int64)
+            if layer.kind == "conv":
+                p, k = layer.padding, layer.kernel
+                padded = np.pad(x, ((0, 0), (0, 0), (p, p), (p, p)))
+                windows = np.lib.stride_tricks.sliding_window_view(padded, (k, k), axis=(2, 3))
+                n, c, oh, ow = windows.shape[:4]
+                cols = windows.transpose(0, 2, 3, 1, 4, 5).reshape(n, oh * ow, c * k * k)
+                z = (cols @ w_q.T + b_q).transpose(0, 2, 1).reshape(n, -1, oh, ow)
+            else:
+                z = x @ w_q.T + b_q
+            x = np.clip(z >> shift, -limit, limit)
+    return x
+
+
+# --- the task start and its test set ----------------------------------------------------------
+
+
+def _fresh(rec: Recorded) -> LedgerState:
+    return LedgerState(rec.sim.roster, evaluations=EvaluationCheck(rec.blobs.get))
+
+
+def _admit(state: LedgerState, tx: Transaction) -> None:
+    draft = state.draft()
+    draft.admit(tx)
+    state.commit(draft, Block.build(state.height + 1, state.head_hash, 0.0, draft.txs))
+
+
+def _start(rec: Recorded, evaluation_: EvaluationSpec | None) -> TaskStart:
+    """The simulated task's parameters with another evaluation spec."""
+    task = rec.sim.provider.config.task
+    return dataclasses.replace(task, evaluation=evaluation_).to_message()
+
+
+def test_a_task_start_must_name_the_recorded_test_set(recorded: Recorded) -> None:
+    state = _fresh(recorded)
+    test_set = recorded.sim.provider.config.test_set
+    assert test_set is not None
+    digest = hashlib.sha256(test_set.payload()).digest()
+    # No test set recorded yet, none named, another named, an unknown model.
+    _refused(state, _signed(recorded, state, _start(recorded, None)), "names no test set")
+    ours = EvaluationSpec("digits_cnn", digest)
+    _refused(state, _signed(recorded, state, _start(recorded, ours)), "ledger recorded none")
+    _admit(state, _signed(recorded, state, test_set))
+    other = EvaluationSpec("digits_cnn", bytes(32))
+    _refused(state, _signed(recorded, state, _start(recorded, other)), "names test set")
+    unknown = EvaluationSpec("resnet_152", digest)
+    _refused(state, _signed(recorded, state, _start(recorded, unknown)), "resnet_152")
+    with pytest.raises(RefusedError) as caught:  # a second test set
+        state.draft().admit(_signed(recorded, state, test_set))
+    assert caught.value.reason is RefusalReason.OUT_OF_ORDER
+    _admit(state, _signed(recorded, state, _start(recorded, ours)))
+    assert state.task is not None and state.task.evaluation is not None
+
+
+@pytest.mark.parametrize(
+    ("change", "words"),
+    [
+        ({"inputs": bytes(2 * 2 * 4 - 1)}, "input bytes"),
+        ({"labels": bytes(3)}, "input bytes"),
+        ({"inputs": (2000).to_bytes(2, "little") + bytes(2 * 2 * 4 - 2)}, "out of range"),
+        ({"labels": bytes([10, 0])}, "out of range"),
+    ],
+)
+def test_a_malformed_test_set_is_refused_by_name(change: dict[str, bytes], words: str) -> None:
+    good = CommittedTestSet((1, 2, 2), 10, bytes(2 * 2 * 4), bytes(2))
+    QuantizedTestSet.from_message(good)
+    with pytest.raises(SchemaError, match=words):
+        QuantizedTestSet.from_message(dataclasses.replace(good, **change))  # type: ignore[arg-type]
+
+
+def test_a_node_lacking_an_upload_refuses_until_it_has_it(recorded: Recorded) -> None:
+    """A ledger node takes payloads from the bus and may miss one: it refuses the
+    evaluation as ``missing_payload`` (the provider relays the uploads and submits again)
+    and admits it once the payload is there."""
+    record_state = recorded.state_before("evaluation")
+    upload = dict(record_state.rounds[1].upload_blobs)[next(iter(record_state.rounds[1].uploads))]
+    held = {d: b for d, b in recorded.blobs.items() if d != upload}
+    state = LedgerState(recorded.sim.roster, evaluations=EvaluationCheck(held.get))
+    for block in recorded.blocks[: recorded.index_of("evaluation")]:
+        state.apply_block(block)
+    tx = _signed(recorded, state, _honest_evaluation(recorded))
+    before = _snapshot(state)
+    with pytest.raises(RefusedError) as caught:
+        state.draft().admit(tx)
+    assert caught.value.reason is RefusalReason.MISSING_PAYLOAD, caught.value
+    assert upload.hex()[:16] in caught.value.detail
+    assert _snapshot(state) == before
+    held[upload] = recorded.blobs[upload]
+    state.draft().admit(tx)
