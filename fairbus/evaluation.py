@@ -123,6 +123,25 @@ class ExactEvaluator:
         self.layers = _layers(build_model(model_name))
         self.size = count_parameters(build_model(model_name))
         self.test_set = test_set
+        self._check_fit()
+
+    def _check_fit(self) -> None:
+        """That the test set's inputs go through the model and its classes are the
+        model's outputs (one sample, zero weights); raises :class:`EvaluationError`."""
+        import torch
+
+        shape = self.test_set.inputs.shape[1:]
+        zeros = _quantized_weights(np.zeros(self.size), self.layers)
+        try:
+            with torch.no_grad():
+                out = _forward(torch.zeros((1, *shape), dtype=torch.float64), self.layers, zeros)
+        except RuntimeError as exc:
+            raise EvaluationError(
+                f"test inputs of shape {shape} do not fit {self.model_name}: {exc}"
+            ) from None
+        if tuple(out.shape) != (1, self.test_set.classes):
+            raise EvaluationError(f"{self.model_name} gives {out.shape[1]} classes, the test "
+                                  f"set has {self.test_set.classes}")  # fmt: skip
 
     def accuracy(self, params: npt.NDArray[np.float32]) -> float:
         """correct / samples (0.0 for a model holding NaN or infinity)."""

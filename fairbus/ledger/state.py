@@ -213,22 +213,24 @@ class LedgerState:
         return needed
 
     def prepare_evaluations(self, txs: Iterable[Transaction]) -> None:
-        """Re-derive the numbers of every evaluation among ``txs`` ahead of admission
-        (seconds of work: a ledger node runs this off its event loop), so that admitting
-        them finds the numbers ready. Changes no state; any problem is left for
-        admission to report."""
+        """Re-derive the numbers of every evaluation among ``txs`` ahead of admission,
+        and load the test set a task start names (seconds of work: a ledger node runs
+        this off its event loop), so that admitting them finds the work done. Changes no
+        state; any problem is left for admission to report."""
         check = self.evaluations
-        spec = self.task.evaluation if self.task is not None else None
-        if check is None or spec is None:
+        if check is None:
             return
         for tx in txs:
             try:
                 header = tx.envelope.header
-                if header.type != "evaluation" or header.round is None:
+                if header.type not in ("evaluation", "task_start"):
                     continue
-                record = self.rounds.get(header.round)
                 message = check_transaction(tx, self.roster, self.limits)
-                if record is None or not isinstance(message, Evaluation):
+                if isinstance(message, TaskStart) and message.evaluation is not None:
+                    check.check_test_set(message.evaluation)
+                spec = self.task.evaluation if self.task is not None else None
+                record = self.rounds.get(header.round) if header.round is not None else None
+                if spec is None or record is None or not isinstance(message, Evaluation):
                     continue
                 gids = [e.gid for e in message.accuracies]
                 if {g.gid for g in record.complete_groups()} >= set(gids):

@@ -73,6 +73,9 @@ from fairbus_ledger_service.client import LedgerClient
 
 log = logging.getLogger("fairbus.provider")
 
+TASK_START_PATIENCE = 60.0
+"""Seconds to wait for the task start's receipt: the ledger loads the exact evaluation
+(torch, the model) and decodes the recorded test set before it admits it."""
 TICK = 0.25
 CLOSE_TIMEOUT = 30.0
 """Seconds to wait for a ledger node that shows a recorded dropout."""
@@ -384,8 +387,13 @@ class ProviderRuntime:
         assert self._record is not None and self.machine is not None
         env, kind = out.envelope, out.kind
         start = time.perf_counter()
+        # The ledger re-derives an evaluation as this process computed it, and loads the
+        # test set the task start names: allow for that work on a busy ledger node.
+        patience = {"evaluation": 2 * self._record.timings_s.get("evaluation", 0.0),
+                    "task_start": TASK_START_PATIENCE}.get(kind)  # fmt: skip
+        submission = ledger_submission(env)
         try:
-            committed, receipt = await self.ledger.submit_for_receipt(ledger_submission(env))
+            committed, receipt = await self.ledger.submit_for_receipt(submission, patience)
         except RefusedError as exc:
             if exc.reason is not RefusalReason.MISSING_PAYLOAD:
                 raise
@@ -396,7 +404,7 @@ class ProviderRuntime:
                         exc.detail, len(relayed))  # fmt: skip
             for data in relayed:
                 await self.bus.publish(topics.relayed_payload(self.task, self.pid), data)
-            committed, receipt = await self.ledger.submit_for_receipt(ledger_submission(env))
+            committed, receipt = await self.ledger.submit_for_receipt(submission, patience)
         crash_after(kind, self._record.round)
         self.metrics.committed(kind, time.perf_counter() - start, committed.height)
         if kind == "dropout":

@@ -137,9 +137,13 @@ class LedgerClient:
         committed, _ = await self.submit_for_receipt(data)
         return committed
 
-    async def submit_for_receipt(self, data: bytes) -> tuple[Committed, bytes]:
+    async def submit_for_receipt(
+        self, data: bytes, patience: float | None = None
+    ) -> tuple[Committed, bytes]:
         """:meth:`submit`, also returning the signed receipt (to pass on with the
-        envelope, :mod:`fairbus.ledger.recorded`)."""
+        envelope, :mod:`fairbus.ledger.recorded`). ``patience``: seconds to wait for each
+        try's answer instead of the client's timeout, for a transaction the ledger
+        re-derives at length (an evaluation)."""
         tx_hash = hashlib.sha256(envelope.parse(data).header_bytes).digest()
         future = self._waiting.setdefault(tx_hash, asyncio.get_running_loop().create_future())
         topic = topics.ledger_submit(self.task, self.role, self.pid)
@@ -147,7 +151,8 @@ class LedgerClient:
             for _ in range(self.retries):
                 await self.mqtt.publish(topic, data, qos=topics.QOS)
                 try:
-                    answer = await asyncio.wait_for(asyncio.shield(future), self.timeout)
+                    wait = max(self.timeout, patience or 0.0)
+                    answer = await asyncio.wait_for(asyncio.shield(future), wait)
                 except TimeoutError:
                     continue
                 if isinstance(answer, Refusal):

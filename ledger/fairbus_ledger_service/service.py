@@ -125,6 +125,7 @@ class LedgerService:
                  node.state.height)  # fmt: skip
         try:
             async with asyncio.TaskGroup() as tasks:
+                tasks.create_task(asyncio.to_thread(_load_evaluation))
                 tasks.create_task(node.write_loop())
                 tasks.create_task(self._follow())
                 if isinstance(store, EtcdStore):
@@ -428,3 +429,9 @@ class LedgerService:
         signed = envelope.sign(self.identity, self.task, message, prev=GENESIS)
         with contextlib.suppress(aiomqtt.MqttError):
             await mqtt.publish(topic, signed.to_bytes(), qos=topics.QOS)
+
+
+def _load_evaluation() -> None:
+    """Import torch and the models now, on a worker thread (seconds on a busy machine),
+    rather than when the task start's test set is first checked."""
+    import fairbus.training.models  # noqa: F401

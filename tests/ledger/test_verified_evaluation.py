@@ -349,3 +349,12 @@ def test_a_node_lacking_an_upload_refuses_until_it_has_it(recorded: Recorded) ->
     assert _snapshot(state) == before
     held[upload] = recorded.blobs[upload]
     state.draft().admit(tx)
+
+
+def test_a_test_set_that_does_not_fit_the_model_is_refused_by_name() -> None:
+    digits = _digits_test_set()
+    with pytest.raises(evaluation.EvaluationError, match="do not fit mnist_cnn"):
+        ExactEvaluator("mnist_cnn", digits)
+    three = QuantizedTestSet(digits.inputs, digits.labels % 3, 3)
+    with pytest.raises(evaluation.EvaluationError, match="10 classes"):
+        ExactEvaluator("digits_cnn", three)
