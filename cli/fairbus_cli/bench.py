@@ -5,7 +5,9 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Callable
+from enum import StrEnum
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import typer
 from rich.console import Console
@@ -13,10 +15,14 @@ from rich.progress import Progress
 from rich.table import Table
 
 from fairbus.bench import crypto
+from fairbus.errors import FairbusError
 from fairbus.protocol.provider import ProviderConfig
 from fairbus.wire.messages import KEYINGS
 from fairbus_cli import detection_options as options
 from fairbus_cli import keying_option
+
+if TYPE_CHECKING:
+    from fairbus.bench.detection import SuiteSummary
 
 DEFAULTS = ProviderConfig()
 
@@ -191,10 +197,21 @@ def evaluation_bench(
     console.print(table)
 
 
+class Suite(StrEnum):
+    """The scenario lists of ``fairbus bench detection`` (``detection.SUITES``)."""
+
+    PAPER = "paper"
+    FAIRNESS = "fairness"
+
+
 @app.command("detection")
 def detection_bench(
-    seeds: int = typer.Option(20, help="Seeds per scenario."),
-    rounds: int = typer.Option(10, help="Rounds per run (attackers must be out by then)."),
+    seeds: int = typer.Option(
+        20, help="Seeds per scenario (fairness suite: those with 15/30 users or 50 rounds take 5)."
+    ),
+    rounds: int = typer.Option(
+        10, help="Rounds per run (fairness suite: but the 50-round scenario's)."
+    ),
     bound_score: float = options.BOUND_SCORE,
     bound_conf: float = options.BOUND_CONF,
     tolerance: float = options.TOLERANCE,
@@ -209,9 +226,19 @@ def detection_bench(
     ),
     basic_groupings: int = typer.Option(2, help="Basic groupings per round."),
     workers: int = typer.Option(len(os.sched_getaffinity(0)), help="Parallel simulations."),
+    suite: Suite = typer.Option(
+        Suite.PAPER,
+        help="paper: 0+0 to 3+3 poisoners + free-riders among 9 users; fairness: issue 13's "
+        "scenarios (non-IID data, disguised free-riders, poisoner step sizes, label-flippers, "
+        "15 and 30 users, 50 rounds) with its targets.",
+    ),
+    scenario: list[str] = typer.Option(
+        [], "--scenario", help="Only the suite's scenarios of this name (repeat)."
+    ),
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
 ) -> None:
-    """Detection among 9 users: 0, 1+1, 2+2 and 3+3 attackers (poisoners + free-riders).
+    """Detection among 9 users: 0, 1+1, 2+2 and 3+3 attackers (poisoners + free-riders);
+    with --suite fairness, issue 13's scenarios.
 
     Per scenario and seed one defended run and (with attackers) one undefended FedAvg run;
     prints detection rate, false exclusions, rounds to detection and final accuracy.
@@ -229,24 +256,30 @@ def detection_bench(
     )
     from fairbus.bench import detection
 
-    specs = detection.build_specs(seeds, rounds, params, key_repeats, basic_groupings)
+    try:
+        chosen = detection.select(detection.SUITES[suite.value], scenario)
+    except FairbusError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--scenario") from None
+    specs = detection.build_suite_specs(chosen, seeds, rounds, params, key_repeats,
+                                        basic_groupings)  # fmt: skip
     with Progress(console=console, transient=True) as progress:
         task = progress.add_task("simulating", total=len(specs))
         results = detection.run_all(
             specs, workers, progress=lambda done: progress.update(task, completed=done)
         )
+    policy = (
+        f"bound_score {bound_score}, bound_conf {bound_conf}, tolerance {tolerance}, "
+        f"contribution tolerance {params.contribution_tolerance}, key score "
+        f"{params.key_score}, KIN {key_repeats}"
+    )
+    if suite is Suite.FAIRNESS:
+        _fairness_table(detection.summarize_suite(results, chosen), policy, as_json)
+        return
     summaries = detection.summarize(results, rounds)
     if as_json:
         console.print_json(json.dumps([vars(s) for s in summaries]))
         return
-    table = Table(
-        title=(
-            f"Alg. 6 on 9 users, digits, {seeds} seeds x {rounds} rounds; bound_score "
-            f"{bound_score}, bound_conf {bound_conf}, tolerance {tolerance}, "
-            f"contribution tolerance {params.contribution_tolerance}, key score "
-            f"{params.key_score}, KIN {key_repeats}"
-        )
-    )
+    table = Table(title=f"Alg. 6 on 9 users, digits, {seeds} seeds x {rounds} rounds; {policy}")
     for column in (
         "attackers (P+F)",
         "detected",
@@ -278,6 +311,76 @@ def detection_bench(
             "✓" if s.meets_target else "✗",
         )
     console.print(table)
+
+
+def _fairness_table(rows: list[SuiteSummary], policy: str, as_json: bool) -> None:
+    """Print the fairness suite's rows, with issue 13's targets."""
+    from dataclasses import asdict
+
+    from fairbus.bench.detection import FEW_SEEDS
+
+    if as_json:
+        console.print_json(
+            json.dumps([{**asdict(r), "meets_target": r.meets_target} for r in rows])
+        )
+        return
+    table = Table(title=f"Alg. 6, issue 13's scenarios, digits; {policy}")
+    for column in (
+        "scenario",
+        "users",
+        "attackers",
+        "seeds × rounds",
+        "detected",
+        "false excl. (seeds)",
+        "all out by round 10",
+        "rounds to detect (mean / max)",
+        "final acc",
+        "no attack",
+        "undefended",
+        "score honest / attackers",
+        "target",
+    ):
+        table.add_column(column, justify="right")
+
+    def number(value: float | None, form: str = ".3f") -> str:
+        return "–" if value is None else format(value, form)
+
+    for r in rows:
+        t = r.tally
+        data = "" if r.alpha is None else f", non-IID α {r.alpha:g}"
+        wanted = ["0 false"]
+        if r.all_out_target is not None:
+            wanted.append(f"all out ≥ {r.all_out_target:.0%}")
+        if r.detected_target is not None:
+            wanted.append(f"detected ≥ {r.detected_target:.0%}")
+        verdict = "✓" if r.meets_target else "✗ " + "; ".join(r.misses)
+        table.add_row(
+            r.name,
+            f"{r.users}{data}",
+            r.attacks,
+            f"{t.seeds} × {r.rounds}",
+            number(t.detection_rate, ".0%"),
+            f"{t.false_exclusions} ({t.seeds_with_false_exclusion})",
+            "–" if not r.attackers else f"{t.seeds_all_caught_in_time}/{t.seeds}",
+            "–"
+            if t.rounds_to_detection_mean is None
+            else f"{t.rounds_to_detection_mean:.1f} / {t.rounds_to_detection_max}",
+            number(t.accuracy_defended),
+            number(r.accuracy_no_attack),
+            number(t.accuracy_undefended),
+            f"{number(t.score_honest, '.2f')} / {number(t.score_attackers, '.2f')}",
+            f"{', '.join(wanted)}: {verdict}",
+        )
+    console.print(table)
+    console.print(
+        "Seeds: --seeds for the 9-user scenarios over --rounds, "
+        f"{FEW_SEEDS} (at most --seeds) for 15 and 30 users and for 50 rounds. 'all out': "
+        "seeds with every attacker excluded by round 10 (or the last round). 'no attack': "
+        "the defended no-attack runs of the same users, data split and rounds. Targets "
+        "(issue 13): no honest user excluded anywhere; every attacker out by round 10 in "
+        "≥ 95% of seeds where attackers are at most a third of the users; 3+3 of 9: ≥ 80% "
+        "detected."
+    )
 
 
 @app.command("ledger")

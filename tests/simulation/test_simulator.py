@@ -169,9 +169,10 @@ def test_configuration_errors_are_clear() -> None:
 @pytest.mark.parametrize("seed", range(5))
 def test_a_poisoner_and_a_free_rider_are_excluded_and_no_honest_user_is(seed: int) -> None:
     """9 users on digits, one poisoner and one free-rider, the provider's defaults."""
-    from fairbus.bench.detection import RunSpec, attackers_for, run_one
+    from fairbus.bench.detection import PAPER, RunSpec, attackers_for, run_one
 
-    spec = RunSpec(1, 1, seed, True, SimulationConfig(users=9, rounds=8))
+    spec = RunSpec(PAPER[1], seed, True, SimulationConfig(users=9, rounds=8))
+    assert PAPER[1].name == "1+1"
     assert len(attackers_for(spec)) == 2
     result = run_one(spec)
     assert result.detected == set(result.attackers)
