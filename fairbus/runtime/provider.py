@@ -73,9 +73,11 @@ from fairbus_ledger_service.client import LedgerClient
 
 log = logging.getLogger("fairbus.provider")
 
-TASK_START_PATIENCE = 60.0
-"""Seconds to wait for the task start's receipt: the ledger loads the exact evaluation
-(torch, the model) and decodes the recorded test set before it admits it."""
+LEDGER_WORK_PATIENCE = 60.0
+"""Seconds to wait for the receipt of a transaction the ledger works on before it admits
+it: the task start (it loads the exact evaluation and decodes the recorded test set) and,
+beyond four times this process's own evaluation time, an evaluation (it re-derives every
+number). Waiting costs nothing; giving up stops the provider."""
 TICK = 0.25
 CLOSE_TIMEOUT = 30.0
 """Seconds to wait for a ledger node that shows a recorded dropout."""
@@ -389,8 +391,9 @@ class ProviderRuntime:
         start = time.perf_counter()
         # The ledger re-derives an evaluation as this process computed it, and loads the
         # test set the task start names: allow for that work on a busy ledger node.
-        patience = {"evaluation": 2 * self._record.timings_s.get("evaluation", 0.0),
-                    "task_start": TASK_START_PATIENCE}.get(kind)  # fmt: skip
+        evaluated = self._record.timings_s.get("evaluation", 0.0)
+        patience = {"evaluation": LEDGER_WORK_PATIENCE + 4 * evaluated,
+                    "task_start": LEDGER_WORK_PATIENCE}.get(kind)  # fmt: skip
         submission = ledger_submission(env)
         try:
             committed, receipt = await self.ledger.submit_for_receipt(submission, patience)
