@@ -17,6 +17,7 @@ from rich.table import Table
 from fairbus.bench import crypto
 from fairbus.errors import FairbusError
 from fairbus.protocol.provider import ProviderConfig
+from fairbus.training.config import MAX_LOCAL_STEPS, TrainConfig
 from fairbus.wire.messages import KEYINGS
 from fairbus_cli import detection_options as options
 from fairbus_cli import keying_option
@@ -225,6 +226,13 @@ def detection_bench(
         DEFAULTS.key_repeats, help="Most focus groups per key user (KIN)."
     ),
     basic_groupings: int = typer.Option(2, help="Basic groupings per round."),
+    local_steps: int | None = typer.Option(
+        None,
+        min=1,
+        max=MAX_LOCAL_STEPS,
+        help="SGD steps per round for every user, whatever its data size (default: "
+        f"{TrainConfig.local_epochs} passes over its data).",
+    ),
     workers: int = typer.Option(len(os.sched_getaffinity(0)), help="Parallel simulations."),
     suite: Suite = typer.Option(
         Suite.PAPER,
@@ -260,8 +268,9 @@ def detection_bench(
         chosen = detection.select(detection.SUITES[suite.value], scenario)
     except FairbusError as exc:
         raise typer.BadParameter(str(exc), param_hint="--scenario") from None
+    train = TrainConfig(local_steps=local_steps)
     specs = detection.build_suite_specs(chosen, seeds, rounds, params, key_repeats,
-                                        basic_groupings)  # fmt: skip
+                                        basic_groupings, train)  # fmt: skip
     with Progress(console=console, transient=True) as progress:
         task = progress.add_task("simulating", total=len(specs))
         results = detection.run_all(
@@ -270,7 +279,12 @@ def detection_bench(
     policy = (
         f"bound_score {bound_score}, bound_conf {bound_conf}, tolerance {tolerance}, "
         f"contribution tolerance {params.contribution_tolerance}, key score "
-        f"{params.key_score}, KIN {key_repeats}"
+        f"{params.key_score}, KIN {key_repeats}, "
+        + (
+            f"{train.local_epochs} local epochs"
+            if local_steps is None
+            else f"{local_steps} local steps"
+        )
     )
     if suite is Suite.FAIRNESS:
         _fairness_table(detection.summarize_suite(results, chosen), policy, as_json)

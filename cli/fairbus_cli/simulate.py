@@ -16,7 +16,7 @@ from rich.table import Table
 from fairbus.errors import FairbusError
 from fairbus.protocol.provider import ProviderConfig
 from fairbus.training.attacks import Attack, Behaviour
-from fairbus.training.config import TrainConfig
+from fairbus.training.config import MAX_LOCAL_STEPS, TrainConfig
 from fairbus.wire.messages import DEFAULT_KEYING
 from fairbus_cli import detection_options as options
 from fairbus_cli import keying_option
@@ -96,6 +96,13 @@ def simulate(
     level_rounds: int = options.LEVEL_ROUNDS,
     undefended: bool = typer.Option(False, help="Plain FedAvg: no detection, no exclusion."),
     local_epochs: int = typer.Option(TrainConfig.local_epochs, help="Local epochs per round."),
+    local_steps: int | None = typer.Option(
+        None,
+        min=1,
+        max=MAX_LOCAL_STEPS,
+        help="SGD steps per round for every user, whatever its data size (instead of "
+        "--local-epochs passes over its data).",
+    ),
     lr: float = typer.Option(TrainConfig.lr, help="Local SGD learning rate (paper: 0.01)."),
     batch_size: int = typer.Option(TrainConfig.batch_size, help="Local batch size (paper: 64)."),
     out: Path = typer.Option(Path("out/simulate"), help="Where rounds.jsonl and the plots go."),
@@ -125,7 +132,9 @@ def simulate(
         data_dir=data_dir,
         partition=partition,  # type: ignore[arg-type]
         alpha=alpha,
-        train=TrainConfig(lr=lr, batch_size=batch_size, local_epochs=local_epochs),
+        train=TrainConfig(
+            lr=lr, batch_size=batch_size, local_epochs=local_epochs, local_steps=local_steps
+        ),
         attacks=attacks,
         provider=ProviderConfig(
             basic_groupings=basic_groupings,

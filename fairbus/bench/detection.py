@@ -29,6 +29,7 @@ from fairbus.errors import FairbusError
 from fairbus.protocol.provider import ProviderConfig
 from fairbus.simulator import Simulation, SimulationConfig
 from fairbus.training.attacks import Attack, Behaviour
+from fairbus.training.config import TrainConfig
 
 Partition = Literal["iid", "dirichlet"]
 
@@ -473,9 +474,11 @@ def build_suite_specs(
     detection: DetectionParams,
     key_repeats: int,
     basic_groupings: int,
+    train: TrainConfig | None = None,
 ) -> list[RunSpec]:
     """Every run of ``suite``: per scenario and seed a defended run, and with attackers an
-    undefended one; ``seeds`` and ``rounds`` are the command's (:meth:`Scenario.seeds_for`)."""
+    undefended one; ``seeds`` and ``rounds`` are the command's (:meth:`Scenario.seeds_for`);
+    ``train`` the users' local training (None: :class:`TrainConfig`'s defaults)."""
     names = [s.name for s in suite]
     if len(set(names)) != len(names):
         raise FairbusError("scenario names must be distinct")
@@ -489,6 +492,7 @@ def build_suite_specs(
             rounds=scenario.rounds_for(rounds),
             partition=scenario.partition,
             alpha=scenario.alpha,
+            train=train or TrainConfig(),
             provider=provider,
         )
         for seed in range(scenario.seeds_for(seeds)):
@@ -499,10 +503,15 @@ def build_suite_specs(
 
 
 def build_specs(
-    seeds: int, rounds: int, detection: DetectionParams, key_repeats: int, basic_groupings: int
+    seeds: int,
+    rounds: int,
+    detection: DetectionParams,
+    key_repeats: int,
+    basic_groupings: int,
+    train: TrainConfig | None = None,
 ) -> list[RunSpec]:
     """The paper suite's runs."""
-    return build_suite_specs(PAPER, seeds, rounds, detection, key_repeats, basic_groupings)
+    return build_suite_specs(PAPER, seeds, rounds, detection, key_repeats, basic_groupings, train)
 
 
 def default_workers() -> int:

@@ -18,7 +18,7 @@ from fairbus.errors import FairbusError, OperatorError
 from fairbus.exposure import DEFAULT_COLLUSION
 from fairbus.protocol.provider import ProviderConfig
 from fairbus.task import PHASE_TIMEOUT, detection_table
-from fairbus.training.config import TrainConfig
+from fairbus.training.config import MAX_LOCAL_STEPS, TrainConfig
 from fairbus.training.data import DATASET_MODELS
 from fairbus.wire.messages import DEFAULT_KEYING, KEYINGS, MAX_COLLUSION
 
@@ -166,6 +166,7 @@ class RuntimeConfig:
                 batch_size=training.integer("batch_size", tc.batch_size, low=1),
                 local_epochs=training.integer("local_epochs", tc.local_epochs, low=1),
                 momentum=training.number("momentum", tc.momentum, low=0.0),
+                local_steps=training.optional_integer("local_steps", low=1, high=MAX_LOCAL_STEPS),
             ),
         )
         training.done()
@@ -257,6 +258,13 @@ class _Table:
         value = self.take(key, int, default)
         if value < low:
             raise RuntimeConfigError(f"{self.source}: {key!r} must be at least {low}")
+        return value
+
+    def optional_integer(self, key: str, *, low: int, high: int) -> int | None:
+        """An integer from ``low`` to ``high``, or None when the key is absent."""
+        value = self.take(key, int, None)
+        if value is not None and not low <= value <= high:
+            raise RuntimeConfigError(f"{self.source}: {key!r} must be from {low} to {high}")
         return value
 
     def number(self, key: str, default: float, *, low: float) -> float:

@@ -5,6 +5,10 @@
 * free-rider — the paper's FAC: uploads the global model it received, contributing
   nothing; the disguised variant adds small Gaussian noise so it is not an exact copy;
 * label-flipper — SecCL's attacker that feeds fake labels: trains on y → C − 1 − y.
+
+Those that train do so with the user's own :class:`~fairbus.training.local.Trainer`, so
+they take as many SGD steps as an honest user with the same data (``local_epochs``
+passes, or ``local_steps`` steps).
 """
 
 from __future__ import annotations

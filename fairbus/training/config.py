@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
+
+from fairbus.errors import FairbusError
+
+MAX_LOCAL_STEPS = 100_000
+"""The most SGD steps a round's local training may take (``TrainConfig.local_steps``)."""
 
 
 @dataclass(frozen=True)
@@ -14,6 +20,28 @@ class TrainConfig:
     batch_size: int = 64
     local_epochs: int = 20
     momentum: float = 0.9
+    local_steps: int | None = None
+    """None: a round trains ``local_epochs`` full passes over the user's data, so a user
+    with more data takes more SGD steps. A number: every user takes exactly this many
+    steps of ``min(batch_size, its data)`` samples, whatever its data size, drawn from
+    fresh shuffled passes over its data (``local_epochs`` is then unused)."""
+
+    def __post_init__(self) -> None:
+        steps = self.local_steps
+        if steps is not None and (
+            isinstance(steps, bool)
+            or not isinstance(steps, int)
+            or not 1 <= steps <= MAX_LOCAL_STEPS
+        ):
+            raise FairbusError(
+                f"local_steps must be None or an integer from 1 to {MAX_LOCAL_STEPS}, got {steps!r}"
+            )
+
+    def steps_per_round(self, samples: int) -> int:
+        """The SGD steps one round of local training takes on ``samples`` samples."""
+        if self.local_steps is not None:
+            return self.local_steps if samples > 0 else 0
+        return self.local_epochs * math.ceil(samples / self.batch_size)
 
 
 def trainer_seed(task_seed: int, user: int) -> int:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import numpy as np
 import numpy.typing as npt
 import torch
@@ -24,7 +26,8 @@ class Trainer:
     def train(
         self, global_params: npt.NDArray[np.float32], *, flip_labels: bool = False
     ) -> npt.NDArray[np.float32]:
-        """Run ``local_epochs`` of minibatch SGD; ``flip_labels`` trains on y → C−1−y."""
+        """One round of minibatch SGD (``local_epochs`` passes, or exactly ``local_steps``
+        steps: :meth:`batches`); ``flip_labels`` trains on y → C−1−y."""
         load_params(self.model, global_params)
         self.model.train()
         opt = torch.optim.SGD(
@@ -33,15 +36,39 @@ class Trainer:
         x, y = self.data.x, self.data.y
         if flip_labels:
             y = (self.data.num_classes - 1) - y
-        for _ in range(self.config.local_epochs):
-            order = torch.randperm(len(y), generator=self.generator)
-            for start in range(0, len(y), self.config.batch_size):
-                batch = order[start : start + self.config.batch_size]
-                opt.zero_grad()
-                loss = nn.functional.cross_entropy(self.model(x[batch]), y[batch])
-                loss.backward()  # type: ignore[no-untyped-call]
-                opt.step()
+        for batch in self.batches():
+            opt.zero_grad()
+            loss = nn.functional.cross_entropy(self.model(x[batch]), y[batch])
+            loss.backward()  # type: ignore[no-untyped-call]
+            opt.step()
         return flatten_params(self.model)
+
+    def batches(self) -> Iterator[torch.Tensor]:
+        """The sample indices of each SGD step of one round, drawn from the trainer's
+        seeded generator (not a secret: it only orders the user's own data).
+
+        ``local_steps`` None: ``local_epochs`` shuffled passes, each cut into batches of
+        ``batch_size`` (the last one of a pass shorter). Otherwise exactly
+        ``local_steps`` batches of ``min(batch_size, n)`` samples taken in turn from a
+        stream of fresh shuffled passes (a batch may span two passes), so every sample is
+        used equally often however many steps that takes."""
+        n, size = len(self.data.y), self.config.batch_size
+        steps = self.config.local_steps
+        if n == 0:
+            return
+        if steps is None:
+            for _ in range(self.config.local_epochs):
+                order = torch.randperm(n, generator=self.generator)
+                for start in range(0, n, size):
+                    yield order[start : start + size]
+            return
+        size = min(size, n)
+        pending = torch.empty(0, dtype=torch.int64)
+        for _ in range(steps):
+            if len(pending) < size:
+                pending = torch.cat((pending, torch.randperm(n, generator=self.generator)))
+            yield pending[:size]
+            pending = pending[size:]
 
 
 class Evaluator:

@@ -34,6 +34,13 @@ def test_the_example_configuration_loads() -> None:
     assert config.roster == EXAMPLE.parent / "roster.example.toml"
     assert config.provider_config().detection == config.detection
     assert config.collusion == 1 == config.provider_config().task.collusion
+    assert config.training.train.local_steps is None  # local_epochs passes, by default
+
+
+def test_local_steps_is_read_from_the_training_table() -> None:
+    raw: dict[str, object] = {"roster": "r", "training": {"local_steps": 47}}
+    config = RuntimeConfig.from_dict(raw, base=Path("/x"), source="t.toml")
+    assert config.training.train.local_steps == 47
 
 
 @pytest.mark.parametrize(
@@ -47,6 +54,9 @@ def test_the_example_configuration_loads() -> None:
         ({"roster": "r", "training": {"dataset": "imagenet"}}, "unknown dataset"),
         ({"roster": "r", "training": {"local_epochs": 0}}, "'local_epochs' must be at least 1"),
         ({"roster": "r", "training": {"lr": "fast"}}, "'lr' must be a number"),
+        ({"roster": "r", "training": {"local_steps": 0}}, "'local_steps' must be from 1"),
+        ({"roster": "r", "training": {"local_steps": 10**6}}, "'local_steps' must be from 1"),
+        ({"roster": "r", "training": {"local_steps": 4.5}}, "'local_steps' must be int"),
         ({"roster": "r", "provider": {"rounds": True}}, "'rounds' must be int"),
         ({"roster": "r", "provider": {"min_users": 2}}, "at least 3"),
         ({"roster": "r", "provider": {"defended": 1}}, "'defended' must be bool"),

@@ -106,6 +106,10 @@ def test_the_suites_run_specs() -> None:
     assert len(paper) == 3 + 3 * 2 * 3
     assert [s.name for s in PAPER] == ["0+0", "1+1", "2+2", "3+3"]
     assert detection.SUITES == {"paper": PAPER, "fairness": FAIRNESS}
+    # local training: the defaults, or what the bench is given (--local-steps)
+    assert {spec.base.train for spec in specs} == {TrainConfig()}
+    steps = build_suite_specs(FAIRNESS, 1, 3, DEFAULT_DETECTION, 6, 2, TrainConfig(local_steps=47))
+    assert {spec.base.train.local_steps for spec in steps} == {47}
 
 
 def test_attackers_are_the_seeded_choice_poisoners_first() -> None:

@@ -9,7 +9,9 @@ import numpy as np
 import pytest
 import torch
 
+from fairbus.errors import FairbusError
 from fairbus.training.attacks import Attack, Behaviour
+from fairbus.training.config import MAX_LOCAL_STEPS
 from fairbus.training.data import (
     Dataset,
     DatasetError,
@@ -194,3 +196,91 @@ def test_attacks(digits: tuple[Dataset, Dataset]) -> None:
     )
     good = Trainer("digits_cnn", train, cfg, 1).train(start)
     assert evaluator.accuracy(flipped) < 0.2 < evaluator.accuracy(good)
+
+
+def _count_steps(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Make every ``SGD.step`` count itself; returns the counter (one element)."""
+    counter = [0]
+    step = torch.optim.SGD.step
+
+    def counting(self: torch.optim.SGD, *args: object, **kwargs: object) -> object:
+        counter[0] += 1
+        return step(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.SGD, "step", counting)
+    return counter
+
+
+@pytest.mark.parametrize("samples", [20, 64, 150, 450])
+@pytest.mark.parametrize("steps", [1, 7, 47])
+def test_local_steps_takes_exactly_that_many_steps(
+    digits: tuple[Dataset, Dataset], samples: int, steps: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """However much data a user holds: exactly ``local_steps`` full batches, every sample
+    used as often as any other (to within one), and ``train`` steps that often."""
+    data = digits[0].subset(np.arange(samples))
+    config = TrainConfig(local_steps=steps)
+    assert config.steps_per_round(samples) == steps
+    batches = list(Trainer("digits_cnn", data, config, seed=3).batches())
+    assert len(batches) == steps
+    assert all(len(b) == min(config.batch_size, samples) for b in batches)
+    uses = np.bincount(torch.cat(batches).numpy(), minlength=samples)
+    assert uses.max() - uses.min() <= 1
+    counter = _count_steps(monkeypatch)
+    Trainer("digits_cnn", data, config, seed=3).train(initial_params("digits_cnn", 0))
+    assert counter[0] == steps
+
+
+def test_local_steps_is_deterministic_per_seed(digits: tuple[Dataset, Dataset]) -> None:
+    data = digits[0].subset(np.arange(100))
+    start = initial_params("digits_cnn", 0)
+    config = TrainConfig(local_steps=5)
+    one = Trainer("digits_cnn", data, config, seed=4).train(start)
+    again = Trainer("digits_cnn", data, config, seed=4).train(start)
+    other = Trainer("digits_cnn", data, config, seed=5).train(start)
+    np.testing.assert_array_equal(one, again)
+    assert not np.array_equal(one, other)
+
+
+@pytest.mark.parametrize("samples", [55, 150, 450])
+def test_no_local_steps_keeps_local_epochs_passes(
+    digits: tuple[Dataset, Dataset], samples: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """None: ``local_epochs`` shuffled passes of ``batch_size`` batches, the last one of a
+    pass shorter, in the same order as before ``local_steps`` existed."""
+    data = digits[0].subset(np.arange(samples))
+    config = TrainConfig(local_epochs=3)
+    generator = torch.Generator().manual_seed(6)
+    expected = []
+    for _ in range(3):
+        order = torch.randperm(samples, generator=generator)
+        expected += [order[s : s + 64] for s in range(0, samples, 64)]
+    batches = list(Trainer("digits_cnn", data, config, seed=6).batches())
+    assert len(batches) == len(expected) == config.steps_per_round(samples)
+    assert all(torch.equal(b, e) for b, e in zip(batches, expected, strict=True))
+    counter = _count_steps(monkeypatch)
+    Trainer("digits_cnn", data, config, seed=6).train(initial_params("digits_cnn", 0))
+    assert counter[0] == 3 * -(-samples // 64)
+
+
+def test_attacks_that_train_take_the_same_local_steps(
+    digits: tuple[Dataset, Dataset], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    data = digits[0].subset(np.arange(30))
+    start = initial_params("digits_cnn", 0)
+    config = TrainConfig(local_steps=4)
+    honest = Trainer("digits_cnn", data, config, seed=2).train(start)
+    poison = Attack(Behaviour.POISONER).local_model(
+        start, Trainer("digits_cnn", data, config, seed=2), 0
+    )
+    np.testing.assert_allclose(poison, start - (honest - start), rtol=1e-5, atol=1e-6)
+    counter = _count_steps(monkeypatch)
+    Attack(Behaviour.LABEL_FLIPPER).local_model(start, Trainer("digits_cnn", data, config, 2), 0)
+    assert counter[0] == 4
+
+
+@pytest.mark.parametrize("steps", [0, -1, MAX_LOCAL_STEPS + 1, True, 2.5, "10"])
+def test_bad_local_steps_are_refused(steps: object) -> None:
+    with pytest.raises(FairbusError, match="local_steps must be None or an integer"):
+        TrainConfig(local_steps=steps)  # type: ignore[arg-type]
+    assert TrainConfig(local_steps=MAX_LOCAL_STEPS).local_steps == MAX_LOCAL_STEPS
