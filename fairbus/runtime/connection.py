@@ -4,7 +4,8 @@ On every (re)connect it publishes a retained ``online`` on its presence topic, w
 retained ``offline`` Last Will, and subscribes again. The session is persistent
 (``clean_session`` off, a stable client id), so QoS 1 messages sent while it was briefly
 away are queued by the broker and delivered on reconnect: the machine it feeds resumes
-its current phase. Publishing waits for the connection and retries across a reconnect.
+its current phase. Publishing waits for the connection and retries across a reconnect,
+and after an acknowledgement later than aiomqtt waits (:meth:`BusConnection.publish`).
 
 A broker that cannot be reached is reported in one log line at the first failure and then
 every :data:`REPORT_EVERY` seconds while it is retried. A login the broker refuses (a
@@ -64,6 +65,8 @@ KEEPALIVE = 10
 client (a killed one's socket closes at once)."""
 REPORT_EVERY = 30.0
 """Seconds between the warnings that the broker still cannot be reached."""
+RESEND_AFTER = 0.2
+"""Seconds before a publish that failed is sent again (once connected)."""
 
 
 class BrokerLoginError(OperatorError):
@@ -151,7 +154,7 @@ class BusConnection:
         down_since: float | None = None  # the first miss of the current run of failures
         next_report = 0.0
         while not self._stopping:
-            was_connected = False  # this attempt got in (a publish may clear `connected`)
+            was_connected = False  # this attempt got in
             try:
                 async with self.client:
                     # Subscribed before saying online: whoever reacts to the presence
@@ -209,14 +212,29 @@ class BusConnection:
         )
 
     async def publish(self, topic: str, payload: bytes, qos: int = topics.QOS) -> None:
-        """Publish once connected; a publish cut by a lost connection is sent again."""
+        """Publish once connected; a publish that fails is sent again once connected,
+        never given up.
+
+        A failure is not proof that the connection is gone: aiomqtt raises the same
+        :class:`aiomqtt.MqttError` for a PUBACK later than its timeout (10 s) on a
+        connection that is still up — a loaded broker, or this process stopped (SIGSTOP)
+        with a publish in flight and continued after the timeout (the expired timer fires
+        before the PUBACK, behind what arrived meanwhile, is read). Only :meth:`run`
+        knows: it clears :attr:`connected` when the connection is lost and sets it again
+        on the next one. (Clearing it here left a participant whose connection stayed up
+        waiting for ever: it received everything and never sent again.) A publish sent
+        twice is delivered twice, as QoS 1 allows; receivers take a repeat as one (a
+        sealed share again is refused as a replay, an upload or a ledger submission again
+        is the same transaction)."""
         while True:
             await self.connected.wait()
             try:
                 await self.client.publish(topic, payload, qos=qos)
-            except aiomqtt.MqttError:
-                self.connected.clear()
-                await asyncio.sleep(0.05)
+            except aiomqtt.MqttError as exc:
+                if self.connected.is_set():  # not (yet) known to be lost: say so
+                    log.warning("%s: a publish on %s failed (%s); sending it again once connected",
+                                self.login, topic, exc)  # fmt: skip
+                await asyncio.sleep(RESEND_AFTER)
                 continue
             parsed = topics.parse(self.task, topic)
             kind = topic if parsed is None else parsed.kind
