@@ -50,7 +50,7 @@ def _audit(task: LocalTask, node: int = 101) -> None:
             capture_output=True,
             text=True,
             check=False,
-            timeout=120,
+            timeout=300,  # it re-derives every evaluation (issue 13): slow on a loaded machine
         )
         in_flight = "no blob" in result.stdout and time.monotonic() < deadline
         if result.returncode == 0 or not in_flight:
