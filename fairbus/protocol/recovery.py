@@ -46,24 +46,30 @@ class LedgerHistory:
 
     task_start: Transaction
     rounds: tuple[tuple[Transaction, ...], ...]
+    opening: tuple[Transaction, ...] = ()
+    """The provider's links before its task start, oldest first: the test set it
+    recorded (issue 13)."""
 
     @classmethod
     def of(cls, txs: Iterable[Transaction]) -> LedgerHistory:
         """From the task's transactions in ledger order (others' roster changes and
         attestations are not the provider's state and are left out)."""
         start: Transaction | None = None
+        opening: list[Transaction] = []
         rounds: dict[int, list[Transaction]] = {}
         for tx in txs:
             header = tx.envelope.header
             if header.type == "task_start" and start is None:
                 start = tx
+            elif header.type == "test_set" and start is None:
+                opening.append(tx)
             elif header.round is not None:
                 rounds.setdefault(header.round, []).append(tx)
         if start is None:
             raise RecoveryError("the ledger holds no task start")
         if sorted(rounds) != list(range(1, len(rounds) + 1)):
             raise RecoveryError(f"the ledger's rounds {sorted(rounds)} have gaps")
-        return cls(start, tuple(tuple(rounds[r]) for r in sorted(rounds)))
+        return cls(start, tuple(tuple(rounds[r]) for r in sorted(rounds)), tuple(opening))
 
 
 @dataclass(frozen=True)
@@ -115,7 +121,8 @@ def replay(roster: Roster, history: LedgerHistory, limits: WireLimits = DEFAULT_
     """Apply the ledger's rules (:class:`~fairbus.ledger.state.Draft`) to ``history``;
     :class:`RecoveryError` if any transaction breaks them."""
     draft = LedgerState(roster, limits=limits).draft()
-    txs = [history.task_start, *(tx for round_txs in history.rounds for tx in round_txs)]
+    rounds = (tx for round_txs in history.rounds for tx in round_txs)
+    txs = [*history.opening, history.task_start, *rounds]
     for k, tx in enumerate(txs):
         try:
             draft.admit(tx)

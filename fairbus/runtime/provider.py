@@ -73,6 +73,8 @@ from fairbus_ledger_service.client import LedgerClient
 
 log = logging.getLogger("fairbus.provider")
 
+OPENING_LINKS = 2
+"""The provider's links before round 1: its test set and its task start."""
 LEDGER_WORK_PATIENCE = 60.0
 """Seconds to wait for the receipt of a transaction the ledger works on before it admits
 it: the task start (it loads the exact evaluation and decodes the recorded test set) and,
@@ -227,8 +229,9 @@ class ProviderRuntime:
         return self.records
 
     async def _read_ledger(self, head: bytes) -> Replayed:
-        """The task as the ledger holds it: the provider's task start (the first link
-        of its chain) and every round's transactions, replayed under the ledger's rules."""
+        """The task as the ledger holds it: the provider's chain up to its task start
+        (the test set, then the task start) and every round's transactions, replayed
+        under the ledger's rules."""
         rounds: list[tuple[Transaction, ...]] = []
         while True:
             answer = await self.ledger.query("round", round=len(rounds) + 1)
@@ -236,11 +239,20 @@ class ProviderRuntime:
                 break
             rounds.append(tuple(Transaction.from_bytes(r) for r in answer.records))
         mine = [tx for txs in rounds[:1] for tx in txs if tx.envelope.header.sender == self.pid]
-        start_hash = mine[0].envelope.header.prev if mine else head
-        answer = await self.ledger.query("tx", tx_hash=start_hash)
-        if not answer.ok or not answer.records:
-            raise RecoveryError(f"no ledger node has the task start {start_hash.hex()[:16]}")
-        history = LedgerHistory(Transaction.from_bytes(answer.records[0]), tuple(rounds))
+        link = mine[0].envelope.header.prev if mine else head
+        opening: list[Transaction] = []
+        while link != GENESIS:
+            if len(opening) == OPENING_LINKS:
+                raise RecoveryError("the provider's chain before round 1 is longer than a "
+                                    "test set and a task start")  # fmt: skip
+            answer = await self.ledger.query("tx", tx_hash=link)
+            if not answer.ok or not answer.records:
+                raise RecoveryError(f"no ledger node has the provider's {link.hex()[:16]}")
+            opening.insert(0, Transaction.from_bytes(answer.records[0]))
+            link = opening[0].envelope.header.prev
+        if not opening or opening[-1].envelope.header.type != "task_start":
+            raise RecoveryError("the provider's chain before round 1 ends in no task start")
+        history = LedgerHistory(opening[-1], tuple(rounds), tuple(opening[:-1]))
         return await asyncio.to_thread(replay, self.roster, history)
 
     async def _restore(
