@@ -59,9 +59,6 @@ uploads, a global model): a participant publishes a model-sized payload on the b
 once its transaction is committed, and a ledger node takes it from there. Then it refuses
 (``missing_payload``) and the provider relays what it holds; below the participants'
 ledger timeout (5 s by default), so that the refusal reaches it."""
-FOLLOWER_PAYLOAD_WAIT = 10.0
-"""Seconds a follower waits for them before it applies a block as the writer re-derived
-it (nobody waits for a follower)."""
 PARKED_MODELS = 4
 """A sender's parked bytes are bounded by this many of the largest model-sized payload
 the wire limits allow (:func:`largest_model_payload`): 4 × (48 MiB + 4 KiB) by default."""
@@ -335,13 +332,12 @@ class LedgerNode:
         for data in raw:
             try:
                 block = Block.from_bytes(data, self.limits)
-                at_hand = await self._payloads_at_hand(block.txs, FOLLOWER_PAYLOAD_WAIT)
-                if not at_hand:
-                    log.warning("block %d: payloads it is re-derived from never came over the "
-                                "bus; applied as the writer re-derived it (`fairbus audit` "
-                                "re-derives everything)", block.height)  # fmt: skip
-                await asyncio.to_thread(self.state.prepare_evaluations, block.txs)
-                self.state.apply_block(block, re_derive=at_hand)
+                # A follower does not re-derive evaluations: the writer did before it
+                # committed them (ledger nodes are crash-fault tolerant, not Byzantine),
+                # and doing it here would keep this replica seconds to minutes behind,
+                # so that a provider restoring from it would read a stale round.
+                # `fairbus audit` re-derives everything from any node's store and blobs.
+                self.state.apply_block(block, re_derive=False)
             except (InvalidBlockError, WireError) as exc:
                 self.alarm = f"invalid block at height {self.state.height + 1}: {exc}"
                 log.error("ALARM: %s", self.alarm)
