@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 
 from fairbus import envelope
-from fairbus.envelope import GENESIS
+from fairbus.envelope import GENESIS, SignedEnvelope
 from fairbus.identity import Identity
 from fairbus.ledger.records import Block, Transaction
 from fairbus.ledger.state import LedgerState, RefusedError
@@ -15,7 +16,7 @@ from fairbus.task import TaskParams
 from fairbus.training.attacks import Attack, Behaviour
 from fairbus.training.local import TrainConfig
 from fairbus.wire.limits import DEFAULT_LIMITS
-from fairbus.wire.messages import decode_body
+from fairbus.wire.messages import CommittedTestSet, EvaluationSpec, decode_body
 
 ADMIN_ID = 200
 LEDGER_ID = 101
@@ -111,3 +112,14 @@ def admit_all(
             continue
         state.commit(draft, Block.build(state.height + 1, state.head_hash, 0.0, draft.txs))
     return state, refused
+
+
+def task_opening(provider: Identity, task: str) -> tuple[SignedEnvelope, SignedEnvelope]:
+    """A provider's first two links as a ledger node requires them (issue 13): a test set
+    (two blank digits images) and the task start naming it, for the digits CNN."""
+    test_set = CommittedTestSet((1, 8, 8), 10, bytes(2 * 64 * 2), bytes(2))
+    recorded = envelope.sign(provider, task, test_set, prev=GENESIS)
+    spec = EvaluationSpec("digits_cnn", hashlib.sha256(test_set.payload()).digest())
+    start = envelope.sign(provider, task, TaskParams(evaluation=spec).to_message(),
+                          prev=recorded.hash)  # fmt: skip
+    return recorded, start

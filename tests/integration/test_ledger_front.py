@@ -17,7 +17,6 @@ from fairbus.identity import Identity
 from fairbus.ledger.records import Block, Transaction
 from fairbus.ledger.state import LedgerState, RefusalReason, RefusedError
 from fairbus.roster import Member, Role, Roster
-from fairbus.task import TaskParams
 from fairbus.wire.messages import Attestation, GlobalModel
 from fairbus_broker.mqtt import mqtt_client
 from fairbus_ledger_service.blobs import BlobStore
@@ -28,6 +27,7 @@ from fairbus_ledger_service.service import LedgerService
 from fairbus_ledger_service.stores import SqliteStore
 from tests.conftest import find_service_binary
 from tests.integration.test_services import free_port, running
+from tests.support_ledger import task_opening
 
 TASK = "front"
 
@@ -60,7 +60,7 @@ async def test_receipts_refusals_and_queries_over_the_bus(broker: int, tmp_path:
     roster, ids, config = _deployment(tmp_path, broker)
     service = asyncio.create_task(LedgerService(config, 101).run())
     model = np.arange(582_026, dtype="<f4").tobytes()  # the paper's MNIST CNN size
-    start = envelope.sign(ids[0], TASK, TaskParams().to_message(), prev=GENESIS)
+    test_set, start = task_opening(ids[0], TASK)
     signed = envelope.sign(
         ids[0], TASK, GlobalModel(582_026, model), prev=start.hash, round=1, attempt=0
     )
@@ -69,11 +69,12 @@ async def test_receipts_refusals_and_queries_over_the_bus(broker: int, tmp_path:
             mqtt_client("127.0.0.1", broker, "provider-0") as mqtt,
             LedgerClient(mqtt, ids[0], roster, "provider", timeout=2.0) as ledger,
         ):
-            await ledger.submit(start.to_bytes())  # the task's parameters come first
+            await ledger.submit(test_set.to_bytes())  # the test set, then the task's
+            await ledger.submit(start.to_bytes())  # parameters come first
             receipt = await ledger.submit(signed.to_bytes())
-            assert (receipt.tx_hash, receipt.height, receipt.index) == (signed.hash, 1, 0)
+            assert (receipt.tx_hash, receipt.height, receipt.index) == (signed.hash, 2, 0)
             again = await ledger.submit(signed.to_bytes())  # a replay: the first receipt
-            assert (again.height, again.index) == (1, 0)
+            assert (again.height, again.index) == (2, 0)
             fork = envelope.sign(ids[0], TASK, Attestation("x", bytes(32), b""), prev=GENESIS)
             with pytest.raises(RefusedError) as refused:
                 await ledger.submit(fork.to_bytes())

@@ -21,7 +21,6 @@ from fairbus.envelope import GENESIS, SignedEnvelope
 from fairbus.identity import Identity
 from fairbus.ledger.records import Transaction
 from fairbus.roster import Member, Role, Roster
-from fairbus.task import TaskParams
 from fairbus.wire.messages import Announce, GlobalModel, GroupSpec, MaskedUpload, QueryResponse
 from fairbus_broker.mqtt import mqtt_client
 from fairbus_ledger_service.blobs import BlobError
@@ -30,6 +29,7 @@ from fairbus_ledger_service.config import LedgerConfig
 from fairbus_ledger_service.service import LedgerService
 from tests.conftest import find_service_binary
 from tests.integration.test_services import free_port, running
+from tests.support_ledger import task_opening
 
 TASK = "queries"
 PROVIDER, LEDGER, ADMIN = 0, 101, 200
@@ -82,7 +82,8 @@ async def round_one(broker: int, tmp_path: Path) -> AsyncIterator[Round]:
                     LedgerClient(mqtt, ids[pid], roster, roles[pid].value, timeout=2.0)
                 )
             provider = clients[PROVIDER]
-            start = envelope.sign(ids[PROVIDER], TASK, TaskParams().to_message(), prev=GENESIS)
+            test_set, start = task_opening(ids[PROVIDER], TASK)
+            await provider.submit(test_set.to_bytes())
             await provider.submit(start.to_bytes())
             params = np.linspace(-1, 1, D, dtype="<f4").tobytes()
             model = envelope.sign(
