@@ -217,8 +217,9 @@ def attackers_for(spec: RunSpec) -> dict[int, Attack]:
     """Which users attack: a seeded choice, in the order of the scenario's attacks
     (poisoners first in the paper's). Not a secret: it only sets up the experiment."""
     users = spec.base.users
-    order = iter(np.random.default_rng(10_000 + spec.seed).permutation(np.arange(1, users + 1)))
-    return {int(next(order)): attack for attack, n in spec.scenario.attacks for _ in range(n)}
+    order = np.random.default_rng(10_000 + spec.seed).permutation(np.arange(1, users + 1))
+    chosen = (int(u) for u in order)
+    return {next(chosen): attack for attack, n in spec.scenario.attacks for _ in range(n)}
 
 
 def run_one(spec: RunSpec) -> RunResult:

@@ -113,12 +113,10 @@ def test_the_suites_run_specs() -> None:
 
 
 def test_attackers_are_the_seeded_choice_poisoners_first() -> None:
-    """The same users as before scenarios existed: the seed's permutation, poisoners first."""
-    import numpy as np
-
+    """The same users as before scenarios existed (the seed's permutation, as the
+    default table measured it: its first three for seeds 0, 1 and 7), poisoners first."""
     base = SimulationConfig(users=9, rounds=2)
-    for seed in range(4):
-        order = np.random.default_rng(10_000 + seed).permutation(np.arange(1, 10))
+    for seed, order in ((0, (6, 1, 3)), (1, (4, 9, 1)), (7, (5, 3, 8))):
         spec = RunSpec(Scenario("2+1", attacks=pf(2, 1)), seed, True, base)
         assert attackers_for(spec) == {
             int(order[0]): Attack(P),
