@@ -259,13 +259,14 @@ def _forward(
             w, b = torch.from_numpy(w_np), torch.from_numpy(b_np)
             if layer.kind == "conv":
                 n, _, height, width = x.shape
-                side = (height + 2 * layer.padding - layer.kernel) // layer.stride + 1
+                out_h, out_w = (
+                    (side + 2 * layer.padding - layer.kernel) // layer.stride + 1
+                    for side in (height, width)
+                )
                 cols = functional.unfold(
                     x, layer.kernel, padding=layer.padding, stride=layer.stride
                 )
-                z = torch.matmul(w, cols) + b[:, None]
-                z = z.reshape(n, w.shape[0], side, (width + 2 * layer.padding - layer.kernel)
-                              // layer.stride + 1)  # fmt: skip
+                z = (torch.matmul(w, cols) + b[:, None]).reshape(n, w.shape[0], out_h, out_w)
             else:
                 z = torch.matmul(x, w.T) + b
             x = torch.clamp(torch.floor(z / 2.0**WEIGHT_FRAC_BITS), -ACT_LIMIT, ACT_LIMIT)

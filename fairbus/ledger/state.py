@@ -194,18 +194,10 @@ class LedgerState:
         """The payload SHA-256s that admitting ``txs`` reads (a task start's test set,
         an evaluation's uploads and global model): a ledger node takes model-sized
         payloads from the bus, so it waits for these before it admits the batch."""
-        if self.evaluations is None:
-            return set()
         needed: set[bytes] = set()
-        for tx in txs:
-            try:
-                header = tx.envelope.header
-                message = check_transaction(tx, self.roster, self.limits)
-            except FairbusError:
-                continue
+        for message, record in self._re_derived(txs):
             if isinstance(message, TaskStart) and message.evaluation is not None:
                 needed.add(message.evaluation.test_set_sha256)
-            record = self.rounds.get(header.round) if header.round is not None else None
             if isinstance(message, Evaluation) and record is not None:
                 gids = {e.gid for e in message.accuracies}
                 needed.add(record.global_blob)
@@ -220,30 +212,44 @@ class LedgerState:
         check = self.evaluations
         if check is None:
             return
+        spec = self.task.evaluation if self.task is not None else None
+        for message, record in self._re_derived(txs):
+            try:
+                if isinstance(message, TaskStart) and message.evaluation is not None:
+                    check.check_test_set(message.evaluation)
+                if isinstance(message, Evaluation) and record is not None and spec is not None:
+                    gids = [e.gid for e in message.accuracies]
+                    if {g.gid for g in record.complete_groups()} >= set(gids):
+                        check.numbers(spec, record.recorded(), gids)
+            except FairbusError:
+                continue
+
+    def _re_derived(
+        self, txs: Iterable[Transaction]
+    ) -> Iterable[tuple[Message, RoundRecord | None]]:
+        """The task starts and evaluations among ``txs`` that admission re-derives from
+        payloads (none without :attr:`evaluations`), with their round's record; the rest,
+        and what does not even pass :func:`check_transaction`, are left to admission."""
+        if self.evaluations is None:
+            return
         for tx in txs:
             try:
                 header = tx.envelope.header
                 if header.type not in ("evaluation", "task_start"):
                     continue
                 message = check_transaction(tx, self.roster, self.limits)
-                if isinstance(message, TaskStart) and message.evaluation is not None:
-                    check.check_test_set(message.evaluation)
-                spec = self.task.evaluation if self.task is not None else None
-                record = self.rounds.get(header.round) if header.round is not None else None
-                if spec is None or record is None or not isinstance(message, Evaluation):
-                    continue
-                gids = [e.gid for e in message.accuracies]
-                if {g.gid for g in record.complete_groups()} >= set(gids):
-                    check.prepare(spec, record.recorded(), gids)
             except FairbusError:
                 continue
+            if message is not None:
+                record = self.rounds.get(header.round) if header.round is not None else None
+                yield message, record
 
     def apply_block(self, block: Block, *, re_derive: bool = True) -> None:
         """Re-validate a committed block from the store and fold it in, or raise
         :class:`InvalidBlockError` (nothing applied). ``re_derive=False``: a follower
-        lacking the payloads of an evaluation the writer re-derived applies it without
-        re-deriving its numbers (ledger nodes are crash-fault tolerant, not Byzantine;
-        ``fairbus audit`` re-derives everything)."""
+        applies the evaluations the writer re-derived without re-deriving their numbers
+        (ledger nodes are crash-fault tolerant, not Byzantine; ``fairbus audit``
+        re-derives everything)."""
         problem = check_links(block, self.last_block)
         if problem:
             raise InvalidBlockError(problem)

@@ -95,7 +95,8 @@ def round_updates(
 
 class EvaluationCheck:
     """Re-derives evaluations for one ledger holder; keeps the last few results so the
-    work done off the event loop (:meth:`prepare`) is not repeated at admission."""
+    work a ledger node does off its event loop (``LedgerState.prepare_evaluations``) is
+    not repeated at admission."""
 
     def __init__(self, blobs: BlobSource, limits: WireLimits = DEFAULT_LIMITS) -> None:
         self.blobs = blobs
@@ -120,9 +121,6 @@ class EvaluationCheck:
             while len(self._results) > CACHED:
                 self._results.popitem(last=False)
             return result
-
-    prepare = numbers
-    """The same work, named for what a ledger node does with it off its event loop."""
 
     def check_test_set(self, spec: EvaluationSpec) -> None:
         """That the model is one the exact evaluation can run and the committed test set

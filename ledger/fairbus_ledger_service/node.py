@@ -349,19 +349,16 @@ class LedgerNode:
                 await self.on_block(block)
         return applied
 
-    async def _payloads_at_hand(self, txs: Sequence[Transaction], wait: float) -> bool:
-        """Wait (up to ``wait`` seconds) until the blob store holds every payload
-        admitting ``txs`` reads; whether it does."""
+    async def _payloads_at_hand(self, txs: Sequence[Transaction]) -> None:
+        """Wait (up to :data:`PAYLOAD_WAIT` seconds) until the blob store holds every
+        payload admitting ``txs`` reads (admission refuses what is still missing)."""
         needed = self.state.payloads_needed(txs)
-        if not needed or self.blobs is None:
-            return not needed
         blobs = self.blobs
-        deadline = time.monotonic() + wait
-        while any(d not in blobs for d in needed):
+        deadline = time.monotonic() + PAYLOAD_WAIT
+        while blobs is not None and any(d not in blobs for d in needed):
             if time.monotonic() > deadline:
-                return False
+                return
             await asyncio.sleep(0.02)
-        return True
 
     # --- writing ---------------------------------------------------------------------------
 
@@ -407,7 +404,7 @@ class LedgerNode:
         # so queries and submissions keep being served meanwhile, once the payloads it
         # reads have come over the bus (admission refuses it if they never do).
         txs = [i.tx for i in batch]
-        await self._payloads_at_hand(txs, PAYLOAD_WAIT)
+        await self._payloads_at_hand(txs)
         await asyncio.to_thread(self.state.prepare_evaluations, txs)
         draft = self.state.draft()
         waiting: dict[bytes, list[_Pending]] = {}
