@@ -137,9 +137,10 @@ class Simulation:
         self.ledger = InProcessLedger(self.roster, node, on_block=on_block, on_blob=on_blob)
         train, test = load_dataset(config.dataset, config.data_dir, seed=config.seed)
         parts = partition(train, config.users, config.partition, config.alpha, config.seed)
+        self.train = config.train.for_task(len(train), config.users)
         self.trainers = {
             u: Trainer(
-                config.model_name, train.subset(p), config.train, seed=trainer_seed(config.seed, u)
+                config.model_name, train.subset(p), self.train, seed=trainer_seed(config.seed, u)
             )
             for u, p in zip(self.user_ids, parts, strict=True)
         }
@@ -149,7 +150,12 @@ class Simulation:
             provider,
             self.roster,
             initial_params(config.model_name, config.seed),
-            replace(config.provider, model_name=config.model_name, test_set=test_set.to_message()),
+            replace(
+                config.provider,
+                model_name=config.model_name,
+                test_set=test_set.to_message(),
+                local_steps=self.train.local_steps,
+            ),
         )
         c = config.provider.collusion
         self.machines = {

@@ -81,6 +81,12 @@ class TaskParams:
     """The model and the committed test set every evaluation is re-derived with (issue
     13; :mod:`fairbus.ledger.verify`). A ledger node refuses a task start without it."""
 
+    local_steps: int | None = None
+    """The SGD steps every user's local training takes per round (issue 13:
+    :meth:`fairbus.training.config.TrainConfig.for_task`), or None where each user
+    trains ``local_epochs`` passes over its own data. Recorded so that anyone can see
+    what every user was asked to do; the ledger cannot check private training."""
+
     def __post_init__(self) -> None:
         if isinstance(self.collusion, bool) or not isinstance(self.collusion, int):
             raise SchemaError(f"the collusion bound must be a whole number, not {self.collusion!r}")
@@ -93,7 +99,7 @@ class TaskParams:
     def to_message(self) -> TaskStart:
         """The body of the task-start transaction."""
         policy = DetectionPolicy(**dataclasses.asdict(self.detection))
-        return TaskStart(policy, self.collusion, self.keying, self.evaluation)
+        return TaskStart(policy, self.collusion, self.keying, self.evaluation, self.local_steps)
 
     @classmethod
     def from_message(cls, message: TaskStart) -> TaskParams:
@@ -101,7 +107,13 @@ class TaskParams:
         :class:`~fairbus.errors.SchemaError` if they do not make a valid policy."""
         try:
             detection = DetectionParams(**dataclasses.asdict(message.detection))
-            return cls(detection, message.collusion, message.keying, message.evaluation)
+            return cls(
+                detection,
+                message.collusion,
+                message.keying,
+                message.evaluation,
+                message.local_steps,
+            )
         except FairbusError as exc:
             raise SchemaError(f"task_start: {exc}") from None
 

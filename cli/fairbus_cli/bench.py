@@ -230,8 +230,13 @@ def detection_bench(
         None,
         min=1,
         max=MAX_LOCAL_STEPS,
-        help="SGD steps per round for every user, whatever its data size (default: "
-        f"{TrainConfig.local_epochs} passes over its data).",
+        help="SGD steps per round for every user, whatever its data size (default: the "
+        f"steps {TrainConfig.local_epochs} passes take on an average user's data).",
+    ),
+    equal_steps: bool = typer.Option(
+        TrainConfig.equal_steps,
+        help="Every user takes the same number of SGD steps a round; --no-equal-steps: "
+        f"{TrainConfig.local_epochs} passes over each user's own data.",
     ),
     workers: int = typer.Option(len(os.sched_getaffinity(0)), help="Parallel simulations."),
     suite: Suite = typer.Option(
@@ -268,7 +273,7 @@ def detection_bench(
         chosen = detection.select(detection.SUITES[suite.value], scenario)
     except FairbusError as exc:
         raise typer.BadParameter(str(exc), param_hint="--scenario") from None
-    train = TrainConfig(local_steps=local_steps)
+    train = TrainConfig(local_steps=local_steps, equal_steps=equal_steps)
     specs = detection.build_suite_specs(chosen, seeds, rounds, params, key_repeats,
                                         basic_groupings, train)  # fmt: skip
     with Progress(console=console, transient=True) as progress:
@@ -281,9 +286,11 @@ def detection_bench(
         f"contribution tolerance {params.contribution_tolerance}, key score "
         f"{params.key_score}, KIN {key_repeats}, "
         + (
-            f"{train.local_epochs} local epochs"
-            if local_steps is None
-            else f"{local_steps} local steps"
+            f"{local_steps} local steps"
+            if local_steps is not None
+            else f"local steps of {train.local_epochs} epochs on an average user's data"
+            if equal_steps
+            else f"{train.local_epochs} local epochs over each user's data"
         )
     )
     if suite is Suite.FAIRNESS:

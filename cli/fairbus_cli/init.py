@@ -404,6 +404,7 @@ def _task_toml(plan: Plan) -> str:
     training.update(
         partition=t.partition, alpha=t.alpha, seed=t.seed, lr=tc.lr,
         batch_size=tc.batch_size, local_epochs=plan.local_epochs, momentum=tc.momentum,
+        equal_steps=tc.equal_steps,
     )  # fmt: skip
     if plan.threads:
         training["threads"] = plan.threads

@@ -100,8 +100,13 @@ def simulate(
         None,
         min=1,
         max=MAX_LOCAL_STEPS,
-        help="SGD steps per round for every user, whatever its data size (instead of "
-        "--local-epochs passes over its data).",
+        help="SGD steps per round for every user, whatever its data size (default: the "
+        "steps --local-epochs passes take on an average user's data).",
+    ),
+    equal_steps: bool = typer.Option(
+        TrainConfig.equal_steps,
+        help="Every user takes the same number of SGD steps a round; --no-equal-steps: "
+        "--local-epochs passes over each user's own data (more data, more steps).",
     ),
     lr: float = typer.Option(TrainConfig.lr, help="Local SGD learning rate (paper: 0.01)."),
     batch_size: int = typer.Option(TrainConfig.batch_size, help="Local batch size (paper: 64)."),
@@ -133,7 +138,11 @@ def simulate(
         partition=partition,  # type: ignore[arg-type]
         alpha=alpha,
         train=TrainConfig(
-            lr=lr, batch_size=batch_size, local_epochs=local_epochs, local_steps=local_steps
+            lr=lr,
+            batch_size=batch_size,
+            local_epochs=local_epochs,
+            local_steps=local_steps,
+            equal_steps=equal_steps,
         ),
         attacks=attacks,
         provider=ProviderConfig(

@@ -137,6 +137,9 @@ class ProviderConfig:
     """The task's collusion bound c (:class:`fairbus.task.TaskParams`), recorded likewise."""
     keying: str = DEFAULT_KEYING
     """How group members make their keys (:class:`fairbus.task.TaskParams`), likewise."""
+    local_steps: int | None = None
+    """The SGD steps every user takes per round (:class:`fairbus.task.TaskParams`),
+    likewise; None: each user trains its configured passes over its own data."""
     defended: bool = True
     phase_timeout: float = PHASE_TIMEOUT
     seed: int = 0
@@ -159,7 +162,7 @@ class ProviderConfig:
         if self.model_name is not None and self.test_set is not None:
             digest = hashlib.sha256(self.test_set.payload()).digest()
             spec = EvaluationSpec(self.model_name, digest)
-        return TaskParams(self.detection, self.collusion, self.keying, spec)
+        return TaskParams(self.detection, self.collusion, self.keying, spec, self.local_steps)
 
 
 @dataclass

@@ -167,6 +167,7 @@ class RuntimeConfig:
                 local_epochs=training.integer("local_epochs", tc.local_epochs, low=1),
                 momentum=training.number("momentum", tc.momentum, low=0.0),
                 local_steps=training.optional_integer("local_steps", low=1, high=MAX_LOCAL_STEPS),
+                equal_steps=training.take("equal_steps", bool, tc.equal_steps),
             ),
         )
         training.done()

@@ -20,7 +20,7 @@ import json
 import logging
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
 import numpy as np
 import numpy.typing as npt
@@ -91,25 +91,39 @@ class ProviderError(FairbusError):
     pass
 
 
-def machine_config(config: RuntimeConfig, test_set: QuantizedTestSet) -> ProviderConfig:
+@dataclass(frozen=True)
+class TaskData:
+    """What the provider reads of the task's data set: the test set it records and
+    evaluates on, and how many training samples the users share among them."""
+
+    test_set: QuantizedTestSet
+    train_samples: int
+
+
+def machine_config(config: RuntimeConfig, data: TaskData, users: int) -> ProviderConfig:
     """The machine's policy from the task's configuration: ``[provider] secure = false``
-    is the :class:`~fairbus.aggregation.PlainFedAvg` aggregation policy. ``test_set`` is
-    recorded before the task start (the ledger re-derives every accuracy on it)."""
+    is the :class:`~fairbus.aggregation.PlainFedAvg` aggregation policy. The test set is
+    recorded before the task start (the ledger re-derives every accuracy on it), and the
+    task start records the local steps each of the ``users`` takes."""
+    train = config.training.train.for_task(data.train_samples, users)
     policy = replace(
         config.provider_config(),
         model_name=config.training.model_name,
-        test_set=test_set.to_message(),
+        test_set=data.test_set.to_message(),
+        local_steps=train.local_steps,
     )
     return policy if config.provider.secure else replace(policy, strategy=PlainFedAvg())
 
 
-def load_test_set(config: RuntimeConfig) -> QuantizedTestSet:
-    """The task's test set, as the provider records it and evaluates on it."""
+def load_task_data(config: RuntimeConfig) -> TaskData:
+    """The task's test set, as the provider records it and evaluates on it, and the
+    size of the training set the users' partitions are cut from."""
     from fairbus.training.data import load_dataset
 
     t = config.training
-    _, test = load_dataset(t.dataset, t.data_dir, seed=t.seed)
-    return QuantizedTestSet.quantize(test.x.numpy(), test.y.numpy(), test.num_classes)
+    train, test = load_dataset(t.dataset, t.data_dir, seed=t.seed)
+    test_set = QuantizedTestSet.quantize(test.x.numpy(), test.y.numpy(), test.num_classes)
+    return TaskData(test_set, len(train))
 
 
 class ProviderRuntime:
@@ -133,6 +147,7 @@ class ProviderRuntime:
         self._round_over = asyncio.Event()
         self._record: RoundRecord | None = None
         self._evaluator: ExactEvaluator | None = None
+        self._task_data: TaskData | None = None
         self.bus = BusConnection(
             *config.broker,
             task=self.task,
@@ -503,9 +518,9 @@ class ProviderRuntime:
             self.on_round(record)
 
     def _machine_config(self) -> ProviderConfig:
-        if self._evaluator is None:
+        if self._task_data is None:
             raise ProviderError("the provider's test set is not loaded yet")
-        return machine_config(self.config, self._evaluator.test_set)
+        return machine_config(self.config, self._task_data, len(self.users))
 
     def _build_evaluator(self) -> ExactEvaluator:
         """The task's test set and the exact evaluation the ledger re-derives."""
@@ -514,4 +529,5 @@ class ProviderRuntime:
             import torch
 
             torch.set_num_threads(t.threads)
-        return ExactEvaluator(t.model_name, load_test_set(self.config))
+        self._task_data = load_task_data(self.config)
+        return ExactEvaluator(t.model_name, self._task_data.test_set)

@@ -334,5 +334,8 @@ class UserRuntime:
             indices = parts[users.index(self.me)]
             self.state.save_partition(describe, indices)
         return Trainer(
-            t.model_name, train.subset(indices), t.train, seed=trainer_seed(t.seed, self.me)
+            t.model_name,
+            train.subset(indices),
+            t.train.for_task(len(train), len(users)),
+            seed=trainer_seed(t.seed, self.me),
         )

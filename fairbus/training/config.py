@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from fairbus.errors import FairbusError
 
@@ -25,6 +25,13 @@ class TrainConfig:
     with more data takes more SGD steps. A number: every user takes exactly this many
     steps of ``min(batch_size, its data)`` samples, whatever its data size, drawn from
     fresh shuffled passes over its data (``local_epochs`` is then unused)."""
+    equal_steps: bool = True
+    """With ``local_steps`` None, :meth:`for_task` gives every user the same number of
+    steps: the steps ``local_epochs`` passes take on an average user's data. False keeps
+    ``local_epochs`` passes over each user's own data (more data, more steps). Issue 13:
+    a user holding less data than the others took fewer steps, its update along the
+    common direction was shorter, and the contribution test (Alg. 6, lines 9-15) read
+    its groups as free-riders; equal steps remove that cause."""
 
     def __post_init__(self) -> None:
         steps = self.local_steps
@@ -37,11 +44,29 @@ class TrainConfig:
                 f"local_steps must be None or an integer from 1 to {MAX_LOCAL_STEPS}, got {steps!r}"
             )
 
+    def for_task(self, train_samples: int, users: int) -> TrainConfig:
+        """The configuration every user of a task trains with: ``local_steps`` resolved
+        from the task's training-set size and user count when :attr:`equal_steps` asks
+        for it (the provider records the result at task start)."""
+        if self.local_steps is not None or not self.equal_steps:
+            return self
+        return replace(self, local_steps=equal_local_steps(self, train_samples, users))
+
     def steps_per_round(self, samples: int) -> int:
         """The SGD steps one round of local training takes on ``samples`` samples."""
         if self.local_steps is not None:
             return self.local_steps if samples > 0 else 0
         return self.local_epochs * math.ceil(samples / self.batch_size)
+
+
+def equal_local_steps(config: TrainConfig, train_samples: int, users: int) -> int:
+    """``local_epochs`` passes in batches of ``batch_size`` over an average user's share
+    of ``train_samples``: the same count for every user, whatever its own data."""
+    if users < 1 or train_samples < 1:
+        raise FairbusError(f"no local steps for {train_samples} samples among {users} users")
+    per_user = math.ceil(train_samples / users)
+    steps = config.local_epochs * math.ceil(per_user / config.batch_size)
+    return min(steps, MAX_LOCAL_STEPS)
 
 
 def trainer_seed(task_seed: int, user: int) -> int:

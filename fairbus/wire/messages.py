@@ -18,6 +18,7 @@ from fairbus.errors import SchemaError
 from fairbus.field import FieldVector, P
 from fairbus.grouping import GROUP_KINDS
 from fairbus.roster import Role
+from fairbus.training.config import MAX_LOCAL_STEPS
 from fairbus.wire import codec
 from fairbus.wire.limits import WireLimits
 from fairbus.wire.schema import (
@@ -400,6 +401,7 @@ class TaskStart(Message):
     collusion: int
     keying: str = DEFAULT_KEYING
     evaluation: EvaluationSpec | None = None
+    local_steps: int | None = None
     TYPE: ClassVar[str] = "task_start"
     RECORDED: ClassVar[bool] = True
     SENDERS: ClassVar[frozenset[Role]] = frozenset({Role.PROVIDER})
@@ -408,6 +410,7 @@ class TaskStart(Message):
         "collusion": Int(0, MAX_COLLUSION),
         "keying": names(KEYINGS),
         "evaluation": Optional(Struct(EvaluationSpec)),
+        "local_steps": Optional(Int(1, MAX_LOCAL_STEPS)),
     }
 
 

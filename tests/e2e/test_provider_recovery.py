@@ -16,11 +16,11 @@ from fairbus.identity import Identity
 from fairbus.ledger.records import Block
 from fairbus.protocol.provider import ProviderMachine
 from fairbus.protocol.recovery import LedgerHistory, blobs_needed, replay
-from fairbus.roster import Roster
+from fairbus.roster import Role, Roster
 from fairbus.runtime.config import RuntimeConfig
 from fairbus.runtime.failpoints import ENV, KILLED
 from fairbus.runtime.local import CLI, STANDBY, LocalTask
-from fairbus.runtime.provider import load_test_set, machine_config
+from fairbus.runtime.provider import load_task_data, machine_config
 from fairbus.training.models import initial_params
 from fairbus_ledger_service.audit import read_export
 from fairbus_ledger_service.blobs import BlobStore
@@ -73,7 +73,8 @@ def _model_the_ledger_implies(task: LocalTask, rounds: int) -> np.ndarray:
     t = config.training
     machine = ProviderMachine.restore(
         Identity.load(task.root / "keys", roster.provider), roster,
-        initial_params(t.model_name, t.seed), machine_config(config, load_test_set(config)),
+        initial_params(t.model_name, t.seed),
+        machine_config(config, load_task_data(config), len(roster.with_role(Role.USER))),
         replayed, blobs,
     )  # fmt: skip
     return machine.global_params

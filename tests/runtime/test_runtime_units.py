@@ -34,7 +34,18 @@ def test_the_example_configuration_loads() -> None:
     assert config.roster == EXAMPLE.parent / "roster.example.toml"
     assert config.provider_config().detection == config.detection
     assert config.collusion == 1 == config.provider_config().task.collusion
-    assert config.training.train.local_steps is None  # local_epochs passes, by default
+    assert config.training.train.local_steps is None  # derived from the data, by default
+    assert config.training.train.equal_steps
+
+
+def test_equal_steps_can_be_turned_off_in_the_training_table() -> None:
+    raw: dict[str, object] = {"roster": "r", "training": {"equal_steps": False}}
+    config = RuntimeConfig.from_dict(raw, base=Path("/x"), source="t.toml")
+    assert config.training.train.for_task(1347, 9) == config.training.train
+    with pytest.raises(RuntimeConfigError, match="equal_steps"):
+        RuntimeConfig.from_dict(
+            {"roster": "r", "training": {"equal_steps": 1}}, base=Path("/x"), source="t.toml"
+        )
 
 
 def test_local_steps_is_read_from_the_training_table() -> None:

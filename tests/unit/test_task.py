@@ -53,10 +53,12 @@ def test_task_params_round_trip_through_the_wire(detection: DetectionParams) -> 
     assert TaskParams.from_message(decoded).to_message().payload() == message.payload()
 
 
-def _wire(collusion: object = 1, keying: object = "shamir", **changes: object) -> dict[str, object]:
+def _wire(
+    collusion: object = 1, keying: object = "shamir", local_steps: object = None, **changes: object
+) -> dict[str, object]:
     policy = TaskParams().to_message().to_wire()["detection"]
     wire = {"detection": {**policy, **changes}, "collusion": collusion, "keying": keying}
-    return {**wire, "evaluation": None}
+    return {**wire, "evaluation": None, "local_steps": local_steps}
 
 
 @pytest.mark.parametrize(
@@ -89,6 +91,21 @@ def test_a_task_starts_collusion_bound_is_decoded_strictly(collusion: object) ->
 def test_a_task_starts_keying_is_decoded_strictly(keying: object) -> None:
     with pytest.raises(SchemaError, match="keying"):
         decode_body("task_start", codec.pack(_wire(keying=keying)), DEFAULT_LIMITS)
+
+
+@pytest.mark.parametrize("steps", [0, -1, 100_001, True, 60.0, "60"])
+def test_a_task_starts_local_steps_are_decoded_strictly(steps: object) -> None:
+    with pytest.raises(SchemaError, match="local_steps"):
+        decode_body("task_start", codec.pack(_wire(local_steps=steps)), DEFAULT_LIMITS)
+
+
+@pytest.mark.parametrize("steps", [None, 1, 60, 100_000])
+def test_the_local_steps_are_recorded_at_task_start(steps: int | None) -> None:
+    task = TaskParams(local_steps=steps)
+    decoded = decode_body("task_start", codec.pack(_wire(local_steps=steps)), DEFAULT_LIMITS)
+    assert isinstance(decoded, TaskStart)
+    assert TaskParams.from_message(decoded) == task
+    assert ProviderConfig(local_steps=steps).task.local_steps == steps
 
 
 @pytest.mark.parametrize("keying", ["shamir", "pairwise"])

@@ -11,7 +11,7 @@ import torch
 
 from fairbus.errors import FairbusError
 from fairbus.training.attacks import Attack, Behaviour
-from fairbus.training.config import MAX_LOCAL_STEPS
+from fairbus.training.config import MAX_LOCAL_STEPS, equal_local_steps
 from fairbus.training.data import (
     Dataset,
     DatasetError,
@@ -284,3 +284,27 @@ def test_bad_local_steps_are_refused(steps: object) -> None:
     with pytest.raises(FairbusError, match="local_steps must be None or an integer"):
         TrainConfig(local_steps=steps)  # type: ignore[arg-type]
     assert TrainConfig(local_steps=MAX_LOCAL_STEPS).local_steps == MAX_LOCAL_STEPS
+
+
+@pytest.mark.parametrize(
+    ("samples", "users", "expected"),
+    [(1347, 9, 60), (1347, 30, 20), (60_000, 9, 20 * 105), (10, 9, 20), (1, 1, 20)],
+)
+def test_equal_steps_are_an_average_users_local_epochs(
+    samples: int, users: int, expected: int
+) -> None:
+    """local_epochs passes in batches of batch_size over ceil(samples / users) samples."""
+    config = TrainConfig()
+    assert equal_local_steps(config, samples, users) == expected
+    resolved = config.for_task(samples, users)
+    assert resolved.local_steps == expected
+    assert resolved.steps_per_round(3) == resolved.steps_per_round(3_000) == expected
+
+
+def test_equal_steps_leave_an_explicit_count_or_per_user_epochs_alone() -> None:
+    assert TrainConfig(local_steps=7).for_task(1347, 9).local_steps == 7
+    per_user = TrainConfig(equal_steps=False)
+    assert per_user.for_task(1347, 9) is per_user
+    assert per_user.steps_per_round(64) < per_user.steps_per_round(640)
+    with pytest.raises(FairbusError, match="no local steps"):
+        TrainConfig().for_task(0, 9)
