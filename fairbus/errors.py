@@ -69,6 +69,11 @@ class DetectionError(FairbusError):
     """Algorithm 6 was given inconsistent inputs (a group without an accuracy, say)."""
 
 
+class SecclError(FairbusError):
+    """SecCL's selective sharing, peer evaluation or Borda election was given inputs it
+    cannot use (a change vector with NaN, an index out of bounds, a self-evaluation)."""
+
+
 # --- identities and roster ---------------------------------------------------------------
 
 

@@ -15,6 +15,8 @@ model runs in fixed point, in integers that float64 holds exactly:
   below 2^53, so every addition is exact whatever order BLAS picks, then the result is
   rescaled by a power of two and floored (exact), and clamped to ``ACT_LIMIT``;
 * ReLU, max pooling and flattening only move or compare integers;
+* a round's group models are evaluated together (:meth:`ExactEvaluator.corrects`, issue
+  16, item 3), which changes no integer, hence no count;
 * the predicted class is the first largest logit (numpy's ``argmax``), compared with the
   label; accuracy is ``correct / samples``, one correctly rounded division.
 
@@ -26,6 +28,8 @@ there nobody checks. No library computes a CNN in exact integer arithmetic at th
 from __future__ import annotations
 
 import math
+import threading
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -53,6 +57,18 @@ MAX_FAN_IN = 2 ** (52 - ACT_BITS - WEIGHT_BITS) - 1
 INPUT_MAX = 2**INPUT_FRAC_BITS
 """A quantized input lies in [0, INPUT_MAX] (an image in [0, 1])."""
 BATCH = 256
+"""The most test samples one chunk of an evaluation takes."""
+WORK_BYTES = 32 * 2**20
+"""About the most bytes the activations and im2col matrices of one chunk of a batched
+evaluation hold (chunks take fewer samples, passes fewer models, to stay near it)."""
+MIN_CHUNK = 16
+"""A pass takes no more models than leave a chunk this many samples within WORK_BYTES."""
+FIRST_COLS_BYTES = 128 * 2**20
+"""The first layer's im2col of the test set is kept for later calls when it fits here."""
+
+
+_Weights = list[tuple[npt.NDArray[np.float64], npt.NDArray[np.float64]]]
+"""Each conv or linear layer's (weight matrix, bias) in fixed point, for one model."""
 
 
 class EvaluationError(FairbusError):
@@ -113,8 +129,30 @@ class QuantizedTestSet:
 
 
 class ExactEvaluator:
-    """``correct(params)``: how many test samples the model with flat parameters
-    ``params`` (float32, in ``model.parameters()`` order) classifies right, exactly."""
+    """``corrects(models)``: how many test samples each model classifies right, exactly,
+    for models given as flat parameters (float32, in ``model.parameters()`` order);
+    ``correct(params)`` and ``accuracy(params)`` for one model.
+
+    Batched (issue 16, item 3): the provider and every ledger node evaluate a round's G
+    group models (about 2n/3 + focus + reference groups; 8 at 9 users) on the same test
+    set, so :meth:`corrects` runs them together (:func:`_forward_many`): the first
+    layer's im2col of the test set is the same for every model, computed once (kept
+    while it fits ``FIRST_COLS_BYTES``) and multiplied by the G models' first-layer
+    weights stacked in one matrix product; every later layer is one batched matrix
+    product over the G models (``torch.bmm``). Test samples go through in chunks sized
+    so that the activations and im2col matrices of a chunk's models stay near
+    ``WORK_BYTES`` (the models are split into passes when G is large), and each
+    chunk's large buffers are reused by the next.
+
+    Batching cannot change a count. Every value is an integer: each product is below
+    2^(ACT_BITS + WEIGHT_BITS) = 2^39 and each output's sum of at most 2^13 of them and
+    its bias below 2^53, so a float64 sum is exact in any order and grouping (the one
+    BLAS picks for a stacked or a batched product, whatever its blocking and thread
+    count, included); the rescaling by 2^-WEIGHT_FRAC_BITS and the floor are exact;
+    clamping, ReLU and max pooling compare integers, and the layouts only move them. So
+    each model's logits are the very integers its own pass gives
+    (:meth:`correct_unbatched`, the reference the tests compare with), and its count is
+    too."""
 
     def __init__(self, model_name: str, test_set: QuantizedTestSet) -> None:
         from fairbus.training.models import build_model, count_parameters
@@ -124,6 +162,9 @@ class ExactEvaluator:
         self.size = count_parameters(build_model(model_name))
         self.test_set = test_set
         self._check_fit()
+        self._sample_bytes = _bytes_per_sample(self.layers, test_set.inputs.shape[1:])
+        self._first_cols: torch.Tensor | None = None
+        self._first_cols_lock = threading.Lock()
 
     def _check_fit(self) -> None:
         """That the test set's inputs go through the model and its classes are the
@@ -147,12 +188,37 @@ class ExactEvaluator:
         """correct / samples (0.0 for a model holding NaN or infinity)."""
         return self.correct(params) / len(self.test_set)
 
+    def accuracies(self, models: Sequence[npt.NDArray[np.float32]]) -> list[float]:
+        """:meth:`accuracy` of each model, evaluated together (:meth:`corrects`)."""
+        return [right / len(self.test_set) for right in self.corrects(models)]
+
     def correct(self, params: npt.NDArray[np.float32]) -> int:
+        """The count for one model (:meth:`corrects` of one)."""
+        return self.corrects([params])[0]
+
+    def corrects(self, models: Sequence[npt.NDArray[np.float32]]) -> list[int]:
+        """Each model's count of correctly classified test samples, in order (0 for a
+        model holding NaN or infinity; ``[]`` for no model)."""
+        flats = [self._checked(params) for params in models]
+        counts = [0] * len(flats)
+        finite = [k for k, flat in enumerate(flats) if np.isfinite(flat).all()]
+        if not finite:
+            return counts
+        per_pass = max(1, WORK_BYTES // (MIN_CHUNK * self._sample_bytes))
+        for start in range(0, len(finite), per_pass):
+            batch = finite[start : start + per_pass]
+            quantized = [_quantized_weights(flats[k].astype(np.float64), self.layers)
+                         for k in batch]  # fmt: skip
+            for k, right in zip(batch, self._corrects_of(quantized), strict=True):
+                counts[k] = right
+        return counts
+
+    def correct_unbatched(self, params: npt.NDArray[np.float32]) -> int:
+        """The count for one model by its own pass (NCHW, ``torch.nn.functional.unfold``,
+        ``BATCH`` samples at a time): the reference :meth:`corrects` equals."""
         import torch
 
-        flat = np.asarray(params)
-        if flat.shape != (self.size,):
-            raise EvaluationError(f"{self.model_name} has {self.size} parameters, got {flat.shape}")
+        flat = self._checked(params)
         if not np.isfinite(flat).all():
             return 0
         weights = _quantized_weights(flat.astype(np.float64), self.layers)
@@ -165,6 +231,55 @@ class ExactEvaluator:
                 logits = _forward(x, self.layers, weights).numpy()
                 right += int((logits.argmax(axis=1) == y_all[start : start + BATCH]).sum())
         return right
+
+    def _checked(self, params: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
+        flat = np.asarray(params)
+        if flat.shape != (self.size,):
+            raise EvaluationError(f"{self.model_name} has {self.size} parameters, got {flat.shape}")
+        return flat
+
+    def _corrects_of(self, quantized: list[_Weights]) -> list[int]:
+        """The counts of models (at most one pass's worth), chunk by chunk of samples."""
+        import torch
+
+        stacked = _stacked(quantized, self.layers)
+        chunk = max(1, min(BATCH, WORK_BYTES // (len(quantized) * self._sample_bytes)))
+        x_all = self.test_set.inputs
+        y_all = self.test_set.labels
+        first = self._first_layer_cols()
+        scratch = _Scratch()
+        right = np.zeros(len(quantized), dtype=np.int64)
+        with torch.no_grad():
+            for start in range(0, len(y_all), chunk):
+                x = torch.from_numpy(x_all[start : start + chunk])
+                cols = None
+                if first is not None:
+                    rows = first.shape[0] // len(y_all)
+                    cols = first[start * rows : (start + x.shape[0]) * rows]
+                logits = _forward_many(x, self.layers, stacked, cols, scratch).numpy()
+                labels = y_all[start : start + chunk]
+                right += (logits.argmax(axis=2) == labels).sum(axis=1)
+        return [int(r) for r in right]
+
+    def _first_layer_cols(self) -> torch.Tensor | None:
+        """The im2col of the whole test set for a first layer that is a convolution
+        (rows: sample, output position; columns: a window in (kh, kw, C) order), kept
+        for every later call while it fits ``FIRST_COLS_BYTES``; None otherwise."""
+        import torch
+
+        layer = self.layers[0]
+        if layer.kind != "conv":
+            return None
+        n, c, height, width = self.test_set.inputs.shape
+        out_h, out_w = (_out_side(side, layer) for side in (height, width))
+        size = 8 * n * out_h * out_w * c * layer.kernel**2
+        if size > FIRST_COLS_BYTES:
+            return None
+        with self._first_cols_lock:
+            if self._first_cols is None:
+                x = torch.from_numpy(self.test_set.inputs).permute(0, 2, 3, 1)
+                self._first_cols = _im2col(x, layer)
+            return self._first_cols
 
 
 @dataclass(frozen=True)
@@ -216,9 +331,7 @@ def _layers(model: object) -> list[_Layer]:
     return out
 
 
-def _quantized_weights(
-    flat: npt.NDArray[np.float64], layers: list[_Layer]
-) -> list[tuple[npt.NDArray[np.float64], npt.NDArray[np.float64]]]:
+def _quantized_weights(flat: npt.NDArray[np.float64], layers: list[_Layer]) -> _Weights:
     """Each conv or linear layer's (weight matrix, bias) in fixed point: the weights at
     WEIGHT_FRAC_BITS, the bias at the product's INPUT_FRAC_BITS + WEIGHT_FRAC_BITS."""
     out = []
@@ -241,8 +354,10 @@ def _quantized_weights(
 def _forward(
     x: torch.Tensor,
     layers: list[_Layer],
-    weights: list[tuple[npt.NDArray[np.float64], npt.NDArray[np.float64]]],
+    weights: _Weights,
 ) -> torch.Tensor:
+    """The logits (n, classes) of one model on ``x`` (n, C, H, W): the reference pass
+    (NCHW, ``torch.nn.functional.unfold``) that :func:`_forward_many` must equal."""
     import torch
     from torch.nn import functional
 
@@ -271,3 +386,206 @@ def _forward(
                 z = torch.matmul(x, w.T) + b
             x = torch.clamp(torch.floor(z / 2.0**WEIGHT_FRAC_BITS), -ACT_LIMIT, ACT_LIMIT)
     return x
+
+
+@dataclass(frozen=True)
+class _Stacked:
+    """One conv or linear layer of G models: ``w`` (G, outputs, fan-in), each model's
+    weight matrix (a conv's fan-in in the (kh, kw, C) order of a channels-last window),
+    and ``b`` (G, outputs)."""
+
+    w: torch.Tensor
+    b: torch.Tensor
+
+
+class _Scratch:
+    """Buffers that chunk after chunk of one evaluation reuses: a fresh tensor of many
+    megabytes costs as many page faults as the work done in it."""
+
+    def __init__(self) -> None:
+        self._buffers: dict[tuple[int, str], torch.Tensor] = {}
+
+    def get(self, key: tuple[int, str], shape: tuple[int, ...]) -> torch.Tensor:
+        import torch
+
+        size = math.prod(shape)
+        buffer = self._buffers.get(key)
+        if buffer is None or buffer.numel() < size:
+            buffer = torch.empty(size, dtype=torch.float64)
+            self._buffers[key] = buffer
+        return buffer[:size].view(shape)
+
+
+def _stacked(quantized: list[_Weights], layers: list[_Layer]) -> list[_Stacked]:
+    import torch
+
+    weighted = [layer for layer in layers if layer.kind in ("conv", "linear")]
+    out = []
+    for j, layer in enumerate(weighted):
+        matrices = [weights[j][0] for weights in quantized]
+        if layer.kind == "conv":
+            outputs, channels, kh, kw = layer.weight_shape
+            matrices = [m.reshape(outputs, channels, kh, kw).transpose(0, 2, 3, 1)
+                        .reshape(outputs, -1) for m in matrices]  # fmt: skip
+        biases = [weights[j][1] for weights in quantized]
+        out.append(_Stacked(torch.from_numpy(np.stack(matrices)),
+                            torch.from_numpy(np.stack(biases))))  # fmt: skip
+    return out
+
+
+def _out_side(side: int, layer: _Layer) -> int:
+    return (side + 2 * layer.padding - layer.kernel) // layer.stride + 1
+
+
+def _bytes_per_sample(layers: list[_Layer], shape: tuple[int, ...]) -> int:
+    """About the most bytes one sample of one model holds at once in
+    :func:`_forward_many` (float64): a conv layer's input, its channels-last and padded
+    copies, its im2col and its output; another layer's input and output."""
+    dims = list(shape)
+    peak = math.prod(dims)
+    for layer in layers:
+        before = math.prod(dims)
+        if layer.kind == "conv":
+            c, height, width = dims
+            out_h, out_w = (_out_side(side, layer) for side in (height, width))
+            padded = c * (height + 2 * layer.padding) * (width + 2 * layer.padding)
+            cols = c * layer.kernel**2 * out_h * out_w
+            dims = [layer.weight_shape[0], out_h, out_w]
+            peak = max(peak, 2 * before + padded + cols + math.prod(dims))
+        elif layer.kind == "pool":
+            dims = [dims[0], dims[1] // layer.kernel, dims[2] // layer.kernel]
+        elif layer.kind == "flatten":
+            dims = [before]
+        elif layer.kind == "linear":
+            dims = [layer.weight_shape[0]]
+        peak = max(peak, before + math.prod(dims))
+    return 8 * peak
+
+
+def _forward_many(
+    x: torch.Tensor,
+    layers: list[_Layer],
+    weights: list[_Stacked],
+    first: torch.Tensor | None,
+    scratch: _Scratch,
+) -> torch.Tensor:
+    """The logits (G, n, classes) of the G models of ``weights`` on the n samples ``x``
+    (n, C, H, W); ``first``: the first layer's im2col of ``x``, if known.
+
+    Until the first conv or linear layer the activations are the samples' own,
+    channels-last (n, H, W, C) or flat (n, F), the same for every model: that layer is
+    one matrix product of the G models' weight matrices stacked, (G·outputs, fan-in),
+    with its im2col or the inputs. Every later one is a batched product over the G
+    models (``torch.bmm``). A conv layer's output is channels-first, (G, C, n, H, W)
+    (the product's long side is then the positions, which BLAS runs fastest), and is
+    made channels-last (G·n, H, W, C) for the next conv layer's im2col, whose windows
+    are then runs of k·C contiguous values; a linear layer's is (G, n, F).
+
+    The ReLUs and max poolings right after a conv or linear layer are applied before
+    its bias, rescaling, floor and clamp, on the raw sums (4x fewer values to rescale
+    after a 2x2 pooling): the same integers, since adding a channel's bias and each of
+    those steps is a non-decreasing function of one value, which commutes with taking
+    a maximum (max f(a_i) = f(max a_i)), and a ReLU after the clamp is the clamp from
+    0 instead of from -ACT_LIMIT."""
+    import torch
+
+    g = weights[0].w.shape[0]
+    n = x.shape[0]
+    x = x.permute(0, 2, 3, 1)
+    shared = True
+    params = iter(weights)
+    index = 0
+    while index < len(layers):
+        layer = layers[index]
+        index += 1
+        if layer.kind == "relu":
+            x = torch.clamp(x, min=0.0)
+        elif layer.kind == "pool":
+            x = _pool(x, layer.kernel, channels_last=shared)
+        elif layer.kind == "flatten":
+            if shared and x.dim() == 4:
+                x = x.permute(0, 3, 1, 2).reshape(n, -1)
+            elif x.dim() == 5:
+                x = x.permute(0, 2, 1, 3, 4).reshape(g, n, -1)
+        else:
+            stack = next(params)
+            outputs, fan_in = stack.w.shape[1:]
+            if layer.kind == "conv":
+                height, width = x.shape[1:3] if shared else x.shape[3:]
+                out_h, out_w = (_out_side(side, layer) for side in (height, width))
+                z = scratch.get((index, "out"), (g, outputs, n * out_h * out_w))
+                if shared:
+                    cols = first if first is not None else _im2col(x, layer, scratch, index)
+                    torch.mm(stack.w.reshape(-1, fan_in), cols.T, out=z.view(g * outputs, -1))
+                else:
+                    channels = x.shape[1]
+                    x = x.permute(0, 2, 3, 4, 1).reshape(g * n, height, width, channels)
+                    cols = _im2col(x, layer, scratch, index).view(g, -1, fan_in)
+                    torch.bmm(stack.w, cols.transpose(1, 2), out=z)
+                x = z.view(g, outputs, n, out_h, out_w)
+                bias = stack.b[:, :, None, None, None]
+            elif shared:
+                z = torch.mm(x, stack.w.reshape(-1, fan_in).T)
+                x = z.reshape(n, g, outputs).permute(1, 0, 2).contiguous()
+                bias = stack.b[:, None, :]
+            else:
+                x = torch.bmm(x, stack.w.transpose(1, 2))
+                bias = stack.b[:, None, :]
+            shared = False
+            lowest = -ACT_LIMIT
+            while index < len(layers) and layers[index].kind in ("relu", "pool"):
+                if layers[index].kind == "pool":
+                    x = _pool(x, layers[index].kernel, channels_last=False)
+                else:
+                    lowest = 0
+                index += 1
+            x.add_(bias).mul_(2.0**-WEIGHT_FRAC_BITS).floor_().clamp_(lowest, ACT_LIMIT)
+    return x
+
+
+def _im2col(
+    x: torch.Tensor, layer: _Layer, scratch: _Scratch | None = None, key: int = 0
+) -> torch.Tensor:
+    """(B·H'·W', k·k·C) from channels-last (B, H, W, C): each output position's window,
+    in the order (kh, kw, C) (of :func:`_stacked`'s conv weights). A window's row is k·C
+    contiguous values, so the copy runs in long strides."""
+    from torch.nn import functional
+
+    p, k, s = layer.padding, layer.kernel, layer.stride
+    if p:
+        x = functional.pad(x, (0, 0, p, p, p, p))
+    x = x.contiguous()
+    b, height, width, c = x.shape
+    out_h, out_w = (height - k) // s + 1, (width - k) // s + 1
+    shape = (b, out_h, out_w, k, k * c)
+    windows = x.as_strided(shape, (height * width * c, s * width * c, s * c, width * c, 1))
+    cols = windows.contiguous() if scratch is None else scratch.get((key, "cols"), shape)
+    if scratch is not None:
+        cols.copy_(windows)
+    return cols.view(b * out_h * out_w, k * k * c)
+
+
+def _pool(x: torch.Tensor, k: int, *, channels_last: bool) -> torch.Tensor:
+    """Max pooling by k × k windows, stride k, of channels-last (B, H, W, C) or
+    channels-first (..., H, W) values (the rows and columns beyond the last whole window
+    dropped, as ``max_pool2d`` does): the maximum of k rows, then of k columns, each a
+    slice of a reshaped view."""
+    import torch
+
+    if channels_last:
+        lead, height, width, tail = x.shape[:1], x.shape[1], x.shape[2], x.shape[3]
+    else:
+        lead, height, width, tail = x.shape[:-2], x.shape[-2], x.shape[-1], 1
+    h, w = height // k, width // k
+    if (h * k, w * k) != (height, width):
+        x = x[:, : h * k, : w * k] if channels_last else x[..., : h * k, : w * k]
+    row = w * k * tail
+    rows = x.reshape(*lead, h, k * row)
+    out = rows[..., :row]
+    for i in range(1, k):
+        out = torch.maximum(out, rows[..., i * row : (i + 1) * row])
+    cols = out.reshape(*lead, h, w, k * tail)
+    out = cols[..., :tail]
+    for j in range(1, k):
+        out = torch.maximum(out, cols[..., j * tail : (j + 1) * tail])
+    return out.reshape(*lead, h, w, tail) if channels_last else out.reshape(*lead, h, w)

@@ -1,4 +1,4 @@
-"""PNG plots in the manner of the fairness paper's Figures 3-5."""
+"""PNG plots in the manner of the fairness paper's Figures 3-5 and SecCL's Figures 4-5."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ from collections.abc import Collection, Sequence
 from pathlib import Path
 
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
 from fairbus.rounds import RoundRecord
 
@@ -99,6 +100,60 @@ def plot_scores(
     ax.set_ylim(-0.1, 1.1)
     ax.set_title("contribution scores and 95% intervals")
     ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path)
+    return path
+
+
+def plot_candidates(
+    records: Sequence[RoundRecord], path: Path, attackers: Collection[int] = ()
+) -> Path:
+    """SecCL: the candidates the Borda election picked in each round (attackers in
+    red), and each one's total points as the marker's label."""
+    fig = Figure(figsize=(7, 4.2), dpi=120)
+    ax = fig.subplots()
+    for r in records:
+        for user in r.candidates:
+            color = "tab:red" if user in attackers else "tab:blue"
+            ax.scatter([r.round], [user], color=color, zorder=3)
+            points = r.borda.get(user)
+            if points is not None:
+                ax.annotate(str(points), (r.round, user), textcoords="offset points",
+                            xytext=(5, -3), fontsize=6)  # fmt: skip
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.yaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_xlabel("round")
+    ax.set_ylabel("candidate (red = attacker)")
+    ax.set_title("SecCL candidates per round (label: Borda points)")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path)
+    return path
+
+
+def plot_accuracy_curves(
+    curves: Sequence[tuple[str, Sequence[float]]],
+    path: Path,
+    title: str,
+    baseline: float | None = None,
+) -> Path:
+    """SecCL's Figs. 4 and 5: the global model's test accuracy per round, one curve per
+    setting, and the accuracy of training on all the data as a dashed line."""
+    fig = Figure(figsize=(7, 4.2), dpi=120)
+    ax = fig.subplots()
+    for label, accuracies in curves:
+        rounds = range(1, len(accuracies) + 1)
+        ax.plot(rounds, accuracies, marker="o", markersize=3, label=label)
+    if baseline is not None:
+        ax.axhline(baseline, color="black", linestyle="--", linewidth=1,
+                   label=f"all data ({baseline:.3f})")  # fmt: skip
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_xlabel("round")
+    ax.set_ylabel("test accuracy")
+    ax.set_ylim(0, 1.02)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower right", fontsize=8)
     fig.tight_layout()
     fig.savefig(path)
     return path

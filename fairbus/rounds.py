@@ -38,6 +38,10 @@ class RoundRecord:
     ledger_height: int | None = None
     """The height of the ledger's last block when the round ended (the simulator's
     in-process ledger, or the block that holds the networked provider's last transaction)."""
+    candidates: list[int] = field(default_factory=list)
+    """SecCL: the round's elected candidates, in rank order (empty in the fairness mode)."""
+    borda: dict[int, int] = field(default_factory=dict)
+    """SecCL: every uploader's total Borda points."""
     # not serialized: for tests that check exactness against the plaintext
     local_models: dict[int, npt.NDArray[np.float32]] = field(default_factory=dict, repr=False)
     field_sums: dict[int, Any] = field(default_factory=dict, repr=False)
@@ -57,6 +61,7 @@ class RoundRecord:
         """A record read back from ``rounds.jsonl`` (JSON keys are strings)."""
         record = cls(**line)
         record.scores = {int(u): s for u, s in record.scores.items()}
+        record.borda = {int(u): p for u, p in record.borda.items()}
         return record
 
 

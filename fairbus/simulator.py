@@ -167,6 +167,7 @@ class Simulation:
         self._plan: dict[int, DropoutPlan] = {}
         self._killed_this_round: list[DropoutPlan] = []
         self._closing: list[CloseAttempt] = []
+        self._evaluating: list[Evaluate] = []
 
     # --- driving ------------------------------------------------------------------------------
 
@@ -207,6 +208,9 @@ class Simulation:
     def _pump(self) -> None:
         while True:
             self._deliver_queued()
+            if self._evaluating:
+                self._evaluate_pending()
+                continue
             if not self._closing:
                 return
             close = self._closing.pop(0)
@@ -262,7 +266,8 @@ class Simulation:
                     continue
                 self._train(source, out)
             elif isinstance(out, Evaluate):
-                self._evaluate(out)
+                # Evaluated together once everything in flight is delivered (see _pump).
+                self._evaluating.append(out)
             elif isinstance(out, CloseAttempt):
                 # Answered once everything in flight is delivered (see _pump), the way the
                 # ledger answers once the dropout is recorded.
@@ -299,16 +304,23 @@ class Simulation:
         for target in targets:
             self._queue.append((target, out.kind, data, source))
 
-    def _evaluate(self, effect: Evaluate) -> None:
+    def _evaluate_pending(self) -> None:
+        """The group models the provider asked for since the last time, evaluated in one
+        batched pass (``ExactEvaluator.corrects``, issue 16, item 3), then answered in
+        the order asked. The machine only records an accuracy until it holds every
+        group's, so answering after the deliveries in flight (rather than at once)
+        changes none of its decisions, and the accuracies are the per-group ones."""
+        effects, self._evaluating = self._evaluating, []
         start = time.perf_counter()
-        accuracy = self.evaluator.accuracy(effect.params)
+        accuracies = self.evaluator.accuracies([effect.params for effect in effects])
         self._add_time("evaluation", start)
-        start = time.perf_counter()
-        outputs = self.provider.handle(
-            Evaluated(effect.round, effect.attempt, effect.gid, accuracy)
-        )
-        self._add_time("detection", start)
-        self._dispatch(PROVIDER, outputs)
+        for effect, accuracy in zip(effects, accuracies, strict=True):
+            start = time.perf_counter()
+            outputs = self.provider.handle(
+                Evaluated(effect.round, effect.attempt, effect.gid, accuracy)
+            )
+            self._add_time("detection", start)
+            self._dispatch(PROVIDER, outputs)
 
     def _add_time(self, phase: str, start: float) -> None:
         assert self._record is not None

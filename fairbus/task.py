@@ -12,8 +12,9 @@ holds none.
 
 Today that is Algorithm 6's :class:`~fairbus.detection.DetectionParams`, the collusion
 bound c of the exposure check (:mod:`fairbus.exposure`), the keying of the groups
-(Alg. 3 or :mod:`fairbus.pairwise`) and what evaluations are re-derived with (the model
-and the committed test set, :mod:`fairbus.ledger.verify`); a future consensus-critical
+(Alg. 3 or :mod:`fairbus.pairwise`), what evaluations are re-derived with (the model
+and the committed test set, :mod:`fairbus.ledger.verify`) and the protocol the task
+runs (the fairness paper's, or SecCL's with its θ and λ); a future consensus-critical
 parameter goes into :class:`TaskParams` and the message, and nowhere else.
 """
 
@@ -26,8 +27,18 @@ from typing import Any
 from fairbus.detection import DetectionParams
 from fairbus.errors import FairbusError, SchemaError
 from fairbus.exposure import DEFAULT_COLLUSION
+from fairbus.seccl.election import candidate_count
+from fairbus.seccl.sparse import shared_count
 from fairbus.wire.limits import DEFAULT_LIMITS
-from fairbus.wire.messages import DEFAULT_KEYING, DetectionPolicy, EvaluationSpec, TaskStart
+from fairbus.wire.messages import (
+    DEFAULT_KEYING,
+    DEFAULT_MODE,
+    MODES,
+    SECCL,
+    DetectionPolicy,
+    EvaluationSpec,
+    TaskStart,
+)
 
 PHASE_TIMEOUT = 300.0
 """Seconds a user may stay silent after an announcement before it counts as dropped (the
@@ -87,9 +98,33 @@ class TaskParams:
     trains ``local_epochs`` passes over its own data. Recorded so that anyone can see
     what every user was asked to do; the ledger cannot check private training."""
 
+    mode: str = DEFAULT_MODE
+    """The protocol the task runs (:data:`~fairbus.wire.messages.MODES`): ``fairness``
+    (the provider machine, Alg. 1-6) or ``seccl`` (:mod:`fairbus.protocol.seccl_provider`,
+    the consensus contract :mod:`fairbus.ledger.seccl`)."""
+    theta: float | None = None
+    """SecCL's θ, the fraction of parameter changes each participant shares (the paper:
+    0.1); set exactly when the mode is ``seccl``."""
+    candidate_share: float | None = None
+    """SecCL's λ, the fraction of participants the election makes candidates (the paper:
+    0.2 and 0.4); set exactly when the mode is ``seccl``."""
+
     def __post_init__(self) -> None:
         if isinstance(self.collusion, bool) or not isinstance(self.collusion, int):
             raise SchemaError(f"the collusion bound must be a whole number, not {self.collusion!r}")
+        if self.mode not in MODES:
+            raise SchemaError(f"the task's mode must be one of {list(MODES)}, not {self.mode!r}")
+        seccl = (self.theta, self.candidate_share)
+        if self.mode == SECCL:
+            if self.theta is None or self.candidate_share is None:
+                raise SchemaError("a seccl task names θ (theta) and λ (candidate_share)")
+            try:
+                shared_count(self.theta, 1)
+                candidate_count(self.candidate_share, 1)
+            except FairbusError as exc:
+                raise SchemaError(str(exc)) from None
+        elif seccl != (None, None):
+            raise SchemaError(f"θ and λ belong to a seccl task, not a {self.mode!r} one")
         try:
             wire = self.to_message().to_wire()
         except (TypeError, ValueError, OverflowError) as exc:
@@ -99,7 +134,16 @@ class TaskParams:
     def to_message(self) -> TaskStart:
         """The body of the task-start transaction."""
         policy = DetectionPolicy(**dataclasses.asdict(self.detection))
-        return TaskStart(policy, self.collusion, self.keying, self.evaluation, self.local_steps)
+        return TaskStart(
+            policy,
+            self.collusion,
+            self.keying,
+            self.evaluation,
+            self.local_steps,
+            self.mode,
+            self.theta,
+            self.candidate_share,
+        )
 
     @classmethod
     def from_message(cls, message: TaskStart) -> TaskParams:
@@ -113,6 +157,9 @@ class TaskParams:
                 message.keying,
                 message.evaluation,
                 message.local_steps,
+                message.mode,
+                message.theta,
+                message.candidate_share,
             )
         except FairbusError as exc:
             raise SchemaError(f"task_start: {exc}") from None

@@ -114,6 +114,24 @@ def uploads(task: str) -> str:
     return f"fairbus/{task}/user/+/upload"
 
 
+def user_messages(task: str, kind: str) -> str:
+    """Every user's publications of ``kind``: SecCL's ``seccl_update`` (type (a)) and
+    ``seccl_evaluation`` (type (b)) messages, each with its ledger receipt."""
+    return f"fairbus/{task}/user/+/{kind}"
+
+
+def seccl_changes(task: str) -> str:
+    """SecCL's type (a) messages (the participants' shared changes, each with its
+    receipt): on the bulletin board, so every participant reads them ("Message
+    Interaction Protocol": each participant evaluates the others' changes)."""
+    return user_messages(task, "seccl_update")
+
+
+def seccl_evaluations(task: str) -> str:
+    """SecCL's type (b) messages: only the server (and the ledger) read them."""
+    return user_messages(task, "seccl_evaluation")
+
+
 def user_presences(task: str) -> str:
     return f"fairbus/{task}/user/+/presence"
 

@@ -35,9 +35,14 @@ def permissions(task: str, role: Role, pid: int) -> Permissions:
     )
     read: tuple[str, ...]
     if role is Role.USER:
-        read = (topics.provider_messages(task), topics.direct_inbox(task, pid), *ledger_replies)
+        # SecCL's changes are on the bulletin board: every participant evaluates the
+        # others' (SecCL, "Message Interaction Protocol"). In a fairness task nothing is
+        # recorded there (the ledger refuses the type: wrong_mode), so nothing is read.
+        read = (topics.provider_messages(task), topics.direct_inbox(task, pid),
+                topics.seccl_changes(task), *ledger_replies)  # fmt: skip
     elif role is Role.PROVIDER:
-        read = (topics.uploads(task), topics.user_presences(task), *ledger_replies)
+        read = (topics.uploads(task), topics.user_presences(task), topics.seccl_changes(task),
+                topics.seccl_evaluations(task), *ledger_replies)  # fmt: skip
     elif role is Role.LEDGER:
         read = (f"{root}/#",)
     elif role is Role.ADMIN:

@@ -156,46 +156,68 @@ def evaluation_bench(
         "mnist_cnn", help="mnist_cnn (the paper's), cifar10_cnn or digits_cnn."
     ),
     samples: int = typer.Option(1000, help="Test samples (MNIST's test set has 10,000)."),
+    digits: bool = typer.Option(
+        False, "--digits-test-set", help="digits_cnn on scikit-learn's digits test set (450)."
+    ),
+    groups: int = typer.Option(
+        8, min=1, help="G, the group models evaluated together (8: a round at 9 users)."
+    ),
     repeats: int = typer.Option(5, help="Evaluations to time (medians reported)."),
     threads: int = typer.Option(1, help="Torch threads."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
 ) -> None:
     """What the ledger's re-derivation of an evaluation costs (issue 13): per group, the
     sum of the masked uploads and the exact fixed-point evaluation on the committed test
-    set, beside the float32 evaluation the provider ran before; per round at 9 users
-    (8 groups) with the contributions."""
+    set, beside the float32 evaluation the provider ran before; G group models evaluated
+    separately and in one batched pass (issue 16, item 3); per round with G groups, with
+    the contributions. Exits 1 if a batched count differs from the separate one."""
     from fairbus.bench import evaluation
 
     if model not in evaluation.INPUT_SHAPES:
         raise typer.BadParameter(
             f"choose one of {sorted(evaluation.INPUT_SHAPES)}", param_hint="--model"
         )
+    if digits and model != "digits_cnn":
+        raise typer.BadParameter("only with --model digits_cnn", param_hint="--digits-test-set")
     with Progress(console=console, transient=True) as progress:
         task = progress.add_task("evaluating", total=repeats)
         result = evaluation.run(
             model, samples, repeats, threads,
             progress=lambda done: progress.update(task, completed=done),
+            groups=groups, digits=digits,
         )  # fmt: skip
+    g = result.groups
     rows = {
         "float32 evaluation (before), s": result.float_s,
         "exact evaluation, s": result.exact_s,
         "exact / float32": result.exact_s / result.float_s,
         "sum of 3 masked uploads, s": result.aggregate_s,
         "per group (sum + exact evaluation), s": result.group_s,
-        "contributions of 8 groups, s": result.contributions_s,
-        "per round at 9 users (8 groups), s": result.round_s,
+        f"{g} exact evaluations, one-model pass before issue 16, s": result.unbatched_s,
+        f"{g} exact evaluations, one call each, s": result.separate_s,
+        f"one batched exact evaluation of {g}, s": result.batched_s,
+        "before issue 16 / batched": result.unbatched_s / result.batched_s,
+        "one call each / batched": result.separate_s / result.batched_s,
+        f"contributions of {g} groups, s": result.contributions_s,
+        f"per round, {g} groups (sums + batched evaluation + contributions), s": result.round_s,
     }
+    test_set = "the digits test set" if digits else "synthetic"
     if as_json:
-        console.print_json(json.dumps({"model": model, "samples": samples,
-                                       "threads": threads, **rows}))  # fmt: skip
-        return
-    table = Table(title=f"Re-deriving an evaluation: {model}, {samples:,} test samples, "
-                  f"{threads} thread(s)")  # fmt: skip
-    table.add_column("what")
-    table.add_column("value", justify="right")
-    for name, value in rows.items():
-        table.add_row(name, f"{value:.3f}")
-    console.print(table)
+        console.print_json(json.dumps({"model": model, "samples": result.samples,
+                                       "test_set": test_set, "threads": threads, "groups": g,
+                                       "batched_equal": result.batched_equal, **rows}))  # fmt: skip
+    else:
+        table = Table(title=f"Re-deriving an evaluation: {model}, {result.samples:,} test "
+                      f"samples ({test_set}), {threads} thread(s), G = {g}")  # fmt: skip
+        table.add_column("what")
+        table.add_column("value", justify="right")
+        for name, value in rows.items():
+            table.add_row(name, f"{value:.3f}")
+        console.print(table)
+        verdict = "[green]equal[/]" if result.batched_equal else "[red]NOT equal[/]"
+        console.print(f"batched counts and the separate ones, model by model: {verdict}")
+    if not result.batched_equal:
+        raise typer.Exit(1)
 
 
 class Suite(StrEnum):
@@ -617,6 +639,89 @@ def privacy_bench(
     )
 
 
+@app.command("scale")
+def scale_bench(
+    users: list[int] = typer.Option(
+        [9, 30, 100, 300, 1_000], "--users", help="User counts (repeat the option)."
+    ),
+    key_share: list[float] = typer.Option(
+        [0.0, 0.2], "--key-share", help="Shares of key users (repeat the option)."
+    ),
+    bound: list[int] = typer.Option([1, 2], "--c", help="Collusion bounds c (repeat)."),
+    repeats: int = typer.Option(5, min=1, help="Groupings per setting (median and max)."),
+    block: int | None = typer.Option(
+        None, min=1, help="Users per block of make_grouping (default fairbus.grouping.BLOCK)."
+    ),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
+) -> None:
+    """The provider's grouping and the exact exposure check at scale (issue 16): the time
+    of make_grouping plus check_grouping (median and max over REPEATS groupings), groups
+    per round, focus groups per key user, basic groupings and the connected components
+    the check runs on. Targets (c = 1, key users up to 20%): ≤ 0.5 s at 100 users, ≤ 10 s
+    at 1,000. Exits 1 if a targeted setting misses its target."""
+    from dataclasses import asdict, replace
+
+    from fairbus.bench import scale
+
+    params = scale.GroupingParams(
+        DEFAULTS.basic_groupings, DEFAULTS.key_repeats, DEFAULTS.reference_groups
+    )
+    if block is not None:
+        params = replace(params, block=block)
+    total = len(users) * len(key_share) * len(bound) * repeats
+    with Progress(console=console, transient=True) as progress:
+        task = progress.add_task("grouping", total=total)
+
+        started = [0]
+
+        def tick(n: int, keys: int, c: int, done: int) -> None:
+            progress.update(
+                task,
+                completed=started[0],
+                description=f"{n} users, {keys} key, c = {c}: grouping {done + 1}/{repeats}",
+            )
+            started[0] += 1
+
+        report = scale.run(users, key_share, bound, repeats, params, tick)
+    missed = [r for r in report.rows if r.meets_target is False]
+    if as_json:
+        rows = [{**asdict(r), "meets_target": r.meets_target} for r in report.rows]
+        console.print_json(json.dumps({**asdict(report), "rows": rows}))
+    else:
+        table = Table(
+            title=(
+                f"make_grouping + check_grouping (exact), {repeats} groupings per setting "
+                f"(basic ≤ {params.basic_groupings}, KIN {params.key_repeats}, "
+                f"{params.references} reference groups, blocks of {params.block})"
+            )
+        )
+        for column in (
+            "users", "key", "c", "s median / max", "target", "check s median", "groups",
+            "focus / key user", "basic", "components", "largest",
+        ):  # fmt: skip
+            table.add_column(column, justify="right")
+        for r in report.rows:
+            target = "" if r.target_s is None else f"≤ {r.target_s:g} s"
+            if r.meets_target is not None:
+                target += " ok" if r.meets_target else " MISSED"
+            table.add_row(
+                str(r.users), str(r.key_users), str(r.c),
+                f"{r.total_s_median:.3f} / {r.total_s_max:.3f}", target,
+                f"{r.check_s_median:.4f}", f"{r.groups_mean:.1f}",
+                "–" if r.focus_per_key_mean is None else f"{r.focus_per_key_mean:.2f}",
+                f"{r.basic_groupings_mean:.2f}", f"{r.components_mean:.1f}",
+                str(r.largest_component),
+            )  # fmt: skip
+        console.print(table)
+        console.print(
+            f"{report.elapsed_s:.0f} s. Groups of max(3, c + 2); 'components': connected "
+            "components of the grouping (the check runs on each), 'largest': users in the "
+            "largest; every grouping passed the exact check."
+        )
+    if missed:
+        raise typer.Exit(1)
+
+
 @app.command("failover")
 def failover_bench(
     kills: int = typer.Option(5, help="kill -9 of the active provider, this many times."),
@@ -648,3 +753,68 @@ def failover_bench(
         table.add_row(r.mode, f"{r.median_s:.2f} s", f"{r.worst_s:.2f} s",
                       ", ".join(f"{p:.1f}" for p in r.pauses_s), targets[r.mode])  # fmt: skip
     console.print(table)
+
+
+@app.command("seccl")
+def seccl_bench(
+    figure: str = typer.Option("all", help="4 | 5 | all: SecCL's Fig. 4, Fig. 5, or both."),
+    rounds: int = typer.Option(10, min=1, help="Rounds per run."),
+    dataset: str = typer.Option("digits", help="digits | mnist | … (as `fairbus simulate`)."),
+    data_dir: Path | None = typer.Option(None, help="Directory of MNIST IDX files."),
+    seed: int = typer.Option(0, help="Seed for the data split and the initial model."),
+    theta: float = typer.Option(0.1, help="θ, the fraction of changes shared (paper: 0.1)."),
+    local_epochs: int = typer.Option(
+        TrainConfig.local_epochs, help="Local epochs per round (the paper names none)."
+    ),
+    baseline_epochs: int = typer.Option(
+        20, min=1, help="Epochs of the all-data baseline (the dashed line)."
+    ),
+    workers: int = typer.Option(1, min=1, help="Runs in parallel (processes)."),
+    out: Path = typer.Option(Path("out/seccl"), help="Where fig4.png, fig5.png and JSON go."),
+) -> None:
+    """SecCL's experiments: Fig. 4 (20 and 30 participants, λ 0.2 and 0.4, no attackers,
+    against training on all the data) and Fig. 5 (20 participants, λ 0.2, ε 0.1–0.3
+    colluding label-flippers from round 5). Writes OUT/fig4.png, OUT/fig5.png and the
+    curves as JSON; every run is a whole `fairbus simulate --mode seccl` (ledger
+    included)."""
+    from dataclasses import replace
+
+    from fairbus.bench import seccl
+    from fairbus.seccl_simulation import PAPER_TRAINING
+
+    if figure not in ("4", "5", "all"):
+        raise typer.BadParameter(f"--figure must be 4, 5 or all, not {figure!r}")
+    train = replace(PAPER_TRAINING, local_epochs=local_epochs)
+    base = replace(
+        seccl.DEFAULT_BASE,
+        rounds=rounds,
+        dataset=dataset,
+        data_dir=data_dir,
+        seed=seed,
+        theta=theta,
+        train=train,
+    )
+
+    def done(run: seccl.Run, curve: list[float]) -> None:
+        console.print(f"{run.label}: " + " ".join(f"{a:.3f}" for a in curve))
+
+    try:
+        if figure in ("4", "all"):
+            reference = seccl.baseline(base, baseline_epochs)
+            console.print(f"all data, {baseline_epochs} epochs: {reference:.4f}")
+            curves = seccl.run_figure(seccl.figure4_runs(base), workers=workers, on_done=done)
+            for n in seccl.FIG4_USERS:
+                mine = [(label, c) for label, c in curves if label.startswith(f"N = {n},")]
+                title = f"SecCL Fig. 4: {n} participants, {dataset}"
+                path = seccl.write_figure(f"fig4_n{n}", title, mine, out, reference)
+                console.print(f"wrote {path}")
+        if figure in ("5", "all"):
+            curves = seccl.run_figure(seccl.figure5_runs(base), workers=workers, on_done=done)
+            title = (
+                f"SecCL Fig. 5: 20 participants, λ = 0.2, label-flippers from round 5, {dataset}"
+            )
+            path = seccl.write_figure("fig5", title, curves, out, None)
+            console.print(f"wrote {path}")
+    except FairbusError as exc:
+        console.print(f"[red]error:[/] {exc}")
+        raise typer.Exit(2) from None

@@ -91,7 +91,13 @@ def print_report(what: str, report: auditing.Report) -> None:
         console.print(
             f"[green]{what}: OK[/] — {report.blocks} blocks, {report.transactions} transactions"
         )
-        if report.task is not None:
+        if report.task is not None and report.task.mode == "seccl":
+            task = report.task
+            console.print(
+                f"  SecCL task: θ {task.theta}, λ {task.candidate_share}; every election and "
+                "new global model re-derived by the consensus contract"
+            )
+        elif report.task is not None:
             policy = ", ".join(f"{k} {v}" for k, v in vars(report.task.detection).items())
             console.print(f"  Alg. 6 policy recorded at task start: {policy}")
             task = report.task

@@ -58,6 +58,10 @@ def provider(
     Writes STATE/provider/rounds.jsonl (one JSON line per round) and the global model.
     A mistake in the configuration, roster, key files, state folder or broker login is
     one line and exit status 2; an unreachable broker is waited for (and said so).
+
+    A task whose mode is 'seccl' runs SecCL's server instead: the participants' top-θ
+    changes and peer evaluations, the Borda election and the new global model, all on
+    the ledger, with a deadline per phase (no restart from the ledger, no standby yet).
     """
     from fairbus.runtime.config import RuntimeConfig, RuntimeConfigError
     from fairbus.runtime.provider import ProviderRuntime
@@ -69,6 +73,16 @@ def provider(
                 f"{config} [provider]: --standby needs 'etcd' (the members through which "
                 "providers elect the active one)"
             )
+        if settings.seccl:  # SecCL's server (fairbus.runtime.seccl_provider)
+            from fairbus.runtime.seccl_provider import SecclProviderRuntime
+
+            if standby or settings.provider.etcd:
+                raise RuntimeConfigError(
+                    f"{config}: a task whose mode is 'seccl' has no hot standby yet "
+                    "(remove --standby and [provider] etcd)"
+                )
+            _run_until_stopped(lambda: SecclProviderRuntime(settings).run())
+            return
         _run_until_stopped(lambda: ProviderRuntime(settings).run())
     except (FairbusError, *STOPPERS) as exc:
         stop(console, exc, failed="provider stopped")
@@ -89,12 +103,20 @@ def user(
     STATE/user-ID across restarts. Exits with status 3 when excluded as a violator; a
     mistake in the configuration, roster, key files, state folder or broker login is one
     line and exit status 2; an unreachable broker is waited for (and said so).
+
+    In a task whose mode is 'seccl', a SecCL participant instead: it shares the top θ
+    of its parameter changes and evaluates the others' on its own validation data.
     """
     from fairbus.runtime.config import RuntimeConfig
     from fairbus.runtime.user import EXCLUDED_EXIT, UserExcludedError, UserRuntime
 
     try:
         settings = RuntimeConfig.load(config)
+        if settings.seccl:  # a SecCL participant (fairbus.runtime.seccl_user)
+            from fairbus.runtime.seccl_user import SecclUserRuntime
+
+            _run_until_stopped(lambda: SecclUserRuntime(settings, user_id, Attack(attack)).run())
+            return
         _run_until_stopped(lambda: UserRuntime(settings, user_id, Attack(attack)).run())
     except UserExcludedError as exc:
         message = escape(one_line(exc))

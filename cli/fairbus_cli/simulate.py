@@ -17,7 +17,7 @@ from fairbus.errors import FairbusError
 from fairbus.protocol.provider import ProviderConfig
 from fairbus.training.attacks import Attack, Behaviour
 from fairbus.training.config import MAX_LOCAL_STEPS, TrainConfig
-from fairbus.wire.messages import DEFAULT_KEYING
+from fairbus.wire.messages import DEFAULT_KEYING, FAIRNESS, MODES, SECCL
 from fairbus_cli import detection_options as options
 from fairbus_cli import keying_option
 from fairbus_cli.errors import say
@@ -26,6 +26,7 @@ if TYPE_CHECKING:  # torch comes with these: imported only when a command runs
     from fairbus.ledger.records import Block
     from fairbus.roster import Roster
     from fairbus.rounds import RoundRecord
+    from fairbus.seccl_simulation import SecclSimulationConfig
     from fairbus.simulator import DropoutPlan, SimulationConfig
 
 console = Console()
@@ -51,6 +52,11 @@ def _dropout(text: str) -> DropoutPlan:
 
 
 def simulate(
+    mode: str = typer.Option(
+        FAIRNESS,
+        help="fairness (grouping, masking, Alg. 6) | seccl (top-θ changes, peer F-scores, "
+        "the Borda election; SecCL).",
+    ),
     users: int = typer.Option(9, help="Number of users."),
     rounds: int = typer.Option(10, help="Training rounds."),
     seed: int = typer.Option(0, help="Seed for data split, model init and grouping."),
@@ -108,15 +114,38 @@ def simulate(
         help="Every user takes the same number of SGD steps a round; --no-equal-steps: "
         "--local-epochs passes over each user's own data (more data, more steps).",
     ),
-    lr: float = typer.Option(TrainConfig.lr, help="Local SGD learning rate (paper: 0.01)."),
-    batch_size: int = typer.Option(TrainConfig.batch_size, help="Local batch size (paper: 64)."),
+    lr: float | None = typer.Option(
+        None,
+        help=f"Local SGD learning rate (default: the paper's, {TrainConfig.lr}; seccl: 0.02).",
+    ),
+    batch_size: int | None = typer.Option(
+        None, help=f"Local batch size (default: the paper's, {TrainConfig.batch_size}; seccl: 32)."
+    ),
+    theta: float = typer.Option(
+        0.1, help="seccl: θ, the fraction of parameter changes each participant shares."
+    ),
+    candidate_share: float = typer.Option(
+        0.2, help="seccl: λ, the fraction of participants elected as candidates each round."
+    ),
+    validation_share: float = typer.Option(
+        0.2, help="seccl: the share of its own data each participant keeps for validation."
+    ),
+    attack_from: int = typer.Option(
+        1, min=1, help="seccl: the first round in which the attackers attack (and collude)."
+    ),
+    collude: bool = typer.Option(
+        True, help="seccl: attackers give each other the top of their ballots."
+    ),
     out: Path = typer.Option(Path("out/simulate"), help="Where rounds.jsonl and the plots go."),
 ) -> None:
     """Run N users for R rounds in one process with the real protocol and real training.
 
     Writes OUT/rounds.jsonl (one JSON line per round: group and global accuracy, scores,
     intervals, key users, violators, timings, bytes per message type) and the plots
-    OUT/accuracy.png and OUT/scores.png.
+    OUT/accuracy.png and OUT/scores.png. With --mode seccl: SecCL's protocol (the task
+    start records the mode; the ledger re-derives every election and new global model);
+    each line holds the candidates and Borda totals, the plots are OUT/accuracy.png and
+    OUT/candidates.png.
     """
     attacks: dict[int, Attack] = {}
     for ids, behaviour in (
@@ -127,6 +156,38 @@ def simulate(
     ):
         for user in _ids(ids):
             attacks[user] = Attack(behaviour, poison_scale, noise_std)
+    if mode not in MODES:
+        raise typer.BadParameter(f"--mode must be one of {', '.join(MODES)}, not {mode!r}")
+    if mode == SECCL:
+        from fairbus.seccl_simulation import PAPER_TRAINING, SecclSimulationConfig
+
+        if dropout or undefended:
+            raise typer.BadParameter("--dropout and --undefended are not SecCL options")
+
+        seccl = SecclSimulationConfig(
+            users=users,
+            rounds=rounds,
+            seed=seed,
+            dataset=dataset,
+            data_dir=data_dir,
+            partition=partition,  # type: ignore[arg-type]
+            alpha=alpha,
+            train=TrainConfig(
+                lr=PAPER_TRAINING.lr if lr is None else lr,
+                batch_size=PAPER_TRAINING.batch_size if batch_size is None else batch_size,
+                local_epochs=local_epochs,
+                local_steps=local_steps,
+                equal_steps=equal_steps,
+            ),
+            theta=theta,
+            candidate_share=candidate_share,
+            validation_share=validation_share,
+            attacks=attacks,
+            attack_from=attack_from,
+            collude=collude,
+        )
+        execute_seccl(seccl, out)
+        return
     from fairbus.simulator import SimulationConfig
 
     config = SimulationConfig(
@@ -138,8 +199,8 @@ def simulate(
         partition=partition,  # type: ignore[arg-type]
         alpha=alpha,
         train=TrainConfig(
-            lr=lr,
-            batch_size=batch_size,
+            lr=TrainConfig.lr if lr is None else lr,
+            batch_size=TrainConfig.batch_size if batch_size is None else batch_size,
             local_epochs=local_epochs,
             local_steps=local_steps,
             equal_steps=equal_steps,
@@ -294,3 +355,61 @@ def print_summary(records: list[RoundRecord], attacks: dict[int, Attack]) -> Non
         f"attackers {sorted(attackers) or '–'}; excluded {sorted(excluded) or '–'}; "
         f"honest users excluded: {sorted(excluded - attackers) or 'none'}"
     )
+
+
+def execute_seccl(config: SecclSimulationConfig, out: Path) -> list[RoundRecord]:
+    """Run a SecCL simulation with a progress bar; write rounds.jsonl, accuracy.png and
+    candidates.png and the ledger; print a summary; audit the ledger."""
+    from fairbus.plots import plot_accuracy, plot_candidates
+    from fairbus.seccl_simulation import SecclSimulation
+    from fairbus_cli.ledger import print_report
+    from fairbus_ledger_service import audit as auditing
+
+    out.mkdir(parents=True, exist_ok=True)
+    ledger = SimulationLedger(out / "ledger")
+    try:
+        with (
+            (out / "rounds.jsonl").open("w", encoding="utf-8") as sink,
+            rounds_progress() as progress,
+        ):
+            task = progress.add_task("rounds", total=config.rounds, acc="–")
+
+            def on_round(record: RoundRecord) -> None:
+                sink.write(json.dumps(record.to_json()) + "\n")
+                sink.flush()
+                progress.update(task, advance=1, acc=f"{record.global_accuracy:.3f}")
+
+            with console.status("loading data and keys…"):
+                simulation = SecclSimulation(config, on_blob=ledger.blobs.put)
+            try:
+                records = simulation.run(on_round)
+            finally:
+                ledger.keep(simulation.ledger.blocks, simulation.roster)
+    except FairbusError as exc:
+        say(console, "error", exc)
+        raise typer.Exit(2) from None
+    attackers = set(config.attacks)
+    title = f"SecCL: {config.users} participants, λ = {config.candidate_share}, θ = {config.theta}"
+    plot_accuracy(records, out / "accuracy.png", title)
+    plot_candidates(records, out / "candidates.png", attackers)
+    table = Table(title="SecCL rounds")
+    for column in ("round", "global acc", "candidates", "attackers elected", "bytes"):
+        table.add_column(column, justify="right")
+    for r in records:
+        table.add_row(
+            str(r.round),
+            f"{r.global_accuracy:.3f}" + (" (failed)" if r.failed else ""),
+            ",".join(map(str, r.candidates)) or "–",
+            ",".join(
+                str(u) for u in r.candidates if u in attackers and r.round >= config.attack_from
+            )
+            or "–",
+            f"{sum(r.bytes.values()):,}",
+        )
+    console.print(table)
+    console.print(f"wrote {out / 'rounds.jsonl'}, {out / 'accuracy.png'}, {out / 'candidates.png'}")
+    console.print(f"ledger: {ledger.config} (`fairbus audit --config {ledger.config}`)")
+    if ledger.roster is None:
+        raise typer.Exit(2)
+    print_report("audit", auditing.audit(ledger.raw_blocks(), ledger.roster, ledger.blobs))
+    return records

@@ -82,7 +82,8 @@ class InProcessLedger:
 
     def _append_with_payload(self, tx: Transaction, env: SignedEnvelope) -> Location:
         """Admit ``tx`` with its payload at hand (the evaluation check reads it); an
-        upload's payload is dropped once its round is decided, the rest kept."""
+        upload's payload (a SecCL change's) is dropped once its round is decided (its
+        candidates recorded), the rest kept."""
         kind = env.header.type
         digest = env.header.payload_sha256
         held = is_model_sized(kind) and digest not in self._blobs
@@ -94,9 +95,9 @@ class InProcessLedger:
             if held:
                 del self._blobs[digest]
             raise
-        if held and kind == "upload":
+        if held and kind in ("upload", "seccl_update"):
             self._round_blobs.append(digest)
-        if kind == "decision":
+        if kind in ("decision", "seccl_candidates"):
             for done in self._round_blobs:
                 self._blobs.pop(done, None)
             self._round_blobs = []

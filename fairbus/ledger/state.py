@@ -16,6 +16,11 @@ The detection contract (the ledger issue; Algorithm 6 of the fairness paper): a 
 is admitted only if Algorithm 6, re-derived here from the round's recorded grouping and
 evaluation with the recorded :class:`~fairbus.detection.DetectionParams`, names the same
 key users and violators, scores and τ. The provider cannot exclude anyone on its own word.
+
+A task whose task start records the mode ``seccl`` runs SecCL's consensus contract
+instead (:mod:`fairbus.ledger.seccl`: the Borda election and the new global model
+re-derived from the recorded evaluations and changes); each mode's round-scoped types
+are refused in the other (``wrong_mode``).
 """
 
 from __future__ import annotations
@@ -24,7 +29,7 @@ import hashlib
 from collections.abc import Iterable
 from dataclasses import KW_ONLY, dataclass, field, replace
 from enum import StrEnum
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 from nacl.exceptions import BadSignatureError
 
@@ -55,7 +60,9 @@ from fairbus.wire.limits import DEFAULT_LIMITS, WireLimits
 from fairbus.wire.messages import (
     DEFAULT_KEYING,
     MESSAGE_TYPES,
+    SECCL,
     Announce,
+    Candidates,
     Decision,
     Evaluation,
     GroupSpec,
@@ -64,6 +71,9 @@ from fairbus.wire.messages import (
     TaskStart,
     decode_body,
 )
+
+if TYPE_CHECKING:
+    from fairbus.ledger.seccl import SecclRecord
 
 
 class RefusalReason(StrEnum):
@@ -84,6 +94,13 @@ class RefusalReason(StrEnum):
     MISSING_PAYLOAD = "missing_payload"
     """This node lacks a payload the transaction is re-derived from (a model-sized
     payload travels on the bus after its commit); the submitter may relay it and retry."""
+    NOT_PARTICIPANT = "not_participant"
+    """SecCL: a type (a) or (b) message from a user who is not a participant of the round
+    (:mod:`fairbus.ledger.seccl`)."""
+    SELF_EVALUATION = "self_evaluation"
+    """SecCL: a type (b) message that evaluates its sender's own upload."""
+    WRONG_MODE = "wrong_mode"
+    """A transaction type of the other protocol than the task's recorded mode."""
 
 
 class RefusedError(FairbusError):
@@ -178,6 +195,9 @@ class LedgerState:
     last_block: Block | None = None
     round_index: dict[int, set[bytes]] = field(default_factory=dict)
     """Round → hashes of the transactions scoped to it (for round queries)."""
+    seccl_rounds: dict[int, SecclRecord] = field(default_factory=dict)
+    """Round → what the ledger holds about it, in a ``seccl`` task
+    (:mod:`fairbus.ledger.seccl`)."""
     blob_index: dict[bytes, frozenset[tuple[str, int]]] = field(default_factory=dict)
     """Payload SHA-256 of every recorded model-sized transaction (its payload is in the
     blob stores, not in a block) → the (type, sender) of each transaction that names it:
@@ -192,8 +212,10 @@ class LedgerState:
 
     def payloads_needed(self, txs: Iterable[Transaction]) -> set[bytes]:
         """The payload SHA-256s that admitting ``txs`` reads (a task start's test set,
-        an evaluation's uploads and global model): a ledger node takes model-sized
-        payloads from the bus, so it waits for these before it admits the batch."""
+        an evaluation's uploads and global model, a SecCL election's changes and global
+        model): a ledger node takes model-sized payloads from the bus, so it waits for
+        these before it admits the batch."""
+        txs = list(txs)
         needed: set[bytes] = set()
         for message, record in self._re_derived(txs):
             if isinstance(message, TaskStart) and message.evaluation is not None:
@@ -202,6 +224,27 @@ class LedgerState:
                 gids = {e.gid for e in message.accuracies}
                 needed.add(record.global_blob)
                 needed |= {d for (gid, _), d in record.upload_blobs if gid in gids}
+        return needed | self._seccl_payloads(txs)
+
+    def _seccl_payloads(self, txs: Iterable[Transaction]) -> set[bytes]:
+        """What admitting the SecCL candidates among ``txs`` reads (the round's global
+        model and the candidates' changes: :mod:`fairbus.ledger.seccl`)."""
+        from fairbus.ledger import seccl
+
+        needed: set[bytes] = set()
+        if self.evaluations is None:
+            return needed
+        for tx in txs:
+            try:
+                header = tx.envelope.header
+                if header.type != "seccl_candidates" or header.round is None:
+                    continue
+                message = check_transaction(tx, self.roster, self.limits)
+            except FairbusError:
+                continue
+            if isinstance(message, Candidates):
+                record = self.seccl_rounds.get(header.round)
+                needed |= seccl.payloads_needed(record, message)
         return needed
 
     def prepare_evaluations(self, txs: Iterable[Transaction]) -> None:
@@ -275,6 +318,7 @@ class LedgerState:
                 owners = self.blob_index.get(header.payload_sha256, frozenset())
                 self.blob_index[header.payload_sha256] = owners | {(header.type, header.sender)}
         self.rounds.update(draft.rounds)
+        self.seccl_rounds.update(draft.seccl_rounds)
         self.current_round = draft.current_round
         self.key_users = draft.key_users
         self.excluded = draft.excluded
@@ -299,6 +343,7 @@ class Draft:
         self.heads: dict[int, bytes] = {}
         self.hashes: dict[bytes, int] = {}
         self.rounds: dict[int, RoundRecord] = {}
+        self.seccl_rounds: dict[int, SecclRecord] = {}
         self.current_round = state.current_round
         self.key_users = state.key_users
         self.excluded = state.excluded
@@ -320,6 +365,9 @@ class Draft:
 
     def round(self, number: int) -> RoundRecord | None:
         return self.rounds.get(number, self.state.rounds.get(number))
+
+    def seccl_round(self, number: int) -> SecclRecord | None:
+        return self.seccl_rounds.get(number, self.state.seccl_rounds.get(number))
 
     def admit(self, tx: Transaction) -> Message | None:
         """Check ``tx`` against everything before it and add it to the draft, or raise
@@ -367,12 +415,22 @@ class Draft:
                 f"{kind!r} for round {header.round} before the task started (the provider's "
                 "task_start records the task's parameters first)",
             )
+        if kind == "global_model":
+            self.global_blob = header.payload_sha256
+            return
+        from fairbus.ledger import seccl
+
+        if self.task.mode == SECCL:
+            seccl.admit(self, header, message)
+            return
+        if kind in seccl.SECCL_TYPES:
+            raise RefusedError(
+                RefusalReason.WRONG_MODE,
+                f"a {kind!r} in a {self.task.mode!r} task (its mode is recorded)",
+            )
         r, a = header.round, header.attempt
         if kind == "announce":
             self._announce(r, a, _body(message, Announce))
-            return
-        if kind == "global_model":
-            self.global_blob = header.payload_sha256
             return
         record = self.round(r)
         if record is not None and record.decided:

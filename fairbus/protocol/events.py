@@ -230,3 +230,44 @@ class Excluded:
 Output: TypeAlias = (
     Send | Commit | Train | Evaluate | CloseAttempt | Refused | RoundDone | RoundFailed | Excluded
 )
+
+
+# --- SecCL (fairbus.protocol.seccl_provider, seccl_user) -----------------------------------
+
+
+@dataclass(frozen=True, eq=False)
+class EvaluatePeers:
+    """A SecCL participant's effect: evaluate each of ``models`` (user → the round's
+    global model with that user's recorded changes applied) on this participant's own
+    validation data with the macro F-score; answer with :class:`PeersEvaluated`. A model
+    is None where the user's recorded payload was malformed (its value is then 0)."""
+
+    round: int
+    models: dict[int, npt.NDArray[np.float32] | None]
+
+
+@dataclass(frozen=True)
+class PeersEvaluated:
+    """The driver finished :class:`EvaluatePeers`: user → evaluation value in [0, 1]."""
+
+    round: int
+    scores: dict[int, float]
+
+
+@dataclass(frozen=True, eq=False)
+class SecclRoundDone:
+    """The SecCL server finished a round: the election's result and the new model."""
+
+    round: int
+    participants: tuple[int, ...]
+    candidates: tuple[int, ...]
+    totals: dict[int, int]
+    global_params: npt.NDArray[np.float32]
+
+
+SecclEvent: TypeAlias = (
+    StartRound | ChainHead | Received | Trained | PeersEvaluated | Dropped | Joined | Tick
+)
+"""What the SecCL machines take."""
+SecclOutput: TypeAlias = Commit | Train | EvaluatePeers | Refused | RoundFailed | SecclRoundDone
+"""What the SecCL machines return."""

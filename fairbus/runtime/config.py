@@ -17,10 +17,18 @@ from fairbus.detection import DetectionParams
 from fairbus.errors import FairbusError, OperatorError
 from fairbus.exposure import DEFAULT_COLLUSION
 from fairbus.protocol.provider import ProviderConfig
+from fairbus.seccl import DEFAULT_CANDIDATE_SHARE, DEFAULT_THETA
 from fairbus.task import PHASE_TIMEOUT, detection_table
 from fairbus.training.config import MAX_LOCAL_STEPS, TrainConfig
 from fairbus.training.data import DATASET_MODELS
-from fairbus.wire.messages import DEFAULT_KEYING, KEYINGS, MAX_COLLUSION
+from fairbus.wire.messages import (
+    DEFAULT_KEYING,
+    DEFAULT_MODE,
+    KEYINGS,
+    MAX_COLLUSION,
+    MODES,
+    SECCL,
+)
 
 T = TypeVar("T")
 
@@ -109,6 +117,20 @@ class RuntimeConfig:
     """How group members make their keys (recorded at task start): ``shamir`` (Alg. 3)
     or ``pairwise`` (:mod:`fairbus.pairwise`)."""
     metrics: MetricsSettings = field(default_factory=MetricsSettings)
+    mode: str = DEFAULT_MODE
+    """The protocol the task runs (recorded at task start): ``fairness`` (the provider
+    and user machines of the fairness paper) or ``seccl`` (SecCL's server and
+    participants, :mod:`fairbus.runtime.seccl_provider`, :mod:`fairbus.runtime.seccl_user`)."""
+    theta: float | None = None
+    """SecCL's θ, the fraction of parameter changes a participant shares ("Experimental
+    Evaluation": 0.1); set exactly when the mode is ``seccl``."""
+    candidate_share: float | None = None
+    """SecCL's λ, the fraction of participants elected as candidates (the paper's
+    Fig. 5: 0.2); set exactly when the mode is ``seccl``."""
+
+    @property
+    def seccl(self) -> bool:
+        return self.mode == SECCL
 
     def provider_config(self) -> ProviderConfig:
         p = self.provider
@@ -210,6 +232,7 @@ class RuntimeConfig:
             collusion=top.integer("collusion", DEFAULT_COLLUSION, low=0),
             keying=top.take("keying", str, DEFAULT_KEYING),
             metrics=metrics_settings,
+            **_mode(top, source),
         )
         top.done()
         if config.collusion > MAX_COLLUSION:
@@ -219,6 +242,27 @@ class RuntimeConfig:
                 f"{source}: 'keying' must be one of {', '.join(KEYINGS)}, not {config.keying!r}"
             )
         return config
+
+
+def _mode(top: _Table, source: str) -> dict[str, Any]:
+    """``mode`` and, for a ``seccl`` task, ``theta`` and ``candidate_share`` (SecCL's
+    defaults where absent); θ and λ in any other task are refused."""
+    mode = top.take("mode", str, DEFAULT_MODE)
+    if mode not in MODES:
+        raise RuntimeConfigError(f"{source}: 'mode' must be one of {', '.join(MODES)}, "
+                                 f"not {mode!r}")  # fmt: skip
+    if mode != SECCL:
+        given = sorted(k for k in ("theta", "candidate_share") if k in top.raw)
+        if given:
+            raise RuntimeConfigError(f"{source}: {given} belong to a task whose mode is "
+                                     f"'seccl', not {mode!r}")  # fmt: skip
+        return {"mode": mode}
+    theta = top.number("theta", DEFAULT_THETA, low=0.0)
+    share = top.number("candidate_share", DEFAULT_CANDIDATE_SHARE, low=0.0)
+    for key, value in (("theta", theta), ("candidate_share", share)):
+        if not 0.0 < value <= 1.0:
+            raise RuntimeConfigError(f"{source}: {key!r} must be in (0, 1], got {value}")
+    return {"mode": mode, "theta": theta, "candidate_share": share}
 
 
 def _endpoint(value: object, source: str) -> tuple[str, int]:

@@ -170,6 +170,8 @@ class ProviderRuntime:
         self._test_set: bytes | None = None
         """The round's uploads as received and the task's test set, recorded envelopes
         to relay to a ledger node that lacks one when it re-derives an evaluation."""
+        self._to_evaluate: list[Evaluate] = []
+        """The machine's Evaluate effects not carried out yet (one batch, when idle)."""
 
     # --- bus ---------------------------------------------------------------------------------
 
@@ -351,11 +353,17 @@ class ProviderRuntime:
         self._record = record
         self._round_over.clear()
         self._round_uploads = []
+        self._to_evaluate = []  # a rebuilt machine answers no earlier machine's effects
         start = time.perf_counter()
         await self._carry_out(await self._step(StartRound(time.time())))
         record.timings_s["announce"] = time.perf_counter() - start
         while not self._round_over.is_set():
-            await self._feed(await self._inbox.get())
+            # Complete groups wait for their evaluation until the events that came in
+            # meanwhile are handled: those that complete more groups then join the batch.
+            if self._to_evaluate and self._inbox.empty():
+                await self._evaluate_pending()
+            else:
+                await self._feed(await self._inbox.get())
         record.timings_s["round"] = time.perf_counter() - start
         self.metrics.round_ended(record)
         if record.failed is None:
@@ -396,7 +404,7 @@ class ProviderRuntime:
             elif isinstance(out, Send):
                 await self._publish(out.kind, out.data)
             elif isinstance(out, Evaluate):
-                await self._evaluate(out)
+                self._to_evaluate.append(out)  # evaluated together, see _play_round
             elif isinstance(out, CloseAttempt):
                 await self._close_attempt(out)
             elif isinstance(out, RoundDone):
@@ -486,15 +494,25 @@ class ProviderRuntime:
         closed = AttemptClosed(effect.round, effect.attempt, uploads)
         await self._carry_out(await self._step(closed))
 
-    async def _evaluate(self, effect: Evaluate) -> None:
-        assert self._evaluator is not None and self.machine is not None and self._record
+    async def _evaluate_pending(self) -> None:
+        """The group models the machine asked for and not yet evaluated, in one batched
+        pass (``ExactEvaluator.corrects``, issue 16, item 3), answered in the order asked.
+        The machine only records an accuracy until it holds every group's, so answering
+        once the events that came meanwhile are handled changes none of its decisions,
+        and the accuracies are the per-group ones."""
+        assert self._evaluator is not None and self._record is not None
+        effects, self._to_evaluate = self._to_evaluate, []
         start = time.perf_counter()
-        accuracy = await asyncio.to_thread(self._evaluator.accuracy, effect.params)
+        accuracies = await asyncio.to_thread(
+            self._evaluator.accuracies, [effect.params for effect in effects]
+        )
         self._record.timings_s["evaluation"] += time.perf_counter() - start
-        start = time.perf_counter()
-        outputs = await self._step(Evaluated(effect.round, effect.attempt, effect.gid, accuracy))
-        self._record.timings_s["detection"] += time.perf_counter() - start
-        await self._carry_out(outputs)
+        for effect, accuracy in zip(effects, accuracies, strict=True):
+            start = time.perf_counter()
+            event = Evaluated(effect.round, effect.attempt, effect.gid, accuracy)
+            outputs = await self._step(event)
+            self._record.timings_s["detection"] += time.perf_counter() - start
+            await self._carry_out(outputs)
 
     async def _done(self, done: RoundDone) -> None:
         assert self._record is not None and self._evaluator is not None

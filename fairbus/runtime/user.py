@@ -59,6 +59,7 @@ from fairbus.wire.messages import MESSAGE_TYPES
 from fairbus_ledger_service.client import LedgerClient, LedgerTimeoutError
 
 if TYPE_CHECKING:
+    from fairbus.training.data import Dataset
     from fairbus.training.local import Trainer
 
 log = logging.getLogger("fairbus.user")
@@ -314,28 +315,42 @@ class UserRuntime:
     # --- data ------------------------------------------------------------------------------------
 
     def _build_trainer(self) -> Trainer:
-        from fairbus.training.data import load_dataset, partition
         from fairbus.training.local import Trainer
 
         t = self.config.training
-        if t.threads:
-            import torch
-
-            torch.set_num_threads(t.threads)
-        train, _ = load_dataset(t.dataset, t.data_dir, seed=t.seed)
-        users = sorted(self.roster.with_role(Role.USER))
-        describe: dict[str, object] = {
-            "dataset": t.dataset, "partition": t.partition, "alpha": t.alpha, "seed": t.seed,
-            "users": users, "samples": len(train),
-        }  # fmt: skip
-        indices = self.state.partition(describe)
-        if indices is None:
-            parts = partition(train, len(users), t.partition, t.alpha, t.seed)
-            indices = parts[users.index(self.me)]
-            self.state.save_partition(describe, indices)
+        train, indices = own_share(self.config, self.roster, self.me, self.state)
+        users = self.roster.with_role(Role.USER)
         return Trainer(
             t.model_name,
             train.subset(indices),
             t.train.for_task(len(train), len(users)),
             seed=trainer_seed(t.seed, self.me),
         )
+
+
+def own_share(
+    config: RuntimeConfig, roster: Roster, me: int, state: UserState
+) -> tuple[Dataset, npt.NDArray[np.int64]]:
+    """The task's training set and the indices of user ``me``'s share of it: the
+    configuration's split, fixed in the user's state folder at its first start (a
+    restart trains on the same data). Sets torch's threads first (``[training]
+    threads``). Shared by the fairness user and the SecCL participant."""
+    from fairbus.training.data import load_dataset, partition
+
+    t = config.training
+    if t.threads:
+        import torch
+
+        torch.set_num_threads(t.threads)
+    train, _ = load_dataset(t.dataset, t.data_dir, seed=t.seed)
+    users = sorted(roster.with_role(Role.USER))
+    describe: dict[str, object] = {
+        "dataset": t.dataset, "partition": t.partition, "alpha": t.alpha, "seed": t.seed,
+        "users": users, "samples": len(train),
+    }  # fmt: skip
+    indices = state.partition(describe)
+    if indices is None:
+        parts = partition(train, len(users), t.partition, t.alpha, t.seed)
+        indices = parts[users.index(me)]
+        state.save_partition(describe, indices)
+    return train, indices

@@ -81,11 +81,23 @@ class Evaluator:
     def accuracy(self, params: npt.NDArray[np.float32]) -> float:
         if not np.isfinite(params).all():
             return 0.0
+        predictions = torch.from_numpy(self.predict(params))
+        return float((predictions == self.data.y).float().mean())
+
+    def predict(self, params: npt.NDArray[np.float32]) -> npt.NDArray[np.int64]:
+        """The predicted class of every sample (a SecCL participant's F-score of another's
+        upload, :func:`fairbus.seccl.macro_f_score`, is taken on these)."""
         load_params(self.model, params.astype(np.float32, copy=False))
         self.model.eval()
         with torch.no_grad():
             predictions = self.model(self.data.x).argmax(1)
-        return float((predictions == self.data.y).float().mean())
+        out: npt.NDArray[np.int64] = predictions.numpy().astype(np.int64)
+        return out
+
+    @property
+    def labels(self) -> npt.NDArray[np.int64]:
+        labels: npt.NDArray[np.int64] = self.data.y.numpy().astype(np.int64)
+        return labels
 
 
 __all__ = ["Evaluator", "TrainConfig", "Trainer"]

@@ -14,10 +14,11 @@ from typing import Any, ClassVar, TypeVar
 
 import numpy as np
 
-from fairbus.errors import SchemaError
+from fairbus.errors import SchemaError, SecclError
 from fairbus.field import FieldVector, P
 from fairbus.grouping import GROUP_KINDS
 from fairbus.roster import Role
+from fairbus.seccl.sparse import SparseChange
 from fairbus.training.config import MAX_LOCAL_STEPS
 from fairbus.wire import codec
 from fairbus.wire.limits import WireLimits
@@ -53,6 +54,16 @@ DEFAULT_KEYING = SHAMIR
 computation, but users then upload without waiting for their group mates, so a dropout
 leaves more complete groups to count, and at 9 users under c = 1 a simulated dropout
 mid-round then found no safe regrouping; until that is settled, they are opt-in."""
+
+
+FAIRNESS = "fairness"
+"""The fairness paper's protocol: grouping, masking, Alg. 6 (the provider machine)."""
+SECCL = "seccl"
+"""SecCL's protocol: top-θ changes, peer F-scores, the Borda election
+(:mod:`fairbus.seccl`, :mod:`fairbus.ledger.seccl`)."""
+MODES = (FAIRNESS, SECCL)
+"""What a task runs; recorded at task start, so the ledger runs that protocol's contract."""
+DEFAULT_MODE = FAIRNESS
 
 
 class Message(WireStruct):
@@ -389,19 +400,180 @@ class CommittedTestSet(Message):
             raise SchemaError(f"test set shape {self.shape}: expected (channels, height, width)")
 
 
+# --- SecCL (../shared/papers/002_095742f01fca1438.txt) ------------------------------------
+
+
+@dataclass(frozen=True)
+class PeerScore(WireStruct):
+    """One evaluation value of a type (b) message: the macro F-score of ``user``'s
+    upload on the evaluator's private validation data."""
+
+    user: int
+    value: float
+    FIELDS: ClassVar[dict[str, Spec]] = {"user": Int(), "value": Float(0.0, 1.0)}
+
+
+@dataclass(frozen=True)
+class BordaTotal(WireStruct):
+    """A participant's total Borda points in a round's election."""
+
+    user: int
+    points: int
+    FIELDS: ClassVar[dict[str, Spec]] = {"user": Int(), "points": Int(0, 2**40)}
+
+
+@message
+@dataclass(frozen=True)
+class SecclAnnounce(Message):
+    """SecCL round r: the global model's hash and size (the model itself is the round's
+    ``global_model`` transaction), the round's participants (ascending), the task's θ
+    and λ, and M, the number of candidates the election picks
+    (:func:`fairbus.seccl.candidate_count` of λ and the participants)."""
+
+    model_sha256: bytes
+    model_params: int
+    participants: tuple[int, ...]
+    theta: float
+    candidate_share: float
+    candidates: int
+    TYPE: ClassVar[str] = "seccl_announce"
+    RECORDED: ClassVar[bool] = True
+    SCOPED: ClassVar[bool] = True
+    SENDERS: ClassVar[frozenset[Role]] = frozenset({Role.PROVIDER})
+    FIELDS: ClassVar[dict[str, Spec]] = {
+        "model_sha256": HASH,
+        "model_params": Int(1, 2**31),
+        "participants": ids(),
+        "theta": Float(0.0, 1.0),
+        "candidate_share": Float(0.0, 1.0),
+        "candidates": Int(1, 2**20),
+    }
+
+
+@message
+@dataclass(frozen=True)
+class SparseUpdate(Message):
+    """SecCL's type (a) message: a participant's shared parameter changes, ``indices``
+    strictly ascending (uint32 little-endian) and their ``values`` (float32
+    little-endian, finite), for a model of ``length`` parameters."""
+
+    length: int
+    indices: bytes
+    values: bytes
+    TYPE: ClassVar[str] = "seccl_update"
+    RECORDED: ClassVar[bool] = True
+    SCOPED: ClassVar[bool] = True
+    MODEL_SIZED: ClassVar[bool] = True
+    SENDERS: ClassVar[frozenset[Role]] = frozenset({Role.USER})
+    FIELDS: ClassVar[dict[str, Spec]] = {
+        "length": Int(1, 2**31),
+        "indices": Bin(),
+        "values": Bin(),
+    }
+
+    @classmethod
+    def of(cls, change: SparseChange) -> SparseUpdate:
+        return cls(
+            change.length,
+            change.indices.astype("<u4").tobytes(),
+            change.values.astype("<f4").tobytes(),
+        )
+
+    def change(self) -> SparseChange:
+        """The change, strictly: a :class:`~fairbus.errors.SchemaError` for anything
+        :class:`~fairbus.seccl.SparseChange` refuses or bytes of the wrong length."""
+        if len(self.indices) % 4 or len(self.values) != len(self.indices):
+            raise SchemaError(
+                f"seccl_update: {len(self.indices)} index bytes, {len(self.values)} value bytes"
+            )
+        indices = np.frombuffer(self.indices, dtype="<u4").astype(np.int64)
+        values = np.frombuffer(self.values, dtype="<f4").astype(np.float32)
+        try:
+            return SparseChange(self.length, indices, values)
+        except SecclError as exc:
+            raise SchemaError(f"seccl_update: {exc}") from None
+
+
+@message
+@dataclass(frozen=True)
+class PeerEvaluation(Message):
+    """SecCL's type (b) message: the evaluator's F-score of every other participant's
+    recorded upload of the round (Eval_{p2→p1} in the paper's Fig. 3), by user."""
+
+    scores: tuple[PeerScore, ...]
+    TYPE: ClassVar[str] = "seccl_evaluation"
+    RECORDED: ClassVar[bool] = True
+    SCOPED: ClassVar[bool] = True
+    SENDERS: ClassVar[frozenset[Role]] = frozenset({Role.USER})
+    FIELDS: ClassVar[dict[str, Spec]] = {"scores": List(Struct(PeerScore))}
+
+    def values(self) -> dict[int, float]:
+        return {s.user: s.value for s in self.scores}
+
+
+SECCL_PHASES = ("uploads", "evaluations")
+"""What a :class:`SecclClose` closes: the type (a) or the type (b) messages of a round."""
+
+
+@message
+@dataclass(frozen=True)
+class SecclClose(Message):
+    """The server closes a phase of a SecCL round at its deadline (not in the paper,
+    whose round waits until "all participants have successfully uploaded"): ``phase``
+    ``uploads`` keeps the type (a) messages of ``users`` (recorded ones, ascending, at
+    least two) and takes no more; ``evaluations`` keeps the type (b) messages of
+    ``users`` (recorded ones) for the election and takes no more
+    (:mod:`fairbus.ledger.seccl`)."""
+
+    phase: str
+    users: tuple[int, ...]
+    TYPE: ClassVar[str] = "seccl_close"
+    RECORDED: ClassVar[bool] = True
+    SCOPED: ClassVar[bool] = True
+    SENDERS: ClassVar[frozenset[Role]] = frozenset({Role.PROVIDER})
+    FIELDS: ClassVar[dict[str, Spec]] = {"phase": names(SECCL_PHASES), "users": ids()}
+
+
+@message
+@dataclass(frozen=True)
+class Candidates(Message):
+    """The consensus contract's result for a round: the candidates in rank order, every
+    uploader's Borda total (ascending ids), and the hash (as announcements name models)
+    of the new global model the candidates' changes give
+    (:func:`fairbus.seccl.aggregate`). The ledger re-derives all three."""
+
+    candidates: tuple[int, ...]
+    totals: tuple[BordaTotal, ...]
+    model_sha256: bytes
+    TYPE: ClassVar[str] = "seccl_candidates"
+    RECORDED: ClassVar[bool] = True
+    SCOPED: ClassVar[bool] = True
+    SENDERS: ClassVar[frozenset[Role]] = frozenset({Role.PROVIDER})
+    FIELDS: ClassVar[dict[str, Spec]] = {
+        "candidates": ids(),
+        "totals": List(Struct(BordaTotal)),
+        "model_sha256": HASH,
+    }
+
+
 @message
 @dataclass(frozen=True)
 class TaskStart(Message):
     """The task's consensus-critical parameters (:class:`fairbus.task.TaskParams`): the
     provider's first transaction, before its first global model. The ledger admits it
     once, before any announcement, and runs its contract with these; nothing round-scoped
-    is admitted before it."""
+    is admitted before it. ``mode`` says which protocol's contract (:data:`MODES`);
+    ``theta`` and ``candidate_share`` are SecCL's θ and λ, set exactly when the mode is
+    ``seccl``."""
 
     detection: DetectionPolicy
     collusion: int
     keying: str = DEFAULT_KEYING
     evaluation: EvaluationSpec | None = None
     local_steps: int | None = None
+    mode: str = DEFAULT_MODE
+    theta: float | None = None
+    candidate_share: float | None = None
     TYPE: ClassVar[str] = "task_start"
     RECORDED: ClassVar[bool] = True
     SENDERS: ClassVar[frozenset[Role]] = frozenset({Role.PROVIDER})
@@ -411,6 +583,9 @@ class TaskStart(Message):
         "keying": names(KEYINGS),
         "evaluation": Optional(Struct(EvaluationSpec)),
         "local_steps": Optional(Int(1, MAX_LOCAL_STEPS)),
+        "mode": names(MODES),
+        "theta": Optional(Float(0.0, 1.0)),
+        "candidate_share": Optional(Float(0.0, 1.0)),
     }
 
 

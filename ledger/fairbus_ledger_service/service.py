@@ -14,8 +14,9 @@ take the first answer. Metrics (:mod:`fairbus_ledger_service.metrics`) are serve
 provider, ledger nodes and admins): anyone else's ``round`` query, ``blob`` query for an
 upload's payload and ``tx`` query for another participant's upload is answered
 ``ok=False`` with a ``role_not_allowed:`` error and nothing else, since the uploads of a
-complete group add up to its sum without any key (issue 12). Global models stay readable
-by every member of the roster. Followers poll the store's head, re-validate each new
+complete group add up to its sum without any key (issue 12). Global models and SecCL's
+recorded changes (type (a) messages, public on the bulletin board) stay readable by
+every member of the roster. Followers poll the store's head, re-validate each new
 block and raise an alarm (log and stop applying) on an invalid one.
 """
 
@@ -68,8 +69,10 @@ BLOB_CHUNK = 64 * 1024
 UPLOAD_READERS = frozenset({Role.PROVIDER, Role.LEDGER, Role.ADMIN})
 """Who may obtain masked uploads from the ledger (their payloads, a round's upload list):
 those who may see group sums anyway (docs/architecture.md, "Trust and privacy")."""
-PUBLIC_BLOBS = frozenset({"global_model"})
-"""Recorded model-sized types whose payloads every member of the roster may read."""
+PUBLIC_BLOBS = frozenset({"global_model", "seccl_update"})
+"""Recorded model-sized types whose payloads every member of the roster may read: the
+global models, and SecCL's type (a) messages, which the bulletin board shows every
+participant (SecCL, "Message Interaction Protocol")."""
 
 
 class QueryRefusedError(FairbusError):
@@ -219,9 +222,11 @@ class LedgerService:
 
     def _blob_topics(self) -> list[str]:
         """Where model-sized payloads travel on the bus (uploads, global models, and what
-        the provider relays: the task's test set, uploads a node lacks)."""
+        the provider relays: the task's test set, uploads a node lacks; SecCL's changes,
+        which the consensus contract aggregates)."""
         return [
             topics.uploads(self.task),
+            topics.seccl_changes(self.task),
             topics.global_models(self.task),
             topics.relayed_payloads(self.task),
         ]

@@ -641,6 +641,7 @@ def test_mosquitto_acl_text(roster: Roster) -> None:
         f"topic write fairbus/{T}/user/3/#\n"
         f"topic read fairbus/{T}/provider/+/+\n"
         f"topic read fairbus/{T}/user/+/to/3/+\n"
+        f"topic read fairbus/{T}/user/+/seccl_update\n"
         f"topic read fairbus/{T}/ledger/+/receipt/3\n"
         f"topic read fairbus/{T}/ledger/+/response/3\n"
         f"topic read fairbus/{T}/ledger/+/block\n"
@@ -739,6 +740,22 @@ def test_read_rights_of_a_user() -> None:
     assert not may_receive(perms, topics.direct(T, 5, 4, "share"))
     assert not may_receive(perms, topics.ledger_submit(T, "provider", 0))
     assert not may_receive(perms, topics.relayed_payload(T, 0))  # for ledger nodes only
+
+
+def test_seccl_read_rights() -> None:
+    """SecCL's changes are on the bulletin board for every participant; the peer
+    evaluations go to the server (and the ledger) only, and a fairness task's masked
+    uploads stay away from users."""
+    user, provider = permissions(T, Role.USER, 3), permissions(T, Role.PROVIDER, 0)
+    change = topics.message(T, "user", 5, "seccl_update")
+    evaluation = topics.message(T, "user", 5, "seccl_evaluation")
+    assert may_subscribe(user, topics.seccl_changes(T)) and may_receive(user, change)
+    assert not may_receive(user, evaluation)
+    assert not may_subscribe(user, topics.seccl_evaluations(T))
+    assert not may_receive(user, topics.upload(T, 5))
+    assert all(may_receive(provider, t) for t in (change, evaluation))
+    assert may_publish(user, topics.message(T, "user", 3, "seccl_update"))
+    assert not may_publish(user, change)
 
 
 # --- passwords ---------------------------------------------------------------------------------

@@ -54,6 +54,26 @@ def test_local_steps_is_read_from_the_training_table() -> None:
     assert config.training.train.local_steps == 47
 
 
+def test_the_mode_and_seccls_theta_and_lambda_are_read_from_the_top() -> None:
+    base, source = Path("/x"), "t.toml"
+    config = RuntimeConfig.from_dict({"roster": "r"}, base=base, source=source)
+    assert (config.mode, config.theta, config.candidate_share) == ("fairness", None, None)
+    seccl = RuntimeConfig.from_dict({"roster": "r", "mode": "seccl"}, base=base, source=source)
+    assert (seccl.seccl, seccl.theta, seccl.candidate_share) == (True, 0.1, 0.2)
+    raw: dict[str, object] = {"roster": "r", "mode": "seccl", "theta": 0.3, "candidate_share": 1}
+    config = RuntimeConfig.from_dict(raw, base=base, source=source)
+    assert (config.theta, config.candidate_share) == (0.3, 1.0)
+    for bad, says in (
+        ({"mode": "fedavg"}, "'mode' must be one of fairness, seccl"),
+        ({"theta": 0.1}, "belong to a task whose mode is 'seccl'"),
+        ({"mode": "seccl", "theta": 0.0}, "'theta' must be in (0, 1]"),
+        ({"mode": "seccl", "candidate_share": 1.5}, "'candidate_share' must be in (0, 1]"),
+    ):
+        with pytest.raises(RuntimeConfigError) as error:
+            RuntimeConfig.from_dict({"roster": "r", **bad}, base=base, source=source)
+        assert says in str(error.value) and str(error.value).count("\n") == 0
+
+
 @pytest.mark.parametrize(
     ("raw", "says"),
     [

@@ -32,6 +32,8 @@ from fairbus.wire.messages import (
     Announce,
     Attestation,
     BlockHeader,
+    BordaTotal,
+    Candidates,
     CommittedTestSet,
     Decision,
     Dropout,
@@ -42,6 +44,8 @@ from fairbus.wire.messages import (
     GroupSpec,
     MaskedUpload,
     Message,
+    PeerEvaluation,
+    PeerScore,
     Presence,
     Query,
     QueryResponse,
@@ -49,7 +53,10 @@ from fairbus.wire.messages import (
     ReceiptEntry,
     Refusal,
     RosterChange,
+    SecclAnnounce,
+    SecclClose,
     ShareBody,
+    SparseUpdate,
     UserScore,
     decode_body,
 )
@@ -241,6 +248,21 @@ LARGEST: dict[str, Callable[[], Message]] = {
         tuple(range(DEFAULT_LIMITS.max_array_len)), tuple(range(DEFAULT_LIMITS.max_groups))
     ),
     "task_start": lambda: TaskParams(evaluation=EvaluationSpec("m" * 64, bytes(32))).to_message(),
+    # SecCL (issue 15): 2,000 participants (an evaluation stays under the ledger's 64 KiB
+    # inline payload) and every change of the paper's CNN shared (θ = 1)
+    "seccl_announce": lambda: SecclAnnounce(
+        bytes(32), PAPER_PARAMS, tuple(range(1, 2001)), 1.0, 1.0, 2000
+    ),
+    "seccl_update": lambda: SparseUpdate(
+        PAPER_PARAMS, bytes(4 * PAPER_PARAMS), bytes(4 * PAPER_PARAMS)
+    ),
+    "seccl_evaluation": lambda: PeerEvaluation(
+        tuple(PeerScore(u, 0.123456789) for u in range(1, 2001))
+    ),
+    "seccl_close": lambda: SecclClose("evaluations", tuple(range(1, 2001))),
+    "seccl_candidates": lambda: Candidates(
+        tuple(range(1, 401)), tuple(BordaTotal(u, 2**31) for u in range(1, 2001)), bytes(32)
+    ),
     # MNIST's 10,000 test images, quantized to 16 bits (issue 13)
     "test_set": lambda: CommittedTestSet((1, 28, 28), 10, bytes(2 * 784 * 10_000), bytes(10_000)),
     "receipt": lambda: Receipt(

@@ -22,8 +22,10 @@ from hypothesis import strategies as st
 from fairbus import exposure
 from fairbus.errors import GroupingError
 from fairbus.exposure import (
+    Component,
     ExposureScreen,
     check_exposure,
+    components,
     exposing_sets,
     is_safe,
     null_space,
@@ -276,3 +278,48 @@ def test_the_screen_remembers_verdicts_across_copies() -> None:
     assert screen.admits((5, 6, 7, 8)) and screen.try_add((8, 5, 6, 7))
     assert screen.groups == twin.groups
     assert screen.confirm() == twin.confirm() == []
+
+
+def _clustered_groups(rng: np.random.Generator) -> list[list[int]]:
+    """Random groups over 1-3 clusters of users, sometimes linked by one group: many
+    components, many groupings that expose someone, some that do not."""
+    users = list(range(1, int(rng.integers(4, 16)) + 1))
+    clusters = [list(part) for part in np.array_split(rng.permutation(users), rng.integers(1, 4))]
+    groups = []
+    for cluster in clusters:
+        for _ in range(int(rng.integers(1, 4))):
+            size = int(rng.integers(2, min(len(cluster), 5) + 1)) if len(cluster) >= 2 else 1
+            groups.append(sorted(int(u) for u in rng.choice(cluster, size, replace=False)))
+    if rng.random() < 0.3:
+        groups.append(sorted(int(u) for u in rng.choice(users, 3, replace=False)))
+    return groups
+
+
+def test_the_component_check_agrees_with_the_whole_matrix_check() -> None:
+    """Issue 16: the check runs per connected component; on 600 seeded random groupings
+    (small n, several components, exposing and not) it finds exactly what the search on
+    the whole incidence matrix finds."""
+    split = exposing = passing = 0
+    for seed in range(600):
+        rng = np.random.default_rng(seed)
+        groups = _clustered_groups(rng)
+        c = int(rng.integers(0, 3))
+        users = range(1, 17)
+        whole = exposure._search(null_space(groups, users), c, first_only=False)
+        assert exposing_sets(groups, users, c) == whole, (groups, c)
+        assert is_safe(groups, c, users) == (not whole)
+        split += len(components(groups)) > 1
+        exposing += bool(whole)
+        passing += not whole
+    assert split > 200 and exposing > 100 and passing > 100
+
+
+def test_components_are_the_linked_users_and_their_groups() -> None:
+    groups = [(4, 5, 6), (1, 2, 3), (3, 7, 8), (5, 4, 6)]
+    assert components(groups, users=range(1, 10)) == [
+        Component((1, 2, 3, 7, 8), ((1, 2, 3), (3, 7, 8))),
+        Component((4, 5, 6), ((4, 5, 6), (4, 5, 6))),
+    ]
+    assert components([]) == []
+    with pytest.raises(GroupingError, match="outside"):
+        components(groups, users=[1, 2, 3])

@@ -5,11 +5,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fairbus.errors import GroupingError
-from fairbus.exposure import exposing_sets
+from fairbus.exposure import components, exposing_sets
 from fairbus.grouping import (
     BASIC,
+    BLOCK,
     FOCUS,
     REFERENCE,
+    Grouping,
     check_grouping,
     group_size,
     make_grouping,
@@ -161,3 +163,92 @@ def test_impossible_groupings_fail_clearly() -> None:
         make_grouping([1, 2], [], seed=0)
     with pytest.raises(GroupingError, match="at least 4"):
         make_grouping([1, 2, 3], [], c=2)
+
+
+def _well_formed(grouping: Grouping, users: list[int], keys: list[int], c: int) -> None:
+    """The grouping's guarantees: sizes, the first basic grouping a partition of every
+    user, the further ones too, focus groups a key user with general users."""
+    size = group_size(c)
+    assert all(len(g.members) >= size for g in grouping.groups)
+    assert [g.gid for g in grouping.groups] == list(range(len(grouping.groups)))
+    basic = grouping.basic
+    assert len(basic) % grouping.basic_groupings == 0
+    width = len(basic) // grouping.basic_groupings
+    assert all(g.kind == BASIC for g in grouping.groups[:width])
+    for k in range(grouping.basic_groupings):
+        assert sorted(u for g in basic[k * width : (k + 1) * width] for u in g.members) == users
+    for g in grouping.focus:
+        assert g.focus in keys and set(g.members) - {g.focus} <= set(users) - set(keys)
+        assert len(g.members) == size
+
+
+def test_a_thousand_users_with_two_hundred_key_users() -> None:
+    """Issue 16: 1,000 users, 200 of them key users, the provider's policy under c = 1,
+    grouped in blocks; the exact check passes and every component is one block."""
+    users = list(range(1, 1001))
+    keys = users[::5]
+    partners = [u for u in users if u not in set(keys)]
+    grouping = make_grouping(
+        users, keys, c=1, key_repeats=6, references=2, seed=(3, 1, 0), partners=partners
+    )
+    check_grouping(grouping, c=1)
+    _well_formed(grouping, users, keys, 1)
+    parts = components([g.members for g in grouping.groups])
+    assert len(parts) == 1000 // BLOCK
+    assert all(BLOCK <= len(p.users) < 2 * BLOCK for p in parts)
+    assert len(grouping.focus) >= 2.5 * len(keys)
+    assert len([g for g in grouping.groups if g.kind == REFERENCE]) <= 2
+
+
+@pytest.mark.parametrize("c", [1, 2])
+def test_grouping_in_blocks_keeps_the_guarantees(c: int) -> None:
+    users = list(range(1, 41))
+    keys = [3, 8, 13, 21, 22, 34, 40]
+    for seed in range(4):
+        grouping = make_grouping(
+            users, keys, c=c, key_repeats=3, references=2, seed=seed, block=9,
+            partners=[u for u in users if u not in keys],
+        )  # fmt: skip
+        check_grouping(grouping, c=c)
+        _well_formed(grouping, users, keys, c)
+        parts = components([g.members for g in grouping.groups])
+        assert len(parts) == 4 and all(9 <= len(p.users) < 18 for p in parts)
+        assert grouping.focus
+        # key users come in turn: every key user served comes before anyone's second
+        order = [g.focus for g in grouping.focus]
+        first_repeat = next((k for k, u in enumerate(order) if u in order[:k]), len(order))
+        assert set(order[:first_repeat]) == set(order)
+        assert grouping == make_grouping(
+            users, keys, c=c, key_repeats=3, references=2, seed=seed, block=9,
+            partners=[u for u in users if u not in keys],
+        )  # fmt: skip
+
+
+def test_blocks_linked_by_prior_groups_are_grouped_together() -> None:
+    users = list(range(1, 41))
+    # prior sums over users that every dealing would split: 1-12 end up in one block
+    prior = [(1, 2, 3, 4), (4, 5, 6, 7), (7, 8, 9, 10), (10, 11, 12), (41, 1, 20)]
+    for seed in range(4):
+        grouping = make_grouping(users, [], seed=seed, block=9, prior_groups=prior)
+        check_grouping(grouping, prior_groups=prior)
+        _well_formed(grouping, users, [], 1)
+        parts = components([*prior, *(g.members for g in grouping.groups)])
+        assert {1, 2, 12, 20, 41} <= set(parts[0].users)
+        assert len(parts) >= 2
+        assert grouping != make_grouping(users, [], seed=seed + 1, block=9, prior_groups=prior)
+
+
+def test_the_scale_bench_draws_and_summarizes() -> None:
+    from fairbus.bench import scale
+
+    params = scale.GroupingParams(block=9)
+    sample = scale.draw(20, 4, 1, 0, params)
+    assert sample.components == 2 and 9 <= sample.largest_component < 18
+    assert sample.focus_per_key is not None and sample.focus_per_key > 0
+    report = scale.run((9, 100), (0.2,), (1,), 2, scale.GroupingParams())
+    assert [(r.users, r.key_users, r.c, r.repeats) for r in report.rows] == [
+        (9, 2, 1, 2),
+        (100, 20, 1, 2),
+    ]
+    assert report.rows[0].target_s is None and report.rows[1].target_s == 0.5
+    assert report.rows[1].components_mean == 2 and report.rows[1].largest_component == 50

@@ -58,7 +58,8 @@ def _wire(
 ) -> dict[str, object]:
     policy = TaskParams().to_message().to_wire()["detection"]
     wire = {"detection": {**policy, **changes}, "collusion": collusion, "keying": keying}
-    return {**wire, "evaluation": None, "local_steps": local_steps}
+    seccl = {"mode": "fairness", "theta": None, "candidate_share": None}
+    return {**wire, "evaluation": None, "local_steps": local_steps, **seccl}
 
 
 @pytest.mark.parametrize(
@@ -192,3 +193,39 @@ def test_the_provider_records_the_task_start_first(
     assert isinstance(message, TaskStart)
     assert TaskParams.from_message(message) == machine.config.task
     assert commits[1].envelope.header.prev == first.hash  # the chain goes on from it
+
+
+def test_the_mode_and_seccls_theta_and_lambda_are_recorded_at_task_start() -> None:
+    assert TaskParams().mode == "fairness"
+    task = TaskParams(mode="seccl", theta=0.1, candidate_share=0.2)
+    decoded = decode_body("task_start", task.to_message().payload(), DEFAULT_LIMITS)
+    assert isinstance(decoded, TaskStart)
+    assert (decoded.mode, decoded.theta, decoded.candidate_share) == ("seccl", 0.1, 0.2)
+    assert TaskParams.from_message(decoded) == task
+
+
+@pytest.mark.parametrize(
+    ("mode", "theta", "share", "complaint"),
+    [
+        ("seccl", None, 0.2, "theta"),
+        ("seccl", 0.1, None, "candidate_share"),
+        ("seccl", 0.0, 0.2, "θ"),
+        ("seccl", 0.1, 1.5, "λ"),
+        ("fairness", 0.1, None, "seccl task"),
+        ("fedavg", None, None, "mode"),
+    ],
+)
+def test_seccl_parameters_are_checked(
+    mode: str, theta: float | None, share: float | None, complaint: str
+) -> None:
+    with pytest.raises(SchemaError, match=complaint):
+        TaskParams(mode=mode, theta=theta, candidate_share=share)
+
+
+@pytest.mark.parametrize(
+    ("changes", "complaint"),
+    [({"mode": "SecCL"}, "mode"), ({"theta": 1.5}, "theta"), ({"candidate_share": 1}, "share")],
+)
+def test_the_mode_is_decoded_strictly(changes: dict[str, object], complaint: str) -> None:
+    with pytest.raises(SchemaError, match=complaint):
+        decode_body("task_start", codec.pack({**_wire(), **changes}), DEFAULT_LIMITS)

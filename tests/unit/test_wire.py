@@ -4,6 +4,7 @@ import contextlib
 import dataclasses
 
 import msgpack
+import numpy as np
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
@@ -13,6 +14,7 @@ from fairbus.envelope import GENESIS
 from fairbus.errors import DecodeError, FairbusError, SchemaError, SizeError, WireError
 from fairbus.identity import Identity
 from fairbus.roster import Roster
+from fairbus.seccl import SparseChange
 from fairbus.task import TaskParams
 from fairbus.wire import codec
 from fairbus.wire.limits import DEFAULT_LIMITS, WireLimits
@@ -21,6 +23,8 @@ from fairbus.wire.messages import (
     Announce,
     Attestation,
     BlockHeader,
+    BordaTotal,
+    Candidates,
     CommittedTestSet,
     Decision,
     Dropout,
@@ -30,6 +34,8 @@ from fairbus.wire.messages import (
     GroupAccuracy,
     GroupSpec,
     MaskedUpload,
+    PeerEvaluation,
+    PeerScore,
     Presence,
     Query,
     QueryResponse,
@@ -37,6 +43,9 @@ from fairbus.wire.messages import (
     ReceiptEntry,
     Refusal,
     RosterChange,
+    SecclAnnounce,
+    SecclClose,
+    SparseUpdate,
     UserScore,
     decode_body,
     vector_from_bytes,
@@ -73,6 +82,12 @@ SAMPLES = [
     TaskParams().to_message(),
     TaskParams(evaluation=EvaluationSpec("digits_cnn", H)).to_message(),
     CommittedTestSet((1, 2, 2), 10, bytes(2 * 2 * 4), bytes(2)),
+    TaskParams(mode="seccl", theta=0.1, candidate_share=0.2).to_message(),
+    SecclAnnounce(H, 10, (1, 2, 3), 0.1, 0.2, 1),
+    SparseUpdate.of(SparseChange(10, np.array([2, 7]), np.array([0.5, -1.0], dtype=np.float32))),
+    PeerEvaluation((PeerScore(2, 0.75), PeerScore(3, 0.5))),
+    Candidates((2,), (BordaTotal(2, 3), BordaTotal(3, 0)), H),
+    SecclClose("uploads", (2, 3)),
 ]
 
 
@@ -217,3 +232,17 @@ def test_envelope_framing_refusals(identities: dict[int, Identity], roster: Rost
     assert isinstance(env, envelope.SignedEnvelope)
     assert issubclass(WireError, FairbusError)
     assert dataclasses.is_dataclass(env.header)
+
+
+def test_a_sparse_update_decodes_to_a_checked_change() -> None:
+    change = SparseChange(10, np.array([2, 7]), np.array([0.5, -1.0], dtype=np.float32))
+    update = SparseUpdate.of(change)
+    assert update.change().indices.tolist() == [2, 7]
+    assert update.change().values.tolist() == [0.5, -1.0]
+    unsorted = SparseUpdate(10, update.indices[4:] + update.indices[:4], update.values)
+    beyond = SparseUpdate(5, update.indices, update.values)
+    nan = SparseUpdate(10, update.indices, np.array([0.5, np.nan], dtype="<f4").tobytes())
+    ragged = SparseUpdate(10, update.indices, update.values[:4])
+    for bad in (unsorted, beyond, nan, ragged):
+        with pytest.raises(SchemaError, match="seccl_update"):
+            bad.change()
