@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
+import torch
 
 from fairbus.errors import FairbusError
 from fairbus.evaluation import QuantizedTestSet
@@ -112,7 +113,8 @@ def validation_split(
         raise FairbusError(f"the validation share must be in (0, 1), got {share}")
     if n < 2:
         raise FairbusError(f"participant {user} holds {n} sample(s): too few to split")
-    order = np.random.default_rng([seed, user]).permutation(n).astype(np.int64)
+    generator = torch.Generator().manual_seed(trainer_seed(seed, user))
+    order = torch.randperm(n, generator=generator).numpy().astype(np.int64)
     held = min(n - 1, max(1, round(share * n)))
     return np.sort(order[: n - held]), np.sort(order[n - held :])
 

@@ -15,13 +15,12 @@ one per block; :func:`fairbus.exposure.components`).
 
 from __future__ import annotations
 
+import hashlib
 import math
 import statistics
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-
-import numpy as np
 
 from fairbus.exposure import components
 from fairbus.grouping import BLOCK, check_grouping, make_grouping
@@ -97,11 +96,18 @@ def key_count(users: int, share: float) -> int:
     return math.floor(users * share + 0.5)
 
 
+def _draw_order(*numbers: int) -> bytes:
+    """A seeded, reproducible order of the users (who is a key user in a sample): not a
+    secret, and the same on every machine."""
+    return hashlib.blake2b(repr(numbers).encode(), digest_size=8).digest()
+
+
 def draw(users: int, key_users: int, c: int, sample: int, params: GroupingParams) -> Sample:
     """One grouping under ``c`` from the provider's grouping, then the exact check."""
     everyone = list(range(1, users + 1))
-    rng = np.random.default_rng((users, key_users, sample))
-    keys = sorted(int(u) for u in rng.choice(everyone, size=key_users, replace=False))
+    keys = sorted(
+        sorted(everyone, key=lambda u: _draw_order(users, key_users, sample, u))[:key_users]
+    )
     start = time.perf_counter()
     grouping = make_grouping(
         everyone,

@@ -36,6 +36,7 @@ from fairbus.wire.messages import (
     SparseUpdate,
 )
 from tests.conftest import TASK
+from tests.support_draws import SeededDraws
 
 PARTICIPANTS = (1, 2, 3, 4, 5)
 THETA, SHARE, M = 0.2, 0.4, 2  # k = 2 of 10 parameters; M = 0.4 · 5
@@ -48,7 +49,7 @@ VALUES = {
 
 
 def _params(seed: int) -> npt.NDArray[np.float32]:
-    return np.random.default_rng(seed).normal(size=LENGTH).astype(np.float32)
+    return SeededDraws(seed).normal(size=LENGTH).astype(np.float32)
 
 
 class Board:

@@ -36,6 +36,7 @@ from fairbus.roster import Member, Role, Roster
 from fairbus.seccl import aggregate, elect, top_changes
 from fairbus.task import PHASE_TIMEOUT, TaskParams
 from fairbus.wire.messages import CommittedTestSet, EvaluationSpec, GlobalModel, SparseUpdate
+from tests.support_draws import SeededDraws
 
 USERS = (1, 2, 3, 4)
 LENGTH = 20
@@ -43,7 +44,7 @@ THETA, SHARE = 0.25, 0.5  # k = 5 of 20; M = 2 of 4
 
 
 def _delta(user: int) -> npt.NDArray[np.float32]:
-    return np.random.default_rng(user).normal(size=LENGTH).astype(np.float32) * user
+    return SeededDraws(user).normal(size=LENGTH).astype(np.float32) * user
 
 
 class Board:

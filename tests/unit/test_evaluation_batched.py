@@ -18,12 +18,13 @@ from fairbus.bench.evaluation import digits_test_set, synthetic_test_set
 from fairbus.evaluation import EvaluationError, ExactEvaluator, QuantizedTestSet
 from fairbus.training import models as model_registry
 from fairbus.training.models import initial_params
+from tests.support_draws import SeededDraws
 
 
 def _models(name: str, count: int, seed: int = 0) -> list[npt.NDArray[np.float32]]:
     """``count`` different models: initial ones from different seeds, scaled and
     perturbed well beyond an initial model's spread."""
-    rng = np.random.default_rng(seed)
+    rng = SeededDraws(seed)
     out = []
     for k in range(count):
         params = initial_params(name, seed + k).astype(np.float64)
@@ -112,7 +113,7 @@ def test_every_layer_pattern(
     monkeypatch: pytest.MonkeyPatch, name: str, model: type[nn.Module], shape: tuple[int, ...]
 ) -> None:
     monkeypatch.setitem(model_registry.MODELS, name, model)
-    rng = np.random.default_rng(5)
+    rng = SeededDraws(5)
     test_set = QuantizedTestSet.quantize(rng.random((60, *shape)), rng.integers(0, 10, 60), 10)
     evaluator = ExactEvaluator(name, test_set)
     models = _models(name, 4, seed=2)

@@ -15,6 +15,7 @@ from fairbus.seccl import (
     shared_count,
     top_changes,
 )
+from tests.support_draws import SeededDraws
 
 
 def _change(length: int, indices: list[int], values: list[float]) -> SparseChange:
@@ -107,7 +108,7 @@ def test_the_aggregate_is_the_per_coordinate_mean_of_those_that_share_it() -> No
 
 
 def test_the_aggregate_is_reproducible_bit_for_bit() -> None:
-    rng = np.random.default_rng(0)
+    rng = SeededDraws(0)
     params = rng.normal(size=1000).astype(np.float32)
     changes = {u: top_changes(rng.normal(size=1000), 0.1) for u in range(1, 6)}
     first = aggregate(params, changes)
