@@ -38,8 +38,7 @@ import torch
 
 from fairbus.errors import FairbusError
 from fairbus.evaluation import QuantizedTestSet
-from fairbus.identity import Identity
-from fairbus.ledger.inprocess import BlobSink, BlockSink, InProcessLedger
+from fairbus.ledger.inprocess import BlobSink, BlockSink
 from fairbus.ledger.state import RefusedError
 from fairbus.protocol.events import (
     PROVIDER,
@@ -59,10 +58,9 @@ from fairbus.protocol.events import (
 )
 from fairbus.protocol.seccl_provider import SecclPhase, SecclServerConfig, SecclServerMachine
 from fairbus.protocol.seccl_user import SecclUserMachine
-from fairbus.roster import Member, Role, Roster
 from fairbus.rounds import RoundRecord
 from fairbus.seccl import DEFAULT_CANDIDATE_SHARE, DEFAULT_THETA, macro_f_score
-from fairbus.simulator import LEDGER_NODE_ID, PROVIDER_ID, LedgerRefusalError
+from fairbus.simulator import LEDGER_NODE_ID, LedgerRefusalError, SimulationParties
 from fairbus.task import TaskParams
 from fairbus.training.attacks import Attack
 from fairbus.training.config import TrainConfig, round_seed, trainer_seed
@@ -140,15 +138,9 @@ class SecclSimulation:
         unknown = set(config.attacks) - set(self.user_ids)
         if unknown:
             raise FairbusError(f"attacks configured for unknown users {sorted(unknown)}")
-        provider = Identity.generate(PROVIDER_ID)
-        node = Identity.generate(LEDGER_NODE_ID)
-        self.identities = {u: Identity.generate(u) for u in self.user_ids}
-        self.roster = Roster(
-            "simulation",
-            [Member(provider.public, Role.PROVIDER), Member(node.public, Role.LEDGER)]
-            + [Member(i.public, Role.USER) for i in self.identities.values()],
-        )
-        self.ledger = InProcessLedger(self.roster, node, on_block=on_block, on_blob=on_blob)
+        parties = SimulationParties.generate(self.user_ids, on_block=on_block, on_blob=on_blob)
+        provider, self.identities = parties.provider, parties.users
+        self.roster, self.ledger = parties.roster, parties.ledger
         train, test = load_dataset(config.dataset, config.data_dir, seed=config.seed)
         parts = partition(train, config.users, config.partition, config.alpha, config.seed)
         self.trainers: dict[int, Trainer] = {}

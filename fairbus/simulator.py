@@ -102,6 +102,39 @@ class SimulationConfig:
         return self.model or DATASET_MODELS[self.dataset]
 
 
+@dataclass(frozen=True)
+class SimulationParties:
+    """A simulated task's parties: fresh identities for the provider, the one ledger
+    node and each user, their roster, and the in-process ledger the node keeps. Shared
+    by :class:`Simulation` and :class:`fairbus.seccl_simulation.SecclSimulation`."""
+
+    provider: Identity
+    users: dict[int, Identity]
+    roster: Roster
+    ledger: InProcessLedger
+
+    @classmethod
+    def generate(
+        cls,
+        user_ids: list[int],
+        *,
+        on_block: BlockSink | None = None,
+        on_blob: BlobSink | None = None,
+    ) -> SimulationParties:
+        """New identities (the provider's, the node's, then the users' in order) and a
+        ledger that hands its blocks and blobs to ``on_block`` and ``on_blob``."""
+        provider = Identity.generate(PROVIDER_ID)
+        node = Identity.generate(LEDGER_NODE_ID)
+        users = {u: Identity.generate(u) for u in user_ids}
+        roster = Roster(
+            "simulation",
+            [Member(provider.public, Role.PROVIDER), Member(node.public, Role.LEDGER)]
+            + [Member(i.public, Role.USER) for i in users.values()],
+        )
+        ledger = InProcessLedger(roster, node, on_block=on_block, on_blob=on_blob)
+        return cls(provider, users, roster, ledger)
+
+
 class Simulation:
     """One training run. ``run()`` plays every round and returns the records.
 
@@ -126,15 +159,9 @@ class Simulation:
             raise FairbusError(f"attacks configured for unknown users {sorted(unknown)}")
         if config.users >= LEDGER_NODE_ID:
             raise FairbusError(f"a simulation takes fewer than {LEDGER_NODE_ID} users")
-        provider = Identity.generate(PROVIDER_ID)
-        node = Identity.generate(LEDGER_NODE_ID)
-        self.identities = {u: Identity.generate(u) for u in self.user_ids}
-        self.roster = Roster(
-            "simulation",
-            [Member(provider.public, Role.PROVIDER), Member(node.public, Role.LEDGER)]
-            + [Member(i.public, Role.USER) for i in self.identities.values()],
-        )
-        self.ledger = InProcessLedger(self.roster, node, on_block=on_block, on_blob=on_blob)
+        parties = SimulationParties.generate(self.user_ids, on_block=on_block, on_blob=on_blob)
+        provider, self.identities = parties.provider, parties.users
+        self.roster, self.ledger = parties.roster, parties.ledger
         train, test = load_dataset(config.dataset, config.data_dir, seed=config.seed)
         parts = partition(train, config.users, config.partition, config.alpha, config.seed)
         self.train = config.train.for_task(len(train), config.users)

@@ -172,12 +172,8 @@ def simulate(
             data_dir=data_dir,
             partition=partition,  # type: ignore[arg-type]
             alpha=alpha,
-            train=TrainConfig(
-                lr=PAPER_TRAINING.lr if lr is None else lr,
-                batch_size=PAPER_TRAINING.batch_size if batch_size is None else batch_size,
-                local_epochs=local_epochs,
-                local_steps=local_steps,
-                equal_steps=equal_steps,
+            train=_train_config(
+                PAPER_TRAINING, lr, batch_size, local_epochs, local_steps, equal_steps
             ),
             theta=theta,
             candidate_share=candidate_share,
@@ -198,13 +194,7 @@ def simulate(
         data_dir=data_dir,
         partition=partition,  # type: ignore[arg-type]
         alpha=alpha,
-        train=TrainConfig(
-            lr=TrainConfig.lr if lr is None else lr,
-            batch_size=TrainConfig.batch_size if batch_size is None else batch_size,
-            local_epochs=local_epochs,
-            local_steps=local_steps,
-            equal_steps=equal_steps,
-        ),
+        train=_train_config(TrainConfig(), lr, batch_size, local_epochs, local_steps, equal_steps),
         attacks=attacks,
         provider=ProviderConfig(
             basic_groupings=basic_groupings,
@@ -228,6 +218,25 @@ def simulate(
         dropouts=tuple(_dropout(d) for d in dropout),
     )
     execute(config, out)
+
+
+def _train_config(
+    defaults: TrainConfig,
+    lr: float | None,
+    batch_size: int | None,
+    local_epochs: int,
+    local_steps: int | None,
+    equal_steps: bool,
+) -> TrainConfig:
+    """The local training the options give: ``--lr`` and ``--batch-size`` when given,
+    else the mode's ``defaults`` (SecCL's paper trains otherwise than the fairness one)."""
+    return TrainConfig(
+        lr=defaults.lr if lr is None else lr,
+        batch_size=defaults.batch_size if batch_size is None else batch_size,
+        local_epochs=local_epochs,
+        local_steps=local_steps,
+        equal_steps=equal_steps,
+    )
 
 
 def execute(config: SimulationConfig, out: Path) -> list[RoundRecord]:

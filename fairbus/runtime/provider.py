@@ -16,11 +16,10 @@ and signature itself. One :class:`RoundRecord` per round goes to
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import time
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass, replace
+from collections.abc import Callable, Iterable, Set
+from dataclasses import replace
 
 import numpy as np
 import numpy.typing as npt
@@ -28,15 +27,11 @@ import numpy.typing as npt
 from fairbus import topics
 from fairbus.aggregation import PlainFedAvg
 from fairbus.envelope import GENESIS
-from fairbus.errors import FairbusError
-from fairbus.evaluation import ExactEvaluator, QuantizedTestSet
-from fairbus.identity import Identity, broker_password_path, require_broker_password
 from fairbus.ledger.recorded import Recorded, ledger_submission
 from fairbus.ledger.records import Transaction
-from fairbus.ledger.state import RefusalReason, RefusedError
+from fairbus.ledger.state import RefusedError
 from fairbus.protocol.events import (
     AttemptClosed,
-    ChainHead,
     CloseAttempt,
     Commit,
     Evaluate,
@@ -50,7 +45,6 @@ from fairbus.protocol.events import (
     RoundFailed,
     Send,
     StartRound,
-    Tick,
 )
 from fairbus.protocol.provider import ProviderConfig, ProviderMachine
 from fairbus.protocol.recovery import (
@@ -60,44 +54,37 @@ from fairbus.protocol.recovery import (
     blobs_needed,
     replay,
 )
-from fairbus.roster import Role, Roster
 from fairbus.rounds import RoundRecord, record_round
 from fairbus.runtime.config import RuntimeConfig
-from fairbus.runtime.connection import BusConnection, Presence
 from fairbus.runtime.failpoints import crash_after
-from fairbus.runtime.metrics import RuntimeMetrics
-from fairbus.runtime.presence import PresenceTracker
+from fairbus.runtime.provider_loop import (
+    LEDGER_WORK_PATIENCE,
+    NO_USERS_RETRY,
+    TICK,
+    ProviderError,
+    ProviderLoop,
+    TaskData,
+    load_task_data,
+)
 from fairbus.runtime.standby import when_elected
-from fairbus.runtime.state import prepare_state_folder, state_io
-from fairbus_ledger_service.client import LedgerClient
 
 log = logging.getLogger("fairbus.provider")
 
 OPENING_LINKS = 2
 """The provider's links before round 1: its test set and its task start."""
-LEDGER_WORK_PATIENCE = 60.0
-"""Seconds to wait for the receipt of a transaction the ledger works on before it admits
-it: the task start (it loads the exact evaluation and decodes the recorded test set) and,
-beyond four times this process's own evaluation time, an evaluation (it re-derives every
-number). Waiting costs nothing; giving up stops the provider."""
-TICK = 0.25
 CLOSE_TIMEOUT = 30.0
 """Seconds to wait for a ledger node that shows a recorded dropout."""
-NO_USERS_RETRY = 2.0
-"""Seconds to wait for users before trying a round again when too few are online."""
 
-
-class ProviderError(FairbusError):
-    pass
-
-
-@dataclass(frozen=True)
-class TaskData:
-    """What the provider reads of the task's data set: the test set it records and
-    evaluates on, and how many training samples the users share among them."""
-
-    test_set: QuantizedTestSet
-    train_samples: int
+__all__ = [
+    "LEDGER_WORK_PATIENCE",
+    "NO_USERS_RETRY",
+    "TICK",
+    "ProviderError",
+    "ProviderRuntime",
+    "TaskData",
+    "load_task_data",
+    "machine_config",
+]
 
 
 def machine_config(config: RuntimeConfig, data: TaskData, users: int) -> ProviderConfig:
@@ -115,53 +102,17 @@ def machine_config(config: RuntimeConfig, data: TaskData, users: int) -> Provide
     return policy if config.provider.secure else replace(policy, strategy=PlainFedAvg())
 
 
-def load_task_data(config: RuntimeConfig) -> TaskData:
-    """The task's test set, as the provider records it and evaluates on it, and the
-    size of the training set the users' partitions are cut from."""
-    from fairbus.training.data import load_dataset
+class ProviderRuntime(ProviderLoop[Event, Output]):
+    """The fairness provider on the bus; :meth:`run` plays ``[provider] rounds`` rounds."""
 
-    t = config.training
-    train, test = load_dataset(t.dataset, t.data_dir, seed=t.seed)
-    test_set = QuantizedTestSet.quantize(test.x.numpy(), test.y.numpy(), test.num_classes)
-    return TaskData(test_set, len(train))
-
-
-class ProviderRuntime:
     def __init__(
         self,
         config: RuntimeConfig,
         *,
         on_round: Callable[[RoundRecord], None] | None = None,
     ) -> None:
-        self.config = config
-        self.roster = Roster.load(config.roster)
-        self.pid = self.roster.provider
-        self.identity = Identity.load(config.keys, self.pid)
-        self.task = self.roster.task
-        self.users = self.roster.with_role(Role.USER)
+        super().__init__(config)
         self.on_round = on_round
-        self.out_dir = prepare_state_folder(config.state / "provider")
-        self.records: list[RoundRecord] = []
-        self.presence = PresenceTracker(frozenset(self.users), config.provider.presence_grace)
-        self._inbox: asyncio.Queue[Event] = asyncio.Queue()
-        self._round_over = asyncio.Event()
-        self._record: RoundRecord | None = None
-        self._evaluator: ExactEvaluator | None = None
-        self._task_data: TaskData | None = None
-        self.bus = BusConnection(
-            *config.broker,
-            task=self.task,
-            role="provider",
-            pid=self.pid,
-            password=require_broker_password(config.keys, self.pid),
-            password_file=broker_password_path(config.keys, self.pid),
-            subscriptions=[],
-            on_message=self._on_message,
-        )
-        self.ledger = LedgerClient(
-            self.bus, self.identity, self.roster, "provider", timeout=config.ledger_timeout
-        )
-        self.metrics = RuntimeMetrics.start(config.metrics, "provider", self.pid, self.bus)
         self.bus.subscriptions = [topics.uploads(self.task), topics.user_presences(self.task),
                                   *self.ledger.topics]  # fmt: skip
         self.machine: ProviderMachine | None = None
@@ -175,23 +126,9 @@ class ProviderRuntime:
 
     # --- bus ---------------------------------------------------------------------------------
 
-    def _on_message(self, topic: str, data: bytes) -> None:
-        """Route by topic; the bytes go to the machine (or the ledger client) unparsed."""
-        parsed = topics.parse(self.task, topic)
-        if parsed is None:
-            return
-        if parsed.from_ledger:
-            self.ledger.dispatch(data)
-            return
-        if parsed.role != Role.USER.value or parsed.sender not in self.users:
-            return
-        user = parsed.sender
-        if parsed.kind == "presence":
-            presence = Presence.parse(data)
-            if presence is not None:
-                for event in self.presence.saw(user, presence, time.monotonic()):
-                    self._inbox.put_nowait(event)
-        elif parsed.kind == "upload" and parsed.recipient is None:
+    def _on_user_message(self, kind: str, recipient: int | None, data: bytes) -> None:
+        """A user's upload goes to the machine, and is kept to relay to the ledger."""
+        if kind == "upload" and recipient is None:
             self._round_uploads.append(data)
             self._inbox.put_nowait(Received("upload", data))
 
@@ -205,13 +142,6 @@ class ProviderRuntime:
         if p.etcd:  # a hot standby until elected (fairbus.runtime.standby)
             return await when_elected(p.etcd, self.task, self.pid, p.lease_ttl, self._serve)
         return await self._serve()
-
-    async def _serve(self) -> list[RoundRecord]:
-        ticker = asyncio.create_task(self._tick())
-        try:
-            return await self.bus.serve(self._play())
-        finally:
-            ticker.cancel()
 
     async def _play(self) -> list[RoundRecord]:
         """Once on the bus: check the ledger, wait for the users, play the rounds."""
@@ -298,41 +228,16 @@ class ProviderRuntime:
         )  # fmt: skip
         return machine
 
-    async def _ledger_head(self) -> bytes:
-        answer = await self.ledger.query("head", sender=self.pid)
-        return answer.records[0] if answer.ok and answer.records else GENESIS
-
-    async def _wait_for_users(self) -> None:
+    def _online(self) -> Set[int]:
         assert self.machine is not None
-        eligible = len(set(self.users) - self.machine.excluded)  # a resumed task excludes some
-        want = min(self.config.provider.min_users or eligible, eligible)
-        deadline = time.monotonic() + self.config.provider.join_timeout
-        log.info("waiting for %d of %d users (at most %.0f s)", want, len(self.users),
-                 self.config.provider.join_timeout)  # fmt: skip
-        while time.monotonic() < deadline:
-            await self._drain()
-            if len(self.machine.online) >= want:
-                break
-            await asyncio.sleep(0.1)
-        await self._drain()
-        log.info("users online: %s", sorted(self.machine.online))
+        return self.machine.online
 
-    async def _drain(self) -> None:
-        """Hand the machine every queued event (between rounds)."""
-        while not self._inbox.empty():
-            await self._feed(self._inbox.get_nowait())
-
-    async def _feed(self, event: Event) -> None:
-        """One event into the machine, its outputs carried out. A user that (re)joins
-        continues its chain from the ledger's head first."""
+    def _eligible(self) -> int:
         assert self.machine is not None
-        if isinstance(event, Joined):
-            await self._resync_chain(event.user)
-        t0 = time.perf_counter()
-        outputs = await self._step(event)
-        if isinstance(event, Received) and self._record is not None:
-            self._record.timings_s["aggregation"] += time.perf_counter() - t0
-        await self._carry_out(outputs)
+        return len(set(self.users) - self.machine.excluded)  # a resumed task excludes some
+
+    def _relayed(self) -> list[bytes]:
+        return [*([self._test_set] if self._test_set else []), *self._round_uploads]
 
     async def _step(self, event: Event) -> list[Output]:
         """One step of the machine, in a worker thread: a step that searches for a
@@ -372,31 +277,6 @@ class ProviderRuntime:
             log.warning("round %d failed: %s; waiting for users", record.round, record.failed)
             await asyncio.sleep(NO_USERS_RETRY)
 
-    def _write(self, record: RoundRecord) -> None:
-        path = self.out_dir / "rounds.jsonl"
-        with state_io("write", path), path.open("a") as f:
-            f.write(json.dumps(record.to_json()) + "\n")
-
-    async def _resync_chain(self, user: int) -> None:
-        """A returning user's chain continues from the ledger's head for it: an upload it
-        committed just before it died may never have reached the provider."""
-        assert self.machine is not None
-        try:
-            answer = await self.ledger.query("head", sender=user)
-        except FairbusError as exc:
-            log.warning("no ledger head for returning user %d: %s", user, exc)
-            return
-        if answer.ok and answer.records:
-            await self._carry_out(await self._step(ChainHead(user, answer.records[0])))
-
-    async def _tick(self) -> None:
-        """The machine's clock, and the end of each presence grace period."""
-        while True:
-            await asyncio.sleep(TICK)
-            for event in self.presence.expire(time.monotonic()):
-                self._inbox.put_nowait(event)
-            self._inbox.put_nowait(Tick(time.time()))
-
     async def _carry_out(self, outputs: list[Output]) -> None:
         for out in outputs:
             if isinstance(out, Commit):
@@ -429,20 +309,8 @@ class ProviderRuntime:
         evaluated = self._record.timings_s.get("evaluation", 0.0)
         patience = {"evaluation": LEDGER_WORK_PATIENCE + 4 * evaluated,
                     "task_start": LEDGER_WORK_PATIENCE}.get(kind)  # fmt: skip
-        submission = ledger_submission(env)
-        try:
-            committed, receipt = await self.ledger.submit_for_receipt(submission, patience)
-        except RefusedError as exc:
-            if exc.reason is not RefusalReason.MISSING_PAYLOAD:
-                raise
-            # A ledger node takes model-sized payloads from the bus and missed some (a
-            # broker restart, a late subscription): hand them over and submit again.
-            relayed = [*([self._test_set] if self._test_set else []), *self._round_uploads]
-            log.warning("the ledger lacks payloads of the %s (%s); relaying %d", kind,
-                        exc.detail, len(relayed))  # fmt: skip
-            for data in relayed:
-                await self.bus.publish(topics.relayed_payload(self.task, self.pid), data)
-            committed, receipt = await self.ledger.submit_for_receipt(submission, patience)
+        # A refusal other than a missing payload goes up to _play, which rebuilds.
+        committed, receipt = await self._submit_relaying(ledger_submission(env), kind, patience)
         crash_after(kind, self._record.round)
         self.metrics.committed(kind, time.perf_counter() - start, committed.height)
         if kind == "dropout":
@@ -515,19 +383,10 @@ class ProviderRuntime:
             await self._carry_out(outputs)
 
     async def _done(self, done: RoundDone) -> None:
-        assert self._record is not None and self._evaluator is not None
+        assert self._record is not None
         record = self._record
         record_round(record, done)
-        start = time.perf_counter()
-        record.global_accuracy = await asyncio.to_thread(
-            self._evaluator.accuracy, done.global_params
-        )
-        record.timings_s["global_evaluation"] = time.perf_counter() - start
-        record.bytes = dict(record.bytes)
-        self.records.append(record)
-        model_path = self.out_dir / "global_model.npy"
-        with state_io("write", model_path):
-            np.save(model_path, done.global_params)
+        await self._keep_round(record, done.global_params)
         log.info("round %d: accuracy %.3f, key users %s, violators %s, excluded %s",
                  record.round, record.global_accuracy, record.key_users, record.violators,
                  record.excluded)  # fmt: skip
@@ -539,13 +398,3 @@ class ProviderRuntime:
         if self._task_data is None:
             raise ProviderError("the provider's test set is not loaded yet")
         return machine_config(self.config, self._task_data, len(self.users))
-
-    def _build_evaluator(self) -> ExactEvaluator:
-        """The task's test set and the exact evaluation the ledger re-derives."""
-        t = self.config.training
-        if t.threads:
-            import torch
-
-            torch.set_num_threads(t.threads)
-        self._task_data = load_task_data(self.config)
-        return ExactEvaluator(t.model_name, self._task_data.test_set)

@@ -33,10 +33,6 @@ import numpy as np
 import numpy.typing as npt
 
 from fairbus import topics
-from fairbus.errors import EnvelopeError, RosterError
-from fairbus.identity import Identity, broker_password_path, require_broker_password
-from fairbus.ledger.recorded import Recorded, ledger_submission
-from fairbus.ledger.state import RefusedError
 from fairbus.protocol.events import (
     ChainHead,
     Commit,
@@ -50,18 +46,15 @@ from fairbus.protocol.events import (
     Trained,
 )
 from fairbus.protocol.seccl_user import SecclUserMachine
-from fairbus.roster import Role, Roster
+from fairbus.roster import Role
 from fairbus.runtime.config import RuntimeConfig
-from fairbus.runtime.connection import BusConnection
-from fairbus.runtime.metrics import RuntimeMetrics
+from fairbus.runtime.participant import UserParticipant, route_from_ledger
 from fairbus.runtime.state import state_io
 from fairbus.runtime.user import own_share
-from fairbus.runtime.user_state import UserState
 from fairbus.seccl import macro_f_score
 from fairbus.seccl_simulation import VALIDATION_SHARE, validation_split
 from fairbus.training.attacks import Attack
 from fairbus.training.config import round_seed, trainer_seed
-from fairbus_ledger_service.client import LedgerClient, LedgerTimeoutError
 
 if TYPE_CHECKING:
     from fairbus.training.local import Evaluator, Trainer
@@ -72,41 +65,17 @@ SERVER_KINDS = frozenset({"global_model", "seccl_announce", "seccl_close", "secc
 """What a participant takes from the server's topics (each with its receipt)."""
 
 
-class SecclUserRuntime:
+class SecclUserRuntime(UserParticipant):
     """A SecCL participant on the bus; :meth:`run` takes part until cancelled."""
 
     def __init__(self, config: RuntimeConfig, user_id: int, attack: Attack | None = None) -> None:
-        self.config = config
-        self.me = user_id
-        self.attack = attack or Attack()
-        self.roster = Roster.load(config.roster)
-        try:
-            self.roster.member(user_id, roles=[Role.USER])
-        except EnvelopeError as exc:  # not in the roster, or not as a user
-            raise RosterError(f"{config.roster}: {exc}") from None
-        self.identity = Identity.load(config.keys, user_id)
-        self.task = self.roster.task
-        self.state = UserState(config.state / f"user-{user_id}")
+        super().__init__(config, user_id, attack)
         self._inbox: asyncio.Queue[SecclEvent] = asyncio.Queue()
         self._work: set[asyncio.Task[None]] = set()
         self._lock = asyncio.Lock()
         """One training or evaluation at a time: they share torch's threads."""
         self._trainer: Trainer | None = None
         self._validator: Evaluator | None = None
-        self.bus = BusConnection(
-            *config.broker,
-            task=self.task,
-            role="user",
-            pid=user_id,
-            password=require_broker_password(config.keys, user_id),
-            password_file=broker_password_path(config.keys, user_id),
-            subscriptions=[],
-            on_message=self._on_message,
-        )
-        self.ledger = LedgerClient(
-            self.bus, self.identity, self.roster, "user", timeout=config.ledger_timeout
-        )
-        self.metrics = RuntimeMetrics.start(config.metrics, "user", user_id, self.bus)
         self.bus.subscriptions = [topics.provider_messages(self.task),
                                   topics.seccl_changes(self.task), *self.ledger.topics]  # fmt: skip
         self.machine = SecclUserMachine(self.identity, self.roster)
@@ -116,11 +85,8 @@ class SecclUserRuntime:
 
     def _on_message(self, topic: str, data: bytes) -> None:
         """Route by topic; the bytes go to the machine (or the ledger client) unparsed."""
-        parsed = topics.parse(self.task, topic)
+        parsed = route_from_ledger(self.task, self.ledger, topic, data)
         if parsed is None:
-            return
-        if parsed.from_ledger:
-            self.ledger.dispatch(data)
             return
         if parsed.recipient is not None:
             return
@@ -149,17 +115,8 @@ class SecclUserRuntime:
             await self._carry_out(self.machine.handle(await self._inbox.get()))
 
     async def _resume_chain(self) -> None:
-        """Continue from the ledger's head for this user (it wins over the saved one)."""
-        saved = self.state.chain_head()
-        try:
-            answer = await self.ledger.query("head", sender=self.me)
-            head = answer.records[0] if answer.ok and answer.records else saved
-        except LedgerTimeoutError:
-            log.warning("user %d: no ledger answer; resuming from the saved chain head", self.me)
-            head = saved
-        if head != saved:
-            self.state.save_chain_head(head)
-        await self._carry_out(self.machine.handle(ChainHead(self.me, head)))
+        """Continue from the ledger's head for this user (:meth:`_chain_head`)."""
+        await self._carry_out(self.machine.handle(ChainHead(self.me, await self._chain_head())))
 
     async def _carry_out(self, outputs: list[SecclOutput]) -> None:
         for out in outputs:
@@ -216,25 +173,9 @@ class SecclUserRuntime:
 
     async def _commit(self, out: Commit) -> None:
         """Commit on the ledger, then publish with the receipt."""
-        start = time.perf_counter()
-        try:
-            committed, receipt = await self.ledger.submit_for_receipt(
-                ledger_submission(out.envelope)
-            )
-        except (RefusedError, LedgerTimeoutError) as exc:
-            if isinstance(exc, RefusedError):
-                self.metrics.refused(exc.reason.value)
-            log.warning("user %d: %s not recorded: %s", self.me, out.kind, exc)
-            await self._resume_chain()
+        seconds = await self._commit_and_publish(out, self.machine.round)
+        if seconds is None:
             return
-        seconds = time.perf_counter() - start
-        self.metrics.committed(out.kind, seconds, committed.height)
-        self.metrics.took_part(self.machine.round)
-        self.state.save_chain_head(out.envelope.hash)
-        await self.bus.publish(
-            topics.message(self.task, "user", self.me, out.kind),
-            Recorded(out.envelope, receipt).to_bytes(),
-        )
         self._timings[f"{out.kind}_ledger_s"] = seconds
         self._write_stats()
 

@@ -28,10 +28,7 @@ import numpy.typing as npt
 
 from fairbus import topics
 from fairbus.aggregation import PLAIN_MODEL
-from fairbus.errors import EnvelopeError, FairbusError, RosterError
-from fairbus.identity import Identity, broker_password_path, require_broker_password
-from fairbus.ledger.recorded import Recorded, ledger_submission
-from fairbus.ledger.state import RefusedError
+from fairbus.errors import FairbusError
 from fairbus.protocol.events import (
     PROVIDER,
     SEALED_KINDS,
@@ -49,14 +46,13 @@ from fairbus.protocol.events import (
 from fairbus.protocol.user import UserMachine
 from fairbus.roster import Role, Roster
 from fairbus.runtime.config import RuntimeConfig
-from fairbus.runtime.connection import BusConnection, Presence
-from fairbus.runtime.metrics import RuntimeMetrics
+from fairbus.runtime.connection import Presence
+from fairbus.runtime.participant import UserParticipant, route_from_ledger
 from fairbus.runtime.state import state_io
 from fairbus.runtime.user_state import UserState
 from fairbus.training.attacks import Attack
 from fairbus.training.config import round_seed, trainer_seed
 from fairbus.wire.messages import MESSAGE_TYPES
-from fairbus_ledger_service.client import LedgerClient, LedgerTimeoutError
 
 if TYPE_CHECKING:
     from fairbus.training.data import Dataset
@@ -79,7 +75,9 @@ class UserExcludedError(FairbusError):
     """The ledger's decision named this user a violator; it takes no further part."""
 
 
-class UserRuntime:
+class UserRuntime(UserParticipant):
+    """A fairness user on the bus; :meth:`run` takes part until excluded or cancelled."""
+
     def __init__(
         self,
         config: RuntimeConfig,
@@ -88,37 +86,13 @@ class UserRuntime:
         *,
         on_event: Callable[[str, dict[str, object]], None] | None = None,
     ) -> None:
-        self.config = config
-        self.me = user_id
-        self.attack = attack or Attack()
-        self.roster = Roster.load(config.roster)
-        try:
-            self.roster.member(user_id, roles=[Role.USER])
-        except EnvelopeError as exc:  # not in the roster, or not as a user
-            raise RosterError(f"{config.roster}: {exc}") from None
-        self.identity = Identity.load(config.keys, user_id)
-        self.task = self.roster.task
-        self.state = UserState(config.state / f"user-{user_id}")
+        super().__init__(config, user_id, attack)
         self.on_event = on_event
         self._inbox: asyncio.Queue[Event] = asyncio.Queue()
         self._training: set[asyncio.Task[None]] = set()
         self._trainer: Trainer | None = None
         self._train_lock = asyncio.Lock()
         self._latest_train = 0
-        self.bus = BusConnection(
-            *config.broker,
-            task=self.task,
-            role="user",
-            pid=user_id,
-            password=require_broker_password(config.keys, user_id),
-            password_file=broker_password_path(config.keys, user_id),
-            subscriptions=[],
-            on_message=self._on_message,
-        )
-        self.ledger = LedgerClient(
-            self.bus, self.identity, self.roster, "user", timeout=config.ledger_timeout
-        )
-        self.metrics = RuntimeMetrics.start(config.metrics, "user", user_id, self.bus)
         self.bus.subscriptions = [
             topics.provider_messages(self.task),
             topics.direct_inbox(self.task, user_id),
@@ -136,11 +110,8 @@ class UserRuntime:
 
     def _on_message(self, topic: str, data: bytes) -> None:
         """Route by topic; the bytes go to the machine (or the ledger client) unparsed."""
-        parsed = topics.parse(self.task, topic)
+        parsed = route_from_ledger(self.task, self.ledger, topic, data)
         if parsed is None:
-            return
-        if parsed.from_ledger:
-            self.ledger.dispatch(data)
             return
         from_provider = parsed.role == Role.PROVIDER.value and parsed.recipient is None
         if from_provider and parsed.kind == "presence":
@@ -192,19 +163,8 @@ class UserRuntime:
             await self._carry_out(self.machine.handle(event))
 
     async def _resume_chain(self) -> None:
-        """Continue from the ledger's head for this user, which wins over the saved one
-        (an upload signed just before a crash may or may not have committed)."""
-        saved = self.state.chain_head()
-        try:
-            answer = await self.ledger.query("head", sender=self.me)
-            head = answer.records[0] if answer.ok and answer.records else saved
-        except LedgerTimeoutError:
-            log.warning("user %d: no ledger answer; resuming from the saved chain head", self.me)
-            head = saved
-        if head != saved:
-            log.info("user %d: chain head %s from the ledger", self.me, head.hex()[:16])
-            self.state.save_chain_head(head)
-        await self._carry_out(self.machine.handle(ChainHead(self.me, head)))
+        """Continue from the ledger's head for this user (:meth:`_chain_head`)."""
+        await self._carry_out(self.machine.handle(ChainHead(self.me, await self._chain_head())))
 
     async def _carry_out(self, outputs: list[Output]) -> None:
         for out in outputs:
@@ -268,26 +228,10 @@ class UserRuntime:
         upload only with one)."""
         start = time.perf_counter()
         self._round_log.setdefault("first_upload", start)
-        try:
-            committed, receipt = await self.ledger.submit_for_receipt(
-                ledger_submission(out.envelope)
-            )
-        except (RefusedError, LedgerTimeoutError) as exc:
-            if isinstance(exc, RefusedError):
-                self.metrics.refused(exc.reason.value)
-            # Not committed (or not known to be): the next upload links to whatever the
-            # ledger holds as this user's head.
-            log.warning("user %d: upload not recorded: %s", self.me, exc)
-            await self._resume_chain()
+        # Not committed (None): the next upload links to the ledger's head for this user.
+        ledger_s = await self._commit_and_publish(out, self.machine.round)
+        if ledger_s is None:
             return
-        ledger_s = time.perf_counter() - start
-        self.metrics.committed(out.kind, ledger_s, committed.height)
-        self.metrics.took_part(self.machine.round)
-        self.state.save_chain_head(out.envelope.hash)
-        await self.bus.publish(
-            topics.message(self.task, "user", self.me, out.kind),
-            Recorded(out.envelope, receipt).to_bytes(),
-        )
         self._round_log["ledger_s"] = self._round_log.get("ledger_s", 0.0) + ledger_s
         self._round_log["upload_s"] = (
             self._round_log.get("upload_s", 0.0) + time.perf_counter() - start
