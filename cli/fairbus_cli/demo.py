@@ -83,11 +83,19 @@ def _seccl_demo(rounds: int, broker: str, ledger: str, epochs: int, out: Path) -
     λ = 0.2; a table of each round's candidates, then an audit of the ledger."""
     from fairbus.runtime.local import LocalTask
     from fairbus.seccl import DEFAULT_CANDIDATE_SHARE, DEFAULT_THETA
+    from fairbus.seccl_simulation import PAPER_TRAINING
 
     shutil.rmtree(out, ignore_errors=True)
     root = out / "task"
     start = time.monotonic()
     top = {"mode": "seccl", "theta": DEFAULT_THETA, "candidate_share": DEFAULT_CANDIDATE_SHARE}
+    # SecCL's local training, as `fairbus simulate --mode seccl` trains.
+    paper = PAPER_TRAINING
+    training: dict[str, object] = {
+        "local_epochs": epochs,
+        "lr": paper.lr,
+        "batch_size": paper.batch_size,
+    }
     try:
         with (
             console.status(
@@ -95,7 +103,7 @@ def _seccl_demo(rounds: int, broker: str, ledger: str, epochs: int, out: Path) -
                 f"server and {SECCL_USERS} participants…"
             ),  # fmt: skip
             LocalTask(
-                root, SECCL_USERS, rounds, {}, ledger, broker, {"local_epochs": epochs}, top=top
+                root, SECCL_USERS, rounds, {}, ledger, broker, training, top=top
             ) as task,  # fmt: skip
         ):
             _follow(task, rounds)
