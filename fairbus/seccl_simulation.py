@@ -39,10 +39,8 @@ import torch
 from fairbus.errors import FairbusError
 from fairbus.evaluation import QuantizedTestSet
 from fairbus.ledger.inprocess import BlobSink, BlockSink
-from fairbus.ledger.state import RefusedError
 from fairbus.protocol.events import (
     PROVIDER,
-    ChainHead,
     Commit,
     EvaluatePeers,
     PeersEvaluated,
@@ -60,7 +58,11 @@ from fairbus.protocol.seccl_provider import SecclPhase, SecclServerConfig, Seccl
 from fairbus.protocol.seccl_user import SecclUserMachine
 from fairbus.rounds import RoundRecord
 from fairbus.seccl import DEFAULT_CANDIDATE_SHARE, DEFAULT_THETA, macro_f_score
-from fairbus.simulator import LEDGER_NODE_ID, LedgerRefusalError, SimulationParties
+from fairbus.simulator import (
+    LEDGER_NODE_ID,
+    SimulationParties,
+    commit_on_record,
+)
 from fairbus.task import TaskParams
 from fairbus.training.attacks import Attack
 from fairbus.training.config import TrainConfig, round_seed, trainer_seed
@@ -236,18 +238,9 @@ class SecclSimulation:
         record = self._record
         if record is None:
             raise FairbusError("no round in progress")
-        try:
-            data = self.ledger.commit(out.envelope)
-        except RefusedError as exc:
-            if not isinstance(source, int):
-                raise LedgerRefusalError(
-                    f"round {record.round}: the ledger refused the server's {out.kind!r}: {exc}"
-                ) from None
-            record.refusals.append(f"ledger: user {source}'s {out.kind}: {exc}")
-            self._deliver(source, ChainHead(source, self.ledger.head(source)))
+        data = commit_on_record(self.ledger, record, source, out, "server", self._deliver)
+        if data is None:
             return
-        record.ledger_height = self.ledger.height
-        record.bytes[out.kind] = record.bytes.get(out.kind, 0) + len(data)
         targets: list[int | str] = [PROVIDER, *self.user_ids]
         for target in targets:
             if target != source:

@@ -135,6 +135,33 @@ class SimulationParties:
         return cls(provider, users, roster, ledger)
 
 
+def commit_on_record(
+    ledger: InProcessLedger,
+    record: RoundRecord,
+    source: int | str,
+    out: Commit,
+    coordinator: str,
+    resync: Callable[[int, ChainHead], None],
+) -> bytes | None:
+    """Commit ``out`` on the simulated ledger and count it in the round's ``record``
+    (height, bytes by kind). A user's refused transaction is noted, the user handed the
+    ledger's chain head through ``resync`` (its next transaction links to it) and None
+    returned; the ``coordinator``'s stops the simulation with :class:`LedgerRefusalError`."""
+    try:
+        data = ledger.commit(out.envelope)
+    except RefusedError as exc:
+        if not isinstance(source, int):
+            raise LedgerRefusalError(
+                f"round {record.round}: the ledger refused the {coordinator}'s {out.kind!r}: {exc}"
+            ) from None
+        record.refusals.append(f"ledger: user {source}'s {out.kind}: {exc}")
+        resync(source, ChainHead(source, ledger.head(source)))
+        return None
+    record.ledger_height = ledger.height
+    record.bytes[out.kind] = record.bytes.get(out.kind, 0) + len(data)
+    return data
+
+
 class Simulation:
     """One training run. ``run()`` plays every round and returns the records.
 
@@ -312,19 +339,9 @@ class Simulation:
         """Commit on the ledger, then send with the receipt (as a participant does)."""
         record = self._record
         assert record is not None
-        try:
-            data = self.ledger.commit(out.envelope)
-        except RefusedError as exc:
-            if not isinstance(source, int):
-                raise LedgerRefusalError(
-                    f"round {record.round}: the ledger refused the provider's {out.kind!r}: {exc}"
-                ) from None
-            record.refusals.append(f"ledger: user {source}'s {out.kind}: {exc}")
-            # Not recorded: the user's next transaction links to the ledger's head.
-            self._deliver_to_user(source, ChainHead(source, self.ledger.head(source)))
+        data = commit_on_record(self.ledger, record, source, out, "provider", self._deliver_to_user)
+        if data is None:
             return
-        record.ledger_height = self.ledger.height
-        record.bytes[out.kind] = record.bytes.get(out.kind, 0) + len(data)
         if out.kind == "announce":
             record.prior_groups = [list(g) for g in self.provider.prior_groups]
         targets = sorted(self.alive) if out.to == USERS else [out.to]

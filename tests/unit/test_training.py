@@ -283,7 +283,7 @@ def test_attacks_that_train_take_the_same_local_steps(
 def test_bad_local_steps_are_refused(steps: object) -> None:
     with pytest.raises(FairbusError, match="local_steps must be None or an integer"):
         TrainConfig(local_steps=steps)  # type: ignore[arg-type]
-    assert TrainConfig(local_steps=MAX_LOCAL_STEPS).local_steps == MAX_LOCAL_STEPS
+    assert TrainConfig(local_steps=MAX_LOCAL_STEPS).steps_per_round(1) == MAX_LOCAL_STEPS
 
 
 @pytest.mark.parametrize(
