@@ -57,45 +57,69 @@ def plot_accuracy(records: Sequence[RoundRecord], path: Path, title: str = "") -
     return path
 
 
+LABELLED_USERS = 40
+"""Up to this many users, the score plot names each on its axis."""
+
+
 def plot_scores(
     records: Sequence[RoundRecord], path: Path, attackers: Collection[int] = ()
 ) -> Path:
     """Fig. 5: each user's contribution score, with its 95% interval where it had one.
 
     One panel: the mean score over the rounds a user took part in, and the interval
-    of its last round as a key user; attackers in red.
+    of its last round as a key user; attackers in red, excluded users ringed. Up to
+    :data:`LABELLED_USERS` users every one is named on the axis; beyond, the axis is the
+    user's position in id order (one scatter and one error-bar call per colour, so
+    1,000 users plot in a second).
     """
     users = sorted({u for r in records for u in r.scores})
-    fig = Figure(figsize=(7, 4.2), dpi=120)
-    ax = fig.subplots()
-    for k, user in enumerate(users):
-        scores = [r.scores[user]["score"] for r in records if user in r.scores]
-        mean = sum(s for s in scores if s is not None) / max(1, len(scores))
-        color = "tab:red" if user in attackers else "tab:blue"
-        ax.scatter([k], [mean], color=color, zorder=3)
-        intervals = [
-            (r.scores[user]["conf_lo"], r.scores[user]["conf_up"])
-            for r in records
-            if user in r.scores and r.scores[user]["conf_lo"] is not None
-        ]
-        if intervals:
-            lo, up = intervals[-1]
-            assert lo is not None and up is not None
-            lo, up = max(lo, -0.1), min(up, 1.1)
-            middle = (lo + up) / 2
-            ax.errorbar(
-                [k + 0.15],
-                [middle],
-                yerr=[[middle - lo], [up - middle]],
-                color=color,
-                capsize=4,
-                linewidth=1.5,
-                alpha=0.8,
-            )
     excluded = {u for r in records for u in r.violators}
-    ax.set_xticks(range(len(users)))
-    ax.set_xticklabels([f"{u}{'*' if u in excluded else ''}" for u in users])
-    ax.set_xlabel("user (* = excluded; red = attacker)")
+    fig = Figure(figsize=(7 if len(users) <= LABELLED_USERS else 10, 4.2), dpi=120)
+    ax = fig.subplots()
+    for color, members in (
+        ("tab:blue", [u for u in users if u not in attackers]),
+        ("tab:red", [u for u in users if u in attackers]),
+    ):
+        xs, means, bars = [], [], []
+        for user in members:
+            k = users.index(user) if len(users) <= LABELLED_USERS else user
+            scores = [r.scores[user]["score"] for r in records if user in r.scores]
+            xs.append(k)
+            means.append(sum(s for s in scores if s is not None) / max(1, len(scores)))
+            intervals = [
+                (r.scores[user]["conf_lo"], r.scores[user]["conf_up"])
+                for r in records
+                if user in r.scores and r.scores[user]["conf_lo"] is not None
+            ]
+            if intervals:
+                lo, up = intervals[-1]
+                assert lo is not None and up is not None
+                bars.append((k, max(lo, -0.1), min(up, 1.1)))
+        size = 36 if len(users) <= LABELLED_USERS else 8
+        ax.scatter(xs, means, color=color, s=size, zorder=3)
+        if bars:
+            middle = [(lo + up) / 2 for _, lo, up in bars]
+            ax.errorbar(
+                [k + 0.15 for k, _, _ in bars],
+                middle,
+                yerr=[[m - lo for m, (_, lo, _) in zip(middle, bars, strict=True)],
+                      [up - m for m, (_, _, up) in zip(middle, bars, strict=True)]],
+                color=color, capsize=4, linewidth=1.5, alpha=0.8, linestyle="none",
+            )  # fmt: skip
+    if len(users) <= LABELLED_USERS:
+        ax.set_xticks(range(len(users)))
+        ax.set_xticklabels([f"{u}{'*' if u in excluded else ''}" for u in users])
+        ax.set_xlabel("user (* = excluded; red = attacker)")
+    else:
+        out = sorted(excluded)
+        if out:
+            marks = [
+                sum(s for s in sc if s is not None) / max(1, len(sc))
+                for sc in ([r.scores[u]["score"] for r in records if u in r.scores] for u in out)
+            ]
+            ax.scatter(out, marks, s=80, facecolors="none", edgecolors="black", zorder=4)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_xlabel("user id (ringed = excluded; red = attacker)")
     ax.set_ylabel("mean score, last key-user interval")
     ax.set_ylim(-0.1, 1.1)
     ax.set_title("contribution scores and 95% intervals")

@@ -15,7 +15,17 @@ import numpy.typing as npt
 
 from fairbus.protocol.events import RoundDone
 
-TIMING_PHASES = ("training", "negotiation", "upload", "aggregation", "evaluation", "detection")
+TIMING_PHASES = (
+    "grouping",
+    "training",
+    "negotiation",
+    "upload",
+    "aggregation",
+    "evaluation",
+    "detection",
+    "ledger",
+)
+"""What a round's time is spent on ("round": the whole, where measured)."""
 
 
 @dataclass

@@ -56,10 +56,16 @@ from fairbus.protocol.user import UserMachine
 from fairbus.roster import Member, Role, Roster
 from fairbus.rounds import RoundRecord, record_round
 from fairbus.training.attacks import Attack
-from fairbus.training.config import round_seed, trainer_seed
-from fairbus.training.data import DATASET_MODELS, load_dataset, partition
-from fairbus.training.local import TrainConfig, Trainer
+from fairbus.training.data import DATASET_MODELS, load_dataset
+from fairbus.training.local import TrainConfig
 from fairbus.training.models import initial_params
+from fairbus.training.workers import (
+    InProcessTraining,
+    LocalTraining,
+    TrainingJob,
+    TrainingSpec,
+    WorkerTraining,
+)
 from fairbus.wire.messages import PAIRWISE
 
 PROVIDER_ID = 0
@@ -96,6 +102,9 @@ class SimulationConfig:
     attacks: dict[int, Attack] = field(default_factory=dict)
     provider: ProviderConfig = field(default_factory=ProviderConfig)
     dropouts: tuple[DropoutPlan, ...] = ()
+    workers: int = 1
+    """Processes training the users (:mod:`fairbus.training.workers`); 1 trains them in
+    this process. The models are the same either way."""
 
     @property
     def model_name(self) -> str:
@@ -189,15 +198,26 @@ class Simulation:
         parties = SimulationParties.generate(self.user_ids, on_block=on_block, on_blob=on_blob)
         provider, self.identities = parties.provider, parties.users
         self.roster, self.ledger = parties.roster, parties.ledger
+        if config.workers < 1:
+            raise FairbusError(f"workers must be at least 1, got {config.workers}")
         train, test = load_dataset(config.dataset, config.data_dir, seed=config.seed)
-        parts = partition(train, config.users, config.partition, config.alpha, config.seed)
         self.train = config.train.for_task(len(train), config.users)
-        self.trainers = {
-            u: Trainer(
-                config.model_name, train.subset(p), self.train, seed=trainer_seed(config.seed, u)
-            )
-            for u, p in zip(self.user_ids, parts, strict=True)
-        }
+        spec = TrainingSpec(
+            config.model_name,
+            config.dataset,
+            config.data_dir,
+            config.partition,
+            config.alpha,
+            config.seed,
+            tuple(self.user_ids),
+            self.train,
+            dict(config.attacks),
+        )
+        self.training: LocalTraining = (
+            WorkerTraining(spec, config.workers)
+            if config.workers > 1
+            else InProcessTraining(spec, spec.trainers(self.user_ids, train))
+        )
         test_set = QuantizedTestSet.quantize(test.x.numpy(), test.y.numpy(), test.num_classes)
         self.evaluator = ExactEvaluator(config.model_name, test_set)
         self.provider = ProviderMachine(
@@ -222,17 +242,32 @@ class Simulation:
         self._killed_this_round: list[DropoutPlan] = []
         self._closing: list[CloseAttempt] = []
         self._evaluating: list[Evaluate] = []
+        self._training: list[tuple[int, Train]] = []
 
     # --- driving ------------------------------------------------------------------------------
 
     def run(self, on_round: Callable[[RoundRecord], None] | None = None) -> list[RoundRecord]:
+        """Play every round, then :meth:`close`."""
         records = []
-        for r in range(1, self.config.rounds + 1):
-            record = self.play_round(r)
-            records.append(record)
-            if on_round is not None:
-                on_round(record)
+        try:
+            for r in range(1, self.config.rounds + 1):
+                record = self.play_round(r)
+                records.append(record)
+                if on_round is not None:
+                    on_round(record)
+        finally:
+            self.close()
         return records
+
+    def close(self) -> None:
+        """Stop the training workers, if any (:attr:`SimulationConfig.workers`)."""
+        self.training.close()
+
+    def __enter__(self) -> Simulation:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.close()
 
     def play_round(self, r: int) -> RoundRecord:
         for plan in self._killed_this_round:
@@ -242,8 +277,9 @@ class Simulation:
         self._plan = {p.user: p for p in self.config.dropouts if p.round == r}
         record = RoundRecord.empty(r)
         self._record = record
+        started = time.perf_counter()
         now = float(r) * 10 * self.config.provider.phase_timeout
-        self._dispatch(PROVIDER, self.provider.handle(StartRound(now)))
+        self._provider_step(StartRound(now))
         self._pump()
         for _ in range(self.config.users):
             if self.provider.phase is ProviderPhase.IDLE or record.failed:
@@ -251,10 +287,11 @@ class Simulation:
             # Everything deliverable was delivered and the round is not done: let the
             # provider's deadline pass, as a stalled or vanished user would make it.
             now += self.config.provider.phase_timeout + 1
-            self._dispatch(PROVIDER, self.provider.handle(Tick(now)))
+            self._provider_step(Tick(now))
             self._pump()
         if self.provider.phase is not ProviderPhase.IDLE and not record.failed:
             record.failed = f"round {r} did not complete"
+        record.timings_s["round"] = time.perf_counter() - started
         record.global_accuracy = self.evaluator.accuracy(self.provider.global_params)
         record.bytes = dict(record.bytes)
         return record
@@ -262,6 +299,9 @@ class Simulation:
     def _pump(self) -> None:
         while True:
             self._deliver_queued()
+            if self._training:
+                self._train_pending()
+                continue
             if self._evaluating:
                 self._evaluate_pending()
                 continue
@@ -273,7 +313,15 @@ class Simulation:
             # never delivered, as when a process dies between commit and publish).
             uploads = self.ledger.uploads(close.round, close.attempt)
             closed = AttemptClosed(close.round, close.attempt, uploads)
-            self._dispatch(PROVIDER, self.provider.handle(closed))
+            self._provider_step(closed)
+
+    def _provider_step(self, event: Event) -> None:
+        """Step the provider on a start, a deadline or a closed attempt: where it groups
+        (Alg. 2) and checks the grouping, timed as ``grouping``."""
+        start = time.perf_counter()
+        outputs = self.provider.handle(event)
+        self._add_time("grouping", start)
+        self._dispatch(PROVIDER, outputs)
 
     def _deliver_queued(self) -> None:
         while self._queue:
@@ -318,7 +366,8 @@ class Simulation:
                 if dying is not None and dying.phase == "negotiation" and self._no_shares:
                     self._kill(dying)  # pairwise keys: nothing to negotiate; dies training
                     continue
-                self._train(source, out)
+                # Trained together once everything in flight is delivered (see _pump).
+                self._training.append((source, out))
             elif isinstance(out, Evaluate):
                 # Evaluated together once everything in flight is delivered (see _pump).
                 self._evaluating.append(out)
@@ -339,7 +388,9 @@ class Simulation:
         """Commit on the ledger, then send with the receipt (as a participant does)."""
         record = self._record
         assert record is not None
+        start = time.perf_counter()
         data = commit_on_record(self.ledger, record, source, out, "provider", self._deliver_to_user)
+        self._add_time("ledger", start)
         if data is None:
             return
         if out.kind == "announce":
@@ -370,20 +421,21 @@ class Simulation:
         assert self._record is not None
         self._record.timings_s[phase] += time.perf_counter() - start
 
-    def _train(self, user: int, effect: Train) -> None:
+    def _train_pending(self) -> None:
+        """The trainings asked for since the last time, in one batch (over the training
+        workers, if any: :attr:`SimulationConfig.workers`), then each model handed to its
+        user in the order asked. A user's trainer advances the same way whenever it
+        trains, so batching changes no model; a user killed before the batch ran (it
+        died while training) hands nothing over."""
         record = self._record
         assert record is not None
-        attack = self.config.attacks.get(user, Attack())
-        params = self._timed(
-            "training",
-            lambda: attack.local_model(
-                effect.global_params,
-                self.trainers[user],
-                seed=round_seed(self.config.seed, effect.round),
-            ),
-        )
-        record.local_models[user] = params
-        self._deliver_to_user(user, Trained(effect.round, params))
+        pending, self._training = self._training, []
+        jobs = [TrainingJob(user, effect.global_params, effect.round) for user, effect in pending]
+        models = self._timed("training", lambda: self.training.train(jobs))
+        for (user, effect), params in zip(pending, models, strict=True):
+            record.local_models[user] = params
+            if user in self.alive:
+                self._deliver_to_user(user, Trained(effect.round, params))
 
     def _done(self, done: RoundDone) -> None:
         assert self._record is not None

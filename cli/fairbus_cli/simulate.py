@@ -16,7 +16,7 @@ from rich.table import Table
 from fairbus.errors import FairbusError
 from fairbus.protocol.provider import ProviderConfig
 from fairbus.training.attacks import Attack, Behaviour
-from fairbus.training.config import MAX_LOCAL_STEPS, TrainConfig
+from fairbus.training.config import AUTO_WORKERS_FROM, MAX_LOCAL_STEPS, TrainConfig, default_workers
 from fairbus.wire.messages import DEFAULT_KEYING, FAIRNESS, MODES, SECCL
 from fairbus_cli import detection_options as options
 from fairbus_cli import keying_option
@@ -136,6 +136,13 @@ def simulate(
     collude: bool = typer.Option(
         True, help="seccl: attackers give each other the top of their ballots."
     ),
+    workers: int | None = typer.Option(
+        None,
+        min=1,
+        help="Processes that train the users (default: one per core from "
+        f"{AUTO_WORKERS_FROM} users on, else 1); the models are the same either way. "
+        "Fairness mode.",
+    ),
     out: Path = typer.Option(Path("out/simulate"), help="Where rounds.jsonl and the plots go."),
 ) -> None:
     """Run N users for R rounds in one process with the real protocol and real training.
@@ -216,6 +223,7 @@ def simulate(
             keying=keying,
         ),
         dropouts=tuple(_dropout(d) for d in dropout),
+        workers=default_workers(users) if workers is None else workers,
     )
     execute(config, out)
 
@@ -251,6 +259,7 @@ def execute(config: SimulationConfig, out: Path) -> list[RoundRecord]:
         say(console, "error", exc)
         raise typer.Exit(2) from None
     print_summary(records, config.attacks)
+    print_timings(records)
     console.print(f"wrote {out / 'rounds.jsonl'}, {out / 'accuracy.png'}, {out / 'scores.png'}")
     console.print(f"ledger: {ledger.config} (`fairbus audit --config {ledger.config}`)")
     assert ledger.roster is not None
@@ -364,6 +373,28 @@ def print_summary(records: list[RoundRecord], attacks: dict[int, Attack]) -> Non
         f"attackers {sorted(attackers) or '–'}; excluded {sorted(excluded) or '–'}; "
         f"honest users excluded: {sorted(excluded - attackers) or 'none'}"
     )
+
+
+def print_timings(records: list[RoundRecord]) -> None:
+    """Seconds per round by phase (the simulator's ``timings_s``), and their means."""
+    from fairbus.rounds import TIMING_PHASES
+
+    phases = [p for p in (*TIMING_PHASES, "round") if any(p in r.timings_s for r in records)]
+    table = Table(title="seconds per round, by phase")
+    for column in ("round", *phases):
+        table.add_column(column, justify="right")
+    for r in records:
+        table.add_row(str(r.round), *(f"{r.timings_s.get(p, 0.0):.2f}" for p in phases))
+    if len(records) > 1:
+        table.add_row(
+            "mean",
+            *(
+                f"{sum(r.timings_s.get(p, 0.0) for r in records) / len(records):.2f}"
+                for p in phases
+            ),
+            style="bold",
+        )
+    console.print(table)
 
 
 def execute_seccl(config: SecclSimulationConfig, out: Path) -> list[RoundRecord]:

@@ -9,6 +9,7 @@ the others at most ``max_small_payload``.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Any, ClassVar, TypeVar
 
@@ -95,8 +96,20 @@ def decode_body(type_name: str, payload: bytes, limits: WireLimits) -> Message:
     cls = MESSAGE_TYPES.get(type_name)
     if cls is None:
         raise SchemaError(f"unknown message type {type_name!r}")
-    bound = limits.max_model_bytes + 4096 if cls.MODEL_SIZED else limits.max_small_payload
-    return cls.from_wire(codec.unpack(payload, limits, max_bytes=bound), "", limits)
+    if cls.MODEL_SIZED:
+        bound = limits.max_model_bytes + 4096
+        return cls.from_wire(codec.unpack(payload, limits, max_bytes=bound), "", limits)
+    return _decode_small(type_name, bytes(payload), limits)
+
+
+@functools.lru_cache(maxsize=128)
+def _decode_small(type_name: str, payload: bytes, limits: WireLimits) -> Message:
+    """A small payload decoded (at most ``max_small_payload`` bytes), kept: decoding is a
+    pure function and messages are frozen, and one process may run many machines that
+    each decode the same broadcast (the simulator's users: an announcement of 1,000
+    users is read 1,000 times). Model-sized payloads are not kept."""
+    raw = codec.unpack(payload, limits, max_bytes=limits.max_small_payload)
+    return MESSAGE_TYPES[type_name].from_wire(raw, "", limits)
 
 
 # --- field vectors as bytes ---------------------------------------------------------------
@@ -342,6 +355,8 @@ class DetectionPolicy(WireStruct):
     carry_evidence: bool
     evidence_window: int | None
     key_score: float | None
+    relative_tolerance: float | None
+    weight_floor: float | None
     level_rounds: int | None
     FIELDS: ClassVar[dict[str, Spec]] = {
         "bound_score": Float(0.0, 1.0),
@@ -353,6 +368,8 @@ class DetectionPolicy(WireStruct):
         "carry_evidence": Bool(),
         "evidence_window": Optional(Int(1, MAX_POLICY_ROUNDS)),
         "key_score": Optional(Float(0.0, 1.0)),
+        "relative_tolerance": Optional(Float(0.0, 1.0)),
+        "weight_floor": Optional(Float(0.0, 1.0)),
         "level_rounds": Optional(Int(1, MAX_POLICY_ROUNDS)),
     }
 

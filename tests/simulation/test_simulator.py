@@ -149,6 +149,10 @@ def test_cli_simulate_writes_json_lines_and_plots(tmp_path: Path) -> None:
         assert key in first
     for png in ("accuracy.png", "scores.png"):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    timings = first["timings_s"]
+    assert timings["round"] >= timings["training"] > 0
+    assert timings["grouping"] > 0 and timings["ledger"] > 0
+    assert "seconds per round, by phase" in result.output
 
 
 def test_configuration_errors_are_clear() -> None:
@@ -163,6 +167,8 @@ def test_configuration_errors_are_clear() -> None:
         Simulation(SimulationConfig(partition="zipf"))  # type: ignore[arg-type]
     with pytest.raises(FairbusError, match="unknown data set"):
         Simulation(SimulationConfig(dataset="imagenet"))
+    with pytest.raises(FairbusError, match="workers"):
+        Simulation(SimulationConfig(workers=0))
     assert dataclasses.is_dataclass(ProviderConfig())
 
 
