@@ -24,6 +24,7 @@ from fairbus_cli import keying_option
 
 if TYPE_CHECKING:
     from fairbus.bench.detection import SuiteSummary
+    from fairbus.bench.scale import SimRow
 
 DEFAULTS = ProviderConfig()
 
@@ -537,6 +538,103 @@ def round_bench(
     console.print(table)
 
 
+@app.command("flower")
+def flower_bench(
+    flwr_python: Path = typer.Option(
+        Path("/work/flwr-venv/bin/python"),
+        help="Python (or bin folder) of the separate venv where flwr 1.42.0 is installed.",
+    ),
+    rounds: int = typer.Option(3, min=2, help="Rounds per run; the first is left out as warm-up."),
+    clients: int = typer.Option(9, min=3, help="SuperNodes / fairbus users."),
+    per_user: int = typer.Option(6_667, help="Training images per client (paper: 60,000 / 9)."),
+    broker: str = typer.Option("mosquitto", help="fairbus: 'mosquitto' or 'embedded'."),
+    ledger: str = typer.Option("sqlite", help="fairbus: 'sqlite' or 'etcd'."),
+    keying: list[str] = typer.Option(
+        list(KEYINGS),
+        help="Keyings of fairbus's secure runs, one deployment each (repeat).",
+        callback=keying_option.known_keyings,
+    ),
+    num_shares: int = typer.Option(3, help="SecAgg+ shares per client's secrets."),
+    reconstruction_threshold: int = typer.Option(2, help="SecAgg+ reconstruction threshold."),
+    run_fairbus: bool = typer.Option(True, "--fairbus/--no-fairbus", help="Run fairbus's side."),
+    run_flower: bool = typer.Option(True, "--flower/--no-flower", help="Run Flower's side."),
+    workdir: Path = typer.Option(Path("out/bench-flower"), help="Files of the deployments."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON instead of tables."),
+) -> None:
+    """fairbus beside Flower (deployment engine: a SuperLink and one SuperNode per client
+    on loopback, no Ray): fairbus secure against Flower's SecAgg+, plain against plain
+    FedAvg, on the paper's MNIST CNN with the same data, local training and threads as
+    `fairbus bench round`, in one run. Prints round wall time and bytes sent per client
+    and round of each, and their ratios. Flower lives in its own venv (--flwr-python)."""
+    from fairbus.bench import flower
+
+    tools = flower.FlowerTools.find(flwr_python) if run_flower else flower.FlowerTools(Path())
+    with Progress(console=console, transient=True) as bar:
+        task = bar.add_task("starting", total=None)
+
+        def note(text: str) -> None:
+            bar.update(task, description=text)
+            bar.console.log(text)
+
+        result = flower.bench(
+            tools, workdir, rounds=rounds, clients=clients, per_user=per_user, broker=broker,
+            store=ledger, keyings=tuple(keying), num_shares=num_shares,
+            reconstruction_threshold=reconstruction_threshold, run_fairbus=run_fairbus,
+            run_flower=run_flower, progress=note,
+        )  # fmt: skip
+    rows = flower.comparison_rows(*result.sides())
+    summary = json.dumps(
+        {
+            "flwr": result.flwr_version,
+            "clients": clients,
+            "rounds": rounds,
+            "local_steps": result.local_steps,
+            "flower_plain": result.flower_plain and vars(result.flower_plain),
+            "flower_secaggplus": result.flower_secure and vars(result.flower_secure),
+            "fairbus_plain": result.fairbus_plain and vars(result.fairbus_plain),
+            "fairbus_secure": {k: vars(r) for k, r in result.fairbus_secure.items()},
+            "ratios": [dict(zip(("measure", "fairbus", "flower", "ratio"), row, strict=True))
+                       for row in rows],
+        }
+    )  # fmt: skip
+    (workdir / "result.json").write_text(summary)
+    if as_json:
+        console.print_json(summary)
+        return
+    title = (
+        f"{clients} clients, MNIST CNN, {result.local_steps} SGD steps a round, "
+        f"means over rounds 2-{rounds}; Flower {result.flwr_version} deployment engine"
+    )
+    table = Table(title=title)
+    for column in ("per round", "wall time", "bytes sent per client", "received per client",
+                   "accuracy (last)"):  # fmt: skip
+        table.add_column(column, justify="left" if column == "per round" else "right")
+    for k, r in result.fairbus_secure.items():
+        table.add_row(f"fairbus secure ({k})", f"{r.round_s:.2f} s",
+                      f"{r.bytes_per_user:,.0f}", "–", f"{r.accuracy:.3f}")  # fmt: skip
+    if (p := result.fairbus_plain) is not None:
+        table.add_row("fairbus plain FedAvg", f"{p.round_s:.2f} s", f"{p.bytes_per_user:,.0f}",
+                      "–", f"{p.accuracy:.3f}")  # fmt: skip
+    for label, f in (("Flower SecAgg+", result.flower_secure),
+                     ("Flower plain FedAvg", result.flower_plain)):  # fmt: skip
+        if f is not None:
+            table.add_row(label, f"{f.round_s:.2f} s", f"{f.bytes_up_per_client:,.0f}",
+                          f"{f.bytes_down_per_client:,.0f}", f"{f.accuracy:.3f}")  # fmt: skip
+    console.print(table)
+    console.print(
+        "fairbus: message payload bytes a user publishes (MQTT framing not counted); "
+        "Flower: every byte a SuperNode sends to the SuperLink's Fleet API on the wire "
+        "(HTTP headers and bodies) between the round's start and end."
+    )
+    if rows:
+        ratios = Table(title="fairbus / Flower")
+        for column in ("measure", "fairbus", "Flower", "fairbus / Flower"):
+            ratios.add_column(column, justify="left" if column == "measure" else "right")
+        for row in rows:
+            ratios.add_row(*row)
+        console.print(ratios)
+
+
 @app.command("privacy")
 def privacy_bench(
     users: list[int] = typer.Option(
@@ -652,13 +750,24 @@ def scale_bench(
     block: int | None = typer.Option(
         None, min=1, help="Users per block of make_grouping (default fairbus.grouping.BLOCK)."
     ),
+    simulate: bool = typer.Option(
+        True,
+        help="Also simulate rounds at each user count, in both keyings (digits, its small "
+        "model, honest users; about 15 minutes for the default counts on 2 cores).",
+    ),
+    sim_rounds: int = typer.Option(2, min=1, help="Rounds per simulation."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
 ) -> None:
     """The provider's grouping and the exact exposure check at scale (issue 16): the time
     of make_grouping plus check_grouping (median and max over REPEATS groupings), groups
     per round, focus groups per key user, basic groupings and the connected components
     the check runs on. Targets (c = 1, key users up to 20%): ≤ 0.5 s at 100 users, ≤ 10 s
-    at 1,000. Exits 1 if a targeted setting misses its target."""
+    at 1,000. Exits 1 if a targeted setting misses its target.
+
+    Then (--simulate) whole simulated rounds at each user count under Alg. 3's shares and
+    pairwise keys: groups per round, seconds per round by phase (grouping, training on
+    every core, evaluation, detection, the ledger's admission with its re-derivation),
+    and bytes each user sends per round against plain FedAvg's one float32 model."""
     from dataclasses import asdict, replace
 
     from fairbus.bench import scale
@@ -683,10 +792,26 @@ def scale_bench(
             started[0] += 1
 
         report = scale.run(users, key_share, bound, repeats, params, tick)
+    simulated: list[scale.SimRow] = []
+    if simulate:
+        with Progress(console=console, transient=True) as progress:
+            task = progress.add_task("simulating", total=2 * len(users))
+
+            def step(n: int, keying: str) -> None:
+                progress.update(
+                    task,
+                    completed=len(simulated_keys),
+                    description=f"simulating {n} users, {keying} keys, {sim_rounds} rounds",
+                )
+                simulated_keys.append((n, keying))
+
+            simulated_keys: list[tuple[int, str]] = []
+            simulated = scale.run_simulations(users, rounds=sim_rounds, progress=step)
     missed = [r for r in report.rows if r.meets_target is False]
     if as_json:
         rows = [{**asdict(r), "meets_target": r.meets_target} for r in report.rows]
-        console.print_json(json.dumps({**asdict(report), "rows": rows}))
+        sims = [{**asdict(r), "bytes_ratio": r.bytes_ratio} for r in simulated]
+        console.print_json(json.dumps({**asdict(report), "rows": rows, "simulated": sims}))
     else:
         table = Table(
             title=(
@@ -718,8 +843,38 @@ def scale_bench(
             "components of the grouping (the check runs on each), 'largest': users in the "
             "largest; every grouping passed the exact check."
         )
+        if simulated:
+            print_simulated(simulated)
     if missed:
         raise typer.Exit(1)
+
+
+def print_simulated(rows: list[SimRow]) -> None:
+    """The table of ``fairbus bench scale --simulate``."""
+    table = Table(
+        title=f"simulated rounds (digits, honest users, means over {rows[0].rounds} rounds; "
+        "seconds per round)"
+    )
+    for column in (
+        "users", "keying", "workers", "groups", "grouping", "training", "evaluation",
+        "detection", "ledger", "round", "bytes / user", "× plain", "accuracy",
+    ):  # fmt: skip
+        table.add_column(column, justify="right")
+    for r in rows:
+        table.add_row(
+            str(r.users), r.keying, str(r.workers), f"{r.groups:.1f}", f"{r.grouping_s:.2f}",
+            f"{r.training_s:.2f}", f"{r.evaluation_s:.2f}", f"{r.detection_s:.2f}",
+            f"{r.ledger_s:.2f}", f"{r.round_s:.2f}", f"{r.bytes_per_user:,.0f}",
+            f"{r.bytes_ratio:.2f}",
+            f"{r.accuracy:.3f}" + (f" ({r.failed} failed)" if r.failed else ""),
+        )  # fmt: skip
+    console.print(table)
+    console.print(
+        "'ledger': the in-process ledger admitting every transaction (it re-derives each "
+        "evaluation and decision); 'round' also holds the users' message handling, which "
+        "a deployment spreads over their devices. Bytes: what users send (uploads, and "
+        "Alg. 3's sealed shares) per user; plain FedAvg sends one float32 model."
+    )
 
 
 @app.command("failover")

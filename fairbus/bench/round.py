@@ -68,14 +68,22 @@ class RoundRun:
 
 
 def run(
-    workdir: Path, *, secure: bool, rounds: int, broker: str, store: str, keying: str = SHAMIR
+    workdir: Path,
+    *,
+    secure: bool,
+    rounds: int,
+    broker: str,
+    store: str,
+    keying: str = SHAMIR,
+    users: int = 9,
 ) -> RoundRun:
+    """One deployment of ``users`` user processes (``workdir``/mnist written already)."""
     root = workdir / (f"secure-{keying}" if secure else "plain")
     shutil.rmtree(root, ignore_errors=True)
     data = str((workdir / "mnist").resolve())
     training: dict[str, object] = {"dataset": "mnist", "data_dir": data, "local_epochs": 1}
     provider: dict[str, object] = {"secure": secure, "phase_timeout": 600}
-    with LocalTask(root, 9, rounds, {}, store, broker, training, provider,
+    with LocalTask(root, users, rounds, {}, store, broker, training, provider,
                    top={"keying": keying}) as task:  # fmt: skip
         records = task.wait_for_round(rounds, timeout=600 * rounds)
     measured = records[1:] if len(records) > 1 else records
