@@ -541,8 +541,10 @@ def round_bench(
 @app.command("flower")
 def flower_bench(
     flwr_python: Path = typer.Option(
-        Path("/work/flwr-venv/bin/python"),
-        help="Python (or bin folder) of the separate venv where flwr 1.42.0 is installed.",
+        Path(".venv-flower/bin/python"),
+        envvar="FAIRBUS_FLWR_PYTHON",
+        help="Python (or bin folder) of the separate venv where flwr 1.42.0 is installed "
+        "(env FAIRBUS_FLWR_PYTHON).",
     ),
     rounds: int = typer.Option(3, min=2, help="Rounds per run; the first is left out as warm-up."),
     clients: int = typer.Option(9, min=3, help="SuperNodes / fairbus users."),

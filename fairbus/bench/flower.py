@@ -89,9 +89,9 @@ class FlowerTools:
                 return cls(folder.absolute())
         raise FlowerSetupError(
             f"no {', '.join(FLOWER_TOOLS)} next to {where}: install Flower in its own venv "
-            f"(python3 -m venv /work/flwr-venv && /work/flwr-venv/bin/pip install "
+            f"(python3 -m venv .venv-flower && .venv-flower/bin/pip install "
             f"torch==2.13.0 flwr=={FLWR_VERSION} numpy) and pass --flwr-python "
-            f"/work/flwr-venv/bin/python"
+            f".venv-flower/bin/python"
         )
 
     def tool(self, name: str) -> str:
