@@ -14,6 +14,7 @@ potential violator on that round's evidence.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -68,6 +69,22 @@ class DetectionParams:
     bound_score there are no key users, as written: the model has not learnt enough for
     the groups' scores to say anything (with attackers in the majority it never does)."""
 
+    relative_tolerance: float | None = None
+    """Not in the paper (None = ``tolerance`` alone): a group scores when acc > τ − max(
+    tolerance, relative_tolerance · (1 − τ)). How far an honest group's accuracy falls
+    below the mean of the basic groups scales with the error left: while the model still
+    learns, or with skewed (non-IID) data, groups of honest users differ by much more than
+    they do once it has converged, and a fixed tolerance that fits the end convicts honest
+    users with unusual data at the start (issue 13; README, fairness suite)."""
+    weight_floor: float | None = None
+    """Not in the paper (None = not used): with ``contribution_tolerance`` and
+    ``level_rounds``, a focus group that beats the accuracy bar but falls short of the
+    contribution bar still scores when its focus user's fitted weight θ
+    (:func:`fit_contributions`, over the same rounds as the level) is at least this. One
+    group's contribution is noisy (skewed data, and near convergence most of an update is
+    noise); θ pools every group the user was in over those rounds, and is about 0 for a
+    free-rider and below 0 for a poisoner."""
+
     level_rounds: int | None = None
     """Not in the paper (None = the largest contribution of the round): with
     ``contribution_tolerance``, a group's contribution is compared with the clean level
@@ -100,6 +117,10 @@ class DetectionParams:
             raise DetectionError(f"contribution_tolerance must be in [0, 1), got {tol}")
         if self.key_score is not None and not 0 <= self.key_score <= 1:
             raise DetectionError(f"key_score must be in [0, 1], got {self.key_score}")
+        for name in ("relative_tolerance", "weight_floor"):
+            value = getattr(self, name)
+            if value is not None and not 0 <= value <= 1:
+                raise DetectionError(f"{name} must be in [0, 1], got {value}")
 
 
 @dataclass(frozen=True)
@@ -193,9 +214,12 @@ def detect(
     # Lines 5-8: τ, the mean accuracy of the basic group models.
     tau = sum(accuracies[g.gid] for g in basic) / len(basic)
     bar = tau - params.tolerance
+    if params.relative_tolerance is not None:
+        bar = tau - max(params.tolerance, params.relative_tolerance * (1.0 - tau))
     window = _level_window(grouping, accuracies, params, contributions, history)
     level = _checked_level(grouping, params, contributions, window)
-    scores_group = _group_scorer(accuracies, bar, params, contributions, level)
+    excused = _excused_groups(grouping, params, window, level)
+    scores_group = _group_scorer(accuracies, bar, params, contributions, level, excused)
 
     assessments: dict[int, UserAssessment] = {}
     evidence: dict[int, tuple[float, ...]] = {}
@@ -296,15 +320,44 @@ def _group_scorer(
     params: DetectionParams,
     contributions: Mapping[int, float] | None,
     level: float | None,
+    excused: frozenset[int] = frozenset(),
 ) -> Callable[[int], float]:
     """score_g of line 11: 1 if the group beats τ (and, optionally, contributed at least
-    1 − contribution_tolerance of what a clean group does)."""
+    1 − contribution_tolerance of what a clean group does, or is ``excused`` from that)."""
     tol = params.contribution_tolerance
     if tol is None or level is None or contributions is None:
         # Without the test, or with no group that moved the model: accuracy alone.
         return lambda gid: 1.0 if accuracies[gid] > bar else 0.0
     held = contributions
-    return lambda gid: 1.0 if accuracies[gid] > bar and held[gid] / level >= 1 - tol else 0.0
+
+    def score(gid: int) -> float:
+        enough = gid in excused or held[gid] / level >= 1 - tol
+        return 1.0 if accuracies[gid] > bar and enough else 0.0
+
+    return score
+
+
+def _excused_groups(
+    grouping: Grouping,
+    params: DetectionParams,
+    window: Sequence[RoundContributions],
+    level: float | None,
+) -> frozenset[int]:
+    """The focus groups whose focus user's fitted weight θ reaches ``weight_floor``: their
+    contribution is not held against them (:attr:`DetectionParams.weight_floor`). Each θ
+    is rounded to :data:`LEVEL_DIGITS` significant digits, as the level is."""
+    floor = params.weight_floor
+    if floor is None or not window or level is None:
+        return frozenset()
+    fit = fit_contributions(window)
+    if fit is None:
+        return frozenset()
+    weights = {u: float(f"{w:.{LEVEL_DIGITS}g}") for u, w in fit.weights.items()}
+    return frozenset(
+        g.gid
+        for g in grouping.focus
+        if g.focus is not None and weights.get(g.focus, -math.inf) >= floor
+    )
 
 
 def yardstick(
@@ -435,6 +488,14 @@ def fit_contributions(
     """
     if iterations < 1:
         raise DetectionError(f"iterations must be >= 1, got {iterations}")
+    return _fit(tuple(rounds), iterations)
+
+
+@functools.lru_cache(maxsize=16)
+def _fit(rounds: tuple[RoundContributions, ...], iterations: int) -> ContributionFit | None:
+    """:func:`fit_contributions`, kept: one detection fits the same window twice (the
+    level, then the weights of ``weight_floor``), and at 1,000 users a fit is 30 dense
+    least-squares solves. A pure function of frozen input."""
     users = sorted({u for r in rounds for members in r.groups for u in members})
     if not rounds or not users:
         return None
@@ -483,11 +544,13 @@ def _alternating_fit(
     size = math.sqrt(sum(float(x @ x) for x in spread_acc) * sum(float(y @ y) for y in spread_fit))
     # Turned round only when accuracy clearly says so: with every group equally accurate
     # the alignment is rounding noise, whose sign may differ between machines.
-    if alignment < -1e-6 * size:
+    # Where turning it round leaves no positive upper median (every user moved the model
+    # forward, as with no attacker), the alignment is noise between equally accurate
+    # groups: the fit stays as it is. Returning None there made the round's largest
+    # contribution the yardstick in about 40% of the rounds of a converged run (issue 13).
+    if alignment < -1e-6 * size and _upper_median(-theta) > 0:
         theta, levels = -theta, -levels
         scale = _upper_median(theta)
-        if not scale > 0:
-            return None
         theta, levels = theta / scale, levels * scale
     if not (np.isfinite(levels).all() and np.isfinite(theta).all()):
         return None

@@ -245,6 +245,8 @@ def detection_bench(
     carry_evidence: bool = options.CARRY_EVIDENCE,
     evidence_window: int = options.EVIDENCE_WINDOW,
     level_rounds: int = options.LEVEL_ROUNDS,
+    relative_tolerance: float = options.RELATIVE_TOLERANCE,
+    weight_floor: float = options.WEIGHT_FLOOR,
     key_repeats: int = typer.Option(
         DEFAULTS.key_repeats, help="Most focus groups per key user (KIN)."
     ),
@@ -289,6 +291,8 @@ def detection_bench(
         carry_evidence,
         evidence_window,
         level_rounds,
+        relative_tolerance,
+        weight_floor,
     )
     from fairbus.bench import detection
 

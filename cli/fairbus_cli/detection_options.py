@@ -42,6 +42,17 @@ EVIDENCE_WINDOW = typer.Option(
     help="Not in the paper: with --carry-evidence, keep only a user's last this many "
     "focus-group scores (0 = all).",
 )
+RELATIVE_TOLERANCE = typer.Option(
+    DEFAULTS.relative_tolerance if DEFAULTS.relative_tolerance is not None else -1.0,
+    help="Not in the paper: a group scores when acc > τ − max(tolerance, this × (1 − τ)), "
+    "so the accuracy bar follows the error left; negative turns it off.",
+)
+WEIGHT_FLOOR = typer.Option(
+    DEFAULTS.weight_floor if DEFAULTS.weight_floor is not None else -1.0,
+    help="Not in the paper: a focus group that beats the accuracy bar but not the "
+    "contribution bar still scores when its focus user's fitted weight θ is at least "
+    "this; negative turns it off.",
+)
 LEVEL_ROUNDS = typer.Option(
     DEFAULTS.level_rounds or 0,
     help="Not in the paper: compare a group's contribution with the clean level fitted by "
@@ -59,6 +70,8 @@ def detection_params(
     carry_evidence: bool,
     evidence_window: int,
     level_rounds: int,
+    relative_tolerance: float,
+    weight_floor: float,
 ) -> DetectionParams:
     """The options as :class:`DetectionParams`; a negative (or for the two whole-number
     extensions, zero) value means off."""
@@ -72,4 +85,6 @@ def detection_params(
         carry_evidence=carry_evidence,
         evidence_window=evidence_window if evidence_window > 0 else None,
         level_rounds=level_rounds if level_rounds > 0 else None,
+        relative_tolerance=None if relative_tolerance < 0 else relative_tolerance,
+        weight_floor=None if weight_floor < 0 else weight_floor,
     )

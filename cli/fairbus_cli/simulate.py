@@ -100,6 +100,8 @@ def simulate(
     carry_evidence: bool = options.CARRY_EVIDENCE,
     evidence_window: int = options.EVIDENCE_WINDOW,
     level_rounds: int = options.LEVEL_ROUNDS,
+    relative_tolerance: float = options.RELATIVE_TOLERANCE,
+    weight_floor: float = options.WEIGHT_FLOOR,
     undefended: bool = typer.Option(False, help="Plain FedAvg: no detection, no exclusion."),
     local_epochs: int = typer.Option(TrainConfig.local_epochs, help="Local epochs per round."),
     local_steps: int | None = typer.Option(
@@ -216,6 +218,8 @@ def simulate(
                 carry_evidence,
                 evidence_window,
                 level_rounds,
+                relative_tolerance,
+                weight_floor,
             ),
             defended=not undefended,
             seed=seed,

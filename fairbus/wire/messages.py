@@ -355,6 +355,8 @@ class DetectionPolicy(WireStruct):
     carry_evidence: bool
     evidence_window: int | None
     key_score: float | None
+    relative_tolerance: float | None
+    weight_floor: float | None
     level_rounds: int | None
     FIELDS: ClassVar[dict[str, Spec]] = {
         "bound_score": Float(0.0, 1.0),
@@ -366,6 +368,8 @@ class DetectionPolicy(WireStruct):
         "carry_evidence": Bool(),
         "evidence_window": Optional(Int(1, MAX_POLICY_ROUNDS)),
         "key_score": Optional(Float(0.0, 1.0)),
+        "relative_tolerance": Optional(Float(0.0, 1.0)),
+        "weight_floor": Optional(Float(0.0, 1.0)),
         "level_rounds": Optional(Int(1, MAX_POLICY_ROUNDS)),
     }
 

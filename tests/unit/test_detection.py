@@ -354,3 +354,61 @@ def test_a_lone_basic_group_says_nothing_about_its_members() -> None:
     assert result.assessments[1].score == 0.0  # its focus groups, now and carried
     assert all(result.assessments[u].score == 1.0 for u in (2, 3, 4, 5, 6))
     assert result.violators == {1}
+
+
+def test_a_fit_of_honest_users_is_not_turned_round_by_noise_in_the_alignment() -> None:
+    # Everyone honest (θ = 1): the groups' accuracies differ by noise only, here against
+    # the fitted weights. Turning the fit round would leave no positive upper median; it
+    # used to return None, so the round's largest contribution became the yardstick and
+    # an ordinary honest group fell short of it (issue 13: 21 of 50 rounds of a run).
+    theta = dict.fromkeys(range(1, 7), 1.0) | {6: 0.9}
+    rounds = [_contributions(ROUND_A, theta, 2.0), _contributions(ROUND_B, theta, 3.0)]
+    against = [replace(r, accuracies=tuple(0.1 + 0.1 * (6 in m) for m in r.groups)) for r in rounds]
+    fit = fit_contributions(against)
+    assert fit is not None
+    assert fit.weights == pytest.approx(theta, abs=1e-9)
+    assert clean_level(against) == pytest.approx(3.0, abs=1e-9)
+
+
+def test_relative_tolerance_follows_the_error_left() -> None:
+    acc = {0: 0.5, 1: 0.9, 2: 0.6, 3: 0.8, 4: 0.62, 5: 0.3}  # τ = 0.7
+    strict = replace(PARAMS, tolerance=0.05)
+    assert detect(GROUPING, acc, strict).group_scores[4] == 0.0  # 0.62 ≤ 0.65
+    relative = replace(strict, relative_tolerance=0.5)  # τ − max(0.05, 0.5 · 0.3) = 0.55
+    result = detect(GROUPING, acc, relative)
+    assert result.group_scores[4] == 1.0 and result.group_scores[5] == 0.0
+    # near convergence the fixed tolerance is the larger: τ = 0.95, bar 0.9
+    high = {0: 0.95, 1: 0.95, 2: 0.95, 3: 0.95, 4: 0.91, 5: 0.89}
+    same = detect(GROUPING, high, strict).group_scores
+    assert detect(GROUPING, high, relative).group_scores == same
+    with pytest.raises(DetectionError, match="relative_tolerance"):
+        DetectionParams(relative_tolerance=1.5)
+
+
+def test_weight_floor_excuses_a_short_contribution_of_a_user_the_fit_trusts() -> None:
+    # Round 1 fits θ: 1-4 honest, 5 free-rides, 6 poisons. In round 2 the focus groups of
+    # user 1 (honest) and user 5 both fall short of 0.8 of the level (2.0) by contribution.
+    first = _contributions(ROUND_A, THETA, 2.0)
+    groups = (
+        *(Group(k, BASIC, m) for k, m in enumerate(ROUND_B[:4])),
+        Group(4, FOCUS, (1, 2, 3), focus=1),
+        Group(5, FOCUS, (2, 4, 5), focus=5),
+    )
+    grouping = Grouping(groups, frozenset({1, 5}), key_repeats=1, basic_groupings=1)
+    theta_mean = [sum(THETA[u] for u in g.members) / 3 for g in groups]
+    contributions = {g.gid: 2.0 * t for g, t in zip(groups, theta_mean, strict=True)}
+    contributions[4] = 1.2  # an honest group's short, noisy contribution
+    acc = dict.fromkeys(range(6), 0.9)
+    base = DetectionParams(
+        bound_score=0.3, bound_conf=0.5, tolerance=0.05, contribution_tolerance=0.2,
+        level_rounds=2,
+    )  # fmt: skip
+    before = detect(grouping, acc, base, contributions, history=(first,))
+    assert (before.group_scores[4], before.group_scores[5]) == (0.0, 0.0)
+    floored = replace(base, weight_floor=0.5)
+    after = detect(grouping, acc, floored, contributions, history=(first,))
+    assert (after.group_scores[4], after.group_scores[5]) == (1.0, 0.0)  # θ_5 ≈ 0 < 0.5
+    low = dict(acc) | {4: 0.5}  # the floor excuses contribution only, not accuracy
+    assert detect(grouping, low, floored, contributions, history=(first,)).group_scores[4] == 0.0
+    with pytest.raises(DetectionError, match="weight_floor"):
+        DetectionParams(weight_floor=-0.1)

@@ -24,6 +24,7 @@ POLICIES = [
     DEFAULT_DETECTION,
     DetectionParams(),  # the paper's, every extension off (None fields on the wire)
     DetectionParams(bound_score=1, tolerance=0, contribution_tolerance=0.0, key_score=0.0),
+    DetectionParams(contribution_tolerance=0.2, relative_tolerance=0.5, weight_floor=0.5),
 ]
 
 
@@ -148,6 +149,13 @@ def test_zero_turns_the_whole_number_extensions_off() -> None:
     params = detection_table({"level_rounds": 0, "evidence_window": 0})
     assert params.level_rounds is None and params.evidence_window is None
     assert params.min_evidence == DEFAULT_DETECTION.min_evidence  # the rest: the defaults
+
+
+def test_zero_turns_the_relative_tolerance_and_the_weight_floor_off() -> None:
+    assert DEFAULT_DETECTION.relative_tolerance and DEFAULT_DETECTION.weight_floor
+    params = detection_table({"relative_tolerance": 0, "weight_floor": 0.0})
+    assert params.relative_tolerance is None and params.weight_floor is None
+    assert detection_table({"weight_floor": 0.4}).weight_floor == 0.4
 
 
 def test_a_toml_table_is_read_over_the_defaults() -> None:
