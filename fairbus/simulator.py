@@ -195,11 +195,11 @@ class Simulation:
             raise FairbusError(f"attacks configured for unknown users {sorted(unknown)}")
         if config.users >= LEDGER_NODE_ID:
             raise FairbusError(f"a simulation takes fewer than {LEDGER_NODE_ID} users")
+        if config.workers < 1:
+            raise FairbusError(f"workers must be at least 1, got {config.workers}")
         parties = SimulationParties.generate(self.user_ids, on_block=on_block, on_blob=on_blob)
         provider, self.identities = parties.provider, parties.users
         self.roster, self.ledger = parties.roster, parties.ledger
-        if config.workers < 1:
-            raise FairbusError(f"workers must be at least 1, got {config.workers}")
         train, test = load_dataset(config.dataset, config.data_dir, seed=config.seed)
         self.train = config.train.for_task(len(train), config.users)
         spec = TrainingSpec(
@@ -318,10 +318,7 @@ class Simulation:
     def _provider_step(self, event: Event) -> None:
         """Step the provider on a start, a deadline or a closed attempt: where it groups
         (Alg. 2) and checks the grouping, timed as ``grouping``."""
-        start = time.perf_counter()
-        outputs = self.provider.handle(event)
-        self._add_time("grouping", start)
-        self._dispatch(PROVIDER, outputs)
+        self._dispatch(PROVIDER, self._timed("grouping", lambda: self.provider.handle(event)))
 
     def _deliver_queued(self) -> None:
         while self._queue:

@@ -801,17 +801,17 @@ def scale_bench(
     simulated: list[scale.SimRow] = []
     if simulate:
         with Progress(console=console, transient=True) as progress:
-            task = progress.add_task("simulating", total=2 * len(users))
+            task = progress.add_task("simulating", total=len(scale.KEYINGS_SIMULATED) * len(users))
+            begun = [0]
 
             def step(n: int, keying: str) -> None:
                 progress.update(
                     task,
-                    completed=len(simulated_keys),
+                    completed=begun[0],
                     description=f"simulating {n} users, {keying} keys, {sim_rounds} rounds",
                 )
-                simulated_keys.append((n, keying))
+                begun[0] += 1
 
-            simulated_keys: list[tuple[int, str]] = []
             simulated = scale.run_simulations(users, rounds=sim_rounds, progress=step)
     missed = [r for r in report.rows if r.meets_target is False]
     if as_json:
