@@ -92,6 +92,13 @@ class DetectionParams:
     ones. The largest contribution is a poor yardstick: when every group of a round
     holds an attacker it is a free-rider's group, and a lucky clean group sets it too
     high for the others."""
+    noise_widening: float | None = None
+    """Not in the paper (None = ``contribution_tolerance`` alone): with ``level_rounds``,
+    the contribution bar is 1 − max(contribution_tolerance, noise_widening · σ), σ the
+    fit's relative residual in this round (root mean square of contribution − level ·
+    mean θ over the round's groups, divided by the level). Near convergence an update is
+    mostly noise, contributions spread 0.2–1.4 of the level around the fit, and a fixed
+    bar convicts honest users by chance over long runs (issue 13: 50 rounds)."""
 
     def __post_init__(self) -> None:
         for name in ("min_evidence", "level_rounds", "evidence_window"):
@@ -121,6 +128,8 @@ class DetectionParams:
             value = getattr(self, name)
             if value is not None and not 0 <= value <= 1:
                 raise DetectionError(f"{name} must be in [0, 1], got {value}")
+        if self.noise_widening is not None and not 0 <= self.noise_widening <= 10:
+            raise DetectionError(f"noise_widening must be in [0, 10], got {self.noise_widening}")
 
 
 @dataclass(frozen=True)
@@ -219,7 +228,8 @@ def detect(
     window = _level_window(grouping, accuracies, params, contributions, history)
     level = _checked_level(grouping, params, contributions, window)
     excused = _excused_groups(grouping, params, window, level)
-    scores_group = _group_scorer(accuracies, bar, params, contributions, level, excused)
+    shortfall = _contribution_shortfall(params, window, level)
+    scores_group = _group_scorer(accuracies, bar, shortfall, contributions, level, excused)
 
     assessments: dict[int, UserAssessment] = {}
     evidence: dict[int, tuple[float, ...]] = {}
@@ -314,17 +324,32 @@ def _checked_level(
     return yardstick(grouping, contributions, window)
 
 
+def _contribution_shortfall(
+    params: DetectionParams, window: Sequence[RoundContributions], level: float | None
+) -> float | None:
+    """How far below the clean level a group's contribution may fall and still score:
+    ``contribution_tolerance``, widened to ``noise_widening`` times the fit's relative
+    residual in this round (to :data:`LEVEL_DIGITS` significant digits, as the level)."""
+    tol = params.contribution_tolerance
+    if tol is None or params.noise_widening is None or not window or level is None:
+        return tol
+    fit = fit_contributions(window)
+    if fit is None or not fit.noise or not math.isfinite(fit.noise[-1]):
+        return tol
+    widened = float(f"{params.noise_widening * fit.noise[-1]:.{LEVEL_DIGITS}g}")
+    return max(tol, widened)
+
+
 def _group_scorer(
     accuracies: Mapping[int, float],
     bar: float,
-    params: DetectionParams,
+    tol: float | None,
     contributions: Mapping[int, float] | None,
     level: float | None,
     excused: frozenset[int] = frozenset(),
 ) -> Callable[[int], float]:
     """score_g of line 11: 1 if the group beats τ (and, optionally, contributed at least
-    1 − contribution_tolerance of what a clean group does, or is ``excused`` from that)."""
-    tol = params.contribution_tolerance
+    1 − ``tol`` of what a clean group does, or is ``excused`` from that)."""
     if tol is None or level is None or contributions is None:
         # Without the test, or with no group that moved the model: accuracy alone.
         return lambda gid: 1.0 if accuracies[gid] > bar else 0.0
@@ -449,6 +474,9 @@ class ContributionFit:
 
     levels: tuple[float, ...]
     weights: Mapping[int, float]
+    noise: tuple[float, ...] = ()
+    """Per round, the fit's relative residual: the root mean square of contribution −
+    level · mean θ over the round's groups, divided by the level's size."""
 
 
 LEVEL_DIGITS = 9
@@ -524,17 +552,23 @@ def _alternating_fit(
     if not levels.any():
         return None
     theta = np.ones(len(users))
+    start = _linear_start(incidence, observed)
+    if start is not None:
+        theta = start
+        levels = _levels_given(incidence, observed, theta, levels)
     for _ in range(iterations):
         design = np.vstack([a * level for a, level in zip(incidence, levels, strict=True)])
         theta = np.linalg.lstsq(design, np.concatenate(observed), rcond=None)[0]
         scale = _upper_median(theta)
+        if not scale > 0 and _upper_median(-theta) > 0:
+            # L·θ = (−L)·(−θ): the levels started positive, but where the median of the
+            # basic groups points backwards (strong poisoners) the honest majority comes
+            # out negative. The sign is settled by accuracy below.
+            theta, levels, scale = -theta, -levels, _upper_median(-theta)
         if not scale > 0 or not math.isfinite(scale):
             return None
         theta /= scale
-        for k, (a, c) in enumerate(zip(incidence, observed, strict=True)):
-            mean_weight = a @ theta
-            norm = float(mean_weight @ mean_weight)
-            levels[k] = float(mean_weight @ c) / norm if norm > 0 else levels[k]
+        levels = _levels_given(incidence, observed, theta, levels)
     # Forward is where accuracy is: the groups of users with larger θ should be the more
     # accurate ones. Over several rounds this is clear even when, with as many poisoners
     # as honest users, the fit cannot tell which of the two camps is which.
@@ -554,9 +588,64 @@ def _alternating_fit(
         theta, levels = theta / scale, levels * scale
     if not (np.isfinite(levels).all() and np.isfinite(theta).all()):
         return None
-    return ContributionFit(
-        tuple(float(v) for v in levels), {u: float(theta[column[u]]) for u in users}
+    noise = tuple(
+        math.sqrt(float(np.mean(np.square(c - level * (a @ theta))))) / abs(float(level))
+        if level != 0
+        else math.inf
+        for a, c, level in zip(incidence, observed, levels, strict=True)
     )
+    return ContributionFit(
+        tuple(float(v) for v in levels), {u: float(theta[column[u]]) for u in users}, noise
+    )
+
+
+def _levels_given(
+    incidence: Sequence[npt.NDArray[np.float64]],
+    observed: Sequence[npt.NDArray[np.float64]],
+    theta: npt.NDArray[np.float64],
+    levels: npt.NDArray[np.float64],
+) -> npt.NDArray[np.float64]:
+    """Each round's least-squares level given the weights (kept where no group moves)."""
+    fitted = levels.copy()
+    for k, (a, c) in enumerate(zip(incidence, observed, strict=True)):
+        mean_weight = a @ theta
+        norm = float(mean_weight @ mean_weight)
+        if norm > 0:
+            fitted[k] = float(mean_weight @ c) / norm
+    return fitted
+
+
+def _linear_start(
+    incidence: Sequence[npt.NDArray[np.float64]], observed: Sequence[npt.NDArray[np.float64]]
+) -> npt.NDArray[np.float64] | None:
+    """Weights to start the alternating fit from, or None (start from all ones).
+
+    c_r = L_r · A_r θ is c_r / L_r = A_r θ: linear in θ and μ_r = 1/L_r, so the
+    right singular vector of [A_r | −c_r] (stacked over the rounds) with the smallest
+    singular value fits the model in one solve, each round's level with its own sign.
+    Started from all ones and positive levels instead, the alternating fit can settle
+    where a level has the wrong sign (issue 13: poisoners of three times the honest step
+    turn the median of the basic groups round in some rounds and not in others; the fit
+    then put honest weights at ±8 with relative residuals of 4-7). Sign and scale as
+    the fit's: the median of the larger half of θ is 1.
+    """
+    users = incidence[0].shape[1]
+    rounds = len(observed)
+    blocks = []
+    for k, (a, c) in enumerate(zip(incidence, observed, strict=True)):
+        block = np.zeros((a.shape[0], users + rounds))
+        block[:, :users] = a
+        block[:, users + k] = -c
+        blocks.append(block)
+    stacked = np.vstack(blocks)
+    if stacked.shape[0] < stacked.shape[1]:
+        return None  # fewer groups than unknowns: no single smallest direction
+    theta = np.linalg.svd(stacked, full_matrices=False)[2][-1, :users]
+    for signed in (theta, -theta):
+        scale = _upper_median(signed)
+        if scale > 0 and math.isfinite(scale):
+            return np.asarray(signed / scale, dtype=np.float64)
+    return None
 
 
 def _upper_median(theta: npt.NDArray[np.float64]) -> float:

@@ -71,6 +71,11 @@ DEFAULT_DETECTION = DetectionParams(
     # on contribution.
     relative_tolerance=0.3,
     weight_floor=0.5,
+    # Issue 13: near convergence, and where strong poisoners bend the median direction,
+    # contributions scatter around the fit (relative residual 0.2-0.7); the bar widens to
+    # that residual, and accuracy still convicts poisoners' groups. Twice the residual
+    # also let most free-riders through with three poisoners and three free-riders.
+    noise_widening=1.0,
 )
 """The task's Algorithm 6 policy unless its configuration says otherwise (the extensions
 are described in the README; ``DetectionParams()`` is the paper's function as written)."""
@@ -173,15 +178,21 @@ class TaskParams:
 
 
 _DETECTION_FIELDS = dataclasses.fields(DetectionParams)
-_ZERO_IS_OFF = ("level_rounds", "evidence_window", "relative_tolerance", "weight_floor")
+_ZERO_IS_OFF = (
+    "level_rounds",
+    "evidence_window",
+    "relative_tolerance",
+    "weight_floor",
+    "noise_widening",
+)
 
 
 def detection_table(table: object) -> DetectionParams:
     """A ``[detection]`` table of the task's configuration (its Alg. 6 policy, recorded on
     the ledger at task start) over :data:`DEFAULT_DETECTION`. Strict: an unknown key or a
     value of the wrong kind is refused by name. ``level_rounds``, ``evidence_window``,
-    ``relative_tolerance`` and ``weight_floor`` = 0 turn those extensions off (TOML has
-    no null)."""
+    ``relative_tolerance``, ``weight_floor`` and ``noise_widening`` = 0 turn those
+    extensions off (TOML has no null)."""
     names = {f.name for f in _DETECTION_FIELDS}
     if not isinstance(table, dict) or set(table) - names:
         raise FairbusError(f"[detection] takes only {sorted(names)} (the task's Alg. 6 policy)")

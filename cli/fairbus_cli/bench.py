@@ -247,6 +247,7 @@ def detection_bench(
     level_rounds: int = options.LEVEL_ROUNDS,
     relative_tolerance: float = options.RELATIVE_TOLERANCE,
     weight_floor: float = options.WEIGHT_FLOOR,
+    noise_widening: float = options.NOISE_WIDENING,
     key_repeats: int = typer.Option(
         DEFAULTS.key_repeats, help="Most focus groups per key user (KIN)."
     ),
@@ -293,6 +294,7 @@ def detection_bench(
         level_rounds,
         relative_tolerance,
         weight_floor,
+        noise_widening,
     )
     from fairbus.bench import detection
 

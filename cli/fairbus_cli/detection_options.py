@@ -53,6 +53,12 @@ WEIGHT_FLOOR = typer.Option(
     "contribution bar still scores when its focus user's fitted weight θ is at least "
     "this; negative turns it off.",
 )
+NOISE_WIDENING = typer.Option(
+    DEFAULTS.noise_widening if DEFAULTS.noise_widening is not None else -1.0,
+    help="Not in the paper: the contribution bar is 1 − max(contribution tolerance, this × "
+    "the fit's relative residual in the round), so noisy rounds convict no one on "
+    "contribution; negative turns it off.",
+)
 LEVEL_ROUNDS = typer.Option(
     DEFAULTS.level_rounds or 0,
     help="Not in the paper: compare a group's contribution with the clean level fitted by "
@@ -72,6 +78,7 @@ def detection_params(
     level_rounds: int,
     relative_tolerance: float,
     weight_floor: float,
+    noise_widening: float,
 ) -> DetectionParams:
     """The options as :class:`DetectionParams`; a negative (or for the two whole-number
     extensions, zero) value means off."""
@@ -87,4 +94,5 @@ def detection_params(
         level_rounds=level_rounds if level_rounds > 0 else None,
         relative_tolerance=None if relative_tolerance < 0 else relative_tolerance,
         weight_floor=None if weight_floor < 0 else weight_floor,
+        noise_widening=None if noise_widening < 0 else noise_widening,
     )

@@ -102,6 +102,7 @@ def simulate(
     level_rounds: int = options.LEVEL_ROUNDS,
     relative_tolerance: float = options.RELATIVE_TOLERANCE,
     weight_floor: float = options.WEIGHT_FLOOR,
+    noise_widening: float = options.NOISE_WIDENING,
     undefended: bool = typer.Option(False, help="Plain FedAvg: no detection, no exclusion."),
     local_epochs: int = typer.Option(TrainConfig.local_epochs, help="Local epochs per round."),
     local_steps: int | None = typer.Option(
@@ -220,6 +221,7 @@ def simulate(
                 level_rounds,
                 relative_tolerance,
                 weight_floor,
+                noise_widening,
             ),
             defended=not undefended,
             seed=seed,

@@ -904,7 +904,9 @@ class ProviderMachine:
             if record:
                 decision = Decision(tau, scores, tuple(sorted(new_keys)), tuple(sorted(violators)))
                 out.append(self._signed(decision))
-        models = _group_models(grouping, self._decrypted, scored, forward, contributions)
+        models = _group_models(
+            grouping, self._decrypted, scored, forward, contributions, self._accuracy
+        )
         self._remember_known([*self._prior_groups, *self._announced.values()])
         self.global_params = self.config.strategy.aggregate(self.global_params, models, violators)
         self.excluded |= violators  # lines 26-29
@@ -953,6 +955,7 @@ def _group_models(
     scored: dict[int, float],
     forward: float,
     contributions: dict[int, float],
+    accuracies: dict[int, float],
 ) -> list[GroupModel]:
     """The decrypted groups as the aggregation policy takes them."""
     return [
@@ -963,6 +966,7 @@ def _group_models(
             decrypted[g.gid].mean,
             scored.get(g.gid, 1.0) > 0,
             forward * contributions[g.gid],
+            accuracies.get(g.gid),
         )
         for g in grouping.groups
     ]

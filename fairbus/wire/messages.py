@@ -358,6 +358,7 @@ class DetectionPolicy(WireStruct):
     relative_tolerance: float | None
     weight_floor: float | None
     level_rounds: int | None
+    noise_widening: float | None
     FIELDS: ClassVar[dict[str, Spec]] = {
         "bound_score": Float(0.0, 1.0),
         "bound_conf": Float(0.0, 1.0),
@@ -371,6 +372,7 @@ class DetectionPolicy(WireStruct):
         "relative_tolerance": Optional(Float(0.0, 1.0)),
         "weight_floor": Optional(Float(0.0, 1.0)),
         "level_rounds": Optional(Int(1, MAX_POLICY_ROUNDS)),
+        "noise_widening": Optional(Float(0.0, 10.0)),
     }
 
 

@@ -212,6 +212,39 @@ def test_clean_group_average_falls_back_to_the_group_that_contributed_most() -> 
     assert CleanGroupAverage().aggregate(current, [lone], {1}).tolist() == [0.0, 0.0]
 
 
+def test_clean_group_average_keeps_the_groups_near_the_most_accurate_one() -> None:
+    current = np.zeros(2, dtype=np.float32)
+
+    def model(gid: int, value: float, accuracy: float, scored: bool) -> GroupModel:
+        mean = np.full(2, value, dtype=np.float32)
+        members = (3 * gid + 1, 3 * gid + 2, 3 * gid + 3)
+        return GroupModel(gid, "basic", members, mean, scored, 1.0, accuracy)
+
+    # the model still learning: every group scored against a loose bar, the poisoned
+    # one (0.1) too; only those that gained half of the best's 0.2 over chance count
+    young = [model(0, 1.0, 0.10, True), model(1, 3.0, 0.30, True), model(2, 5.0, 0.24, True)]
+    assert CleanGroupAverage().aggregate(current, young, set()).tolist() == [4.0, 4.0]
+    every = CleanGroupAverage(accuracy_gain=None).aggregate(current, young, set())
+    assert every.tolist() == [3.0, 3.0]
+    # none near the best scored: the one of them that contributed most, as before
+    unscored = [dataclasses.replace(g, scored=g.gid == 0) for g in young]
+    unscored[2] = dataclasses.replace(unscored[2], contribution=2.0)
+    assert CleanGroupAverage().aggregate(current, unscored, set()).tolist() == [5.0, 5.0]
+    # converged: honest groups, skewed ones too, gain far more than half of the best's
+    old = [model(0, 1.0, 0.93, True), model(1, 3.0, 0.95, True), model(2, 5.0, 0.71, True)]
+    assert CleanGroupAverage().aggregate(current, old, set()).tolist() == [3.0, 3.0]
+    assert CleanGroupAverage(accuracy_gain=0.9).aggregate(current, old, set()).tolist() == [
+        2.0,
+        2.0,
+    ]
+    # a group without an accuracy (none evaluated): every clean group, as before
+    unknown = [dataclasses.replace(g, accuracy=None) for g in old]
+    assert CleanGroupAverage(accuracy_gain=0.9).aggregate(current, unknown, set()).tolist() == [
+        3.0,
+        3.0,
+    ]
+
+
 def test_a_decision_the_contract_refuses_stops_the_simulation() -> None:
     """The ledger re-derives every decision with the parameters recorded at task start;
     here the ledger's record is made to disagree with the provider (as if the provider

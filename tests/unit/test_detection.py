@@ -412,3 +412,66 @@ def test_weight_floor_excuses_a_short_contribution_of_a_user_the_fit_trusts() ->
     assert detect(grouping, low, floored, contributions, history=(first,)).group_scores[4] == 0.0
     with pytest.raises(DetectionError, match="weight_floor"):
         DetectionParams(weight_floor=-0.1)
+
+
+NINE_A = ((1, 2, 3), (4, 5, 6), (7, 8, 9), (1, 4, 7), (2, 5, 8), (3, 6, 9))
+NINE_B = ((1, 5, 9), (2, 6, 7), (3, 4, 8), (1, 6, 8), (2, 4, 9), (3, 5, 7))
+
+
+def test_fit_survives_strong_poisoners_that_turn_the_first_solve_round() -> None:
+    # Seven honest users and two poisoners of three times the honest step (θ = -3); the
+    # median of the basic updates followed the poisoners (level < 0), so the groups of
+    # honest users have negative contributions and the poisoners' groups positive ones.
+    # The fit starts from positive levels, its first solve puts the honest majority
+    # below 0, and before issue 13's fix it gave up (no positive upper median): the
+    # round's largest contribution, a poisoner's group, became the yardstick.
+    theta = {u: 1.0 for u in range(1, 8)} | {8: -3.0, 9: -3.0}
+    rounds = [_contributions(NINE_A, theta, -2.0), _contributions(NINE_B, theta, -1.5)]
+    assert max(rounds[1].contributions) > 0 > min(rounds[1].contributions)
+    fit = fit_contributions(rounds)
+    assert fit is not None
+    assert fit.weights == pytest.approx(theta, abs=1e-6)
+    assert fit.levels == pytest.approx((-2.0, -1.5), abs=1e-6)
+    assert clean_level(rounds) == pytest.approx(-1.5, abs=1e-6)
+
+
+NINE_C = ((1, 2, 6), (3, 7, 9), (4, 5, 8), (1, 3, 8), (2, 5, 7), (4, 6, 9))
+
+
+def test_noise_widening_lowers_the_contribution_bar_in_a_noisy_round() -> None:
+    # Nine honest users; two earlier rounds fit the model exactly, and in the last one the
+    # groups scatter around it (0.6 and 1.4 of the level in turn): the fixed bar (0.8)
+    # convicts the short ones, a bar widened to a multiple of the fit's relative
+    # residual in that round does not.
+    honest = {u: 1.0 for u in range(1, 10)}
+    history = (_contributions(NINE_A, honest, 2.0), _contributions(NINE_C, honest, 3.0))
+    exact = _contributions(NINE_B, honest, 2.0)
+    scatter = (0.6, 1.4) * 3
+    pairs = zip(exact.contributions, scatter, strict=True)
+    contributions = {k: c * m for k, (c, m) in enumerate(pairs)}
+    noisy = RoundContributions(exact.groups, tuple(contributions.values()), exact.accuracies)
+    fit = fit_contributions([*history, noisy])
+    assert fit is not None and len(fit.noise) == 3
+    sigma = fit.noise[-1]
+    assert max(fit.noise[:2]) < 0.1 < sigma < 0.2
+    grouping = Grouping(tuple(Group(k, BASIC, m) for k, m in enumerate(NINE_B)), frozenset(), 0, 1)
+    acc = dict.fromkeys(range(6), 0.9)
+    base = DetectionParams(
+        bound_score=0.3, bound_conf=0.5, tolerance=0.05, contribution_tolerance=0.2,
+        level_rounds=3,
+    )  # fmt: skip
+    before = detect(grouping, acc, base, contributions, history=history)
+    assert before.level is not None
+    short = [g for g in contributions if contributions[g] / before.level < 0.8]
+    assert short == [0, 2, 4]
+    assert all(before.group_scores[g] == 0.0 for g in short)
+    for widening in (0.0, 2.0, 5.0):
+        params = replace(base, noise_widening=widening)
+        widened = detect(grouping, acc, params, contributions, history=history)
+        bar = 1 - max(0.2, widening * sigma)
+        for g in short:
+            passes = contributions[g] / before.level >= bar
+            assert widened.group_scores[g] == (1.0 if passes else 0.0)
+        assert all(widened.group_scores[g] == 1.0 for g in short) == (widening == 5.0)
+    with pytest.raises(DetectionError, match="noise_widening"):
+        DetectionParams(noise_widening=-1.0)
