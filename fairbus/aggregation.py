@@ -17,7 +17,7 @@ from typing import ClassVar, Protocol
 import numpy as np
 import numpy.typing as npt
 
-from fairbus.errors import SchemaError
+from fairbus.errors import FairbusError, SchemaError
 from fairbus.grouping import BASIC
 from fairbus.wire import codec
 from fairbus.wire.limits import DEFAULT_LIMITS, WireLimits
@@ -89,6 +89,13 @@ class CleanGroupAverage:
     """The accuracy of a guess: one over the classes (10 in every data set fairbus reads:
     digits, MNIST, CIFAR-10)."""
 
+    def __post_init__(self) -> None:
+        gain = self.accuracy_gain
+        if gain is not None and not 0.0 <= gain <= 1.0:
+            raise FairbusError(f"accuracy_gain must be in [0, 1], got {gain}")
+        if not 0.0 <= self.chance < 1.0:
+            raise FairbusError(f"chance must be in [0, 1), got {self.chance}")
+
     def aggregate(
         self,
         current: npt.NDArray[np.float32],
@@ -110,6 +117,8 @@ class CleanGroupAverage:
         return _size_weighted_mean(current, scored or clean)
 
     def _most_accurate(self, clean: list[GroupModel]) -> list[GroupModel]:
+        """The groups that gained at least ``accuracy_gain`` of the best one's gain over
+        ``chance`` (all of them where an accuracy is missing or none beat a guess)."""
         known = [g.accuracy for g in clean if g.accuracy is not None]
         if self.accuracy_gain is None or not clean or len(known) < len(clean):
             return clean

@@ -12,6 +12,7 @@ from typer.testing import CliRunner
 
 from fairbus import field
 from fairbus.aggregation import CleanGroupAverage, GroupModel
+from fairbus.errors import FairbusError
 from fairbus.exposure import exposing_sets
 from fairbus.field import FixedPointCodec
 from fairbus.ledger.recorded import Recorded
@@ -238,6 +239,8 @@ def test_clean_group_average_keeps_the_groups_near_the_most_accurate_one() -> No
         2.0,
     ]
     # a group without an accuracy (none evaluated): every clean group, as before
+    with pytest.raises(FairbusError, match="accuracy_gain"):
+        CleanGroupAverage(accuracy_gain=1.5)
     unknown = [dataclasses.replace(g, accuracy=None) for g in old]
     assert CleanGroupAverage(accuracy_gain=0.9).aggregate(current, unknown, set()).tolist() == [
         3.0,
@@ -255,9 +258,17 @@ def test_a_decision_the_contract_refuses_stops_the_simulation() -> None:
     assert first.failed is None and first.ledger_height == sim.ledger.height
     task = sim.ledger.state.task
     assert task is not None and task == sim.provider.config.task
-    # Every group scores under this policy; the provider's own scores some 0.5 in round 2.
-    lenient = dataclasses.replace(task.detection, tolerance=1.0, contribution_tolerance=None)
-    sim.ledger.state.task = dataclasses.replace(task, detection=lenient)
+    # Under this policy a group scores only if it beats τ itself and contributes at least
+    # the clean level; the provider decides round 2 with its recorded, more tolerant one.
+    strict = dataclasses.replace(
+        task.detection,
+        tolerance=0.0,
+        relative_tolerance=None,
+        contribution_tolerance=0.0,
+        weight_floor=None,
+        noise_widening=None,
+    )
+    sim.ledger.state.task = dataclasses.replace(task, detection=strict)
     height = sim.ledger.height
     with pytest.raises(LedgerRefusalError, match=r"decision.*contract_violation"):
         sim.play_round(2)
