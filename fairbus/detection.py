@@ -640,7 +640,13 @@ def _linear_start(
     stacked = np.vstack(blocks)
     if stacked.shape[0] < stacked.shape[1]:
         return None  # fewer groups than unknowns: no single smallest direction
-    theta = np.linalg.svd(stacked, full_matrices=False)[2][-1, :users]
+    vector = np.linalg.svd(stacked, full_matrices=False)[2][-1]
+    # A singular vector's sign is LAPACK's choice and may differ between machines: fix it
+    # (largest entry positive) before the sign that makes honest users positive is taken,
+    # so that every machine starts the fit from the same weights.
+    if vector[int(np.argmax(np.abs(vector)))] < 0:
+        vector = -vector
+    theta = vector[:users]
     for signed in (theta, -theta):
         scale = _upper_median(signed)
         if scale > 0 and math.isfinite(scale):

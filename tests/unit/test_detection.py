@@ -6,6 +6,7 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
+from fairbus import detection as detection_module
 from fairbus.detection import (
     DetectionParams,
     DetectionResult,
@@ -475,3 +476,28 @@ def test_noise_widening_lowers_the_contribution_bar_in_a_noisy_round() -> None:
         assert all(widened.group_scores[g] == 1.0 for g in short) == (widening == 5.0)
     with pytest.raises(DetectionError, match="noise_widening"):
         DetectionParams(noise_widening=-1.0)
+
+
+def test_the_fit_does_not_depend_on_the_sign_lapack_gives_a_singular_vector(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Three poisoners, three free-riders, three honest users: θ and −θ both have a
+    # positive upper median, so the start must not follow the sign the SVD happens to
+    # return (it may differ between the provider's machine and a ledger node's).
+    theta = {1: 1.0, 2: 1.0, 3: 1.0, 4: 0.0, 5: 0.0, 6: 0.0, 7: -1.0, 8: -1.0, 9: -1.0}
+    rounds = [_contributions(NINE_A, theta, 2.0), _contributions(NINE_B, theta, 1.5)]
+    rounds[1] = RoundContributions(
+        rounds[1].groups,
+        tuple(c + 0.01 * k for k, c in enumerate(rounds[1].contributions)),
+        rounds[1].accuracies,
+    )
+    as_given = fit_contributions(rounds, iterations=3)
+    svd = np.linalg.svd
+
+    def flipped(matrix: np.ndarray, full_matrices: bool = True) -> tuple[np.ndarray, ...]:
+        u, s, vt = svd(matrix, full_matrices=full_matrices)
+        return -u, s, -vt
+
+    monkeypatch.setattr(np.linalg, "svd", flipped)
+    detection_module._fit.cache_clear()  # the fit is kept per window
+    assert fit_contributions(rounds, iterations=3) == as_given
