@@ -57,6 +57,12 @@ class DetectionParams:
     attackers are many. A key user's score_i (lines 9-15) is then taken over this
     round's basic groups and those focus groups, so one lucky basic group does not take
     a key user whose focus groups keep failing out of the key users."""
+    key_evidence_only: bool = False
+    """Not in the paper (False = kept whatever happens): with ``carry_evidence``, a user's
+    carried focus-group scores are dropped when it stops being a key user, so failures
+    of focus groups built many rounds apart do not add up. Over 50 rounds without an
+    attacker an honest user near convergence fails a focus group by chance now and then,
+    and three such failures, rounds apart, made it a violator (issue 13)."""
     evidence_window: int | None = None
     """Not in the paper (None = all): with ``carry_evidence``, only a user's last this
     many focus-group scores are kept, so a group that scored by luck while the model
@@ -289,7 +295,9 @@ def detect(
         assessments,
         keys,
         frozenset(violators),
-        _kept_evidence(evidence, carried, violators) if params.carry_evidence else {},
+        _kept_evidence(evidence, carried, violators, keys if params.key_evidence_only else None)
+        if params.carry_evidence
+        else {},
         {g.gid: scores_group(g.gid) for g in grouping.groups},
         _kept_history(window, params.level_rounds),
         level,
@@ -300,10 +308,14 @@ def _kept_evidence(
     evidence: Mapping[int, tuple[float, ...]],
     carried: Mapping[int, Sequence[float]] | None,
     violators: set[int],
+    keys: frozenset[int] | None = None,
 ) -> dict[int, tuple[float, ...]]:
-    """This round's evidence, and what was carried for users not in this round."""
+    """This round's evidence, and what was carried for users not in this round; with
+    ``keys``, this round's only for the users who stay key users."""
     kept = {u: tuple(scores) for u, scores in (carried or {}).items()}
     kept.update(evidence)
+    if keys is not None:
+        kept = {u: scores for u, scores in kept.items() if u in keys or u not in evidence}
     return {u: kept[u] for u in sorted(kept) if kept[u] and u not in violators}
 
 

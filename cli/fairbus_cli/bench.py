@@ -248,6 +248,7 @@ def detection_bench(
     relative_tolerance: float = options.RELATIVE_TOLERANCE,
     weight_floor: float = options.WEIGHT_FLOOR,
     noise_widening: float = options.NOISE_WIDENING,
+    key_evidence_only: bool = options.KEY_EVIDENCE_ONLY,
     key_repeats: int = typer.Option(
         DEFAULTS.key_repeats, help="Most focus groups per key user (KIN)."
     ),
@@ -295,6 +296,7 @@ def detection_bench(
         relative_tolerance,
         weight_floor,
         noise_widening,
+        key_evidence_only,
     )
     from fairbus.bench import detection
 

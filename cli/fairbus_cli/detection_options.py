@@ -32,6 +32,12 @@ CARRY_EVIDENCE = typer.Option(
     "consecutive rounds it has been a key user (off = its active groups of one round, as "
     "written).",
 )
+KEY_EVIDENCE_ONLY = typer.Option(
+    DEFAULTS.key_evidence_only,
+    help="Not in the paper: with --carry-evidence, drop a user's carried focus-group "
+    "scores when it stops being a key user (off = kept until the evidence window drops "
+    "them).",
+)
 KEY_SCORE = typer.Option(
     DEFAULTS.key_score if DEFAULTS.key_score is not None else -1.0,
     help="Not in the paper: a user scoring below this fraction also becomes a key user "
@@ -79,6 +85,7 @@ def detection_params(
     relative_tolerance: float,
     weight_floor: float,
     noise_widening: float,
+    key_evidence_only: bool,
 ) -> DetectionParams:
     """The options as :class:`DetectionParams`; a negative (or for the two whole-number
     extensions, zero) value means off."""
@@ -95,4 +102,5 @@ def detection_params(
         relative_tolerance=None if relative_tolerance < 0 else relative_tolerance,
         weight_floor=None if weight_floor < 0 else weight_floor,
         noise_widening=None if noise_widening < 0 else noise_widening,
+        key_evidence_only=key_evidence_only,
     )

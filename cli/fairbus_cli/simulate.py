@@ -103,6 +103,7 @@ def simulate(
     relative_tolerance: float = options.RELATIVE_TOLERANCE,
     weight_floor: float = options.WEIGHT_FLOOR,
     noise_widening: float = options.NOISE_WIDENING,
+    key_evidence_only: bool = options.KEY_EVIDENCE_ONLY,
     undefended: bool = typer.Option(False, help="Plain FedAvg: no detection, no exclusion."),
     local_epochs: int = typer.Option(TrainConfig.local_epochs, help="Local epochs per round."),
     local_steps: int | None = typer.Option(
@@ -222,6 +223,7 @@ def simulate(
                 relative_tolerance,
                 weight_floor,
                 noise_widening,
+                key_evidence_only,
             ),
             defended=not undefended,
             seed=seed,

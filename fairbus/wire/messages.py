@@ -353,6 +353,7 @@ class DetectionPolicy(WireStruct):
     contribution_tolerance: float | None
     min_evidence: int
     carry_evidence: bool
+    key_evidence_only: bool
     evidence_window: int | None
     key_score: float | None
     relative_tolerance: float | None
@@ -367,6 +368,7 @@ class DetectionPolicy(WireStruct):
         "contribution_tolerance": Optional(Float(0.0, 1.0)),
         "min_evidence": Int(2, MAX_POLICY_ROUNDS),
         "carry_evidence": Bool(),
+        "key_evidence_only": Bool(),
         "evidence_window": Optional(Int(1, MAX_POLICY_ROUNDS)),
         "key_score": Optional(Float(0.0, 1.0)),
         "relative_tolerance": Optional(Float(0.0, 1.0)),

@@ -156,6 +156,28 @@ def test_carried_evidence_counts_focus_groups_across_rounds() -> None:
     assert third.violators == frozenset()
 
 
+def test_key_evidence_only_drops_the_evidence_of_a_user_who_stops_being_a_key_user() -> None:
+    # user 1 fails its two focus groups, but its score (1 of 4 groups) stays above the
+    # key bar: it stops being a key user, and with key_evidence_only its failures go
+    acc = {0: 0.9, 1: 0.9, 2: 0.9, 3: 0.2, 4: 0.4, 5: 0.3}  # τ = 0.725
+    params = DetectionParams(
+        bound_score=0.3, bound_conf=0.5, carry_evidence=True, min_evidence=3, key_score=0.2
+    )
+    kept = detect(GROUPING, acc, params, carried={1: (0.0,), 9: (0.0, 0.0)})
+    assert 1 not in kept.new_key_users
+    assert kept.evidence[1] == (0.0, 0.0, 0.0) and kept.evidence[9] == (0.0, 0.0)
+    dropped = detect(
+        GROUPING, acc, replace(params, key_evidence_only=True), carried={1: (0.0,), 9: (0.0, 0.0)}
+    )
+    assert 1 not in dropped.evidence  # no longer a key user
+    assert dropped.evidence[9] == (0.0, 0.0)  # not in this round: carried as before
+    # a user who stays a key user keeps its evidence either way
+    failing = {**acc, 2: 0.2}  # score 1 of 5 < 0.3; three scores are short of min_evidence 4
+    strict = replace(params, key_score=0.3, min_evidence=4, key_evidence_only=True)
+    stays = detect(GROUPING, failing, strict, carried={1: (0.0,)})
+    assert 1 in stays.new_key_users and stays.evidence[1] == (0.0, 0.0, 0.0)
+
+
 # --- extensions: the fitted clean level, the evidence window, a key user's pooled score ----
 
 
