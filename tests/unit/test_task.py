@@ -152,7 +152,7 @@ def test_zero_turns_the_whole_number_extensions_off() -> None:
 
 
 def test_zero_turns_the_relative_tolerance_and_the_weight_floor_off() -> None:
-    assert DEFAULT_DETECTION.relative_tolerance and DEFAULT_DETECTION.weight_floor
+    assert (DEFAULT_DETECTION.relative_tolerance, DEFAULT_DETECTION.weight_floor) == (0.3, 0.5)
     params = detection_table({"relative_tolerance": 0, "weight_floor": 0.0})
     assert params.relative_tolerance is None and params.weight_floor is None
     assert detection_table({"weight_floor": 0.4}).weight_floor == 0.4
