@@ -9,6 +9,17 @@ from fairbus.task import DEFAULT_DETECTION
 
 DEFAULTS = DEFAULT_DETECTION
 
+
+def _negative_if_off(value: float | None) -> float:
+    """An optional extension's default as an option: negative means off (None)."""
+    return -1.0 if value is None else value
+
+
+def _off_if_negative(value: float) -> float | None:
+    """An option's value as the extension's setting: negative means off (None)."""
+    return None if value < 0 else value
+
+
 BOUND_SCORE = typer.Option(DEFAULTS.bound_score, help="Alg. 6 bound_score.")
 BOUND_CONF = typer.Option(DEFAULTS.bound_conf, help="Alg. 6 bound_conf.")
 TOLERANCE = typer.Option(
@@ -16,7 +27,7 @@ TOLERANCE = typer.Option(
     help="Not in the paper: a group scores when acc > τ − tolerance (0 = as written).",
 )
 CONTRIBUTION_TOLERANCE = typer.Option(
-    DEFAULTS.contribution_tolerance if DEFAULTS.contribution_tolerance is not None else -1.0,
+    _negative_if_off(DEFAULTS.contribution_tolerance),
     help="Not in the paper: a group must also contribute at least (1 − this) times the "
     "round's largest contribution (its update projected on the basic groups' median "
     "update); negative turns it off (as written).",
@@ -39,7 +50,7 @@ KEY_EVIDENCE_ONLY = typer.Option(
     "them).",
 )
 KEY_SCORE = typer.Option(
-    DEFAULTS.key_score if DEFAULTS.key_score is not None else -1.0,
+    _negative_if_off(DEFAULTS.key_score),
     help="Not in the paper: a user scoring below this fraction also becomes a key user "
     "(so key users exist while τ < bound_score); negative turns it off (as written).",
 )
@@ -49,18 +60,18 @@ EVIDENCE_WINDOW = typer.Option(
     "focus-group scores (0 = all).",
 )
 RELATIVE_TOLERANCE = typer.Option(
-    DEFAULTS.relative_tolerance if DEFAULTS.relative_tolerance is not None else -1.0,
+    _negative_if_off(DEFAULTS.relative_tolerance),
     help="Not in the paper: a group scores when acc > τ − max(tolerance, this × (1 − τ)), "
     "so the accuracy bar follows the error left; negative turns it off.",
 )
 WEIGHT_FLOOR = typer.Option(
-    DEFAULTS.weight_floor if DEFAULTS.weight_floor is not None else -1.0,
+    _negative_if_off(DEFAULTS.weight_floor),
     help="Not in the paper: a focus group that beats the accuracy bar but not the "
     "contribution bar still scores when its focus user's fitted weight θ is at least "
     "this; negative turns it off.",
 )
 NOISE_WIDENING = typer.Option(
-    DEFAULTS.noise_widening if DEFAULTS.noise_widening is not None else -1.0,
+    _negative_if_off(DEFAULTS.noise_widening),
     help="Not in the paper: the contribution bar is 1 − max(contribution tolerance, this × "
     "the fit's relative residual in the round), so noisy rounds convict no one on "
     "contribution; negative turns it off.",
@@ -93,14 +104,14 @@ def detection_params(
         bound_score,
         bound_conf,
         tolerance=tolerance,
-        contribution_tolerance=None if contribution_tolerance < 0 else contribution_tolerance,
-        key_score=None if key_score < 0 else key_score,
+        contribution_tolerance=_off_if_negative(contribution_tolerance),
+        key_score=_off_if_negative(key_score),
         min_evidence=min_evidence,
         carry_evidence=carry_evidence,
         evidence_window=evidence_window if evidence_window > 0 else None,
         level_rounds=level_rounds if level_rounds > 0 else None,
-        relative_tolerance=None if relative_tolerance < 0 else relative_tolerance,
-        weight_floor=None if weight_floor < 0 else weight_floor,
-        noise_widening=None if noise_widening < 0 else noise_widening,
+        relative_tolerance=_off_if_negative(relative_tolerance),
+        weight_floor=_off_if_negative(weight_floor),
+        noise_widening=_off_if_negative(noise_widening),
         key_evidence_only=key_evidence_only,
     )
