@@ -26,6 +26,13 @@ from scipy import stats
 from fairbus.errors import DetectionError
 from fairbus.grouping import BASIC, Grouping
 
+DIRECTIONS = ("median", "last_step")
+"""What :func:`group_contributions` projects updates on (``contribution_direction``):
+the coordinate-wise median of the round's basic groups' updates, or the global model's
+last step. Measured with the fairness suite (README): with the last step as direction
+the fit's relative residual stays at 0.02–0.1 to round 10, against 0.3–0.6 with the
+median, and disguised free-riders weigh θ ≈ 0.07 against honest users' 0.9–1.0."""
+
 
 @dataclass(frozen=True)
 class DetectionParams:
@@ -106,7 +113,21 @@ class DetectionParams:
     mostly noise, contributions spread 0.2–1.4 of the level around the fit, and a fixed
     bar convicts honest users by chance over long runs (issue 13: 50 rounds)."""
 
+    contribution_direction: str = "median"
+    """Not in the paper (:data:`DIRECTIONS`; "median" = as first built): what a group's
+    update is projected on to measure its contribution (:func:`group_contributions`).
+    "last_step": the global model's step into this round (M_r − M_{r−1}, both recorded
+    on the ledger), the median of the basic groups' updates only where there is none
+    (round 1, or a round that did not move the model). The median leans towards the
+    noise of the round's uploads and credits a disguised free-rider's groups with it
+    (issue 13: all of its attackers out by round 10 in 4 of 10 seeds with the median)."""
+
     def __post_init__(self) -> None:
+        if self.contribution_direction not in DIRECTIONS:
+            raise DetectionError(
+                f"contribution_direction must be one of {', '.join(DIRECTIONS)}, "
+                f"got {self.contribution_direction!r}"
+            )
         for name in ("min_evidence", "level_rounds", "evidence_window"):
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
@@ -413,16 +434,25 @@ def yardstick(
 
 
 def group_contributions(
-    updates: Mapping[int, npt.NDArray[np.float64]], basic: Iterable[int]
+    updates: Mapping[int, npt.NDArray[np.float64]],
+    basic: Iterable[int],
+    last_step: npt.NDArray[np.float64] | None = None,
 ) -> dict[int, float]:
-    """Each group's update m_g − M_global projected on the coordinate-wise median of the
-    basic groups' updates (unit length); not in the paper.
+    """Each group's update m_g − M_global projected on a direction of unit length: the
+    global model's ``last_step`` (M_r − M_{r−1}) where one is given and it moved, else
+    the coordinate-wise median of the basic groups' updates; not in the paper.
 
-    The median follows the majority of the basic groups and the projection drops the
-    part of an update that is local noise, so a clean group of any size scores about the
-    same and a group with a free-rider (k − 1)/k of it. Which way is forward is left to
-    :func:`fit_contributions`: with as many poisoners as honest users the median follows
-    the poisoners as often as not.
+    The projection drops the part of an update that is local noise, so a clean group of
+    any size scores about the same and a group with a free-rider (k − 1)/k of it. Which
+    way is forward is left to :func:`fit_contributions`: with as many poisoners as
+    honest users the median follows the poisoners as often as not.
+
+    The median is taken over this round's uploads, so it leans towards whatever noise
+    they carry: a disguised free-rider's noise (1e-2 per weight) moves the median of the
+    groups it is in, and its groups' projections grow with it, to 1.1–1.8 of a clean
+    group's once the model converges (issue 13). The last step comes from the recorded
+    global models only, so no upload of the round can lean it; near convergence an
+    honest update still points along it (:data:`DIRECTIONS`).
 
     Consensus-critical (the ledger re-derives it, :mod:`fairbus.ledger.verify`), so the
     same on every machine: the median and the elementwise products are correctly
@@ -433,6 +463,14 @@ def group_contributions(
     if not basic:
         raise DetectionError("contributions need at least one basic group")
     direction = np.median(np.stack([updates[gid] for gid in basic]), axis=0)
+    if last_step is not None:
+        if last_step.shape != direction.shape:
+            raise DetectionError(
+                f"the last step has {last_step.size} values, the updates {direction.size}"
+            )
+        step_length = math.sqrt(_exact_sum(np.square(last_step)))
+        if step_length > 0.0 and math.isfinite(step_length):
+            direction = np.array(last_step, dtype=np.float64)
     length = math.sqrt(_exact_sum(np.square(direction)))
     if length == 0.0 or not math.isfinite(length):
         return dict.fromkeys(updates, 0.0)

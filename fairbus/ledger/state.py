@@ -103,6 +103,10 @@ class RefusalReason(StrEnum):
     """A transaction type of the other protocol than the task's recorded mode."""
 
 
+def _direction(task: TaskParams | None) -> str:
+    return task.detection.contribution_direction if task is not None else "median"
+
+
 class RefusedError(FairbusError):
     """A transaction the ledger will not apply, and why."""
 
@@ -139,10 +143,15 @@ class RoundRecord:
     announcement): what the evaluation's contributions are measured from."""
     upload_blobs: tuple[tuple[tuple[int, int], bytes], ...] = ()
     """((group, sender), payload SHA-256) of every upload recorded for this attempt."""
+    previous_global_blob: bytes = b""
+    """Payload SHA-256 of the global model recorded for the round before (b"" in round
+    1): the step between the two is what contributions are measured along."""
 
     def recorded(self) -> RecordedRound:
         """What :class:`~fairbus.ledger.verify.EvaluationCheck` re-derives numbers from."""
-        return RecordedRound(self.announce, self.global_blob, dict(self.upload_blobs))
+        return RecordedRound(
+            self.announce, self.global_blob, dict(self.upload_blobs), self.previous_global_blob
+        )
 
     def complete_groups(self) -> list[GroupSpec]:
         """The groups every member of which uploaded: the provider can decrypt these."""
@@ -223,6 +232,8 @@ class LedgerState:
             if isinstance(message, Evaluation) and record is not None:
                 gids = {e.gid for e in message.accuracies}
                 needed.add(record.global_blob)
+                if self._direction() == "last_step" and record.previous_global_blob:
+                    needed.add(record.previous_global_blob)
                 needed |= {d for (gid, _), d in record.upload_blobs if gid in gids}
         return needed | self._seccl_payloads(txs)
 
@@ -247,6 +258,10 @@ class LedgerState:
                 needed |= seccl.payloads_needed(record, message)
         return needed
 
+    def _direction(self) -> str:
+        """The task's ``contribution_direction`` (what contributions are measured along)."""
+        return _direction(self.task)
+
     def prepare_evaluations(self, txs: Iterable[Transaction]) -> None:
         """Re-derive the numbers of every evaluation among ``txs`` ahead of admission,
         and load the test set a task start names (seconds of work: a ledger node runs
@@ -263,7 +278,7 @@ class LedgerState:
                 if isinstance(message, Evaluation) and record is not None and spec is not None:
                     gids = [e.gid for e in message.accuracies]
                     if {g.gid for g in record.complete_groups()} >= set(gids):
-                        check.numbers(spec, record.recorded(), gids)
+                        check.numbers(spec, record.recorded(), gids, self._direction())
             except FairbusError:
                 continue
 
@@ -365,6 +380,9 @@ class Draft:
 
     def round(self, number: int) -> RoundRecord | None:
         return self.rounds.get(number, self.state.rounds.get(number))
+
+    def _direction(self) -> str:
+        return _direction(self.task)
 
     def seccl_round(self, number: int) -> SecclRecord | None:
         return self.seccl_rounds.get(number, self.state.seccl_rounds.get(number))
@@ -580,7 +598,13 @@ class Draft:
         if problems:
             raise RefusedError(RefusalReason.BAD_GROUPING, "; ".join(problems))
         self.current_round = r
-        self.rounds[r] = RoundRecord(a, message, global_blob=self.global_blob)
+        before = self.round(r - 1)
+        self.rounds[r] = RoundRecord(
+            a,
+            message,
+            global_blob=self.global_blob,
+            previous_global_blob=before.global_blob if before is not None else b"",
+        )
 
     def _same_model(self, r: int, message: Announce) -> set[tuple[int, ...]]:
         """The known groups of every earlier round announced with the same global model
@@ -659,7 +683,7 @@ class Draft:
             return
         gids = [e.gid for e in message.accuracies]
         try:
-            want = check.numbers(spec, record.recorded(), gids)
+            want = check.numbers(spec, record.recorded(), gids, self._direction())
         except PayloadMissingError as exc:
             raise RefusedError(
                 RefusalReason.MISSING_PAYLOAD,

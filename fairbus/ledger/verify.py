@@ -7,7 +7,8 @@ evaluation it recomputes, for every evaluated group,
   (the masks cancel; no key is needed), decoded and divided by the group size exactly
   as Alg. 5 does (:func:`fairbus.masking.aggregate_decrypt`);
 * its contribution (:func:`fairbus.detection.group_contributions`) from those models and
-  the round's recorded global model;
+  the round's recorded global model (with the task's ``contribution_direction``
+  "last_step", along the step from the previous round's recorded global model);
 * its accuracy on the task's committed test set with :class:`~fairbus.evaluation.
   ExactEvaluator`, in exact fixed-point arithmetic (every group of the evaluation in one
   batched pass, :meth:`~fairbus.evaluation.ExactEvaluator.corrects`),
@@ -78,6 +79,8 @@ class RecordedRound:
     """Payload SHA-256 of the round's ``global_model`` transaction."""
     uploads: Mapping[tuple[int, int], bytes]
     """(group, member) → payload SHA-256 of its recorded masked upload."""
+    previous_global_blob: bytes = b""
+    """Payload SHA-256 of the previous round's recorded global model (b"" in round 1)."""
 
 
 GroupNumbers = dict[int, tuple[float, float]]
@@ -94,6 +97,25 @@ def round_updates(
     return {gid: mean.astype(np.float64) - published for gid, mean in means.items()}
 
 
+def last_step(
+    global_params: npt.NDArray[np.floating], previous_params: npt.NDArray[np.floating] | None
+) -> npt.NDArray[np.float64] | None:
+    """The global model's step into this round, M_r − M_{r−1}, both as recorded (float32),
+    in float64: what :func:`~fairbus.detection.group_contributions` projects on with the
+    task's ``contribution_direction`` "last_step", for the provider and the ledger alike;
+    None for round 1 (no earlier model)."""
+    if previous_params is None:
+        return None
+    published = np.asarray(global_params).astype("<f4").astype(np.float64)
+    before = np.asarray(previous_params).astype("<f4").astype(np.float64)
+    if before.shape != published.shape:
+        raise VerificationError(
+            f"the previous round's global model has {before.size} values, this round's "
+            f"{published.size}"
+        )
+    return published - before
+
+
 class EvaluationCheck:
     """Re-derives evaluations for one ledger holder; keeps the last few results so the
     work a ledger node does off its event loop (``LedgerState.prepare_evaluations``) is
@@ -108,16 +130,21 @@ class EvaluationCheck:
         """:meth:`prepare` runs on a worker thread, admission on the event loop."""
 
     def numbers(
-        self, spec: EvaluationSpec, recorded: RecordedRound, gids: Sequence[int]
+        self,
+        spec: EvaluationSpec,
+        recorded: RecordedRound,
+        gids: Sequence[int],
+        direction: str = "median",
     ) -> GroupNumbers:
         """The accuracy and contribution of each group of ``gids`` (every member's upload
-        recorded); raises :class:`VerificationError`."""
-        key = _key(spec, recorded, gids)
+        recorded), contributions measured along ``direction`` (the task's
+        ``contribution_direction``); raises :class:`VerificationError`."""
+        key = (direction, *_key(spec, recorded, gids))
         with self._lock:
             cached = self._results.get(key)
             if cached is not None:
                 return cached
-            result = self._compute(spec, recorded, sorted(gids))
+            result = self._compute(spec, recorded, sorted(gids), direction)
             self._results[key] = result
             while len(self._results) > CACHED:
                 self._results.popitem(last=False)
@@ -132,7 +159,7 @@ class EvaluationCheck:
     # --- the work ------------------------------------------------------------------------
 
     def _compute(
-        self, spec: EvaluationSpec, recorded: RecordedRound, gids: list[int]
+        self, spec: EvaluationSpec, recorded: RecordedRound, gids: list[int], direction: str
     ) -> GroupNumbers:
         from fairbus.protocol.user import model_digest
 
@@ -143,6 +170,12 @@ class EvaluationCheck:
         global_params = np.frombuffer(model.data, dtype="<f4").astype(np.float32)
         if model_digest(global_params) != announce.model_sha256:
             raise VerificationError("the recorded global model is not the announced one")
+        step = None
+        if direction == "last_step" and recorded.previous_global_blob:
+            before = self._decoded(recorded.previous_global_blob, "global_model", GlobalModel)
+            if len(before.data) != 4 * before.length:
+                raise VerificationError("the previous round's global model is malformed")
+            step = last_step(global_params, np.frombuffer(before.data, dtype="<f4"))
         codec = FixedPointCodec(announce.frac_bits)
         members = {g.gid: g.members for g in announce.groups}
         means: dict[int, npt.NDArray[np.float32]] = {}
@@ -163,7 +196,8 @@ class EvaluationCheck:
                 raise VerificationError(f"group {gid}: {exc}") from None
         basic = [g.gid for g in announce.groups if g.gid in means and g.kind == "basic"]
         try:
-            contributions = group_contributions(round_updates(means, global_params), basic)
+            updates = round_updates(means, global_params)
+            contributions = group_contributions(updates, basic, step)
         except FairbusError as exc:
             raise VerificationError(str(exc)) from None
         # Every group of the evaluation in one batched pass (issue 16, item 3): the same
@@ -206,4 +240,5 @@ class EvaluationCheck:
 
 def _key(spec: EvaluationSpec, recorded: RecordedRound, gids: Sequence[int]) -> tuple[object, ...]:
     uploads = tuple(sorted(recorded.uploads.items()))
-    return (spec, recorded.global_blob, recorded.announce, uploads, tuple(sorted(gids)))
+    before = recorded.previous_global_blob
+    return (spec, recorded.global_blob, before, recorded.announce, uploads, tuple(sorted(gids)))

@@ -57,7 +57,7 @@ from fairbus.grouping import BASIC, Grouping, group_size, make_grouping
 from fairbus.identity import Identity
 from fairbus.ledger.recorded import open_recorded
 from fairbus.ledger.state import RoundRecord, grouping_of
-from fairbus.ledger.verify import round_updates
+from fairbus.ledger.verify import last_step, round_updates
 from fairbus.masking import GroupAggregate
 from fairbus.protocol.events import (
     USERS,
@@ -268,6 +268,10 @@ class ProviderMachine:
         :class:`StartRound` goes on with it instead of starting a new one."""
         self._plain_waiting: set[int] = set()  # PlainFedAvg: whose model the round awaits
         self._plain_models: dict[int, npt.NDArray[np.float32]] = {}
+        self._round_global: npt.NDArray[np.float32] | None = None
+        """The global model this round was announced with (recorded on the ledger)."""
+        self._previous_global: npt.NDArray[np.float32] | None = None
+        """The previous round's: with it, the last step contributions are measured along."""
 
     @property
     def prior_groups(self) -> list[tuple[int, ...]]:
@@ -322,6 +326,10 @@ class ProviderMachine:
         last = replayed.last_round
         params = initial_params if last == 0 else global_model(replayed, last, pid, blobs, limits)
         machine = cls(identity, roster, params, config, online=online, limits=limits)
+        if last:
+            machine._round_global = params
+            if last > 1 and replayed.round(last - 1) is not None:
+                machine._previous_global = global_model(replayed, last - 1, pid, blobs, limits)
         machine.prev = draft.head(pid)
         machine._chains = ChainTracker({u: draft.head(u) for u in machine._users})
         machine.round = last
@@ -479,6 +487,7 @@ class ProviderMachine:
                 out.append(self._signed(self.config.test_set))
             out.append(self._signed(self.config.task.to_message()))
         out.append(self._signed(GlobalModel(self.d, self._model_bytes())))
+        self._previous_global, self._round_global = self._round_global, self.global_params
         return out + self._announce()
 
     def _digest(self) -> bytes:
@@ -854,8 +863,11 @@ class ProviderMachine:
         """Alg. 5 done for every group: record the evaluation, then decide."""
         assert self.grouping is not None
         means = {gid: r.mean for gid, r in self._decrypted.items()}
+        step = None
+        if self.config.detection.contribution_direction == "last_step":
+            step = last_step(self.global_params, self._previous_global)
         contributions = group_contributions(
-            round_updates(means, self.global_params), (g.gid for g in self.grouping.basic)
+            round_updates(means, self.global_params), (g.gid for g in self.grouping.basic), step
         )
         evaluation = Evaluation(
             tuple(

@@ -132,14 +132,19 @@ def replay(roster: Roster, history: LedgerHistory, limits: WireLimits = DEFAULT_
 
 
 def blobs_needed(replayed: Replayed, provider: int) -> list[bytes]:
-    """The payload hashes a restore needs: the last round's global model and the
-    uploads recorded for its latest attempt (all of them if the round is under way: the
-    complete groups among them need not be lost; only the evaluated ones otherwise)."""
+    """The payload hashes a restore needs: the last two rounds' global models (the step
+    between them is what contributions are measured along) and the uploads recorded for
+    the last one's latest attempt (all of them if the round is under way: the complete
+    groups among them need not be lost; only the evaluated ones otherwise)."""
     last = replayed.last_round
     if last == 0:
         return []
     record = _record(replayed, last)
-    needed = [replayed.global_model_tx(last, provider).envelope.header.payload_sha256]
+    rounds = [last - 1, last] if last > 1 and replayed.round(last - 1) is not None else [last]
+    needed = [
+        replayed.global_model_tx(number, provider).envelope.header.payload_sha256
+        for number in rounds
+    ]
     uploads = replayed.upload_txs(last, record)
     if record.evaluation is not None:
         evaluated = {e.gid for e in record.evaluation.accuracies}
