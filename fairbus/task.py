@@ -202,6 +202,10 @@ def detection_table(table: object) -> DetectionParams:
         raise FairbusError(f"[detection] takes only {sorted(names)} (the task's Alg. 6 policy)")
     defaults = DEFAULT_DETECTION
     for key, value in table.items():
+        if isinstance(getattr(defaults, key), str):
+            if not isinstance(value, str):
+                raise FairbusError(f"[detection]: {key!r} must be a string, got {value!r}")
+            continue
         flag = isinstance(getattr(defaults, key), bool)
         if flag != isinstance(value, bool) or not isinstance(value, int | float):
             kind = "true or false" if flag else "a number"

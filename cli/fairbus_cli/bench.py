@@ -249,6 +249,7 @@ def detection_bench(
     weight_floor: float = options.WEIGHT_FLOOR,
     noise_widening: float = options.NOISE_WIDENING,
     key_evidence_only: bool = options.KEY_EVIDENCE_ONLY,
+    contribution_direction: options.Direction = options.CONTRIBUTION_DIRECTION,
     key_repeats: int = typer.Option(
         DEFAULTS.key_repeats, help="Most focus groups per key user (KIN)."
     ),
@@ -297,6 +298,7 @@ def detection_bench(
         weight_floor,
         noise_widening,
         key_evidence_only,
+        contribution_direction,
     )
     from fairbus.bench import detection
 

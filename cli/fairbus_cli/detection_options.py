@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from enum import StrEnum
+
 import typer
 
 from fairbus.detection import DetectionParams
@@ -20,6 +22,13 @@ def _off_if_negative(value: float) -> float | None:
     return None if value < 0 else value
 
 
+class Direction(StrEnum):
+    """The choices of ``--contribution-direction`` (:data:`fairbus.detection.DIRECTIONS`)."""
+
+    MEDIAN = "median"
+    LAST_STEP = "last_step"
+
+
 BOUND_SCORE = typer.Option(DEFAULTS.bound_score, help="Alg. 6 bound_score.")
 BOUND_CONF = typer.Option(DEFAULTS.bound_conf, help="Alg. 6 bound_conf.")
 TOLERANCE = typer.Option(
@@ -29,8 +38,15 @@ TOLERANCE = typer.Option(
 CONTRIBUTION_TOLERANCE = typer.Option(
     _negative_if_off(DEFAULTS.contribution_tolerance),
     help="Not in the paper: a group must also contribute at least (1 − this) times the "
-    "round's largest contribution (its update projected on the basic groups' median "
-    "update); negative turns it off (as written).",
+    "round's largest contribution (its update projected on --contribution-direction); "
+    "negative turns it off (as written).",
+)
+CONTRIBUTION_DIRECTION = typer.Option(
+    Direction(DEFAULTS.contribution_direction),
+    help="Not in the paper: what a group's update is projected on to measure its "
+    "contribution: the global model's last step (M_r − M_{r−1}, from recorded models) or "
+    "the median of the round's basic groups' updates (which leans towards the noise in "
+    "them).",
 )
 MIN_EVIDENCE = typer.Option(
     DEFAULTS.min_evidence,
@@ -97,6 +113,7 @@ def detection_params(
     weight_floor: float,
     noise_widening: float,
     key_evidence_only: bool,
+    contribution_direction: Direction,
 ) -> DetectionParams:
     """The options as :class:`DetectionParams`; a negative (or for the two whole-number
     extensions, zero) value means off."""
@@ -114,4 +131,5 @@ def detection_params(
         weight_floor=_off_if_negative(weight_floor),
         noise_widening=_off_if_negative(noise_widening),
         key_evidence_only=key_evidence_only,
+        contribution_direction=contribution_direction.value,
     )

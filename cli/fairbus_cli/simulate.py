@@ -104,6 +104,7 @@ def simulate(
     weight_floor: float = options.WEIGHT_FLOOR,
     noise_widening: float = options.NOISE_WIDENING,
     key_evidence_only: bool = options.KEY_EVIDENCE_ONLY,
+    contribution_direction: options.Direction = options.CONTRIBUTION_DIRECTION,
     undefended: bool = typer.Option(False, help="Plain FedAvg: no detection, no exclusion."),
     local_epochs: int = typer.Option(TrainConfig.local_epochs, help="Local epochs per round."),
     local_steps: int | None = typer.Option(
@@ -224,6 +225,7 @@ def simulate(
                 weight_floor,
                 noise_widening,
                 key_evidence_only,
+                contribution_direction,
             ),
             defended=not undefended,
             seed=seed,

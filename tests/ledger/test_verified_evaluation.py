@@ -358,3 +358,57 @@ def test_a_test_set_that_does_not_fit_the_model_is_refused_by_name() -> None:
     three = QuantizedTestSet(digits.inputs, digits.labels % 3, 3)
     with pytest.raises(evaluation.EvaluationError, match="10 classes"):
         ExactEvaluator("digits_cnn", three)
+
+
+# --- contributions along the global model's last step ----------------------------------------
+
+
+@pytest.fixture(scope="module")
+def two_rounds() -> Recorded:
+    blocks: list[Block] = []
+    blobs: dict[bytes, bytes] = {}
+    config = SimulationConfig(users=9, rounds=2, seed=3, train=TrainConfig(local_epochs=2))
+    sim = Simulation(config, on_block=blocks.append, on_blob=blobs.__setitem__)
+    records = sim.run()
+    assert all(r.failed is None and not r.refusals for r in records), records
+    return Recorded(sim, blocks, blobs)
+
+
+def _second(rec: Recorded, kind: str) -> int:
+    """The index of the block of round 2's ``kind`` transaction."""
+    return next(
+        k
+        for k, b in enumerate(rec.blocks)
+        if b.txs[0].envelope.header.type == kind and b.txs[0].envelope.header.round == 2
+    )
+
+
+def test_round_two_contributions_are_measured_along_the_last_step(two_rounds: Recorded) -> None:
+    """The task's direction is the last step (the default): round 2's evaluation is
+    re-derived along M_2 − M_1, both recorded; the same numbers along the median of the
+    basic groups' updates, what a provider that ignores the recorded direction reports,
+    are refused with ``contract_violation`` and change nothing."""
+    at = _second(two_rounds, "evaluation")
+    check = EvaluationCheck(two_rounds.blobs.get)
+    state = LedgerState(two_rounds.sim.roster, evaluations=check)
+    for block in two_rounds.blocks[:at]:
+        state.apply_block(block)
+    assert state.task is not None and state.task.detection.contribution_direction == "last_step"
+    assert state.task.evaluation is not None
+    record = state.rounds[2]
+    assert record.previous_global_blob == state.rounds[1].global_blob != record.global_blob
+    tx = two_rounds.blocks[at].txs[0]
+    honest = decode_body("evaluation", tx.payload or b"", DEFAULT_LIMITS)
+    assert isinstance(honest, Evaluation)
+    gids = [e.gid for e in honest.accuracies]
+    along_median = check.numbers(state.task.evaluation, record.recorded(), gids, "median")
+    assert any(along_median[e.gid][1] != e.contribution for e in honest.accuracies)
+    forged = Evaluation(
+        tuple(dataclasses.replace(e, contribution=along_median[e.gid][1])
+              for e in honest.accuracies)
+    )  # fmt: skip
+    prev = state.head(two_rounds.provider.participant_id)
+    env = envelope.sign(two_rounds.provider, two_rounds.sim.roster.task, forged, prev=prev,
+                        round=2, attempt=tx.envelope.header.attempt)  # fmt: skip
+    _refused(state, Transaction.from_envelope(env), "contribution")
+    state.draft().admit(tx)  # the provider's own, along the last step

@@ -142,6 +142,12 @@ def test_an_attempt_with_recorded_uploads_collects_the_rest_after_a_restore() ->
     done = driver.round_done(since)
     assert (done.round, done.attempts) == (2, 1) and not driver.commits("dropout")
     assert np.array_equal(done.global_params, want.global_params)
+    # its contributions are measured along the step from round 1's recorded model, as the
+    # uninterrupted provider's were
+    assert CONFIG.detection.contribution_direction == "last_step"
+    again, first = (envelope.verify(d.commits("evaluation")[-1].envelope, d.task.roster).message
+                    for d in (driver, straight))  # fmt: skip
+    assert again == first
     assert driver.refusals() == []
     replay(driver.task.roster, LedgerHistory.of(_transactions(driver.task)))  # all rules hold
 

@@ -128,6 +128,35 @@ def test_contributions_project_on_the_median_of_basic_updates() -> None:
         group_contributions(updates, [])
 
 
+def test_noise_leaks_into_the_median_but_not_into_the_last_step() -> None:
+    """Two disguised free-riders (8 and 9) upload noise ten times the honest step per
+    weight, orthogonal to it. The median of the basic groups' updates leans towards that
+    noise, and their groups read 1.6-2.2 times a clean group; along the global model's
+    last step they read what they moved the model by: 2/3 and 1/3 (issue 13)."""
+    j = np.arange(600, dtype=np.float64)
+    step = 0.001 * (1.0 + 0.5 * np.sin(j))  # every honest user's update, and the last step
+    noise = {8: 0.01 * np.sin(j * 12.9898 + 1.3), 9: 0.01 * np.cos(j * 78.233 + 0.7)}
+    for n in noise.values():
+        n -= (n @ step) / (step @ step) * step
+    user = {u: noise.get(u, step) for u in range(1, 10)}
+    groups = {0: (1, 2, 3), 1: (4, 5, 6), 2: (7, 8, 9), 3: (1, 4, 7), 4: (2, 5, 8), 5: (3, 6, 9)}
+    updates = {g: sum(user[u] for u in members) / 3 for g, members in groups.items()}
+    median = group_contributions(updates, list(groups))
+    along = group_contributions(updates, list(groups), step)
+    assert all(median[g] / median[0] > 1.6 for g in (2, 4, 5))
+    expected = {0: 1.0, 1: 1.0, 2: 1 / 3, 3: 1.0, 4: 2 / 3, 5: 2 / 3}
+    assert {g: c / along[0] for g, c in along.items()} == pytest.approx(expected, abs=1e-9)
+    # a step that did not move the model says nothing: the median is used
+    assert group_contributions(updates, list(groups), np.zeros(600)) == median
+    with pytest.raises(DetectionError, match="last step has 5 values"):
+        group_contributions(updates, list(groups), np.ones(5))
+
+
+def test_an_unknown_contribution_direction_is_refused() -> None:
+    with pytest.raises(DetectionError, match="contribution_direction must be one of"):
+        DetectionParams(contribution_direction="mean")
+
+
 def test_key_score_replaces_tau_minus_bound_score_once_tau_reaches_it() -> None:
     acc = {0: 0.5, 1: 0.9, 2: 0.6, 3: 0.8, 4: 0.4, 5: 0.3}  # τ = 0.7
     as_written = detect(GROUPING, acc, PARAMS)  # key bar τ − 0.3 = 0.4

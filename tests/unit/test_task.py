@@ -165,6 +165,15 @@ def test_a_toml_table_is_read_over_the_defaults() -> None:
     assert TaskParams.from_message(TaskParams(params).to_message()).detection == params
 
 
+def test_the_contribution_direction_is_read_and_recorded() -> None:
+    assert DEFAULT_DETECTION.contribution_direction == "last_step"
+    table = tomllib.loads('[detection]\ncontribution_direction = "median"\n')
+    params = detection_table(table["detection"])
+    assert params.contribution_direction == "median"
+    recorded = TaskParams.from_message(TaskParams(params).to_message())
+    assert recorded.detection.contribution_direction == "median"
+
+
 @pytest.mark.parametrize(
     ("table", "complaint"),
     [
@@ -179,6 +188,8 @@ def test_a_toml_table_is_read_over_the_defaults() -> None:
         ({"bound_score": 2.0}, "bound_score"),  # beyond what the ledger records
         ({"min_evidence": 10**30}, "min_evidence"),
         ({"tolerance": float("inf")}, "tolerance"),
+        ({"contribution_direction": 1}, "'contribution_direction' must be a string"),
+        ({"contribution_direction": "mean"}, "contribution_direction must be one of"),
     ],
 )
 def test_a_bad_detection_table_is_refused_by_name(table: object, complaint: str) -> None:
