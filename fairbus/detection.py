@@ -113,6 +113,13 @@ class DetectionParams:
     mostly noise, contributions spread 0.2–1.4 of the level around the fit, and a fixed
     bar convicts honest users by chance over long runs (issue 13: 50 rounds)."""
 
+    noise_ceiling: float | None = None
+    """Not in the paper (None = never): with ``level_rounds``, the contribution test is
+    left out of a round whose fit's relative residual σ (:attr:`ContributionFit.noise`)
+    is above this, and its groups score on accuracy alone. A free-rider's group moves the
+    model by 2/3 of a clean group of three; where contributions scatter around the fit
+    by more than that gap, no bar tells the two apart, and honest groups fail by chance:
+    over 50 rounds, once the model has converged, often enough to convict (issue 13)."""
     contribution_direction: str = "median"
     """Not in the paper (:data:`DIRECTIONS`; "median" = as first built): what a group's
     update is projected on to measure its contribution (:func:`group_contributions`).
@@ -155,8 +162,10 @@ class DetectionParams:
             value = getattr(self, name)
             if value is not None and not 0 <= value <= 1:
                 raise DetectionError(f"{name} must be in [0, 1], got {value}")
-        if self.noise_widening is not None and not 0 <= self.noise_widening <= 10:
-            raise DetectionError(f"noise_widening must be in [0, 10], got {self.noise_widening}")
+        for name in ("noise_widening", "noise_ceiling"):
+            value = getattr(self, name)
+            if value is not None and not 0 <= value <= 10:
+                raise DetectionError(f"{name} must be in [0, 10], got {value}")
 
 
 @dataclass(frozen=True)
@@ -362,15 +371,24 @@ def _contribution_shortfall(
 ) -> float | None:
     """How far below the clean level a group's contribution may fall and still score:
     ``contribution_tolerance``, widened to ``noise_widening`` times the fit's relative
-    residual in this round (to :data:`LEVEL_DIGITS` significant digits, as the level)."""
+    residual in this round (to :data:`LEVEL_DIGITS` significant digits, as the level);
+    None (no contribution test this round) where that residual is above
+    ``noise_ceiling``."""
     tol = params.contribution_tolerance
-    if tol is None or params.noise_widening is None or not window or level is None:
+    widening, ceiling = params.noise_widening, params.noise_ceiling
+    if tol is None or (widening is None and ceiling is None) or not window or level is None:
         return tol
     fit = fit_contributions(window)
-    if fit is None or not fit.noise or not math.isfinite(fit.noise[-1]):
+    if fit is None or not fit.noise:
         return tol
-    widened = float(f"{params.noise_widening * fit.noise[-1]:.{LEVEL_DIGITS}g}")
-    return max(tol, widened)
+    if not math.isfinite(fit.noise[-1]):
+        return None if ceiling is not None else tol
+    noise = fit.noise[-1]
+    if ceiling is not None and float(f"{noise:.{LEVEL_DIGITS}g}") > ceiling:
+        return None
+    if widening is None:
+        return tol
+    return max(tol, float(f"{widening * noise:.{LEVEL_DIGITS}g}"))
 
 
 def _group_scorer(

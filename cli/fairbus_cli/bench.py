@@ -250,6 +250,7 @@ def detection_bench(
     noise_widening: float = options.NOISE_WIDENING,
     key_evidence_only: bool = options.KEY_EVIDENCE_ONLY,
     contribution_direction: options.Direction = options.CONTRIBUTION_DIRECTION,
+    noise_ceiling: float = options.NOISE_CEILING,
     key_repeats: int = typer.Option(
         DEFAULTS.key_repeats, help="Most focus groups per key user (KIN)."
     ),
@@ -299,6 +300,7 @@ def detection_bench(
         noise_widening,
         key_evidence_only,
         contribution_direction,
+        noise_ceiling,
     )
     from fairbus.bench import detection
 

@@ -92,6 +92,12 @@ NOISE_WIDENING = typer.Option(
     "the fit's relative residual in the round), so noisy rounds convict no one on "
     "contribution; negative turns it off.",
 )
+NOISE_CEILING = typer.Option(
+    _negative_if_off(DEFAULTS.noise_ceiling),
+    help="Not in the paper: leave the contribution test out of a round whose fit's "
+    "relative residual is above this (there a free-rider's group cannot be told from a "
+    "clean one); negative turns it off.",
+)
 LEVEL_ROUNDS = typer.Option(
     DEFAULTS.level_rounds or 0,
     help="Not in the paper: compare a group's contribution with the clean level fitted by "
@@ -114,6 +120,7 @@ def detection_params(
     noise_widening: float,
     key_evidence_only: bool,
     contribution_direction: Direction,
+    noise_ceiling: float,
 ) -> DetectionParams:
     """The options as :class:`DetectionParams`; a negative (or for the two whole-number
     extensions, zero) value means off."""
@@ -132,4 +139,5 @@ def detection_params(
         noise_widening=_off_if_negative(noise_widening),
         key_evidence_only=key_evidence_only,
         contribution_direction=contribution_direction.value,
+        noise_ceiling=_off_if_negative(noise_ceiling),
     )

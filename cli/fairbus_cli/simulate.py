@@ -105,6 +105,7 @@ def simulate(
     noise_widening: float = options.NOISE_WIDENING,
     key_evidence_only: bool = options.KEY_EVIDENCE_ONLY,
     contribution_direction: options.Direction = options.CONTRIBUTION_DIRECTION,
+    noise_ceiling: float = options.NOISE_CEILING,
     undefended: bool = typer.Option(False, help="Plain FedAvg: no detection, no exclusion."),
     local_epochs: int = typer.Option(TrainConfig.local_epochs, help="Local epochs per round."),
     local_steps: int | None = typer.Option(
@@ -226,6 +227,7 @@ def simulate(
                 noise_widening,
                 key_evidence_only,
                 contribution_direction,
+                noise_ceiling,
             ),
             defended=not undefended,
             seed=seed,

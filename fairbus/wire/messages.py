@@ -360,6 +360,7 @@ class DetectionPolicy(WireStruct):
     weight_floor: float | None
     level_rounds: int | None
     noise_widening: float | None
+    noise_ceiling: float | None
     contribution_direction: str
     FIELDS: ClassVar[dict[str, Spec]] = {
         "bound_score": Float(0.0, 1.0),
@@ -376,6 +377,7 @@ class DetectionPolicy(WireStruct):
         "weight_floor": Optional(Float(0.0, 1.0)),
         "level_rounds": Optional(Int(1, MAX_POLICY_ROUNDS)),
         "noise_widening": Optional(Float(0.0, 10.0)),
+        "noise_ceiling": Optional(Float(0.0, 10.0)),
         "contribution_direction": Str(max_len=16),
     }
 
