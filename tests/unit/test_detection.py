@@ -527,6 +527,32 @@ def test_noise_widening_lowers_the_contribution_bar_in_a_noisy_round() -> None:
         DetectionParams(noise_widening=-1.0)
 
 
+def test_noise_ceiling_leaves_the_contribution_test_out_of_a_noisy_round() -> None:
+    # The noisy round of the test above (σ between 0.1 and 0.2): a ceiling above σ keeps
+    # the contribution test (the short groups fail), one below σ leaves it out (they
+    # score on accuracy, and fail only where accuracy says so).
+    honest = {u: 1.0 for u in range(1, 10)}
+    history = (_contributions(NINE_A, honest, 2.0), _contributions(NINE_C, honest, 3.0))
+    exact = _contributions(NINE_B, honest, 2.0)
+    pairs = zip(exact.contributions, (0.6, 1.4) * 3, strict=True)
+    contributions = {k: c * m for k, (c, m) in enumerate(pairs)}
+    grouping = Grouping(tuple(Group(k, BASIC, m) for k, m in enumerate(NINE_B)), frozenset(), 0, 1)
+    acc = {0: 0.9, 1: 0.9, 2: 0.9, 3: 0.9, 4: 0.5, 5: 0.9}
+    base = DetectionParams(
+        bound_score=0.3, bound_conf=0.5, tolerance=0.05, contribution_tolerance=0.2,
+        level_rounds=3,
+    )  # fmt: skip
+    scores = {}
+    for ceiling in (None, 0.2, 0.1):
+        params = replace(base, noise_ceiling=ceiling)
+        result = detect(grouping, acc, params, contributions, history=history)
+        scores[ceiling] = [result.group_scores[g] for g in range(6)]
+    assert scores[None] == scores[0.2] == [0.0, 1.0, 0.0, 1.0, 0.0, 1.0]
+    assert scores[0.1] == [1.0, 1.0, 1.0, 1.0, 0.0, 1.0]  # group 4 is below τ − 0.05
+    with pytest.raises(DetectionError, match="noise_ceiling"):
+        DetectionParams(noise_ceiling=11.0)
+
+
 def test_the_fit_does_not_depend_on_the_sign_lapack_gives_a_singular_vector(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
