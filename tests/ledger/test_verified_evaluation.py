@@ -29,7 +29,9 @@ from fairbus.identity import Identity
 from fairbus.ledger.records import Block, Transaction
 from fairbus.ledger.state import LedgerState, RefusalReason, RefusedError, grouping_of
 from fairbus.ledger.verify import EvaluationCheck
+from fairbus.protocol.provider import ProviderConfig
 from fairbus.simulator import Simulation, SimulationConfig
+from fairbus.task import DEFAULT_DETECTION
 from fairbus.training.data import load_digits
 from fairbus.training.local import TrainConfig
 from fairbus.training.models import initial_params
@@ -367,7 +369,9 @@ def test_a_test_set_that_does_not_fit_the_model_is_refused_by_name() -> None:
 def two_rounds() -> Recorded:
     blocks: list[Block] = []
     blobs: dict[bytes, bytes] = {}
-    config = SimulationConfig(users=9, rounds=2, seed=3, train=TrainConfig(local_epochs=2))
+    along = dataclasses.replace(DEFAULT_DETECTION, contribution_direction="last_step")
+    config = SimulationConfig(users=9, rounds=2, seed=3, train=TrainConfig(local_epochs=2),
+                              provider=ProviderConfig(detection=along))  # fmt: skip
     sim = Simulation(config, on_block=blocks.append, on_blob=blobs.__setitem__)
     records = sim.run()
     assert all(r.failed is None and not r.refusals for r in records), records
@@ -384,7 +388,7 @@ def _second(rec: Recorded, kind: str) -> int:
 
 
 def test_round_two_contributions_are_measured_along_the_last_step(two_rounds: Recorded) -> None:
-    """The task's direction is the last step (the default): round 2's evaluation is
+    """The task's direction is the last step: round 2's evaluation is
     re-derived along M_2 − M_1, both recorded; the same numbers along the median of the
     basic groups' updates, what a provider that ignores the recorded direction reports,
     are refused with ``contract_violation`` and change nothing."""

@@ -4,6 +4,8 @@ ledger's own rules over an in-memory network, the provider replaced mid-task by 
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 
@@ -27,6 +29,9 @@ from fairbus.wire.messages import Announce, Decision, Dropout
 from tests.support_machines import Driver, Task, initial_model, kinds, make_task, of_type
 
 CONFIG = ProviderConfig(seed=3)
+ALONG_LAST_STEP = ProviderConfig(
+    seed=3, detection=dataclasses.replace(DEFAULT_DETECTION, contribution_direction="last_step")
+)
 
 
 def _accuracy(effect: Evaluate) -> float:
@@ -127,10 +132,10 @@ def test_an_attempt_with_recorded_uploads_collects_the_rest_after_a_restore() ->
     the late users' uploads as they come, and finishes the round on the same attempt,
     with the model the uninterrupted run gives."""
     late = {1, 4, 7}
-    straight = Driver(make_task(9, config=CONFIG), accuracy=_accuracy)
+    straight = Driver(make_task(9, config=ALONG_LAST_STEP), accuracy=_accuracy)
     straight.play_round(0.0)
     want = straight.play_round(1.0)
-    driver = _killed_while_collecting(late)
+    driver = _killed_while_collecting(late, ALONG_LAST_STEP)
     since = len(driver.log)
     out = driver.handle(PROVIDER, StartRound(2.0))
     complete = [g for g in _announce(driver, 0).groups if not set(g.members) & late]
@@ -144,7 +149,6 @@ def test_an_attempt_with_recorded_uploads_collects_the_rest_after_a_restore() ->
     assert np.array_equal(done.global_params, want.global_params)
     # its contributions are measured along the step from round 1's recorded model, as the
     # uninterrupted provider's were
-    assert CONFIG.detection.contribution_direction == "last_step"
     again, first = (envelope.verify(d.commits("evaluation")[-1].envelope, d.task.roster).message
                     for d in (driver, straight))  # fmt: skip
     assert again == first

@@ -166,12 +166,12 @@ def test_a_toml_table_is_read_over_the_defaults() -> None:
 
 
 def test_the_contribution_direction_is_read_and_recorded() -> None:
-    assert DEFAULT_DETECTION.contribution_direction == "last_step"
-    table = tomllib.loads('[detection]\ncontribution_direction = "median"\n')
+    assert DEFAULT_DETECTION.contribution_direction == "median"
+    table = tomllib.loads('[detection]\ncontribution_direction = "last_step"\n')
     params = detection_table(table["detection"])
-    assert params.contribution_direction == "median"
+    assert params.contribution_direction == "last_step"
     recorded = TaskParams.from_message(TaskParams(params).to_message())
-    assert recorded.detection.contribution_direction == "median"
+    assert recorded.detection.contribution_direction == "last_step"
 
 
 @pytest.mark.parametrize(
