@@ -44,9 +44,10 @@ CONTRIBUTION_TOLERANCE = typer.Option(
 CONTRIBUTION_DIRECTION = typer.Option(
     Direction(DEFAULTS.contribution_direction),
     help="Not in the paper: what a group's update is projected on to measure its "
-    "contribution: the global model's last step (M_r − M_{r−1}, from recorded models) or "
-    "the median of the round's basic groups' updates (which leans towards the noise in "
-    "them).",
+    "contribution: the median of the round's basic groups' updates (leans towards the "
+    "noise in them, so disguised free-riders pass) or the global model's last step "
+    "(M_r − M_{r−1}, from recorded models: finds them, but reads honest users whose data "
+    "is skewed to a class or two as free-riders; README).",
 )
 MIN_EVIDENCE = typer.Option(
     DEFAULTS.min_evidence,
