@@ -104,6 +104,8 @@ class RefusalReason(StrEnum):
 
 
 def _direction(task: TaskParams | None) -> str:
+    """The task's ``contribution_direction``: what evaluations' contributions are measured
+    along (the median before any task start)."""
     return task.detection.contribution_direction if task is not None else "median"
 
 
@@ -232,7 +234,7 @@ class LedgerState:
             if isinstance(message, Evaluation) and record is not None:
                 gids = {e.gid for e in message.accuracies}
                 needed.add(record.global_blob)
-                if self._direction() == "last_step" and record.previous_global_blob:
+                if _direction(self.task) == "last_step" and record.previous_global_blob:
                     needed.add(record.previous_global_blob)
                 needed |= {d for (gid, _), d in record.upload_blobs if gid in gids}
         return needed | self._seccl_payloads(txs)
@@ -258,10 +260,6 @@ class LedgerState:
                 needed |= seccl.payloads_needed(record, message)
         return needed
 
-    def _direction(self) -> str:
-        """The task's ``contribution_direction`` (what contributions are measured along)."""
-        return _direction(self.task)
-
     def prepare_evaluations(self, txs: Iterable[Transaction]) -> None:
         """Re-derive the numbers of every evaluation among ``txs`` ahead of admission,
         and load the test set a task start names (seconds of work: a ledger node runs
@@ -278,7 +276,7 @@ class LedgerState:
                 if isinstance(message, Evaluation) and record is not None and spec is not None:
                     gids = [e.gid for e in message.accuracies]
                     if {g.gid for g in record.complete_groups()} >= set(gids):
-                        check.numbers(spec, record.recorded(), gids, self._direction())
+                        check.numbers(spec, record.recorded(), gids, _direction(self.task))
             except FairbusError:
                 continue
 
@@ -380,9 +378,6 @@ class Draft:
 
     def round(self, number: int) -> RoundRecord | None:
         return self.rounds.get(number, self.state.rounds.get(number))
-
-    def _direction(self) -> str:
-        return _direction(self.task)
 
     def seccl_round(self, number: int) -> SecclRecord | None:
         return self.seccl_rounds.get(number, self.state.seccl_rounds.get(number))
@@ -683,7 +678,7 @@ class Draft:
             return
         gids = [e.gid for e in message.accuracies]
         try:
-            want = check.numbers(spec, record.recorded(), gids, self._direction())
+            want = check.numbers(spec, record.recorded(), gids, _direction(self.task))
         except PayloadMissingError as exc:
             raise RefusedError(
                 RefusalReason.MISSING_PAYLOAD,

@@ -164,18 +164,17 @@ class EvaluationCheck:
         from fairbus.protocol.user import model_digest
 
         announce = recorded.announce
-        model = self._decoded(recorded.global_blob, "global_model", GlobalModel)
-        if len(model.data) != 4 * model.length or model.length != announce.model_params:
-            raise VerificationError("the round's global model does not fit its announcement")
-        global_params = np.frombuffer(model.data, dtype="<f4").astype(np.float32)
+        misfit = "the round's global model does not fit its announcement"
+        global_params = self._global_params(recorded.global_blob, misfit)
+        if global_params.size != announce.model_params:
+            raise VerificationError(misfit)
         if model_digest(global_params) != announce.model_sha256:
             raise VerificationError("the recorded global model is not the announced one")
         step = None
         if direction == "last_step" and recorded.previous_global_blob:
-            before = self._decoded(recorded.previous_global_blob, "global_model", GlobalModel)
-            if len(before.data) != 4 * before.length:
-                raise VerificationError("the previous round's global model is malformed")
-            step = last_step(global_params, np.frombuffer(before.data, dtype="<f4"))
+            malformed = "the previous round's global model is malformed"
+            before = self._global_params(recorded.previous_global_blob, malformed)
+            step = last_step(global_params, before)
         codec = FixedPointCodec(announce.frac_bits)
         members = {g.gid: g.members for g in announce.groups}
         means: dict[int, npt.NDArray[np.float32]] = {}
@@ -207,6 +206,14 @@ class EvaluationCheck:
             gid: (accuracy, contributions[gid])
             for gid, accuracy in zip(gids, accuracies, strict=True)
         }
+
+    def _global_params(self, digest: bytes, malformed: str) -> npt.NDArray[np.float32]:
+        """A recorded global model's parameters; raises :class:`VerificationError`
+        (``malformed`` where its data is not its length in float32 values)."""
+        model = self._decoded(digest, "global_model", GlobalModel)
+        if len(model.data) != 4 * model.length:
+            raise VerificationError(malformed)
+        return np.frombuffer(model.data, dtype="<f4").astype(np.float32)
 
     def _evaluator(self, spec: EvaluationSpec) -> ExactEvaluator:
         from fairbus.evaluation import ExactEvaluator, QuantizedTestSet

@@ -152,7 +152,8 @@ def test_zero_turns_the_whole_number_extensions_off() -> None:
 
 
 def test_zero_turns_the_relative_tolerance_and_the_weight_floor_off() -> None:
-    assert (DEFAULT_DETECTION.relative_tolerance, DEFAULT_DETECTION.weight_floor) == (0.3, 0.5)
+    on = detection_table({"relative_tolerance": 0.3, "weight_floor": 0.5})
+    assert on == detection_table({})  # omitted, they take these defaults: both on
     params = detection_table({"relative_tolerance": 0, "weight_floor": 0.0})
     assert params.relative_tolerance is None and params.weight_floor is None
     assert detection_table({"weight_floor": 0.4}).weight_floor == 0.4
@@ -166,7 +167,7 @@ def test_a_toml_table_is_read_over_the_defaults() -> None:
 
 
 def test_the_contribution_direction_is_read_and_recorded() -> None:
-    assert DEFAULT_DETECTION.contribution_direction == "median"
+    assert detection_table({"contribution_direction": "median"}) == detection_table({})
     table = tomllib.loads('[detection]\ncontribution_direction = "last_step"\n')
     params = detection_table(table["detection"])
     assert params.contribution_direction == "last_step"
