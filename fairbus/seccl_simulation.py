@@ -65,7 +65,7 @@ from fairbus.simulator import (
 )
 from fairbus.task import TaskParams
 from fairbus.training.attacks import Attack
-from fairbus.training.config import TrainConfig, round_seed, trainer_seed
+from fairbus.training.config import TrainConfig, attack_seed, trainer_seed
 from fairbus.training.data import DATASET_MODELS, Dataset, load_dataset, partition
 from fairbus.training.local import Evaluator, Trainer
 from fairbus.training.models import initial_params
@@ -256,7 +256,7 @@ class SecclSimulation:
         params = attack.local_model(
             effect.global_params,
             self.trainers[user],
-            seed=round_seed(self.config.seed, effect.round),
+            seed=attack_seed(self.config.seed, user, effect.round),
         )
         self._add_time("training", start)
         self._deliver(user, Trained(effect.round, params))

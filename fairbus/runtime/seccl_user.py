@@ -54,7 +54,7 @@ from fairbus.runtime.user import own_share
 from fairbus.seccl import macro_f_score
 from fairbus.seccl_simulation import VALIDATION_SHARE, validation_split
 from fairbus.training.attacks import Attack
-from fairbus.training.config import round_seed, trainer_seed
+from fairbus.training.config import attack_seed, trainer_seed
 
 if TYPE_CHECKING:
     from fairbus.training.local import Evaluator, Trainer
@@ -154,7 +154,7 @@ class SecclUserRuntime(UserParticipant):
 
     def _train(self, effect: Train) -> npt.NDArray[np.float32]:
         assert self._trainer is not None
-        seed = round_seed(self.config.training.seed, effect.round)
+        seed = attack_seed(self.config.training.seed, self.me, effect.round)
         return self.attack.local_model(effect.global_params, self._trainer, seed=seed)
 
     def _evaluate(self, effect: EvaluatePeers) -> dict[int, float]:

@@ -51,7 +51,7 @@ from fairbus.runtime.participant import UserParticipant, route_from_ledger
 from fairbus.runtime.state import state_io
 from fairbus.runtime.user_state import UserState
 from fairbus.training.attacks import Attack
-from fairbus.training.config import round_seed, trainer_seed
+from fairbus.training.config import attack_seed, trainer_seed
 from fairbus.wire.messages import MESSAGE_TYPES
 
 if TYPE_CHECKING:
@@ -199,7 +199,7 @@ class UserRuntime(UserParticipant):
                     self.attack.local_model,
                     effect.global_params,
                     trainer,
-                    seed=round_seed(self.config.training.seed, effect.round),
+                    seed=attack_seed(self.config.training.seed, self.me, effect.round),
                 )
             except Exception:
                 log.exception("user %d: training for round %d failed", self.me, effect.round)

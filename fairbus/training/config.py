@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import math
 import os
 from dataclasses import dataclass, replace
@@ -76,9 +77,14 @@ def trainer_seed(task_seed: int, user: int) -> int:
     return task_seed * 1000 + user
 
 
-def round_seed(task_seed: int, round: int) -> int:
-    """The seed an attack draws its noise from in ``round`` (one definition, as above)."""
-    return task_seed * 7919 + round
+def attack_seed(task_seed: int, user: int, round: int) -> int:
+    """The seed ``user``'s attack draws its noise from in ``round`` (one definition for
+    the simulators and the networked user). Each user draws its own: two disguised
+    free-riders seeded by the round alone uploaded the same noise, which no two real
+    ones would, and their groups' noise then added up where it should average out
+    (issue 13). A hash mixes the three numbers, so no two users or rounds share one."""
+    digest = hashlib.sha256(f"fairbus-attack:{task_seed}:{user}:{round}".encode()).digest()
+    return int.from_bytes(digest[:8], "big")
 
 
 AUTO_WORKERS_FROM = 50

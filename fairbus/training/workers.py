@@ -28,7 +28,7 @@ import numpy.typing as npt
 
 from fairbus.errors import FairbusError
 from fairbus.training.attacks import Attack
-from fairbus.training.config import TrainConfig, round_seed, trainer_seed
+from fairbus.training.config import TrainConfig, attack_seed, trainer_seed
 from fairbus.training.data import Dataset, load_dataset, partition
 from fairbus.training.local import Trainer
 
@@ -87,7 +87,9 @@ class TrainingSpec:
     def run(self, job: TrainingJob, trainer: Trainer) -> Params:
         """The model ``job.user`` uploads: honest training or its attack."""
         attack = self.attacks.get(job.user, Attack())
-        return attack.local_model(job.global_params, trainer, seed=round_seed(self.seed, job.round))
+        return attack.local_model(
+            job.global_params, trainer, seed=attack_seed(self.seed, job.user, job.round)
+        )
 
 
 class LocalTraining(Protocol):
