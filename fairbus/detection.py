@@ -123,6 +123,16 @@ class DetectionParams:
     model by 2/3 of a clean group of three; where contributions scatter around the fit
     by more than that gap, no bar tells the two apart, and honest groups fail by chance:
     over 50 rounds, once the model has converged, often enough to convict (issue 13)."""
+    suspect_weight: float | None = None
+    """Not in the paper (None = key users by score alone, line 21): with
+    ``contribution_tolerance`` and ``level_rounds``, once there are key users (τ ≥
+    bound_score), a user whose fitted weight θ (:func:`fit_contributions`) is below this
+    becomes a key user whatever its score, where the fit is sharp enough to be believed
+    (:func:`suspects`). Such a user is convicted only as every key user is (lines
+    25-29): by its own focus groups. A free-rider in a basic group of four moves it by
+    3/4 of a clean one, within the contribution bar; with one failed focus group a round
+    its score climbs above key_score and it leaves the key users for good while the fit
+    still reads θ ≈ 0.1 (issue 13: a disguised free-rider was never excluded)."""
     contribution_direction: str = "median"
     """Not in the paper (:data:`DIRECTIONS`; "median" = as first built): what a group's
     update is projected on to measure its contribution (:func:`group_contributions`).
@@ -164,7 +174,7 @@ class DetectionParams:
             raise DetectionError(f"contribution_tolerance must be in [0, 1), got {tol}")
         if self.key_score is not None and not 0 <= self.key_score <= 1:
             raise DetectionError(f"key_score must be in [0, 1], got {self.key_score}")
-        for name in ("relative_tolerance", "weight_floor"):
+        for name in ("relative_tolerance", "weight_floor", "suspect_weight"):
             value = getattr(self, name)
             if value is not None and not 0 <= value <= 1:
                 raise DetectionError(f"{name} must be in [0, 1], got {value}")
@@ -312,10 +322,13 @@ def detect(
     key_bar = tau - params.bound_score
     if params.key_score is not None and key_bar >= 0:
         key_bar = params.key_score
-    new_key_users = {u for u, a in assessments.items() if a.score < key_bar}
+    scoring_low = {u for u, a in assessments.items() if a.score < key_bar}
+    new_key_users = set(scoring_low)
+    if tau - params.bound_score >= 0:
+        new_key_users |= suspects(grouping, params, window) & set(assessments)
     # Lines 25-29: a key user who stays a key user with a narrow interval is a violator.
     violators = set()
-    for user in sorted(new_key_users):
+    for user in sorted(scoring_low):
         a = assessments[user]
         if (
             user in key_users
@@ -440,6 +453,30 @@ def _excused_groups(
         for g in grouping.focus
         if g.focus is not None and weights.get(g.focus, -math.inf) >= floor
     )
+
+
+def suspects(
+    grouping: Grouping, params: DetectionParams, window: Sequence[RoundContributions]
+) -> frozenset[int]:
+    """The users that ``suspect_weight`` makes key users: those whose fitted weight θ, to
+    :data:`LEVEL_DIGITS` significant digits, is below it. Only where the fit is sharp:
+    more groups in the window than the fit has unknowns (a weight per user and a level
+    per round; with fewer it fits anything exactly), and this round's relative residual
+    below ``contribution_tolerance``, the shortfall the contribution test looks for."""
+    floor, tol = params.suspect_weight, params.contribution_tolerance
+    if floor is None or tol is None or not window:
+        return frozenset()
+    fit = fit_contributions(window)
+    if fit is None or not fit.noise:
+        return frozenset()
+    equations = sum(len(r.groups) for r in window)
+    if equations <= len(fit.weights) + len(window):
+        return frozenset()
+    noise = fit.noise[-1]
+    if not (math.isfinite(noise) and float(f"{noise:.{LEVEL_DIGITS}g}") < tol):
+        return frozenset()
+    weights = {u: float(f"{w:.{LEVEL_DIGITS}g}") for u, w in fit.weights.items()}
+    return frozenset(u for u in grouping.users if weights.get(u, math.inf) < floor)
 
 
 def yardstick(

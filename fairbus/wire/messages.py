@@ -361,6 +361,7 @@ class DetectionPolicy(WireStruct):
     level_rounds: int | None
     noise_widening: float | None
     noise_ceiling: float | None
+    suspect_weight: float | None
     contribution_direction: str
     FIELDS: ClassVar[dict[str, Spec]] = {
         "bound_score": Float(0.0, 1.0),
@@ -378,6 +379,7 @@ class DetectionPolicy(WireStruct):
         "level_rounds": Optional(Int(1, MAX_POLICY_ROUNDS)),
         "noise_widening": Optional(Float(0.0, 10.0)),
         "noise_ceiling": Optional(Float(0.0, 10.0)),
+        "suspect_weight": Optional(Float(0.0, 1.0)),
         "contribution_direction": Str(max_len=16),
     }
 
