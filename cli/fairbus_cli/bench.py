@@ -251,6 +251,7 @@ def detection_bench(
     key_evidence_only: bool = options.KEY_EVIDENCE_ONLY,
     contribution_direction: options.Direction = options.CONTRIBUTION_DIRECTION,
     noise_ceiling: float = options.NOISE_CEILING,
+    suspect_weight: float = options.SUSPECT_WEIGHT,
     key_repeats: int = typer.Option(
         DEFAULTS.key_repeats, help="Most focus groups per key user (KIN)."
     ),
@@ -301,6 +302,7 @@ def detection_bench(
         key_evidence_only,
         contribution_direction,
         noise_ceiling,
+        suspect_weight,
     )
     from fairbus.bench import detection
 

@@ -99,6 +99,12 @@ NOISE_CEILING = typer.Option(
     "relative residual is above this (there a free-rider's group cannot be told from a "
     "clean one); negative turns it off.",
 )
+SUSPECT_WEIGHT = typer.Option(
+    _negative_if_off(DEFAULTS.suspect_weight),
+    help="Not in the paper: a user whose fitted weight θ is below this becomes a key user "
+    "whatever its score, where the fit is sharp (residual below the contribution "
+    "tolerance); only its own focus groups can convict it. Negative turns it off.",
+)
 LEVEL_ROUNDS = typer.Option(
     DEFAULTS.level_rounds or 0,
     help="Not in the paper: compare a group's contribution with the clean level fitted by "
@@ -122,6 +128,7 @@ def detection_params(
     key_evidence_only: bool,
     contribution_direction: Direction,
     noise_ceiling: float,
+    suspect_weight: float,
 ) -> DetectionParams:
     """The options as :class:`DetectionParams`; a negative (or for the two whole-number
     extensions, zero) value means off."""
@@ -141,4 +148,5 @@ def detection_params(
         key_evidence_only=key_evidence_only,
         contribution_direction=contribution_direction.value,
         noise_ceiling=_off_if_negative(noise_ceiling),
+        suspect_weight=_off_if_negative(suspect_weight),
     )

@@ -106,6 +106,7 @@ def simulate(
     key_evidence_only: bool = options.KEY_EVIDENCE_ONLY,
     contribution_direction: options.Direction = options.CONTRIBUTION_DIRECTION,
     noise_ceiling: float = options.NOISE_CEILING,
+    suspect_weight: float = options.SUSPECT_WEIGHT,
     undefended: bool = typer.Option(False, help="Plain FedAvg: no detection, no exclusion."),
     local_epochs: int = typer.Option(TrainConfig.local_epochs, help="Local epochs per round."),
     local_steps: int | None = typer.Option(
@@ -228,6 +229,7 @@ def simulate(
                 key_evidence_only,
                 contribution_direction,
                 noise_ceiling,
+                suspect_weight,
             ),
             defended=not undefended,
             seed=seed,

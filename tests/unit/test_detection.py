@@ -15,6 +15,7 @@ from fairbus.detection import (
     detect,
     fit_contributions,
     group_contributions,
+    suspects,
 )
 from fairbus.errors import DetectionError
 from fairbus.grouping import BASIC, FOCUS, Group, Grouping
@@ -578,3 +579,70 @@ def test_the_fit_does_not_depend_on_the_sign_lapack_gives_a_singular_vector(
     monkeypatch.setattr(np.linalg, "svd", flipped)
     detection_module._fit.cache_clear()  # the fit is kept per window
     assert fit_contributions(rounds, iterations=3) == as_given
+
+
+def _suspect_round(
+    weights: dict[int, float], key_users: frozenset[int] = frozenset()
+) -> tuple[Grouping, dict[int, float], dict[int, float]]:
+    """NINE_B as basic groups (and a focus group for user 5 where it is a key user), every
+    group accurate, contributions exactly L · mean θ at L = 2."""
+    groups = [Group(k, BASIC, m) for k, m in enumerate(NINE_B)]
+    if key_users:
+        groups.append(Group(6, FOCUS, (1, 2, 5), focus=5))
+    contributions = {g.gid: 2.0 * sum(weights[u] for u in g.members) / 3 for g in groups}
+    grouping = Grouping(tuple(groups), key_users, key_repeats=1, basic_groupings=1)
+    return grouping, dict.fromkeys(contributions, 0.9), contributions
+
+
+def test_suspect_weight_keeps_a_user_the_sharp_fit_weighs_low_among_the_key_users() -> None:
+    # User 5 moves the model by 0.45 of an honest user: each of its groups reads
+    # (2 + 0.45) / 3 ≈ 0.82 of a clean one, above the 0.8 bar, so its score is 1 and
+    # line 21 never makes it a key user. The fit over three rounds sees θ_5 = 0.45.
+    weights = {u: 1.0 for u in range(1, 10)} | {5: 0.45}
+    history = (_contributions(NINE_A, weights, 2.0), _contributions(NINE_C, weights, 3.0))
+    grouping, acc, contributions = _suspect_round(weights)
+    base = DetectionParams(
+        bound_score=0.3, bound_conf=0.5, tolerance=0.05, contribution_tolerance=0.2,
+        level_rounds=3, key_score=0.3,
+    )  # fmt: skip
+    plain = detect(grouping, acc, base, contributions, history=history)
+    assert plain.assessments[5].score == 1.0 and not plain.new_key_users
+    suspecting = replace(base, suspect_weight=0.5)
+    result = detect(grouping, acc, suspecting, contributions, history=history)
+    assert result.new_key_users == {5} and not result.violators
+    assert not detect(grouping, acc, replace(base, suspect_weight=0.4), contributions,
+                      history=history).new_key_users  # fmt: skip
+    this = _contributions(NINE_B, weights, 2.0)
+    assert suspects(grouping, suspecting, (*history, this)) == {5}
+    # one round alone has fewer groups (6) than unknowns (9 weights, 1 level): none
+    assert not suspects(grouping, suspecting, (this,))
+    # and only where this round's contributions sit closer to the fit than the bar
+    scattered = RoundContributions(
+        this.groups, (*this.contributions[:5], 0.2 * this.contributions[5]), this.accuracies
+    )
+    fit = fit_contributions((*history, scattered))
+    assert fit is not None and 0.1 < fit.noise[-1] < 0.2 and fit.weights[5] < 0.5
+    assert 5 in suspects(grouping, suspecting, (*history, scattered))
+    stricter = replace(suspecting, contribution_tolerance=0.1)
+    assert not suspects(grouping, stricter, (*history, scattered))
+
+
+def test_a_suspect_whose_focus_groups_score_stays_a_key_user_but_is_not_convicted() -> None:
+    # Line 25 convicts a key user that stays a key user with a narrow interval. A user
+    # kept among the key users by its weight alone has not failed anything: its focus
+    # group scores (carried 1, 1 and now 1: an interval of width 0), and it is not a
+    # violator, only a key user again.
+    weights = {u: 1.0 for u in range(1, 10)} | {5: 0.45}
+    history = (_contributions(NINE_A, weights, 2.0), _contributions(NINE_C, weights, 3.0))
+    grouping, acc, contributions = _suspect_round(weights, key_users=frozenset({5}))
+    params = DetectionParams(
+        bound_score=0.3, bound_conf=0.5, tolerance=0.05, contribution_tolerance=0.2,
+        level_rounds=3, key_score=0.3, carry_evidence=True, suspect_weight=0.5,
+    )  # fmt: skip
+    result = detect(grouping, acc, params, contributions, {5: (1.0, 1.0)}, history)
+    assert result.evidence[5] == (1.0, 1.0, 1.0)
+    assert result.new_key_users == {5} and not result.violators
+    # its groups fall below τ (basic groups 0 and 5 hold it): now its score convicts it
+    failing = dict(acc) | {0: 0.5, 5: 0.5, 6: 0.5}
+    convicted = detect(grouping, failing, params, contributions, {5: (0.0, 0.0)}, history)
+    assert convicted.violators == {5}

@@ -175,6 +175,15 @@ def test_the_contribution_direction_is_read_and_recorded() -> None:
     assert recorded.detection.contribution_direction == "last_step"
 
 
+def test_the_suspect_weight_is_read_recorded_and_turned_off_by_zero() -> None:
+    params = detection_table({"suspect_weight": 0.5})
+    recorded = TaskParams.from_message(TaskParams(params).to_message())
+    assert recorded.detection.suspect_weight == 0.5
+    assert detection_table({"suspect_weight": 0}).suspect_weight is None
+    with pytest.raises(FairbusError, match="suspect_weight"):
+        detection_table({"suspect_weight": 1.5})
+
+
 @pytest.mark.parametrize(
     ("table", "complaint"),
     [
