@@ -3,9 +3,8 @@ gives, bit for bit, and a worker's failure stops the simulation with a fairbus e
 
 from __future__ import annotations
 
-from dataclasses import replace
-
 from collections.abc import Iterator
+from dataclasses import replace
 
 import numpy as np
 import pytest
