@@ -625,6 +625,14 @@ def test_suspect_weight_keeps_a_user_the_sharp_fit_weighs_low_among_the_key_user
     assert 5 in suspects(grouping, suspecting, (*history, scattered))
     stricter = replace(suspecting, contribution_tolerance=0.1)
     assert not suspects(grouping, stricter, (*history, scattered))
+    # and in every round of the window: here an earlier round strays (one group turned)
+    earlier = history[1]
+    turned = RoundContributions(
+        earlier.groups, (*earlier.contributions[:5], -earlier.contributions[5]), earlier.accuracies
+    )
+    fit = fit_contributions((history[0], turned, this))
+    assert fit is not None and fit.noise[-1] < 0.2 < fit.noise[1] and fit.weights[5] < 0.5
+    assert not suspects(grouping, suspecting, (history[0], turned, this))
 
 
 def test_a_suspect_whose_focus_groups_score_stays_a_key_user_but_is_not_convicted() -> None:
