@@ -461,12 +461,16 @@ def suspects(
     """The users that ``suspect_weight`` makes key users: those whose fitted weight θ, to
     :data:`LEVEL_DIGITS` significant digits, is below it. Only where the fit is sharp:
     more groups in the window than the fit has unknowns (a weight per user and a level
-    per round; with fewer it fits anything exactly), and every round's relative residual
-    below ``contribution_tolerance``, the shortfall the contribution test looks for. One
-    weight per user holds only while users move the model the same way round after
-    round: where poisoners turned the median round (residual 0.15-0.5) the fit of the
-    rounds after their exclusion still weighed two honest users at 0.1-0.45, and made
-    violators of them (issue 13: poison ×3, seed 4)."""
+    per round; with fewer it fits anything exactly), and the relative residual of every
+    round in which the model had learnt below ``contribution_tolerance``, the shortfall
+    the contribution test looks for. One weight per user holds only while users move the
+    model the same way round after round: where poisoners turned the median round
+    (residual 0.15-0.5) the fit of the rounds after their exclusion still weighed two
+    honest users at 0.1-0.45, and made violators of them (issue 13: poison ×3, seed 4).
+    A round whose groups' mean accuracy is below ``bound_score`` (at chance: Alg. 6 makes
+    no key users there either) is not held against the fit: there every update is mostly
+    noise, its residual was 0.25-0.3, and it kept a free-rider the fit weighed at -0.1
+    out of the key users for the eight rounds of the window (IID 2+2, seed 8)."""
     floor, tol = params.suspect_weight, params.contribution_tolerance
     if floor is None or tol is None or not window:
         return frozenset()
@@ -476,7 +480,12 @@ def suspects(
     equations = sum(len(r.groups) for r in window)
     if equations <= len(fit.weights) + len(window):
         return frozenset()
-    if not all(math.isfinite(n) and float(f"{n:.{LEVEL_DIGITS}g}") < tol for n in fit.noise):
+    learnt = [
+        noise
+        for r, noise in zip(window, fit.noise, strict=True)
+        if sum(r.accuracies) / len(r.accuracies) >= params.bound_score
+    ]
+    if not all(math.isfinite(n) and float(f"{n:.{LEVEL_DIGITS}g}") < tol for n in learnt):
         return frozenset()
     weights = {u: float(f"{w:.{LEVEL_DIGITS}g}") for u, w in fit.weights.items()}
     return frozenset(u for u in grouping.users if weights.get(u, math.inf) < floor)

@@ -633,6 +633,17 @@ def test_suspect_weight_keeps_a_user_the_sharp_fit_weighs_low_among_the_key_user
     fit = fit_contributions((history[0], turned, this))
     assert fit is not None and fit.noise[-1] < 0.2 < fit.noise[1] and fit.weights[5] < 0.5
     assert not suspects(grouping, suspecting, (history[0], turned, this))
+    # A round that strays by a repeated group read once high, once low: θ stays exact.
+    first, group, c = history[0], history[0].groups[0], history[0].contributions[0]
+    strays = RoundContributions(
+        (*first.groups, group), (1.5 * c, *first.contributions[1:], 0.5 * c), (0.6,) * 7
+    )
+    fit = fit_contributions((strays, history[1], this))
+    assert fit is not None and fit.noise[0] > 0.2 and fit.weights[5] == pytest.approx(0.45)
+    assert not suspects(grouping, suspecting, (strays, history[1], this))
+    # It is not held against the fit where the model had not learnt (at chance, < 0.3).
+    at_chance = RoundContributions(strays.groups, strays.contributions, (0.1,) * 7)
+    assert suspects(grouping, suspecting, (at_chance, history[1], this)) == {5}
 
 
 def test_a_suspect_whose_focus_groups_score_stays_a_key_user_but_is_not_convicted() -> None:
