@@ -81,6 +81,10 @@ DEFAULT_DETECTION = DetectionParams(
     # honest users whose data is skewed towards a class or two as free-riders (README,
     # "Contributions along the last step"): the median stays the default.
     contribution_direction="median",
+    # Issue 13: keeping users the contribution fit weighs low among the key users
+    # (`suspect_weight`) finds every disguised free-rider, but near convergence the fit
+    # weighs honest users low too (README, "fifth change"): off.
+    suspect_weight=None,
 )
 """The task's Algorithm 6 policy unless its configuration says otherwise (the extensions
 are described in the README; ``DetectionParams()`` is the paper's function as written)."""
