@@ -329,7 +329,7 @@ def detect(
     scoring_low = {u for u, a in assessments.items() if a.score < key_bar}
     new_key_users = set(scoring_low)
     if tau - params.bound_score >= 0:
-        new_key_users |= suspects(grouping, params, window) & set(assessments)
+        new_key_users |= suspects(grouping, params, window)
     # Lines 25-29: a key user who stays a key user with a narrow interval is a violator.
     violators = set()
     for user in sorted(scoring_low):

@@ -82,7 +82,7 @@ def attack_seed(task_seed: int, user: int, round: int) -> int:
     the simulators and the networked user). Each user draws its own: two disguised
     free-riders seeded by the round alone uploaded the same noise, which no two real
     ones would, and their groups' noise then added up where it should average out
-    (issue 13). A hash mixes the three numbers, so no two users or rounds share one."""
+    (issue 13). SHA-256 mixes the three numbers into 64 bits."""
     digest = hashlib.sha256(f"fairbus-attack:{task_seed}:{user}:{round}".encode()).digest()
     return int.from_bytes(digest[:8], "big")
 
