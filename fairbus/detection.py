@@ -324,11 +324,12 @@ def detect(
 
     # Lines 21-24: users scoring below τ − bound_score become key users.
     key_bar = tau - params.bound_score
-    if params.key_score is not None and key_bar >= 0:
+    learnt = key_bar >= 0
+    if params.key_score is not None and learnt:
         key_bar = params.key_score
     scoring_low = {u for u, a in assessments.items() if a.score < key_bar}
     new_key_users = set(scoring_low)
-    if tau - params.bound_score >= 0:
+    if learnt:
         new_key_users |= suspects(grouping, params, window)
     # Lines 25-29: a key user who stays a key user with a narrow interval is a violator.
     violators = set()
@@ -407,11 +408,11 @@ def _contribution_shortfall(
     if not math.isfinite(fit.noise[-1]):
         return None if ceiling is not None else tol
     noise = fit.noise[-1]
-    if ceiling is not None and float(f"{noise:.{LEVEL_DIGITS}g}") > ceiling:
+    if ceiling is not None and _significant(noise) > ceiling:
         return None
     if widening is None:
         return tol
-    return max(tol, float(f"{widening * noise:.{LEVEL_DIGITS}g}"))
+    return max(tol, _significant(widening * noise))
 
 
 def _group_scorer(
@@ -451,7 +452,7 @@ def _excused_groups(
     fit = fit_contributions(window)
     if fit is None:
         return frozenset()
-    weights = {u: float(f"{w:.{LEVEL_DIGITS}g}") for u, w in fit.weights.items()}
+    weights = {u: _significant(w) for u, w in fit.weights.items()}
     return frozenset(
         g.gid
         for g in grouping.focus
@@ -489,9 +490,9 @@ def suspects(
         for r, noise in zip(window, fit.noise, strict=True)
         if sum(r.accuracies) / len(r.accuracies) >= params.bound_score
     ]
-    if not all(math.isfinite(n) and float(f"{n:.{LEVEL_DIGITS}g}") < tol for n in learnt):
+    if not all(math.isfinite(n) and _significant(n) < tol for n in learnt):
         return frozenset()
-    weights = {u: float(f"{w:.{LEVEL_DIGITS}g}") for u, w in fit.weights.items()}
+    weights = {u: _significant(w) for u, w in fit.weights.items()}
     return frozenset(u for u in grouping.users if weights.get(u, math.inf) < floor)
 
 
@@ -541,9 +542,11 @@ def group_contributions(
         raise DetectionError("contributions need at least one basic group")
     direction: npt.NDArray[np.float64] | None = None
     if last_step is not None:
-        size = updates[basic[0]].size
-        if last_step.shape != updates[basic[0]].shape:
-            raise DetectionError(f"the last step has {last_step.size} values, the updates {size}")
+        first = updates[basic[0]]
+        if last_step.shape != first.shape:
+            raise DetectionError(
+                f"the last step has {last_step.size} values, the updates {first.size}"
+            )
         step_length = math.sqrt(_exact_sum(np.square(last_step)))
         if step_length > 0.0 and math.isfinite(step_length):
             direction = np.array(last_step, dtype=np.float64)
@@ -614,6 +617,12 @@ ledger re-derives every decision (a group would score differently only within 1e
 the bar)."""
 
 
+def _significant(value: float) -> float:
+    """``value`` to :data:`LEVEL_DIGITS` significant digits (what every comparison of a
+    fitted number with a bar or a floor takes)."""
+    return float(f"{value:.{LEVEL_DIGITS}g}")
+
+
 def clean_level(rounds: Sequence[RoundContributions]) -> float | None:
     """The contribution a group of users who all trained honestly has in the last of
     ``rounds`` (:func:`fit_contributions`), to :data:`LEVEL_DIGITS` significant digits;
@@ -622,7 +631,7 @@ def clean_level(rounds: Sequence[RoundContributions]) -> float | None:
     if fit is None:
         return None
     level = fit.levels[-1]
-    return float(f"{level:.{LEVEL_DIGITS}g}")
+    return _significant(level)
 
 
 def fit_contributions(
