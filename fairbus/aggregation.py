@@ -38,6 +38,9 @@ class GroupModel:
     """Its :func:`fairbus.detection.group_contributions` value, where known."""
     accuracy: float | None = None
     """acc(m_g) of Alg. 6, line 6 (the exact evaluation), where known."""
+    rank: float | None = None
+    """The true class's mean rank on the test set (the exact evaluation), where known:
+    0 for a model right everywhere, about 4.5 for a guess among 10 classes."""
 
 
 class AggregationStrategy(Protocol):
@@ -77,8 +80,20 @@ class CleanGroupAverage:
     of which may hold an attacker), and a group holding a poisoner that scored by chance
     set the model back: with three poisoners and three free-riders among nine it stayed
     at chance in most runs. Honest groups, skewed data included, gain far more than half
-    of the best group's gain, so every one of them counts. The policy is the provider's:
-    the ledger records the global model, it does not re-derive it.
+    of the best group's gain, so every one of them counts.
+
+    Nor is this (issue 13): while even the most accurate clean group is within
+    ``rank_margin`` of ``chance``, the clean group that ranks the true class highest
+    (the lowest mean rank, recorded with each evaluation) moves the model alone. There
+    accuracy cannot tell groups apart: with three poisoners among nine users every group
+    model classifies at chance for rounds, the all-honest one too, and the accuracy path
+    takes groups holding poisoners as often as not. The rank still orders them by how
+    many honest members they hold (README, "Issue 13, fifth change"), so the model
+    leaves chance, and once it has, the accuracy path decides as before.
+
+    The policy is the provider's: the ledger records the global model, it does not
+    re-derive it. Every number it reads is on the ledger, so a restored provider redoes
+    the same aggregation from the records.
     """
 
     secure: ClassVar[bool] = True
@@ -88,6 +103,9 @@ class CleanGroupAverage:
     chance: float = 0.1
     """The accuracy of a guess: one over the classes (10 in every data set fairbus reads:
     digits, MNIST, CIFAR-10)."""
+    rank_margin: float | None = 0.3
+    """Above ``chance`` by less than this, the best clean group's accuracy is at chance
+    and the rank chooses (None: never)."""
 
     def __post_init__(self) -> None:
         gain = self.accuracy_gain
@@ -95,6 +113,9 @@ class CleanGroupAverage:
             raise FairbusError(f"accuracy_gain must be in [0, 1], got {gain}")
         if not 0.0 <= self.chance < 1.0:
             raise FairbusError(f"chance must be in [0, 1), got {self.chance}")
+        margin = self.rank_margin
+        if margin is not None and not 0.0 <= margin <= 1.0:
+            raise FairbusError(f"rank_margin must be in [0, 1], got {margin}")
 
     def aggregate(
         self,
@@ -110,11 +131,26 @@ class CleanGroupAverage:
             # start the next round again, whose sums then count with this round's in the
             # exposure check (issue 12, item 5), and often no grouping would pass.
             clean = [g for g in groups if not bad.intersection(g.members)]
+        ranked = self._best_ranked_at_chance(clean)
+        if ranked is not None:
+            return _size_weighted_mean(current, [ranked])
         clean = self._most_accurate(clean)
         scored = [g for g in clean if g.scored]
         if not scored and clean and all(g.contribution is not None for g in clean):
             scored = [max(clean, key=lambda g: (g.contribution or 0.0, -g.gid))]
         return _size_weighted_mean(current, scored or clean)
+
+    def _best_ranked_at_chance(self, clean: list[GroupModel]) -> GroupModel | None:
+        """The clean group with the lowest mean rank (the lowest id among equals) where
+        every clean group's accuracy is below ``chance + rank_margin``; None where any
+        is not, or an accuracy or a rank is missing."""
+        if self.rank_margin is None or not clean:
+            return None
+        if any(g.accuracy is None or g.rank is None for g in clean):
+            return None
+        if max(g.accuracy or 0.0 for g in clean) >= self.chance + self.rank_margin:
+            return None
+        return min(clean, key=lambda g: (g.rank or 0.0, g.gid))
 
     def _most_accurate(self, clean: list[GroupModel]) -> list[GroupModel]:
         """The groups that gained at least ``accuracy_gain`` of the best one's gain over

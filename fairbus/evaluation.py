@@ -15,10 +15,19 @@ model runs in fixed point, in integers that float64 holds exactly:
   below 2^53, so every addition is exact whatever order BLAS picks, then the result is
   rescaled by a power of two and floored (exact), and clamped to ``ACT_LIMIT``;
 * ReLU, max pooling and flattening only move or compare integers;
-* a round's group models are evaluated together (:meth:`ExactEvaluator.corrects`, issue
+* a round's group models are evaluated together (:meth:`ExactEvaluator.scores`, issue
   16, item 3), which changes no integer, hence no count;
 * the predicted class is the first largest logit (numpy's ``argmax``), compared with the
-  label; accuracy is ``correct / samples``, one correctly rounded division.
+  label; accuracy is ``correct / samples``, one correctly rounded division;
+* the true class's rank is the number of logits strictly above the true class's logit
+  (0 when it is predicted, ties never count against it), summed over the test set as an
+  integer; the mean rank is ``rank_sum / samples``, one correctly rounded division.
+
+The rank is not in the paper either. It says how far a model is from right where the
+accuracy cannot: with three poisoners among nine users every group model classifies
+at chance for rounds, yet the groups with more honest members rank the true class
+higher (README, "Issue 13, fifth change"), and the aggregation chooses by it there
+(:class:`~fairbus.aggregation.CleanGroupAverage`, ``rank_margin``).
 
 Not in the paper: it evaluates with whatever arithmetic the provider likes, because
 there nobody checks. No library computes a CNN in exact integer arithmetic at this speed
@@ -76,6 +85,29 @@ class EvaluationError(FairbusError):
 
 
 @dataclass(frozen=True)
+class ExactScore:
+    """One model on the test set, in integers: ``correct`` samples classified right and
+    ``rank_sum``, the true class's rank (logits strictly above it) summed over the
+    ``samples``. A model holding NaN or infinity gets 0 right and the worst rank,
+    ``classes - 1``, for every sample."""
+
+    correct: int
+    rank_sum: int
+    samples: int
+
+    @property
+    def accuracy(self) -> float:
+        """correct / samples."""
+        return self.correct / self.samples
+
+    @property
+    def mean_rank(self) -> float:
+        """rank_sum / samples: 0.0 for a model right everywhere, about (classes - 1) / 2
+        for a guess."""
+        return self.rank_sum / self.samples
+
+
+@dataclass(frozen=True)
 class QuantizedTestSet:
     """The task's test set as the exact evaluation reads it: ``inputs`` (N, C, H, W)
     integers in [0, INPUT_MAX] (as float64, exact), ``labels`` (N,) int64."""
@@ -129,13 +161,14 @@ class QuantizedTestSet:
 
 
 class ExactEvaluator:
-    """``corrects(models)``: how many test samples each model classifies right, exactly,
-    for models given as flat parameters (float32, in ``model.parameters()`` order);
+    """``scores(models)``: how many test samples each model classifies right and how its
+    true class ranks, exactly (:class:`ExactScore`), for models given as flat parameters
+    (float32, in ``model.parameters()`` order); ``corrects`` and ``accuracies`` of them,
     ``correct(params)`` and ``accuracy(params)`` for one model.
 
     Batched (issue 16, item 3): the provider and every ledger node evaluate a round's G
     group models (about 2n/3 + focus + reference groups; 8 at 9 users) on the same test
-    set, so :meth:`corrects` runs them together (:func:`_forward_many`): the first
+    set, so :meth:`scores` runs them together (:func:`_forward_many`): the first
     layer's im2col of the test set is the same for every model, computed once (kept
     while it fits ``FIRST_COLS_BYTES``) and multiplied by the G models' first-layer
     weights stacked in one matrix product; every later layer is one batched matrix
@@ -151,8 +184,8 @@ class ExactEvaluator:
     count, included); the rescaling by 2^-WEIGHT_FRAC_BITS and the floor are exact;
     clamping, ReLU and max pooling compare integers, and the layouts only move them. So
     each model's logits are the very integers its own pass gives
-    (:meth:`correct_unbatched`, the reference the tests compare with), and its count is
-    too."""
+    (:meth:`score_unbatched`, the reference the tests compare with), and so are its
+    count and its rank sum."""
 
     def __init__(self, model_name: str, test_set: QuantizedTestSet) -> None:
         from fairbus.training.models import build_model, count_parameters
@@ -189,48 +222,60 @@ class ExactEvaluator:
         return self.correct(params) / len(self.test_set)
 
     def accuracies(self, models: Sequence[npt.NDArray[np.float32]]) -> list[float]:
-        """:meth:`accuracy` of each model, evaluated together (:meth:`corrects`)."""
-        return [right / len(self.test_set) for right in self.corrects(models)]
+        """:meth:`accuracy` of each model, evaluated together (:meth:`scores`)."""
+        return [score.accuracy for score in self.scores(models)]
 
     def correct(self, params: npt.NDArray[np.float32]) -> int:
-        """The count for one model (:meth:`corrects` of one)."""
-        return self.corrects([params])[0]
+        """The count for one model (:meth:`scores` of one)."""
+        return self.scores([params])[0].correct
 
     def corrects(self, models: Sequence[npt.NDArray[np.float32]]) -> list[int]:
-        """Each model's count of correctly classified test samples, in order (0 for a
-        model holding NaN or infinity; ``[]`` for no model)."""
+        """Each model's count of correctly classified test samples (:meth:`scores`)."""
+        return [score.correct for score in self.scores(models)]
+
+    def scores(self, models: Sequence[npt.NDArray[np.float32]]) -> list[ExactScore]:
+        """Each model's :class:`ExactScore`, in order, the models evaluated together
+        (``[]`` for no model)."""
         flats = [self._checked(params) for params in models]
-        counts = [0] * len(flats)
+        samples = len(self.test_set)
+        worst = ExactScore(0, samples * (self.test_set.classes - 1), samples)
+        scores = [worst] * len(flats)
         finite = [k for k, flat in enumerate(flats) if np.isfinite(flat).all()]
-        if not finite:
-            return counts
         per_pass = max(1, WORK_BYTES // (MIN_CHUNK * self._sample_bytes))
         for start in range(0, len(finite), per_pass):
             batch = finite[start : start + per_pass]
             quantized = [_quantized_weights(flats[k].astype(np.float64), self.layers)
                          for k in batch]  # fmt: skip
-            for k, right in zip(batch, self._corrects_of(quantized), strict=True):
-                counts[k] = right
-        return counts
+            for k, score in zip(batch, self._scores_of(quantized), strict=True):
+                scores[k] = score
+        return scores
 
     def correct_unbatched(self, params: npt.NDArray[np.float32]) -> int:
-        """The count for one model by its own pass (NCHW, ``torch.nn.functional.unfold``,
-        ``BATCH`` samples at a time): the reference :meth:`corrects` equals."""
+        """The count for one model by its own pass (:meth:`score_unbatched`)."""
+        return self.score_unbatched(params).correct
+
+    def score_unbatched(self, params: npt.NDArray[np.float32]) -> ExactScore:
+        """The score of one model by its own pass (NCHW, ``torch.nn.functional.unfold``,
+        ``BATCH`` samples at a time): the reference :meth:`scores` equals."""
         import torch
 
         flat = self._checked(params)
+        samples = len(self.test_set)
         if not np.isfinite(flat).all():
-            return 0
+            return ExactScore(0, samples * (self.test_set.classes - 1), samples)
         weights = _quantized_weights(flat.astype(np.float64), self.layers)
-        right = 0
+        right = ranks = 0
         x_all = self.test_set.inputs
         y_all = self.test_set.labels
         with torch.no_grad():
             for start in range(0, len(y_all), BATCH):
                 x = torch.from_numpy(x_all[start : start + BATCH])
                 logits = _forward(x, self.layers, weights).numpy()
-                right += int((logits.argmax(axis=1) == y_all[start : start + BATCH]).sum())
-        return right
+                labels = y_all[start : start + BATCH]
+                right += int((logits.argmax(axis=1) == labels).sum())
+                truth = np.take_along_axis(logits, labels[:, None], axis=1)
+                ranks += int((logits > truth).sum())
+        return ExactScore(right, ranks, samples)
 
     def _checked(self, params: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
         flat = np.asarray(params)
@@ -238,8 +283,8 @@ class ExactEvaluator:
             raise EvaluationError(f"{self.model_name} has {self.size} parameters, got {flat.shape}")
         return flat
 
-    def _corrects_of(self, quantized: list[_Weights]) -> list[int]:
-        """The counts of models (at most one pass's worth), chunk by chunk of samples."""
+    def _scores_of(self, quantized: list[_Weights]) -> list[ExactScore]:
+        """The scores of models (at most one pass's worth), chunk by chunk of samples."""
         import torch
 
         stacked = _stacked(quantized, self.layers)
@@ -249,6 +294,7 @@ class ExactEvaluator:
         first = self._first_layer_cols()
         scratch = _Scratch()
         right = np.zeros(len(quantized), dtype=np.int64)
+        ranks = np.zeros(len(quantized), dtype=np.int64)
         with torch.no_grad():
             for start in range(0, len(y_all), chunk):
                 x = torch.from_numpy(x_all[start : start + chunk])
@@ -259,7 +305,10 @@ class ExactEvaluator:
                 logits = _forward_many(x, self.layers, stacked, cols, scratch).numpy()
                 labels = y_all[start : start + chunk]
                 right += (logits.argmax(axis=2) == labels).sum(axis=1)
-        return [int(r) for r in right]
+                truth = np.take_along_axis(logits, labels[None, :, None], axis=2)
+                ranks += (logits > truth).sum(axis=(1, 2))
+        samples = len(y_all)
+        return [ExactScore(int(r), int(k), samples) for r, k in zip(right, ranks, strict=True)]
 
     def _first_layer_cols(self) -> torch.Tensor | None:
         """The im2col of the whole test set for a first layer that is a convolution

@@ -398,19 +398,20 @@ class Simulation:
 
     def _evaluate_pending(self) -> None:
         """The group models the provider asked for since the last time, evaluated in one
-        batched pass (``ExactEvaluator.corrects``, issue 16, item 3), then answered in
+        batched pass (``ExactEvaluator.scores``, issue 16, item 3), then answered in
         the order asked. The machine only records an accuracy until it holds every
         group's, so answering after the deliveries in flight (rather than at once)
         changes none of its decisions, and the accuracies are the per-group ones."""
         effects, self._evaluating = self._evaluating, []
         start = time.perf_counter()
-        accuracies = self.evaluator.accuracies([effect.params for effect in effects])
+        scores = self.evaluator.scores([effect.params for effect in effects])
         self._add_time("evaluation", start)
-        for effect, accuracy in zip(effects, accuracies, strict=True):
+        for effect, score in zip(effects, scores, strict=True):
             start = time.perf_counter()
             outputs = self.provider.handle(
-                Evaluated(effect.round, effect.attempt, effect.gid, accuracy)
-            )
+                Evaluated(effect.round, effect.attempt, effect.gid, score.accuracy,
+                          score.mean_rank)
+            )  # fmt: skip
             self._add_time("detection", start)
             self._dispatch(PROVIDER, outputs)
 

@@ -670,8 +670,8 @@ class Draft:
         self.rounds[r] = replace(record, evaluation=message)
 
     def _check_numbers(self, r: int, record: RoundRecord, message: Evaluation) -> None:
-        """Issue 13: every accuracy and contribution is the one the recorded uploads, the
-        recorded global model and the committed test set give, bit for bit."""
+        """Issue 13: every accuracy, contribution and rank is the one the recorded uploads,
+        the recorded global model and the committed test set give, bit for bit."""
         check = self.state.evaluations
         spec = self.task.evaluation if self.task is not None else None
         if check is None or spec is None or not self.re_derive:
@@ -690,13 +690,14 @@ class Draft:
                 f"round {r}: the evaluation cannot be re-derived: {exc}",
             ) from None
         for e in message.accuracies:
-            accuracy, contribution = want[e.gid]
-            if e.accuracy != accuracy or e.contribution != contribution:
+            accuracy, contribution, rank = want[e.gid]
+            if e.accuracy != accuracy or e.contribution != contribution or e.rank != rank:
                 raise RefusedError(
                     RefusalReason.CONTRACT_VIOLATION,
-                    f"round {r}: group {e.gid} has accuracy {accuracy!r} and contribution "
-                    f"{contribution!r} on the recorded uploads and the committed test set; "
-                    f"the evaluation says {e.accuracy!r} and {e.contribution!r}",
+                    f"round {r}: group {e.gid} has accuracy {accuracy!r}, contribution "
+                    f"{contribution!r} and rank {rank!r} on the recorded uploads and the "
+                    f"committed test set; the evaluation says {e.accuracy!r}, "
+                    f"{e.contribution!r} and {e.rank!r}",
                 )
 
     def _decision(self, r: int, record: RoundRecord, message: Decision) -> None:

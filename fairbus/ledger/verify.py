@@ -9,9 +9,10 @@ evaluation it recomputes, for every evaluated group,
 * its contribution (:func:`fairbus.detection.group_contributions`) from those models and
   the round's recorded global model (with the task's ``contribution_direction``
   "last_step", along the step from the previous round's recorded global model);
-* its accuracy on the task's committed test set with :class:`~fairbus.evaluation.
-  ExactEvaluator`, in exact fixed-point arithmetic (every group of the evaluation in one
-  batched pass, :meth:`~fairbus.evaluation.ExactEvaluator.corrects`),
+* its accuracy and the true class's mean rank on the task's committed test set with
+  :class:`~fairbus.evaluation.ExactEvaluator`, in exact fixed-point arithmetic (every
+  group of the evaluation in one batched pass, :meth:`~fairbus.evaluation.ExactEvaluator.
+  scores`),
 
 and admits the evaluation only if the provider's numbers are these, bit for bit. Each
 step is deterministic on every machine (integer field sums, correctly rounded IEEE
@@ -83,8 +84,8 @@ class RecordedRound:
     """Payload SHA-256 of the previous round's recorded global model (b"" in round 1)."""
 
 
-GroupNumbers = dict[int, tuple[float, float]]
-"""Group id → (accuracy, contribution), as the evaluation must state them."""
+GroupNumbers = dict[int, tuple[float, float, float]]
+"""Group id → (accuracy, contribution, mean rank), as the evaluation must state them."""
 
 
 def round_updates(
@@ -136,7 +137,7 @@ class EvaluationCheck:
         gids: Sequence[int],
         direction: str = "median",
     ) -> GroupNumbers:
-        """The accuracy and contribution of each group of ``gids`` (every member's upload
+        """The accuracy, contribution and rank of each group of ``gids`` (every member's upload
         recorded), contributions measured along ``direction`` (the task's
         ``contribution_direction``); raises :class:`VerificationError`."""
         key = (direction, *_key(spec, recorded, gids))
@@ -201,10 +202,10 @@ class EvaluationCheck:
             raise VerificationError(str(exc)) from None
         # Every group of the evaluation in one batched pass (issue 16, item 3): the same
         # counts as one pass per group, bit for bit (ExactEvaluator says why).
-        accuracies = self._evaluator(spec).accuracies([means[gid] for gid in gids])
+        scores = self._evaluator(spec).scores([means[gid] for gid in gids])
         return {
-            gid: (accuracy, contributions[gid])
-            for gid, accuracy in zip(gids, accuracies, strict=True)
+            gid: (score.accuracy, contributions[gid], score.mean_rank)
+            for gid, score in zip(gids, scores, strict=True)
         }
 
     def _global_params(self, digest: bytes, malformed: str) -> npt.NDArray[np.float32]:

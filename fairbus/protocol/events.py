@@ -71,6 +71,10 @@ class Evaluated:
     attempt: int
     gid: int
     accuracy: float
+    rank: float | None = None
+    """The true class's mean rank (:attr:`~fairbus.evaluation.ExactScore.mean_rank`);
+    None where the driver does not evaluate exactly (then no rank is recorded, and a
+    ledger that re-derives the evaluation refuses it)."""
 
 
 @dataclass(frozen=True)

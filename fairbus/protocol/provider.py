@@ -257,6 +257,7 @@ class ProviderMachine:
         self._voided: set[int] = set()  # the groups this attempt's dropout voided
         self._decrypted: dict[int, GroupAggregate] = {}
         self._accuracy: dict[int, float] = {}
+        self._rank: dict[int, float | None] = {}  # each group's, with its accuracy
         self._evidence: dict[int, tuple[float, ...]] = {}
         self._history: tuple[RoundContributions, ...] = ()
         self._trusted: list[int] = []
@@ -365,6 +366,7 @@ class ProviderMachine:
             return  # a failed round: only its known groups count
         gids = [e.gid for e in evaluation.accuracies]
         self._accuracy = {e.gid: e.accuracy for e in evaluation.accuracies}
+        self._rank = {e.gid: e.rank for e in evaluation.accuracies}
         contributions = {e.gid: e.contribution or 0.0 for e in evaluation.accuracies}
         self.grouping = grouping_of(record.announce, set(gids))
         self._announced = {g.gid: g.members for g in record.announce.groups}
@@ -419,7 +421,7 @@ class ProviderMachine:
         # (and evaluated) now.
         voided = tuple(sorted(self._announced))  # none may grow: only complete ones count
         self._voided = set(voided)
-        self._decrypted, self._accuracy = {}, {}
+        self._decrypted, self._accuracy, self._rank = {}, {}, {}
         self._resuming = True
         self.phase = ProviderPhase.REGROUPING
         out: list[Output] = [
@@ -437,7 +439,7 @@ class ProviderMachine:
         users who will not upload, through the usual dropout and regrouping."""
         if self.grouping is None:
             raise RecoveryError(f"round {self.round}: no grouping to collect uploads for")
-        self._voided, self._decrypted, self._accuracy = set(), {}, {}
+        self._voided, self._decrypted, self._accuracy, self._rank = set(), {}, {}, {}
         self._deadline = self._now + self.config.phase_timeout
         self.phase = ProviderPhase.COLLECTING
         out: list[Output] = [self._decrypt(gid) for gid in self._held_complete()]
@@ -540,7 +542,7 @@ class ProviderMachine:
         self._announced = {g.gid: g.members for g in self.grouping.groups}
         self._voided = set()
         self._decrypted = {}
-        self._accuracy = {}
+        self._accuracy, self._rank = {}, {}
         self._deadline = self._now + self.config.phase_timeout
         self.phase = ProviderPhase.COLLECTING
         specs = tuple(
@@ -669,6 +671,7 @@ class ProviderMachine:
         ) or event.gid not in self._decrypted:
             return []
         self._accuracy[event.gid] = event.accuracy
+        self._rank[event.gid] = event.rank
         assert self.grouping is not None
         if self.phase is ProviderPhase.EVALUATING and len(self._accuracy) == len(
             self.grouping.groups
@@ -871,7 +874,7 @@ class ProviderMachine:
         )
         evaluation = Evaluation(
             tuple(
-                GroupAccuracy(gid, acc, contributions[gid])
+                GroupAccuracy(gid, acc, contributions[gid], self._rank.get(gid))
                 for gid, acc in sorted(self._accuracy.items())
             )
         )
@@ -917,7 +920,7 @@ class ProviderMachine:
                 decision = Decision(tau, scores, tuple(sorted(new_keys)), tuple(sorted(violators)))
                 out.append(self._signed(decision))
         models = _group_models(
-            grouping, self._decrypted, scored, forward, contributions, self._accuracy
+            grouping, self._decrypted, scored, forward, contributions, self._accuracy, self._rank
         )
         self._remember_known([*self._prior_groups, *self._announced.values()])
         self.global_params = self.config.strategy.aggregate(self.global_params, models, violators)
@@ -968,6 +971,7 @@ def _group_models(
     forward: float,
     contributions: dict[int, float],
     accuracies: dict[int, float],
+    ranks: dict[int, float | None],
 ) -> list[GroupModel]:
     """The decrypted groups as the aggregation policy takes them."""
     return [
@@ -979,6 +983,7 @@ def _group_models(
             scored.get(g.gid, 1.0) > 0,
             forward * contributions[g.gid],
             accuracies.get(g.gid),
+            ranks.get(g.gid),
         )
         for g in grouping.groups
     ]

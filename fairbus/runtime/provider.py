@@ -364,20 +364,22 @@ class ProviderRuntime(ProviderLoop[Event, Output]):
 
     async def _evaluate_pending(self) -> None:
         """The group models the machine asked for and not yet evaluated, in one batched
-        pass (``ExactEvaluator.corrects``, issue 16, item 3), answered in the order asked.
+        pass (``ExactEvaluator.scores``, issue 16, item 3), answered in the order asked.
         The machine only records an accuracy until it holds every group's, so answering
         once the events that came meanwhile are handled changes none of its decisions,
         and the accuracies are the per-group ones."""
         assert self._evaluator is not None and self._record is not None
         effects, self._to_evaluate = self._to_evaluate, []
         start = time.perf_counter()
-        accuracies = await asyncio.to_thread(
-            self._evaluator.accuracies, [effect.params for effect in effects]
+        scores = await asyncio.to_thread(
+            self._evaluator.scores, [effect.params for effect in effects]
         )
         self._record.timings_s["evaluation"] += time.perf_counter() - start
-        for effect, accuracy in zip(effects, accuracies, strict=True):
+        for effect, score in zip(effects, scores, strict=True):
             start = time.perf_counter()
-            event = Evaluated(effect.round, effect.attempt, effect.gid, accuracy)
+            event = Evaluated(
+                effect.round, effect.attempt, effect.gid, score.accuracy, score.mean_rank
+            )
             outputs = await self._step(event)
             self._record.timings_s["detection"] += time.perf_counter() - start
             await self._carry_out(outputs)

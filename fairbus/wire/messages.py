@@ -41,6 +41,8 @@ from fairbus.wire.schema import (
 HASH = Bin(exact=32)
 MAX_ATTEMPT = 1023
 MAX_COLLUSION = 16
+MAX_CLASSES = 256
+"""The most classes a task's test set may hold (one byte per label)."""
 """The largest collusion bound c a task may name (groups of c + 2 members and more)."""
 
 SHAMIR = "shamir"
@@ -156,15 +158,19 @@ class GroupSpec(WireStruct):
 @dataclass(frozen=True)
 class GroupAccuracy(WireStruct):
     """acc(m_g), and the group's contribution where detection uses it
-    (:func:`fairbus.detection.group_contributions`): what Alg. 6 is re-derived from."""
+    (:func:`fairbus.detection.group_contributions`): what Alg. 6 is re-derived from; and
+    the true class's mean rank (:attr:`fairbus.evaluation.ExactScore.mean_rank`), which
+    the aggregation reads where accuracy is at chance."""
 
     gid: int
     accuracy: float
     contribution: float | None
+    rank: float | None
     FIELDS: ClassVar[dict[str, Spec]] = {
         "gid": Int(0, 2**20),
         "accuracy": Float(0.0, 1.0),
         "contribution": Optional(Float()),
+        "rank": Optional(Float(0.0, float(MAX_CLASSES))),
     }
 
 
@@ -417,7 +423,7 @@ class CommittedTestSet(Message):
     SENDERS: ClassVar[frozenset[Role]] = frozenset({Role.PROVIDER})
     FIELDS: ClassVar[dict[str, Spec]] = {
         "shape": List(Int(1, 4096), max_len=3),
-        "classes": Int(2, 256),
+        "classes": Int(2, MAX_CLASSES),
         "inputs": Bin(),
         "labels": Bin(),
     }

@@ -214,7 +214,7 @@ async def test_bad_inputs_are_refused_with_their_reason_and_change_nothing(
             envelope.sign(
                 provider,
                 "simulation",
-                Evaluation(tuple(GroupAccuracy(k, 0.5, 0.25) for k in range(3000))),
+                Evaluation(tuple(GroupAccuracy(k, 0.5, 0.25, 2.5) for k in range(3000))),
                 prev=head0,
                 round=r,
                 attempt=a,

@@ -198,7 +198,9 @@ def decide_round_one(chain: Chain) -> Decision:
         for user in g.members:
             chain.admit(chain.sign(user, MaskedUpload(g.gid, 2, bytes(8)), round=1))
     accuracies = {0: 0.9, 1: 0.8}
-    evaluation = Evaluation(tuple(GroupAccuracy(gid, a, None) for gid, a in accuracies.items()))
+    evaluation = Evaluation(
+        tuple(GroupAccuracy(gid, a, None, None) for gid, a in accuracies.items())
+    )
     chain.admit(chain.sign(PROVIDER, evaluation, round=1))
     result = detect(grouping_of(grouping), accuracies, PARAMS.detection)
     decision = Decision(
@@ -246,7 +248,7 @@ def test_an_upload_after_the_evaluation_is_refused(chain: Chain) -> None:
     for g in groups:
         for user in g.members:
             chain.admit(chain.sign(user, MaskedUpload(g.gid, 2, bytes(8)), round=1))
-    evaluation = Evaluation(tuple(GroupAccuracy(g.gid, 0.9, None) for g in groups))
+    evaluation = Evaluation(tuple(GroupAccuracy(g.gid, 0.9, None, None) for g in groups))
     chain.admit(chain.sign(PROVIDER, evaluation, round=1))
     chain.refused(
         chain.sign(7, MaskedUpload(2, 2, bytes(8)), round=1),
@@ -270,7 +272,7 @@ def test_an_evaluation_of_a_group_without_all_its_uploads_is_refused(
         for user in g.members:
             if (g.gid, user) not in missing:
                 chain.admit(chain.sign(user, MaskedUpload(g.gid, 2, bytes(8)), round=1))
-    evaluation = Evaluation(tuple(GroupAccuracy(g.gid, 0.9, None) for g in HONEST))
+    evaluation = Evaluation(tuple(GroupAccuracy(g.gid, 0.9, None, None) for g in HONEST))
     chain.refused(
         chain.sign(PROVIDER, evaluation, round=1),
         RefusalReason.CONTRACT_VIOLATION,

@@ -24,7 +24,7 @@ import torch
 from fairbus import envelope, evaluation
 from fairbus.detection import detect
 from fairbus.errors import SchemaError
-from fairbus.evaluation import ExactEvaluator, QuantizedTestSet
+from fairbus.evaluation import ExactEvaluator, ExactScore, QuantizedTestSet
 from fairbus.identity import Identity
 from fairbus.ledger.records import Block, Transaction
 from fairbus.ledger.state import LedgerState, RefusalReason, RefusedError, grouping_of
@@ -114,7 +114,7 @@ def _honest_evaluation(rec: Recorded) -> Evaluation:
     return body
 
 
-def _altered(evaluation_: Evaluation, gid: int, **change: float) -> Evaluation:
+def _altered(evaluation_: Evaluation, gid: int, **change: float | None) -> Evaluation:
     return Evaluation(
         tuple(dataclasses.replace(e, **change) if e.gid == gid else e
               for e in evaluation_.accuracies)
@@ -146,6 +146,21 @@ def test_a_contribution_scaled_by_1_01_is_refused(recorded: Recorded) -> None:
     assert last.contribution is not None and last.contribution != 0.0
     forged = _altered(honest, last.gid, contribution=last.contribution * 1.01)
     _refused(state, _signed(recorded, state, forged), f"group {last.gid}", "contribution")
+
+
+def test_a_rank_off_by_one_test_sample_or_missing_is_refused(recorded: Recorded) -> None:
+    """The true class's rank sum, one sample's rank moved by one, or the rank left out:
+    the aggregation reads it, so it is re-derived like the accuracy."""
+    state = recorded.state_before("evaluation")
+    honest = _honest_evaluation(recorded)
+    samples = len(recorded.sim.evaluator.test_set)
+    first = honest.accuracies[0]
+    assert first.rank is not None
+    rank_sum = round(first.rank * samples)
+    assert rank_sum / samples == first.rank  # the rank is a sum over samples
+    for wrong in ((rank_sum + 1) / samples, (rank_sum - 1) / samples, None):
+        forged = _altered(honest, first.gid, rank=wrong)
+        _refused(state, _signed(recorded, state, forged), f"group {first.gid}", "rank")
 
 
 def test_a_decision_based_on_altered_numbers_is_refused(recorded: Recorded) -> None:
@@ -218,7 +233,8 @@ def test_the_exact_evaluation_does_not_depend_on_threads_or_batches(
         for n_threads, batch in ((1, 256), (2, 256), (1, 7), (2, 450)):
             torch.set_num_threads(n_threads)
             monkeypatch.setattr(evaluation, "BATCH", batch)
-            counts.add(evaluator.correct(params))
+            counts.add(evaluator.score_unbatched(params))
+            counts.add(evaluator.scores([params])[0])
     finally:
         torch.set_num_threads(threads)
     assert len(counts) == 1
@@ -236,6 +252,9 @@ def test_the_exact_evaluation_equals_integer_arithmetic() -> None:
     slow = _int64_forward(test_set.inputs.astype(np.int64), evaluator.layers, weights)
     assert np.array_equal(fast.numpy().astype(np.int64), slow)
     right = int((slow.argmax(axis=1) == test_set.labels).sum())
+    truth = slow[np.arange(len(slow)), test_set.labels]
+    ranks = int((slow > truth[:, None]).sum())
+    assert evaluator.scores([params]) == [ExactScore(right, ranks, len(test_set))]
     assert evaluator.correct(params) == right
 
 

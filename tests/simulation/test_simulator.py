@@ -248,6 +248,45 @@ def test_clean_group_average_keeps_the_groups_near_the_most_accurate_one() -> No
     ]
 
 
+def test_clean_group_average_lets_the_best_ranked_group_move_a_model_at_chance() -> None:
+    current = np.zeros(2, dtype=np.float32)
+
+    def model(gid: int, value: float, accuracy: float, rank: float | None) -> GroupModel:
+        mean = np.full(2, value, dtype=np.float32)
+        members = (3 * gid + 1, 3 * gid + 2, 3 * gid + 3)
+        return GroupModel(gid, "basic", members, mean, True, 1.0, accuracy, rank)
+
+    # every group at chance, the poisoned one (0) a little more accurate by luck: the
+    # group that ranks the true class highest moves the model alone
+    stuck = [model(0, 1.0, 0.12, 4.6), model(1, 3.0, 0.10, 4.1), model(2, 8.0, 0.11, 4.4)]
+    assert CleanGroupAverage().aggregate(current, stuck, set()).tolist() == [3.0, 3.0]
+    # the best-ranked group holds a violator: the best clean one
+    assert CleanGroupAverage().aggregate(current, stuck, {4}).tolist() == [8.0, 8.0]
+    # equal ranks: the lower group id
+    tied = [dataclasses.replace(g, rank=4.1) for g in stuck]
+    assert CleanGroupAverage().aggregate(current, tied, set()).tolist() == [1.0, 1.0]
+    # off, or a rank missing: the accuracy path (groups 0 and 2 gained half of the best)
+    accurate = [4.5, 4.5]
+    off = CleanGroupAverage(rank_margin=None).aggregate(current, stuck, set())
+    assert off.tolist() == accurate
+    unranked = [*stuck[:2], dataclasses.replace(stuck[2], rank=None)]
+    assert CleanGroupAverage().aggregate(current, unranked, set()).tolist() == accurate
+    # one group at the margin's edge: the accuracy path (every group)
+    edge = [dataclasses.replace(stuck[0], accuracy=0.4), *stuck[1:]]
+    every = [4.0, 4.0]
+    assert CleanGroupAverage(accuracy_gain=None).aggregate(current, edge, set()).tolist() == every
+    assert CleanGroupAverage(rank_margin=0.31).aggregate(current, edge, set()).tolist() == [
+        3.0,
+        3.0,
+    ]
+    assert CleanGroupAverage(rank_margin=0.29).aggregate(current, edge, set()).tolist() == [
+        1.0,
+        1.0,
+    ]
+    with pytest.raises(FairbusError, match="rank_margin"):
+        CleanGroupAverage(rank_margin=-0.1)
+
+
 def test_a_decision_the_contract_refuses_stops_the_simulation() -> None:
     """The ledger re-derives every decision with the parameters recorded at task start;
     here the ledger's record is made to disagree with the provider (as if the provider

@@ -241,7 +241,7 @@ LARGEST: dict[str, Callable[[], Message]] = {
     "global_model": lambda: GlobalModel(PAPER_PARAMS, bytes(4 * PAPER_PARAMS)),
     "upload": lambda: MaskedUpload(7, PAPER_PARAMS, bytes(4 * PAPER_PARAMS)),
     "evaluation": lambda: Evaluation(
-        tuple(GroupAccuracy(g, 0.5, -0.25) for g in range(DEFAULT_LIMITS.max_groups))
+        tuple(GroupAccuracy(g, 0.5, -0.25, 2.5) for g in range(DEFAULT_LIMITS.max_groups))
     ),
     "decision": _largest_decision,
     "dropout": lambda: Dropout(

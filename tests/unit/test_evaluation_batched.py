@@ -15,7 +15,7 @@ from torch import nn
 
 from fairbus import evaluation
 from fairbus.bench.evaluation import digits_test_set, synthetic_test_set
-from fairbus.evaluation import EvaluationError, ExactEvaluator, QuantizedTestSet
+from fairbus.evaluation import EvaluationError, ExactEvaluator, ExactScore, QuantizedTestSet
 from fairbus.training import models as model_registry
 from fairbus.training.models import initial_params
 from tests.support_draws import SeededDraws
@@ -39,13 +39,16 @@ def digits() -> ExactEvaluator:
 
 def test_batched_counts_equal_one_pass_per_model_on_digits(digits: ExactEvaluator) -> None:
     models = _models("digits_cnn", 8)
-    reference = [digits.correct_unbatched(params) for params in models]
-    assert len(set(reference)) > 1  # different models, so a mix-up would show
-    assert digits.corrects(models) == reference
-    assert [digits.correct(params) for params in models] == reference
-    assert digits.corrects(models[:1]) == reference[:1]  # G = 1
-    assert digits.corrects(models[::-1]) == reference[::-1]
-    assert digits.accuracies(models) == [r / len(digits.test_set) for r in reference]
+    reference = [digits.score_unbatched(params) for params in models]
+    assert len({r.correct for r in reference}) > 1  # different models: a mix-up would show
+    assert len({r.rank_sum for r in reference}) > 1
+    assert digits.scores(models) == reference
+    assert digits.corrects(models) == [r.correct for r in reference]
+    assert [digits.correct(params) for params in models] == [r.correct for r in reference]
+    assert digits.scores(models[:1]) == reference[:1]  # G = 1
+    assert digits.scores(models[::-1]) == reference[::-1]
+    assert digits.accuracies(models) == [r.correct / len(digits.test_set) for r in reference]
+    assert [r.mean_rank for r in reference] == [r.rank_sum / r.samples for r in reference]
 
 
 def test_batched_logits_are_the_reference_logits(digits: ExactEvaluator) -> None:
@@ -69,26 +72,26 @@ def test_chunks_of_samples_and_passes_of_models(monkeypatch: pytest.MonkeyPatch)
     2, on the paper's MNIST CNN: the counts of one pass per model."""
     evaluator = ExactEvaluator("mnist_cnn", synthetic_test_set("mnist_cnn", 40))
     models = _models("mnist_cnn", 5, seed=3)
-    reference = [evaluator.correct_unbatched(params) for params in models]
+    reference = [evaluator.score_unbatched(params) for params in models]
     monkeypatch.setattr(evaluation, "MIN_CHUNK", 7)
     monkeypatch.setattr(evaluation, "WORK_BYTES", 21 * evaluator._sample_bytes)
-    assert evaluator.corrects(models) == reference
+    assert evaluator.scores(models) == reference
     monkeypatch.setattr(evaluation, "WORK_BYTES", 1)  # one sample, one model at a time
-    assert evaluator.corrects(models[:2]) == reference[:2]
+    assert evaluator.scores(models[:2]) == reference[:2]
 
 
 def test_with_and_without_the_cached_first_layer(monkeypatch: pytest.MonkeyPatch) -> None:
     test_set = synthetic_test_set("digits_cnn", 100)
     models = _models("digits_cnn", 4, seed=11)
     cached = ExactEvaluator("digits_cnn", test_set)
-    first = cached.corrects(models)
+    first = cached.scores(models)
     assert cached._first_cols is not None
-    assert cached.corrects(models) == first  # from the cache
+    assert cached.scores(models) == first  # from the cache
     monkeypatch.setattr(evaluation, "FIRST_COLS_BYTES", 0)
     uncached = ExactEvaluator("digits_cnn", test_set)
-    assert uncached.corrects(models) == first
+    assert uncached.scores(models) == first
     assert uncached._first_cols is None
-    assert first == [cached.correct_unbatched(params) for params in models]
+    assert first == [cached.score_unbatched(params) for params in models]
 
 
 class _Mlp(nn.Sequential):
@@ -117,13 +120,14 @@ def test_every_layer_pattern(
     test_set = QuantizedTestSet.quantize(rng.random((60, *shape)), rng.integers(0, 10, 60), 10)
     evaluator = ExactEvaluator(name, test_set)
     models = _models(name, 4, seed=2)
-    reference = [evaluator.correct_unbatched(params) for params in models]
-    assert evaluator.corrects(models) == reference
+    reference = [evaluator.score_unbatched(params) for params in models]
+    assert evaluator.scores(models) == reference
     monkeypatch.setattr(evaluation, "WORK_BYTES", 5 * evaluator._sample_bytes)
-    assert evaluator.corrects(models) == reference
+    assert evaluator.scores(models) == reference
 
 
 def test_no_model_gives_no_count(digits: ExactEvaluator) -> None:
+    assert digits.scores([]) == []
     assert digits.corrects([]) == []
     assert digits.accuracies([]) == []
 
@@ -132,9 +136,12 @@ def test_a_non_finite_model_counts_zero_and_leaves_the_others(digits: ExactEvalu
     models = _models("digits_cnn", 3, seed=4)
     broken = models[1].copy()
     broken[5] = np.nan
-    counts = digits.corrects([models[0], broken, models[2]])
-    assert counts == [digits.correct_unbatched(models[0]), 0,
-                      digits.correct_unbatched(models[2])]  # fmt: skip
+    samples = len(digits.test_set)
+    worst = ExactScore(0, samples * (digits.test_set.classes - 1), samples)
+    scores = digits.scores([models[0], broken, models[2]])
+    assert scores == [digits.score_unbatched(models[0]), worst,
+                      digits.score_unbatched(models[2])]  # fmt: skip
+    assert digits.scores([broken]) == [worst] == [digits.score_unbatched(broken)]
     assert digits.corrects([broken]) == [0]
 
 

@@ -69,7 +69,7 @@ SAMPLES = [
     ),
     GlobalModel(2, b"\0" * 8),
     MaskedUpload(1, 2, b"\1" * 8),
-    Evaluation((GroupAccuracy(0, 0.9, 1.5), GroupAccuracy(1, 0.4, None))),
+    Evaluation((GroupAccuracy(0, 0.9, 1.5, 4.25), GroupAccuracy(1, 0.4, None, None))),
     Decision(0.5, (UserScore(1, 1.0, 0.8, 1.0), UserScore(2, 0.5, None, None)), (2,), (7,)),
     Dropout((4,), (1, 3)),
     Receipt(10, H, (ReceiptEntry(H, 0), ReceiptEntry(bytes(range(32)), 3))),
@@ -133,11 +133,14 @@ def test_specific_refusals() -> None:
     up = MaskedUpload(1, 2, b"\1" * 8).to_wire()
     with pytest.raises(SchemaError, match="group"):
         decode_body("upload", codec.pack({**up, "group": True}), limits)
-    ev = {"accuracies": [{"gid": 0, "accuracy": 1, "contribution": None}]}
+    ev = {"accuracies": [{"gid": 0, "accuracy": 1, "contribution": None, "rank": None}]}
     with pytest.raises(SchemaError, match="accuracy"):
         decode_body("evaluation", codec.pack(ev), limits)
-    ev = {"accuracies": [{"gid": 0, "accuracy": float("nan"), "contribution": None}]}
+    ev = {"accuracies": [{"gid": 0, "accuracy": float("nan"), "contribution": None, "rank": None}]}
     with pytest.raises(SchemaError, match="accuracy"):
+        decode_body("evaluation", codec.pack(ev), limits)
+    ev = {"accuracies": [{"gid": 0, "accuracy": 0.5, "contribution": None, "rank": -0.5}]}
+    with pytest.raises(SchemaError, match="rank"):
         decode_body("evaluation", codec.pack(ev), limits)
     with pytest.raises(SchemaError, match="distinct"):
         decode_body("dropout", codec.pack({"users": [4, 4], "voided_groups": []}), limits)
