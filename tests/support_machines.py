@@ -198,7 +198,7 @@ class Driver:
       admitted), then queued to its addressees as Recorded bytes;
     * :class:`Send` — queued to its addressee;
     * :class:`Train` — answered with :class:`Trained` (:func:`trained`);
-    * :class:`Evaluate` — answered with :class:`Evaluated` (``accuracy``);
+    * :class:`Evaluate` — answered with :class:`Evaluated` (``accuracy``, ``rank``);
     * :class:`CloseAttempt` — answered, once everything queued is delivered, with what the
       ledger recorded for the attempt (the ledger takes no more uploads for it).
 
@@ -207,6 +207,7 @@ class Driver:
 
     task: Task
     accuracy: Callable[[Evaluate], float] = lambda e: 0.9
+    rank: Callable[[Evaluate], float | None] = lambda e: None
     hold: Callable[[Target, Event], bool] = lambda target, event: False
     online: set[int] = field(default_factory=set)
     queue: deque[tuple[Target, Event]] = field(default_factory=deque)
@@ -248,7 +249,9 @@ class Driver:
                 self.models[source, out.round] = model
                 self.queue.append((source, Trained(out.round, model)))
             elif isinstance(out, Evaluate):
-                evaluated = Evaluated(out.round, out.attempt, out.gid, self.accuracy(out))
+                evaluated = Evaluated(
+                    out.round, out.attempt, out.gid, self.accuracy(out), self.rank(out)
+                )
                 self.queue.append((PROVIDER, evaluated))
             elif isinstance(out, CloseAttempt):
                 self._closing.append(out)

@@ -90,6 +90,38 @@ def test_a_restored_provider_goes_on_exactly_as_the_uninterrupted_one() -> None:
     assert driver.refusals() == []
 
 
+def _at_chance(effect: Evaluate) -> float:
+    """Every group model near a guess, so the aggregation chooses by rank."""
+    return round(0.1 + float(np.abs(effect.params).mean()) % 0.05, 6)
+
+
+def _rank(effect: Evaluate) -> float:
+    """Differs from group to group, the same on every run for the same group model."""
+    return round(4.5 - 8 * float(np.abs(effect.params).mean() - 0.25) ** 2, 6)
+
+
+def test_a_restored_provider_aggregates_by_the_recorded_ranks_as_the_uninterrupted_one() -> None:
+    """While every group is at chance the best-ranked clean group alone makes the
+    global model; the ranks are on the ledger, so the restored provider's models are
+    the uninterrupted one's, also when it redoes a decision (the ledger before it)."""
+    straight = Driver(make_task(9, config=CONFIG), accuracy=_at_chance, rank=_rank)
+    expected = [straight.play_round(float(r)) for r in range(3)]
+    unranked = Driver(make_task(9, config=CONFIG), accuracy=_at_chance)
+    other = [unranked.play_round(float(r)) for r in range(3)]
+    assert not np.array_equal(other[0].global_params, expected[0].global_params)
+
+    driver = Driver(make_task(9, config=CONFIG), accuracy=_at_chance, rank=_rank)
+    driver.play_round(0.0)
+    driver.play_round(1.0)
+    restored = _restore(driver, drop_last=1)  # the decision of round 2 is redone
+    (redone,) = of_type(restored.handle(StartRound(2.0)), RoundDone)
+    assert np.array_equal(redone.global_params, expected[1].global_params)
+    driver.task.provider = restored
+    have = driver.play_round(3.0)
+    assert np.array_equal(have.global_params, expected[2].global_params)
+    assert driver.refusals() == []
+
+
 def test_a_round_evaluated_but_not_decided_is_decided_as_the_ledger_would() -> None:
     """The provider died between its evaluation and its decision: the restored one
     commits the decision Alg. 6 gives on the recorded evaluation, and the same model."""
