@@ -106,6 +106,9 @@ class CleanGroupAverage:
     rank_margin: float | None = 0.3
     """Above ``chance`` by less than this, the best clean group's accuracy is at chance
     and the rank chooses (None: never)."""
+    rank_gain: float = 1.0
+    """Where the rank chooses, the groups whose rank gained at least this share of the
+    best-ranked group's gain over a guess's rank count (1.0: the best-ranked alone)."""
 
     def __post_init__(self) -> None:
         gain = self.accuracy_gain
@@ -116,6 +119,8 @@ class CleanGroupAverage:
         margin = self.rank_margin
         if margin is not None and not 0.0 <= margin <= 1.0:
             raise FairbusError(f"rank_margin must be in [0, 1], got {margin}")
+        if not 0.0 <= self.rank_gain <= 1.0:
+            raise FairbusError(f"rank_gain must be in [0, 1], got {self.rank_gain}")
 
     def aggregate(
         self,
@@ -132,25 +137,31 @@ class CleanGroupAverage:
             # exposure check (issue 12, item 5), and often no grouping would pass.
             clean = [g for g in groups if not bad.intersection(g.members)]
         ranked = self._best_ranked_at_chance(clean)
-        if ranked is not None:
-            return _size_weighted_mean(current, [ranked])
+        if ranked:
+            return _size_weighted_mean(current, ranked)
         clean = self._most_accurate(clean)
         scored = [g for g in clean if g.scored]
         if not scored and clean and all(g.contribution is not None for g in clean):
             scored = [max(clean, key=lambda g: (g.contribution or 0.0, -g.gid))]
         return _size_weighted_mean(current, scored or clean)
 
-    def _best_ranked_at_chance(self, clean: list[GroupModel]) -> GroupModel | None:
-        """The clean group with the lowest mean rank (the lowest id among equals) where
-        every clean group's accuracy is below ``chance + rank_margin``; None where any
-        is not, or an accuracy or a rank is missing."""
+    def _best_ranked_at_chance(self, clean: list[GroupModel]) -> list[GroupModel]:
+        """Where every clean group's accuracy is below ``chance + rank_margin``: the
+        clean group with the lowest mean rank (the lowest id among equals) and those
+        whose rank gained ``rank_gain`` of its gain over a guess's; none where an
+        accuracy is not below, or an accuracy or a rank is missing."""
         if self.rank_margin is None or not clean:
-            return None
+            return []
         if any(g.accuracy is None or g.rank is None for g in clean):
-            return None
+            return []
         if max(g.accuracy or 0.0 for g in clean) >= self.chance + self.rank_margin:
-            return None
-        return min(clean, key=lambda g: (g.rank or 0.0, g.gid))
+            return []
+        best = min(clean, key=lambda g: (g.rank or 0.0, g.gid))
+        if self.rank_gain >= 1.0:
+            return [best]
+        guess = (1.0 / self.chance - 1.0) / 2.0 if self.chance > 0 else 0.0
+        floor = guess - self.rank_gain * (guess - (best.rank or 0.0))
+        return [best, *(g for g in clean if g is not best and (g.rank or 0.0) <= floor)]
 
     def _most_accurate(self, clean: list[GroupModel]) -> list[GroupModel]:
         """The groups that gained at least ``accuracy_gain`` of the best one's gain over

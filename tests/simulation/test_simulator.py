@@ -265,6 +265,18 @@ def test_clean_group_average_lets_the_best_ranked_group_move_a_model_at_chance()
     # equal ranks: the lower group id
     tied = [dataclasses.replace(g, rank=4.1) for g in stuck]
     assert CleanGroupAverage().aggregate(current, tied, set()).tolist() == [1.0, 1.0]
+    # with rank_gain, the groups whose rank gained that share of the best's gain over a
+    # guess's 4.5 (group 1 gained 0.4, group 2 0.1, group 0 lost)
+    assert CleanGroupAverage(rank_gain=0.25).aggregate(current, stuck, set()).tolist() == [
+        5.5,
+        5.5,
+    ]
+    assert CleanGroupAverage(rank_gain=0.3).aggregate(current, stuck, set()).tolist() == [
+        3.0,
+        3.0,
+    ]
+    with pytest.raises(FairbusError, match="rank_gain"):
+        CleanGroupAverage(rank_gain=1.5)
     # off, or a rank missing: the accuracy path (groups 0 and 2 gained half of the best)
     accurate = [4.5, 4.5]
     off = CleanGroupAverage(rank_margin=None).aggregate(current, stuck, set())
