@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from fairbus import envelope
+from fairbus.aggregation import CleanGroupAverage
 from fairbus.envelope import GENESIS
 from fairbus.ledger.records import Transaction
 from fairbus.protocol.events import (
@@ -29,6 +30,7 @@ from fairbus.wire.messages import Announce, Decision, Dropout
 from tests.support_machines import Driver, Task, initial_model, kinds, make_task, of_type
 
 CONFIG = ProviderConfig(seed=3)
+BY_RANK = ProviderConfig(seed=3, strategy=CleanGroupAverage(rank_margin=0.3))
 ALONG_LAST_STEP = ProviderConfig(
     seed=3, detection=dataclasses.replace(DEFAULT_DETECTION, contribution_direction="last_step")
 )
@@ -104,16 +106,16 @@ def test_a_restored_provider_aggregates_by_the_recorded_ranks_as_the_uninterrupt
     """While every group is at chance the best-ranked clean group alone makes the
     global model; the ranks are on the ledger, so the restored provider's models are
     the uninterrupted one's, also when it redoes a decision (the ledger before it)."""
-    straight = Driver(make_task(9, config=CONFIG), accuracy=_at_chance, rank=_rank)
+    straight = Driver(make_task(9, config=BY_RANK), accuracy=_at_chance, rank=_rank)
     expected = [straight.play_round(float(r)) for r in range(3)]
-    unranked = Driver(make_task(9, config=CONFIG), accuracy=_at_chance)
+    unranked = Driver(make_task(9, config=BY_RANK), accuracy=_at_chance)
     other = [unranked.play_round(float(r)) for r in range(3)]
     assert not np.array_equal(other[0].global_params, expected[0].global_params)
 
-    driver = Driver(make_task(9, config=CONFIG), accuracy=_at_chance, rank=_rank)
+    driver = Driver(make_task(9, config=BY_RANK), accuracy=_at_chance, rank=_rank)
     driver.play_round(0.0)
     driver.play_round(1.0)
-    restored = _restore(driver, drop_last=1)  # the decision of round 2 is redone
+    restored = _restore(driver, drop_last=1, config=BY_RANK)  # round 2's decision redone
     (redone,) = of_type(restored.handle(StartRound(2.0)), RoundDone)
     assert np.array_equal(redone.global_params, expected[1].global_params)
     driver.task.provider = restored

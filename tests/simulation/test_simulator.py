@@ -256,47 +256,38 @@ def test_clean_group_average_lets_the_best_ranked_group_move_a_model_at_chance()
         members = (3 * gid + 1, 3 * gid + 2, 3 * gid + 3)
         return GroupModel(gid, "basic", members, mean, True, 1.0, accuracy, rank)
 
+    def moved(policy: CleanGroupAverage, groups: list[GroupModel], bad: set[int]) -> float:
+        values = policy.aggregate(current, groups, bad).tolist()
+        assert values[0] == values[1]
+        return float(values[0])
+
+    ranked = CleanGroupAverage(rank_margin=0.3)
     # every group at chance, the poisoned one (0) a little more accurate by luck: the
     # group that ranks the true class highest moves the model alone
     stuck = [model(0, 1.0, 0.12, 4.6), model(1, 3.0, 0.10, 4.1), model(2, 8.0, 0.11, 4.4)]
-    assert CleanGroupAverage().aggregate(current, stuck, set()).tolist() == [3.0, 3.0]
+    assert moved(ranked, stuck, set()) == 3.0
     # the best-ranked group holds a violator: the best clean one
-    assert CleanGroupAverage().aggregate(current, stuck, {4}).tolist() == [8.0, 8.0]
+    assert moved(ranked, stuck, {4}) == 8.0
     # equal ranks: the lower group id
-    tied = [dataclasses.replace(g, rank=4.1) for g in stuck]
-    assert CleanGroupAverage().aggregate(current, tied, set()).tolist() == [1.0, 1.0]
+    assert moved(ranked, [dataclasses.replace(g, rank=4.1) for g in stuck], set()) == 1.0
     # with rank_gain, the groups whose rank gained that share of the best's gain over a
     # guess's 4.5 (group 1 gained 0.4, group 2 0.1, group 0 lost)
-    assert CleanGroupAverage(rank_gain=0.25).aggregate(current, stuck, set()).tolist() == [
-        5.5,
-        5.5,
-    ]
-    assert CleanGroupAverage(rank_gain=0.3).aggregate(current, stuck, set()).tolist() == [
-        3.0,
-        3.0,
-    ]
-    with pytest.raises(FairbusError, match="rank_gain"):
-        CleanGroupAverage(rank_gain=1.5)
-    # off, or a rank missing: the accuracy path (groups 0 and 2 gained half of the best)
-    accurate = [4.5, 4.5]
-    off = CleanGroupAverage(rank_margin=None).aggregate(current, stuck, set())
-    assert off.tolist() == accurate
+    assert moved(dataclasses.replace(ranked, rank_gain=0.25), stuck, set()) == 5.5
+    assert moved(dataclasses.replace(ranked, rank_gain=0.3), stuck, set()) == 3.0
+    # off (the default), or a rank missing: the accuracy path (groups 0 and 2 gained
+    # half of the best's gain)
+    assert moved(CleanGroupAverage(), stuck, set()) == 4.5
     unranked = [*stuck[:2], dataclasses.replace(stuck[2], rank=None)]
-    assert CleanGroupAverage().aggregate(current, unranked, set()).tolist() == accurate
-    # one group at the margin's edge: the accuracy path (every group)
+    assert moved(ranked, unranked, set()) == 4.5
+    # one group at the margin's edge: the accuracy path (every group, or the best)
     edge = [dataclasses.replace(stuck[0], accuracy=0.4), *stuck[1:]]
-    every = [4.0, 4.0]
-    assert CleanGroupAverage(accuracy_gain=None).aggregate(current, edge, set()).tolist() == every
-    assert CleanGroupAverage(rank_margin=0.31).aggregate(current, edge, set()).tolist() == [
-        3.0,
-        3.0,
-    ]
-    assert CleanGroupAverage(rank_margin=0.29).aggregate(current, edge, set()).tolist() == [
-        1.0,
-        1.0,
-    ]
+    assert moved(dataclasses.replace(ranked, accuracy_gain=None), edge, set()) == 4.0
+    assert moved(dataclasses.replace(ranked, rank_margin=0.29), edge, set()) == 1.0
+    assert moved(dataclasses.replace(ranked, rank_margin=0.31), edge, set()) == 3.0
     with pytest.raises(FairbusError, match="rank_margin"):
         CleanGroupAverage(rank_margin=-0.1)
+    with pytest.raises(FairbusError, match="rank_gain"):
+        CleanGroupAverage(rank_gain=1.5)
 
 
 def test_a_decision_the_contract_refuses_stops_the_simulation() -> None:
