@@ -96,6 +96,11 @@ class ExactScore:
     rank_sum: int
     samples: int
 
+    @classmethod
+    def worst(cls, samples: int, classes: int) -> ExactScore:
+        """A model holding NaN or infinity: none right, the true class last everywhere."""
+        return cls(0, samples * (classes - 1), samples)
+
     @property
     def accuracy(self) -> float:
         """correct / samples."""
@@ -238,9 +243,7 @@ class ExactEvaluator:
         """Each model's :class:`ExactScore`, in order, the models evaluated together
         (``[]`` for no model)."""
         flats = [self._checked(params) for params in models]
-        samples = len(self.test_set)
-        worst = ExactScore(0, samples * (self.test_set.classes - 1), samples)
-        scores = [worst] * len(flats)
+        scores = [ExactScore.worst(len(self.test_set), self.test_set.classes)] * len(flats)
         finite = [k for k, flat in enumerate(flats) if np.isfinite(flat).all()]
         per_pass = max(1, WORK_BYTES // (MIN_CHUNK * self._sample_bytes))
         for start in range(0, len(finite), per_pass):
@@ -263,7 +266,7 @@ class ExactEvaluator:
         flat = self._checked(params)
         samples = len(self.test_set)
         if not np.isfinite(flat).all():
-            return ExactScore(0, samples * (self.test_set.classes - 1), samples)
+            return ExactScore.worst(samples, self.test_set.classes)
         weights = _quantized_weights(flat.astype(np.float64), self.layers)
         right = ranks = 0
         x_all = self.test_set.inputs
