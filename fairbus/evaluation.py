@@ -27,7 +27,7 @@ The rank is not in the paper either. It says how far a model is from right where
 accuracy cannot: with three poisoners among nine users every group model classifies
 at chance for rounds, yet the groups with more honest members rank the true class
 higher (README, "Issue 13, fifth change"). The aggregation can choose by it there
-(:class:`~fairbus.aggregation.CleanGroupAverage`, ``rank_margin``, off by default), and
+(:class:`~fairbus.aggregation.CleanGroupAverage`, ``rank_margin``), and
 every evaluation records it so the ledger re-derives it and a restored provider reads it.
 
 Not in the paper: it evaluates with whatever arithmetic the provider likes, because

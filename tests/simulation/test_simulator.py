@@ -274,9 +274,10 @@ def test_clean_group_average_lets_the_best_ranked_group_move_a_model_at_chance()
     # guess's 4.5 (group 1 gained 0.4, group 2 0.1, group 0 lost)
     assert moved(dataclasses.replace(ranked, rank_gain=0.25), stuck, set()) == 5.5
     assert moved(dataclasses.replace(ranked, rank_gain=0.3), stuck, set()) == 3.0
-    # off (the default), or a rank missing: the accuracy path (groups 0 and 2 gained
-    # half of the best's gain)
-    assert moved(CleanGroupAverage(), stuck, set()) == 4.5
+    # off, or a rank missing: the accuracy path (groups 0 and 2 gained half of the
+    # best's gain); the default margin, 0.05, chooses by rank here (best 0.12 < 0.15)
+    assert moved(CleanGroupAverage(rank_margin=None), stuck, set()) == 4.5
+    assert moved(CleanGroupAverage(), stuck, set()) == 3.0
     unranked = [*stuck[:2], dataclasses.replace(stuck[2], rank=None)]
     assert moved(ranked, unranked, set()) == 4.5
     # one group at the margin's edge: the accuracy path (every group, or the best)
