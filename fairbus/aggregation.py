@@ -159,16 +159,17 @@ class CleanGroupAverage:
         accuracy is not below, or an accuracy or a rank is missing."""
         if self.rank_margin is None or not clean:
             return []
-        if any(g.accuracy is None or g.rank is None for g in clean):
+        accuracies = [g.accuracy for g in clean if g.accuracy is not None]
+        ranks = {g.gid: g.rank for g in clean if g.rank is not None}
+        known = len(accuracies) == len(ranks) == len(clean)
+        if not known or max(accuracies) >= self.chance + self.rank_margin:
             return []
-        if max(g.accuracy or 0.0 for g in clean) >= self.chance + self.rank_margin:
-            return []
-        best = min(clean, key=lambda g: (g.rank or 0.0, g.gid))
+        best = min(clean, key=lambda g: (ranks[g.gid], g.gid))
         if self.rank_gain >= 1.0:
             return [best]
         guess = (1.0 / self.chance - 1.0) / 2.0 if self.chance > 0 else 0.0
-        floor = guess - self.rank_gain * (guess - (best.rank or 0.0))
-        return [best, *(g for g in clean if g is not best and (g.rank or 0.0) <= floor)]
+        floor = guess - self.rank_gain * (guess - ranks[best.gid])
+        return [best, *(g for g in clean if g is not best and ranks[g.gid] <= floor)]
 
     def _most_accurate(self, clean: list[GroupModel]) -> list[GroupModel]:
         """The groups that gained at least ``accuracy_gain`` of the best one's gain over
