@@ -137,6 +137,18 @@ class DetectionParams:
     the model has converged the fit weighs honest users at 0.1-0.4 with a residual under
     the bar (50 rounds: three honest users excluded), and 2+2 lost two seeds (README,
     issue 13's fifth change)."""
+    weight_veto: float | None = None
+    """Not in the paper (None = not used): with ``contribution_tolerance`` and
+    ``level_rounds``, once the model has learnt (τ ≥ bound_score), a focus group whose
+    focus user's fitted weight θ is below this does not score, whatever its own
+    contribution, where the fit is sharp (:func:`sharp_fit`). The mirror of
+    ``weight_floor``: one group's contribution is noisy, θ pools every group the user was
+    in. A free-rider's focus group with clean partners reads 0.5-0.9 of the level and
+    passed the contribution bar about one time in six; one such pass among a key user's
+    last four focus groups widens its interval past ``bound_conf`` for four rounds, and
+    left a free-rider in the training to round 10 in 6 of 40 seeds of IID 2+2 (issue
+    13: the lucky pass). Under a sharp fit the free-riders of those passes weighed
+    −0.5-0.35 and no honest focus user below 0.49 (README, issue 13's seventh change)."""
     contribution_direction: str = "median"
     """Not in the paper (:data:`DIRECTIONS`; "median" = as first built): what a group's
     update is projected on to measure its contribution (:func:`group_contributions`).
@@ -178,7 +190,7 @@ class DetectionParams:
             raise DetectionError(f"contribution_tolerance must be in [0, 1), got {tol}")
         if self.key_score is not None and not 0 <= self.key_score <= 1:
             raise DetectionError(f"key_score must be in [0, 1], got {self.key_score}")
-        for name in ("relative_tolerance", "weight_floor", "suspect_weight"):
+        for name in ("relative_tolerance", "weight_floor", "suspect_weight", "weight_veto"):
             value = getattr(self, name)
             if value is not None and not 0 <= value <= 1:
                 raise DetectionError(f"{name} must be in [0, 1], got {value}")
@@ -186,6 +198,12 @@ class DetectionParams:
             value = getattr(self, name)
             if value is not None and not 0 <= value <= 10:
                 raise DetectionError(f"{name} must be in [0, 10], got {value}")
+        veto, floor = self.weight_veto, self.weight_floor
+        if veto is not None and floor is not None and veto > floor:
+            raise DetectionError(
+                f"weight_veto ({veto}) must not exceed weight_floor ({floor}): a focus "
+                "group would be both excused and refused on its user's weight"
+            )
 
 
 @dataclass(frozen=True)
@@ -284,8 +302,9 @@ def detect(
     window = _level_window(grouping, accuracies, params, contributions, history)
     level = _checked_level(grouping, params, contributions, window)
     excused = _excused_groups(grouping, params, window, level)
+    vetoed = _vetoed_groups(grouping, params, window, tau >= params.bound_score)
     shortfall = _contribution_shortfall(params, window, level)
-    scores_group = _group_scorer(accuracies, bar, shortfall, contributions, level, excused)
+    scores_group = _group_scorer(accuracies, bar, shortfall, contributions, level, excused, vetoed)
 
     assessments: dict[int, UserAssessment] = {}
     evidence: dict[int, tuple[float, ...]] = {}
@@ -422,16 +441,18 @@ def _group_scorer(
     contributions: Mapping[int, float] | None,
     level: float | None,
     excused: frozenset[int] = frozenset(),
+    vetoed: frozenset[int] = frozenset(),
 ) -> Callable[[int], float]:
     """score_g of line 11: 1 if the group beats τ (and, optionally, contributed at least
-    1 − ``tol`` of what a clean group does, or is ``excused`` from that)."""
+    1 − ``tol`` of what a clean group does, or is ``excused`` from that, and is not
+    ``vetoed``)."""
     if tol is None or level is None or contributions is None:
         # Without the test, or with no group that moved the model: accuracy alone.
         return lambda gid: 1.0 if accuracies[gid] > bar else 0.0
     held = contributions
 
     def score(gid: int) -> float:
-        enough = gid in excused or held[gid] / level >= 1 - tol
+        enough = gid not in vetoed and (gid in excused or held[gid] / level >= 1 - tol)
         return 1.0 if accuracies[gid] > bar and enough else 0.0
 
     return score
@@ -476,24 +497,61 @@ def suspects(
     no key users there either) is not held against the fit: there every update is mostly
     noise, its residual was 0.25-0.3, and it kept a free-rider the fit weighed at -0.1
     out of the key users for the eight rounds of the window (IID 2+2, seed 8)."""
-    floor, tol = params.suspect_weight, params.contribution_tolerance
-    if floor is None or tol is None or not window:
+    floor = params.suspect_weight
+    fit = sharp_fit(params, window) if floor is not None else None
+    if floor is None or fit is None:
         return frozenset()
+    weights = {u: _significant(w) for u, w in fit.weights.items()}
+    return frozenset(u for u in grouping.users if weights.get(u, math.inf) < floor)
+
+
+def sharp_fit(
+    params: DetectionParams, window: Sequence[RoundContributions]
+) -> ContributionFit | None:
+    """The contribution fit of ``window`` where its weights can be believed, else None:
+    more groups in the window than the fit has unknowns (a weight per user and a level
+    per round; with fewer it fits anything exactly), and the relative residual of every
+    round in which the model had learnt (the groups' mean accuracy at least
+    ``bound_score``) below ``contribution_tolerance``, the shortfall the contribution
+    test looks for (:func:`suspects` has why each guard is there)."""
+    tol = params.contribution_tolerance
+    if tol is None or not window:
+        return None
     fit = fit_contributions(window)
     if fit is None or not fit.noise:
-        return frozenset()
+        return None
     equations = sum(len(r.groups) for r in window)
     if equations <= len(fit.weights) + len(window):
-        return frozenset()
+        return None
     learnt = [
         noise
         for r, noise in zip(window, fit.noise, strict=True)
         if sum(r.accuracies) / len(r.accuracies) >= params.bound_score
     ]
     if not all(math.isfinite(n) and _significant(n) < tol for n in learnt):
+        return None
+    return fit
+
+
+def _vetoed_groups(
+    grouping: Grouping,
+    params: DetectionParams,
+    window: Sequence[RoundContributions],
+    learnt: bool,
+) -> frozenset[int]:
+    """The focus groups whose focus user's fitted weight θ, to :data:`LEVEL_DIGITS`
+    significant digits, is below ``weight_veto`` under a :func:`sharp_fit`, once the
+    model has learnt (:attr:`DetectionParams.weight_veto`)."""
+    veto = params.weight_veto
+    fit = sharp_fit(params, window) if veto is not None and learnt else None
+    if veto is None or fit is None:
         return frozenset()
     weights = {u: _significant(w) for u, w in fit.weights.items()}
-    return frozenset(u for u in grouping.users if weights.get(u, math.inf) < floor)
+    return frozenset(
+        g.gid
+        for g in grouping.focus
+        if g.focus is not None and weights.get(g.focus, math.inf) < veto
+    )
 
 
 def yardstick(

@@ -195,6 +195,7 @@ _ZERO_IS_OFF = (
     "noise_widening",
     "noise_ceiling",
     "suspect_weight",
+    "weight_veto",
 )
 
 
@@ -202,8 +203,8 @@ def detection_table(table: object) -> DetectionParams:
     """A ``[detection]`` table of the task's configuration (its Alg. 6 policy, recorded on
     the ledger at task start) over :data:`DEFAULT_DETECTION`. Strict: an unknown key or a
     value of the wrong kind is refused by name. ``level_rounds``, ``evidence_window``,
-    ``relative_tolerance``, ``weight_floor``, ``noise_widening``, ``noise_ceiling`` and
-    ``suspect_weight`` = 0 turn those extensions off (TOML has no null)."""
+    ``relative_tolerance``, ``weight_floor``, ``noise_widening``, ``noise_ceiling``,
+    ``suspect_weight`` and ``weight_veto`` = 0 turn those extensions off (TOML has no null)."""
     names = {f.name for f in _DETECTION_FIELDS}
     if not isinstance(table, dict) or set(table) - names:
         raise FairbusError(f"[detection] takes only {sorted(names)} (the task's Alg. 6 policy)")

@@ -252,6 +252,7 @@ def detection_bench(
     contribution_direction: options.Direction = options.CONTRIBUTION_DIRECTION,
     noise_ceiling: float = options.NOISE_CEILING,
     suspect_weight: float = options.SUSPECT_WEIGHT,
+    weight_veto: float = options.WEIGHT_VETO,
     key_repeats: int = typer.Option(
         DEFAULTS.key_repeats, help="Most focus groups per key user (KIN)."
     ),
@@ -303,6 +304,7 @@ def detection_bench(
         contribution_direction,
         noise_ceiling,
         suspect_weight,
+        weight_veto,
     )
     from fairbus.bench import detection
 

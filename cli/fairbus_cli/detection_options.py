@@ -105,6 +105,12 @@ SUSPECT_WEIGHT = typer.Option(
     "whatever its score, where the fit is sharp (residual below the contribution "
     "tolerance); only its own focus groups can convict it. Negative turns it off.",
 )
+WEIGHT_VETO = typer.Option(
+    _negative_if_off(DEFAULTS.weight_veto),
+    help="Not in the paper: a focus group whose focus user's fitted weight θ is below "
+    "this does not score, whatever its own contribution, where the fit is sharp "
+    "(residual below the contribution tolerance). Negative turns it off.",
+)
 LEVEL_ROUNDS = typer.Option(
     DEFAULTS.level_rounds or 0,
     help="Not in the paper: compare a group's contribution with the clean level fitted by "
@@ -129,6 +135,7 @@ def detection_params(
     contribution_direction: Direction,
     noise_ceiling: float,
     suspect_weight: float,
+    weight_veto: float,
 ) -> DetectionParams:
     """The options as :class:`DetectionParams`; a negative (or for the two whole-number
     extensions, zero) value means off."""
@@ -149,4 +156,5 @@ def detection_params(
         contribution_direction=contribution_direction.value,
         noise_ceiling=_off_if_negative(noise_ceiling),
         suspect_weight=_off_if_negative(suspect_weight),
+        weight_veto=_off_if_negative(weight_veto),
     )

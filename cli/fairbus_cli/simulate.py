@@ -107,6 +107,7 @@ def simulate(
     contribution_direction: options.Direction = options.CONTRIBUTION_DIRECTION,
     noise_ceiling: float = options.NOISE_CEILING,
     suspect_weight: float = options.SUSPECT_WEIGHT,
+    weight_veto: float = options.WEIGHT_VETO,
     undefended: bool = typer.Option(False, help="Plain FedAvg: no detection, no exclusion."),
     local_epochs: int = typer.Option(TrainConfig.local_epochs, help="Local epochs per round."),
     local_steps: int | None = typer.Option(
@@ -230,6 +231,7 @@ def simulate(
                 contribution_direction,
                 noise_ceiling,
                 suspect_weight,
+                weight_veto,
             ),
             defended=not undefended,
             seed=seed,

@@ -15,6 +15,7 @@ from fairbus.detection import (
     detect,
     fit_contributions,
     group_contributions,
+    sharp_fit,
     suspects,
 )
 from fairbus.errors import DetectionError
@@ -644,6 +645,59 @@ def test_suspect_weight_keeps_a_user_the_sharp_fit_weighs_low_among_the_key_user
     # It is not held against the fit where the model had not learnt (at chance, < 0.3).
     at_chance = RoundContributions(strays.groups, strays.contributions, (0.1,) * 7)
     assert suspects(grouping, suspecting, (at_chance, history[1], this)) == {5}
+
+
+def _round_of(
+    grouping: Grouping, contributions: dict[int, float], acc: dict[int, float]
+) -> RoundContributions:
+    groups = sorted(grouping.groups, key=lambda g: g.gid)
+    return RoundContributions(
+        tuple(g.members for g in groups),
+        tuple(contributions[g.gid] for g in groups),
+        tuple(acc[g.gid] for g in groups),
+    )
+
+
+def test_weight_veto_refuses_a_focus_group_whose_user_the_sharp_fit_weighs_low() -> None:
+    # User 5 moves the model by 0.45 of an honest user; its focus group (1, 2, 5) reads
+    # (2 + 0.45) / 3 ≈ 0.82 of the level, above the 0.8 bar: a lucky pass. Under the
+    # sharp fit of three rounds θ_5 = 0.45, and the veto takes the pass away.
+    weights = {u: 1.0 for u in range(1, 10)} | {5: 0.45}
+    history = (_contributions(NINE_A, weights, 2.0), _contributions(NINE_C, weights, 3.0))
+    grouping, acc, contributions = _suspect_round(weights, key_users=frozenset({5}))
+    base = DetectionParams(
+        bound_score=0.3, bound_conf=0.5, tolerance=0.05, contribution_tolerance=0.2,
+        level_rounds=3, key_score=0.3, weight_floor=0.5,
+    )  # fmt: skip
+    assert detect(grouping, acc, base, contributions, history=history).group_scores[6] == 1.0
+    vetoing = replace(base, weight_veto=0.5)
+    result = detect(grouping, acc, vetoing, contributions, history=history)
+    assert result.group_scores[6] == 0.0
+    # only the focus group: the basic groups that hold user 5 still score on their own
+    assert result.group_scores == {gid: 1.0 for gid in range(6)} | {6: 0.0}
+    below = replace(base, weight_veto=0.4)  # θ_5 = 0.45 is above this veto
+    assert detect(grouping, acc, below, contributions, history=history).group_scores[6] == 1.0
+    # not without a sharp fit: one round alone fits anything exactly
+    assert detect(grouping, acc, vetoing, contributions).group_scores[6] == 1.0
+    # nor where this round strays from the fit by more than the contribution tolerance
+    # (basic group 1 moved nothing: θ_5 reads 0.72 there, the residual 0.26)
+    high = replace(base, weight_floor=None, weight_veto=0.9)
+    assert detect(grouping, acc, high, contributions, history=history).group_scores[6] == 0.0
+    scattered = dict(contributions) | {1: 0.0}
+    window = (*history, _round_of(grouping, scattered, acc))
+    fit = fit_contributions(window)
+    assert fit is not None and fit.noise[-1] > 0.2 and fit.weights[5] < 0.9
+    assert sharp_fit(high, window) is None
+    assert detect(grouping, acc, high, scattered, history=history).group_scores[6] == 1.0
+    # nor before the model has learnt (τ below bound_score: no key users are made there)
+    at_chance = dict.fromkeys(acc, 0.2) | {6: 0.25}
+    assert (
+        detect(grouping, at_chance, vetoing, contributions, history=history).group_scores[6] == 1.0
+    )
+    with pytest.raises(DetectionError, match="weight_veto"):
+        DetectionParams(weight_veto=1.5)
+    with pytest.raises(DetectionError, match="must not exceed weight_floor"):
+        DetectionParams(weight_floor=0.3, weight_veto=0.4)
 
 
 def test_a_suspect_whose_focus_groups_score_stays_a_key_user_but_is_not_convicted() -> None:

@@ -184,6 +184,17 @@ def test_the_suspect_weight_is_read_recorded_and_turned_off_by_zero() -> None:
         detection_table({"suspect_weight": 1.5})
 
 
+def test_the_weight_veto_is_read_recorded_and_turned_off_by_zero() -> None:
+    params = detection_table({"weight_veto": 0.3})
+    recorded = TaskParams.from_message(TaskParams(params).to_message())
+    assert recorded.detection.weight_veto == 0.3
+    assert detection_table({"weight_veto": 0}).weight_veto is None
+    with pytest.raises(FairbusError, match="weight_veto"):
+        detection_table({"weight_veto": 1.5})
+    with pytest.raises(FairbusError, match="must not exceed weight_floor"):
+        detection_table({"weight_veto": 0.4, "weight_floor": 0.3})
+
+
 @pytest.mark.parametrize(
     ("table", "complaint"),
     [
