@@ -117,6 +117,17 @@ class CleanGroupAverage:
     """Where the rank chooses, the groups whose rank gained at least this share of the
     best-ranked group's gain over a guess's rank count (1.0: the best-ranked alone)."""
 
+    stand_in: bool = True
+    """Where every group of the round holds a violator just found, the most accurate
+    group moves the model once (it is at least as accurate as the basic groups' mean, τ
+    of Alg. 6); False: the model is kept. Kept, the model starts the next round again, whose
+    sums count with this round's in the exposure check (issue 12, item 5), and with the
+    violators gone no grouping of the others passed, that round or any after it: the
+    task stopped learning for good (issue 13: IID 2+2, seeds 10 and 27, three violators
+    found in one round and every group holding one). The group's violator was not yet
+    found when it uploaded; a free-rider's upload is the global model itself, and a
+    group holding a poisoner is seldom the most accurate one."""
+
     def __post_init__(self) -> None:
         gain = self.accuracy_gain
         if gain is not None and not 0.0 <= gain <= 1.0:
@@ -143,6 +154,8 @@ class CleanGroupAverage:
             # start the next round again, whose sums then count with this round's in the
             # exposure check (issue 12, item 5), and often no grouping would pass.
             clean = [g for g in groups if not bad.intersection(g.members)]
+        if not clean and self.stand_in:
+            return _size_weighted_mean(current, _stand_in(groups))
         ranked = self._best_ranked_at_chance(clean)
         if ranked:
             return _size_weighted_mean(current, ranked)
@@ -182,6 +195,15 @@ class CleanGroupAverage:
             return clean
         floor = self.chance + self.accuracy_gain * (best - self.chance)
         return [g for g in clean if g.accuracy is not None and g.accuracy >= floor]
+
+
+def _stand_in(groups: Sequence[GroupModel]) -> list[GroupModel]:
+    """The most accurate of ``groups`` (the lowest id among equals); none where an
+    accuracy is missing."""
+    accuracy = {g.gid: g.accuracy for g in groups if g.accuracy is not None}
+    if not groups or len(accuracy) < len(groups):
+        return []
+    return [max(groups, key=lambda g: (accuracy[g.gid], -g.gid))]
 
 
 @dataclass(frozen=True)

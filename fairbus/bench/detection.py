@@ -203,6 +203,8 @@ class RunResult:
     final_accuracy: float
     mean_scores: dict[int, float]
     """Each user's score_i (Alg. 6, lines 9-15) averaged over the rounds it was scored."""
+    failed_rounds: tuple[int, ...] = ()
+    """The rounds that could not start or finish (no grouping passed the exposure check)."""
 
     @property
     def detected(self) -> set[int]:
@@ -249,6 +251,7 @@ def run_one(spec: RunSpec) -> RunResult:
         excluded_round,
         records[-1].global_accuracy,
         {u: statistics.fmean(v) for u, v in scores.items()},
+        tuple(record.round for record in records if record.failed is not None),
     )
 
 

@@ -7,6 +7,7 @@ from dataclasses import replace
 
 import pytest
 
+from fairbus.aggregation import CleanGroupAverage
 from fairbus.bench import detection
 from fairbus.bench.detection import (
     FAIRNESS,
@@ -205,3 +206,27 @@ def test_a_tiny_scenario_runs_and_summarises() -> None:
     assert row.attacks == "2 P ×3" and row.all_out_target == 0.95
     assert 0.0 <= row.tally.accuracy_defended <= 1.0
     assert row.tally.accuracy_undefended == results[1].final_accuracy
+
+
+def test_violators_found_in_a_round_whose_every_group_holds_one_do_not_stop_training() -> None:
+    """IID 2+2, seed 10, with weight_veto 0.4 (README, issue 13's seventh change): in
+    round 5 users 3, 6 and 9 are found and every group of the round holds one of them.
+    Kept, the model starts round 6 again; its sums count with round 5's in the exposure
+    check, no grouping of the six left passes, and no round starts again. The most
+    accurate group standing in moves the model, and the last attacker is found."""
+    scenario = _by_name()["iid 2+2"]
+    detection = replace(DEFAULT_DETECTION, weight_veto=0.4)
+    (spec,) = (
+        s
+        for s in build_suite_specs([scenario], 11, 10, detection, 6, 2)
+        if s.seed == 10 and s.defended
+    )
+    base = replace(spec.base, rounds=7)
+    kept = replace(base.provider, strategy=CleanGroupAverage(stand_in=False))
+    stalled = run_one(replace(spec, base=replace(base, provider=kept)))
+    assert stalled.excluded_round == {3: 5, 6: 5, 9: 5}, "the case this test reproduces"
+    assert stalled.failed_rounds == (6, 7)
+    result = run_one(replace(spec, base=base))
+    assert result.failed_rounds == ()
+    assert result.excluded_round == {3: 5, 6: 5, 9: 5, 2: 6}
+    assert result.final_accuracy > stalled.final_accuracy

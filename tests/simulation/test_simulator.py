@@ -291,6 +291,42 @@ def test_clean_group_average_lets_the_best_ranked_group_move_a_model_at_chance()
         CleanGroupAverage(rank_gain=1.5)
 
 
+def test_clean_group_average_lets_the_most_accurate_group_stand_in_when_none_is_clean() -> None:
+    current = np.zeros(2, dtype=np.float32)
+
+    def model(
+        gid: int, kind: str, members: tuple[int, ...], value: float, acc: float
+    ) -> GroupModel:
+        mean = np.full(2, value, dtype=np.float32)
+        return GroupModel(gid, kind, members, mean, True, 1.0, acc, 1.0)
+
+    # IID 2+2 seed 10, round 5: violators 3, 6 and 9 found, each group holds one
+    groups = [
+        model(0, "basic", (1, 8, 9), 1.0, 0.796),
+        model(1, "basic", (3, 4, 7), 2.0, 0.847),
+        model(2, "basic", (2, 5, 6), 3.0, 0.682),
+        model(3, "focus", (5, 7, 9), 4.0, 0.782),
+        model(4, "focus", (1, 6, 7), 5.0, 0.776),
+        model(5, "focus", (1, 3, 5), 6.0, 0.862),
+    ]
+    found = {3, 6, 9}
+    assert CleanGroupAverage().aggregate(current, groups, found).tolist() == [6.0, 6.0]
+    kept = CleanGroupAverage(stand_in=False).aggregate(current, groups, found)
+    assert kept.tolist() == [0.0, 0.0]
+    # equal accuracies: the lower group id
+    tied = [*groups[:5], dataclasses.replace(groups[5], accuracy=0.847)]
+    assert CleanGroupAverage().aggregate(current, tied, found).tolist() == [2.0, 2.0]
+    # any kind of group: here a basic one
+    basic_best = [*groups[:5], dataclasses.replace(groups[5], accuracy=0.5)]
+    assert CleanGroupAverage().aggregate(current, basic_best, found).tolist() == [2.0, 2.0]
+    # an accuracy missing: kept, as before
+    unknown = [*groups[:5], dataclasses.replace(groups[5], accuracy=None)]
+    assert CleanGroupAverage().aggregate(current, unknown, found).tolist() == [0.0, 0.0]
+    # a clean group exists (a focus group without a violator): it moves the model
+    clean = [*groups, model(6, "reference", (2, 4, 8), 7.0, 0.7)]
+    assert CleanGroupAverage().aggregate(current, clean, found).tolist() == [7.0, 7.0]
+
+
 def test_a_decision_the_contract_refuses_stops_the_simulation() -> None:
     """The ledger re-derives every decision with the parameters recorded at task start;
     here the ledger's record is made to disagree with the provider (as if the provider
