@@ -87,8 +87,8 @@ DEFAULT_DETECTION = DetectionParams(
     suspect_weight=None,
     # Issue 13 (README, "seventh change"): a free-rider's focus group with clean partners
     # passed the contribution bar about one time in six, and one such pass among a key
-    # user's last four kept it in training past round 10; under a sharp fit the
-    # free-riders of those passes weighed below 0.35 and no honest focus user below 0.49.
+    # user's last four kept it in training past round 10; under a sharp fit 28 of 31
+    # such passes had the free-rider below 0.4, and 1 of 330 honest users' passes.
     weight_veto=0.4,
 )
 """The task's Algorithm 6 policy unless its configuration says otherwise (the extensions
