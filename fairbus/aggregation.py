@@ -120,13 +120,13 @@ class CleanGroupAverage:
     stand_in: bool = True
     """Where every group of the round holds a violator just found, the most accurate
     group moves the model once (it is at least as accurate as the basic groups' mean, τ
-    of Alg. 6); False: the model is kept. Kept, the model starts the next round again, whose
-    sums count with this round's in the exposure check (issue 12, item 5), and with the
-    violators gone no grouping of the others passed, that round or any after it: the
-    task stopped learning for good (issue 13: IID 2+2, seeds 10 and 27, three violators
-    found in one round and every group holding one). The group's violator was not yet
-    found when it uploaded; a free-rider's upload is the global model itself, and a
-    group holding a poisoner is seldom the most accurate one."""
+    of Alg. 6); False: the model is kept. Kept, the model starts the next round again,
+    whose sums count with this round's in the exposure check (issue 12, item 5), and
+    with the violators gone no grouping of the others passed, that round or any after
+    it: the task stopped learning for good (issue 13: IID 2+2, seeds 10 and 27, three
+    violators found in one round and every group holding one). The group's violator was
+    not yet found when it uploaded; a free-rider's upload is the global model itself,
+    and a group holding a poisoner is seldom the most accurate one."""
 
     def __post_init__(self) -> None:
         gain = self.accuracy_gain

@@ -303,7 +303,10 @@ def detect(
     window = _level_window(grouping, accuracies, params, contributions, history)
     level = _checked_level(grouping, params, contributions, window)
     excused = _excused_groups(grouping, params, window, level)
-    vetoed = _vetoed_groups(grouping, params, window, tau >= params.bound_score)
+    # Line 21's bar τ − bound_score is at least 0: the model has learnt enough for the
+    # groups' scores to make key users.
+    learnt = tau - params.bound_score >= 0
+    vetoed = _vetoed_groups(grouping, params, window, learnt)
     shortfall = _contribution_shortfall(params, window, level)
     scores_group = _group_scorer(accuracies, bar, shortfall, contributions, level, excused, vetoed)
 
@@ -344,7 +347,6 @@ def detect(
 
     # Lines 21-24: users scoring below τ − bound_score become key users.
     key_bar = tau - params.bound_score
-    learnt = key_bar >= 0
     if params.key_score is not None and learnt:
         key_bar = params.key_score
     scoring_low = {u for u, a in assessments.items() if a.score < key_bar}
