@@ -647,6 +647,16 @@ def test_suspect_weight_keeps_a_user_the_sharp_fit_weighs_low_among_the_key_user
     assert suspects(grouping, suspecting, (at_chance, history[1], this)) == {5}
 
 
+def _weak_user_5_with_a_focus_group() -> tuple[
+    tuple[RoundContributions, ...], Grouping, dict[int, float], dict[int, float]
+]:
+    """Two rounds of history and a round with a focus group for user 5, who moves the
+    model by 0.45 of an honest user (the others by 1)."""
+    weights = {u: 1.0 for u in range(1, 10)} | {5: 0.45}
+    history = (_contributions(NINE_A, weights, 2.0), _contributions(NINE_C, weights, 3.0))
+    return (history, *_suspect_round(weights, key_users=frozenset({5})))
+
+
 def _round_of(
     grouping: Grouping, contributions: dict[int, float], acc: dict[int, float]
 ) -> RoundContributions:
@@ -662,9 +672,7 @@ def test_weight_veto_refuses_a_focus_group_whose_user_the_sharp_fit_weighs_low()
     # User 5 moves the model by 0.45 of an honest user; its focus group (1, 2, 5) reads
     # (2 + 0.45) / 3 ≈ 0.82 of the level, above the 0.8 bar: a lucky pass. Under the
     # sharp fit of three rounds θ_5 = 0.45, and the veto takes the pass away.
-    weights = {u: 1.0 for u in range(1, 10)} | {5: 0.45}
-    history = (_contributions(NINE_A, weights, 2.0), _contributions(NINE_C, weights, 3.0))
-    grouping, acc, contributions = _suspect_round(weights, key_users=frozenset({5}))
+    history, grouping, acc, contributions = _weak_user_5_with_a_focus_group()
     base = DetectionParams(
         bound_score=0.3, bound_conf=0.5, tolerance=0.05, contribution_tolerance=0.2,
         level_rounds=3, key_score=0.3, weight_floor=0.5,
@@ -705,9 +713,7 @@ def test_a_suspect_whose_focus_groups_score_stays_a_key_user_but_is_not_convicte
     # kept among the key users by its weight alone has not failed anything: its focus
     # group scores (carried 1, 1 and now 1: an interval of width 0), and it is not a
     # violator, only a key user again.
-    weights = {u: 1.0 for u in range(1, 10)} | {5: 0.45}
-    history = (_contributions(NINE_A, weights, 2.0), _contributions(NINE_C, weights, 3.0))
-    grouping, acc, contributions = _suspect_round(weights, key_users=frozenset({5}))
+    history, grouping, acc, contributions = _weak_user_5_with_a_focus_group()
     params = DetectionParams(
         bound_score=0.3, bound_conf=0.5, tolerance=0.05, contribution_tolerance=0.2,
         level_rounds=3, key_score=0.3, carry_evidence=True, suspect_weight=0.5,
