@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from enum import StrEnum
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -372,6 +372,20 @@ def detection_bench(
             "✓" if s.meets_target else "✗",
         )
     console.print(table)
+    _print_stalls(
+        (f"{s.poisoners}+{s.free_riders}", s.seeds_with_failed_round, s.seeds) for s in summaries
+    )
+
+
+def _print_stalls(rows: Iterable[tuple[str, int, int]]) -> None:
+    """A line for each scenario (name, seeds stalled, seeds) where a defended run had a
+    round that failed: its table row says nothing of it, and such a task learns no more."""
+    for name, stalled, seeds in rows:
+        if stalled:
+            console.print(
+                f"[yellow]{name}: {stalled}/{seeds} seeds had a round that failed "
+                "(no grouping passed the exposure check)[/]"
+            )
 
 
 def _fairness_table(rows: list[SuiteSummary], policy: str, as_json: bool) -> None:
@@ -433,6 +447,7 @@ def _fairness_table(rows: list[SuiteSummary], policy: str, as_json: bool) -> Non
             f"{', '.join(wanted)}: {verdict}",
         )
     console.print(table)
+    _print_stalls((r.name, r.tally.seeds_with_failed_round, r.tally.seeds) for r in rows)
     console.print(
         "Seeds: --seeds for the 9-user scenarios over --rounds, "
         f"{FEW_SEEDS} (at most --seeds) for 15 and 30 users and for 50 rounds. 'all out': "

@@ -292,6 +292,9 @@ class Tally:
     accuracy_undefended: float | None
     score_honest: float | None
     score_attackers: float | None
+    seeds_with_failed_round: int = 0
+    """Seeds whose defended run had a round that could not start or finish (no grouping
+    passed the exposure check): a task that stalls learns nothing more."""
 
 
 def tally(defended: Sequence[RunResult], undefended: Sequence[RunResult], within: int) -> Tally:
@@ -317,6 +320,7 @@ def tally(defended: Sequence[RunResult], undefended: Sequence[RunResult], within
         statistics.fmean(r.final_accuracy for r in undefended) if undefended else None,
         _mean_score(defended, honest=True),
         _mean_score(defended, honest=False),
+        sum(1 for r in defended if r.failed_rounds),
     )
 
 
@@ -340,6 +344,8 @@ class ScenarioSummary:
     """Mean score_i of the honest users; the paper's Fig. 5 has them well above ..."""
     score_attackers: float | None = None
     """... the attackers', even with 3+3; means over users, rounds scored and seeds."""
+    seeds_with_failed_round: int = 0
+    """Seeds whose defended run had a round that failed (:attr:`Tally.seeds_with_failed_round`)."""
 
     @property
     def meets_target(self) -> bool:
@@ -377,6 +383,7 @@ def summarize(results: Iterable[RunResult], within: int) -> list[ScenarioSummary
                 t.accuracy_undefended,
                 t.score_honest,
                 t.score_attackers,
+                t.seeds_with_failed_round,
             )
         )
     return summaries

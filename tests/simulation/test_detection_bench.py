@@ -28,6 +28,7 @@ from fairbus.simulator import SimulationConfig
 from fairbus.task import DEFAULT_DETECTION
 from fairbus.training.attacks import Attack, Behaviour
 from fairbus.training.config import TrainConfig
+from fairbus_cli import bench as bench_cli
 
 P, F = Behaviour.POISONER, Behaviour.FREE_RIDER
 
@@ -188,6 +189,18 @@ def test_the_targets_follow_issue_13() -> None:
     undetected = [replace(r, excluded_round={}) for r in runs(many, 5)]
     rows = {r.name: r for r in summarize_suite(undetected, [many])}
     assert rows["3+3"].misses == ("detected 0% < 80%",)
+    # a stalled defended run is counted (an undefended one is not: it has no grouping
+    # to fail), and the CLI says so under the table
+    played = runs(one, 3)
+    stalled = [replace(r, failed_rounds=(6, 7)) for r in played[:2]] + played[2:]
+    rows = {r.name: r for r in summarize_suite(stalled, [one])}
+    assert rows["1+1"].tally.seeds_with_failed_round == 1
+    assert rows["1+1"].meets_target  # the line below the table says it, not the verdict
+    with bench_cli.console.capture() as printed:
+        bench_cli._print_stalls([("1+1", 1, 3), ("2+2", 0, 3)])
+    assert printed.get().splitlines() == [
+        "1+1: 1/3 seeds had a round that failed (no grouping passed the exposure check)"
+    ]
 
 
 def test_a_tiny_scenario_runs_and_summarises() -> None:
