@@ -476,12 +476,7 @@ def _excused_groups(
     fit = fit_contributions(window)
     if fit is None:
         return frozenset()
-    weights = {u: _significant(w) for u, w in fit.weights.items()}
-    return frozenset(
-        g.gid
-        for g in grouping.focus
-        if g.focus is not None and weights.get(g.focus, -math.inf) >= floor
-    )
+    return _focus_groups_weighing(grouping, fit, lambda theta: theta >= floor)
 
 
 def suspects(
@@ -504,7 +499,7 @@ def suspects(
     fit = sharp_fit(params, window) if floor is not None else None
     if floor is None or fit is None:
         return frozenset()
-    weights = {u: _significant(w) for u, w in fit.weights.items()}
+    weights = _rounded_weights(fit)
     return frozenset(u for u in grouping.users if weights.get(u, math.inf) < floor)
 
 
@@ -549,11 +544,25 @@ def _vetoed_groups(
     fit = sharp_fit(params, window) if veto is not None and learnt else None
     if veto is None or fit is None:
         return frozenset()
-    weights = {u: _significant(w) for u, w in fit.weights.items()}
+    return _focus_groups_weighing(grouping, fit, lambda theta: theta < veto)
+
+
+def _rounded_weights(fit: ContributionFit) -> dict[int, float]:
+    """Every user's fitted θ to :data:`LEVEL_DIGITS` significant digits, as the level is:
+    what each comparison of a weight with a floor or a veto takes."""
+    return {u: _significant(w) for u, w in fit.weights.items()}
+
+
+def _focus_groups_weighing(
+    grouping: Grouping, fit: ContributionFit, chosen: Callable[[float], bool]
+) -> frozenset[int]:
+    """The focus groups whose focus user has a fitted weight that ``chosen`` accepts (a
+    user the fit has no weight for is never chosen)."""
+    weights = _rounded_weights(fit)
     return frozenset(
         g.gid
         for g in grouping.focus
-        if g.focus is not None and weights.get(g.focus, math.inf) < veto
+        if g.focus is not None and g.focus in weights and chosen(weights[g.focus])
     )
 
 

@@ -354,12 +354,11 @@ def detection_bench(
     ):
         table.add_column(column, justify="right")
     for s in summaries:
-        unattacked = s.poisoners + s.free_riders == 0  # nothing to detect: no rate to show
         table.add_row(
             f"{s.poisoners}+{s.free_riders}",
-            "–" if unattacked else f"{s.detection_rate:.0%}",
+            "–" if s.detection_rate is None else f"{s.detection_rate:.0%}",
             f"{s.false_exclusions} ({s.seeds_with_false_exclusion})",
-            "–" if unattacked else f"{s.seeds_all_caught_in_time}/{s.seeds}",
+            "–" if s.detection_rate is None else f"{s.seeds_all_caught_in_time}/{s.seeds}",
             "–"
             if s.rounds_to_detection_mean is None
             else f"{s.rounds_to_detection_mean:.1f} / {s.rounds_to_detection_max}",

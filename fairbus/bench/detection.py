@@ -331,7 +331,8 @@ class ScenarioSummary:
     poisoners: int
     free_riders: int
     seeds: int
-    detection_rate: float
+    detection_rate: float | None
+    """Share of attackers excluded; None without attackers."""
     false_exclusions: int
     seeds_with_false_exclusion: int
     seeds_all_caught_in_time: int
@@ -372,7 +373,7 @@ def summarize(results: Iterable[RunResult], within: int) -> list[ScenarioSummary
                 scenario.count(Behaviour.POISONER),
                 scenario.count(Behaviour.FREE_RIDER),
                 t.seeds,
-                1.0 if t.detection_rate is None else t.detection_rate,
+                t.detection_rate,
                 t.false_exclusions,
                 t.seeds_with_false_exclusion,
                 t.seeds_all_caught_in_time,
