@@ -253,6 +253,7 @@ def detection_bench(
     noise_ceiling: float = options.NOISE_CEILING,
     suspect_weight: float = options.SUSPECT_WEIGHT,
     weight_veto: float = options.WEIGHT_VETO,
+    plateau_gain: float = options.PLATEAU_GAIN,
     key_repeats: int = typer.Option(
         DEFAULTS.key_repeats, help="Most focus groups per key user (KIN)."
     ),
@@ -305,6 +306,7 @@ def detection_bench(
         noise_ceiling,
         suspect_weight,
         weight_veto,
+        plateau_gain,
     )
     from fairbus.bench import detection
 

@@ -111,6 +111,12 @@ WEIGHT_VETO = typer.Option(
     "this does not score, whatever its own contribution, where the fit is sharp "
     "(residual below the contribution tolerance). Negative turns it off.",
 )
+PLATEAU_GAIN = typer.Option(
+    _negative_if_off(DEFAULTS.plateau_gain),
+    help="Not in the paper: once the groups' mean accuracy spans less than this over the "
+    "level rounds (the model has converged), a round whose fit residual is not below the "
+    "contribution tolerance tests accuracy alone. Negative turns it off.",
+)
 LEVEL_ROUNDS = typer.Option(
     DEFAULTS.level_rounds or 0,
     help="Not in the paper: compare a group's contribution with the clean level fitted by "
@@ -136,6 +142,7 @@ def detection_params(
     noise_ceiling: float,
     suspect_weight: float,
     weight_veto: float,
+    plateau_gain: float,
 ) -> DetectionParams:
     """The options as :class:`DetectionParams`; a negative (or for the two whole-number
     extensions, zero) value means off."""
@@ -157,4 +164,5 @@ def detection_params(
         noise_ceiling=_off_if_negative(noise_ceiling),
         suspect_weight=_off_if_negative(suspect_weight),
         weight_veto=_off_if_negative(weight_veto),
+        plateau_gain=_off_if_negative(plateau_gain),
     )

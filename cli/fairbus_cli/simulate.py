@@ -108,6 +108,7 @@ def simulate(
     noise_ceiling: float = options.NOISE_CEILING,
     suspect_weight: float = options.SUSPECT_WEIGHT,
     weight_veto: float = options.WEIGHT_VETO,
+    plateau_gain: float = options.PLATEAU_GAIN,
     undefended: bool = typer.Option(False, help="Plain FedAvg: no detection, no exclusion."),
     local_epochs: int = typer.Option(TrainConfig.local_epochs, help="Local epochs per round."),
     local_steps: int | None = typer.Option(
@@ -232,6 +233,7 @@ def simulate(
                 noise_ceiling,
                 suspect_weight,
                 weight_veto,
+                plateau_gain,
             ),
             defended=not undefended,
             seed=seed,

@@ -11,6 +11,7 @@ from fairbus.detection import (
     DetectionParams,
     DetectionResult,
     RoundContributions,
+    at_plateau,
     clean_level,
     detect,
     fit_contributions,
@@ -553,6 +554,50 @@ def test_noise_ceiling_leaves_the_contribution_test_out_of_a_noisy_round() -> No
     assert scores[0.1] == [1.0, 1.0, 1.0, 1.0, 0.0, 1.0]  # group 4 is below τ − 0.05
     with pytest.raises(DetectionError, match="noise_ceiling"):
         DetectionParams(noise_ceiling=11.0)
+
+
+def test_at_a_plateau_only_a_round_with_a_sharp_fit_tests_contributions() -> None:
+    # The noisy round above (σ between 0.1 and 0.2) at a contribution tolerance of 0.1:
+    # the fit is loose. Every round of the window is at accuracy 0.6: the model has
+    # stopped learning, and with plateau_gain the round tests accuracy alone.
+    honest = {u: 1.0 for u in range(1, 10)}
+    history = (_contributions(NINE_A, honest, 2.0), _contributions(NINE_C, honest, 3.0))
+    exact = _contributions(NINE_B, honest, 2.0)
+    pairs = zip(exact.contributions, (0.6, 1.4) * 3, strict=True)
+    contributions = {k: c * m for k, (c, m) in enumerate(pairs)}
+    grouping = Grouping(tuple(Group(k, BASIC, m) for k, m in enumerate(NINE_B)), frozenset(), 0, 1)
+    acc = dict.fromkeys(range(6), 0.6) | {4: 0.5}
+    assert {a for r in history for a in r.accuracies} == {0.6}
+    base = DetectionParams(
+        bound_score=0.3, bound_conf=0.5, tolerance=0.05, contribution_tolerance=0.1,
+        level_rounds=3,
+    )  # fmt: skip
+    window = (*history, _round_of(grouping, contributions, acc))
+    fit = fit_contributions(window)
+    assert fit is not None and 0.1 < fit.noise[-1] < 0.2
+
+    def scores(params: DetectionParams, accuracies: dict[int, float] = acc) -> list[float]:
+        result = detect(grouping, accuracies, params, contributions, history=history)
+        return [result.group_scores[g] for g in range(6)]
+
+    tested = [0.0, 1.0, 0.0, 1.0, 0.0, 1.0]  # the short groups fail on contribution
+    assert scores(base) == tested
+    plateau = replace(base, plateau_gain=0.05)  # the means span 0.6 − 0.583 = 0.017
+    assert at_plateau(plateau, window, learnt=True)
+    assert scores(plateau) == [1.0, 1.0, 1.0, 1.0, 0.0, 1.0]  # group 4: accuracy
+    # not where the means span more than the gain: the model still learns
+    assert not at_plateau(replace(base, plateau_gain=0.01), window, learnt=True)
+    assert scores(replace(base, plateau_gain=0.01)) == tested
+    # not where the window is not full (4 rounds asked for, 3 held)
+    assert scores(replace(plateau, level_rounds=4)) == tested
+    # not before the model has learnt (τ below bound_score)
+    assert not at_plateau(plateau, window, learnt=False)
+    assert scores(replace(plateau, bound_score=0.6)) == tested  # τ = 0.583
+    # at a plateau a sharp round still tests contributions: at tolerance 0.2, σ < 0.2
+    sharp = replace(plateau, contribution_tolerance=0.2)
+    assert scores(sharp) == scores(replace(base, contribution_tolerance=0.2)) == tested
+    with pytest.raises(DetectionError, match="plateau_gain"):
+        DetectionParams(plateau_gain=1.5)
 
 
 def test_the_fit_does_not_depend_on_the_sign_lapack_gives_a_singular_vector(

@@ -175,22 +175,21 @@ def test_the_contribution_direction_is_read_and_recorded() -> None:
     assert recorded.detection.contribution_direction == "last_step"
 
 
-def test_the_suspect_weight_is_read_recorded_and_turned_off_by_zero() -> None:
-    params = detection_table({"suspect_weight": 0.5})
+@pytest.mark.parametrize(
+    ("name", "value"), [("suspect_weight", 0.5), ("weight_veto", 0.3), ("plateau_gain", 0.02)]
+)
+def test_an_extension_of_alg_6_is_read_recorded_and_turned_off_by_zero(
+    name: str, value: float
+) -> None:
+    params = detection_table({name: value})
     recorded = TaskParams.from_message(TaskParams(params).to_message())
-    assert recorded.detection.suspect_weight == 0.5
-    assert detection_table({"suspect_weight": 0}).suspect_weight is None
-    with pytest.raises(FairbusError, match="suspect_weight"):
-        detection_table({"suspect_weight": 1.5})
+    assert getattr(recorded.detection, name) == value
+    assert getattr(detection_table({name: 0}), name) is None
+    with pytest.raises(FairbusError, match=name):
+        detection_table({name: 1.5})
 
 
-def test_the_weight_veto_is_read_recorded_and_turned_off_by_zero() -> None:
-    params = detection_table({"weight_veto": 0.3})
-    recorded = TaskParams.from_message(TaskParams(params).to_message())
-    assert recorded.detection.weight_veto == 0.3
-    assert detection_table({"weight_veto": 0}).weight_veto is None
-    with pytest.raises(FairbusError, match="weight_veto"):
-        detection_table({"weight_veto": 1.5})
+def test_the_weight_veto_must_not_exceed_the_weight_floor() -> None:
     with pytest.raises(FairbusError, match="must not exceed weight_floor"):
         detection_table({"weight_veto": 0.4, "weight_floor": 0.3})
 
