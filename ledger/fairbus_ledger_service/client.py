@@ -2,8 +2,9 @@
 
 A submitter publishes its signed envelope on its own ``…/ledger/submit`` topic and waits
 for a signed :class:`~fairbus.wire.messages.Receipt` (sent only after commit) or a
-:class:`~fairbus.wire.messages.Refusal`. With no answer in ``timeout`` it submits again:
-the ledger answers a duplicate with the first receipt, so a retry never commits twice.
+:class:`~fairbus.wire.messages.Refusal`. With no answer in ``timeout`` it submits again
+(until ``retries`` times the timeout, or the patience, has passed): the ledger answers a
+duplicate with the first receipt, so a retry never commits twice.
 """
 
 from __future__ import annotations
@@ -143,17 +144,24 @@ class LedgerClient:
         """:meth:`submit`, also returning the signed receipt (to pass on with the
         envelope, :mod:`fairbus.ledger.recorded`). ``patience``: seconds to wait for each
         try's answer instead of the client's timeout, for a transaction the ledger
-        re-derives at length (an evaluation)."""
+        re-derives at length (an evaluation). The transaction is sent again every
+        ``timeout`` all the same: a submission lost with a ledger writer that died must
+        not wait out the patience before the new writer sees it (a duplicate costs the
+        ledger a lookup, and an evaluation's numbers are cached)."""
         tx_hash = hashlib.sha256(envelope.parse(data).header_bytes).digest()
-        future = self._waiting.setdefault(tx_hash, asyncio.get_running_loop().create_future())
+        loop = asyncio.get_running_loop()
+        future = self._waiting.setdefault(tx_hash, loop.create_future())
         topic = topics.ledger_submit(self.task, self.role, self.pid)
+        deadline = loop.time() + self.retries * max(self.timeout, patience or 0.0)
         try:
-            for _ in range(self.retries):
+            while True:
                 await self.mqtt.publish(topic, data, qos=topics.QOS)
+                wait = min(self.timeout, max(deadline - loop.time(), 0.0))
                 try:
-                    wait = max(self.timeout, patience or 0.0)
                     answer = await asyncio.wait_for(asyncio.shield(future), wait)
                 except TimeoutError:
+                    if loop.time() >= deadline:
+                        break
                     continue
                 if isinstance(answer, Refusal):
                     raise RefusedError(RefusalReason(answer.reason), answer.detail)

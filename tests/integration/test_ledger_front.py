@@ -20,7 +20,7 @@ from fairbus.roster import Member, Role, Roster
 from fairbus.wire.messages import Attestation, GlobalModel
 from fairbus_broker.mqtt import mqtt_client
 from fairbus_ledger_service.blobs import BlobStore
-from fairbus_ledger_service.client import LedgerClient
+from fairbus_ledger_service.client import LedgerClient, LedgerTimeoutError, Publisher
 from fairbus_ledger_service.config import LedgerConfig
 from fairbus_ledger_service.node import LedgerNode
 from fairbus_ledger_service.service import LedgerService
@@ -95,6 +95,61 @@ async def test_receipts_refusals_and_queries_over_the_bus(broker: int, tmp_path:
         service.cancel()
         with pytest.raises(asyncio.CancelledError):
             await service
+
+
+class _LosesItsFirstPublication:
+    """Publishes through ``mqtt`` all but the first publication: a submission lost with
+    a ledger writer that died holding it."""
+
+    def __init__(self, mqtt: Publisher) -> None:
+        self.mqtt = mqtt
+        self.sent = 0
+
+    async def publish(self, topic: str, payload: bytes, qos: int = 0) -> None:
+        self.sent += 1
+        if self.sent > 1:
+            await self.mqtt.publish(topic, payload, qos=qos)
+
+
+async def test_a_lost_submission_is_sent_again_before_the_patience_runs_out(
+    broker: int, tmp_path: Path
+) -> None:
+    # The provider waits up to a minute for the receipt of an evaluation (the ledger
+    # re-derives it). Before, it sent nothing more in that minute, so a writer that died
+    # with the submission stalled training for the whole of it; now it sends again every
+    # timeout, and the patience only bounds how long it keeps trying.
+    roster, ids, config = _deployment(tmp_path, broker)
+    service = asyncio.create_task(LedgerService(config, 101).run())
+    test_set, start = task_opening(ids[0], TASK)
+    try:
+        async with (
+            mqtt_client("127.0.0.1", broker, "provider-0") as mqtt,
+            LedgerClient(mqtt, ids[0], roster, "provider", timeout=0.5, retries=60) as ledger,
+        ):
+            await ledger.submit(test_set.to_bytes())
+            lossy = _LosesItsFirstPublication(mqtt)
+            ledger.mqtt = lossy
+            receipt = await asyncio.wait_for(
+                ledger.submit_for_receipt(start.to_bytes(), patience=3600.0), 30.0
+            )
+            assert receipt[0].tx_hash == start.hash and lossy.sent >= 2
+            # the patience still bounds the whole: with nothing answering it gives up
+            ledger.mqtt = _LosesItsFirstPublication(_Nowhere())
+            ledger.retries = 1
+            fork = envelope.sign(ids[0], TASK, Attestation("x", bytes(32), b""), prev=start.hash)
+            with pytest.raises(LedgerTimeoutError):
+                await ledger.submit_for_receipt(fork.to_bytes(), patience=1.0)
+    finally:
+        service.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await service
+
+
+class _Nowhere:
+    """A bus that delivers nothing."""
+
+    async def publish(self, topic: str, payload: bytes, qos: int = 0) -> None:
+        return None
 
 
 async def test_a_follower_raises_an_alarm_on_an_invalid_block(tmp_path: Path) -> None:
