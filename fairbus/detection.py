@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import numpy.typing as npt
-from scipy import stats
+from scipy import special
 
 from fairbus.errors import DetectionError
 from fairbus.grouping import BASIC, Grouping
@@ -360,7 +360,9 @@ def detect(
             # Lines 16-20: the 95% interval of the key user's group scores.
             mean = sum(group_scores) / n
             spread = math.sqrt(sum((s - mean) ** 2 for s in group_scores) / n)
-            quantile = float(stats.t.ppf(1 - (1 - params.confidence) / 2, n - 1))
+            # Student's t quantile: what scipy.stats.t.ppf computes (it calls stdtrit),
+            # without importing scipy.stats (0.5 s at every participant's start).
+            quantile = float(special.stdtrit(n - 1, 1 - (1 - params.confidence) / 2))
             half = spread / math.sqrt(n) * quantile
             conf_lo, conf_up = mean - half, mean + half
         assessments[user] = UserAssessment(user, score, n, conf_lo, conf_up)

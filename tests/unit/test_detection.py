@@ -770,3 +770,15 @@ def test_a_suspect_whose_focus_groups_score_stays_a_key_user_but_is_not_convicte
     failing = dict(acc) | {0: 0.5, 5: 0.5, 6: 0.5}
     convicted = detect(grouping, failing, params, contributions, {5: (0.0, 0.0)}, history)
     assert convicted.violators == {5}
+
+
+def test_the_intervals_t_quantile_is_scipy_stats_own() -> None:
+    # Lines 16-20 take Student's t quantile from scipy.special.stdtrit, which is what
+    # scipy.stats.t.ppf computes, without importing scipy.stats at every start: the
+    # same number to the bit (the ledger re-derives every interval).
+    from scipy import special, stats
+
+    for confidence in (0.8, 0.9, 0.95, 0.99):
+        q = 1 - (1 - confidence) / 2
+        for df in range(1, 200):
+            assert float(special.stdtrit(df, q)) == float(stats.t.ppf(q, df))
