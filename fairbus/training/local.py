@@ -12,6 +12,7 @@ from torch import nn
 from fairbus.training.config import TrainConfig
 from fairbus.training.data import Dataset
 from fairbus.training.models import build_model, flatten_params, load_params
+from fairbus.training.sgd import MomentumSGD
 
 
 class Trainer:
@@ -30,9 +31,7 @@ class Trainer:
         steps: :meth:`batches`); ``flip_labels`` trains on y → C−1−y."""
         load_params(self.model, global_params)
         self.model.train()
-        opt = torch.optim.SGD(
-            self.model.parameters(), lr=self.config.lr, momentum=self.config.momentum
-        )
+        opt = MomentumSGD(self.model.parameters(), lr=self.config.lr, momentum=self.config.momentum)
         x, y = self.data.x, self.data.y
         if flip_labels:
             y = (self.data.num_classes - 1) - y

@@ -30,6 +30,7 @@ from fairbus.training.models import (
     initial_params,
     load_params,
 )
+from fairbus.training.sgd import MomentumSGD
 
 
 def test_the_papers_mnist_cnn_has_582026_parameters() -> None:
@@ -199,15 +200,15 @@ def test_attacks(digits: tuple[Dataset, Dataset]) -> None:
 
 
 def _count_steps(monkeypatch: pytest.MonkeyPatch) -> list[int]:
-    """Make every ``SGD.step`` count itself; returns the counter (one element)."""
+    """Make every local SGD step count itself; returns the counter (one element)."""
     counter = [0]
-    step = torch.optim.SGD.step
+    step = MomentumSGD.step
 
-    def counting(self: torch.optim.SGD, *args: object, **kwargs: object) -> object:
+    def counting(self: MomentumSGD) -> None:
         counter[0] += 1
-        return step(self, *args, **kwargs)
+        step(self)
 
-    monkeypatch.setattr(torch.optim.SGD, "step", counting)
+    monkeypatch.setattr(MomentumSGD, "step", counting)
     return counter
 
 
@@ -308,3 +309,25 @@ def test_equal_steps_leave_an_explicit_count_or_per_user_epochs_alone() -> None:
     assert per_user.steps_per_round(64) < per_user.steps_per_round(640)
     with pytest.raises(FairbusError, match="no local steps"):
         TrainConfig().for_task(0, 9)
+
+
+@pytest.mark.parametrize("model_name", ["digits_cnn", "mnist_cnn"])
+def test_local_sgd_is_torch_optims_sgd_to_the_bit(model_name: str) -> None:
+    # fairbus.training.sgd.MomentumSGD stands in for torch.optim.SGD (whose first use
+    # imports torch._dynamo): the same parameters after every step, bit for bit.
+    torch.manual_seed(0)
+    shape = (12, 1, 8, 8) if model_name == "digits_cnn" else (12, 1, 28, 28)
+    x, y = torch.rand(shape), torch.randint(0, 10, (12,))
+    models = [build_model(model_name) for _ in range(2)]
+    models[1].load_state_dict(models[0].state_dict())
+    ours = MomentumSGD(models[0].parameters(), lr=0.01, momentum=0.9)
+    theirs = torch.optim.SGD(models[1].parameters(), lr=0.01, momentum=0.9)
+    start = flatten_params(models[0])
+    for step in range(4):
+        for model, opt in ((models[0], ours), (models[1], theirs)):
+            opt.zero_grad()
+            loss = torch.nn.functional.cross_entropy(model(x[step::2]), y[step::2])
+            loss.backward()  # type: ignore[no-untyped-call]
+            opt.step()
+        assert np.array_equal(flatten_params(models[0]), flatten_params(models[1]))
+    assert not np.array_equal(flatten_params(models[0]), start)
