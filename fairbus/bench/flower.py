@@ -63,6 +63,7 @@ TRAINING_MODULES = (
     "training/data.py",
     "training/local.py",
     "training/models.py",
+    "training/sgd.py",
 )
 """The fairbus files the Flower processes import (torch, numpy; sklearn only for digits)."""
 
