@@ -530,16 +530,23 @@ def test_noise_widening_lowers_the_contribution_bar_in_a_noisy_round() -> None:
         DetectionParams(noise_widening=-1.0)
 
 
-def test_noise_ceiling_leaves_the_contribution_test_out_of_a_noisy_round() -> None:
-    # The noisy round of the test above (σ between 0.1 and 0.2): a ceiling above σ keeps
-    # the contribution test (the short groups fail), one below σ leaves it out (they
-    # score on accuracy, and fail only where accuracy says so).
+def _noisy_third_round() -> tuple[tuple[RoundContributions, ...], dict[int, float], Grouping]:
+    """Two rounds of nine honest users that the fit matches exactly, and a third (NINE_B,
+    basic groups) whose groups read 0.6 and 1.4 of the level in turn: σ in (0.1, 0.2)."""
     honest = {u: 1.0 for u in range(1, 10)}
     history = (_contributions(NINE_A, honest, 2.0), _contributions(NINE_C, honest, 3.0))
     exact = _contributions(NINE_B, honest, 2.0)
     pairs = zip(exact.contributions, (0.6, 1.4) * 3, strict=True)
     contributions = {k: c * m for k, (c, m) in enumerate(pairs)}
     grouping = Grouping(tuple(Group(k, BASIC, m) for k, m in enumerate(NINE_B)), frozenset(), 0, 1)
+    return history, contributions, grouping
+
+
+def test_noise_ceiling_leaves_the_contribution_test_out_of_a_noisy_round() -> None:
+    # The noisy round of the test above (σ between 0.1 and 0.2): a ceiling above σ keeps
+    # the contribution test (the short groups fail), one below σ leaves it out (they
+    # score on accuracy, and fail only where accuracy says so).
+    history, contributions, grouping = _noisy_third_round()
     acc = {0: 0.9, 1: 0.9, 2: 0.9, 3: 0.9, 4: 0.5, 5: 0.9}
     base = DetectionParams(
         bound_score=0.3, bound_conf=0.5, tolerance=0.05, contribution_tolerance=0.2,
@@ -560,12 +567,7 @@ def test_at_a_plateau_only_a_round_with_a_sharp_fit_tests_contributions() -> Non
     # The noisy round above (σ between 0.1 and 0.2) at a contribution tolerance of 0.1:
     # the fit is loose. Every round of the window is at accuracy 0.6: the model has
     # stopped learning, and with plateau_gain the round tests accuracy alone.
-    honest = {u: 1.0 for u in range(1, 10)}
-    history = (_contributions(NINE_A, honest, 2.0), _contributions(NINE_C, honest, 3.0))
-    exact = _contributions(NINE_B, honest, 2.0)
-    pairs = zip(exact.contributions, (0.6, 1.4) * 3, strict=True)
-    contributions = {k: c * m for k, (c, m) in enumerate(pairs)}
-    grouping = Grouping(tuple(Group(k, BASIC, m) for k, m in enumerate(NINE_B)), frozenset(), 0, 1)
+    history, contributions, grouping = _noisy_third_round()
     acc = dict.fromkeys(range(6), 0.6) | {4: 0.5}
     assert {a for r in history for a in r.accuracies} == {0.6}
     base = DetectionParams(
