@@ -2,7 +2,7 @@
 
 Written here, not taken from ``torch.optim``, for one reason: an optimizer imports
 ``torch._dynamo`` the first time one is built (torch 2.13 wraps
-``Optimizer.add_param_group`` in ``torch._disable_dynamo``), which costs 1.8-3.5 s of
+``Optimizer.add_param_group`` in ``torch._disable_dynamo``), which costs 1.2-1.5 s of
 CPU at the start of every user process on this machine kind — more than a round of
 local training on digits, paid by each of the nine users of a task on the same cores.
 The update is torch's own single-tensor path (``torch.optim.sgd._single_tensor_sgd``
