@@ -150,6 +150,15 @@ class DetectionParams:
     13: the lucky pass). Under a sharp fit 28 of 31 such passes of free-riders had the
     free-rider below 0.4, and 1 of 330 passes of honest focus users (README, issue 13's
     seventh change)."""
+    widening_cap: float | None = None
+    """Not in the paper (None = no cap): with ``noise_widening``, the widened tolerance is
+    at most this. At 1 the contribution bar never goes below 0, so a group whose
+    contribution points backwards (it moved the model against the clean direction)
+    never scores on contribution, however loose the round's fit. Strong poisoners bend
+    the median of the basic groups so far that the fit's residual exceeds 1 (1.2-10 in
+    the traced ×3 and 3+3 runs): the widened bar then went below 0 and passed poisoners'
+    focus groups that read −1.8 of the level (issue 13: 3+3, 31% → 37% detected with 1;
+    README, "eighth change")."""
     plateau_gain: float | None = None
     """Not in the paper (None = not used): with ``contribution_tolerance`` and
     ``level_rounds``, once the model has learnt (τ ≥ bound_score) and stopped learning
@@ -215,10 +224,15 @@ class DetectionParams:
             value = getattr(self, name)
             if value is not None and not 0 <= value <= 1:
                 raise DetectionError(f"{name} must be in [0, 1], got {value}")
-        for name in ("noise_widening", "noise_ceiling"):
+        for name in ("noise_widening", "noise_ceiling", "widening_cap"):
             value = getattr(self, name)
             if value is not None and not 0 <= value <= 10:
                 raise DetectionError(f"{name} must be in [0, 10], got {value}")
+        cap = self.widening_cap
+        if cap is not None and tol is not None and cap < tol:
+            raise DetectionError(
+                f"widening_cap ({cap}) must not be below contribution_tolerance ({tol})"
+            )
         veto, floor = self.weight_veto, self.weight_floor
         if veto is not None and floor is not None and veto > floor:
             raise DetectionError(
@@ -442,8 +456,8 @@ def _contribution_shortfall(
 ) -> float | None:
     """How far below the clean level a group's contribution may fall and still score:
     ``contribution_tolerance``, widened to ``noise_widening`` times the fit's relative
-    residual in this round (to :data:`LEVEL_DIGITS` significant digits, as the level);
-    None (no contribution test this round) where that residual is above
+    residual in this round (to :data:`LEVEL_DIGITS` significant digits, as the level) up
+    to ``widening_cap``; None (no contribution test this round) where that residual is above
     ``noise_ceiling``, or, at a ``plateau`` (:func:`at_plateau`), not below
     ``contribution_tolerance``."""
     tol = params.contribution_tolerance
@@ -463,7 +477,8 @@ def _contribution_shortfall(
         return None
     if widening is None:
         return tol
-    return max(tol, _significant(widening * noise))
+    widened = max(tol, _significant(widening * noise))
+    return widened if params.widening_cap is None else min(params.widening_cap, widened)
 
 
 def at_plateau(params: DetectionParams, window: Sequence[RoundContributions], learnt: bool) -> bool:

@@ -76,6 +76,10 @@ DEFAULT_DETECTION = DetectionParams(
     # that residual, and accuracy still convicts poisoners' groups. Twice the residual
     # also let most free-riders through with three poisoners and three free-riders.
     noise_widening=1.0,
+    # Issue 13 (README, "eighth change"): where strong poisoners bend the median past a
+    # residual of 1, the widened bar fell below 0 and passed groups that moved the model
+    # backwards; capped at 1 it does not (3+3: 31% → 37% detected, no new false exclusion).
+    widening_cap=1.0,
     # Issue 13: "last_step" (contributions along the global model's step into the round)
     # finds disguised free-riders and strong poisoners that the median misses, but reads
     # honest users whose data is skewed towards a class or two as free-riders (README,
@@ -204,6 +208,7 @@ _ZERO_IS_OFF = (
     "relative_tolerance",
     "weight_floor",
     "noise_widening",
+    "widening_cap",
     "noise_ceiling",
     "suspect_weight",
     "weight_veto",
@@ -215,9 +220,9 @@ def detection_table(table: object) -> DetectionParams:
     """A ``[detection]`` table of the task's configuration (its Alg. 6 policy, recorded on
     the ledger at task start) over :data:`DEFAULT_DETECTION`. Strict: an unknown key or a
     value of the wrong kind is refused by name. ``level_rounds``, ``evidence_window``,
-    ``relative_tolerance``, ``weight_floor``, ``noise_widening``, ``noise_ceiling``,
-    ``suspect_weight``, ``weight_veto`` and ``plateau_gain`` = 0 turn those extensions off
-    (TOML has no null)."""
+    ``relative_tolerance``, ``weight_floor``, ``noise_widening``, ``widening_cap``,
+    ``noise_ceiling``, ``suspect_weight``, ``weight_veto`` and ``plateau_gain`` = 0 turn
+    those extensions off (TOML has no null)."""
     names = {f.name for f in _DETECTION_FIELDS}
     if not isinstance(table, dict) or set(table) - names:
         raise FairbusError(f"[detection] takes only {sorted(names)} (the task's Alg. 6 policy)")

@@ -254,6 +254,7 @@ def detection_bench(
     suspect_weight: float = options.SUSPECT_WEIGHT,
     weight_veto: float = options.WEIGHT_VETO,
     plateau_gain: float = options.PLATEAU_GAIN,
+    widening_cap: float = options.WIDENING_CAP,
     key_repeats: int = typer.Option(
         DEFAULTS.key_repeats, help="Most focus groups per key user (KIN)."
     ),
@@ -307,6 +308,7 @@ def detection_bench(
         suspect_weight,
         weight_veto,
         plateau_gain,
+        widening_cap,
     )
     from fairbus.bench import detection
 

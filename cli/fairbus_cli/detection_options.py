@@ -117,6 +117,11 @@ PLATEAU_GAIN = typer.Option(
     "level rounds (the model has converged), a round whose fit residual is not below the "
     "contribution tolerance tests accuracy alone. Negative turns it off.",
 )
+WIDENING_CAP = typer.Option(
+    _negative_if_off(DEFAULTS.widening_cap),
+    help="Not in the paper: the widened contribution tolerance is at most this (1: a group "
+    "that moved the model backwards never scores on contribution). Negative: no cap.",
+)
 LEVEL_ROUNDS = typer.Option(
     DEFAULTS.level_rounds or 0,
     help="Not in the paper: compare a group's contribution with the clean level fitted by "
@@ -143,6 +148,7 @@ def detection_params(
     suspect_weight: float,
     weight_veto: float,
     plateau_gain: float,
+    widening_cap: float,
 ) -> DetectionParams:
     """The options as :class:`DetectionParams`; a negative (or for the two whole-number
     extensions, zero) value means off."""
@@ -165,4 +171,5 @@ def detection_params(
         suspect_weight=_off_if_negative(suspect_weight),
         weight_veto=_off_if_negative(weight_veto),
         plateau_gain=_off_if_negative(plateau_gain),
+        widening_cap=_off_if_negative(widening_cap),
     )

@@ -109,6 +109,7 @@ def simulate(
     suspect_weight: float = options.SUSPECT_WEIGHT,
     weight_veto: float = options.WEIGHT_VETO,
     plateau_gain: float = options.PLATEAU_GAIN,
+    widening_cap: float = options.WIDENING_CAP,
     undefended: bool = typer.Option(False, help="Plain FedAvg: no detection, no exclusion."),
     local_epochs: int = typer.Option(TrainConfig.local_epochs, help="Local epochs per round."),
     local_steps: int | None = typer.Option(
@@ -234,6 +235,7 @@ def simulate(
                 suspect_weight,
                 weight_veto,
                 plateau_gain,
+                widening_cap,
             ),
             defended=not undefended,
             seed=seed,

@@ -369,6 +369,7 @@ class DetectionPolicy(WireStruct):
     noise_ceiling: float | None
     suspect_weight: float | None
     weight_veto: float | None
+    widening_cap: float | None
     plateau_gain: float | None
     contribution_direction: str
     FIELDS: ClassVar[dict[str, Spec]] = {
@@ -389,6 +390,7 @@ class DetectionPolicy(WireStruct):
         "noise_ceiling": Optional(Float(0.0, 10.0)),
         "suspect_weight": Optional(Float(0.0, 1.0)),
         "weight_veto": Optional(Float(0.0, 1.0)),
+        "widening_cap": Optional(Float(0.0, 10.0)),
         "plateau_gain": Optional(Float(0.0, 1.0)),
         "contribution_direction": Str(max_len=16),
     }

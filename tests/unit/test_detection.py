@@ -563,6 +563,30 @@ def test_noise_ceiling_leaves_the_contribution_test_out_of_a_noisy_round() -> No
         DetectionParams(noise_ceiling=11.0)
 
 
+def test_the_widened_tolerance_is_capped_so_a_group_that_moved_backwards_never_scores() -> None:
+    # The noisy round with group 0 pointing backwards (−0.1 of its share): widened to ten
+    # times the residual, the bar falls below 0 and group 0 scores; capped at 1 the bar
+    # is 0 and it does not, while the groups with a positive contribution still do.
+    history, contributions, grouping = _noisy_third_round()
+    contributions[0] = -0.1 * contributions[0]
+    acc = dict.fromkeys(range(6), 0.9)
+    widened = DetectionParams(
+        bound_score=0.3, bound_conf=0.5, tolerance=0.05, contribution_tolerance=0.2,
+        level_rounds=3, noise_widening=10.0,
+    )  # fmt: skip
+    fit = fit_contributions((*history, _round_of(grouping, contributions, acc)))
+    assert fit is not None and 10.0 * fit.noise[-1] > 1.0
+    result = detect(grouping, acc, widened, contributions, history=history)
+    assert result.level is not None and contributions[0] / result.level < 0
+    assert result.group_scores[0] == 1.0
+    capped = detect(
+        grouping, acc, replace(widened, widening_cap=1.0), contributions, history=history
+    )
+    assert capped.group_scores == {0: 0.0} | {g: 1.0 for g in range(1, 6)}
+    with pytest.raises(DetectionError, match="widening_cap"):
+        DetectionParams(contribution_tolerance=0.2, widening_cap=0.1)
+
+
 def test_at_a_plateau_only_a_round_with_a_sharp_fit_tests_contributions() -> None:
     # The noisy round above (σ between 0.1 and 0.2) at a contribution tolerance of 0.1:
     # the fit is loose. Every round of the window is at accuracy 0.6: the model has

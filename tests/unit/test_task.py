@@ -176,17 +176,23 @@ def test_the_contribution_direction_is_read_and_recorded() -> None:
 
 
 @pytest.mark.parametrize(
-    ("name", "value"), [("suspect_weight", 0.5), ("weight_veto", 0.3), ("plateau_gain", 0.02)]
+    ("name", "value", "bad"),
+    [
+        ("suspect_weight", 0.5, 1.5),
+        ("weight_veto", 0.3, 1.5),
+        ("plateau_gain", 0.02, 1.5),
+        ("widening_cap", 2.0, 11.0),
+    ],
 )
 def test_an_extension_of_alg_6_is_read_recorded_and_turned_off_by_zero(
-    name: str, value: float
+    name: str, value: float, bad: float
 ) -> None:
     params = detection_table({name: value})
     recorded = TaskParams.from_message(TaskParams(params).to_message())
     assert getattr(recorded.detection, name) == value
     assert getattr(detection_table({name: 0}), name) is None
     with pytest.raises(FairbusError, match=name):
-        detection_table({name: 1.5})
+        detection_table({name: bad})
 
 
 def test_the_weight_veto_must_not_exceed_the_weight_floor() -> None:
