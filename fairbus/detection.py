@@ -452,7 +452,7 @@ def _contribution_shortfall(
     params: DetectionParams,
     window: Sequence[RoundContributions],
     level: float | None,
-    plateau: bool = False,
+    plateau: bool,
 ) -> float | None:
     """How far below the clean level a group's contribution may fall and still score:
     ``contribution_tolerance``, widened to ``noise_widening`` times the fit's relative

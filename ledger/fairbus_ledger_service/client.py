@@ -142,12 +142,12 @@ class LedgerClient:
         self, data: bytes, patience: float | None = None
     ) -> tuple[Committed, bytes]:
         """:meth:`submit`, also returning the signed receipt (to pass on with the
-        envelope, :mod:`fairbus.ledger.recorded`). ``patience``: seconds to wait for each
-        try's answer instead of the client's timeout, for a transaction the ledger
-        re-derives at length (an evaluation). The transaction is sent again every
-        ``timeout`` all the same: a submission lost with a ledger writer that died must
-        not wait out the patience before the new writer sees it (a duplicate costs the
-        ledger a lookup, and an evaluation's numbers are cached)."""
+        envelope, :mod:`fairbus.ledger.recorded`). It is sent again every ``timeout``
+        until ``retries`` times the larger of ``timeout`` and ``patience`` has passed;
+        ``patience`` is for a transaction the ledger re-derives at length (an
+        evaluation). Resending within the patience matters: a submission lost with a
+        ledger writer that died must not wait it out before the new writer sees it (a
+        duplicate costs the ledger a lookup, and an evaluation's numbers are cached)."""
         tx_hash = hashlib.sha256(envelope.parse(data).header_bytes).digest()
         loop = asyncio.get_running_loop()
         future = self._waiting.setdefault(tx_hash, loop.create_future())
