@@ -27,6 +27,7 @@ class Direction(StrEnum):
 
     MEDIAN = "median"
     LAST_STEP = "last_step"
+    ACCURATE_MEDIAN = "accurate_median"
 
 
 BOUND_SCORE = typer.Option(DEFAULTS.bound_score, help="Alg. 6 bound_score.")
@@ -47,7 +48,9 @@ CONTRIBUTION_DIRECTION = typer.Option(
     "contribution: the median of the round's basic groups' updates (leans towards the "
     "noise in them, so disguised free-riders pass) or the global model's last step "
     "(M_r − M_{r−1}, from recorded models: finds them, but reads honest users whose data "
-    "is skewed to a class or two as free-riders; README).",
+    "is skewed to a class or two as free-riders; README), or the median of the basic "
+    "groups whose accuracy beats the scoring bar (accurate_median: poisoners' groups do "
+    "not bend it).",
 )
 MIN_EVIDENCE = typer.Option(
     DEFAULTS.min_evidence,

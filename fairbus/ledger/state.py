@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, TypeVar
 
 from nacl.exceptions import BadSignatureError
 
-from fairbus.detection import RoundContributions, detect
+from fairbus.detection import DetectionParams, RoundContributions, detect
 from fairbus.envelope import check_header_group
 from fairbus.errors import (
     FairbusError,
@@ -103,10 +103,10 @@ class RefusalReason(StrEnum):
     """A transaction type of the other protocol than the task's recorded mode."""
 
 
-def _direction(task: TaskParams | None) -> str:
-    """The task's ``contribution_direction``: what evaluations' contributions are measured
-    along (the median before any task start)."""
-    return task.detection.contribution_direction if task is not None else "median"
+def _detection(task: TaskParams | None) -> DetectionParams:
+    """The task's detection parameters: its ``contribution_direction`` is what evaluations'
+    contributions are measured along (the paper's, the median, before any task start)."""
+    return task.detection if task is not None else DetectionParams()
 
 
 class RefusedError(FairbusError):
@@ -234,7 +234,8 @@ class LedgerState:
             if isinstance(message, Evaluation) and record is not None:
                 gids = {e.gid for e in message.accuracies}
                 needed.add(record.global_blob)
-                if _direction(self.task) == "last_step" and record.previous_global_blob:
+                along_step = _detection(self.task).contribution_direction == "last_step"
+                if along_step and record.previous_global_blob:
                     needed.add(record.previous_global_blob)
                 needed |= {d for (gid, _), d in record.upload_blobs if gid in gids}
         return needed | self._seccl_payloads(txs)
@@ -276,7 +277,7 @@ class LedgerState:
                 if isinstance(message, Evaluation) and record is not None and spec is not None:
                     gids = [e.gid for e in message.accuracies]
                     if {g.gid for g in record.complete_groups()} >= set(gids):
-                        check.numbers(spec, record.recorded(), gids, _direction(self.task))
+                        check.numbers(spec, record.recorded(), gids, _detection(self.task))
             except FairbusError:
                 continue
 
@@ -678,7 +679,7 @@ class Draft:
             return
         gids = [e.gid for e in message.accuracies]
         try:
-            want = check.numbers(spec, record.recorded(), gids, _direction(self.task))
+            want = check.numbers(spec, record.recorded(), gids, _detection(self.task))
         except PayloadMissingError as exc:
             raise RefusedError(
                 RefusalReason.MISSING_PAYLOAD,

@@ -39,7 +39,7 @@ import numpy as np
 import numpy.typing as npt
 
 from fairbus import masking
-from fairbus.detection import group_contributions
+from fairbus.detection import DetectionParams, group_contributions
 from fairbus.errors import FairbusError
 from fairbus.field import FixedPointCodec
 from fairbus.wire.limits import DEFAULT_LIMITS, WireLimits
@@ -135,17 +135,17 @@ class EvaluationCheck:
         spec: EvaluationSpec,
         recorded: RecordedRound,
         gids: Sequence[int],
-        direction: str = "median",
+        detection: DetectionParams,
     ) -> GroupNumbers:
         """The accuracy, contribution and rank of each group of ``gids`` (every member's upload
-        recorded), contributions measured along ``direction`` (the task's
-        ``contribution_direction``); raises :class:`VerificationError`."""
-        key = (direction, *_key(spec, recorded, gids))
+        recorded), contributions measured along the task's ``contribution_direction``
+        (``detection``: the recorded parameters); raises :class:`VerificationError`."""
+        key = (detection, *_key(spec, recorded, gids))
         with self._lock:
             cached = self._results.get(key)
             if cached is not None:
                 return cached
-            result = self._compute(spec, recorded, sorted(gids), direction)
+            result = self._compute(spec, recorded, sorted(gids), detection)
             self._results[key] = result
             while len(self._results) > CACHED:
                 self._results.popitem(last=False)
@@ -160,7 +160,11 @@ class EvaluationCheck:
     # --- the work ------------------------------------------------------------------------
 
     def _compute(
-        self, spec: EvaluationSpec, recorded: RecordedRound, gids: list[int], direction: str
+        self,
+        spec: EvaluationSpec,
+        recorded: RecordedRound,
+        gids: list[int],
+        detection: DetectionParams,
     ) -> GroupNumbers:
         from fairbus.protocol.user import model_digest
 
@@ -172,6 +176,7 @@ class EvaluationCheck:
         if model_digest(global_params) != announce.model_sha256:
             raise VerificationError("the recorded global model is not the announced one")
         step = None
+        direction = detection.contribution_direction
         if direction == "last_step" and recorded.previous_global_blob:
             malformed = "the previous round's global model is malformed"
             before = self._global_params(recorded.previous_global_blob, malformed)
@@ -195,14 +200,17 @@ class EvaluationCheck:
             except FairbusError as exc:
                 raise VerificationError(f"group {gid}: {exc}") from None
         basic = [g.gid for g in announce.groups if g.gid in means and g.kind == "basic"]
-        try:
-            updates = round_updates(means, global_params)
-            contributions = group_contributions(updates, basic, step)
-        except FairbusError as exc:
-            raise VerificationError(str(exc)) from None
         # Every group of the evaluation in one batched pass (issue 16, item 3): the same
         # counts as one pass per group, bit for bit (ExactEvaluator says why).
         scores = self._evaluator(spec).scores([means[gid] for gid in gids])
+        accurate = None
+        if direction == "accurate_median":
+            accurate = ({gid: s.accuracy for gid, s in zip(gids, scores, strict=True)}, detection)
+        try:
+            updates = round_updates(means, global_params)
+            contributions = group_contributions(updates, basic, step, accurate)
+        except FairbusError as exc:
+            raise VerificationError(str(exc)) from None
         return {
             gid: (score.accuracy, contributions[gid], score.mean_rank)
             for gid, score in zip(gids, scores, strict=True)

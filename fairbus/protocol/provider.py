@@ -869,8 +869,13 @@ class ProviderMachine:
         step = None
         if self.config.detection.contribution_direction == "last_step":
             step = last_step(self.global_params, self._previous_global)
+        detection = self.config.detection
+        accurate = detection.contribution_direction == "accurate_median"
         contributions = group_contributions(
-            round_updates(means, self.global_params), (g.gid for g in self.grouping.basic), step
+            round_updates(means, self.global_params),
+            (g.gid for g in self.grouping.basic),
+            step,
+            (self._accuracy, detection) if accurate else None,
         )
         evaluation = Evaluation(
             tuple(

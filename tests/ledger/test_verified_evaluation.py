@@ -389,7 +389,7 @@ def two_rounds() -> Recorded:
     blocks: list[Block] = []
     blobs: dict[bytes, bytes] = {}
     along = dataclasses.replace(DEFAULT_DETECTION, contribution_direction="last_step")
-    config = SimulationConfig(users=9, rounds=2, seed=3, train=TrainConfig(local_epochs=2),
+    config = SimulationConfig(users=9, rounds=2, seed=3, train=TrainConfig(local_epochs=4),
                               provider=ProviderConfig(detection=along))  # fmt: skip
     sim = Simulation(config, on_block=blocks.append, on_blob=blobs.__setitem__)
     records = sim.run()
@@ -424,7 +424,7 @@ def test_round_two_contributions_are_measured_along_the_last_step(two_rounds: Re
     honest = decode_body("evaluation", tx.payload or b"", DEFAULT_LIMITS)
     assert isinstance(honest, Evaluation)
     gids = [e.gid for e in honest.accuracies]
-    along_median = check.numbers(state.task.evaluation, record.recorded(), gids, "median")
+    along_median = check.numbers(state.task.evaluation, record.recorded(), gids, DEFAULT_DETECTION)
     assert any(along_median[e.gid][1] != e.contribution for e in honest.accuracies)
     forged = Evaluation(
         tuple(dataclasses.replace(e, contribution=along_median[e.gid][1])
@@ -435,3 +435,36 @@ def test_round_two_contributions_are_measured_along_the_last_step(two_rounds: Re
                         round=2, attempt=tx.envelope.header.attempt)  # fmt: skip
     _refused(state, Transaction.from_envelope(env), "contribution")
     state.draft().admit(tx)  # the provider's own, along the last step
+
+
+def test_the_accurate_median_is_re_derived_over_the_basic_groups_that_beat_the_bar(
+    two_rounds: Recorded,
+) -> None:
+    """With ``accurate_median`` the ledger measures contributions along the median of the
+    basic groups whose re-derived accuracy beats the recorded parameters' bar: with the
+    bar at τ they differ from the plain median's, with a bar every group beats they are
+    the plain median's, and the accuracies and ranks never move."""
+    at = _second(two_rounds, "evaluation")
+    state = LedgerState(two_rounds.sim.roster)
+    for block in two_rounds.blocks[:at]:
+        state.apply_block(block)
+    assert state.task is not None and state.task.evaluation is not None
+    spec, round_two = state.task.evaluation, state.rounds[2].recorded()
+    honest = decode_body("evaluation", two_rounds.blocks[at].txs[0].payload or b"", DEFAULT_LIMITS)
+    assert isinstance(honest, Evaluation)
+    gids = [e.gid for e in honest.accuracies]
+    check = EvaluationCheck(two_rounds.blobs.get)
+    plain = dataclasses.replace(DEFAULT_DETECTION, contribution_direction="median")
+    median = check.numbers(spec, round_two, gids, plain)
+    at_tau = dataclasses.replace(DEFAULT_DETECTION, contribution_direction="accurate_median",
+                                 tolerance=0.0, relative_tolerance=None)  # fmt: skip
+    accurate = check.numbers(spec, round_two, gids, at_tau)
+    basic = [g.gid for g in round_two.announce.groups if g.kind == "basic"]
+    tau = sum(median[gid][0] for gid in basic) / len(basic)
+    assert 0 < len([gid for gid in basic if median[gid][0] > tau]) < len(basic)
+    assert {g: (n[0], n[2]) for g, n in accurate.items()} == {
+        g: (n[0], n[2]) for g, n in median.items()
+    }
+    assert any(accurate[gid][1] != median[gid][1] for gid in gids)
+    every_group_beats = dataclasses.replace(at_tau, tolerance=1.0)
+    assert check.numbers(spec, round_two, gids, every_group_beats) == median

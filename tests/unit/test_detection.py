@@ -155,6 +155,29 @@ def test_noise_leaks_into_the_median_but_not_into_the_last_step() -> None:
         group_contributions(updates, list(groups), np.ones(5))
 
 
+def test_the_accurate_median_leaves_out_basic_groups_that_fail_the_accuracy_bar() -> None:
+    """Two poisoners in a basic group of three upload a large step across the honest
+    one; with two basic groups the median is their mean, and it leans so far that the
+    poisoners' group reads above the clean one. ``accurate_median`` takes the median over
+    the basic groups that beat Alg. 6's accuracy bar only, and the clean group is then
+    the level and the poisoners' group moves nothing along it (issue 13)."""
+    honest = np.array([3.0, 4.0])  # |honest| = 5
+    updates = {0: honest, 1: np.array([-8.0, 6.0]), 2: honest * 2 / 3}
+    accuracies = {0: 0.8, 1: 0.2, 2: 0.75}
+    params = DetectionParams(tolerance=0.05)  # τ = 0.5 over groups 0 and 1: bar 0.45
+    median = group_contributions(updates, [0, 1])
+    assert median[1] > median[0]
+    got = group_contributions(updates, [0, 1], accurate=(accuracies, params))
+    assert got == pytest.approx({0: 5.0, 1: 0.0, 2: 10 / 3})
+    # the order the basic groups come in does not change which beat the bar
+    assert group_contributions(updates, [1, 0], accurate=(accuracies, params)) == got
+    # where no basic group beats the bar, every one sets the direction, as the median
+    even = {0: 0.5, 1: 0.5, 2: 0.5}
+    assert group_contributions(updates, [0, 1], accurate=(even, DetectionParams())) == median
+    with pytest.raises(DetectionError, match=r"no accuracy for basic groups \[1\]"):
+        group_contributions(updates, [0, 1], accurate=({0: 0.8}, params))
+
+
 def test_an_unknown_contribution_direction_is_refused() -> None:
     with pytest.raises(DetectionError, match="contribution_direction must be one of"):
         DetectionParams(contribution_direction="mean")
