@@ -83,8 +83,12 @@ DEFAULT_DETECTION = DetectionParams(
     # Issue 13: "last_step" (contributions along the global model's step into the round)
     # finds disguised free-riders and strong poisoners that the median misses, but reads
     # honest users whose data is skewed towards a class or two as free-riders (README,
-    # "Contributions along the last step"): the median stays the default.
-    contribution_direction="median",
+    # "Contributions along the last step"). The median of the basic groups that beat the
+    # accuracy bar (README, "ninth change"): with poisoners holding a basic group the
+    # median of all of them is theirs; 3+3 37% → 42% detected and its false exclusion
+    # gone, label flip all out by round 10 in 10 of 10 seeds (8), poison ×3 fewer false
+    # exclusions (5 → 3 in seeds 0-27) but all out in 16 of 28 (21).
+    contribution_direction="accurate_median",
     # Issue 13: keeping users the contribution fit weighs low among the key users
     # (`suspect_weight`) finds every disguised free-rider, but near convergence the fit
     # weighs honest users low too (README, "fifth change"): off.

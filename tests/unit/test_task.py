@@ -166,13 +166,16 @@ def test_a_toml_table_is_read_over_the_defaults() -> None:
     assert TaskParams.from_message(TaskParams(params).to_message()).detection == params
 
 
-def test_the_contribution_direction_is_read_and_recorded() -> None:
-    assert detection_table({"contribution_direction": "median"}) == detection_table({})
-    table = tomllib.loads('[detection]\ncontribution_direction = "last_step"\n')
+@pytest.mark.parametrize("direction", ["median", "last_step"])
+def test_the_contribution_direction_is_read_and_recorded(direction: str) -> None:
+    default = detection_table({})
+    assert default.contribution_direction == "accurate_median"
+    assert detection_table({"contribution_direction": "accurate_median"}) == default
+    table = tomllib.loads(f'[detection]\ncontribution_direction = "{direction}"\n')
     params = detection_table(table["detection"])
-    assert params.contribution_direction == "last_step"
+    assert params.contribution_direction == direction
     recorded = TaskParams.from_message(TaskParams(params).to_message())
-    assert recorded.detection.contribution_direction == "last_step"
+    assert recorded.detection.contribution_direction == direction
 
 
 @pytest.mark.parametrize(
