@@ -52,6 +52,9 @@ class RoundRecord:
     """SecCL: the round's elected candidates, in rank order (empty in the fairness mode)."""
     borda: dict[int, int] = field(default_factory=dict)
     """SecCL: every uploader's total Borda points."""
+    level: float | None = None
+    """What a clean group contributed this round (Alg. 6 with issue 13's contribution
+    test); each group's ``contribution`` over it is what the test compared."""
     # not serialized: for tests that check exactness against the plaintext
     local_models: dict[int, npt.NDArray[np.float32]] = field(default_factory=dict, repr=False)
     field_sums: dict[int, Any] = field(default_factory=dict, repr=False)
@@ -86,9 +89,12 @@ def record_round(record: RoundRecord, done: RoundDone) -> None:
             "members": list(g.members),
             "focus": g.focus,
             "accuracy": g.accuracy,
+            "contribution": g.contribution,
+            "scored": g.scored,
         }
         for g in done.groups
     ]
+    record.level = done.level
     record.field_sums = {g.gid: g.field_sum for g in done.groups}
     record.tau = done.tau
     record.scores = {

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from collections.abc import Callable, Iterable
@@ -25,6 +26,8 @@ from fairbus_cli import keying_option
 if TYPE_CHECKING:
     from fairbus.bench.detection import SuiteSummary
     from fairbus.bench.scale import SimRow
+    from fairbus.rounds import RoundRecord
+    from fairbus.training.attacks import Attack
 
 DEFAULTS = ProviderConfig()
 
@@ -282,6 +285,14 @@ def detection_bench(
         [], "--scenario", help="Only the suite's scenarios of this name (repeat)."
     ),
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
+    trace: int | None = typer.Option(
+        None,
+        min=0,
+        help="Run only this seed of the one --scenario chosen (defended) and print every "
+        "round: each group's members (attackers marked P poisoner, F free-rider, D "
+        "disguised, L label-flipper), accuracy, contribution over the clean level and "
+        "score; τ, the level, key users and violators.",
+    ),
 ) -> None:
     """Detection among 9 users: 0, 1+1, 2+2 and 3+3 attackers (poisoners + free-riders);
     with --suite fairness, issue 13's scenarios.
@@ -319,6 +330,16 @@ def detection_bench(
     train = TrainConfig(local_steps=local_steps, equal_steps=equal_steps)
     specs = detection.build_suite_specs(chosen, seeds, rounds, params, key_repeats,
                                         basic_groupings, train)  # fmt: skip
+    if trace is not None:
+        if len(chosen) != 1:
+            raise typer.BadParameter(
+                f"--trace needs one --scenario, got {len(chosen)}", param_hint="--scenario"
+            )
+        first = next(s for s in specs if s.defended)
+        with console.status(f"simulating {chosen[0].name}, seed {trace}"):
+            attacks, records = detection.trace_one(dataclasses.replace(first, seed=trace))
+        _print_trace(chosen[0].name, trace, attacks, records)
+        return
     with Progress(console=console, transient=True) as progress:
         task = progress.add_task("simulating", total=len(specs))
         results = detection.run_all(
@@ -378,6 +399,49 @@ def detection_bench(
     _print_stalls(
         (f"{s.poisoners}+{s.free_riders}", s.seeds_with_failed_round, s.seeds) for s in summaries
     )
+
+
+_MARKS = {"poisoner": "P", "free_rider": "F", "disguised_free_rider": "D", "label_flipper": "L"}
+
+
+def _print_trace(
+    name: str, seed: int, attacks: dict[int, Attack], records: list[RoundRecord]
+) -> None:
+    """Every round of one run, group by group: what Alg. 6 saw and decided."""
+    marks = {u: _MARKS.get(a.behaviour.value, "?") for u, a in attacks.items()}
+    who = ", ".join(f"{u}{m}" for u, m in sorted(marks.items())) or "none"
+    console.print(f"[bold]{name}, seed {seed}[/] — attackers: {who}")
+    for r in records:
+        if r.failed is not None:
+            console.print(f"round {r.round}: failed: {r.failed}")
+            continue
+        level = r.level
+        title = (
+            f"round {r.round}: τ {'–' if r.tau is None else f'{r.tau:.3f}'}, level "
+            f"{'–' if level is None else f'{level:.4g}'}, accuracy {r.global_accuracy:.3f}"
+        )
+        table = Table(title=title, title_justify="left")
+        for column in ("group", "kind", "members", "accuracy", "contribution / level", "scored"):
+            table.add_column(column, justify="right")
+        for g in r.groups:
+            members = " ".join(f"{u}{marks.get(u, '')}" for u in g["members"])
+            focus = f" on {g['focus']}" if g["focus"] is not None else ""
+            c = g.get("contribution")
+            ratio = "–" if c is None or not level else f"{c / level:.2f}"
+            scored = g.get("scored")
+            table.add_row(str(g["gid"]), g["kind"] + focus, members, f"{g['accuracy']:.3f}",
+                          ratio, "–" if scored is None else "✓" if scored else "✗")  # fmt: skip
+        console.print(table)
+        scores = ", ".join(
+            f"{u}{marks.get(u, '')} {s['score']:.2f}"
+            for u, s in sorted(r.scores.items())
+            if s["score"] is not None
+        )
+        console.print(f"  scores: {scores}")
+        console.print(
+            f"  key users: {r.key_users or '–'}; violators: {r.violators or '–'}; "
+            f"excluded: {r.excluded or '–'}"
+        )
 
 
 def _print_stalls(rows: Iterable[tuple[str, int, int]]) -> None:

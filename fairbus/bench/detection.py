@@ -27,6 +27,7 @@ import numpy as np
 from fairbus.detection import DetectionParams
 from fairbus.errors import FairbusError
 from fairbus.protocol.provider import ProviderConfig
+from fairbus.rounds import RoundRecord
 from fairbus.simulator import Simulation, SimulationConfig
 from fairbus.training.attacks import Attack, Behaviour
 from fairbus.training.config import TrainConfig
@@ -224,8 +225,10 @@ def attackers_for(spec: RunSpec) -> dict[int, Attack]:
     return {next(chosen): attack for attack, n in spec.scenario.attacks for _ in range(n)}
 
 
-def run_one(spec: RunSpec) -> RunResult:
-    """Run one simulation (one thread) and keep what the summaries need."""
+def trace_one(spec: RunSpec) -> tuple[dict[int, Attack], list[RoundRecord]]:
+    """Run one simulation (one thread): who attacked how, and every round's record
+    (groups with their accuracy, contribution and score; τ, the clean level, the key
+    users and the violators): what ``fairbus bench detection --trace`` prints."""
     import torch
 
     torch.set_num_threads(1)
@@ -236,9 +239,14 @@ def run_one(spec: RunSpec) -> RunResult:
         attacks=attacks,
         provider=replace(spec.base.provider, defended=spec.defended, seed=spec.seed),
     )
+    return attacks, Simulation(config).run()
+
+
+def run_one(spec: RunSpec) -> RunResult:
+    """Run one simulation (one thread) and keep what the summaries need."""
+    attacks, records = trace_one(spec)
     excluded_round: dict[int, int] = {}
     scores: dict[int, list[float]] = {}
-    records = Simulation(config).run()
     for record in records:
         for user in record.violators:
             excluded_round.setdefault(user, record.round)

@@ -200,6 +200,11 @@ class GroupOutcome:
     accuracy: float
     field_sum: FieldVector
     mean: npt.NDArray[np.float32]
+    contribution: float | None = None
+    """The group's update along the round's direction (:func:`~fairbus.detection.
+    group_contributions`); None where the round measured none (plain FedAvg)."""
+    scored: bool | None = None
+    """score_g of Alg. 6, line 11; None in an undefended run."""
 
 
 @dataclass(frozen=True, eq=False)
@@ -216,6 +221,9 @@ class RoundDone:
     excluded: frozenset[int]
     dropped: frozenset[int]
     global_params: npt.NDArray[np.float32]
+    level: float | None = None
+    """What a clean group contributed this round (:attr:`~fairbus.detection.
+    DetectionResult.level`); None where detection did not measure it."""
 
 
 @dataclass(frozen=True)

@@ -898,6 +898,7 @@ class ProviderMachine:
         new_keys: frozenset[int] = frozenset()
         scored: dict[int, float] = {}
         forward = 1.0  # which way a contribution counts (the yardstick's sign)
+        level: float | None = None
         if self.config.defended:
             result = detect(
                 grouping,
@@ -911,6 +912,7 @@ class ProviderMachine:
             self._history = result.history
             scored = dict(result.group_scores)
             forward = _forward(result)
+            level = result.level
             tau, violators, new_keys = result.tau, result.violators, result.new_key_users
             self._record.add(grouping, result)
             self._trusted = self._record.most_trusted(
@@ -944,6 +946,8 @@ class ProviderMachine:
                 self._accuracy[g.gid],
                 self._decrypted[g.gid].field_sum,
                 self._decrypted[g.gid].mean,
+                contributions.get(g.gid),
+                scored[g.gid] > 0 if g.gid in scored else None,
             )
             for g in grouping.groups
         ]
@@ -959,6 +963,7 @@ class ProviderMachine:
                 frozenset(self.excluded),
                 frozenset(self._dropped_this_round),
                 self.global_params,
+                level,
             )
         )
         return out

@@ -6,6 +6,7 @@ from collections import Counter
 from dataclasses import replace
 
 import pytest
+from typer.testing import CliRunner
 
 from fairbus.aggregation import CleanGroupAverage
 from fairbus.bench import detection
@@ -22,6 +23,7 @@ from fairbus.bench.detection import (
     pf,
     run_one,
     summarize_suite,
+    trace_one,
 )
 from fairbus.errors import FairbusError
 from fairbus.simulator import SimulationConfig
@@ -29,6 +31,7 @@ from fairbus.task import DEFAULT_DETECTION
 from fairbus.training.attacks import Attack, Behaviour
 from fairbus.training.config import TrainConfig
 from fairbus_cli import bench as bench_cli
+from fairbus_cli.main import app
 
 P, F = Behaviour.POISONER, Behaviour.FREE_RIDER
 
@@ -219,6 +222,31 @@ def test_a_tiny_scenario_runs_and_summarises() -> None:
     assert row.attacks == "2 P ×3" and row.all_out_target == 0.95
     assert 0.0 <= row.tally.accuracy_defended <= 1.0
     assert row.tally.accuracy_undefended == results[1].final_accuracy
+
+
+def test_a_trace_shows_every_groups_accuracy_contribution_and_score() -> None:
+    """``--trace``: the round records carry what Alg. 6 compared (each group's
+    contribution, its score, the round's clean level), and the printout marks the
+    attackers and shows each group's contribution over the level."""
+    scenario = replace(_by_name()["poison x3"], rounds=2)
+    (spec, _) = build_suite_specs([scenario], 1, 10, DEFAULT_DETECTION, 6, 2)
+    spec = replace(spec, base=replace(spec.base, train=TrainConfig(local_epochs=2)))
+    attacks, records = trace_one(spec)
+    assert attacks == attackers_for(spec) and len(records) == 2
+    for record in records:
+        assert record.level is not None
+        assert all(isinstance(g["contribution"], float) for g in record.groups)
+        assert all(isinstance(g["scored"], bool) for g in record.groups)
+    with bench_cli.console.capture() as printed:
+        bench_cli._print_trace("poison x3", 0, attacks, records)
+    out = printed.get()
+    poisoners = sorted(attacks)
+    assert f"attackers: {poisoners[0]}P, {poisoners[1]}P" in out
+    first = records[0]
+    ratio = first.groups[0]["contribution"] / first.level
+    assert "round 2: τ" in out and f"{ratio:.2f}" in out and "contribution / level" in out
+    refused = CliRunner().invoke(app, ["bench", "detection", "--trace", "3"])
+    assert refused.exit_code != 0 and "--trace needs one --scenario" in refused.output
 
 
 def test_violators_found_in_a_round_whose_every_group_holds_one_do_not_stop_training() -> None:
