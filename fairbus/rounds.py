@@ -55,6 +55,8 @@ class RoundRecord:
     level: float | None = None
     """What a clean group contributed this round (Alg. 6 with issue 13's contribution
     test); each group's ``contribution`` over it is what the test compared."""
+    weights: dict[int, float] = field(default_factory=dict)
+    """Each user's fitted weight θ (about 1 honest, 0 free-rider, below 0 poisoner)."""
     # not serialized: for tests that check exactness against the plaintext
     local_models: dict[int, npt.NDArray[np.float32]] = field(default_factory=dict, repr=False)
     field_sums: dict[int, Any] = field(default_factory=dict, repr=False)
@@ -75,6 +77,7 @@ class RoundRecord:
         record = cls(**line)
         record.scores = {int(u): s for u, s in record.scores.items()}
         record.borda = {int(u): p for u, p in record.borda.items()}
+        record.weights = {int(u): w for u, w in record.weights.items()}
         return record
 
 
@@ -95,6 +98,7 @@ def record_round(record: RoundRecord, done: RoundDone) -> None:
         for g in done.groups
     ]
     record.level = done.level
+    record.weights = dict(done.weights)
     record.field_sums = {g.gid: g.field_sum for g in done.groups}
     record.tau = done.tau
     record.scores = {

@@ -437,7 +437,12 @@ def _print_trace(
             for u, s in sorted(r.scores.items())
             if s["score"] is not None
         )
-        console.print(f"  scores: {scores}")
+        console.print(f"  scores: {scores}", soft_wrap=True)
+        if r.weights:
+            weights = ", ".join(
+                f"{u}{marks.get(u, '')} {w:.2f}" for u, w in sorted(r.weights.items())
+            )
+            console.print(f"  fitted θ: {weights}", soft_wrap=True)
         console.print(
             f"  key users: {r.key_users or '–'}; violators: {r.violators or '–'}; "
             f"excluded: {r.excluded or '–'}"

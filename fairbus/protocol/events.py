@@ -6,7 +6,7 @@ outputs out; they never write into a machine (``docs/architecture.md``, "State m
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal, TypeAlias
 
 import numpy as np
@@ -224,6 +224,9 @@ class RoundDone:
     level: float | None = None
     """What a clean group contributed this round (:attr:`~fairbus.detection.
     DetectionResult.level`); None where detection did not measure it."""
+    weights: dict[int, float] = field(default_factory=dict)
+    """Each user's weight θ in the contribution fit over the rounds up to this one
+    (:func:`~fairbus.detection.fit_contributions`); empty where there is none."""
 
 
 @dataclass(frozen=True)

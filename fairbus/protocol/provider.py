@@ -899,6 +899,7 @@ class ProviderMachine:
         scored: dict[int, float] = {}
         forward = 1.0  # which way a contribution counts (the yardstick's sign)
         level: float | None = None
+        weights: dict[int, float] = {}
         if self.config.defended:
             result = detect(
                 grouping,
@@ -913,6 +914,8 @@ class ProviderMachine:
             scored = dict(result.group_scores)
             forward = _forward(result)
             level = result.level
+            fit = fit_contributions(result.history) if result.history else None
+            weights = dict(fit.weights) if fit is not None else {}
             tau, violators, new_keys = result.tau, result.violators, result.new_key_users
             self._record.add(grouping, result)
             self._trusted = self._record.most_trusted(
@@ -964,6 +967,7 @@ class ProviderMachine:
                 frozenset(self._dropped_this_round),
                 self.global_params,
                 level,
+                weights,
             )
         )
         return out

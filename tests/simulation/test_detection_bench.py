@@ -237,6 +237,7 @@ def test_a_trace_shows_every_groups_accuracy_contribution_and_score() -> None:
         assert record.level is not None
         assert all(isinstance(g["contribution"], float) for g in record.groups)
         assert all(isinstance(g["scored"], bool) for g in record.groups)
+        assert set(record.weights) == {u for g in record.groups for u in g["members"]}
     with bench_cli.console.capture() as printed:
         bench_cli._print_trace("poison x3", 0, attacks, records)
     out = printed.get()
@@ -245,6 +246,10 @@ def test_a_trace_shows_every_groups_accuracy_contribution_and_score() -> None:
     first = records[0]
     ratio = first.groups[0]["contribution"] / first.level
     assert "round 2: τ" in out and f"{ratio:.2f}" in out and "contribution / level" in out
+    honest = min(set(records[-1].weights) - set(attacks))
+    last = [line for line in out.splitlines() if line.startswith("  fitted θ: ")][-1]
+    entries = last.removeprefix("  fitted θ: ").split(", ")
+    assert f"{honest} {records[-1].weights[honest]:.2f}" in entries
     refused = CliRunner().invoke(app, ["bench", "detection", "--trace", "3"])
     assert refused.exit_code != 0 and "--trace needs one --scenario" in refused.output
 
