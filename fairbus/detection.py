@@ -656,7 +656,6 @@ def group_contributions(
     updates: Mapping[int, npt.NDArray[np.float64]],
     basic: Iterable[int],
     last_step: npt.NDArray[np.float64] | None = None,
-    accurate: tuple[Mapping[int, float], DetectionParams] | None = None,
 ) -> dict[int, float]:
     """Each group's update m_g − M_global projected on a direction of unit length: the
     global model's ``last_step`` (M_r − M_{r−1}) where one is given and it moved, else
@@ -682,8 +681,6 @@ def group_contributions(
     basic = list(basic)
     if not basic:
         raise DetectionError("contributions need at least one basic group")
-    if accurate is not None:
-        basic = accurate_basic(basic, *accurate)
     direction: npt.NDArray[np.float64] | None = None
     if last_step is not None:
         first = updates[basic[0]]
@@ -701,6 +698,23 @@ def group_contributions(
         return dict.fromkeys(updates, 0.0)
     direction /= length
     return {gid: _exact_sum(update * direction) for gid, update in updates.items()}
+
+
+def contributions_along(
+    params: DetectionParams,
+    updates: Mapping[int, npt.NDArray[np.float64]],
+    basic: Sequence[int],
+    accuracies: Mapping[int, float],
+    last_step: npt.NDArray[np.float64] | None = None,
+) -> dict[int, float]:
+    """:func:`group_contributions` along the task's ``contribution_direction``: the
+    ``last_step`` only for "last_step", the median over :func:`accurate_basic` for
+    "accurate_median". What the provider reports and the ledger re-derives, one choice
+    for both."""
+    direction = params.contribution_direction
+    if direction == "accurate_median":
+        basic = accurate_basic(basic, accuracies, params)
+    return group_contributions(updates, basic, last_step if direction == "last_step" else None)
 
 
 def accurate_basic(

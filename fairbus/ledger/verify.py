@@ -39,7 +39,7 @@ import numpy as np
 import numpy.typing as npt
 
 from fairbus import masking
-from fairbus.detection import DetectionParams, group_contributions
+from fairbus.detection import DetectionParams, contributions_along
 from fairbus.errors import FairbusError
 from fairbus.field import FixedPointCodec
 from fairbus.wire.limits import DEFAULT_LIMITS, WireLimits
@@ -176,8 +176,7 @@ class EvaluationCheck:
         if model_digest(global_params) != announce.model_sha256:
             raise VerificationError("the recorded global model is not the announced one")
         step = None
-        direction = detection.contribution_direction
-        if direction == "last_step" and recorded.previous_global_blob:
+        if detection.contribution_direction == "last_step" and recorded.previous_global_blob:
             malformed = "the previous round's global model is malformed"
             before = self._global_params(recorded.previous_global_blob, malformed)
             step = last_step(global_params, before)
@@ -203,12 +202,10 @@ class EvaluationCheck:
         # Every group of the evaluation in one batched pass (issue 16, item 3): the same
         # counts as one pass per group, bit for bit (ExactEvaluator says why).
         scores = self._evaluator(spec).scores([means[gid] for gid in gids])
-        accurate = None
-        if direction == "accurate_median":
-            accurate = ({gid: s.accuracy for gid, s in zip(gids, scores, strict=True)}, detection)
+        accuracies = {gid: score.accuracy for gid, score in zip(gids, scores, strict=True)}
         try:
             updates = round_updates(means, global_params)
-            contributions = group_contributions(updates, basic, step, accurate)
+            contributions = contributions_along(detection, updates, basic, accuracies, step)
         except FairbusError as exc:
             raise VerificationError(str(exc)) from None
         return {

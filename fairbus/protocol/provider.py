@@ -45,9 +45,9 @@ from fairbus.detection import (
     DetectionParams,
     DetectionResult,
     RoundContributions,
+    contributions_along,
     detect,
     fit_contributions,
-    group_contributions,
 )
 from fairbus.envelope import GENESIS, ChainTracker
 from fairbus.errors import FairbusError, GroupingError
@@ -178,14 +178,18 @@ class TrustRecord:
     groups: dict[int, int] = field(default_factory=dict)
     weights: dict[int, float] = field(default_factory=dict)
 
-    def add(self, grouping: Grouping, result: DetectionResult) -> None:
+    def add(self, grouping: Grouping, result: DetectionResult) -> dict[int, float]:
+        """Count the round's groups and scores; the weights θ of the round's fit (empty
+        where there is none: the last fit's weights are kept for ranking)."""
         for g in grouping.groups:
             for u in g.members:
                 self.groups[u] = self.groups.get(u, 0) + 1
                 self.scored[u] = self.scored.get(u, 0) + (result.group_scores.get(g.gid, 0) > 0)
         fit = fit_contributions(result.history) if result.history else None
-        if fit is not None:
-            self.weights = dict(fit.weights)
+        if fit is None:
+            return {}
+        self.weights = dict(fit.weights)
+        return dict(fit.weights)
 
     def trust(self, user: int) -> float:
         if user in self.weights:
@@ -869,13 +873,12 @@ class ProviderMachine:
         step = None
         if self.config.detection.contribution_direction == "last_step":
             step = last_step(self.global_params, self._previous_global)
-        detection = self.config.detection
-        accurate = detection.contribution_direction == "accurate_median"
-        contributions = group_contributions(
+        contributions = contributions_along(
+            self.config.detection,
             round_updates(means, self.global_params),
-            (g.gid for g in self.grouping.basic),
+            [g.gid for g in self.grouping.basic],
+            self._accuracy,
             step,
-            (self._accuracy, detection) if accurate else None,
         )
         evaluation = Evaluation(
             tuple(
@@ -899,7 +902,7 @@ class ProviderMachine:
         scored: dict[int, float] = {}
         forward = 1.0  # which way a contribution counts (the yardstick's sign)
         level: float | None = None
-        weights: dict[int, float] = {}
+        weights: dict[int, float] = {}  # θ of the round's contribution fit
         if self.config.defended:
             result = detect(
                 grouping,
@@ -914,10 +917,8 @@ class ProviderMachine:
             scored = dict(result.group_scores)
             forward = _forward(result)
             level = result.level
-            fit = fit_contributions(result.history) if result.history else None
-            weights = dict(fit.weights) if fit is not None else {}
             tau, violators, new_keys = result.tau, result.violators, result.new_key_users
-            self._record.add(grouping, result)
+            weights = self._record.add(grouping, result)
             self._trusted = self._record.most_trusted(
                 sorted(set(grouping.users) - violators - self.excluded)
             )

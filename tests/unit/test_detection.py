@@ -13,6 +13,7 @@ from fairbus.detection import (
     RoundContributions,
     at_plateau,
     clean_level,
+    contributions_along,
     detect,
     fit_contributions,
     group_contributions,
@@ -164,18 +165,19 @@ def test_the_accurate_median_leaves_out_basic_groups_that_fail_the_accuracy_bar(
     honest = np.array([3.0, 4.0])  # |honest| = 5
     updates = {0: honest, 1: np.array([-8.0, 6.0]), 2: honest * 2 / 3}
     accuracies = {0: 0.8, 1: 0.2, 2: 0.75}
-    params = DetectionParams(tolerance=0.05)  # τ = 0.5 over groups 0 and 1: bar 0.45
+    # τ = 0.5 over groups 0 and 1: bar 0.45
+    params = DetectionParams(tolerance=0.05, contribution_direction="accurate_median")
     median = group_contributions(updates, [0, 1])
     assert median[1] > median[0]
-    got = group_contributions(updates, [0, 1], accurate=(accuracies, params))
+    got = contributions_along(params, updates, [0, 1], accuracies)
     assert got == pytest.approx({0: 5.0, 1: 0.0, 2: 10 / 3})
     # the order the basic groups come in does not change which beat the bar
-    assert group_contributions(updates, [1, 0], accurate=(accuracies, params)) == got
+    assert contributions_along(params, updates, [1, 0], accuracies) == got
     # where no basic group beats the bar, every one sets the direction, as the median
     even = {0: 0.5, 1: 0.5, 2: 0.5}
-    assert group_contributions(updates, [0, 1], accurate=(even, DetectionParams())) == median
+    assert contributions_along(replace(params, tolerance=0.0), updates, [0, 1], even) == median
     with pytest.raises(DetectionError, match=r"no accuracy for basic groups \[1\]"):
-        group_contributions(updates, [0, 1], accurate=({0: 0.8}, params))
+        contributions_along(params, updates, [0, 1], {0: 0.8})
 
 
 def test_an_unknown_contribution_direction_is_refused() -> None:
