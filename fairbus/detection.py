@@ -177,6 +177,16 @@ class DetectionParams:
     fit is sharp still test contributions; attackers are found while the model learns
     (in the traced suite no attacker's group failed on contribution alone in a loose
     round at a plateau)."""
+    rank_below: float | None = None
+    """Not in the paper (None = not used): with ``contribution_direction``
+    "accurate_median", while τ is below this the median is taken over the better-ranked
+    half of the basic groups (:func:`ranked_basic`: those whose true class's mean rank on
+    the test set is at most the median of theirs), not over those that beat the accuracy
+    bar. While the model is near chance the accuracy cannot tell groups apart (with
+    three poisoners among nine every basic group classifies at 0.1-0.3, the bar admits
+    them all, and the median of their updates is the poisoners'), but the rank, exact and
+    re-derived by the ledger with every evaluation, orders them by how many poisoners
+    they hold (issue 13: README, "eleventh change")."""
     contribution_direction: str = "median"
     """Not in the paper (:data:`DIRECTIONS`; "median" = as first built): what a group's
     update is projected on to measure its contribution (:func:`group_contributions`).
@@ -228,6 +238,7 @@ class DetectionParams:
             "suspect_weight",
             "weight_veto",
             "plateau_gain",
+            "rank_below",
         ):
             value = getattr(self, name)
             if value is not None and not 0 <= value <= 1:
@@ -706,15 +717,50 @@ def contributions_along(
     basic: Sequence[int],
     accuracies: Mapping[int, float],
     last_step: npt.NDArray[np.float64] | None = None,
+    ranks: Mapping[int, float | None] | None = None,
 ) -> dict[int, float]:
     """:func:`group_contributions` along the task's ``contribution_direction``: the
-    ``last_step`` only for "last_step", the median over :func:`accurate_basic` for
-    "accurate_median". What the provider reports and the ledger re-derives, one choice
-    for both."""
+    ``last_step`` only for "last_step", for "accurate_median" the median over
+    :func:`ranked_basic` while τ is below ``rank_below`` and ``ranks`` (group id → the
+    true class's mean rank) has every basic group's, else over :func:`accurate_basic`.
+    What the provider reports and the ledger re-derives, one choice for both."""
     direction = params.contribution_direction
     if direction == "accurate_median":
-        basic = accurate_basic(basic, accuracies, params)
+        ranked = ranked_basic(basic, accuracies, params, ranks or {})
+        basic = ranked if ranked is not None else accurate_basic(basic, accuracies, params)
     return group_contributions(updates, basic, last_step if direction == "last_step" else None)
+
+
+def ranked_basic(
+    basic: Sequence[int],
+    accuracies: Mapping[int, float],
+    params: DetectionParams,
+    ranks: Mapping[int, float | None],
+) -> list[int] | None:
+    """The better-ranked half of the basic groups (:attr:`DetectionParams.rank_below`):
+    those whose true class's mean rank is at most the median of theirs (the lower median
+    where their count is even; ties at it included); None where τ is not below
+    ``rank_below`` or a basic group has no rank. τ is :func:`exact_tau`;
+    the ranks are exactly rounded quotients of integers (:mod:`fairbus.evaluation`), so
+    every machine picks the same groups."""
+    below = params.rank_below
+    if below is None or not basic or exact_tau(basic, accuracies) >= below:
+        return None
+    known = {gid: ranks.get(gid) for gid in basic}
+    if any(rank is None or not math.isfinite(rank) for rank in known.values()):
+        return None
+    order = sorted(float(rank) for rank in known.values() if rank is not None)
+    median = order[(len(order) - 1) // 2]
+    return [gid for gid, rank in known.items() if rank is not None and rank <= median]
+
+
+def exact_tau(basic: Sequence[int], accuracies: Mapping[int, float]) -> float:
+    """τ over ``basic`` as an exactly rounded sum (``math.fsum``) over the count: the same
+    number whatever order the groups are listed in."""
+    missing = [gid for gid in basic if gid not in accuracies]
+    if missing:
+        raise DetectionError(f"no accuracy for basic groups {missing}")
+    return math.fsum(accuracies[gid] for gid in basic) / len(basic)
 
 
 def accurate_basic(
@@ -724,11 +770,7 @@ def accurate_basic(
     does): the median direction of ``accurate_median`` is taken over them only. τ here is
     an exactly rounded sum (``math.fsum``) over the count, so every machine picks the
     same groups from the same recorded accuracies whatever order it lists them in."""
-    missing = [gid for gid in basic if gid not in accuracies]
-    if missing:
-        raise DetectionError(f"no accuracy for basic groups {missing}")
-    tau = math.fsum(accuracies[gid] for gid in basic) / len(basic)
-    bar = accuracy_bar(params, tau)
+    bar = accuracy_bar(params, exact_tau(basic, accuracies))
     return [gid for gid in basic if accuracies[gid] > bar] or list(basic)
 
 

@@ -257,6 +257,7 @@ def detection_bench(
     suspect_weight: float = options.SUSPECT_WEIGHT,
     weight_veto: float = options.WEIGHT_VETO,
     plateau_gain: float = options.PLATEAU_GAIN,
+    rank_below: float = options.RANK_BELOW,
     widening_cap: float = options.WIDENING_CAP,
     key_repeats: int = typer.Option(
         DEFAULTS.key_repeats, help="Most focus groups per key user (KIN)."
@@ -320,6 +321,7 @@ def detection_bench(
         weight_veto,
         plateau_gain,
         widening_cap,
+        rank_below,
     )
     from fairbus.bench import detection
 

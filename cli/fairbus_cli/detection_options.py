@@ -120,6 +120,12 @@ PLATEAU_GAIN = typer.Option(
     "level rounds (the model has converged), a round whose fit residual is not below the "
     "contribution tolerance tests accuracy alone. Negative turns it off.",
 )
+RANK_BELOW = typer.Option(
+    _negative_if_off(DEFAULTS.rank_below),
+    help="Not in the paper: while τ is below this, contributions are measured along the "
+    "median of the better-ranked half of the basic groups (the true class's mean rank), "
+    "where accuracy cannot tell them apart. Negative turns it off.",
+)
 WIDENING_CAP = typer.Option(
     _negative_if_off(DEFAULTS.widening_cap),
     help="Not in the paper: the widened contribution tolerance is at most this (1: a group "
@@ -152,6 +158,7 @@ def detection_params(
     weight_veto: float,
     plateau_gain: float,
     widening_cap: float,
+    rank_below: float,
 ) -> DetectionParams:
     """The options as :class:`DetectionParams`; a negative (or for the two whole-number
     extensions, zero) value means off."""
@@ -174,5 +181,6 @@ def detection_params(
         suspect_weight=_off_if_negative(suspect_weight),
         weight_veto=_off_if_negative(weight_veto),
         plateau_gain=_off_if_negative(plateau_gain),
+        rank_below=_off_if_negative(rank_below),
         widening_cap=_off_if_negative(widening_cap),
     )

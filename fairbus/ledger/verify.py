@@ -205,7 +205,8 @@ class EvaluationCheck:
         accuracies = {gid: score.accuracy for gid, score in zip(gids, scores, strict=True)}
         try:
             updates = round_updates(means, global_params)
-            contributions = contributions_along(detection, updates, basic, accuracies, step)
+            ranks = {gid: score.mean_rank for gid, score in zip(gids, scores, strict=True)}
+            contributions = contributions_along(detection, updates, basic, accuracies, step, ranks)
         except FairbusError as exc:
             raise VerificationError(str(exc)) from None
         return {

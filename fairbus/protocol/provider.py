@@ -879,6 +879,7 @@ class ProviderMachine:
             [g.gid for g in self.grouping.basic],
             self._accuracy,
             step,
+            self._rank,
         )
         evaluation = Evaluation(
             tuple(

@@ -22,7 +22,7 @@ import pytest
 import torch
 
 from fairbus import envelope, evaluation
-from fairbus.detection import detect
+from fairbus.detection import accurate_basic, detect, ranked_basic
 from fairbus.errors import SchemaError
 from fairbus.evaluation import ExactEvaluator, ExactScore, QuantizedTestSet
 from fairbus.identity import Identity
@@ -457,7 +457,8 @@ def test_the_accurate_median_is_re_derived_over_the_basic_groups_that_beat_the_b
     plain = dataclasses.replace(DEFAULT_DETECTION, contribution_direction="median")
     median = check.numbers(spec, round_two, gids, plain)
     at_tau = dataclasses.replace(DEFAULT_DETECTION, contribution_direction="accurate_median",
-                                 tolerance=0.0, relative_tolerance=None)  # fmt: skip
+                                 tolerance=0.0, relative_tolerance=None,
+                                 rank_below=None)  # fmt: skip
     accurate = check.numbers(spec, round_two, gids, at_tau)
     basic = [g.gid for g in round_two.announce.groups if g.kind == "basic"]
     tau = sum(median[gid][0] for gid in basic) / len(basic)
@@ -468,3 +469,62 @@ def test_the_accurate_median_is_re_derived_over_the_basic_groups_that_beat_the_b
     assert any(accurate[gid][1] != median[gid][1] for gid in gids)
     every_group_beats = dataclasses.replace(at_tau, tolerance=1.0)
     assert check.numbers(spec, round_two, gids, every_group_beats) == median
+
+
+@pytest.fixture(scope="module")
+def ranked() -> Recorded:
+    """One round, recorded with ``rank_below`` 0.35 (off by default)."""
+    blocks: list[Block] = []
+    blobs: dict[bytes, bytes] = {}
+    near_chance = dataclasses.replace(DEFAULT_DETECTION, rank_below=0.35)
+    config = SimulationConfig(users=9, rounds=1, seed=3, train=TrainConfig(local_epochs=2),
+                              provider=ProviderConfig(detection=near_chance))  # fmt: skip
+    sim = Simulation(config, on_block=blocks.append, on_blob=blobs.__setitem__)
+    [record] = sim.run()
+    assert record.failed is None and not record.refusals, record
+    return Recorded(sim, blocks, blobs)
+
+
+def test_near_chance_the_ledger_re_derives_the_median_of_the_better_ranked_basic_groups(
+    ranked: Recorded,
+) -> None:
+    """Round 1 starts at chance (τ below the recorded ``rank_below``): the ledger measures
+    contributions along the median of the basic groups whose re-derived rank is at most
+    the median rank, as the provider did. The same evaluation with the contributions the
+    accuracy bar's groups give, what a provider that ignores ``rank_below`` reports, is
+    refused with ``contract_violation`` and changes nothing."""
+    state = ranked.state_before("evaluation")
+    assert state.task is not None and state.task.evaluation is not None
+    detection = state.task.detection
+    assert detection.rank_below is not None and detection.contribution_direction == (
+        "accurate_median"
+    )
+    round_one = state.rounds[1].recorded()
+    honest = _honest_evaluation(ranked)
+    gids = [e.gid for e in honest.accuracies]
+    check = EvaluationCheck(ranked.blobs.get)
+    by_rank = check.numbers(state.task.evaluation, round_one, gids, detection)
+    unranked = check.numbers(
+        state.task.evaluation, round_one, gids, dataclasses.replace(detection, rank_below=None)
+    )
+    basic = [g.gid for g in round_one.announce.groups if g.kind == "basic"]
+    accuracies = {gid: numbers[0] for gid, numbers in by_rank.items()}
+    ranks = {gid: numbers[2] for gid, numbers in by_rank.items()}
+    assert sum(accuracies[gid] for gid in basic) / len(basic) < detection.rank_below
+    half = ranked_basic(basic, accuracies, detection, ranks)
+    assert half is not None and 0 < len(half) < len(basic)
+    assert half != accurate_basic(basic, accuracies, detection)
+    assert {g: (n[0], n[2]) for g, n in unranked.items()} == {
+        g: (n[0], n[2]) for g, n in by_rank.items()
+    }
+    assert {e.gid: e.contribution for e in honest.accuracies} == {
+        g: n[1] for g, n in by_rank.items()
+    }
+    assert any(by_rank[gid][1] != unranked[gid][1] for gid in gids)
+    forged = Evaluation(
+        tuple(dataclasses.replace(e, contribution=unranked[e.gid][1])
+              for e in honest.accuracies)
+    )  # fmt: skip
+    state = ranked.state_before("evaluation")
+    _refused(state, _signed(ranked, state, forged), "contribution")
+    state.draft().admit(ranked.blocks[ranked.index_of("evaluation")].txs[0])

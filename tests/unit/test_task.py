@@ -185,13 +185,14 @@ def test_the_contribution_direction_is_read_and_recorded(direction: str) -> None
         ("weight_veto", 0.3, 1.5, 0.4),
         ("plateau_gain", 0.02, 1.5, 0.01),
         ("widening_cap", 2.0, 11.0, 1.0),
+        ("rank_below", 0.5, 1.5, None),
     ],
 )
 def test_an_extension_of_alg_6_is_read_recorded_and_turned_off_by_zero(
-    name: str, value: float, bad: float, default: float
+    name: str, value: float, bad: float, default: float | None
 ) -> None:
     defaults = TaskParams.from_message(TaskParams(detection_table({})).to_message())
-    assert getattr(defaults.detection, name) == default  # on unless the table says 0
+    assert getattr(defaults.detection, name) == default  # what the task records by default
     params = detection_table({name: value})
     recorded = TaskParams.from_message(TaskParams(params).to_message())
     assert getattr(recorded.detection, name) == value
