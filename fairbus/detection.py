@@ -179,15 +179,14 @@ class DetectionParams:
     round at a plateau)."""
     rank_below: float | None = None
     """Not in the paper (None = not used): with ``contribution_direction``
-    "accurate_median", while τ is below this the median is taken over the better-ranked
-    half of the basic groups (:func:`ranked_basic`: those whose true class's mean rank on
-    the test set is at most the median of theirs), not over those that beat the accuracy
-    bar. While the model is near chance the accuracy cannot tell groups apart (with
-    three poisoners among nine every basic group classifies at 0.1-0.3, the bar admits
-    them all, and the median of their updates is the poisoners'), but the rank, exact and
-    re-derived by the ledger with every evaluation, orders them by how many poisoners
-    they hold (issue 13: README, "Tried after the tenth change": 3+3 40% → 58% detected,
-    but honest users with skewed data excluded, so off by default)."""
+    "accurate_median", while τ is below this the median is taken over the basic groups
+    whose model ranks the true class no worse than the round's global model did (within
+    :data:`RANK_SLACK`; :func:`ranked_basic`), not over those that beat the accuracy
+    bar. Near chance the accuracy cannot tell groups apart (with three poisoners among
+    nine every basic group classifies at 0.1-0.3, the bar admits them all, and the median
+    of their updates is the poisoners'), but a poisoner's group falls behind the model
+    it started from in the true class's mean rank, which is exact and which the ledger
+    re-derives (issue 13: README, "eleventh change")."""
     contribution_direction: str = "median"
     """Not in the paper (:data:`DIRECTIONS`; "median" = as first built): what a group's
     update is projected on to measure its contribution (:func:`group_contributions`).
@@ -719,17 +718,38 @@ def contributions_along(
     accuracies: Mapping[int, float],
     last_step: npt.NDArray[np.float64] | None = None,
     ranks: Mapping[int, float | None] | None = None,
+    anchor: float | None = None,
 ) -> dict[int, float]:
     """:func:`group_contributions` along the task's ``contribution_direction``: the
     ``last_step`` only for "last_step", for "accurate_median" the median over
-    :func:`ranked_basic` while τ is below ``rank_below`` and ``ranks`` (group id → the
-    true class's mean rank) has every basic group's, else over :func:`accurate_basic`.
-    What the provider reports and the ledger re-derives, one choice for both."""
+    :func:`ranked_basic` (``ranks``: group id → the true class's mean rank; ``anchor``:
+    the global model's) where it names groups, else over :func:`accurate_basic`. What the
+    provider reports and the ledger re-derives, one choice for both."""
     direction = params.contribution_direction
     if direction == "accurate_median":
-        ranked = ranked_basic(basic, accuracies, params, ranks or {})
+        ranked = ranked_basic(basic, accuracies, params, ranks or {}, anchor)
         basic = ranked if ranked is not None else accurate_basic(basic, accuracies, params)
     return group_contributions(updates, basic, last_step if direction == "last_step" else None)
+
+
+RANK_SLACK = 0.1
+"""How far (in the true class's mean rank, 0 to classes − 1) a basic group's model may
+rank behind the round's global model and still set the direction under ``rank_below``.
+Measured (issue 13, README "eleventh change"): near chance, honest groups with skewed
+data rank up to 0.12 behind it now and then, groups holding two of three poisoners
+0.15-1.9 behind."""
+
+
+def needs_anchor(
+    params: DetectionParams, basic: Sequence[int], accuracies: Mapping[int, float]
+) -> bool:
+    """Whether this round's contributions are measured along :func:`ranked_basic`'s
+    groups, which needs the global model's rank: ``rank_below`` is set, the direction
+    is "accurate_median" and τ (:func:`exact_tau`) is below ``rank_below``."""
+    below = params.rank_below
+    if below is None or params.contribution_direction != "accurate_median" or not basic:
+        return False
+    return exact_tau(basic, accuracies) < below
 
 
 def ranked_basic(
@@ -737,22 +757,21 @@ def ranked_basic(
     accuracies: Mapping[int, float],
     params: DetectionParams,
     ranks: Mapping[int, float | None],
+    anchor: float | None,
 ) -> list[int] | None:
-    """The better-ranked half of the basic groups (:attr:`DetectionParams.rank_below`):
-    those whose true class's mean rank is at most the median of theirs (the lower median
-    where their count is even; ties at it included); None where τ is not below
-    ``rank_below`` or a basic group has no rank. τ is :func:`exact_tau`;
-    the ranks are exactly rounded quotients of integers (:mod:`fairbus.evaluation`), so
-    every machine picks the same groups."""
-    below = params.rank_below
-    if below is None or not basic or exact_tau(basic, accuracies) >= below:
+    """The basic groups whose model ranks the true class no worse than the round's
+    global model (its mean rank ``anchor``) did, within :data:`RANK_SLACK`
+    (:attr:`DetectionParams.rank_below`); None where :func:`needs_anchor` says no, the
+    anchor or a basic group's rank is unknown, or no basic group is within it. The ranks
+    are exactly rounded quotients of integers (:mod:`fairbus.evaluation`), so every
+    machine picks the same groups."""
+    if not needs_anchor(params, basic, accuracies) or anchor is None:
         return None
-    known = {gid: ranks.get(gid) for gid in basic}
-    if any(rank is None or not math.isfinite(rank) for rank in known.values()):
+    known = [(gid, ranks.get(gid)) for gid in basic]
+    if not math.isfinite(anchor) or any(r is None or not math.isfinite(r) for _, r in known):
         return None
-    order = sorted(float(rank) for rank in known.values() if rank is not None)
-    median = order[(len(order) - 1) // 2]
-    return [gid for gid, rank in known.items() if rank is not None and rank <= median]
+    bar = anchor + RANK_SLACK
+    return [gid for gid, rank in known if rank is not None and rank <= bar] or None
 
 
 def exact_tau(basic: Sequence[int], accuracies: Mapping[int, float]) -> float:

@@ -8,7 +8,9 @@ evaluation it recomputes, for every evaluated group,
   as Alg. 5 does (:func:`fairbus.masking.aggregate_decrypt`);
 * its contribution (:func:`fairbus.detection.group_contributions`) from those models and
   the round's recorded global model (with the task's ``contribution_direction``
-  "last_step", along the step from the previous round's recorded global model);
+  "last_step", along the step from the previous round's recorded global model; with
+  ``rank_below``, near chance, over the basic groups that rank the true class no worse
+  than the recorded global model, whose rank it evaluates too);
 * its accuracy and the true class's mean rank on the task's committed test set with
   :class:`~fairbus.evaluation.ExactEvaluator`, in exact fixed-point arithmetic (every
   group of the evaluation in one batched pass, :meth:`~fairbus.evaluation.ExactEvaluator.
@@ -39,7 +41,7 @@ import numpy as np
 import numpy.typing as npt
 
 from fairbus import masking
-from fairbus.detection import DetectionParams, contributions_along
+from fairbus.detection import DetectionParams, contributions_along, needs_anchor
 from fairbus.errors import FairbusError
 from fairbus.field import FixedPointCodec
 from fairbus.wire.limits import DEFAULT_LIMITS, WireLimits
@@ -206,7 +208,12 @@ class EvaluationCheck:
         try:
             updates = round_updates(means, global_params)
             ranks = {gid: score.mean_rank for gid, score in zip(gids, scores, strict=True)}
-            contributions = contributions_along(detection, updates, basic, accuracies, step, ranks)
+            anchor = None
+            if needs_anchor(detection, basic, accuracies):
+                anchor = self._evaluator(spec).scores([global_params])[0].mean_rank
+            contributions = contributions_along(
+                detection, updates, basic, accuracies, step, ranks, anchor
+            )
         except FairbusError as exc:
             raise VerificationError(str(exc)) from None
         return {

@@ -159,9 +159,15 @@ class Train:
     global_params: npt.NDArray[np.float32]
 
 
+GLOBAL_MODEL = -1
+"""The ``gid`` of an :class:`Evaluate` of the round's global model: its true class's
+mean rank anchors ``rank_below`` (:func:`fairbus.detection.ranked_basic`)."""
+
+
 @dataclass(frozen=True, eq=False)
 class Evaluate:
-    """Evaluate a decrypted group model; answer with Evaluated."""
+    """Evaluate a decrypted group model (or, with ``gid`` :data:`GLOBAL_MODEL`, the
+    round's global model); answer with Evaluated."""
 
     round: int
     attempt: int

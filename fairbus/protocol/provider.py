@@ -48,6 +48,7 @@ from fairbus.detection import (
     contributions_along,
     detect,
     fit_contributions,
+    needs_anchor,
 )
 from fairbus.envelope import GENESIS, ChainTracker
 from fairbus.errors import FairbusError, GroupingError
@@ -60,6 +61,7 @@ from fairbus.ledger.state import RoundRecord, grouping_of
 from fairbus.ledger.verify import last_step, round_updates
 from fairbus.masking import GroupAggregate
 from fairbus.protocol.events import (
+    GLOBAL_MODEL,
     USERS,
     AttemptClosed,
     ChainHead,
@@ -262,6 +264,8 @@ class ProviderMachine:
         self._decrypted: dict[int, GroupAggregate] = {}
         self._accuracy: dict[int, float] = {}
         self._rank: dict[int, float | None] = {}  # each group's, with its accuracy
+        self._anchor: tuple[int, float | None] | None = None  # (round, its global model's rank)
+        self._anchor_asked: int | None = None  # the round whose global model is being evaluated
         self._evidence: dict[int, tuple[float, ...]] = {}
         self._history: tuple[RoundContributions, ...] = ()
         self._trusted: list[int] = []
@@ -669,6 +673,8 @@ class ProviderMachine:
         return [evaluate]
 
     def _on_evaluated(self, event: Evaluated) -> list[Output]:
+        if event.gid == GLOBAL_MODEL:
+            return self._on_anchor(event)
         if (event.round, event.attempt) != (
             self.round,
             self.attempt,
@@ -678,6 +684,19 @@ class ProviderMachine:
         self._rank[event.gid] = event.rank
         assert self.grouping is not None
         if self.phase is ProviderPhase.EVALUATING and len(self._accuracy) == len(
+            self.grouping.groups
+        ):
+            return self._finish()
+        return []
+
+    def _on_anchor(self, event: Evaluated) -> list[Output]:
+        """The round's global model evaluated (asked for by :meth:`_finish`): its rank
+        anchors ``rank_below``. The same model for every attempt of the round."""
+        if event.round != self.round or self._anchor_asked != self.round:
+            return []
+        self._anchor = (event.round, event.rank)
+        assert self.grouping is not None
+        if self.phase is ProviderPhase.EVALUATING and len(self._accuracy) >= len(
             self.grouping.groups
         ):
             return self._finish()
@@ -867,8 +886,20 @@ class ProviderMachine:
     # --- detection, exclusion, aggregation ---------------------------------------------------
 
     def _finish(self) -> list[Output]:
-        """Alg. 5 done for every group: record the evaluation, then decide."""
+        """Alg. 5 done for every group: record the evaluation, then decide. Where the
+        round's contributions need the global model's rank (``rank_below``) and it is
+        not known yet, the driver is asked for it first and the round finishes when it
+        comes (:meth:`_on_anchor`)."""
         assert self.grouping is not None
+        basic = [g.gid for g in self.grouping.basic]
+        anchor: float | None = None
+        if needs_anchor(self.config.detection, basic, self._accuracy):
+            if self._anchor is None or self._anchor[0] != self.round:
+                if self._anchor_asked == self.round:
+                    return []
+                self._anchor_asked = self.round
+                return [Evaluate(self.round, self.attempt, GLOBAL_MODEL, self.global_params)]
+            anchor = self._anchor[1]
         means = {gid: r.mean for gid, r in self._decrypted.items()}
         step = None
         if self.config.detection.contribution_direction == "last_step":
@@ -876,10 +907,11 @@ class ProviderMachine:
         contributions = contributions_along(
             self.config.detection,
             round_updates(means, self.global_params),
-            [g.gid for g in self.grouping.basic],
+            basic,
             self._accuracy,
             step,
             self._rank,
+            anchor,
         )
         evaluation = Evaluation(
             tuple(

@@ -5,7 +5,7 @@ training. Every transaction it emits goes through the ledger's validation state 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import ClassVar
 
 import numpy as np
@@ -19,6 +19,7 @@ from fairbus.exposure import exposing_sets
 from fairbus.field import FixedPointCodec, sum_vectors
 from fairbus.ledger.recorded import Recorded, open_recorded
 from fairbus.protocol.events import (
+    GLOBAL_MODEL,
     PROVIDER,
     USERS,
     ChainHead,
@@ -649,3 +650,30 @@ def test_a_second_dropout_after_a_finish_on_complete_groups_counts_every_known_g
     driver.pump()
     second = [_announcement(driver, c) for c in driver.commits("announce")][1:]
     assert second and g2 in second[0].prior_groups
+
+
+def test_near_chance_the_provider_asks_for_the_global_models_rank_before_it_finishes() -> None:
+    """With ``rank_below`` and τ below it, the round's contributions need the global
+    model's rank (issue 13): once every group's accuracy is in, the provider asks for an
+    evaluation of the round's global model (gid ``GLOBAL_MODEL``), once, and records the
+    evaluation only when it comes. An answer it did not ask for changes nothing; with τ
+    at or above ``rank_below`` it never asks."""
+    detection = replace(ProviderConfig().detection, rank_below=0.35)
+    task = make_task(6, config=ProviderConfig(detection=detection))
+    assert task.provider.handle(Evaluated(1, 0, GLOBAL_MODEL, 0.1, 4.0)) == []
+    driver = Driver(task, accuracy=lambda e: 0.1, rank=lambda e: 4.0)
+    done = driver.play_round()
+    log = driver.outputs(PROVIDER)
+    asks = [k for k, o in enumerate(log) if isinstance(o, Evaluate) and o.gid == GLOBAL_MODEL]
+    assert len(asks) == 1
+    ask = log[asks[0]]
+    assert isinstance(ask, Evaluate) and np.array_equal(ask.params, initial_model())
+    groups = [k for k, o in enumerate(log) if isinstance(o, Evaluate) and o.gid != GLOBAL_MODEL]
+    evaluation = [k for k, o in enumerate(log) if isinstance(o, Commit) and o.kind == "evaluation"]
+    assert max(groups) < asks[0] < evaluation[0]
+    assert done.round == 1 and _phase(task) is ProviderPhase.IDLE
+    assert task.provider.handle(Evaluated(1, 0, GLOBAL_MODEL, 0.1, 4.0)) == []
+
+    learnt = Driver(make_task(6, config=ProviderConfig(detection=detection)))  # accuracy 0.9
+    learnt.play_round()
+    assert not [o for o in of_type(learnt.outputs(PROVIDER), Evaluate) if o.gid == GLOBAL_MODEL]

@@ -8,6 +8,7 @@ import pytest
 
 from fairbus import detection as detection_module
 from fairbus.detection import (
+    RANK_SLACK,
     DetectionParams,
     DetectionResult,
     RoundContributions,
@@ -17,6 +18,7 @@ from fairbus.detection import (
     detect,
     fit_contributions,
     group_contributions,
+    needs_anchor,
     ranked_basic,
     sharp_fit,
     suspects,
@@ -181,11 +183,12 @@ def test_the_accurate_median_leaves_out_basic_groups_that_fail_the_accuracy_bar(
         contributions_along(params, updates, [0, 1], {0: 0.8})
 
 
-def test_near_chance_the_accurate_median_is_taken_over_the_better_ranked_basic_groups() -> None:
+def test_near_chance_the_median_is_over_groups_ranking_no_worse_than_the_global_model() -> None:
     """Poisoners hold the model at chance: every basic group beats the (loose) accuracy
     bar, and three of five basic groups hold poisoners, so the median of all of them is
     theirs. While τ is below ``rank_below`` the median is taken over the basic groups
-    whose true class's mean rank is at most the (lower) median rank (issue 13)."""
+    whose true class's mean rank is at most the global model's (the anchor) plus
+    ``RANK_SLACK``: a poisoner's group falls behind the model it started from (issue 13)."""
     honest, backwards = np.array([3.0, 4.0]), np.array([-3.0, -4.0])
     updates = {
         0: honest,
@@ -199,24 +202,27 @@ def test_near_chance_the_accurate_median_is_taken_over_the_better_ranked_basic_g
     ranks: dict[int, float | None] = {0: 3.0, 1: 3.2, 2: 4.4, 3: 4.5, 4: 4.6, 5: 3.5}
     basic = [0, 1, 2, 3, 4]
     params = DetectionParams(tolerance=0.05, contribution_direction="accurate_median")
-    by_accuracy = contributions_along(params, updates, basic, accuracies, None, ranks)
+    by_accuracy = contributions_along(params, updates, basic, accuracies, None, ranks, 4.35)
     assert by_accuracy[0] == pytest.approx(-5.0)  # along the poisoners' median, backwards
     ranked = replace(params, rank_below=0.35)
-    got = contributions_along(ranked, updates, basic, accuracies, None, ranks)
+    assert needs_anchor(ranked, basic, accuracies) and not needs_anchor(params, basic, accuracies)
+    got = contributions_along(ranked, updates, basic, accuracies, None, ranks, 4.35)
     expected = {0: 5.0, 1: 4.5, 2: -5.0, 3: -6.0, 4: -4.0, 5: 10 / 3}  # along honest · 0.9
     assert got == pytest.approx(expected)
-    assert ranked_basic(basic, accuracies, ranked, ranks) == [0, 1, 2]
-    # ties at the median are all kept; the order the groups come in changes nothing
-    tied = {**ranks, 3: 4.4}
-    assert ranked_basic(basic, accuracies, ranked, tied) == [0, 1, 2, 3]
-    assert ranked_basic(basic[::-1], accuracies, ranked, ranks) == [2, 1, 0]
-    assert contributions_along(ranked, updates, basic[::-1], accuracies, None, ranks) == got
-    # once τ reaches rank_below, or where a basic group has no rank, the accuracy decides
+    assert ranked_basic(basic, accuracies, ranked, ranks, 4.35) == [0, 1, 2]
+    assert ranked_basic(basic, accuracies, ranked, ranks, 4.4 - 2 * RANK_SLACK) == [0, 1]
+    assert ranked_basic(basic[::-1], accuracies, ranked, ranks, 4.35) == [2, 1, 0]
+    assert contributions_along(ranked, updates, basic[::-1], accuracies, None, ranks, 4.35) == got
+    # no basic group as good as the global model, no anchor, a basic group without a
+    # rank, or τ at rank_below: the accuracy bar's groups, as without it
+    assert ranked_basic(basic, accuracies, ranked, ranks, 2.0) is None
+    assert ranked_basic(basic, accuracies, ranked, ranks, None) is None
+    assert ranked_basic(basic, accuracies, ranked, {**ranks, 2: None}, 4.35) is None
+    assert ranked_basic(basic, accuracies, ranked, {0: 3.0, 1: 3.2}, 4.35) is None
     learnt = {**accuracies, 0: 0.9, 1: 0.9}  # τ 0.424
-    assert ranked_basic(basic, learnt, ranked, ranks) is None
-    assert ranked_basic(basic, accuracies, ranked, {**ranks, 2: None}) is None
-    assert ranked_basic(basic, accuracies, ranked, {0: 3.0, 1: 3.2}) is None
-    assert contributions_along(ranked, updates, basic, accuracies) == by_accuracy
+    assert not needs_anchor(ranked, basic, learnt)
+    assert ranked_basic(basic, learnt, ranked, ranks, 4.35) is None
+    assert contributions_along(ranked, updates, basic, accuracies, None, ranks, 2.0) == by_accuracy
     with pytest.raises(DetectionError, match="rank_below must be in"):
         DetectionParams(rank_below=1.5)
 
