@@ -762,16 +762,21 @@ def ranked_basic(
     """The basic groups whose model ranks the true class no worse than the round's
     global model (its mean rank ``anchor``) did, within :data:`RANK_SLACK`
     (:attr:`DetectionParams.rank_below`); None where :func:`needs_anchor` says no, the
-    anchor or a basic group's rank is unknown, or no basic group is within it. The ranks
-    are exactly rounded quotients of integers (:mod:`fairbus.evaluation`), so every
-    machine picks the same groups."""
+    anchor or a basic group's rank is unknown, or fewer than half of the basic groups are
+    within it. Honest majorities move the model forward; where most groups fall behind
+    the model they started from, the rank says nothing about poisoners (30 users holding
+    45 images each: their groups overfit, and at chance half of them ranked 0.18 or more
+    behind the global model; README, "eleventh change"). The ranks are exactly rounded
+    quotients of integers (:mod:`fairbus.evaluation`), so every machine picks the same
+    groups."""
     if not needs_anchor(params, basic, accuracies) or anchor is None:
         return None
     known = [(gid, ranks.get(gid)) for gid in basic]
     if not math.isfinite(anchor) or any(r is None or not math.isfinite(r) for _, r in known):
         return None
     bar = anchor + RANK_SLACK
-    return [gid for gid, rank in known if rank is not None and rank <= bar] or None
+    chosen = [gid for gid, rank in known if rank is not None and rank <= bar]
+    return chosen if chosen and 2 * len(chosen) >= len(known) else None
 
 
 def exact_tau(basic: Sequence[int], accuracies: Mapping[int, float]) -> float:
