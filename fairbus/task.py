@@ -106,11 +106,12 @@ DEFAULT_DETECTION = DetectionParams(
     # plateau (mean accuracy within 0.01 over the 8 rounds of the window), only rounds
     # with a sharp fit test contributions.
     plateau_gain=0.01,
-    # Issue 13 (README, "Tried after the tenth change"): measuring contributions near
-    # chance along the better-ranked half of the basic groups (`rank_below` 0.35) finds
-    # 58% of 3+3's attackers (40%), but excludes honest users with skewed data (non-IID
-    # 0+0: 3 in 20 seeds): off.
-    rank_below=None,
+    # Issue 13 (README, "eleventh change"): near chance the accuracy bar admits every
+    # basic group, and where poisoners hold most of them the median of their updates is
+    # theirs; the groups that rank the true class no worse than the global model point
+    # the honest way (3+3 40% → 49% detected, non-IID 2+2 all out 8 → 15 of 20 seeds,
+    # poison ×3's false exclusions gone).
+    rank_below=0.35,
 )
 """The task's Algorithm 6 policy unless its configuration says otherwise (the extensions
 are described in the README; ``DetectionParams()`` is the paper's function as written)."""

@@ -122,9 +122,10 @@ PLATEAU_GAIN = typer.Option(
 )
 RANK_BELOW = typer.Option(
     _negative_if_off(DEFAULTS.rank_below),
-    help="Not in the paper: while τ is below this, contributions are measured along the "
-    "median of the better-ranked half of the basic groups (the true class's mean rank), "
-    "where accuracy cannot tell them apart. Negative turns it off.",
+    help="Not in the paper: while τ is below this (near chance, where accuracy cannot tell "
+    "groups apart), contributions are measured along the median of the basic groups whose "
+    "model ranks the true class no worse than the round's global model. Negative turns it "
+    "off.",
 )
 WIDENING_CAP = typer.Option(
     _negative_if_off(DEFAULTS.widening_cap),
