@@ -110,7 +110,7 @@ DEFAULT_DETECTION = DetectionParams(
     # basic group, and where poisoners hold most of them the median of their updates is
     # theirs; the groups that rank the true class no worse than the global model point
     # the honest way (3+3 40% → 49% detected, non-IID 2+2 all out 8 → 15 of 20 seeds,
-    # poison ×3's false exclusions gone).
+    # poison ×3 false exclusions 3 → 1 in seeds 0-29).
     rank_below=0.35,
 )
 """The task's Algorithm 6 policy unless its configuration says otherwise (the extensions
