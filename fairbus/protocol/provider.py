@@ -695,12 +695,10 @@ class ProviderMachine:
         if event.round != self.round or self._anchor_asked != self.round:
             return []
         self._anchor = (event.round, event.rank)
-        assert self.grouping is not None
-        if self.phase is ProviderPhase.EVALUATING and len(self._accuracy) >= len(
-            self.grouping.groups
-        ):
-            return self._finish()
-        return []
+        grouping = self.grouping
+        if grouping is None or self.phase is not ProviderPhase.EVALUATING:
+            return []  # the round failed or regroups meanwhile: the rank waits for it
+        return self._finish() if len(self._accuracy) >= len(grouping.groups) else []
 
     def _on_tick(self, now: float) -> list[Output]:
         self._now = max(self._now, now)
