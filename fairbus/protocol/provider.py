@@ -695,10 +695,9 @@ class ProviderMachine:
         if event.round != self.round or self._anchor_asked != self.round:
             return []
         self._anchor = (event.round, event.rank)
-        grouping = self.grouping
-        if grouping is None or self.phase is not ProviderPhase.EVALUATING:
+        if self.grouping is None or self.phase is not ProviderPhase.EVALUATING:
             return []  # the round failed or regroups meanwhile: the rank waits for it
-        return self._finish() if len(self._accuracy) >= len(grouping.groups) else []
+        return self._maybe_evaluating()
 
     def _on_tick(self, now: float) -> list[Output]:
         self._now = max(self._now, now)

@@ -77,12 +77,19 @@ class Recorded:
 
 @pytest.fixture(scope="module")
 def recorded() -> Recorded:
+    return _simulated(
+        SimulationConfig(users=9, rounds=1, seed=3, train=TrainConfig(local_epochs=2))
+    )
+
+
+def _simulated(config: SimulationConfig) -> Recorded:
+    """The task ``config`` describes, simulated with its blocks and blobs kept; every
+    round must complete with nothing refused."""
     blocks: list[Block] = []
     blobs: dict[bytes, bytes] = {}
-    config = SimulationConfig(users=9, rounds=1, seed=3, train=TrainConfig(local_epochs=2))
     sim = Simulation(config, on_block=blocks.append, on_blob=blobs.__setitem__)
-    [record] = sim.run()
-    assert record.failed is None and not record.refusals, record
+    records = sim.run()
+    assert all(r.failed is None and not r.refusals for r in records), records
     return Recorded(sim, blocks, blobs)
 
 
@@ -387,15 +394,10 @@ def test_a_test_set_that_does_not_fit_the_model_is_refused_by_name() -> None:
 
 @pytest.fixture(scope="module")
 def two_rounds() -> Recorded:
-    blocks: list[Block] = []
-    blobs: dict[bytes, bytes] = {}
     along = dataclasses.replace(DEFAULT_DETECTION, contribution_direction="last_step")
-    config = SimulationConfig(users=9, rounds=2, seed=3, train=TrainConfig(local_epochs=4),
-                              provider=ProviderConfig(detection=along))  # fmt: skip
-    sim = Simulation(config, on_block=blocks.append, on_blob=blobs.__setitem__)
-    records = sim.run()
-    assert all(r.failed is None and not r.refusals for r in records), records
-    return Recorded(sim, blocks, blobs)
+    return _simulated(SimulationConfig(users=9, rounds=2, seed=3,
+                                       train=TrainConfig(local_epochs=4),
+                                       provider=ProviderConfig(detection=along)))  # fmt: skip
 
 
 def _second(rec: Recorded, kind: str) -> int:
@@ -475,18 +477,12 @@ def test_the_accurate_median_is_re_derived_over_the_basic_groups_that_beat_the_b
 @pytest.fixture(scope="module")
 def ranked() -> Recorded:
     """One round among three poisoners of nine, recorded with ``rank_below`` 0.35."""
-    blocks: list[Block] = []
-    blobs: dict[bytes, bytes] = {}
     near_chance = dataclasses.replace(DEFAULT_DETECTION, rank_below=0.35)
     poisoners = {u: Attack(Behaviour.POISONER) for u in (1, 2, 3)}
     # 30 local epochs: with 2 every group's rank is within 0.1 of the model it started from
-    config = SimulationConfig(users=9, rounds=1, seed=3, train=TrainConfig(local_epochs=30),
-                              attacks=poisoners,
-                              provider=ProviderConfig(detection=near_chance))  # fmt: skip
-    sim = Simulation(config, on_block=blocks.append, on_blob=blobs.__setitem__)
-    [record] = sim.run()
-    assert record.failed is None and not record.refusals, record
-    return Recorded(sim, blocks, blobs)
+    return _simulated(SimulationConfig(users=9, rounds=1, seed=3,
+                                       train=TrainConfig(local_epochs=30), attacks=poisoners,
+                                       provider=ProviderConfig(detection=near_chance)))  # fmt: skip
 
 
 def test_near_chance_the_ledger_re_derives_the_median_over_groups_ranking_with_the_global_model(
