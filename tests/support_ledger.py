@@ -33,16 +33,25 @@ class RecordedRun:
     provider's test set and task start first)."""
 
 
-def record_run(rounds: int = 3, dropouts: tuple[DropoutPlan, ...] = ()) -> RecordedRun:
-    """Nine users on digits (one poisoner, one free-rider), short local training. The
-    envelopes are what the simulation's own ledger committed, model-sized payloads put
-    back from its blobs."""
+def record_run(
+    rounds: int = 3,
+    dropouts: tuple[DropoutPlan, ...] = (),
+    *,
+    seed: int = 5,
+    attacks: dict[int, Attack] | None = None,
+    train: TrainConfig | None = None,
+) -> RecordedRun:
+    """Nine users on digits (by default one poisoner, one free-rider, and short local
+    training). The envelopes are what the simulation's own ledger committed, model-sized
+    payloads put back from its blobs."""
     config = SimulationConfig(
         users=9,
         rounds=rounds,
-        seed=5,
-        train=TrainConfig(local_epochs=2),
-        attacks={2: Attack(Behaviour.POISONER), 7: Attack(Behaviour.FREE_RIDER)},
+        seed=seed,
+        train=train or TrainConfig(local_epochs=2),
+        attacks=attacks
+        if attacks is not None
+        else {2: Attack(Behaviour.POISONER), 7: Attack(Behaviour.FREE_RIDER)},
         dropouts=dropouts,
     )
     blocks: list[Block] = []

@@ -258,6 +258,7 @@ def detection_bench(
     weight_veto: float = options.WEIGHT_VETO,
     plateau_gain: float = options.PLATEAU_GAIN,
     rank_below: float = options.RANK_BELOW,
+    convict_below: float = options.CONVICT_BELOW,
     widening_cap: float = options.WIDENING_CAP,
     key_repeats: int = typer.Option(
         DEFAULTS.key_repeats, help="Most focus groups per key user (KIN)."
@@ -322,6 +323,7 @@ def detection_bench(
         plateau_gain,
         widening_cap,
         rank_below,
+        convict_below,
     )
     from fairbus.bench import detection
 

@@ -127,6 +127,13 @@ RANK_BELOW = typer.Option(
     "model ranks the true class no worse than the round's global model. Negative turns it "
     "off.",
 )
+CONVICT_BELOW = typer.Option(
+    _negative_if_off(DEFAULTS.convict_below),
+    help="Not in the paper: a user whose fitted weight θ is below this with 95% confidence "
+    "is a violator, where the contribution fit has at least 4 rounds and none fitted worse "
+    "than twice its level, and the model is past chance (τ ≥ 0.25) and not at a plateau. "
+    "Negative turns it off.",
+)
 WIDENING_CAP = typer.Option(
     _negative_if_off(DEFAULTS.widening_cap),
     help="Not in the paper: the widened contribution tolerance is at most this (1: a group "
@@ -160,6 +167,7 @@ def detection_params(
     plateau_gain: float,
     widening_cap: float,
     rank_below: float,
+    convict_below: float,
 ) -> DetectionParams:
     """The options as :class:`DetectionParams`; a negative (or for the two whole-number
     extensions, zero) value means off."""
@@ -183,5 +191,6 @@ def detection_params(
         weight_veto=_off_if_negative(weight_veto),
         plateau_gain=_off_if_negative(plateau_gain),
         rank_below=_off_if_negative(rank_below),
+        convict_below=_off_if_negative(convict_below),
         widening_cap=_off_if_negative(widening_cap),
     )

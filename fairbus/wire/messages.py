@@ -372,6 +372,7 @@ class DetectionPolicy(WireStruct):
     widening_cap: float | None
     plateau_gain: float | None
     rank_below: float | None
+    convict_below: float | None
     contribution_direction: str
     FIELDS: ClassVar[dict[str, Spec]] = {
         "bound_score": Float(0.0, 1.0),
@@ -394,6 +395,7 @@ class DetectionPolicy(WireStruct):
         "widening_cap": Optional(Float(0.0, 10.0)),
         "plateau_gain": Optional(Float(0.0, 1.0)),
         "rank_below": Optional(Float(0.0, 1.0)),
+        "convict_below": Optional(Float(0.0, 1.0)),
         "contribution_direction": Str(max_len=16),
     }
 

@@ -14,6 +14,8 @@ from fairbus.identity import Identity
 from fairbus.ledger.state import LedgerState, RefusalReason
 from fairbus.roster import Roster
 from fairbus.task import DEFAULT_DETECTION, TaskParams
+from fairbus.training.attacks import Attack, Behaviour
+from fairbus.training.local import TrainConfig
 from fairbus.wire.messages import (
     Announce,
     DetectionPolicy,
@@ -134,6 +136,35 @@ def test_decisions_are_checked_against_the_recorded_parameters(run: RecordedRun)
         n for n, e in enumerate(envelopes) if envelope.parse(e).header.type == "decision"
     )
     assert (k, error.reason) == (first_decision, RefusalReason.CONTRACT_VIOLATION), error
+
+
+@pytest.fixture(scope="module")
+def three_and_three() -> RecordedRun:
+    """Three poisoners and three free-riders among nine, full local training, five rounds:
+    the contribution fit convicts all six in round 5 (``convict_below``)."""
+    poisoner, free_rider = Attack(Behaviour.POISONER), Attack(Behaviour.FREE_RIDER)
+    attacks = {u: poisoner for u in (1, 2, 3)} | {u: free_rider for u in (4, 5, 6)}
+    return record_run(rounds=5, seed=2, attacks=attacks, train=TrainConfig())
+
+
+def test_the_ledger_re_derives_a_conviction_by_the_contribution_fit(
+    three_and_three: RecordedRun,
+) -> None:
+    run = three_and_three
+    assert run.task.detection.convict_below is not None
+    state, refused = admit_all(run.roster, run.envelopes)
+    assert refused == [] and state.excluded == frozenset({1, 2, 3, 4, 5, 6})
+    # recorded without convict_below, the decision that excluded them is refused
+    unconvicting = dataclasses.replace(
+        run.task, detection=dataclasses.replace(run.task.detection, convict_below=None)
+    )
+    envelopes = with_task(run, unconvicting)
+    state, refused = admit_all(run.roster, envelopes)
+    assert refused, "a decision the recorded policy does not make was admitted"
+    k, error = refused[0]
+    assert envelope.parse(envelopes[k]).header.type == "decision"
+    assert error.reason == RefusalReason.CONTRACT_VIOLATION, error
+    assert not state.excluded & {1, 2, 3, 4, 5, 6}
 
 
 def test_a_task_start_after_an_announcement_is_refused(run: RecordedRun) -> None:

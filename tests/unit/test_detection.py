@@ -8,6 +8,9 @@ import pytest
 
 from fairbus import detection as detection_module
 from fairbus.detection import (
+    CONVICT_NOISE,
+    CONVICT_ROUNDS,
+    CONVICT_TAU,
     RANK_SLACK,
     DetectionParams,
     DetectionResult,
@@ -17,11 +20,13 @@ from fairbus.detection import (
     contributions_along,
     detect,
     fit_contributions,
+    fit_convicted,
     group_contributions,
     needs_anchor,
     ranked_basic,
     sharp_fit,
     suspects,
+    weight_bounds,
 )
 from fairbus.errors import DetectionError
 from fairbus.grouping import BASIC, FOCUS, Group, Grouping
@@ -882,3 +887,90 @@ def test_the_intervals_t_quantile_is_scipy_stats_own() -> None:
         q = 1 - (1 - confidence) / 2
         for df in range(1, 200):
             assert float(special.stdtrit(df, q)) == float(stats.t.ppf(q, df))
+
+
+def _jittered(groups: tuple[tuple[int, ...], ...], weights: dict[int, float], level: float,
+              jitter: float) -> RoundContributions:  # fmt: skip
+    """:func:`_contributions`, each group read ``jitter`` high and low in turn."""
+    exact = _contributions(groups, weights, level)
+    read = tuple(c + (jitter if k % 2 else -jitter) * level
+                 for k, c in enumerate(exact.contributions))  # fmt: skip
+    return RoundContributions(exact.groups, read, exact.accuracies)
+
+
+FIVE_ATTACKERS = {1: 1.0, 2: 1.0, 3: 1.0, 4: 1.0, 5: 0.0, 6: 0.0, 7: 0.0, 8: -1.0, 9: -1.0}
+
+
+def test_convict_below_makes_violators_of_the_users_the_fit_weighs_low_with_confidence(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Four honest users, three free-riders (θ 0), two poisoners (θ −1), each group read
+    # 5% of the level off the model: Alg. 6 has no key users to convict, every group is
+    # accurate, and only the fit over the four rounds tells the users apart.
+    weights = FIVE_ATTACKERS
+    history = tuple(_jittered(g, weights, lv, 0.05)
+                    for g, lv in ((NINE_A, 2.0), (NINE_C, 3.0), (NINE_A, 2.5)))  # fmt: skip
+    grouping, acc, contributions = _suspect_round(weights)
+    base = DetectionParams(
+        bound_score=0.3, bound_conf=0.5, tolerance=0.05, contribution_tolerance=0.2,
+        level_rounds=4, key_score=0.3,
+    )  # fmt: skip
+    assert not detect(grouping, acc, base, contributions, history=history).violators
+    convicting = replace(base, convict_below=0.5)
+    result = detect(grouping, acc, convicting, contributions, history=history)
+    assert result.violators == {5, 6, 7, 8, 9}
+    assert not result.new_key_users & result.violators
+    window = (*history, _contributions(NINE_B, weights, 2.0))
+    fit = fit_contributions(window)
+    bounds = weight_bounds(fit, window, 0.95) if fit else None
+    assert fit is not None and bounds is not None
+    # each bound lies above its weight, the free-riders' below the bar, the honest users' above
+    assert all(bounds[u] > fit.weights[u] for u in weights)
+    assert max(bounds[u] for u in (5, 6, 7)) < 0.5 < min(bounds[u] for u in (1, 2, 3, 4))
+    # a lower bar keeps the free-riders (their θ ≈ 0 is not surely below 0)
+    assert fit_convicted(grouping, replace(convicting, convict_below=0.05), window, 0.9, False) == {
+        8,
+        9,
+    }
+    # not at a plateau, not near chance, not with fewer rounds than CONVICT_ROUNDS
+    assert not fit_convicted(grouping, convicting, window, 0.9, True)
+    assert fit_convicted(grouping, convicting, window, CONVICT_TAU, False)
+    assert not fit_convicted(grouping, convicting, window, CONVICT_TAU - 0.01, False)
+    assert len(window) == CONVICT_ROUNDS
+    assert not fit_convicted(grouping, convicting, window[1:], 0.9, False)
+    assert not detect(grouping, acc, convicting, contributions, history=history[1:]).violators
+    # A round whose level is near 0 (the median turned half way) and whose groups scatter
+    # around it: fitted 1.4 times its level, believed; not where that is over CONVICT_NOISE.
+    exact = _contributions(NINE_A, weights, 0.05)
+    scattered = RoundContributions(
+        exact.groups,
+        tuple(c + (0.2 if k % 2 else -0.2) for k, c in enumerate(exact.contributions)),
+        exact.accuracies,
+    )
+    strayed = (scattered, *window[1:])
+    fit = fit_contributions(strayed)
+    assert fit is not None and 1.0 < max(fit.noise) < CONVICT_NOISE
+    assert fit_convicted(grouping, convicting, strayed, 0.9, False) == {5, 6, 7, 8, 9}
+    monkeypatch.setattr(detection_module, "CONVICT_NOISE", 1.0)
+    assert not fit_convicted(grouping, convicting, strayed, 0.9, False)
+    monkeypatch.undo()
+    # nor where the rounds are fitted worse than CONVICT_TYPICAL_NOISE in the median
+    assert sorted(fit.noise)[len(fit.noise) // 2] < 0.1
+    monkeypatch.setattr(detection_module, "CONVICT_TYPICAL_NOISE", 0.01)
+    assert not fit_convicted(grouping, convicting, window, 0.9, False)
+    monkeypatch.undo()
+    # and only users of this round: one excluded earlier is not convicted again
+    without_9 = Grouping(
+        tuple(Group(g.gid, g.kind, tuple(u for u in g.members if u != 9)) for g in grouping.groups),
+        frozenset(), key_repeats=1, basic_groupings=1,
+    )  # fmt: skip
+    assert 9 not in fit_convicted(without_9, convicting, window, 0.9, False)
+
+
+def test_weight_bounds_need_a_degree_of_freedom() -> None:
+    # one round of six groups has fewer equations than its ten unknowns
+    this = _jittered(NINE_B, FIVE_ATTACKERS, 2.0, 0.05)
+    fit = fit_contributions((this,))
+    assert fit is not None and weight_bounds(fit, (this,), 0.95) is None
+    with pytest.raises(DetectionError, match="convict_below must be in"):
+        DetectionParams(convict_below=1.5)
