@@ -974,3 +974,36 @@ def test_weight_bounds_need_a_degree_of_freedom() -> None:
     assert fit is not None and weight_bounds(fit, (this,), 0.95) is None
     with pytest.raises(DetectionError, match="convict_below must be in"):
         DetectionParams(convict_below=1.5)
+
+
+def test_a_focus_group_smaller_than_a_lone_basic_group_is_scored_on_its_contribution() -> None:
+    # Six users left, one basic group of all of them (τ = the whole population's model)
+    # and a focus group of three around key user 9: its skewed data cannot reach τ's
+    # accuracy, and only its contribution tells whether 9 trained.
+    weights = {u: 1.0 for u in (3, 4, 5, 7, 8, 9)}
+    history = tuple(
+        _contributions(groups, weights, 2.0)
+        for groups in (((3, 4, 5), (7, 8, 9), (3, 7, 8), (4, 5, 9)),) * 2
+    )
+    lone = Grouping(
+        (Group(0, BASIC, (3, 4, 5, 7, 8, 9)), Group(1, FOCUS, (4, 5, 9), focus=9)),
+        frozenset({9}), key_repeats=1, basic_groupings=1,
+    )  # fmt: skip
+    params = DetectionParams(
+        bound_score=0.3, bound_conf=0.5, tolerance=0.05, contribution_tolerance=0.2,
+        level_rounds=3, key_score=0.3,
+    )  # fmt: skip
+    accuracies = {0: 0.59, 1: 0.42}
+    clean = {0: 2.0, 1: 2.1}
+    result = detect(lone, accuracies, params, clean, history=history)
+    assert result.group_scores[1] == 1.0 and result.assessments[9].score == 1.0
+    short = {0: 2.0, 1: 2.0 / 3}  # a free-rider's focus group with two clean partners
+    assert detect(lone, accuracies, params, short, history=history).group_scores[1] == 0.0
+    # with two basic groups τ is taken over groups of its size: accuracy counts again
+    split = Grouping(
+        (Group(0, BASIC, (3, 4, 5)), Group(2, BASIC, (7, 8, 9)),
+         Group(1, FOCUS, (4, 5, 9), focus=9)),
+        frozenset({9}), key_repeats=1, basic_groupings=1,
+    )  # fmt: skip
+    result = detect(split, {0: 0.59, 2: 0.59, 1: 0.42}, params, {**clean, 2: 2.0}, history=history)
+    assert result.group_scores[1] == 0.0
