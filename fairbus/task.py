@@ -116,7 +116,9 @@ DEFAULT_DETECTION = DetectionParams(
     # nine nearly every group holds an attacker and Alg. 6's scores cannot tell users
     # apart, while the contribution fit over four or more rounds weighs each attacker
     # low with 95% confidence: in the traced suite 346 of 355 attackers' upper bounds fell
-    # below 0.4 by round 10, and no honest user's below 0.53.
+    # below 0.4 by round 10, and no honest user's below 0.53. 3+3 49% → 83% detected,
+    # non-IID 2+2 all out 15 → 19 of 20 seeds, poison ×3 23 → 28 of 30 but its false
+    # exclusions 1 → 2 (seed 16: weight_veto read the distorted point weight).
     convict_below=0.4,
 )
 """The task's Algorithm 6 policy unless its configuration says otherwise (the extensions
