@@ -193,13 +193,13 @@ class DetectionParams:
     ``level_rounds``, a user whose fitted weight θ is below this with ``confidence``
     (the one-sided upper bound of :func:`weight_bounds`) is a violator, where the fit
     can be believed (:func:`fit_convicted` has the guards: enough rounds, none fitted
-    too badly, τ past chance, not at a plateau). Alg. 6
-    convicts a key user on the interval of its groups' scores; with three poisoners
-    and three free-riders among nine nearly every group holds an attacker, honest
-    users' groups fail as often as attackers', and the model sits at chance for rounds,
-    where no group beats τ, while the fit over the window already weighs poisoners at
-    −1, free-riders at 0 and honest users at 1, each within ±0.3 (issue 13: 3+3 49%
-    detected by round 10; README, "twelfth change")."""
+    too badly, τ past chance, not at a plateau). Alg. 6 convicts a key user on the
+    interval of its groups' scores; with three poisoners and three free-riders among
+    nine nearly every group holds an attacker, honest users' groups fail as often as
+    attackers', and the model sits at chance for rounds, where no group beats τ, while
+    the fit over the window already weighs poisoners at −1, free-riders at 0 and honest
+    users at 1, each within ±0.3 (issue 13: 3+3 49% detected by round 10; README,
+    "twelfth change")."""
     contribution_direction: str = "median"
     """Not in the paper (:data:`DIRECTIONS`; "median" = as first built): what a group's
     update is projected on to measure its contribution (:func:`group_contributions`).
@@ -700,20 +700,14 @@ def weight_bounds(
     own bilinear fit with its levels held, and statsmodels would be a dependency for
     three lines of linear algebra."""
     users = sorted(fit.weights)
-    column = {u: k for k, u in enumerate(users)}
-    rows, observed = [], []
-    for r, level in zip(rounds, fit.levels, strict=True):
-        for members, contribution in zip(r.groups, r.contributions, strict=True):
-            row = np.zeros(len(users))
-            row[[column[u] for u in members]] = level / len(members)
-            rows.append(row)
-            observed.append(contribution)
+    incidence = _incidence(rounds, users)
+    design = np.vstack([a * level for a, level in zip(incidence, fit.levels, strict=True)])
+    observed = np.concatenate([np.asarray(r.contributions, dtype=np.float64) for r in rounds])
     freedom = len(observed) - len(users) - len(rounds)
     if freedom < 1:
         return None
-    design = np.array(rows)
     theta = np.array([fit.weights[u] for u in users])
-    residual = np.asarray(observed) - design @ theta
+    residual = observed - design @ theta
     try:
         with np.errstate(over="raise", invalid="raise", divide="raise", under="ignore"):
             bread = np.linalg.pinv(design.T @ design)
@@ -723,7 +717,7 @@ def weight_bounds(
         return None
     errors = np.sqrt(np.maximum(spread, 0.0))
     quantile = float(special.stdtrit(freedom, confidence))
-    return {u: fit.weights[u] + quantile * float(errors[column[u]]) for u in users}
+    return {u: fit.weights[u] + quantile * float(e) for u, e in zip(users, errors, strict=True)}
 
 
 def fit_convicted(
@@ -736,11 +730,10 @@ def fit_convicted(
     """The users of this round that ``convict_below`` makes violators: the upper bound
     of their fitted θ (:func:`weight_bounds`, to :data:`LEVEL_DIGITS` significant
     digits) is below it, where τ is at least :data:`CONVICT_TAU`, the window holds at
-    least :data:`CONVICT_ROUNDS` rounds,
-    no round's relative residual exceeds :data:`CONVICT_NOISE` nor their median
-    :data:`CONVICT_TYPICAL_NOISE`, and the model is not at
-    a ``plateau`` (:func:`at_plateau`: once it has converged an honest update is mostly
-    noise and its θ drifts towards 0)."""
+    least :data:`CONVICT_ROUNDS` rounds, no round's relative residual exceeds
+    :data:`CONVICT_NOISE` nor their median :data:`CONVICT_TYPICAL_NOISE`, and the model
+    is not at a ``plateau`` (:func:`at_plateau`: once it has converged an honest update
+    is mostly noise and its θ drifts towards 0)."""
     bar = params.convict_below
     if bar is None or plateau or tau < CONVICT_TAU or len(window) < CONVICT_ROUNDS:
         return frozenset()
@@ -1059,13 +1052,7 @@ def _fit(rounds: tuple[RoundContributions, ...], iterations: int) -> Contributio
 def _alternating_fit(
     rounds: Sequence[RoundContributions], users: list[int], iterations: int
 ) -> ContributionFit | None:
-    column = {u: k for k, u in enumerate(users)}
-    incidence = []
-    for r in rounds:
-        block = np.zeros((len(r.groups), len(users)))
-        for row, members in enumerate(r.groups):
-            block[row, [column[u] for u in members]] = 1.0 / len(members)
-        incidence.append(block)
+    incidence = _incidence(rounds, users)
     observed = [np.asarray(r.contributions, dtype=np.float64) for r in rounds]
     accuracies = [np.asarray(r.accuracies, dtype=np.float64) for r in rounds]
     levels = np.array([max(c.max(), 0.0) for c in observed])
@@ -1115,8 +1102,25 @@ def _alternating_fit(
         for a, c, level in zip(incidence, observed, levels, strict=True)
     )
     return ContributionFit(
-        tuple(float(v) for v in levels), {u: float(theta[column[u]]) for u in users}, noise
+        tuple(float(v) for v in levels),
+        {u: float(w) for u, w in zip(users, theta, strict=True)},
+        noise,
     )
+
+
+def _incidence(
+    rounds: Sequence[RoundContributions], users: Sequence[int]
+) -> list[npt.NDArray[np.float64]]:
+    """Per round, each group's row of 1/k for each of its k members (a column per user,
+    in the order of ``users``): its mean weight is this row times θ."""
+    column = {u: k for k, u in enumerate(users)}
+    blocks = []
+    for r in rounds:
+        block = np.zeros((len(r.groups), len(users)))
+        for row, members in enumerate(r.groups):
+            block[row, [column[u] for u in members]] = 1.0 / len(members)
+        blocks.append(block)
+    return blocks
 
 
 def _levels_given(

@@ -928,10 +928,8 @@ def test_convict_below_makes_violators_of_the_users_the_fit_weighs_low_with_conf
     assert all(bounds[u] > fit.weights[u] for u in weights)
     assert max(bounds[u] for u in (5, 6, 7)) < 0.5 < min(bounds[u] for u in (1, 2, 3, 4))
     # a lower bar keeps the free-riders (their θ ≈ 0 is not surely below 0)
-    assert fit_convicted(grouping, replace(convicting, convict_below=0.05), window, 0.9, False) == {
-        8,
-        9,
-    }
+    lower = replace(convicting, convict_below=0.05)
+    assert fit_convicted(grouping, lower, window, 0.9, False) == {8, 9}
     # not at a plateau, not near chance, not with fewer rounds than CONVICT_ROUNDS
     assert not fit_convicted(grouping, convicting, window, 0.9, True)
     assert fit_convicted(grouping, convicting, window, CONVICT_TAU, False)
