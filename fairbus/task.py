@@ -120,6 +120,11 @@ DEFAULT_DETECTION = DetectionParams(
     # non-IID 2+2 all out 15 → 19 of 20 seeds, poison ×3 23 → 28 of 30 but its false
     # exclusions 1 → 2 (seed 16: weight_veto read the distorted point weight).
     convict_below=0.4,
+    # Issue 13 (README, "thirteenth change"): a ×3 poisoner's round the fit cannot explain
+    # (relative residual 2-97) bent the level of the others and an honest user whose
+    # focus groups were the round's most accurate failed on contribution (poison ×3 seed
+    # 24); past twice the level the round's largest contribution is the yardstick.
+    believed_noise=2.0,
 )
 """The task's Algorithm 6 policy unless its configuration says otherwise (the extensions
 are described in the README; ``DetectionParams()`` is the paper's function as written)."""
@@ -235,6 +240,7 @@ _ZERO_IS_OFF = (
     "plateau_gain",
     "rank_below",
     "convict_below",
+    "believed_noise",
 )
 
 
@@ -244,7 +250,8 @@ def detection_table(table: object) -> DetectionParams:
     value of the wrong kind is refused by name. ``level_rounds``, ``evidence_window``,
     ``relative_tolerance``, ``weight_floor``, ``noise_widening``, ``widening_cap``,
     ``noise_ceiling``, ``suspect_weight``, ``weight_veto``, ``plateau_gain``,
-    ``rank_below`` and ``convict_below`` = 0 turn those extensions off (TOML has no null)."""
+    ``rank_below``, ``convict_below`` and ``believed_noise`` = 0 turn those extensions off
+    (TOML has no null)."""
     names = {f.name for f in _DETECTION_FIELDS}
     if not isinstance(table, dict) or set(table) - names:
         raise FairbusError(f"[detection] takes only {sorted(names)} (the task's Alg. 6 policy)")

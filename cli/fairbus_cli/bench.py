@@ -259,6 +259,7 @@ def detection_bench(
     plateau_gain: float = options.PLATEAU_GAIN,
     rank_below: float = options.RANK_BELOW,
     convict_below: float = options.CONVICT_BELOW,
+    believed_noise: float = options.BELIEVED_NOISE,
     widening_cap: float = options.WIDENING_CAP,
     key_repeats: int = typer.Option(
         DEFAULTS.key_repeats, help="Most focus groups per key user (KIN)."
@@ -324,6 +325,7 @@ def detection_bench(
         widening_cap,
         rank_below,
         convict_below,
+        believed_noise,
     )
     from fairbus.bench import detection
 

@@ -134,6 +134,12 @@ CONVICT_BELOW = typer.Option(
     "than twice its level, and the model is past chance (τ ≥ 0.25) and not at a plateau. "
     "Negative turns it off.",
 )
+BELIEVED_NOISE = typer.Option(
+    _negative_if_off(DEFAULTS.believed_noise),
+    help="Not in the paper: the fitted clean level is the contribution test's yardstick "
+    "only where the fit explains every round of its window within this many times the "
+    "level; elsewhere the round's largest contribution is. Negative: always the level.",
+)
 WIDENING_CAP = typer.Option(
     _negative_if_off(DEFAULTS.widening_cap),
     help="Not in the paper: the widened contribution tolerance is at most this (1: a group "
@@ -168,6 +174,7 @@ def detection_params(
     widening_cap: float,
     rank_below: float,
     convict_below: float,
+    believed_noise: float,
 ) -> DetectionParams:
     """The options as :class:`DetectionParams`; a negative (or for the two whole-number
     extensions, zero) value means off."""
@@ -192,5 +199,6 @@ def detection_params(
         plateau_gain=_off_if_negative(plateau_gain),
         rank_below=_off_if_negative(rank_below),
         convict_below=_off_if_negative(convict_below),
+        believed_noise=_off_if_negative(believed_noise),
         widening_cap=_off_if_negative(widening_cap),
     )

@@ -27,6 +27,7 @@ from fairbus.detection import (
     sharp_fit,
     suspects,
     weight_bounds,
+    yardstick,
 )
 from fairbus.errors import DetectionError
 from fairbus.grouping import BASIC, FOCUS, Group, Grouping
@@ -963,6 +964,76 @@ def test_convict_below_makes_violators_of_the_users_the_fit_weighs_low_with_conf
         frozenset(), key_repeats=1, basic_groupings=1,
     )  # fmt: skip
     assert 9 not in fit_convicted(without_9, convicting, window, 0.9, False)
+
+
+def _turned(
+    groups: tuple[tuple[int, ...], ...], weights: dict[int, float], offsets: tuple[float, ...]
+) -> RoundContributions:
+    """A round whose median a ×3 poisoner turned half way: its level is near 0 and its
+    groups read ``offsets`` from it (none of it along the groups' mean weights, so no
+    level explains it)."""
+    exact = _contributions(groups, weights, 0.05)
+    read = tuple(c + off for c, off in zip(exact.contributions, offsets, strict=True))
+    return RoundContributions(exact.groups, read, exact.accuracies)
+
+
+def test_a_round_the_fit_cannot_explain_is_left_out_of_the_conviction_fit() -> None:
+    # Four rounds read 5% off the model and one turned round: fitted with it the window
+    # has a round over CONVICT_NOISE and convicted no one; without it the four convict.
+    weights = FIVE_ATTACKERS
+    levels = ((NINE_A, 2.0), (NINE_C, 3.0), (NINE_A, 2.5), (NINE_B, 2.0))
+    clean = tuple(_jittered(g, weights, lv, 0.05) for g, lv in levels)
+    grouping, _, _ = _suspect_round(weights)
+    convicting = DetectionParams(
+        bound_score=0.3, bound_conf=0.5, tolerance=0.05, contribution_tolerance=0.2,
+        level_rounds=5, key_score=0.3, convict_below=0.5,
+    )  # fmt: skip
+    # in NINE_C the groups 1, 2 and 5 have mean weight 0: the offsets are not along it
+    window = (_turned(NINE_C, weights, (0.0, 1.0, -1.0, 0.0, 0.0, 1.0)), *clean)
+    fit = fit_contributions(window)
+    assert fit is not None and max(fit.noise) > CONVICT_NOISE
+    assert sorted(fit.noise)[1] <= CONVICT_NOISE  # only the turned round is unexplained
+    assert fit_convicted(grouping, convicting, window, 0.9, False) == {5, 6, 7, 8, 9}
+    assert fit_convicted(grouping, convicting, clean, 0.9, False) == {5, 6, 7, 8, 9}
+    # left without CONVICT_ROUNDS explained rounds, it convicts no one
+    assert len(clean) == CONVICT_ROUNDS
+    assert not fit_convicted(grouping, convicting, window[:-1], 0.9, False)
+    # nor with fewer degrees of freedom (groups − users − rounds) than users: four rounds
+    # of six groups leave 24 − 9 − 4 = 11 for nine users; one group fewer in two of them
+    # 9, in three of them 8
+    thinned = tuple(RoundContributions(r.groups[1:], r.contributions[1:], r.accuracies[1:])
+                    for r in clean)  # fmt: skip
+    assert fit_convicted(grouping, convicting, thinned[:2] + clean[2:], 0.9, False)
+    assert not fit_convicted(grouping, convicting, thinned[:3] + clean[3:], 0.9, False)
+
+
+def test_believed_noise_makes_the_largest_contribution_the_yardstick_past_an_unexplained_round(
+) -> None:  # fmt: skip
+    # Every user honest; a turned round in the window bends the fitted level. Within
+    # believed_noise of every round the level is the yardstick, past it the round's
+    # largest contribution is, as without a window.
+    weights = {u: 1.0 for u in range(1, 10)}
+    grouping, acc, contributions = _suspect_round(weights)
+    this = _round_of(grouping, contributions, acc)
+    scatter = (-0.3, 0.3, -0.3, 0.3, -0.3, 0.3)  # all weights 1: every group's mean is 1
+    window = (_turned(NINE_C, weights, scatter), _contributions(NINE_A, weights, 3.0), this)
+    fit = fit_contributions(window)
+    assert fit is not None and CONVICT_NOISE < max(fit.noise) < 10
+    level = clean_level(window)
+    assert level is not None and level != max(contributions.values())
+    assert yardstick(grouping, contributions, window) == level
+    assert yardstick(grouping, contributions, window, max(fit.noise) * 1.01) == level
+    assert yardstick(grouping, contributions, window, CONVICT_NOISE) == 2.0
+    assert yardstick(grouping, contributions, window[1:], CONVICT_NOISE) == clean_level(window[1:])
+    params = DetectionParams(
+        bound_score=0.3, bound_conf=0.5, tolerance=0.05, contribution_tolerance=0.2,
+        level_rounds=3, key_score=0.3, believed_noise=CONVICT_NOISE,
+    )  # fmt: skip
+    assert detect(grouping, acc, params, contributions, history=window[:-1]).level == 2.0
+    believing = replace(params, believed_noise=None)
+    assert detect(grouping, acc, believing, contributions, history=window[:-1]).level == level
+    with pytest.raises(DetectionError, match="believed_noise must be in"):
+        DetectionParams(believed_noise=11.0)
 
 
 def test_weight_bounds_need_a_degree_of_freedom() -> None:
