@@ -125,6 +125,11 @@ DEFAULT_DETECTION = DetectionParams(
     # focus groups were the round's most accurate failed on contribution (poison ×3 seed
     # 24); past twice the level the round's largest contribution is the yardstick.
     believed_noise=2.0,
+    # Issue 13 (README, "thirteenth change"): after two ×3 poisoners were excluded the fit
+    # still weighed an honest user they had shared groups with at 0.27-0.38 (0.94-0.99
+    # without those groups), and the veto refused its focus groups until Alg. 6 excluded
+    # it (poison ×3 seed 16).
+    veto_without_departed=True,
 )
 """The task's Algorithm 6 policy unless its configuration says otherwise (the extensions
 are described in the README; ``DetectionParams()`` is the paper's function as written)."""

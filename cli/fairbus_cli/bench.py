@@ -259,6 +259,7 @@ def detection_bench(
     plateau_gain: float = options.PLATEAU_GAIN,
     rank_below: float = options.RANK_BELOW,
     convict_below: float = options.CONVICT_BELOW,
+    veto_without_departed: bool = options.VETO_WITHOUT_DEPARTED,
     believed_noise: float = options.BELIEVED_NOISE,
     widening_cap: float = options.WIDENING_CAP,
     key_repeats: int = typer.Option(
@@ -325,6 +326,7 @@ def detection_bench(
         widening_cap,
         rank_below,
         convict_below,
+        veto_without_departed,
         believed_noise,
     )
     from fairbus.bench import detection

@@ -134,6 +134,12 @@ CONVICT_BELOW = typer.Option(
     "than twice its level, and the model is past chance (τ ≥ 0.25) and not at a plateau. "
     "Negative turns it off.",
 )
+VETO_WITHOUT_DEPARTED = typer.Option(
+    DEFAULTS.veto_without_departed,
+    help="Not in the paper: where users have left the task, --weight-veto refuses a focus "
+    "group only if the contribution fit without their groups weighs its user low too "
+    "(where that fit is sharp).",
+)
 BELIEVED_NOISE = typer.Option(
     _negative_if_off(DEFAULTS.believed_noise),
     help="Not in the paper: the fitted clean level is the contribution test's yardstick "
@@ -174,6 +180,7 @@ def detection_params(
     widening_cap: float,
     rank_below: float,
     convict_below: float,
+    veto_without_departed: bool,
     believed_noise: float,
 ) -> DetectionParams:
     """The options as :class:`DetectionParams`; a negative (or for the two whole-number
@@ -199,6 +206,7 @@ def detection_params(
         plateau_gain=_off_if_negative(plateau_gain),
         rank_below=_off_if_negative(rank_below),
         convict_below=_off_if_negative(convict_below),
+        veto_without_departed=veto_without_departed,
         believed_noise=_off_if_negative(believed_noise),
         widening_cap=_off_if_negative(widening_cap),
     )

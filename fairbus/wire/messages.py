@@ -373,6 +373,7 @@ class DetectionPolicy(WireStruct):
     plateau_gain: float | None
     rank_below: float | None
     convict_below: float | None
+    veto_without_departed: bool
     believed_noise: float | None
     contribution_direction: str
     FIELDS: ClassVar[dict[str, Spec]] = {
@@ -397,6 +398,7 @@ class DetectionPolicy(WireStruct):
         "plateau_gain": Optional(Float(0.0, 1.0)),
         "rank_below": Optional(Float(0.0, 1.0)),
         "convict_below": Optional(Float(0.0, 1.0)),
+        "veto_without_departed": Bool(),
         "believed_noise": Optional(Float(0.0, 10.0)),
         "contribution_direction": Str(max_len=16),
     }

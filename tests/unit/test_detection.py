@@ -1036,6 +1036,90 @@ def test_believed_noise_makes_the_largest_contribution_the_yardstick_past_an_une
         DetectionParams(believed_noise=11.0)
 
 
+BENT_BY_9 = (
+    ((1, 2, 3), (4, 6, 7), (5, 8, 9), (1, 4, 8), (2, 5, 9), (3, 6, 9)),
+    ((1, 4, 6), (2, 3, 7), (5, 8, 9), (1, 2, 8), (3, 5, 9), (4, 6, 7)),
+    ((1, 2, 7), (3, 4, 8), (5, 6, 9), (1, 3, 6), (2, 5, 9), (4, 7, 8)),
+    ((1, 5, 9), (2, 4, 6), (3, 7, 8), (1, 4, 7), (2, 3, 8), (5, 6, 9)),
+)
+"""Four rounds in which user 5 shares each of its groups with poisoner 9."""
+
+
+def _departed_poisoner_window(
+    theta_5: float,
+) -> tuple[tuple[RoundContributions, ...], Grouping, DetectionParams]:
+    """Poisoner 9 (θ −1) has been excluded; in the four rounds before, every group it
+    shared with user 5 read as if 5 had moved the model by −1 (one θ cannot hold a ×3
+    poisoner's harm, which differs group by group). This round 5 (θ ``theta_5`` in every
+    round) is a key user with two focus groups."""
+    weights = {u: 1.0 for u in range(1, 10)} | {5: theta_5, 9: -1.0}
+
+    def read(groups: tuple[tuple[int, ...], ...], level: float) -> RoundContributions:
+        bent = [{**weights, 5: -1.0} if {5, 9} <= set(g) else weights for g in groups]
+        means = [sum(w[u] for u in g) / len(g) for g, w in zip(groups, bent, strict=True)]
+        return RoundContributions(groups, tuple(level * m for m in means), (0.9,) * len(groups))
+
+    history = tuple(read(g, 2.0 + 0.3 * k) for k, g in enumerate(BENT_BY_9))
+    groups = (
+        Group(0, BASIC, (1, 2, 3)), Group(1, BASIC, (4, 6, 7)), Group(2, BASIC, (1, 5, 8)),
+        Group(3, FOCUS, (2, 4, 5), focus=5), Group(4, FOCUS, (3, 5, 6), focus=5),
+        Group(5, BASIC, (2, 7, 8)),
+    )  # fmt: skip
+    grouping = Grouping(groups, frozenset({5}), key_repeats=2, basic_groupings=1)
+    this = read(tuple(g.members for g in groups), 2.0)
+    params = DetectionParams(
+        bound_score=0.3, bound_conf=0.5, tolerance=0.05, contribution_tolerance=0.2,
+        level_rounds=5, key_score=0.3, weight_veto=0.4,
+    )  # fmt: skip
+    return (*history, this), grouping, params
+
+
+def _focus_scores(
+    window: tuple[RoundContributions, ...], grouping: Grouping, params: DetectionParams
+) -> tuple[float, float]:
+    """Alg. 6's scores of user 5's two focus groups (3 and 4) this round."""
+    this = window[-1]
+    contributions = {g.gid: c for g, c in zip(grouping.groups, this.contributions, strict=True)}
+    accuracies = dict.fromkeys(contributions, 0.9)
+    result = detect(grouping, accuracies, params, contributions, history=window[:-1])
+    return result.group_scores[3], result.group_scores[4]
+
+
+def test_the_veto_asks_the_fit_without_the_groups_of_users_who_left() -> None:
+    window, grouping, params = _departed_poisoner_window(1.0)
+    fit = sharp_fit(params, window)
+    assert fit is not None and fit.weights[5] < 0.4  # bent by 9's groups
+    assert _focus_scores(window, grouping, params) == (0.0, 0.0)  # each read a clean group
+    assert _focus_scores(window, grouping, replace(params, weight_veto=None)) == (1.0, 1.0)
+    checking = replace(params, veto_without_departed=True)
+    assert _focus_scores(window, grouping, checking) == (1.0, 1.0)
+    rest = detection_module._without_departed(window, frozenset(grouping.users))
+    assert len(rest) == len(window) and sum(len(r.groups) for r in rest) == 3 + 4 + 4 + 4 + 6
+    fit = sharp_fit(params, rest)
+    assert fit is not None and fit.weights[5] == pytest.approx(1.0)
+    # a free-rider is weighed low by both fits and stays vetoed
+    window, grouping, params = _departed_poisoner_window(0.0)
+    assert _focus_scores(window, grouping, replace(params, veto_without_departed=True)) == (0, 0)
+    # where the fit without them is not sharp (each earlier round keeps one group without
+    # 9: 4 + 6 equations for 8 weights and 5 levels) the veto keeps its fit
+    window, grouping, params = _departed_poisoner_window(1.0)
+    thin = tuple(_with_9_and_one_more(r) for r in window[:-1]) + window[-1:]
+    thin_rest = detection_module._without_departed(thin, frozenset(grouping.users))
+    assert sharp_fit(params, thin) is not None and sharp_fit(params, thin_rest) is None
+    assert detection_module._vetoed_groups(grouping, checking, thin, True) == {3, 4}
+    assert not detection_module._vetoed_groups(grouping, checking, window, True)
+
+
+def _with_9_and_one_more(r: RoundContributions) -> RoundContributions:
+    rows = [k for k, g in enumerate(r.groups) if 9 in g]
+    rows = sorted([*rows, next(k for k, g in enumerate(r.groups) if 9 not in g)])
+    return RoundContributions(
+        tuple(r.groups[k] for k in rows),
+        tuple(r.contributions[k] for k in rows),
+        tuple(r.accuracies[k] for k in rows),
+    )
+
+
 def test_weight_bounds_need_a_degree_of_freedom() -> None:
     # one round of six groups has fewer equations than its ten unknowns
     this = _jittered(NINE_B, FIVE_ATTACKERS, 2.0, 0.05)

@@ -203,6 +203,15 @@ def test_an_extension_of_alg_6_is_read_recorded_and_turned_off_by_zero(
         detection_table({name: bad})
 
 
+def test_the_veto_without_departed_users_is_read_and_recorded() -> None:
+    assert detection_table({}).veto_without_departed is True
+    params = detection_table({"veto_without_departed": False})
+    recorded = TaskParams.from_message(TaskParams(params).to_message())
+    assert recorded.detection.veto_without_departed is False
+    with pytest.raises(FairbusError, match="'veto_without_departed' must be true or false"):
+        detection_table({"veto_without_departed": 1})
+
+
 def test_the_weight_veto_must_not_exceed_the_weight_floor() -> None:
     with pytest.raises(FairbusError, match="must not exceed weight_floor"):
         detection_table({"weight_veto": 0.4, "weight_floor": 0.3})
