@@ -31,7 +31,7 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import torch
@@ -66,7 +66,14 @@ from fairbus.simulator import (
 from fairbus.task import TaskParams
 from fairbus.training.attacks import Attack
 from fairbus.training.config import TrainConfig, attack_seed, trainer_seed
-from fairbus.training.data import DATASET_MODELS, Dataset, load_dataset, partition
+from fairbus.training.data import (
+    DATASET_MODELS,
+    PARTITIONS,
+    Dataset,
+    Partition,
+    load_dataset,
+    partition,
+)
 from fairbus.training.local import Evaluator, Trainer
 from fairbus.training.models import initial_params
 from fairbus.wire.messages import SECCL, EvaluationSpec
@@ -86,7 +93,7 @@ class SecclSimulationConfig:
     dataset: str = "digits"
     data_dir: Path | None = None
     model: str | None = None
-    partition: Literal["iid", "dirichlet"] = "iid"
+    partition: Partition = "iid"
     alpha: float = 0.5
     train: TrainConfig = PAPER_TRAINING
     theta: float = DEFAULT_THETA
@@ -133,8 +140,10 @@ class SecclSimulation:
             raise FairbusError("a simulation needs at least 3 users")
         if config.users >= LEDGER_NODE_ID:
             raise FairbusError(f"a simulation takes fewer than {LEDGER_NODE_ID} users")
-        if config.partition not in ("iid", "dirichlet"):
-            raise FairbusError(f"partition must be 'iid' or 'dirichlet', got {config.partition!r}")
+        if config.partition not in PARTITIONS:
+            raise FairbusError(
+                f"partition must be one of {', '.join(PARTITIONS)}, got {config.partition!r}"
+            )
         self.config = config
         self.user_ids = list(range(1, config.users + 1))
         unknown = set(config.attacks) - set(self.user_ids)

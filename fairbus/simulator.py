@@ -56,7 +56,7 @@ from fairbus.protocol.user import UserMachine
 from fairbus.roster import Member, Role, Roster
 from fairbus.rounds import RoundRecord, record_round
 from fairbus.training.attacks import Attack
-from fairbus.training.data import DATASET_MODELS, load_dataset
+from fairbus.training.data import DATASET_MODELS, PARTITIONS, Partition, load_dataset
 from fairbus.training.local import TrainConfig
 from fairbus.training.models import initial_params
 from fairbus.training.workers import (
@@ -96,7 +96,7 @@ class SimulationConfig:
     dataset: str = "digits"
     data_dir: Path | None = None
     model: str | None = None
-    partition: Literal["iid", "dirichlet"] = "iid"
+    partition: Partition = "iid"
     alpha: float = 0.5
     train: TrainConfig = field(default_factory=TrainConfig)
     attacks: dict[int, Attack] = field(default_factory=dict)
@@ -186,8 +186,10 @@ class Simulation:
     ) -> None:
         if config.users < 3:
             raise FairbusError("a simulation needs at least 3 users")
-        if config.partition not in ("iid", "dirichlet"):
-            raise FairbusError(f"partition must be 'iid' or 'dirichlet', got {config.partition!r}")
+        if config.partition not in PARTITIONS:
+            raise FairbusError(
+                f"partition must be one of {', '.join(PARTITIONS)}, got {config.partition!r}"
+            )
         self.config = config
         self.user_ids = list(range(1, config.users + 1))
         unknown = set(config.attacks) - set(self.user_ids)

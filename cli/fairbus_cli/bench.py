@@ -502,7 +502,11 @@ def _fairness_table(rows: list[SuiteSummary], policy: str, as_json: bool) -> Non
 
     for r in rows:
         t = r.tally
-        data = "" if r.alpha is None else f", non-IID α {r.alpha:g}"
+        data = {
+            "dirichlet": f", non-IID α {r.alpha or 0:g}",
+            "quantity": f", sizes Dir({r.alpha or 0:g})",
+            "classes": ", 2-3 classes each",
+        }.get(r.partition, "")
         wanted = ["0 false"]
         if r.all_out_target is not None:
             wanted.append(f"all out ≥ {r.all_out_target:.0%}")

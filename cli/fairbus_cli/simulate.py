@@ -66,8 +66,15 @@ def simulate(
     data_dir: Path | None = typer.Option(
         None, help="Directory of MNIST IDX or CIFAR-10 batch files."
     ),
-    partition: str = typer.Option("iid", help="iid | dirichlet"),
-    alpha: float = typer.Option(0.5, help="Dirichlet concentration for non-IID partitions."),
+    partition: str = typer.Option(
+        "iid",
+        help="How the training set is split: iid | dirichlet (each class over the users by "
+        "Dir(alpha)) | classes (two or three classes per user) | quantity (IID labels, "
+        "sizes by Dir(alpha)).",
+    ),
+    alpha: float = typer.Option(
+        0.5, help="Dirichlet concentration of the dirichlet and quantity partitions."
+    ),
     poisoners: str = typer.Option("", help="Comma-separated ids of poisoning users."),
     free_riders: str = typer.Option("", help="Comma-separated ids of free-riders."),
     disguised_free_riders: str = typer.Option("", help="Free-riders that add small noise."),

@@ -20,7 +20,6 @@ import os
 import statistics
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, replace
-from typing import Literal
 
 import numpy as np
 
@@ -31,8 +30,7 @@ from fairbus.rounds import RoundRecord
 from fairbus.simulator import Simulation, SimulationConfig
 from fairbus.training.attacks import Attack, Behaviour
 from fairbus.training.config import TrainConfig
-
-Partition = Literal["iid", "dirichlet"]
+from fairbus.training.data import PARTITIONS, Partition, uses_alpha
 
 
 @dataclass(frozen=True)
@@ -56,8 +54,10 @@ class Scenario:
     def __post_init__(self) -> None:
         if self.users < 3:
             raise FairbusError(f"scenario {self.name!r}: at least 3 users")
-        if self.partition not in ("iid", "dirichlet") or not self.alpha > 0:
-            raise FairbusError(f"scenario {self.name!r}: partition 'iid' or 'dirichlet', alpha > 0")
+        if self.partition not in PARTITIONS or not self.alpha > 0:
+            raise FairbusError(
+                f"scenario {self.name!r}: partition one of {', '.join(PARTITIONS)}, alpha > 0"
+            )
         if any(count < 1 for _, count in self.attacks):
             raise FairbusError(f"scenario {self.name!r}: every attack needs at least one user")
         if any(not attack.malicious for attack, _ in self.attacks):
@@ -141,6 +141,10 @@ FAIRNESS: tuple[Scenario, ...] = (
     Scenario("iid 3+3", attacks=pf(3, 3), detected_target=0.8),
     Scenario("non-iid 0+0", partition="dirichlet", alpha=0.5),
     Scenario("non-iid 2+2", partition="dirichlet", alpha=0.5, attacks=pf(2, 2)),
+    Scenario("2-3 classes 0+0", partition="classes"),
+    Scenario("2-3 classes 2+2", partition="classes", attacks=pf(2, 2)),
+    Scenario("less data 0+0", partition="quantity", alpha=0.5),
+    Scenario("less data 2+2", partition="quantity", alpha=0.5, attacks=pf(2, 2)),
     *(
         Scenario(
             f"disguised {noise:g}",
@@ -161,7 +165,10 @@ FAIRNESS: tuple[Scenario, ...] = (
     Scenario("30 users 6+6", users=30, attacks=pf(6, 6), seeds=FEW_SEEDS),
     Scenario("50 rounds 0+0", rounds=50, seeds=FEW_SEEDS),
 )
-"""Issue 13's scenarios. The 9-user ones over 10 rounds take ``--seeds`` and
+"""Issue 13's scenarios. "2-3 classes" gives each user two or three classes, "less data"
+IID labels in shares drawn from Dir(0.5) over the users (the smallest a few percent:
+:func:`fairbus.training.data.partition`), the issue's users with skewed or less data.
+The 9-user ones over 10 rounds take ``--seeds`` and
 ``--rounds``; those with 15 or 30 users and the 50-round one :data:`FEW_SEEDS`. "15 users
 0+0" and "30 users 0+0" are not named by the issue: they are the no-attack runs the
 attacked ones at those sizes are compared with (and they must exclude no one)."""
@@ -193,7 +200,7 @@ class RunSpec:
     def setting(self) -> tuple[int, str, float | None, int]:
         """What the no-attack run it is compared with shares: users, data split, rounds."""
         b = self.base
-        return (b.users, b.partition, b.alpha if b.partition == "dirichlet" else None, b.rounds)
+        return (b.users, b.partition, b.alpha if uses_alpha(b.partition) else None, b.rounds)
 
 
 @dataclass(frozen=True)
@@ -446,7 +453,7 @@ def summarize_suite(results: Iterable[RunResult], suite: Sequence[Scenario]) -> 
                 scenario.name,
                 scenario.users,
                 scenario.partition,
-                scenario.alpha if scenario.partition == "dirichlet" else None,
+                scenario.alpha if uses_alpha(scenario.partition) else None,
                 scenario.describe(),
                 scenario.attackers,
                 base.rounds,

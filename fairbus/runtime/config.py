@@ -11,7 +11,7 @@ from __future__ import annotations
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, TypeVar, cast
+from typing import Any, TypeVar, cast
 
 from fairbus.detection import DetectionParams
 from fairbus.errors import FairbusError, OperatorError
@@ -20,7 +20,7 @@ from fairbus.protocol.provider import ProviderConfig
 from fairbus.seccl import DEFAULT_CANDIDATE_SHARE, DEFAULT_THETA
 from fairbus.task import PHASE_TIMEOUT, detection_table
 from fairbus.training.config import MAX_LOCAL_STEPS, TrainConfig
-from fairbus.training.data import DATASET_MODELS
+from fairbus.training.data import DATASET_MODELS, PARTITIONS, Partition
 from fairbus.wire.messages import (
     DEFAULT_KEYING,
     DEFAULT_MODE,
@@ -45,7 +45,7 @@ class TrainingSettings:
     dataset: str = "digits"
     data_dir: Path | None = None
     model: str | None = None
-    partition: Literal["iid", "dirichlet"] = "iid"
+    partition: Partition = "iid"
     alpha: float = 0.5
     seed: int = 0
     threads: int = 0
@@ -173,13 +173,15 @@ class RuntimeConfig:
                 f"{source} [training]: unknown dataset {dataset!r}; one of {sorted(DATASET_MODELS)}"
             )
         partition = training.take("partition", str, t.partition)
-        if partition not in ("iid", "dirichlet"):
-            raise RuntimeConfigError(f"{source} [training]: partition is 'iid' or 'dirichlet'")
+        if partition not in PARTITIONS:
+            raise RuntimeConfigError(
+                f"{source} [training]: partition is one of {', '.join(PARTITIONS)}"
+            )
         settings = TrainingSettings(
             dataset=dataset,
             data_dir=training.path("data_dir") if "data_dir" in training.raw else None,
             model=training.take("model", str, None),
-            partition=cast(Literal["iid", "dirichlet"], partition),
+            partition=cast(Partition, partition),
             alpha=training.number("alpha", t.alpha, low=1e-6),
             seed=training.integer("seed", t.seed, low=0),
             threads=training.integer("threads", t.threads, low=0),

@@ -23,7 +23,7 @@ import pickle
 import struct
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, get_args
 
 import numpy as np
 import numpy.typing as npt
@@ -288,14 +288,84 @@ def partition_dirichlet(
     raise DatasetError(f"Dir({alpha}) left some user with fewer than {min_size} samples")
 
 
+Partition = Literal["iid", "dirichlet", "classes", "quantity"]
+"""How the training set is split among the users (:func:`partition`)."""
+
+PARTITIONS: tuple[str, ...] = get_args(Partition)
+
+
+def uses_alpha(kind: str) -> bool:
+    """Whether the split ``kind`` reads ``alpha`` (a Dirichlet concentration)."""
+    return kind in ("dirichlet", "quantity")
+
+
+def partition_classes(
+    labels: npt.NDArray[np.int64], n_users: int, seed: int
+) -> list[npt.NDArray[np.int64]]:
+    """Non-IID by label count (#C = k of Li et al., "Federated Learning on Non-IID Data
+    Silos", ICDE 2022): user k of the sorted ids holds two classes where k is even and
+    three where it is odd, taken in turn from a seeded order of the classes, so that
+    every class is held by someone wherever the users have room for them all; each
+    class's samples are split equally among the users holding it."""
+    classes = np.unique(labels)
+    if n_users < 1 or len(classes) < 3:
+        raise DatasetError(f"cannot give {n_users} users two or three of {len(classes)} classes")
+    rng = np.random.default_rng(seed)
+    deck: list[int] = []  # seeded orders of the classes, one after another
+    held: list[list[int]] = []
+    for user in range(n_users):
+        mine: list[int] = []
+        while len(mine) < 2 + user % 2:
+            if all(c in mine for c in deck):
+                deck += [int(c) for c in rng.permutation(classes)]
+            cls = next(c for c in deck if c not in mine)  # a class once per user
+            deck.remove(cls)
+            mine.append(cls)
+        held.append(mine)
+    parts: list[list[int]] = [[] for _ in range(n_users)]
+    for cls in classes:
+        holders = [u for u in range(n_users) if int(cls) in held[u]]
+        idx = rng.permutation(np.flatnonzero(labels == cls))
+        for user, chunk in zip(holders, np.array_split(idx, len(holders)), strict=False):
+            parts[user].extend(chunk.tolist())
+    if min(len(p) for p in parts) < 1:
+        raise DatasetError(f"{len(labels)} samples leave some of {n_users} users without data")
+    return [np.sort(np.asarray(p, dtype=np.int64)) for p in parts]
+
+
+def partition_quantity(
+    n_samples: int, n_users: int, alpha: float, seed: int, min_size: int = 10
+) -> list[npt.NDArray[np.int64]]:
+    """Quantity skew (Li et al., as above): IID labels, each user's share of the samples
+    drawn from Dir(alpha) over the users, redrawn (up to 100 times) until every user has
+    at least ``min_size``. At 0.5 among nine users the smallest share is a few percent."""
+    if alpha <= 0:
+        raise DatasetError(f"alpha must be > 0, got {alpha}")
+    if n_samples < n_users * min_size:
+        raise DatasetError(f"{n_samples} samples cannot give {n_users} users {min_size} each")
+    rng = np.random.default_rng(seed)
+    order = rng.permutation(n_samples)
+    for _ in range(100):
+        cuts = (np.cumsum(rng.dirichlet([alpha] * n_users)) * n_samples).astype(int)[:-1]
+        parts = np.split(order, cuts)
+        if min(len(p) for p in parts) >= min_size:
+            return [np.sort(p).astype(np.int64) for p in parts]
+    raise DatasetError(f"Dir({alpha}) left some user with fewer than {min_size} samples")
+
+
 def partition(
     train: Dataset, n_users: int, kind: str, alpha: float, seed: int
 ) -> list[npt.NDArray[np.int64]]:
-    """Each user's sample indices: ``kind`` is "iid" or "dirichlet" (non-IID with
-    ``alpha``). The simulator and every networked user split the same way, so user k of
-    the sorted user ids holds part k in both."""
+    """Each user's sample indices: ``kind`` is "iid", "dirichlet" (labels non-IID with
+    ``alpha``), "classes" (two or three classes each) or "quantity" (IID labels, sizes
+    from Dir(``alpha``)). The simulator and every networked user split the same way, so
+    user k of the sorted user ids holds part k in both."""
     if kind == "iid":
         return partition_iid(len(train), n_users, seed)
     if kind == "dirichlet":
         return partition_dirichlet(train.y.numpy(), n_users, alpha, seed)
-    raise DatasetError(f"partition must be 'iid' or 'dirichlet', got {kind!r}")
+    if kind == "classes":
+        return partition_classes(train.y.numpy(), n_users, seed)
+    if kind == "quantity":
+        return partition_quantity(len(train), n_users, alpha, seed)
+    raise DatasetError(f"partition must be one of {', '.join(PARTITIONS)}, got {kind!r}")

@@ -21,7 +21,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from pathlib import Path
-from typing import Literal, Protocol
+from typing import Protocol
 
 import numpy as np
 import numpy.typing as npt
@@ -29,7 +29,7 @@ import numpy.typing as npt
 from fairbus.errors import FairbusError
 from fairbus.training.attacks import Attack
 from fairbus.training.config import TrainConfig, attack_seed, trainer_seed
-from fairbus.training.data import Dataset, load_dataset, partition
+from fairbus.training.data import Dataset, Partition, load_dataset, partition
 from fairbus.training.local import Trainer
 
 Params = npt.NDArray[np.float32]
@@ -58,7 +58,7 @@ class TrainingSpec:
     model_name: str
     dataset: str
     data_dir: Path | None
-    partition: Literal["iid", "dirichlet"]
+    partition: Partition
     alpha: float
     seed: int
     user_ids: tuple[int, ...]

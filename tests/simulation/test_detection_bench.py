@@ -58,6 +58,11 @@ def test_the_fairness_suite_covers_issue_13s_scenarios() -> None:
         skewed = s[f"non-iid {p}+{p}"]
         assert (skewed.users, skewed.partition, skewed.alpha) == (9, "dirichlet", 0.5)
         assert (skewed.count(P), skewed.count(F)) == (p, p)
+        few = s[f"2-3 classes {p}+{p}"]
+        assert (few.users, few.partition, few.count(P), few.count(F)) == (9, "classes", p, p)
+        less = s[f"less data {p}+{p}"]
+        assert (less.users, less.partition, less.alpha) == (9, "quantity", 0.5)
+        assert (less.count(P), less.count(F)) == (p, p)
     disguised = {
         a.noise_std
         for x in FAIRNESS

@@ -19,8 +19,10 @@ from fairbus.training.data import (
     load_dataset,
     load_digits,
     load_mnist,
+    partition_classes,
     partition_dirichlet,
     partition_iid,
+    partition_quantity,
 )
 from fairbus.training.local import Evaluator, TrainConfig, Trainer
 from fairbus.training.models import (
@@ -159,6 +161,35 @@ def test_partitions() -> None:
     assert np.mean(dominant) > 0.3  # non-IID: each user is dominated by few classes
     with pytest.raises(DatasetError):
         partition_iid(3, 9, seed=0)
+
+
+def test_the_classes_partition_gives_each_user_two_or_three_classes() -> None:
+    labels = np.repeat(np.arange(10), 30)
+    parts = partition_classes(labels, 9, seed=3)
+    assert sorted(np.concatenate(parts).tolist()) == list(range(300))  # each sample once
+    held = [set(labels[p].tolist()) for p in parts]
+    assert [len(h) for h in held] == [2, 3] * 4 + [2]
+    assert set().union(*held) == set(range(10))  # every class is someone's
+    assert len({frozenset(h) for h in held}) > 4  # not the same few sets over and over
+    for cls in range(10):  # a class is split equally among the users holding it
+        shares = [
+            int((labels[p] == cls).sum()) for p, h in zip(parts, held, strict=True) if cls in h
+        ]
+        assert max(shares) - min(shares) <= 1
+    assert [p.tolist() for p in partition_classes(labels, 9, seed=3)] == [p.tolist() for p in parts]
+    with pytest.raises(DatasetError, match="two or three of 2 classes"):
+        partition_classes(np.repeat(np.arange(2), 30), 4, seed=0)
+
+
+def test_the_quantity_partition_draws_unequal_shares_of_iid_data() -> None:
+    parts = partition_quantity(900, 9, alpha=0.5, seed=4)
+    assert sorted(np.concatenate(parts).tolist()) == list(range(900))
+    sizes = sorted(len(p) for p in parts)
+    assert sizes[0] >= 10 and sizes[-1] > 3 * sizes[0]  # some users hold far less
+    with pytest.raises(DatasetError, match="alpha must be > 0"):
+        partition_quantity(900, 9, alpha=0.0, seed=4)
+    with pytest.raises(DatasetError, match="cannot give 9 users 10 each"):
+        partition_quantity(80, 9, alpha=0.5, seed=4)
 
 
 @pytest.fixture(scope="module")
