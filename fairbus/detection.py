@@ -221,10 +221,10 @@ class DetectionParams:
     of the window within this many times its level (relative residual); elsewhere the
     round's largest contribution is (:func:`yardstick`), as without a window. A poisoner
     of three times the honest step turns the median some rounds and not others; a round
-    fitted at twice its level or worse bends the level of the others, and the round
-    after it an honest user whose two focus groups were the round's most accurate
-    (0.85 and 0.90 with τ at 0.36 and 0.72) read 0.55-0.60 of the bent level, failed
-    on contribution and was excluded (issue 13: poison ×3, seed 24; 0.93 of the round's
+    fitted at twice its level or worse bends the level of the others: three rounds after
+    one, an honest user whose two focus groups were the most accurate of their rounds
+    (0.85 and 0.90 with τ at 0.36 and 0.72) read 0.55-0.60 of the bent level, failed on
+    contribution and was excluded (issue 13: poison ×3, seed 24; 0.93 of the round's
     largest contribution). The same bar as :data:`CONVICT_NOISE` sets for believing the
     fit's weights."""
     contribution_direction: str = "median"
@@ -918,7 +918,7 @@ def _explained(window: Sequence[RoundContributions], believed_noise: float | Non
     fit = fit_contributions(window)
     if fit is None:
         return True  # clean_level has nothing to stand on either
-    return all(math.isfinite(n) and _significant(n) <= believed_noise for n in fit.noise)
+    return all(n <= believed_noise for n in _rounded_noise(fit))
 
 
 def group_contributions(
