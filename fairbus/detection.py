@@ -215,6 +215,16 @@ class DetectionParams:
     other is not sharp: leaving the departed users' groups out of every use of the
     window made honest users with skewed data look like free-riders (non-IID 2+2 seed 0
     and poison ×3 seed 1 excluded one each)."""
+    trusted_weight: float | None = None
+    """Not in the paper (None = not used; an experiment, off by default): under a
+    :func:`sharp_fit`, a focus group whose focus user is weighed at least this scores
+    whatever its accuracy and contribution. The fit pools every group a user was in; one
+    group's accuracy also carries its partners' data. A user holding 11-17 of 1,347
+    samples trains the same steps as the others and overfits them, and every group it
+    was in fell below the accuracy bar while the fit weighed it at 0.7-0.9; Alg. 6
+    excluded it (issue 13: "less data 0+0", 6 of 20 seeds). In the traced suite one
+    attacker's focus group in 1,186 had its user weighed at 0.5 or more under a sharp fit
+    (README, "thirteenth change")."""
     believed_noise: float | None = None
     """Not in the paper (None = always believed): with ``level_rounds``, the fitted clean
     level is the contribution test's yardstick only where the fit explains every round
@@ -280,6 +290,7 @@ class DetectionParams:
             "plateau_gain",
             "rank_below",
             "convict_below",
+            "trusted_weight",
         ):
             value = getattr(self, name)
             if value is not None and not 0 <= value <= 1:
@@ -402,8 +413,9 @@ def detect(
     plateau = at_plateau(params, window, learnt)
     shortfall = _contribution_shortfall(params, window, level, plateau)
     unmatched = _unmatched_focus_groups(grouping)
-    scores_group = _group_scorer(
-        accuracies, bar, shortfall, contributions, level, excused, vetoed, unmatched
+    scores_group = _trusting(
+        _group_scorer(accuracies, bar, shortfall, contributions, level, excused, vetoed, unmatched),
+        _trusted_groups(grouping, params, window),
     )
 
     assessments: dict[int, UserAssessment] = {}
@@ -590,6 +602,25 @@ def _group_scorer(
         return 1.0 if (gid in unmatched or accuracies[gid] > bar) and enough else 0.0
 
     return score
+
+
+def _trusted_groups(
+    grouping: Grouping, params: DetectionParams, window: Sequence[RoundContributions]
+) -> frozenset[int]:
+    """The focus groups whose focus user's fitted θ, to :data:`LEVEL_DIGITS` significant
+    digits, reaches ``trusted_weight`` under a :func:`sharp_fit`."""
+    bar = params.trusted_weight
+    fit = sharp_fit(params, window) if bar is not None else None
+    if bar is None or fit is None:
+        return frozenset()
+    return _focus_groups_weighing(grouping, fit, lambda theta: theta >= bar)
+
+
+def _trusting(score: Callable[[int], float], trusted: frozenset[int]) -> Callable[[int], float]:
+    """``score``, but 1 for the ``trusted`` groups (:attr:`DetectionParams.trusted_weight`)."""
+    if not trusted:
+        return score
+    return lambda gid: 1.0 if gid in trusted else score(gid)
 
 
 def _unmatched_focus_groups(grouping: Grouping) -> frozenset[int]:

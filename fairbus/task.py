@@ -246,6 +246,7 @@ _ZERO_IS_OFF = (
     "rank_below",
     "convict_below",
     "believed_noise",
+    "trusted_weight",
 )
 
 
@@ -255,8 +256,8 @@ def detection_table(table: object) -> DetectionParams:
     value of the wrong kind is refused by name. ``level_rounds``, ``evidence_window``,
     ``relative_tolerance``, ``weight_floor``, ``noise_widening``, ``widening_cap``,
     ``noise_ceiling``, ``suspect_weight``, ``weight_veto``, ``plateau_gain``,
-    ``rank_below``, ``convict_below`` and ``believed_noise`` = 0 turn those extensions off
-    (TOML has no null)."""
+    ``rank_below``, ``convict_below``, ``believed_noise`` and ``trusted_weight`` = 0 turn
+    those extensions off (TOML has no null)."""
     names = {f.name for f in _DETECTION_FIELDS}
     if not isinstance(table, dict) or set(table) - names:
         raise FairbusError(f"[detection] takes only {sorted(names)} (the task's Alg. 6 policy)")

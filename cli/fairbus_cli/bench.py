@@ -261,6 +261,7 @@ def detection_bench(
     convict_below: float = options.CONVICT_BELOW,
     veto_without_departed: bool = options.VETO_WITHOUT_DEPARTED,
     believed_noise: float = options.BELIEVED_NOISE,
+    trusted_weight: float = options.TRUSTED_WEIGHT,
     widening_cap: float = options.WIDENING_CAP,
     key_repeats: int = typer.Option(
         DEFAULTS.key_repeats, help="Most focus groups per key user (KIN)."
@@ -328,6 +329,7 @@ def detection_bench(
         convict_below,
         veto_without_departed,
         believed_noise,
+        trusted_weight,
     )
     from fairbus.bench import detection
 

@@ -146,6 +146,12 @@ BELIEVED_NOISE = typer.Option(
     "only where the fit explains every round of its window within this many times the "
     "level; elsewhere the round's largest contribution is. Negative: always the level.",
 )
+TRUSTED_WEIGHT = typer.Option(
+    _negative_if_off(DEFAULTS.trusted_weight),
+    help="Not in the paper (an experiment): under a sharp contribution fit, a focus group "
+    "whose user is weighed at least this scores whatever its accuracy and contribution. "
+    "Negative turns it off.",
+)
 WIDENING_CAP = typer.Option(
     _negative_if_off(DEFAULTS.widening_cap),
     help="Not in the paper: the widened contribution tolerance is at most this (1: a group "
@@ -182,6 +188,7 @@ def detection_params(
     convict_below: float,
     veto_without_departed: bool,
     believed_noise: float,
+    trusted_weight: float,
 ) -> DetectionParams:
     """The options as :class:`DetectionParams`; a negative (or for the two whole-number
     extensions, zero) value means off."""
@@ -208,5 +215,6 @@ def detection_params(
         convict_below=_off_if_negative(convict_below),
         veto_without_departed=veto_without_departed,
         believed_noise=_off_if_negative(believed_noise),
+        trusted_weight=_off_if_negative(trusted_weight),
         widening_cap=_off_if_negative(widening_cap),
     )

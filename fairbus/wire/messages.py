@@ -374,6 +374,7 @@ class DetectionPolicy(WireStruct):
     rank_below: float | None
     convict_below: float | None
     veto_without_departed: bool
+    trusted_weight: float | None
     believed_noise: float | None
     contribution_direction: str
     FIELDS: ClassVar[dict[str, Spec]] = {
@@ -399,6 +400,7 @@ class DetectionPolicy(WireStruct):
         "rank_below": Optional(Float(0.0, 1.0)),
         "convict_below": Optional(Float(0.0, 1.0)),
         "veto_without_departed": Bool(),
+        "trusted_weight": Optional(Float(0.0, 1.0)),
         "believed_noise": Optional(Float(0.0, 10.0)),
         "contribution_direction": Str(max_len=16),
     }

@@ -1120,6 +1120,30 @@ def _with_9_and_one_more(r: RoundContributions) -> RoundContributions:
     )
 
 
+def test_trusted_weight_lets_a_focus_group_of_a_user_the_sharp_fit_trusts_score() -> None:
+    # User 5 moves the model as every other user (θ 1) but its focus group (1, 2, 5) is
+    # the least accurate, 0.5 against τ 0.9: it trained on little data and overfit it.
+    weights = {u: 1.0 for u in range(1, 10)}
+    history = (_contributions(NINE_A, weights, 2.0), _contributions(NINE_C, weights, 3.0))
+    grouping, acc, contributions = _suspect_round(weights, key_users=frozenset({5}))
+    acc[6] = 0.5
+    base = DetectionParams(
+        bound_score=0.3, bound_conf=0.5, tolerance=0.05, contribution_tolerance=0.2,
+        level_rounds=3, key_score=0.3,
+    )  # fmt: skip
+    assert detect(grouping, acc, base, contributions, history=history).group_scores[6] == 0.0
+    trusting = replace(base, trusted_weight=0.5)
+    assert detect(grouping, acc, trusting, contributions, history=history).group_scores[6] == 1.0
+    # a user the fit weighs below the bar is not trusted (a free-rider, θ 0)
+    idle = weights | {5: 0.0}
+    history = (_contributions(NINE_A, idle, 2.0), _contributions(NINE_C, idle, 3.0))
+    grouping, acc, contributions = _suspect_round(idle, key_users=frozenset({5}))
+    acc[6] = 0.5
+    assert detect(grouping, acc, trusting, contributions, history=history).group_scores[6] == 0.0
+    with pytest.raises(DetectionError, match="trusted_weight must be in"):
+        DetectionParams(trusted_weight=1.5)
+
+
 def test_weight_bounds_need_a_degree_of_freedom() -> None:
     # one round of six groups has fewer equations than its ten unknowns
     this = _jittered(NINE_B, FIVE_ATTACKERS, 2.0, 0.05)
