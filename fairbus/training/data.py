@@ -304,9 +304,10 @@ def partition_classes(
 ) -> list[npt.NDArray[np.int64]]:
     """Non-IID by label count (#C = k of Li et al., "Federated Learning on Non-IID Data
     Silos", ICDE 2022): user k of the sorted ids holds two classes where k is even and
-    three where it is odd, taken in turn from a seeded order of the classes, so that
-    every class is held by someone wherever the users have room for them all; each
-    class's samples are split equally among the users holding it."""
+    three where it is odd, dealt from seeded orders of the classes one after another (a
+    class at most once per user), so that every class is held by someone wherever the
+    users have room for them all (a class no one holds is left out); each class's
+    samples are split equally among the users holding it."""
     classes = np.unique(labels)
     if n_users < 1 or len(classes) < 3:
         raise DatasetError(f"cannot give {n_users} users two or three of {len(classes)} classes")
@@ -325,6 +326,8 @@ def partition_classes(
     parts: list[list[int]] = [[] for _ in range(n_users)]
     for cls in classes:
         holders = [u for u in range(n_users) if int(cls) in held[u]]
+        if not holders:
+            continue
         idx = rng.permutation(np.flatnonzero(labels == cls))
         for user, chunk in zip(holders, np.array_split(idx, len(holders)), strict=False):
             parts[user].extend(chunk.tolist())
@@ -338,7 +341,8 @@ def partition_quantity(
 ) -> list[npt.NDArray[np.int64]]:
     """Quantity skew (Li et al., as above): IID labels, each user's share of the samples
     drawn from Dir(alpha) over the users, redrawn (up to 100 times) until every user has
-    at least ``min_size``. At 0.5 among nine users the smallest share is a few percent."""
+    at least ``min_size``. At 0.5 among nine users of the 1,347 digits the smallest share
+    was 10-38 samples in seeds 0-19."""
     if alpha <= 0:
         raise DatasetError(f"alpha must be > 0, got {alpha}")
     if n_samples < n_users * min_size:

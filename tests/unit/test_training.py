@@ -177,6 +177,8 @@ def test_the_classes_partition_gives_each_user_two_or_three_classes() -> None:
         ]
         assert max(shares) - min(shares) <= 1
     assert [p.tolist() for p in partition_classes(labels, 9, seed=3)] == [p.tolist() for p in parts]
+    few = partition_classes(labels, 2, seed=3)  # room for five of the ten classes
+    assert [len({int(c) for c in labels[p]}) for p in few] == [2, 3]
     with pytest.raises(DatasetError, match="two or three of 2 classes"):
         partition_classes(np.repeat(np.arange(2), 30), 4, seed=0)
 
