@@ -216,7 +216,7 @@ class DetectionParams:
     window made honest users with skewed data look like free-riders (non-IID 2+2 seed 0
     and poison ×3 seed 1 excluded one each)."""
     trusted_weight: float | None = None
-    """Not in the paper (None = not used; an experiment, off by default): under a
+    """Not in the paper (None = not used): under a
     :func:`sharp_fit`, a focus group whose focus user is weighed at least this scores
     whatever its accuracy and contribution. The fit pools every group a user was in; one
     group's accuracy also carries its partners' data. A user holding 11-17 of 1,347

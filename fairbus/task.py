@@ -130,6 +130,11 @@ DEFAULT_DETECTION = DetectionParams(
     # without those groups), and the veto refused its focus groups until Alg. 6 excluded
     # it (poison ×3 seed 16).
     veto_without_departed=True,
+    # Issue 13 (README, "thirteenth change", trusted_weight): a user holding 11-17 of 1,347
+    # samples overfits them, every group it is in falls below the accuracy bar, and
+    # Alg. 6 excluded it while the sharp fit weighed it at 0.7-0.9 ("less data 0+0": 6 of
+    # 20 seeds → 2); every other scenario of the suite and the paper bench the same.
+    trusted_weight=0.5,
 )
 """The task's Algorithm 6 policy unless its configuration says otherwise (the extensions
 are described in the README; ``DetectionParams()`` is the paper's function as written)."""

@@ -148,7 +148,7 @@ BELIEVED_NOISE = typer.Option(
 )
 TRUSTED_WEIGHT = typer.Option(
     _negative_if_off(DEFAULTS.trusted_weight),
-    help="Not in the paper (an experiment): under a sharp contribution fit, a focus group "
+    help="Not in the paper: under a sharp contribution fit, a focus group "
     "whose user is weighed at least this scores whatever its accuracy and contribution. "
     "Negative turns it off.",
 )
