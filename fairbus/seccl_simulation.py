@@ -68,9 +68,9 @@ from fairbus.training.attacks import Attack
 from fairbus.training.config import TrainConfig, attack_seed, trainer_seed
 from fairbus.training.data import (
     DATASET_MODELS,
-    PARTITIONS,
     Dataset,
     Partition,
+    check_partition,
     load_dataset,
     partition,
 )
@@ -140,10 +140,7 @@ class SecclSimulation:
             raise FairbusError("a simulation needs at least 3 users")
         if config.users >= LEDGER_NODE_ID:
             raise FairbusError(f"a simulation takes fewer than {LEDGER_NODE_ID} users")
-        if config.partition not in PARTITIONS:
-            raise FairbusError(
-                f"partition must be one of {', '.join(PARTITIONS)}, got {config.partition!r}"
-            )
+        check_partition(config.partition)
         self.config = config
         self.user_ids = list(range(1, config.users + 1))
         unknown = set(config.attacks) - set(self.user_ids)

@@ -56,7 +56,7 @@ from fairbus.protocol.user import UserMachine
 from fairbus.roster import Member, Role, Roster
 from fairbus.rounds import RoundRecord, record_round
 from fairbus.training.attacks import Attack
-from fairbus.training.data import DATASET_MODELS, PARTITIONS, Partition, load_dataset
+from fairbus.training.data import DATASET_MODELS, Partition, check_partition, load_dataset
 from fairbus.training.local import TrainConfig
 from fairbus.training.models import initial_params
 from fairbus.training.workers import (
@@ -186,10 +186,7 @@ class Simulation:
     ) -> None:
         if config.users < 3:
             raise FairbusError("a simulation needs at least 3 users")
-        if config.partition not in PARTITIONS:
-            raise FairbusError(
-                f"partition must be one of {', '.join(PARTITIONS)}, got {config.partition!r}"
-            )
+        check_partition(config.partition)
         self.config = config
         self.user_ids = list(range(1, config.users + 1))
         unknown = set(config.attacks) - set(self.user_ids)

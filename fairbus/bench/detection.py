@@ -166,7 +166,7 @@ FAIRNESS: tuple[Scenario, ...] = (
     Scenario("50 rounds 0+0", rounds=50, seeds=FEW_SEEDS),
 )
 """Issue 13's scenarios. "2-3 classes" gives each user two or three classes, "less data"
-IID labels in shares drawn from Dir(0.5) over the users (the smallest a few percent:
+IID labels in shares drawn from Dir(0.5) over the users (the smallest under 3%:
 :func:`fairbus.training.data.partition`), the issue's users with skewed or less data.
 The 9-user ones over 10 rounds take ``--seeds`` and
 ``--rounds``; those with 15 or 30 users and the 50-round one :data:`FEW_SEEDS`. "15 users

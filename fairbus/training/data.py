@@ -294,6 +294,12 @@ Partition = Literal["iid", "dirichlet", "classes", "quantity"]
 PARTITIONS: tuple[str, ...] = get_args(Partition)
 
 
+def check_partition(kind: str) -> None:
+    """Refuse a split :func:`partition` does not know, by name."""
+    if kind not in PARTITIONS:
+        raise DatasetError(f"partition must be one of {', '.join(PARTITIONS)}, got {kind!r}")
+
+
 def uses_alpha(kind: str) -> bool:
     """Whether the split ``kind`` reads ``alpha`` (a Dirichlet concentration)."""
     return kind in ("dirichlet", "quantity")
