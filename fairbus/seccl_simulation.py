@@ -172,6 +172,8 @@ class SecclSimulation:
             mode=SECCL,
             theta=config.theta,
             candidate_share=config.candidate_share,
+            absent_class_scale=self.train.absent_class_scale,
+            proximal_mu=self.train.proximal_mu,
         )
         self.server = SecclServerMachine(
             provider,

@@ -179,6 +179,13 @@ class TaskParams:
     candidate_share: float | None = None
     """SecCL's λ, the fraction of participants the election makes candidates (the paper:
     0.2 and 0.4); set exactly when the mode is ``seccl``."""
+    absent_class_scale: float | None = None
+    """The restricted softmax every user's local training is asked to use (issue 13:
+    :attr:`fairbus.training.config.TrainConfig.absent_class_scale`), or None where the
+    task does not say. Recorded like ``local_steps``: the ledger cannot check it."""
+    proximal_mu: float | None = None
+    """FedProx's μ every user's local training is asked to use (issue 13:
+    :attr:`fairbus.training.config.TrainConfig.proximal_mu`), likewise."""
 
     def __post_init__(self) -> None:
         if isinstance(self.collusion, bool) or not isinstance(self.collusion, int):
@@ -214,6 +221,8 @@ class TaskParams:
             self.mode,
             self.theta,
             self.candidate_share,
+            self.absent_class_scale,
+            self.proximal_mu,
         )
 
     @classmethod
@@ -231,6 +240,8 @@ class TaskParams:
                 message.mode,
                 message.theta,
                 message.candidate_share,
+                message.absent_class_scale,
+                message.proximal_mu,
             )
         except FairbusError as exc:
             raise SchemaError(f"task_start: {exc}") from None

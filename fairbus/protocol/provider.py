@@ -142,6 +142,10 @@ class ProviderConfig:
     local_steps: int | None = None
     """The SGD steps every user takes per round (:class:`fairbus.task.TaskParams`),
     likewise; None: each user trains its configured passes over its own data."""
+    absent_class_scale: float | None = None
+    """The users' restricted softmax (:class:`fairbus.task.TaskParams`), likewise."""
+    proximal_mu: float | None = None
+    """The users' FedProx μ (:class:`fairbus.task.TaskParams`), likewise."""
     defended: bool = True
     phase_timeout: float = PHASE_TIMEOUT
     seed: int = 0
@@ -164,7 +168,15 @@ class ProviderConfig:
         if self.model_name is not None and self.test_set is not None:
             digest = hashlib.sha256(self.test_set.payload()).digest()
             spec = EvaluationSpec(self.model_name, digest)
-        return TaskParams(self.detection, self.collusion, self.keying, spec, self.local_steps)
+        return TaskParams(
+            self.detection,
+            self.collusion,
+            self.keying,
+            spec,
+            self.local_steps,
+            absent_class_scale=self.absent_class_scale,
+            proximal_mu=self.proximal_mu,
+        )
 
 
 @dataclass

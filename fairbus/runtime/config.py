@@ -8,6 +8,7 @@ file's folder.
 
 from __future__ import annotations
 
+import math
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,7 +20,7 @@ from fairbus.exposure import DEFAULT_COLLUSION
 from fairbus.protocol.provider import ProviderConfig
 from fairbus.seccl import DEFAULT_CANDIDATE_SHARE, DEFAULT_THETA
 from fairbus.task import PHASE_TIMEOUT, detection_table
-from fairbus.training.config import MAX_LOCAL_STEPS, TrainConfig
+from fairbus.training.config import MAX_LOCAL_STEPS, MAX_PROXIMAL_MU, TrainConfig
 from fairbus.training.data import DATASET_MODELS, PARTITIONS, Partition
 from fairbus.wire.messages import (
     DEFAULT_KEYING,
@@ -192,6 +193,12 @@ class RuntimeConfig:
                 momentum=training.number("momentum", tc.momentum, low=0.0),
                 local_steps=training.optional_integer("local_steps", low=1, high=MAX_LOCAL_STEPS),
                 equal_steps=training.take("equal_steps", bool, tc.equal_steps),
+                absent_class_scale=training.number(
+                    "absent_class_scale", tc.absent_class_scale, low=0.0, high=1.0
+                ),
+                proximal_mu=training.number(
+                    "proximal_mu", tc.proximal_mu, low=0.0, high=MAX_PROXIMAL_MU
+                ),
             ),
         )
         training.done()
@@ -314,11 +321,13 @@ class _Table:
             raise RuntimeConfigError(f"{self.source}: {key!r} must be from {low} to {high}")
         return value
 
-    def number(self, key: str, default: float, *, low: float) -> float:
+    def number(self, key: str, default: float, *, low: float, high: float | None = None) -> float:
         self.seen.add(key)
         value = self.raw.get(key, default)
-        if isinstance(value, bool) or not isinstance(value, int | float) or value < low:
-            raise RuntimeConfigError(f"{self.source}: {key!r} must be a number >= {low}")
+        top = math.inf if high is None else high
+        if isinstance(value, bool) or not isinstance(value, int | float) or not low <= value <= top:
+            within = f">= {low}" if high is None else f"from {low} to {high}"
+            raise RuntimeConfigError(f"{self.source}: {key!r} must be a number {within}")
         return float(value)
 
     def path(self, key: str, default: str | None = None) -> Path:

@@ -98,6 +98,8 @@ def machine_config(config: RuntimeConfig, data: TaskData, users: int) -> Provide
         model_name=config.training.model_name,
         test_set=data.test_set.to_message(),
         local_steps=train.local_steps,
+        absent_class_scale=train.absent_class_scale,
+        proximal_mu=train.proximal_mu,
     )
     return policy if config.provider.secure else replace(policy, strategy=PlainFedAvg())
 

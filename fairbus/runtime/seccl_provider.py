@@ -80,6 +80,8 @@ def seccl_task(config: RuntimeConfig, data: TaskData, users: int) -> TaskParams:
         SECCL,
         config.theta,
         config.candidate_share,
+        train.absent_class_scale,
+        train.proximal_mu,
     )
 
 

@@ -12,6 +12,10 @@ from fairbus.errors import FairbusError
 MAX_LOCAL_STEPS = 100_000
 """The most SGD steps a round's local training may take (``TrainConfig.local_steps``)."""
 
+MAX_PROXIMAL_MU = 100.0
+"""The largest FedProx μ a task may ask for (``TrainConfig.proximal_mu``): at lr 0.01 a μ
+of 100 already pulls a weight all the way back to the global model in one step."""
+
 
 @dataclass(frozen=True)
 class TrainConfig:
@@ -35,7 +39,25 @@ class TrainConfig:
     common direction was shorter, and the contribution test (Alg. 6, lines 9-15) read
     its groups as free-riders; equal steps remove that cause."""
 
+    absent_class_scale: float = 0.5
+    """Restricted softmax (FedRS: Li and Zhan, KDD 2021): while a user trains, the logits
+    of the classes absent from its own data are multiplied by this (1 = plain softmax).
+    Issue 13: a user holding two or three classes, or a few dozen samples that miss some
+    classes, drove the absent classes' logits down for 60 steps; its model forgot them,
+    the groups holding it read low on the provider's balanced test set and Alg. 6
+    excluded an honest user. Scaling keeps those logits out of the softmax's way; a user
+    holding every class trains as before."""
+
+    proximal_mu: float = 0.0
+    """FedProx's proximal term (Li et al., MLSys 2020): local training minimises the loss
+    plus ``proximal_mu``/2 · ‖w − w_global‖², which keeps a user's model near the round's
+    global model however far its own data pulls (0 = plain local SGD). Issue 13: over
+    20 local epochs a user holding two or three classes drifts to a model of those
+    classes alone (client drift)."""
+
     def __post_init__(self) -> None:
+        _check_number("proximal_mu", self.proximal_mu, MAX_PROXIMAL_MU)
+        _check_number("absent_class_scale", self.absent_class_scale, 1.0)
         steps = self.local_steps
         if steps is not None and (
             isinstance(steps, bool)
@@ -59,6 +81,12 @@ class TrainConfig:
         if self.local_steps is not None:
             return self.local_steps if samples > 0 else 0
         return self.local_epochs * math.ceil(samples / self.batch_size)
+
+
+def _check_number(name: str, value: object, high: float) -> None:
+    """A setting that must be a number (not a bool) from 0 to ``high``."""
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value <= high:
+        raise FairbusError(f"{name} must be a number from 0 to {high:g}, got {value!r}")
 
 
 def equal_local_steps(config: TrainConfig, train_samples: int, users: int) -> int:

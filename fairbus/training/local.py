@@ -28,19 +28,48 @@ class Trainer:
         self, global_params: npt.NDArray[np.float32], *, flip_labels: bool = False
     ) -> npt.NDArray[np.float32]:
         """One round of minibatch SGD (``local_epochs`` passes, or exactly ``local_steps``
-        steps: :meth:`batches`); ``flip_labels`` trains on y → C−1−y."""
+        steps: :meth:`batches`), the logits of the classes absent from the labels it
+        trains on scaled by ``absent_class_scale`` (:meth:`logit_scale`) and, with
+        ``proximal_mu``, FedProx's pull towards ``global_params``; ``flip_labels`` trains
+        on y → C−1−y."""
         load_params(self.model, global_params)
         self.model.train()
         opt = MomentumSGD(self.model.parameters(), lr=self.config.lr, momentum=self.config.momentum)
         x, y = self.data.x, self.data.y
         if flip_labels:
             y = (self.data.num_classes - 1) - y
+        scale = self.logit_scale(y)
+        mu = self.config.proximal_mu
+        anchor = [p.detach().clone() for p in self.model.parameters()] if mu else []
         for batch in self.batches():
             opt.zero_grad()
-            loss = nn.functional.cross_entropy(self.model(x[batch]), y[batch])
+            logits = self.model(x[batch])
+            if scale is not None:
+                logits = logits * scale
+            loss = nn.functional.cross_entropy(logits, y[batch])
             loss.backward()  # type: ignore[no-untyped-call]
+            if anchor:
+                self._pull_towards(anchor, mu)
             opt.step()
         return flatten_params(self.model)
+
+    @torch.no_grad()
+    def _pull_towards(self, anchor: list[torch.Tensor], mu: float) -> None:
+        """FedProx: add the gradient of μ/2 ‖w − w_global‖² to each parameter's."""
+        for param, start in zip(self.model.parameters(), anchor, strict=True):
+            if param.grad is not None:
+                param.grad.add_(param - start, alpha=mu)
+
+    def logit_scale(self, labels: torch.Tensor) -> torch.Tensor | None:
+        """FedRS's restricted softmax: per class, 1 where ``labels`` hold it and
+        ``absent_class_scale`` where they do not; None where nothing is scaled."""
+        scale = self.config.absent_class_scale
+        if scale == 1 or len(labels) == 0:
+            return None
+        present = torch.bincount(labels, minlength=self.data.num_classes) > 0
+        if bool(present.all()):
+            return None
+        return torch.where(present, 1.0, float(scale))
 
     def batches(self) -> Iterator[torch.Tensor]:
         """The sample indices of each SGD step of one round, drawn from the trainer's

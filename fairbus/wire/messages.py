@@ -20,7 +20,7 @@ from fairbus.field import FieldVector, P
 from fairbus.grouping import GROUP_KINDS
 from fairbus.roster import Role
 from fairbus.seccl.sparse import SparseChange
-from fairbus.training.config import MAX_LOCAL_STEPS
+from fairbus.training.config import MAX_LOCAL_STEPS, MAX_PROXIMAL_MU
 from fairbus.wire import codec
 from fairbus.wire.limits import WireLimits
 from fairbus.wire.schema import (
@@ -623,6 +623,8 @@ class TaskStart(Message):
     mode: str = DEFAULT_MODE
     theta: float | None = None
     candidate_share: float | None = None
+    absent_class_scale: float | None = None
+    proximal_mu: float | None = None
     TYPE: ClassVar[str] = "task_start"
     RECORDED: ClassVar[bool] = True
     SENDERS: ClassVar[frozenset[Role]] = frozenset({Role.PROVIDER})
@@ -635,6 +637,8 @@ class TaskStart(Message):
         "mode": names(MODES),
         "theta": Optional(Float(0.0, 1.0)),
         "candidate_share": Optional(Float(0.0, 1.0)),
+        "absent_class_scale": Optional(Float(0.0, 1.0)),
+        "proximal_mu": Optional(Float(0.0, MAX_PROXIMAL_MU)),
     }
 
 

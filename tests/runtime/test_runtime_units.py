@@ -21,6 +21,8 @@ from fairbus.ledger.recorded import (
 )
 from fairbus.roster import Roster
 from fairbus.runtime.config import RuntimeConfig, RuntimeConfigError
+from fairbus.runtime.provider import machine_config
+from fairbus.runtime.provider_loop import load_task_data
 from fairbus.runtime.user_state import UserState, UserStateError
 from fairbus.wire import codec
 from fairbus.wire.messages import Attestation, GlobalModel
@@ -36,6 +38,23 @@ def test_the_example_configuration_loads() -> None:
     assert config.collusion == 1 == config.provider_config().task.collusion
     assert config.training.train.local_steps is None  # derived from the data, by default
     assert config.training.train.equal_steps
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "bad"), [("absent_class_scale", 1.0, 1.5), ("proximal_mu", 0.5, -0.1)]
+)
+def test_the_local_training_remedies_are_read_from_the_training_table(
+    key: str, value: float, bad: float
+) -> None:
+    raw: dict[str, object] = {"roster": "r", "training": {key: value}}
+    config = RuntimeConfig.from_dict(raw, base=Path("/x"), source="t.toml")
+    assert getattr(config.training.train, key) == value
+    provider = machine_config(config, load_task_data(config), 9)  # what the task start records
+    assert getattr(provider.task, key) == value
+    with pytest.raises(RuntimeConfigError, match=f"{key}.*number from"):
+        RuntimeConfig.from_dict(
+            {"roster": "r", "training": {key: bad}}, base=Path("/x"), source="t.toml"
+        )
 
 
 def test_equal_steps_can_be_turned_off_in_the_training_table() -> None:

@@ -57,10 +57,19 @@ def test_task_params_round_trip_through_the_wire(detection: DetectionParams) -> 
 def _wire(
     collusion: object = 1, keying: object = "shamir", local_steps: object = None, **changes: object
 ) -> dict[str, object]:
+    """A task start's wire form; ``changes`` go to the detection policy, but for
+    ``absent_class_scale`` and ``proximal_mu``, fields of the task start itself."""
+    remedies = {k: changes.pop(k, None) for k in ("absent_class_scale", "proximal_mu")}
     policy = TaskParams().to_message().to_wire()["detection"]
     wire = {"detection": {**policy, **changes}, "collusion": collusion, "keying": keying}
     seccl = {"mode": "fairness", "theta": None, "candidate_share": None}
-    return {**wire, "evaluation": None, "local_steps": local_steps, **seccl}
+    return {
+        **wire,
+        "evaluation": None,
+        "local_steps": local_steps,
+        **seccl,
+        **remedies,
+    }
 
 
 @pytest.mark.parametrize(
@@ -108,6 +117,35 @@ def test_the_local_steps_are_recorded_at_task_start(steps: int | None) -> None:
     assert isinstance(decoded, TaskStart)
     assert TaskParams.from_message(decoded) == task
     assert ProviderConfig(local_steps=steps).task.local_steps == steps
+
+
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [
+        *(("absent_class_scale", v) for v in (-0.1, 1.5, 1, True, "0.5", float("nan"))),
+        *(("proximal_mu", v) for v in (-0.1, 100.5, 0, True, float("inf"))),
+    ],
+)
+def test_a_task_starts_local_training_remedies_are_decoded_strictly(
+    key: str, value: object
+) -> None:
+    with pytest.raises(SchemaError, match=key):
+        decode_body("task_start", codec.pack(_wire(**{key: value})), DEFAULT_LIMITS)
+
+
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [("absent_class_scale", v) for v in (None, 0.0, 0.5, 1.0)]
+    + [("proximal_mu", v) for v in (None, 0.0, 0.1, 100.0)],
+)
+def test_the_local_training_remedies_are_recorded_at_task_start(
+    key: str, value: float | None
+) -> None:
+    task = TaskParams(**{key: value})
+    decoded = decode_body("task_start", codec.pack(_wire(**{key: value})), DEFAULT_LIMITS)
+    assert isinstance(decoded, TaskStart)
+    assert TaskParams.from_message(decoded) == task
+    assert getattr(ProviderConfig(**{key: value}).task, key) == value
 
 
 @pytest.mark.parametrize("keying", ["shamir", "pairwise"])

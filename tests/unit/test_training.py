@@ -232,6 +232,96 @@ def test_attacks(digits: tuple[Dataset, Dataset]) -> None:
     assert evaluator.accuracy(flipped) < 0.2 < evaluator.accuracy(good)
 
 
+def _two_classes(digits: tuple[Dataset, Dataset]) -> Dataset:
+    train, _ = digits
+    return train.subset(np.flatnonzero(train.y.numpy() < 2))
+
+
+def test_the_restricted_softmax_scales_only_the_absent_classes_logits(
+    digits: tuple[Dataset, Dataset],
+) -> None:
+    train, _ = digits
+    two = _two_classes(digits)
+    trainer = Trainer("digits_cnn", two, TrainConfig(absent_class_scale=0.25), seed=0)
+    scale = trainer.logit_scale(two.y)
+    assert scale is not None
+    assert scale.tolist() == [1.0, 1.0] + [0.25] * 8
+    assert trainer.logit_scale(train.y) is None  # every class held: plain softmax
+    plain = Trainer("digits_cnn", two, TrainConfig(absent_class_scale=1.0), seed=0)
+    assert plain.logit_scale(two.y) is None
+
+
+def test_a_user_holding_every_class_trains_the_same_with_or_without_it(
+    digits: tuple[Dataset, Dataset],
+) -> None:
+    train, _ = digits
+    start = initial_params("digits_cnn", 0)
+    runs = [
+        Trainer("digits_cnn", train, TrainConfig(local_steps=5, absent_class_scale=s), 3).train(
+            start
+        )
+        for s in (0.5, 1.0)
+    ]
+    np.testing.assert_array_equal(runs[0], runs[1])
+
+
+def test_the_restricted_softmax_keeps_a_two_class_user_from_forgetting_the_others(
+    digits: tuple[Dataset, Dataset],
+) -> None:
+    # Issue 13: start from a model that knows every class, train on two classes only;
+    # the plain softmax forgets the other eight, the restricted one keeps more of them.
+    train, test = digits
+    start = Trainer("digits_cnn", train, TrainConfig(local_epochs=60), seed=0).train(
+        initial_params("digits_cnn", 0)
+    )
+    others = test.subset(np.flatnonzero(test.y.numpy() >= 2))
+    evaluator = Evaluator("digits_cnn", others)
+    kept = {
+        scale: evaluator.accuracy(
+            Trainer(
+                "digits_cnn",
+                _two_classes(digits),
+                TrainConfig(local_steps=60, absent_class_scale=scale),
+                1,
+            ).train(start)
+        )
+        for scale in (1.0, 0.5)
+    }
+    assert evaluator.accuracy(start) > 0.85  # measured 0.93
+    assert kept[1.0] < 0.5 < kept[0.5], kept  # measured 0.27 and 0.78
+
+
+def test_the_proximal_term_keeps_a_users_model_nearer_the_global_one(
+    digits: tuple[Dataset, Dataset],
+) -> None:
+    start = initial_params("digits_cnn", 0)
+    two = _two_classes(digits)
+    distance = {
+        mu: float(
+            np.linalg.norm(
+                Trainer("digits_cnn", two, TrainConfig(local_steps=30, proximal_mu=mu), 2).train(
+                    start
+                )
+                - start
+            )
+        )
+        for mu in (0.0, 1.0, 10.0)
+    }
+    assert distance[0.0] > distance[1.0] > distance[10.0] > 0, distance
+
+
+@pytest.mark.parametrize("mu", [-0.1, 100.5, True, "1", float("nan")])
+def test_a_bad_proximal_mu_is_refused(mu: object) -> None:
+    with pytest.raises(FairbusError, match="proximal_mu"):
+        TrainConfig(proximal_mu=mu)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("scale", [-0.1, 1.01, True, "0.5", float("nan")])
+def test_a_bad_absent_class_scale_is_refused(scale: object) -> None:
+    with pytest.raises(FairbusError, match="absent_class_scale"):
+        TrainConfig(absent_class_scale=scale)  # type: ignore[arg-type]
+
+
 def _count_steps(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     """Make every local SGD step count itself; returns the counter (one element)."""
     counter = [0]
