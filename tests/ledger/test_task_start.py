@@ -118,8 +118,10 @@ def test_the_run_starts_with_the_providers_parameters(run: RecordedRun) -> None:
     assert kinds.count("task_start") == kinds.count("test_set") == 1
     state, refused = admit_all(run.roster, run.envelopes)
     assert refused == [] and state.task == run.task
-    assert dataclasses.replace(run.task, evaluation=None, local_steps=None) == TaskParams()
+    recorded_training = {"local_steps": None, "absent_class_scale": None, "proximal_mu": None}
+    assert dataclasses.replace(run.task, evaluation=None, **recorded_training) == TaskParams()
     assert run.task.local_steps is not None  # equal steps for every user, recorded
+    assert (run.task.absent_class_scale, run.task.proximal_mu) == (0.5, 0.0)  # the defaults
     assert run.task.evaluation is not None and run.task.evaluation.model == "digits_cnn"
     assert state.current_round == 2
 
