@@ -21,7 +21,7 @@ from fairbus.protocol.provider import ProviderConfig
 from fairbus.training.config import MAX_LOCAL_STEPS, TrainConfig
 from fairbus.wire.messages import KEYINGS
 from fairbus_cli import detection_options as options
-from fairbus_cli import keying_option
+from fairbus_cli import keying_option, training_options
 
 if TYPE_CHECKING:
     from fairbus.bench.detection import SuiteSummary
@@ -253,6 +253,7 @@ def detection_bench(
     noise_widening: float = options.NOISE_WIDENING,
     key_evidence_only: bool = options.KEY_EVIDENCE_ONLY,
     contribution_direction: options.Direction = options.CONTRIBUTION_DIRECTION,
+    contribution_layers: options.Layers = options.CONTRIBUTION_LAYERS,
     noise_ceiling: float = options.NOISE_CEILING,
     suspect_weight: float = options.SUSPECT_WEIGHT,
     weight_veto: float = options.WEIGHT_VETO,
@@ -279,6 +280,8 @@ def detection_bench(
         help="Every user takes the same number of SGD steps a round; --no-equal-steps: "
         f"{TrainConfig.local_epochs} passes over each user's own data.",
     ),
+    absent_class_scale: float = training_options.ABSENT_CLASS_SCALE,
+    proximal_mu: float = training_options.PROXIMAL_MU,
     workers: int = typer.Option(len(os.sched_getaffinity(0)), help="Parallel simulations."),
     suite: Suite = typer.Option(
         Suite.PAPER,
@@ -330,6 +333,7 @@ def detection_bench(
         veto_without_departed,
         believed_noise,
         trusted_weight,
+        contribution_layers,
     )
     from fairbus.bench import detection
 
@@ -337,7 +341,12 @@ def detection_bench(
         chosen = detection.select(detection.SUITES[suite.value], scenario)
     except FairbusError as exc:
         raise typer.BadParameter(str(exc), param_hint="--scenario") from None
-    train = TrainConfig(local_steps=local_steps, equal_steps=equal_steps)
+    train = TrainConfig(
+        local_steps=local_steps,
+        equal_steps=equal_steps,
+        absent_class_scale=absent_class_scale,
+        proximal_mu=proximal_mu,
+    )
     specs = detection.build_suite_specs(chosen, seeds, rounds, params, key_repeats,
                                         basic_groupings, train)  # fmt: skip
     if trace is not None:

@@ -30,6 +30,13 @@ class Direction(StrEnum):
     ACCURATE_MEDIAN = "accurate_median"
 
 
+class Layers(StrEnum):
+    """The choices of ``--contribution-layers`` (:data:`fairbus.detection.LAYERS`)."""
+
+    ALL = "all"
+    FEATURES = "features"
+
+
 BOUND_SCORE = typer.Option(DEFAULTS.bound_score, help="Alg. 6 bound_score.")
 BOUND_CONF = typer.Option(DEFAULTS.bound_conf, help="Alg. 6 bound_conf.")
 TOLERANCE = typer.Option(
@@ -51,6 +58,12 @@ CONTRIBUTION_DIRECTION = typer.Option(
     "is skewed to a class or two as free-riders; README), or the median of the basic "
     "groups whose accuracy beats the scoring bar (accurate_median: poisoners' groups do "
     "not bend it).",
+)
+CONTRIBUTION_LAYERS = typer.Option(
+    Layers(DEFAULTS.contribution_layers),
+    help="Not in the paper: which parameters a group's update is measured on: all, or the "
+    "model's convolutional (feature) layers only, where users holding different classes "
+    "move the model alike (the classifier moves class by class; README).",
 )
 MIN_EVIDENCE = typer.Option(
     DEFAULTS.min_evidence,
@@ -189,6 +202,7 @@ def detection_params(
     veto_without_departed: bool,
     believed_noise: float,
     trusted_weight: float,
+    contribution_layers: Layers = Layers(DEFAULTS.contribution_layers),
 ) -> DetectionParams:
     """The options as :class:`DetectionParams`; a negative (or for the two whole-number
     extensions, zero) value means off."""
@@ -217,4 +231,5 @@ def detection_params(
         believed_noise=_off_if_negative(believed_noise),
         trusted_weight=_off_if_negative(trusted_weight),
         widening_cap=_off_if_negative(widening_cap),
+        contribution_layers=contribution_layers.value,
     )

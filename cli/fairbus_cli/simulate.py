@@ -19,7 +19,7 @@ from fairbus.training.attacks import Attack, Behaviour
 from fairbus.training.config import AUTO_WORKERS_FROM, MAX_LOCAL_STEPS, TrainConfig, default_workers
 from fairbus.wire.messages import DEFAULT_KEYING, FAIRNESS, MODES, SECCL
 from fairbus_cli import detection_options as options
-from fairbus_cli import keying_option
+from fairbus_cli import keying_option, training_options
 from fairbus_cli.errors import say
 
 if TYPE_CHECKING:  # torch comes with these: imported only when a command runs
@@ -112,6 +112,7 @@ def simulate(
     noise_widening: float = options.NOISE_WIDENING,
     key_evidence_only: bool = options.KEY_EVIDENCE_ONLY,
     contribution_direction: options.Direction = options.CONTRIBUTION_DIRECTION,
+    contribution_layers: options.Layers = options.CONTRIBUTION_LAYERS,
     noise_ceiling: float = options.NOISE_CEILING,
     suspect_weight: float = options.SUSPECT_WEIGHT,
     weight_veto: float = options.WEIGHT_VETO,
@@ -136,6 +137,8 @@ def simulate(
         help="Every user takes the same number of SGD steps a round; --no-equal-steps: "
         "--local-epochs passes over each user's own data (more data, more steps).",
     ),
+    absent_class_scale: float = training_options.ABSENT_CLASS_SCALE,
+    proximal_mu: float = training_options.PROXIMAL_MU,
     lr: float | None = typer.Option(
         None,
         help=f"Local SGD learning rate (default: the paper's, {TrainConfig.lr}; seccl: 0.02).",
@@ -202,7 +205,14 @@ def simulate(
             partition=partition,  # type: ignore[arg-type]
             alpha=alpha,
             train=_train_config(
-                PAPER_TRAINING, lr, batch_size, local_epochs, local_steps, equal_steps
+                PAPER_TRAINING,
+                lr,
+                batch_size,
+                local_epochs,
+                local_steps,
+                equal_steps,
+                absent_class_scale,
+                proximal_mu,
             ),
             theta=theta,
             candidate_share=candidate_share,
@@ -223,7 +233,16 @@ def simulate(
         data_dir=data_dir,
         partition=partition,  # type: ignore[arg-type]
         alpha=alpha,
-        train=_train_config(TrainConfig(), lr, batch_size, local_epochs, local_steps, equal_steps),
+        train=_train_config(
+            TrainConfig(),
+            lr,
+            batch_size,
+            local_epochs,
+            local_steps,
+            equal_steps,
+            absent_class_scale,
+            proximal_mu,
+        ),
         attacks=attacks,
         provider=ProviderConfig(
             basic_groupings=basic_groupings,
@@ -253,6 +272,7 @@ def simulate(
                 veto_without_departed,
                 believed_noise,
                 trusted_weight,
+                contribution_layers,
             ),
             defended=not undefended,
             seed=seed,
@@ -272,6 +292,8 @@ def _train_config(
     local_epochs: int,
     local_steps: int | None,
     equal_steps: bool,
+    absent_class_scale: float = TrainConfig.absent_class_scale,
+    proximal_mu: float = TrainConfig.proximal_mu,
 ) -> TrainConfig:
     """The local training the options give: ``--lr`` and ``--batch-size`` when given,
     else the mode's ``defaults`` (SecCL's paper trains otherwise than the fairness one)."""
@@ -281,6 +303,8 @@ def _train_config(
         local_epochs=local_epochs,
         local_steps=local_steps,
         equal_steps=equal_steps,
+        absent_class_scale=absent_class_scale,
+        proximal_mu=proximal_mu,
     )
 
 

@@ -44,6 +44,7 @@ from fairbus import masking
 from fairbus.detection import DetectionParams, contributions_along, needs_anchor
 from fairbus.errors import FairbusError
 from fairbus.field import FixedPointCodec
+from fairbus.training.layout import feature_values
 from fairbus.wire.limits import DEFAULT_LIMITS, WireLimits
 from fairbus.wire.messages import (
     Announce,
@@ -212,8 +213,9 @@ class EvaluationCheck:
             if needs_anchor(detection, basic, accuracies):
                 anchor = self._evaluator(spec).scores([global_params])[0].mean_rank
             contributions = contributions_along(
-                detection, updates, basic, accuracies, step, ranks, anchor
-            )
+                detection, updates, basic, accuracies, step, ranks, anchor,
+                feature_values(spec.model),
+            )  # fmt: skip
         except FairbusError as exc:
             raise VerificationError(str(exc)) from None
         return {

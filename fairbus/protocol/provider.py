@@ -93,6 +93,7 @@ from fairbus.protocol.recovery import (
 from fairbus.protocol.user import model_digest
 from fairbus.roster import Role, Roster
 from fairbus.task import DEFAULT_DETECTION, PHASE_TIMEOUT, TaskParams
+from fairbus.training.layout import feature_values
 from fairbus.wire.limits import DEFAULT_LIMITS, WireLimits
 from fairbus.wire.messages import (
     DEFAULT_KEYING,
@@ -921,6 +922,7 @@ class ProviderMachine:
             step,
             self._rank,
             anchor,
+            feature_values(self.config.model_name),
         )
         evaluation = Evaluation(
             tuple(

@@ -15,6 +15,7 @@ from typing import Any, ClassVar, TypeVar
 
 import numpy as np
 
+from fairbus.detection import LAYERS
 from fairbus.errors import SchemaError, SecclError
 from fairbus.field import FieldVector, P
 from fairbus.grouping import GROUP_KINDS
@@ -377,6 +378,7 @@ class DetectionPolicy(WireStruct):
     trusted_weight: float | None
     believed_noise: float | None
     contribution_direction: str
+    contribution_layers: str
     FIELDS: ClassVar[dict[str, Spec]] = {
         "bound_score": Float(0.0, 1.0),
         "bound_conf": Float(0.0, 1.0),
@@ -403,6 +405,7 @@ class DetectionPolicy(WireStruct):
         "trusted_weight": Optional(Float(0.0, 1.0)),
         "believed_noise": Optional(Float(0.0, 10.0)),
         "contribution_direction": Str(max_len=16),
+        "contribution_layers": names(LAYERS),
     }
 
 

@@ -235,6 +235,33 @@ def test_near_chance_the_median_is_over_groups_ranking_no_worse_than_the_global_
         DetectionParams(rank_below=1.5)
 
 
+def test_contributions_along_the_feature_layers_ignore_the_classifier() -> None:
+    """Issue 13, users holding two or three classes: every group moves the feature
+    layers (the first 2 values) alike, but the classifier (the last 3) only for its own
+    classes; most groups hold classes 0 and 1, one group classes 2 and 3. Along every
+    layer the median is the majority's classifier rows and the minority group reads
+    0.27 of the others; along the features it reads the same."""
+    features = np.array([3.0, 4.0])
+    majority = np.concatenate([features, [6.0, 0.0, 0.0]])
+    minority = np.concatenate([features, [0.0, 6.0, 6.0]])
+    updates = {0: majority, 1: majority, 2: minority, 3: np.zeros(5)}  # 3: a free-rider's
+    basic = [0, 1, 2]
+    along_all = contributions_along(DetectionParams(), updates, basic, {}, features=2)
+    assert along_all[2] / along_all[0] == pytest.approx(25 / 61)
+    params = DetectionParams(contribution_layers="features")
+    got = contributions_along(params, updates, basic, {}, features=2)
+    assert got == pytest.approx({0: 5.0, 1: 5.0, 2: 5.0, 3: 0.0})
+    # a model without a known split counts every value, as "all" does
+    assert contributions_along(params, updates, basic, {}, features=None) == along_all
+    with pytest.raises(DetectionError, match="feature values"):
+        contributions_along(params, updates, basic, {}, features=6)
+
+
+def test_an_unknown_contribution_layers_is_refused() -> None:
+    with pytest.raises(DetectionError, match="contribution_layers must be one of"):
+        DetectionParams(contribution_layers="classifier")
+
+
 def test_an_unknown_contribution_direction_is_refused() -> None:
     with pytest.raises(DetectionError, match="contribution_direction must be one of"):
         DetectionParams(contribution_direction="mean")

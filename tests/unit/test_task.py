@@ -84,6 +84,8 @@ def _wire(
         ({"evidence_window": 0}, "evidence_window"),  # off is nil on the wire, not 0
         ({"level_rounds": True}, "level_rounds"),
         ({"key_score": float("nan")}, "key_score"),
+        ({"contribution_layers": "classifier"}, "contribution_layers"),
+        ({"contribution_layers": None}, "contribution_layers"),
         ({"surprise": 1}, "unknown fields"),
     ],
 )

@@ -24,6 +24,7 @@ from fairbus.training.data import (
     partition_iid,
     partition_quantity,
 )
+from fairbus.training.layout import FEATURE_VALUES, feature_values
 from fairbus.training.local import Evaluator, TrainConfig, Trainer
 from fairbus.training.models import (
     build_model,
@@ -50,6 +51,18 @@ def test_the_papers_mnist_cnn_has_582026_parameters() -> None:
         for t in (torch.nn.Conv2d, torch.nn.MaxPool2d, torch.nn.Linear)
     ]
     assert counts == [8, 4, 3]
+
+
+@pytest.mark.parametrize("name", sorted(FEATURE_VALUES))
+def test_the_feature_layers_are_the_leading_convolutional_parameters(name: str) -> None:
+    model = build_model(name)
+    convolutional = [
+        p for m in model.modules() if isinstance(m, torch.nn.Conv2d) for p in m.parameters()
+    ]
+    leading = list(model.parameters())[: len(convolutional)]
+    assert all(a is b for a, b in zip(leading, convolutional, strict=True))
+    assert feature_values(name) == FEATURE_VALUES[name] == sum(p.numel() for p in convolutional)
+    assert feature_values(None) is None and feature_values("resnet") is None
 
 
 def test_flatten_and_load_round_trip() -> None:

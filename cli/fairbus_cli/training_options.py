@@ -1,0 +1,23 @@
+"""The local-training options shared by ``fairbus simulate`` and ``fairbus bench detection``."""
+
+from __future__ import annotations
+
+import typer
+
+from fairbus.training.config import MAX_PROXIMAL_MU, TrainConfig
+
+ABSENT_CLASS_SCALE = typer.Option(
+    TrainConfig.absent_class_scale,
+    min=0.0,
+    max=1.0,
+    help="Restricted softmax (FedRS): while a user trains, the logits of the classes its "
+    "data lacks are scaled by this, so it does not forget them (1 = plain softmax; "
+    "recorded at task start).",
+)
+PROXIMAL_MU = typer.Option(
+    TrainConfig.proximal_mu,
+    min=0.0,
+    max=MAX_PROXIMAL_MU,
+    help="FedProx: local training adds μ/2 ‖w − w_global‖² to the loss (0 = off; recorded "
+    "at task start).",
+)
