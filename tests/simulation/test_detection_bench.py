@@ -266,9 +266,15 @@ def test_violators_found_in_a_round_whose_every_group_holds_one_do_not_stop_trai
     check, no grouping of the six left passes, and no round starts again. The most
     accurate group standing in moves the model, and the last attacker is found."""
     scenario = _by_name()["iid 2+2"]
-    # the policy of the seventh change (rank_below, the eleventh, and convict_below, the
-    # twelfth, find them otherwise)
-    detection = replace(DEFAULT_DETECTION, weight_veto=0.4, rank_below=None, convict_below=None)
+    # the policy of the seventh change (rank_below, the eleventh, convict_below, the
+    # twelfth, and contributions on the feature layers, the fourteenth, find them otherwise)
+    detection = replace(
+        DEFAULT_DETECTION,
+        weight_veto=0.4,
+        rank_below=None,
+        convict_below=None,
+        contribution_layers="all",
+    )
     (spec,) = (
         s
         for s in build_suite_specs([scenario], 11, 10, detection, 6, 2)
