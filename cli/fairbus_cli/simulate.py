@@ -190,6 +190,11 @@ def simulate(
             attacks[user] = Attack(behaviour, poison_scale, noise_std)
     if mode not in MODES:
         raise typer.BadParameter(f"--mode must be one of {', '.join(MODES)}, not {mode!r}")
+
+    def train_with(defaults: TrainConfig) -> TrainConfig:
+        return _train_config(defaults, lr, batch_size, local_epochs, local_steps, equal_steps,
+                             absent_class_scale, proximal_mu)  # fmt: skip
+
     if mode == SECCL:
         from fairbus.seccl_simulation import PAPER_TRAINING, SecclSimulationConfig
 
@@ -204,16 +209,7 @@ def simulate(
             data_dir=data_dir,
             partition=partition,  # type: ignore[arg-type]
             alpha=alpha,
-            train=_train_config(
-                PAPER_TRAINING,
-                lr,
-                batch_size,
-                local_epochs,
-                local_steps,
-                equal_steps,
-                absent_class_scale,
-                proximal_mu,
-            ),
+            train=train_with(PAPER_TRAINING),
             theta=theta,
             candidate_share=candidate_share,
             validation_share=validation_share,
@@ -233,16 +229,7 @@ def simulate(
         data_dir=data_dir,
         partition=partition,  # type: ignore[arg-type]
         alpha=alpha,
-        train=_train_config(
-            TrainConfig(),
-            lr,
-            batch_size,
-            local_epochs,
-            local_steps,
-            equal_steps,
-            absent_class_scale,
-            proximal_mu,
-        ),
+        train=train_with(TrainConfig()),
         attacks=attacks,
         provider=ProviderConfig(
             basic_groupings=basic_groupings,
@@ -292,8 +279,8 @@ def _train_config(
     local_epochs: int,
     local_steps: int | None,
     equal_steps: bool,
-    absent_class_scale: float = TrainConfig.absent_class_scale,
-    proximal_mu: float = TrainConfig.proximal_mu,
+    absent_class_scale: float,
+    proximal_mu: float,
 ) -> TrainConfig:
     """The local training the options give: ``--lr`` and ``--batch-size`` when given,
     else the mode's ``defaults`` (SecCL's paper trains otherwise than the fairness one)."""
