@@ -78,9 +78,11 @@ from fairbus.training.local import Evaluator, Trainer
 from fairbus.training.models import initial_params
 from fairbus.wire.messages import SECCL, EvaluationSpec
 
-PAPER_TRAINING = TrainConfig(lr=0.02, batch_size=32)
+PAPER_TRAINING = TrainConfig(lr=0.02, batch_size=32, absent_class_scale=1.0)
 """SecCL's local training: "mini-batch size 32, learning rate 0.02" ("Experimental
-Evaluation"); the paper names no epoch count, so TrainConfig's stands."""
+Evaluation"), with the plain softmax the paper trains with (the restricted one is the
+fairness mode's remedy for users lacking classes, issue 13); the paper names no epoch
+count, so TrainConfig's stands."""
 VALIDATION_SHARE = 0.2
 """The share of its own data each participant keeps as its private validation data."""
 

@@ -280,7 +280,7 @@ def detection_bench(
         help="Every user takes the same number of SGD steps a round; --no-equal-steps: "
         f"{TrainConfig.local_epochs} passes over each user's own data.",
     ),
-    absent_class_scale: float = training_options.ABSENT_CLASS_SCALE,
+    absent_class_scale: float | None = training_options.ABSENT_CLASS_SCALE,
     proximal_mu: float = training_options.PROXIMAL_MU,
     workers: int = typer.Option(len(os.sched_getaffinity(0)), help="Parallel simulations."),
     suite: Suite = typer.Option(
@@ -344,7 +344,9 @@ def detection_bench(
     train = TrainConfig(
         local_steps=local_steps,
         equal_steps=equal_steps,
-        absent_class_scale=absent_class_scale,
+        absent_class_scale=(
+            TrainConfig.absent_class_scale if absent_class_scale is None else absent_class_scale
+        ),
         proximal_mu=proximal_mu,
     )
     specs = detection.build_suite_specs(chosen, seeds, rounds, params, key_repeats,

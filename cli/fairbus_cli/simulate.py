@@ -137,7 +137,7 @@ def simulate(
         help="Every user takes the same number of SGD steps a round; --no-equal-steps: "
         "--local-epochs passes over each user's own data (more data, more steps).",
     ),
-    absent_class_scale: float = training_options.ABSENT_CLASS_SCALE,
+    absent_class_scale: float | None = training_options.ABSENT_CLASS_SCALE,
     proximal_mu: float = training_options.PROXIMAL_MU,
     lr: float | None = typer.Option(
         None,
@@ -279,18 +279,21 @@ def _train_config(
     local_epochs: int,
     local_steps: int | None,
     equal_steps: bool,
-    absent_class_scale: float,
+    absent_class_scale: float | None,
     proximal_mu: float,
 ) -> TrainConfig:
-    """The local training the options give: ``--lr`` and ``--batch-size`` when given,
-    else the mode's ``defaults`` (SecCL's paper trains otherwise than the fairness one)."""
+    """The local training the options give: ``--lr``, ``--batch-size`` and
+    ``--absent-class-scale`` when given, else the mode's ``defaults`` (SecCL's paper
+    trains otherwise than the fairness one)."""
     return TrainConfig(
         lr=defaults.lr if lr is None else lr,
         batch_size=defaults.batch_size if batch_size is None else batch_size,
         local_epochs=local_epochs,
         local_steps=local_steps,
         equal_steps=equal_steps,
-        absent_class_scale=absent_class_scale,
+        absent_class_scale=(
+            defaults.absent_class_scale if absent_class_scale is None else absent_class_scale
+        ),
         proximal_mu=proximal_mu,
     )
 

@@ -7,12 +7,14 @@ import typer
 from fairbus.training.config import MAX_PROXIMAL_MU, TrainConfig
 
 ABSENT_CLASS_SCALE = typer.Option(
-    TrainConfig.absent_class_scale,
+    None,
     min=0.0,
     max=1.0,
+    show_default=False,
     help="Restricted softmax (FedRS): while a user trains, the logits of the classes its "
     "data lacks are scaled by this, so it does not forget them (1 = plain softmax; "
-    "recorded at task start).",
+    f"recorded at task start). Default: {TrainConfig.absent_class_scale} (SecCL mode: 1, "
+    "as its paper trains).",
 )
 PROXIMAL_MU = typer.Option(
     TrainConfig.proximal_mu,

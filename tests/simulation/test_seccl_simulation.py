@@ -93,3 +93,17 @@ def test_the_paper_figures_runs() -> None:
     assert [len(r.config.attacks) for r in fig5] == [2, 4, 5, 6]
     assert all(r.config.attack_from == 5 and r.config.collude for r in fig5)
     assert all(r.config.train.lr == 0.02 and r.config.train.batch_size == 32 for r in fig5)
+
+
+@pytest.mark.parametrize(("given", "seccl", "fairness"), [(None, 1.0, 0.5), (0.25, 0.25, 0.25)])
+def test_the_restricted_softmax_is_the_fairness_modes_default_not_seccls(
+    given: float | None, seccl: float, fairness: float
+) -> None:
+    from fairbus.seccl_simulation import PAPER_TRAINING
+    from fairbus.training.config import TrainConfig
+    from fairbus_cli.simulate import _train_config
+
+    def scale(defaults: TrainConfig) -> float:
+        return _train_config(defaults, None, None, 20, None, True, given, 0.0).absent_class_scale
+
+    assert (scale(PAPER_TRAINING), scale(TrainConfig())) == (seccl, fairness)
