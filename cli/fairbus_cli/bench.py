@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from enum import StrEnum
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TextIO
 
 import typer
 from rich.console import Console
@@ -24,7 +25,7 @@ from fairbus_cli import detection_options as options
 from fairbus_cli import keying_option, training_options
 
 if TYPE_CHECKING:
-    from fairbus.bench.detection import SuiteSummary
+    from fairbus.bench.detection import RunResult, SuiteSummary
     from fairbus.bench.scale import SimRow
     from fairbus.rounds import RoundRecord
     from fairbus.training.attacks import Attack
@@ -293,6 +294,14 @@ def detection_bench(
         [], "--scenario", help="Only the suite's scenarios of this name (repeat)."
     ),
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
+    runs_out: Path | None = typer.Option(
+        None,
+        "--runs-out",
+        dir_okay=False,
+        help="Also append every run to this file as it finishes, one JSON line each "
+        "(scenario, seed, defended, attackers, the round each excluded user went, final "
+        "accuracy, mean scores): a long suite stopped early keeps what it ran.",
+    ),
     trace: int | None = typer.Option(
         None,
         min=0,
@@ -361,10 +370,13 @@ def detection_bench(
             attacks, records = detection.trace_one(dataclasses.replace(first, seed=trace))
         _print_trace(chosen[0].name, trace, attacks, records)
         return
-    with Progress(console=console, transient=True) as progress:
+    with Progress(console=console, transient=True) as progress, _runs_file(runs_out) as out:
         task = progress.add_task("simulating", total=len(specs))
         results = detection.run_all(
-            specs, workers, progress=lambda done: progress.update(task, completed=done)
+            specs,
+            workers,
+            progress=lambda done: progress.update(task, completed=done),
+            on_result=None if out is None else lambda r: _write_run(out, r),
         )
     policy = (
         f"bound_score {bound_score}, bound_conf {bound_conf}, tolerance {tolerance}, "
@@ -423,6 +435,26 @@ def detection_bench(
 
 
 _MARKS = {"poisoner": "P", "free_rider": "F", "disguised_free_rider": "D", "label_flipper": "L"}
+
+
+@contextlib.contextmanager
+def _runs_file(path: Path | None) -> Iterator[TextIO | None]:
+    """``--runs-out``'s file, opened to append (None: no file)."""
+    if path is None:
+        yield None
+        return
+    try:
+        out = path.open("a", encoding="utf-8")
+    except OSError as exc:
+        message = f"cannot write {path}: {exc.strerror}"
+        raise typer.BadParameter(message, param_hint="--runs-out") from None
+    with out:
+        yield out
+
+
+def _write_run(out: TextIO, result: RunResult) -> None:
+    out.write(json.dumps(result.to_json()) + "\n")
+    out.flush()
 
 
 def _print_trace(

@@ -218,6 +218,20 @@ class RunResult:
     def detected(self) -> set[int]:
         return set(self.excluded_round) & self.attackers
 
+    def to_json(self) -> dict[str, object]:
+        """One run as ``fairbus bench detection --runs-out`` writes it (a JSON line)."""
+        return {
+            "scenario": self.spec.scenario.name,
+            "seed": self.spec.seed,
+            "defended": self.spec.defended,
+            "attackers": sorted(self.attackers),
+            "excluded_round": {str(u): r for u, r in sorted(self.excluded_round.items())},
+            "false_exclusions": sorted(self.false_exclusions),
+            "final_accuracy": self.final_accuracy,
+            "mean_scores": {str(u): s for u, s in sorted(self.mean_scores.items())},
+            "failed_rounds": list(self.failed_rounds),
+        }
+
     @property
     def false_exclusions(self) -> set[int]:
         return set(self.excluded_round) - self.attackers
@@ -271,24 +285,34 @@ def run_one(spec: RunSpec) -> RunResult:
 
 
 def run_all(
-    specs: list[RunSpec], workers: int, progress: Callable[[int], None] | None = None
+    specs: list[RunSpec],
+    workers: int,
+    progress: Callable[[int], None] | None = None,
+    on_result: Callable[[RunResult], None] | None = None,
 ) -> list[RunResult]:
-    """Every run, in order, on ``workers`` processes."""
+    """Every run, in order, on ``workers`` processes; ``on_result`` sees each as it
+    finishes (in order), ``progress`` how many have."""
     if workers <= 1:
-        results = []
-        for spec in specs:
-            results.append(run_one(spec))
-            if progress:
-                progress(len(results))
-        return results
+        finished: Iterable[RunResult] = map(run_one, specs)
+        return _collect(finished, progress, on_result)
     ctx = multiprocessing.get_context("spawn")
     with ctx.Pool(workers) as pool:
-        results = []
-        for result in pool.imap(run_one, specs):
-            results.append(result)
-            if progress:
-                progress(len(results))
-        return results
+        return _collect(pool.imap(run_one, specs), progress, on_result)
+
+
+def _collect(
+    finished: Iterable[RunResult],
+    progress: Callable[[int], None] | None,
+    on_result: Callable[[RunResult], None] | None,
+) -> list[RunResult]:
+    results = []
+    for result in finished:
+        results.append(result)
+        if on_result:
+            on_result(result)
+        if progress:
+            progress(len(results))
+    return results
 
 
 @dataclass(frozen=True)

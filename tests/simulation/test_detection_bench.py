@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 from collections import Counter
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
@@ -257,6 +259,25 @@ def test_a_trace_shows_every_groups_accuracy_contribution_and_score() -> None:
     assert f"{honest} {records[-1].weights[honest]:.2f}" in entries
     refused = CliRunner().invoke(app, ["bench", "detection", "--trace", "3"])
     assert refused.exit_code != 0 and "--trace needs one --scenario" in refused.output
+
+
+def test_runs_out_appends_every_run_as_a_json_line(tmp_path: Path) -> None:
+    out = tmp_path / "runs.jsonl"
+    args = ["bench", "detection", "--suite", "fairness", "--scenario", "poison x0.5",
+            "--seeds", "1", "--rounds", "2", "--workers", "1", "--runs-out", str(out)]  # fmt: skip
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    runs = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [(r["scenario"], r["seed"], r["defended"]) for r in runs] == [
+        ("poison x0.5", 0, True),
+        ("poison x0.5", 0, False),
+    ]
+    (spec, _) = build_suite_specs([_by_name()["poison x0.5"]], 1, 2, DEFAULT_DETECTION, 6, 2)
+    assert runs[0]["attackers"] == sorted(attackers_for(spec))
+    assert 0.0 <= runs[0]["final_accuracy"] <= 1.0
+    assert set(runs[0]["false_exclusions"]) <= set(map(int, runs[0]["excluded_round"]))
+    refused = CliRunner().invoke(app, [*args[:-1], str(tmp_path / "no" / "such.jsonl")])
+    assert refused.exit_code != 0 and "cannot write" in refused.output
 
 
 def test_violators_found_in_a_round_whose_every_group_holds_one_do_not_stop_training() -> None:
