@@ -170,12 +170,10 @@ class SecclSimulation:
         spec = EvaluationSpec(config.model_name, hashlib.sha256(committed.payload()).digest())
         task = TaskParams(
             evaluation=spec,
-            local_steps=self.train.local_steps,
             mode=SECCL,
             theta=config.theta,
             candidate_share=config.candidate_share,
-            absent_class_scale=self.train.absent_class_scale,
-            proximal_mu=self.train.proximal_mu,
+            **self.train.recorded(),
         )
         self.server = SecclServerMachine(
             provider,

@@ -227,9 +227,7 @@ class Simulation:
                 config.provider,
                 model_name=config.model_name,
                 test_set=test_set.to_message(),
-                local_steps=self.train.local_steps,
-                absent_class_scale=self.train.absent_class_scale,
-                proximal_mu=self.train.proximal_mu,
+                **self.train.recorded(),
             ),
         )
         c = config.provider.collusion

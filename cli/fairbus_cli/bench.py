@@ -350,13 +350,10 @@ def detection_bench(
         chosen = detection.select(detection.SUITES[suite.value], scenario)
     except FairbusError as exc:
         raise typer.BadParameter(str(exc), param_hint="--scenario") from None
-    train = TrainConfig(
-        local_steps=local_steps,
-        equal_steps=equal_steps,
-        absent_class_scale=(
-            TrainConfig.absent_class_scale if absent_class_scale is None else absent_class_scale
-        ),
-        proximal_mu=proximal_mu,
+    train = training_options.with_remedies(
+        TrainConfig(local_steps=local_steps, equal_steps=equal_steps),
+        absent_class_scale,
+        proximal_mu,
     )
     specs = detection.build_suite_specs(chosen, seeds, rounds, params, key_repeats,
                                         basic_groupings, train)  # fmt: skip

@@ -285,17 +285,15 @@ def _train_config(
     """The local training the options give: ``--lr``, ``--batch-size`` and
     ``--absent-class-scale`` when given, else the mode's ``defaults`` (SecCL's paper
     trains otherwise than the fairness one)."""
-    return TrainConfig(
+    given = TrainConfig(
         lr=defaults.lr if lr is None else lr,
         batch_size=defaults.batch_size if batch_size is None else batch_size,
         local_epochs=local_epochs,
         local_steps=local_steps,
         equal_steps=equal_steps,
-        absent_class_scale=(
-            defaults.absent_class_scale if absent_class_scale is None else absent_class_scale
-        ),
-        proximal_mu=proximal_mu,
+        absent_class_scale=defaults.absent_class_scale,
     )
+    return training_options.with_remedies(given, absent_class_scale, proximal_mu)
 
 
 def execute(config: SimulationConfig, out: Path) -> list[RoundRecord]:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import typer
 
 from fairbus.training.config import MAX_PROXIMAL_MU, TrainConfig
@@ -23,3 +25,12 @@ PROXIMAL_MU = typer.Option(
     help="FedProx: local training adds μ/2 ‖w − w_global‖² to the loss (0 = off; recorded "
     "at task start).",
 )
+
+
+def with_remedies(
+    train: TrainConfig, absent_class_scale: float | None, proximal_mu: float
+) -> TrainConfig:
+    """``train`` with the options' remedies; ``--absent-class-scale`` unset keeps
+    ``train``'s own (the mode's default)."""
+    scale = train.absent_class_scale if absent_class_scale is None else absent_class_scale
+    return dataclasses.replace(train, absent_class_scale=scale, proximal_mu=proximal_mu)

@@ -97,9 +97,7 @@ def machine_config(config: RuntimeConfig, data: TaskData, users: int) -> Provide
         config.provider_config(),
         model_name=config.training.model_name,
         test_set=data.test_set.to_message(),
-        local_steps=train.local_steps,
-        absent_class_scale=train.absent_class_scale,
-        proximal_mu=train.proximal_mu,
+        **train.recorded(),
     )
     return policy if config.provider.secure else replace(policy, strategy=PlainFedAvg())
 

@@ -66,7 +66,8 @@ USER_KINDS = frozenset({"seccl_update", "seccl_evaluation"})
 
 def seccl_task(config: RuntimeConfig, data: TaskData, users: int) -> TaskParams:
     """The task start of a ``seccl`` task: the mode, θ and λ of the configuration, the
-    test set recorded before it, and the local steps each of the ``users`` takes."""
+    test set recorded before it, and the local training each of the ``users`` is asked
+    for (:meth:`~fairbus.training.config.TrainConfig.recorded`)."""
     t = config.training
     train = t.train.for_task(data.train_samples, users)
     committed = data.test_set.to_message()
@@ -76,12 +77,10 @@ def seccl_task(config: RuntimeConfig, data: TaskData, users: int) -> TaskParams:
         config.collusion,
         config.keying,
         spec,
-        train.local_steps,
-        SECCL,
-        config.theta,
-        config.candidate_share,
-        train.absent_class_scale,
-        train.proximal_mu,
+        mode=SECCL,
+        theta=config.theta,
+        candidate_share=config.candidate_share,
+        **train.recorded(),
     )
 
 

@@ -6,6 +6,7 @@ import hashlib
 import math
 import os
 from dataclasses import dataclass, replace
+from typing import TypedDict
 
 from fairbus.errors import FairbusError
 
@@ -15,6 +16,14 @@ MAX_LOCAL_STEPS = 100_000
 MAX_PROXIMAL_MU = 100.0
 """The largest FedProx μ a task may ask for (``TrainConfig.proximal_mu``): at lr 0.01 a μ
 of 100 already pulls a weight all the way back to the global model in one step."""
+
+
+class RecordedTraining(TypedDict):
+    """:meth:`TrainConfig.recorded`."""
+
+    local_steps: int | None
+    absent_class_scale: float
+    proximal_mu: float
 
 
 @dataclass(frozen=True)
@@ -75,6 +84,16 @@ class TrainConfig:
         if self.local_steps is not None or not self.equal_steps:
             return self
         return replace(self, local_steps=equal_local_steps(self, train_samples, users))
+
+    def recorded(self) -> RecordedTraining:
+        """What a task start records of this training (the fields of the same names of
+        :class:`fairbus.task.TaskParams` and the provider's config): every user is asked
+        to train so, though the ledger cannot check private training."""
+        return RecordedTraining(
+            local_steps=self.local_steps,
+            absent_class_scale=self.absent_class_scale,
+            proximal_mu=self.proximal_mu,
+        )
 
     def steps_per_round(self, samples: int) -> int:
         """The SGD steps one round of local training takes on ``samples`` samples."""
