@@ -87,8 +87,14 @@ DEFAULT_DETECTION = DetectionParams(
     # accuracy bar (README, "ninth change"): with poisoners holding a basic group the
     # median of all of them is theirs; 3+3 37% → 42% detected and its false exclusion
     # gone, label flip all out by round 10 in 10 of 10 seeds (8), poison ×3 fewer false
-    # exclusions (5 → 3 in seeds 0-27) but all out in 16 of 28 (21).
-    contribution_direction="accurate_median",
+    # exclusions (5 → 3 in seeds 0-27) but all out in 16 of 28 (21). Since the
+    # fourteenth change measures the feature layers only, a label flipper weighs 0.5
+    # there along it (its groups, at 0.4-0.6 accuracy, beat the loosened bar and bend the
+    # median); the median of the basic groups at least as accurate as τ (README,
+    # "fifteenth change"): label flip all out by round 10 in 8 → 9 of 10 seeds, and with
+    # the conviction bar following the fit's residual (detection.convict_bar) users
+    # holding two or three classes 1 → 0 honest users excluded in 20 seeds.
+    contribution_direction="leading_median",
     # Issue 13 (README, "fourteenth change"): the classifier's rows move only for the
     # classes a user holds, so along every layer users whose classes few others hold
     # read as free-riders (2-3 classes each, no attacker: 10 honest users excluded in 20

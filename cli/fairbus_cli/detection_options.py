@@ -28,6 +28,7 @@ class Direction(StrEnum):
     MEDIAN = "median"
     LAST_STEP = "last_step"
     ACCURATE_MEDIAN = "accurate_median"
+    LEADING_MEDIAN = "leading_median"
 
 
 class Layers(StrEnum):
@@ -57,7 +58,8 @@ CONTRIBUTION_DIRECTION = typer.Option(
     "(M_r − M_{r−1}, from recorded models: finds them, but reads honest users whose data "
     "is skewed to a class or two as free-riders; README), or the median of the basic "
     "groups whose accuracy beats the scoring bar (accurate_median: poisoners' groups do "
-    "not bend it).",
+    "not bend it), or of those at least as accurate as τ, the basic groups' mean "
+    "(leading_median: neither do label flippers' groups).",
 )
 CONTRIBUTION_LAYERS = typer.Option(
     Layers(DEFAULTS.contribution_layers),

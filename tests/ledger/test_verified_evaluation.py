@@ -446,7 +446,9 @@ def test_the_accurate_median_is_re_derived_over_the_basic_groups_that_beat_the_b
     """With ``accurate_median`` the ledger measures contributions along the median of the
     basic groups whose re-derived accuracy beats the recorded parameters' bar: with the
     bar at τ they differ from the plain median's, with a bar every group beats they are
-    the plain median's, and the accuracies and ranks never move."""
+    the plain median's, and the accuracies and ranks never move. With
+    ``leading_median`` along the median of those at least as accurate as τ, whatever the
+    recorded tolerances."""
     at = _second(two_rounds, "evaluation")
     state = LedgerState(two_rounds.sim.roster)
     for block in two_rounds.blocks[:at]:
@@ -472,6 +474,11 @@ def test_the_accurate_median_is_re_derived_over_the_basic_groups_that_beat_the_b
     assert any(accurate[gid][1] != median[gid][1] for gid in gids)
     every_group_beats = dataclasses.replace(at_tau, tolerance=1.0)
     assert check.numbers(spec, round_two, gids, every_group_beats) == median
+    # ``leading_median`` takes the groups at least as accurate as τ whatever the bar: the
+    # same groups as the bar at τ here (no basic group's accuracy is τ exactly)
+    assert all(median[gid][0] != tau for gid in basic)
+    leading = dataclasses.replace(every_group_beats, contribution_direction="leading_median")
+    assert check.numbers(spec, round_two, gids, leading) == accurate
 
 
 @pytest.fixture(scope="module")
@@ -492,13 +499,13 @@ def test_near_chance_the_ledger_re_derives_the_median_over_groups_ranking_with_t
     evaluates the recorded global model too and measures contributions along the median
     of the basic groups whose re-derived rank is no worse than its own (within
     ``RANK_SLACK``), as the provider did. The same evaluation with the contributions the
-    accuracy bar's groups give, what a provider that ignores ``rank_below`` reports, is
-    refused with ``contract_violation`` and changes nothing."""
+    groups at least as accurate as τ give, what a provider that ignores ``rank_below``
+    reports, is refused with ``contract_violation`` and changes nothing."""
     state = ranked.state_before("evaluation")
     assert state.task is not None and state.task.evaluation is not None
     detection = state.task.detection
     assert detection.rank_below is not None and detection.contribution_direction == (
-        "accurate_median"
+        "leading_median"
     )
     round_one = state.rounds[1].recorded()
     honest = _honest_evaluation(ranked)

@@ -339,8 +339,8 @@ def test_a_decision_the_contract_refuses_stops_the_simulation() -> None:
     assert task is not None and task == sim.provider.config.task
     # Under this policy a group scores only if it contributes at least the clean level;
     # the provider decides round 2 with its recorded, more tolerant one. The accuracy bar
-    # stays the recorded one: it also picks the groups contributions are measured along
-    # (``accurate_median``), and the evaluation would be refused first.
+    # stays the recorded one: with ``accurate_median`` it also picks the groups
+    # contributions are measured along, and the evaluation would be refused first.
     strict = dataclasses.replace(
         task.detection,
         contribution_tolerance=0.0,

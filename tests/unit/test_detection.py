@@ -1,6 +1,7 @@
 """Algorithm 6 against cases computed by hand."""
 
 import math
+import statistics
 from dataclasses import replace
 
 import numpy as np
@@ -11,17 +12,21 @@ from fairbus.detection import (
     CONVICT_NOISE,
     CONVICT_ROUNDS,
     CONVICT_TAU,
+    CONVICT_TYPICAL_NOISE,
     RANK_SLACK,
     DetectionParams,
     DetectionResult,
     RoundContributions,
+    accuracy_bar,
     at_plateau,
     clean_level,
     contributions_along,
+    convict_bar,
     detect,
     fit_contributions,
     fit_convicted,
     group_contributions,
+    leading_basic,
     needs_anchor,
     ranked_basic,
     sharp_fit,
@@ -187,6 +192,39 @@ def test_the_accurate_median_leaves_out_basic_groups_that_fail_the_accuracy_bar(
     assert contributions_along(replace(params, tolerance=0.0), updates, [0, 1], even) == median
     with pytest.raises(DetectionError, match=r"no accuracy for basic groups \[1\]"):
         contributions_along(params, updates, [0, 1], {0: 0.8})
+
+
+def test_the_leading_median_leaves_out_basic_groups_less_accurate_than_tau() -> None:
+    """Issue 13, label flippers: a group holding one classifies at 0.45-0.65 where a
+    clean group reaches 0.9, so τ falls to 0.67 and the accuracy bar, loosened by the
+    error left (``relative_tolerance``), to 0.57: two flippers' groups beat it, and
+    along the median they help set a flipper's group reads 0.83 of a clean one.
+    ``leading_median`` takes the median over the basic groups at least as accurate as τ
+    only, and a group with one flipper of three reads 2/3 of a clean one, what it moves
+    the model forward."""
+    clean, flipped = np.array([3.0, 4.0]), np.array([4.0, -3.0])  # flipped ⟂ clean
+    one_of_three = (2 * clean + flipped) / 3
+    updates = {0: clean, 1: one_of_three, 2: one_of_three * 1.05, 3: (clean + flipped) / 2}
+    accuracies = {0: 0.92, 1: 0.66, 2: 0.64, 3: 0.45}  # τ 0.6675
+    basic = [0, 1, 2, 3]
+    loose = DetectionParams(tolerance=0.05, relative_tolerance=0.3)
+    bar = accuracy_bar(loose, 0.6675)
+    assert [g for g in basic if accuracies[g] > bar] == [0, 1, 2]
+    accurate = contributions_along(replace(loose, contribution_direction="accurate_median"),
+                                   updates, basic, accuracies)  # fmt: skip
+    assert accurate[1] / accurate[0] == pytest.approx(0.825, abs=1e-3)
+    leading = replace(loose, contribution_direction="leading_median")
+    got = contributions_along(leading, updates, basic, accuracies)
+    assert leading_basic(basic, accuracies) == [0]
+    assert got == pytest.approx({0: 5.0, 1: 10 / 3, 2: 3.5, 3: 2.5})
+    # the order the basic groups come in does not change which lead
+    assert contributions_along(leading, updates, basic[::-1], accuracies) == got
+    # all equally accurate: every one leads, and the direction is the median of them all
+    even = dict.fromkeys(basic, 0.1)
+    assert leading_basic(basic, even) == basic
+    assert contributions_along(leading, updates, basic, even) == group_contributions(updates, basic)
+    with pytest.raises(DetectionError, match=r"no accuracy for basic groups \[3\]"):
+        contributions_along(leading, updates, basic, {0: 0.8, 1: 0.8, 2: 0.8})
 
 
 def test_near_chance_the_median_is_over_groups_ranking_no_worse_than_the_global_model() -> None:
@@ -991,6 +1029,32 @@ def test_convict_below_makes_violators_of_the_users_the_fit_weighs_low_with_conf
         frozenset(), key_repeats=1, basic_groupings=1,
     )  # fmt: skip
     assert 9 not in fit_convicted(without_9, convicting, window, 0.9, False)
+
+
+def test_the_conviction_bar_shrinks_as_the_fit_loosens() -> None:
+    """Issue 13, users holding two or three classes: where one weight per user describes
+    the rounds loosely (each group read 10% of its level off the fit), a user's bound
+    says how its own groups scatter, not how far its one weight is from what it did.
+    The bar is ``convict_below`` times one less the median relative residual: a bound
+    between the two is not convicted, the poisoners' (θ −1) still are."""
+    weights = FIVE_ATTACKERS
+    rounds = ((NINE_A, 2.0), (NINE_C, 3.0), (NINE_A, 2.5), (NINE_B, 2.0))
+    window = tuple(_jittered(g, weights, lv, 0.1) for g, lv in rounds)
+    grouping, _, _ = _suspect_round(weights)
+    fit = fit_contributions(window)
+    bounds = weight_bounds(fit, window, 0.95) if fit else None
+    assert fit is not None and bounds is not None
+    typical = statistics.median(fit.noise)
+    assert 0.05 < typical < CONVICT_TYPICAL_NOISE
+    rider = bounds[5]  # a free-rider's, the lowest but the poisoners'
+    assert max(bounds[8], bounds[9]) < 0 < rider < min(b for u, b in bounds.items() if 5 < u < 8)
+    base = DetectionParams(contribution_tolerance=0.2, level_rounds=4)
+    between = replace(base, convict_below=rider / (1 - typical / 2))
+    assert fit_convicted(grouping, between, window, 0.9, False) == {8, 9}
+    past = replace(base, convict_below=rider / (1 - typical) * 1.01)
+    assert fit_convicted(grouping, past, window, 0.9, False) == {5, 8, 9}
+    assert convict_bar(0.4, 0.2) == pytest.approx(0.32)
+    assert convict_bar(0.4, 0.0) == 0.4
 
 
 def _turned(

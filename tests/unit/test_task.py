@@ -206,11 +206,11 @@ def test_a_toml_table_is_read_over_the_defaults() -> None:
     assert TaskParams.from_message(TaskParams(params).to_message()).detection == params
 
 
-@pytest.mark.parametrize("direction", ["median", "last_step"])
+@pytest.mark.parametrize("direction", ["median", "last_step", "accurate_median"])
 def test_the_contribution_direction_is_read_and_recorded(direction: str) -> None:
     default = detection_table({})
-    assert default.contribution_direction == "accurate_median"
-    assert detection_table({"contribution_direction": "accurate_median"}) == default
+    assert default.contribution_direction == "leading_median"
+    assert detection_table({"contribution_direction": "leading_median"}) == default
     table = tomllib.loads(f'[detection]\ncontribution_direction = "{direction}"\n')
     params = detection_table(table["detection"])
     assert params.contribution_direction == direction
