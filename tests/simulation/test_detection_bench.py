@@ -288,13 +288,15 @@ def test_violators_found_in_a_round_whose_every_group_holds_one_do_not_stop_trai
     accurate group standing in moves the model, and the last attacker is found."""
     scenario = _by_name()["iid 2+2"]
     # the policy of the seventh change (rank_below, the eleventh, convict_below, the
-    # twelfth, and contributions on the feature layers, the fourteenth, find them otherwise)
+    # twelfth, contributions on the feature layers, the fourteenth, and along the median
+    # of the groups at least as accurate as τ, the fifteenth, find them otherwise)
     detection = replace(
         DEFAULT_DETECTION,
         weight_veto=0.4,
         rank_below=None,
         convict_below=None,
         contribution_layers="all",
+        contribution_direction="accurate_median",
     )
     (spec,) = (
         s
