@@ -32,19 +32,19 @@ LAYERS = ("all", "features")
 (``contribution_layers``): every parameter, or the model's feature layers only."""
 
 DIRECTIONS = ("median", "last_step", "accurate_median", "leading_median")
-"""What :func:`group_contributions` projects updates on (``contribution_direction``):
-the coordinate-wise median of the round's basic groups' updates, the global model's
-last step, the median of the updates of the basic groups that beat Alg. 6's accuracy
-bar (:func:`accurate_basic`), or of those at least as accurate as τ, the basic groups'
-mean (:func:`leading_basic`). Measured with the fairness suite (README, issue 13's
-fourth change): along the last step the fit's relative residual stays at 0.02–0.1 to
-round 10 (0.3–0.6 along the median) and disguised free-riders weigh θ ≈ 0.07 against
-honest users' 0.9–1.0; but an honest user whose data is mostly one class weighs
-0.13–0.36 there, and its groups read like a free-rider's. Once the model has converged
-the step is mostly noise (``noise_ceiling``). The accurate median leaves out the basic
-groups whose models fail on accuracy, so poisoners who hold the majority of a basic
-group no longer bend the direction every other group is read along (README, issue 13's
-ninth change)."""
+"""What :func:`group_contributions` projects updates on (``contribution_direction``): the
+coordinate-wise median of the round's basic groups' updates, the global model's last
+step, the median of the updates of the basic groups that beat Alg. 6's accuracy bar
+(:func:`accurate_basic`), or of those above τ − ``tolerance``, Alg. 6's bar without its
+loosening by the error left (:func:`leading_basic`). Measured with the fairness suite
+(README, issue 13's fourth change): along the last step the fit's relative residual
+stays at 0.02–0.1 to round 10 (0.3–0.6 along the median) and disguised free-riders weigh
+θ ≈ 0.07 against honest users' 0.9–1.0; but an honest user whose data is mostly one
+class weighs 0.13–0.36 there, and its groups read like a free-rider's. Once the model
+has converged the step is mostly noise (``noise_ceiling``). The accurate median leaves
+out the basic groups whose models fail on accuracy, so poisoners who hold the majority
+of a basic group no longer bend the direction every other group is read along (README,
+issue 13's ninth change)."""
 
 
 @dataclass(frozen=True)
@@ -188,7 +188,7 @@ class DetectionParams:
     "accurate_median" or "leading_median", while τ is below this the median is taken over
     the basic groups whose model ranks the true class no worse than the round's global
     model did (within :data:`RANK_SLACK`; :func:`ranked_basic`), not over those that beat
-    the accuracy bar or τ. Near chance the accuracy cannot tell groups apart (with three
+    the accuracy bar. Near chance the accuracy cannot tell groups apart (with three
     poisoners among nine every basic group classifies at 0.1-0.3, the bar admits them
     all, and the median of their updates is the poisoners'), but a poisoner's group
     falls behind the model it started from in the true class's mean rank, which is exact
@@ -258,11 +258,12 @@ class DetectionParams:
     three free-riders among nine the median of every basic group is an attacker's
     direction, honest groups read backwards along it, and one honest user was excluded
     on contribution alone (issue 13: IID 3+3, seed 15). "leading_median": the median
-    over the basic groups at least as accurate as τ (:func:`leading_basic`). The bar
-    loosens with the error left (``relative_tolerance``), and groups holding a label
-    flipper straddle it: their accuracy (0.4-0.6) is what pulls τ down to 0.6 while
-    clean groups reach 0.9, and along a median they helped set a flipper weighed 0.5,
-    out of reach of ``convict_below`` (issue 13, README "fifteenth change")."""
+    over the basic groups whose accuracy is above τ − ``tolerance`` (:func:`leading_basic`),
+    the scoring bar without ``relative_tolerance``. That loosening lets honest groups
+    with skewed data score while the model learns, but groups holding a label flipper
+    straddle the loosened bar: their accuracy (0.4-0.6) is what pulls τ down to 0.6-0.7
+    while clean groups reach 0.9, and along a median they helped set a flipper weighed
+    0.5, out of reach of ``convict_below`` (issue 13, README "fifteenth change")."""
 
     contribution_layers: str = "all"
     """Not in the paper (:data:`LAYERS`; "all" = as first built): which of the model's
@@ -1075,7 +1076,7 @@ def contributions_along(
         if ranked is not None:
             basic = ranked
         elif direction == "leading_median":
-            basic = leading_basic(basic, accuracies)
+            basic = leading_basic(basic, accuracies, params)
         else:
             basic = accurate_basic(basic, accuracies, params)
     return group_contributions(updates, basic, last_step if direction == "last_step" else None)
@@ -1153,14 +1154,15 @@ def accurate_basic(
     return [gid for gid in basic if accuracies[gid] > bar] or list(basic)
 
 
-def leading_basic(basic: Sequence[int], accuracies: Mapping[int, float]) -> list[int]:
-    """The basic groups at least as accurate as τ, their mean accuracy (all of them where
-    the mean's rounding puts it above every one, as it can when all are equal): the
-    median direction of ``leading_median`` is taken over them only. τ is
+def leading_basic(
+    basic: Sequence[int], accuracies: Mapping[int, float], params: DetectionParams
+) -> list[int]:
+    """The basic groups whose accuracy is above τ − ``tolerance`` (all of them where none
+    is): the median direction of ``leading_median`` is taken over them only. τ is
     :func:`exact_tau`, so every machine picks the same groups from the same recorded
     accuracies whatever order it lists them in."""
-    tau = exact_tau(basic, accuracies)
-    return [gid for gid in basic if accuracies[gid] >= tau] or list(basic)
+    bar = exact_tau(basic, accuracies) - params.tolerance
+    return [gid for gid in basic if accuracies[gid] > bar] or list(basic)
 
 
 def _exact_sum(values: npt.NDArray[np.float64]) -> float:

@@ -58,8 +58,8 @@ CONTRIBUTION_DIRECTION = typer.Option(
     "(M_r − M_{r−1}, from recorded models: finds them, but reads honest users whose data "
     "is skewed to a class or two as free-riders; README), or the median of the basic "
     "groups whose accuracy beats the scoring bar (accurate_median: poisoners' groups do "
-    "not bend it), or of those at least as accurate as τ, the basic groups' mean "
-    "(leading_median: neither do label flippers' groups).",
+    "not bend it), or of those above τ − tolerance, the bar without its loosening by the "
+    "error left (leading_median: neither do label flippers' groups).",
 )
 CONTRIBUTION_LAYERS = typer.Option(
     Layers(DEFAULTS.contribution_layers),

@@ -447,8 +447,8 @@ def test_the_accurate_median_is_re_derived_over_the_basic_groups_that_beat_the_b
     basic groups whose re-derived accuracy beats the recorded parameters' bar: with the
     bar at τ they differ from the plain median's, with a bar every group beats they are
     the plain median's, and the accuracies and ranks never move. With
-    ``leading_median`` along the median of those at least as accurate as τ, whatever the
-    recorded tolerances."""
+    ``leading_median`` along the median of those above τ less the recorded
+    ``tolerance``, whatever its ``relative_tolerance``."""
     at = _second(two_rounds, "evaluation")
     state = LedgerState(two_rounds.sim.roster)
     for block in two_rounds.blocks[:at]:
@@ -474,11 +474,15 @@ def test_the_accurate_median_is_re_derived_over_the_basic_groups_that_beat_the_b
     assert any(accurate[gid][1] != median[gid][1] for gid in gids)
     every_group_beats = dataclasses.replace(at_tau, tolerance=1.0)
     assert check.numbers(spec, round_two, gids, every_group_beats) == median
-    # ``leading_median`` takes the groups at least as accurate as τ whatever the bar: the
-    # same groups as the bar at τ here (no basic group's accuracy is τ exactly)
-    assert all(median[gid][0] != tau for gid in basic)
-    leading = dataclasses.replace(every_group_beats, contribution_direction="leading_median")
+    # ``leading_median`` takes the groups above τ − tolerance whatever relative_tolerance:
+    # at tolerance 0 those of the bar at τ, at 1 every group
+    leading = dataclasses.replace(
+        at_tau, contribution_direction="leading_median", relative_tolerance=0.3
+    )
     assert check.numbers(spec, round_two, gids, leading) == accurate
+    assert check.numbers(spec, round_two, gids, dataclasses.replace(leading, tolerance=1.0)) == (
+        median
+    )
 
 
 @pytest.fixture(scope="module")

@@ -194,35 +194,39 @@ def test_the_accurate_median_leaves_out_basic_groups_that_fail_the_accuracy_bar(
         contributions_along(params, updates, [0, 1], {0: 0.8})
 
 
-def test_the_leading_median_leaves_out_basic_groups_less_accurate_than_tau() -> None:
-    """Issue 13, label flippers: a group holding one classifies at 0.45-0.65 where a
-    clean group reaches 0.9, so τ falls to 0.67 and the accuracy bar, loosened by the
-    error left (``relative_tolerance``), to 0.57: two flippers' groups beat it, and
+def test_the_leading_median_leaves_out_basic_groups_below_the_bar_without_its_loosening() -> None:
+    """Issue 13, label flippers: a group holding one classifies at 0.45-0.57 where a
+    clean group reaches 0.92, so τ falls to 0.62 and the accuracy bar, loosened by the
+    error left (``relative_tolerance``), to 0.51: two flippers' groups beat it, and
     along the median they help set a flipper's group reads 0.83 of a clean one.
-    ``leading_median`` takes the median over the basic groups at least as accurate as τ
-    only, and a group with one flipper of three reads 2/3 of a clean one, what it moves
-    the model forward."""
+    ``leading_median`` takes the median over the basic groups above τ − ``tolerance``
+    only (0.57), and a group with one flipper of three reads 2/3 of a clean one, what it
+    moves the model forward."""
     clean, flipped = np.array([3.0, 4.0]), np.array([4.0, -3.0])  # flipped ⟂ clean
     one_of_three = (2 * clean + flipped) / 3
     updates = {0: clean, 1: one_of_three, 2: one_of_three * 1.05, 3: (clean + flipped) / 2}
-    accuracies = {0: 0.92, 1: 0.66, 2: 0.64, 3: 0.45}  # τ 0.6675
+    accuracies = {0: 0.92, 1: 0.57, 2: 0.55, 3: 0.45}  # τ 0.6225
     basic = [0, 1, 2, 3]
     loose = DetectionParams(tolerance=0.05, relative_tolerance=0.3)
-    bar = accuracy_bar(loose, 0.6675)
+    bar = accuracy_bar(loose, 0.6225)
     assert [g for g in basic if accuracies[g] > bar] == [0, 1, 2]
     accurate = contributions_along(replace(loose, contribution_direction="accurate_median"),
                                    updates, basic, accuracies)  # fmt: skip
     assert accurate[1] / accurate[0] == pytest.approx(0.825, abs=1e-3)
     leading = replace(loose, contribution_direction="leading_median")
     got = contributions_along(leading, updates, basic, accuracies)
-    assert leading_basic(basic, accuracies) == [0]
+    assert leading_basic(basic, accuracies, leading) == [0]
     assert got == pytest.approx({0: 5.0, 1: 10 / 3, 2: 3.5, 3: 2.5})
+    # a group within the tolerance below τ leads too
+    assert leading_basic(basic, {**accuracies, 1: 0.6}, leading) == [0, 1]  # τ 0.63
     # the order the basic groups come in does not change which lead
     assert contributions_along(leading, updates, basic[::-1], accuracies) == got
-    # all equally accurate: every one leads, and the direction is the median of them all
+    # none above the bar (τ − tolerance is above them all only if tolerance < 0, which
+    # DetectionParams refuses; here every one is within it): the median of them all
     even = dict.fromkeys(basic, 0.1)
-    assert leading_basic(basic, even) == basic
+    assert leading_basic(basic, even, leading) == basic
     assert contributions_along(leading, updates, basic, even) == group_contributions(updates, basic)
+    assert leading_basic(basic, even, replace(leading, tolerance=0.0)) == basic
     with pytest.raises(DetectionError, match=r"no accuracy for basic groups \[3\]"):
         contributions_along(leading, updates, basic, {0: 0.8, 1: 0.8, 2: 0.8})
 
