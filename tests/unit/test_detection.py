@@ -31,6 +31,7 @@ from fairbus.detection import (
     ranked_basic,
     sharp_fit,
     suspects,
+    typical_noise,
     weight_bounds,
     yardstick,
 )
@@ -1059,6 +1060,36 @@ def test_the_conviction_bar_shrinks_as_the_fit_loosens() -> None:
     assert fit_convicted(grouping, past, window, 0.9, False) == {5, 8, 9}
     assert convict_bar(0.4, 0.2) == pytest.approx(0.32)
     assert convict_bar(0.4, 0.0) == 0.4
+
+
+def test_rounds_whose_groups_all_hold_the_same_users_do_not_make_the_fit_look_sharp(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Issue 13, IID 3+3 seed 6: once six attackers of nine were out, every group of a
+    round held the three honest users left, read the same contribution, and was fitted
+    exactly (residual 0) whatever the weights. Two such rounds pulled the window's median
+    residual under CONVICT_TYPICAL_NOISE and a fit that could not be believed convicted
+    two honest users. The median is taken over the rounds whose groups differ."""
+    weights = FIVE_ATTACKERS
+    rounds = ((NINE_A, 2.0), (NINE_C, 3.0), (NINE_A, 2.5), (NINE_B, 2.0))
+    informative = tuple(_jittered(g, weights, lv, 0.1) for g, lv in rounds)
+    last_three = ((1, 2, 3), (1, 2, 3), (3, 2, 1))
+    same = RoundContributions(last_three, (1.0, 1.0, 1.0), (0.9, 0.9, 0.9))
+    window = (*informative, same, same, same, same)
+    grouping, _, _ = _suspect_round(weights)
+    fit = fit_contributions(window)
+    assert fit is not None and fit.noise[-4:] == (0.0, 0.0, 0.0, 0.0)
+    typical = typical_noise(fit, window)
+    assert typical == pytest.approx(statistics.median(fit.noise[:4]), rel=1e-8)
+    assert statistics.median(fit.noise) < typical / 2
+    params = DetectionParams(contribution_tolerance=0.2, level_rounds=8, convict_below=0.5)
+    assert {8, 9} <= fit_convicted(grouping, params, window, 0.9, False)
+    # a bar between the two medians: the rounds of the same users do not lower it
+    monkeypatch.setattr(detection_module, "CONVICT_TYPICAL_NOISE", typical * 0.75)
+    assert not fit_convicted(grouping, params, window, 0.9, False)
+    only_same = (same,) * 4
+    fit_same = fit_contributions(only_same)
+    assert fit_same is not None and typical_noise(fit_same, only_same) == math.inf
 
 
 def _turned(
