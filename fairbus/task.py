@@ -89,11 +89,10 @@ DEFAULT_DETECTION = DetectionParams(
     # gone, label flip all out by round 10 in 10 of 10 seeds (8), poison ×3 fewer false
     # exclusions (5 → 3 in seeds 0-27) but all out in 16 of 28 (21). Since the
     # fourteenth change measures the feature layers only, a label flipper weighs 0.5
-    # there along it (its groups, at 0.4-0.6 accuracy, beat the loosened bar and bend the
-    # median); the median of the basic groups at least as accurate as τ (README,
-    # "fifteenth change"): label flip all out by round 10 in 8 → 9 of 10 seeds, and with
-    # the conviction bar following the fit's residual (detection.convict_bar) users
-    # holding two or three classes 1 → 0 honest users excluded in 20 seeds.
+    # along it: its groups (0.4-0.6 accuracy) beat the bar loosened by relative_tolerance
+    # and bend the median. The median of the basic groups above τ − tolerance (README,
+    # "fifteenth change"): label flip all out by round 10 in 8 → 9 of 10 seeds, IID 3+3
+    # 113 → 120 of 120 detected.
     contribution_direction="leading_median",
     # Issue 13 (README, "fourteenth change"): the classifier's rows move only for the
     # classes a user holds, so along every layer users whose classes few others hold
