@@ -487,8 +487,12 @@ def test_the_accurate_median_is_re_derived_over_the_basic_groups_that_beat_the_b
 
 @pytest.fixture(scope="module")
 def ranked() -> Recorded:
-    """One round among three poisoners of nine, recorded with ``rank_below`` 0.35."""
-    near_chance = dataclasses.replace(DEFAULT_DETECTION, rank_below=0.35)
+    """One round among three poisoners of nine, recorded with ``rank_below`` 0.35 and
+    ``accurate_median`` (with ``leading_median`` the groups above τ − tolerance are the
+    ranked ones in this round, and the test could not tell the two apart)."""
+    near_chance = dataclasses.replace(
+        DEFAULT_DETECTION, rank_below=0.35, contribution_direction="accurate_median"
+    )
     poisoners = {u: Attack(Behaviour.POISONER) for u in (1, 2, 3)}
     # 30 local epochs: with 2 every group's rank is within 0.1 of the model it started from
     return _simulated(SimulationConfig(users=9, rounds=1, seed=3,
@@ -509,7 +513,7 @@ def test_near_chance_the_ledger_re_derives_the_median_over_groups_ranking_with_t
     assert state.task is not None and state.task.evaluation is not None
     detection = state.task.detection
     assert detection.rank_below is not None and detection.contribution_direction == (
-        "leading_median"
+        "accurate_median"
     )
     round_one = state.rounds[1].recorded()
     honest = _honest_evaluation(ranked)
