@@ -855,7 +855,7 @@ def typical_noise(fit: ContributionFit, rounds: Sequence[RoundContributions]) ->
     return statistics.median(informative) if informative else math.inf
 
 
-def convict_bar(convict_below: float, typical_noise: float) -> float:
+def convict_bar(convict_below: float, residual: float) -> float:
     """What :func:`fit_convicted` holds a user's upper bound against: ``convict_below``
     times one less the median relative residual of the window's rounds. The bounds are
     each user's own groups' scatter around the fit (:func:`weight_bounds`), and say
@@ -864,12 +864,13 @@ def convict_bar(convict_below: float, typical_noise: float) -> float:
     users holding two or three classes move the feature layers as far as their classes
     are common, less as the model learns class by class (one fell from 0.70 to 0.16
     between rounds 3 and 9): in 20 seeds of them, two were convicted in round 9 or 10
-    with bounds 0.37-0.39 under fits whose median residual was 0.20-0.21. Of 107
-    convictions of attackers traced in IID 3+3, label flip, poison ×3 and two or three
-    classes 2+2 (10 seeds each), 4 had bounds at 0.33-0.40, above 0.4 · (1 − r) (issue
-    13, README "fifteenth change"). Exact: the residuals are rounded to
-    :data:`LEVEL_DIGITS` digits and the product is one IEEE operation."""
-    return convict_below * (1.0 - typical_noise)
+    with bounds 0.37-0.39 under fits whose median residual r was 0.20-0.21 (not with
+    this bar; one with a bound of 0.34 at r 0.14 still is). Of 107 convictions of
+    attackers traced in IID 3+3, label flip, poison ×3 and two or three classes 2+2 (10
+    seeds each), 4 had bounds at 0.33-0.40, above 0.4 · (1 − r) (issue 13, README
+    "fifteenth change"). ``residual`` is :func:`typical_noise`. Exact: the residuals are
+    rounded to :data:`LEVEL_DIGITS` digits and the product is one IEEE operation."""
+    return convict_below * (1.0 - residual)
 
 
 def _explained_fit(
