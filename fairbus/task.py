@@ -67,10 +67,12 @@ DEFAULT_DETECTION = DetectionParams(
     # Issue 13 (README, fairness suite): honest users with skewed data were excluded on
     # accuracy while the model still learnt (their groups fall 0.05-0.1 below τ at τ ≈
     # 0.7) and on one group's noisy contribution; the bar follows the error left, and a
-    # focus user the contribution fit trusts (θ ≥ 0.5; free-riders ≈ 0.2) is not convicted
-    # on contribution.
+    # focus user the contribution fit trusts (θ ≥ 0.4; free-riders ≈ 0.2) is not convicted
+    # on contribution. 0.5 until the fifteenth change (README): along the leading median a
+    # user holding two classes weighed 0.43-0.51 and failed on contribution (2-3 classes
+    # seed 16), while label flippers weigh 0.0-0.35 there.
     relative_tolerance=0.3,
-    weight_floor=0.5,
+    weight_floor=0.4,
     # Issue 13: near convergence, and where strong poisoners bend the median direction,
     # contributions scatter around the fit (relative residual 0.2-0.7); the bar widens to
     # that residual, and accuracy still convicts poisoners' groups. Twice the residual

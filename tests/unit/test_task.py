@@ -192,11 +192,11 @@ def test_zero_turns_the_whole_number_extensions_off() -> None:
 
 
 def test_zero_turns_the_relative_tolerance_and_the_weight_floor_off() -> None:
-    on = detection_table({"relative_tolerance": 0.3, "weight_floor": 0.5})
+    on = detection_table({"relative_tolerance": 0.3, "weight_floor": 0.4})
     assert on == detection_table({})  # omitted, they take these defaults: both on
     params = detection_table({"relative_tolerance": 0, "weight_floor": 0.0})
     assert params.relative_tolerance is None and params.weight_floor is None
-    assert detection_table({"weight_floor": 0.4}).weight_floor == 0.4
+    assert detection_table({"weight_floor": 0.5}).weight_floor == 0.5
 
 
 def test_a_toml_table_is_read_over_the_defaults() -> None:
