@@ -47,6 +47,11 @@ of a basic group no longer bend the direction every other group is read along (R
 issue 13's ninth change)."""
 
 
+CHOSEN_MEDIANS = ("accurate_median", "leading_median")
+"""The ``contribution_direction`` values that take the median over chosen basic groups
+(near chance, with ``rank_below``, over :func:`ranked_basic`'s)."""
+
+
 @dataclass(frozen=True)
 class DetectionParams:
     """bound_score and bound_conf of Algorithm 6 (inputs), and the interval's confidence."""
@@ -1091,18 +1096,9 @@ def contributions_along(
     direction = params.contribution_direction
     if direction in CHOSEN_MEDIANS:
         ranked = ranked_basic(basic, accuracies, params, ranks or {}, anchor)
-        if ranked is not None:
-            basic = ranked
-        elif direction == "leading_median":
-            basic = leading_basic(basic, accuracies, params)
-        else:
-            basic = accurate_basic(basic, accuracies, params)
+        chosen = leading_basic if direction == "leading_median" else accurate_basic
+        basic = ranked if ranked is not None else chosen(basic, accuracies, params)
     return group_contributions(updates, basic, last_step if direction == "last_step" else None)
-
-
-CHOSEN_MEDIANS = ("accurate_median", "leading_median")
-"""The ``contribution_direction`` values that take the median over chosen basic groups
-(near chance, with ``rank_below``, over :func:`ranked_basic`'s)."""
 
 
 RANK_SLACK = 0.1
@@ -1168,8 +1164,7 @@ def accurate_basic(
     does): the median direction of ``accurate_median`` is taken over them only. τ here is
     an exactly rounded sum (``math.fsum``) over the count, so every machine picks the
     same groups from the same recorded accuracies whatever order it lists them in."""
-    bar = accuracy_bar(params, exact_tau(basic, accuracies))
-    return [gid for gid in basic if accuracies[gid] > bar] or list(basic)
+    return _groups_above(basic, accuracies, accuracy_bar(params, exact_tau(basic, accuracies)))
 
 
 def leading_basic(
@@ -1179,7 +1174,12 @@ def leading_basic(
     is): the median direction of ``leading_median`` is taken over them only. τ is
     :func:`exact_tau`, so every machine picks the same groups from the same recorded
     accuracies whatever order it lists them in."""
-    bar = exact_tau(basic, accuracies) - params.tolerance
+    return _groups_above(basic, accuracies, exact_tau(basic, accuracies) - params.tolerance)
+
+
+def _groups_above(basic: Sequence[int], accuracies: Mapping[int, float], bar: float) -> list[int]:
+    """The basic groups whose accuracy is above ``bar``, in their order; all of them where
+    none is."""
     return [gid for gid in basic if accuracies[gid] > bar] or list(basic)
 
 
