@@ -95,11 +95,17 @@ class ExactScore:
     correct: int
     rank_sum: int
     samples: int
+    class_right: tuple[int, ...] = ()
+    """Per class c, the samples of class c classified c (issue 13, item 2)."""
+    class_called: tuple[int, ...] = ()
+    """Per class c, the samples of any class classified c."""
 
     @classmethod
     def worst(cls, samples: int, classes: int) -> ExactScore:
-        """A model holding NaN or infinity: none right, the true class last everywhere."""
-        return cls(0, samples * (classes - 1), samples)
+        """A model holding NaN or infinity: none right, the true class last everywhere,
+        no class predicted."""
+        nothing = (0,) * classes
+        return cls(0, samples * (classes - 1), samples, nothing, nothing)
 
     @property
     def accuracy(self) -> float:
@@ -121,6 +127,11 @@ class QuantizedTestSet:
     inputs: npt.NDArray[np.float64]
     labels: npt.NDArray[np.int64]
     classes: int
+
+    @property
+    def class_samples(self) -> tuple[int, ...]:
+        """How many test samples each class has."""
+        return tuple(int(v) for v in np.bincount(self.labels, minlength=self.classes))
 
     def __len__(self) -> int:
         return int(self.labels.shape[0])
@@ -268,7 +279,10 @@ class ExactEvaluator:
         if not np.isfinite(flat).all():
             return ExactScore.worst(samples, self.test_set.classes)
         weights = _quantized_weights(flat.astype(np.float64), self.layers)
-        right = ranks = 0
+        classes = self.test_set.classes
+        ranks = 0
+        right = np.zeros(classes, dtype=np.int64)
+        called = np.zeros(classes, dtype=np.int64)
         x_all = self.test_set.inputs
         y_all = self.test_set.labels
         with torch.no_grad():
@@ -276,10 +290,12 @@ class ExactEvaluator:
                 x = torch.from_numpy(x_all[start : start + BATCH])
                 logits = _forward(x, self.layers, weights).numpy()
                 labels = y_all[start : start + BATCH]
-                right += int((logits.argmax(axis=1) == labels).sum())
+                predicted = logits.argmax(axis=1)
+                right += np.bincount(labels[predicted == labels], minlength=classes)
+                called += np.bincount(predicted, minlength=classes)
                 truth = np.take_along_axis(logits, labels[:, None], axis=1)
                 ranks += int((logits > truth).sum())
-        return ExactScore(right, ranks, samples)
+        return _score(right, int(ranks), called, samples)
 
     def _checked(self, params: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
         flat = np.asarray(params)
@@ -297,8 +313,11 @@ class ExactEvaluator:
         y_all = self.test_set.labels
         first = self._first_layer_cols()
         scratch = _Scratch()
-        right = np.zeros(len(quantized), dtype=np.int64)
-        ranks = np.zeros(len(quantized), dtype=np.int64)
+        models, classes = len(quantized), self.test_set.classes
+        right = np.zeros(models * classes, dtype=np.int64)
+        called = np.zeros(models * classes, dtype=np.int64)
+        ranks = np.zeros(models, dtype=np.int64)
+        offsets = (np.arange(models) * classes)[:, None]
         with torch.no_grad():
             for start in range(0, len(y_all), chunk):
                 x = torch.from_numpy(x_all[start : start + chunk])
@@ -308,11 +327,20 @@ class ExactEvaluator:
                     cols = first[start * rows : (start + x.shape[0]) * rows]
                 logits = _forward_many(x, self.layers, stacked, cols, scratch).numpy()
                 labels = y_all[start : start + chunk]
-                right += (logits.argmax(axis=2) == labels).sum(axis=1)
+                predicted = logits.argmax(axis=2)
+                hits = predicted == labels
+                slots = offsets + labels  # (model, sample) -> model's slot of the true class
+                right += np.bincount(slots[hits], minlength=models * classes)
+                called += np.bincount((offsets + predicted).ravel(), minlength=models * classes)
                 truth = np.take_along_axis(logits, labels[None, :, None], axis=2)
                 ranks += (logits > truth).sum(axis=(1, 2))
         samples = len(y_all)
-        return [ExactScore(int(r), int(k), samples) for r, k in zip(right, ranks, strict=True)]
+        return [
+            _score(r, int(k), c, samples)
+            for r, k, c in zip(
+                right.reshape(models, classes), ranks, called.reshape(models, classes), strict=True
+            )
+        ]
 
     def _first_layer_cols(self) -> torch.Tensor | None:
         """The im2col of the whole test set for a first layer that is a convolution
@@ -333,6 +361,19 @@ class ExactEvaluator:
                 x = torch.from_numpy(self.test_set.inputs).permute(0, 2, 3, 1)
                 self._first_cols = _im2col(x, layer)
             return self._first_cols
+
+
+def _score(
+    right: npt.NDArray[np.int64], rank_sum: int, called: npt.NDArray[np.int64], samples: int
+) -> ExactScore:
+    """An :class:`ExactScore` from per-class counts."""
+    return ExactScore(
+        int(right.sum()),
+        rank_sum,
+        samples,
+        tuple(int(v) for v in right),
+        tuple(int(v) for v in called),
+    )
 
 
 @dataclass(frozen=True)

@@ -409,7 +409,7 @@ class Simulation:
             start = time.perf_counter()
             outputs = self.provider.handle(
                 Evaluated(effect.round, effect.attempt, effect.gid, score.accuracy,
-                          score.mean_rank)
+                          score.mean_rank, score.class_right, score.class_called)
             )  # fmt: skip
             self._add_time("detection", start)
             self._dispatch(PROVIDER, outputs)

@@ -264,6 +264,7 @@ def detection_bench(
     veto_without_departed: bool = options.VETO_WITHOUT_DEPARTED,
     believed_noise: float = options.BELIEVED_NOISE,
     trusted_weight: float = options.TRUSTED_WEIGHT,
+    class_lead: float = options.CLASS_LEAD,
     widening_cap: float = options.WIDENING_CAP,
     key_repeats: int = typer.Option(
         DEFAULTS.key_repeats, help="Most focus groups per key user (KIN)."
@@ -343,6 +344,7 @@ def detection_bench(
         believed_noise,
         trusted_weight,
         contribution_layers,
+        class_lead,
     )
     from fairbus.bench import detection
 

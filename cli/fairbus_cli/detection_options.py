@@ -167,6 +167,13 @@ TRUSTED_WEIGHT = typer.Option(
     "whose user is weighed at least this scores whatever its accuracy and contribution. "
     "Negative turns it off.",
 )
+CLASS_LEAD = typer.Option(
+    _negative_if_off(DEFAULTS.class_lead),
+    help="Not in the paper: a user whose groups classify some class better than the "
+    "round's other groups, by at least this much of Youden's informedness on average over "
+    "six rounds or more (one-sided, at the task's confidence), is not convicted on its "
+    "fitted contribution weight. Negative turns it off.",
+)
 WIDENING_CAP = typer.Option(
     _negative_if_off(DEFAULTS.widening_cap),
     help="Not in the paper: the widened contribution tolerance is at most this (1: a group "
@@ -205,6 +212,7 @@ def detection_params(
     believed_noise: float,
     trusted_weight: float,
     contribution_layers: Layers = Layers(DEFAULTS.contribution_layers),
+    class_lead: float = _negative_if_off(DEFAULTS.class_lead),
 ) -> DetectionParams:
     """The options as :class:`DetectionParams`; a negative (or for the two whole-number
     extensions, zero) value means off."""
@@ -234,4 +242,5 @@ def detection_params(
         trusted_weight=_off_if_negative(trusted_weight),
         widening_cap=_off_if_negative(widening_cap),
         contribution_layers=contribution_layers.value,
+        class_lead=_off_if_negative(class_lead),
     )

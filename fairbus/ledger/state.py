@@ -667,6 +667,12 @@ class Draft:
                 f"evaluation of groups {made_up} of round {r} attempt {record.attempt}, "
                 "whose members' uploads are not all recorded",
             )
+        try:
+            message.class_counts()
+        except FairbusError as exc:
+            raise RefusedError(
+                RefusalReason.CONTRACT_VIOLATION, f"round {r}: the class counts: {exc}"
+            ) from None
         self._check_numbers(r, record, message)
         self.rounds[r] = replace(record, evaluation=message)
 
@@ -680,6 +686,7 @@ class Draft:
         gids = [e.gid for e in message.accuracies]
         try:
             want = check.numbers(spec, record.recorded(), gids, _detection(self.task))
+            samples = check.class_samples(spec)
         except PayloadMissingError as exc:
             raise RefusedError(
                 RefusalReason.MISSING_PAYLOAD,
@@ -690,8 +697,15 @@ class Draft:
                 RefusalReason.CONTRACT_VIOLATION,
                 f"round {r}: the evaluation cannot be re-derived: {exc}",
             ) from None
+        if message.class_samples not in (None, samples):
+            raise RefusedError(
+                RefusalReason.CONTRACT_VIOLATION,
+                f"round {r}: the committed test set has {list(samples)} samples per class; "
+                f"the evaluation says {list(message.class_samples or ())}",
+            )
+        counted = message.class_samples is not None
         for e in message.accuracies:
-            accuracy, contribution, rank = want[e.gid]
+            accuracy, contribution, rank, right, called = want[e.gid]
             if e.accuracy != accuracy or e.contribution != contribution or e.rank != rank:
                 raise RefusedError(
                     RefusalReason.CONTRACT_VIOLATION,
@@ -699,6 +713,13 @@ class Draft:
                     f"{contribution!r} and rank {rank!r} on the recorded uploads and the "
                     f"committed test set; the evaluation says {e.accuracy!r}, "
                     f"{e.contribution!r} and {e.rank!r}",
+                )
+            if counted and (e.class_right, e.class_called) != (right, called):
+                raise RefusedError(
+                    RefusalReason.CONTRACT_VIOLATION,
+                    f"round {r}: group {e.gid} classifies {list(right)} right and calls "
+                    f"{list(called)} by class on the committed test set; the evaluation says "
+                    f"{e.class_right} and {e.class_called}",
                 )
 
     def _decision(self, r: int, record: RoundRecord, message: Decision) -> None:
@@ -725,6 +746,7 @@ class Draft:
                 contributions or None,
                 self.carried,
                 self.history,
+                record.evaluation.class_counts() or None,
             )
         except FairbusError as exc:
             raise RefusedError(

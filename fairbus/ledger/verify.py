@@ -87,8 +87,9 @@ class RecordedRound:
     """Payload SHA-256 of the previous round's recorded global model (b"" in round 1)."""
 
 
-GroupNumbers = dict[int, tuple[float, float, float]]
-"""Group id → (accuracy, contribution, mean rank), as the evaluation must state them."""
+GroupNumbers = dict[int, tuple[float, float, float, tuple[int, ...], tuple[int, ...]]]
+"""Group id → (accuracy, contribution, mean rank, right by class, called by class), as
+the evaluation must state them."""
 
 
 def round_updates(
@@ -153,6 +154,11 @@ class EvaluationCheck:
             while len(self._results) > CACHED:
                 self._results.popitem(last=False)
             return result
+
+    def class_samples(self, spec: EvaluationSpec) -> tuple[int, ...]:
+        """The committed test set's samples per class; raises :class:`VerificationError`."""
+        with self._lock:
+            return self._evaluator(spec).test_set.class_samples
 
     def check_test_set(self, spec: EvaluationSpec) -> None:
         """That the model is one the exact evaluation can run and the committed test set
@@ -219,7 +225,13 @@ class EvaluationCheck:
         except FairbusError as exc:
             raise VerificationError(str(exc)) from None
         return {
-            gid: (score.accuracy, contributions[gid], score.mean_rank)
+            gid: (
+                score.accuracy,
+                contributions[gid],
+                score.mean_rank,
+                score.class_right,
+                score.class_called,
+            )
             for gid, score in zip(gids, scores, strict=True)
         }
 

@@ -75,6 +75,12 @@ class Evaluated:
     """The true class's mean rank (:attr:`~fairbus.evaluation.ExactScore.mean_rank`);
     None where the driver does not evaluate exactly (then no rank is recorded, and a
     ledger that re-derives the evaluation refuses it)."""
+    class_right: tuple[int, ...] | None = None
+    """Per class, its test samples the model classifies right
+    (:attr:`~fairbus.evaluation.ExactScore.class_right`); None as for ``rank``."""
+    class_called: tuple[int, ...] | None = None
+    """Per class, the test samples the model calls it
+    (:attr:`~fairbus.evaluation.ExactScore.class_called`); None as for ``rank``."""
 
 
 @dataclass(frozen=True)

@@ -42,6 +42,7 @@ from fairbus.aggregation import (
     PlainModel,
 )
 from fairbus.detection import (
+    ClassCounts,
     DetectionParams,
     DetectionResult,
     RoundContributions,
@@ -277,6 +278,8 @@ class ProviderMachine:
         self._decrypted: dict[int, GroupAggregate] = {}
         self._accuracy: dict[int, float] = {}
         self._rank: dict[int, float | None] = {}  # each group's, with its accuracy
+        self._classes: dict[int, ClassCounts] = {}  # each group's, where counted by class
+        self._class_samples = None if config.test_set is None else config.test_set.class_samples()
         self._anchor: tuple[int, float | None] | None = None  # (round, its global model's rank)
         self._anchor_asked: int | None = None  # the round whose global model is being evaluated
         self._evidence: dict[int, tuple[float, ...]] = {}
@@ -388,6 +391,7 @@ class ProviderMachine:
         gids = [e.gid for e in evaluation.accuracies]
         self._accuracy = {e.gid: e.accuracy for e in evaluation.accuracies}
         self._rank = {e.gid: e.rank for e in evaluation.accuracies}
+        self._classes = evaluation.class_counts()
         contributions = {e.gid: e.contribution or 0.0 for e in evaluation.accuracies}
         self.grouping = grouping_of(record.announce, set(gids))
         self._announced = {g.gid: g.members for g in record.announce.groups}
@@ -416,6 +420,7 @@ class ProviderMachine:
             contributions,
             self._evidence,
             self._history,
+            self._classes,
         )
         self._evidence, self._history = dict(result.evidence), result.history
         self._record.add(grouping, result)
@@ -442,7 +447,7 @@ class ProviderMachine:
         # (and evaluated) now.
         voided = tuple(sorted(self._announced))  # none may grow: only complete ones count
         self._voided = set(voided)
-        self._decrypted, self._accuracy, self._rank = {}, {}, {}
+        self._decrypted, self._accuracy, self._rank, self._classes = {}, {}, {}, {}
         self._resuming = True
         self.phase = ProviderPhase.REGROUPING
         out: list[Output] = [
@@ -460,7 +465,8 @@ class ProviderMachine:
         users who will not upload, through the usual dropout and regrouping."""
         if self.grouping is None:
             raise RecoveryError(f"round {self.round}: no grouping to collect uploads for")
-        self._voided, self._decrypted, self._accuracy, self._rank = set(), {}, {}, {}
+        self._voided, self._decrypted, self._accuracy = set(), {}, {}
+        self._rank, self._classes = {}, {}
         self._deadline = self._now + self.config.phase_timeout
         self.phase = ProviderPhase.COLLECTING
         out: list[Output] = [self._decrypt(gid) for gid in self._held_complete()]
@@ -563,7 +569,7 @@ class ProviderMachine:
         self._announced = {g.gid: g.members for g in self.grouping.groups}
         self._voided = set()
         self._decrypted = {}
-        self._accuracy, self._rank = {}, {}
+        self._accuracy, self._rank, self._classes = {}, {}, {}
         self._deadline = self._now + self.config.phase_timeout
         self.phase = ProviderPhase.COLLECTING
         specs = tuple(
@@ -695,6 +701,9 @@ class ProviderMachine:
             return []
         self._accuracy[event.gid] = event.accuracy
         self._rank[event.gid] = event.rank
+        samples, right, called = self._class_samples, event.class_right, event.class_called
+        if samples is not None and right is not None and called is not None:
+            self._classes[event.gid] = ClassCounts(samples, right, called)
         assert self.grouping is not None
         if self.phase is ProviderPhase.EVALUATING and len(self._accuracy) == len(
             self.grouping.groups
@@ -924,11 +933,20 @@ class ProviderMachine:
             anchor,
             feature_values(self.config.model_name),
         )
+        classes = self._classes
         evaluation = Evaluation(
             tuple(
-                GroupAccuracy(gid, acc, contributions[gid], self._rank.get(gid))
+                GroupAccuracy(
+                    gid,
+                    acc,
+                    contributions[gid],
+                    self._rank.get(gid),
+                    classes[gid].right if gid in classes else None,
+                    classes[gid].called if gid in classes else None,
+                )
                 for gid, acc in sorted(self._accuracy.items())
-            )
+            ),
+            self._class_samples if classes else None,
         )
         return [self._signed(evaluation), *self._decide(self.grouping, contributions)]
 
@@ -955,6 +973,7 @@ class ProviderMachine:
                 contributions,
                 self._evidence,
                 self._history,
+                self._classes,
             )
             self._evidence = dict(result.evidence)
             self._history = result.history

@@ -378,7 +378,13 @@ class ProviderRuntime(ProviderLoop[Event, Output]):
         for effect, score in zip(effects, scores, strict=True):
             start = time.perf_counter()
             event = Evaluated(
-                effect.round, effect.attempt, effect.gid, score.accuracy, score.mean_rank
+                effect.round,
+                effect.attempt,
+                effect.gid,
+                score.accuracy,
+                score.mean_rank,
+                score.class_right,
+                score.class_called,
             )
             outputs = await self._step(event)
             self._record.timings_s["detection"] += time.perf_counter() - start

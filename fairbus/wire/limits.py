@@ -30,7 +30,7 @@ class WireLimits:
 
     max_message_bytes: int = 64 * MiB
     max_model_bytes: int = 48 * MiB
-    max_small_payload: int = 256 * 1024
+    max_small_payload: int = 512 * 1024
     max_str_len: int = 4096
     max_array_len: int = 65_536
     max_map_len: int = 64

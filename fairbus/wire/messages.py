@@ -15,8 +15,8 @@ from typing import Any, ClassVar, TypeVar
 
 import numpy as np
 
-from fairbus.detection import LAYERS
-from fairbus.errors import SchemaError, SecclError
+from fairbus.detection import LAYERS, ClassCounts
+from fairbus.errors import DetectionError, SchemaError, SecclError
 from fairbus.field import FieldVector, P
 from fairbus.grouping import GROUP_KINDS
 from fairbus.roster import Role
@@ -43,6 +43,9 @@ HASH = Bin(exact=32)
 MAX_ATTEMPT = 1023
 MAX_COLLUSION = 16
 MAX_CLASSES = 256
+MAX_CLASS_CELLS = 16_384
+"""The most groups × classes an evaluation counts by class (1,638 groups of a ten-class
+task): what keeps its largest form within ``max_small_payload``."""
 """The most classes a task's test set may hold (one byte per label)."""
 """The largest collusion bound c a task may name (groups of c + 2 members and more)."""
 
@@ -161,17 +164,23 @@ class GroupAccuracy(WireStruct):
     """acc(m_g), and the group's contribution where detection uses it
     (:func:`fairbus.detection.group_contributions`): what Alg. 6 is re-derived from; and
     the true class's mean rank (:attr:`fairbus.evaluation.ExactScore.mean_rank`), which
-    the aggregation reads where accuracy is at chance."""
+    the aggregation reads where accuracy is at chance; and its predictions by class
+    (:attr:`~fairbus.evaluation.ExactScore.class_right`, ``class_called``), which
+    detection reads with ``class_lead``."""
 
     gid: int
     accuracy: float
     contribution: float | None
     rank: float | None
+    class_right: tuple[int, ...] | None = None
+    class_called: tuple[int, ...] | None = None
     FIELDS: ClassVar[dict[str, Spec]] = {
         "gid": Int(0, 2**20),
         "accuracy": Float(0.0, 1.0),
         "contribution": Optional(Float()),
         "rank": Optional(Float(0.0, float(MAX_CLASSES))),
+        "class_right": Optional(List(Int(), max_len=MAX_CLASSES)),
+        "class_called": Optional(List(Int(), max_len=MAX_CLASSES)),
     }
 
 
@@ -293,16 +302,46 @@ class MaskedUpload(Message):
 @message
 @dataclass(frozen=True)
 class Evaluation(Message):
-    """The accuracy of every decrypted group model of the round (input of Alg. 6)."""
+    """The accuracy of every decrypted group model of the round (input of Alg. 6), and
+    where the groups' predictions are counted by class, the test set's samples per
+    class (:attr:`fairbus.evaluation.QuantizedTestSet.class_samples`)."""
 
     accuracies: tuple[GroupAccuracy, ...]
+    class_samples: tuple[int, ...] | None = None
     TYPE: ClassVar[str] = "evaluation"
     RECORDED: ClassVar[bool] = True
     SCOPED: ClassVar[bool] = True
     SENDERS: ClassVar[frozenset[Role]] = frozenset({Role.PROVIDER})
     FIELDS: ClassVar[dict[str, Spec]] = {
         "accuracies": List(Struct(GroupAccuracy), limit="max_groups"),
+        "class_samples": Optional(List(Int(), max_len=MAX_CLASSES)),
     }
+
+    def __post_init__(self) -> None:
+        classes = len(self.class_samples or ())
+        if len(self.accuracies) * classes > MAX_CLASS_CELLS:
+            raise SchemaError(
+                f"an evaluation counts at most {MAX_CLASS_CELLS} groups × classes by class, "
+                f"got {len(self.accuracies)} × {classes}"
+            )
+
+    def class_counts(self) -> dict[int, ClassCounts]:
+        """Each group's :class:`~fairbus.detection.ClassCounts` (none without
+        ``class_samples``); raises :class:`~fairbus.errors.DetectionError` where some
+        group is counted by class and another not, or its counts do not add up."""
+        samples = self.class_samples
+        counts: dict[int, ClassCounts] = {}
+        for e in self.accuracies:
+            right, called = e.class_right, e.class_called
+            if samples is None or right is None or called is None:
+                if (right, called) != (None, None) or samples is not None:
+                    raise DetectionError(
+                        f"group {e.gid}: every group or none is counted by class, with the "
+                        "test set's samples per class"
+                    )
+                continue
+            counts[e.gid] = ClassCounts(samples, right, called)
+        return counts
 
 
 @message
@@ -379,6 +418,7 @@ class DetectionPolicy(WireStruct):
     believed_noise: float | None
     contribution_direction: str
     contribution_layers: str
+    class_lead: float | None
     FIELDS: ClassVar[dict[str, Spec]] = {
         "bound_score": Float(0.0, 1.0),
         "bound_conf": Float(0.0, 1.0),
@@ -406,6 +446,7 @@ class DetectionPolicy(WireStruct):
         "believed_noise": Optional(Float(0.0, 10.0)),
         "contribution_direction": Str(max_len=16),
         "contribution_layers": names(LAYERS),
+        "class_lead": Optional(Float(0.0, 1.0)),
     }
 
 
@@ -450,6 +491,12 @@ class CommittedTestSet(Message):
     def __post_init__(self) -> None:
         if len(self.shape) != 3:
             raise SchemaError(f"test set shape {self.shape}: expected (channels, height, width)")
+
+    def class_samples(self) -> tuple[int, ...]:
+        """How many test samples each class has (labels past ``classes`` not counted:
+        :meth:`fairbus.evaluation.QuantizedTestSet.from_message` refuses them)."""
+        labels = np.frombuffer(self.labels, dtype=np.uint8)
+        return tuple(int(v) for v in np.bincount(labels, minlength=self.classes)[: self.classes])
 
 
 # --- SecCL (../shared/papers/002_095742f01fca1438.txt) ------------------------------------

@@ -122,10 +122,11 @@ def _honest_evaluation(rec: Recorded) -> Evaluation:
     return body
 
 
-def _altered(evaluation_: Evaluation, gid: int, **change: float | None) -> Evaluation:
+def _altered(evaluation_: Evaluation, gid: int, **change: object) -> Evaluation:
     return Evaluation(
-        tuple(dataclasses.replace(e, **change) if e.gid == gid else e
-              for e in evaluation_.accuracies)
+        tuple(dataclasses.replace(e, **change) if e.gid == gid else e  # type: ignore[arg-type]
+              for e in evaluation_.accuracies),
+        evaluation_.class_samples,
     )  # fmt: skip
 
 
@@ -169,6 +170,35 @@ def test_a_rank_off_by_one_test_sample_or_missing_is_refused(recorded: Recorded)
     for wrong in ((rank_sum + 1) / samples, (rank_sum - 1) / samples, None):
         forged = _altered(honest, first.gid, rank=wrong)
         _refused(state, _signed(recorded, state, forged), f"group {first.gid}", "rank")
+
+
+def test_class_counts_off_by_one_sample_missing_or_not_adding_up_are_refused(
+    recorded: Recorded,
+) -> None:
+    """Each group's predictions by class (detection reads them with ``class_lead``) are
+    re-derived like the accuracy: one sample moved from one class's right count to
+    another's, the counts left out, the test set's samples per class misstated, or
+    counts that cannot be (more right than called) are refused, and nothing changes."""
+    state = recorded.state_before("evaluation")
+    honest = _honest_evaluation(recorded)
+    samples = recorded.sim.evaluator.test_set.class_samples
+    assert honest.class_samples == samples
+    first = honest.accuracies[0]
+    right, called = first.class_right, first.class_called
+    assert right is not None and called is not None and sum(right) > 0
+    hit = next(c for c, n in enumerate(right) if n > 0)
+    other = (hit + 1) % len(right)
+    moved = tuple(n - (c == hit) + (c == other) for c, n in enumerate(right))
+    moved_calls = tuple(n - (c == hit) + (c == other) for c, n in enumerate(called))
+    forged = _altered(honest, first.gid, class_right=moved, class_called=moved_calls)
+    if all(r <= n for r, n in zip(moved, samples, strict=True)):
+        _refused(state, _signed(recorded, state, forged), f"group {first.gid}", "by class")
+    left_out = _altered(honest, first.gid, class_right=None, class_called=None)
+    _refused(state, _signed(recorded, state, left_out), "class counts")
+    misstated = Evaluation(honest.accuracies, (samples[0] + 1, samples[1] - 1, *samples[2:]))
+    _refused(state, _signed(recorded, state, misstated), "samples per class")
+    impossible = _altered(honest, first.gid, class_called=(0,) * len(called))
+    _refused(state, _signed(recorded, state, impossible), "class counts")
 
 
 def test_a_decision_based_on_altered_numbers_is_refused(recorded: Recorded) -> None:
@@ -259,10 +289,16 @@ def test_the_exact_evaluation_equals_integer_arithmetic() -> None:
         fast = evaluation._forward(torch.from_numpy(test_set.inputs), evaluator.layers, weights)
     slow = _int64_forward(test_set.inputs.astype(np.int64), evaluator.layers, weights)
     assert np.array_equal(fast.numpy().astype(np.int64), slow)
-    right = int((slow.argmax(axis=1) == test_set.labels).sum())
+    predicted = slow.argmax(axis=1)
+    hits = predicted == test_set.labels
+    right = int(hits.sum())
     truth = slow[np.arange(len(slow)), test_set.labels]
     ranks = int((slow > truth[:, None]).sum())
-    assert evaluator.scores([params]) == [ExactScore(right, ranks, len(test_set))]
+    classes = test_set.classes
+    per_class = tuple(int((hits & (test_set.labels == c)).sum()) for c in range(classes))
+    called = tuple(int((predicted == c).sum()) for c in range(classes))
+    want = ExactScore(right, ranks, len(test_set), per_class, called)
+    assert evaluator.scores([params]) == [want]
     assert evaluator.correct(params) == right
 
 
@@ -431,7 +467,8 @@ def test_round_two_contributions_are_measured_along_the_last_step(two_rounds: Re
     assert any(along_median[e.gid][1] != e.contribution for e in honest.accuracies)
     forged = Evaluation(
         tuple(dataclasses.replace(e, contribution=along_median[e.gid][1])
-              for e in honest.accuracies)
+              for e in honest.accuracies),
+        honest.class_samples,
     )  # fmt: skip
     prev = state.head(two_rounds.provider.participant_id)
     env = envelope.sign(two_rounds.provider, two_rounds.sim.roster.task, forged, prev=prev,
@@ -535,7 +572,8 @@ def test_near_chance_the_ledger_re_derives_the_median_over_groups_ranking_with_t
     assert any(by_rank[gid][1] != unranked[gid][1] for gid in gids)
     forged = Evaluation(
         tuple(dataclasses.replace(e, contribution=unranked[e.gid][1])
-              for e in honest.accuracies)
+              for e in honest.accuracies),
+        honest.class_samples,
     )  # fmt: skip
     state = ranked.state_before("evaluation")
     _refused(state, _signed(ranked, state, forged), "contribution")

@@ -21,13 +21,15 @@ from hypothesis import strategies as st
 from fairbus import envelope
 from fairbus.aggregation import PlainModel
 from fairbus.envelope import GENESIS
-from fairbus.errors import DecodeError, SizeError, WireError
+from fairbus.errors import DecodeError, SchemaError, SizeError, WireError
 from fairbus.identity import Identity
 from fairbus.ledger.records import GENESIS_HASH, MAX_BLOCK_TXS, Block, Transaction
 from fairbus.task import TaskParams
 from fairbus.wire import codec
 from fairbus.wire.limits import DEFAULT_LIMITS, WireLimits
 from fairbus.wire.messages import (
+    MAX_CLASS_CELLS,
+    MAX_CLASSES,
     MESSAGE_TYPES,
     Announce,
     Attestation,
@@ -308,6 +310,25 @@ def test_a_model_sized_envelope_and_share_decode() -> None:
                                DEFAULT_LIMITS) == body  # fmt: skip
     plain = PlainModel(1, 3, PAPER_PARAMS, model)
     assert PlainModel.from_bytes(plain.to_bytes()) == plain
+
+
+@pytest.mark.parametrize("classes", [2, 10, MAX_CLASSES])
+def test_the_largest_evaluation_counted_by_class_decodes(classes: int) -> None:
+    """As many groups × classes as an evaluation may count, every count 3 bytes."""
+    count = (2**16 - 1,) * classes
+    groups = min(DEFAULT_LIMITS.max_groups, MAX_CLASS_CELLS // classes)
+    message = Evaluation(
+        tuple(GroupAccuracy(g, 0.5, -0.25, 2.5, count, count) for g in range(groups)), count
+    )
+    payload = message.payload()
+    assert len(payload) <= DEFAULT_LIMITS.max_small_payload
+    start = time.perf_counter()
+    assert decode_body("evaluation", payload, DEFAULT_LIMITS) == message
+    assert time.perf_counter() - start < 1.0
+    if groups * classes == MAX_CLASS_CELLS:
+        one_more = (*message.accuracies, GroupAccuracy(groups, 0.5, None, None, count, count))
+        with pytest.raises(SchemaError, match="groups × classes"):
+            Evaluation(one_more, count)
 
 
 def test_the_largest_block_decodes() -> None:

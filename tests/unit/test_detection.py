@@ -9,16 +9,19 @@ import pytest
 
 from fairbus import detection as detection_module
 from fairbus.detection import (
+    CLASS_LEAD_ROUNDS,
     CONVICT_NOISE,
     CONVICT_ROUNDS,
     CONVICT_TAU,
     CONVICT_TYPICAL_NOISE,
     RANK_SLACK,
+    ClassCounts,
     DetectionParams,
     DetectionResult,
     RoundContributions,
     accuracy_bar,
     at_plateau,
+    class_leaders,
     clean_level,
     contributions_along,
     convict_bar,
@@ -1310,3 +1313,103 @@ def test_a_focus_group_smaller_than_a_lone_basic_group_is_scored_on_its_contribu
     )  # fmt: skip
     result = detect(split, {0: 0.59, 2: 0.59, 1: 0.42}, params, {**clean, 2: 2.0}, history=history)
     assert result.group_scores[1] == 0.0
+
+
+def test_informedness_does_not_reward_calling_every_sample_one_class() -> None:
+    """Youden's J per class: a model that calls every sample class 0 knows no class
+    (J = 1 − 1 = 0), a perfect one every class (1), one that swaps two classes less than
+    nothing there (−J of the swap)."""
+    samples = (4, 4, 2)
+    assert ClassCounts(samples, (4, 0, 0), (10, 0, 0)).informedness() == (0.0, 0.0, 0.0)
+    assert ClassCounts(samples, samples, samples).informedness() == (1.0, 1.0, 1.0)
+    swapped = ClassCounts(samples, (0, 0, 2), (4, 4, 2)).informedness()
+    assert swapped == (-4 / 6, -4 / 6, 1.0)
+    # a class with no test sample says nothing
+    assert ClassCounts((5, 0, 5), (5, 0, 5), (5, 0, 5)).informedness() == (1.0, 0.0, 1.0)
+
+
+@pytest.mark.parametrize(
+    ("samples", "right", "called", "why"),
+    [
+        ((4, 4), (5, 0), (5, 3), "more samples classified right than it has"),
+        ((4, 4), (3, 2), (2, 6), "more samples classified right than called"),
+        ((4, 4), (1, 1), (4, 3), "every test sample"),
+        ((4, 4), (1,), (4,), "one number per class"),
+        ((4, 4), (1, -1), (4, 4), "whole numbers"),
+        ((4, 4), (1.0, 1), (4, 4), "whole numbers"),
+    ],
+)
+def test_class_counts_that_do_not_add_up_are_refused(
+    samples: tuple[int, ...], right: tuple[int, ...], called: tuple[int, ...], why: str
+) -> None:
+    with pytest.raises(DetectionError, match=why):
+        ClassCounts(samples, right, called)
+
+
+def _classed(window: tuple[RoundContributions, ...], leader: int, lead: float,
+             rounds_led: int) -> tuple[RoundContributions, ...]:  # fmt: skip
+    """``window`` with three classes' informedness per group: 0.6 everywhere but class 1
+    of ``leader``'s groups, ``lead`` (give or take 0.02 by round) higher, in the last
+    ``rounds_led`` rounds (the earlier ones are not counted by class)."""
+    out = []
+    for k, r in enumerate(window):
+        if k < len(window) - rounds_led:
+            out.append(r)
+            continue
+        jitter = 0.02 if k % 2 else -0.02
+        rows = tuple((0.6, 0.6 + (lead + jitter if leader in m else 0.0), 0.6) for m in r.groups)
+        out.append(RoundContributions(r.groups, r.contributions, r.accuracies, rows))
+    return tuple(out)
+
+
+def test_a_user_whose_groups_lead_a_class_is_not_convicted_on_its_weight() -> None:
+    """Issue 13, users holding two or three classes: the fit weighs a user whose classes
+    others also hold near a free-rider, but its groups know its classes better than the
+    others round after round. With ``class_lead`` it is not convicted once
+    :data:`CLASS_LEAD_ROUNDS` rounds show a lead of at least ``class_lead`` whose lower
+    bound is above 0; a smaller lead, fewer rounds, or a lead that comes and goes do not
+    excuse it, and the poisoners (who lead nothing) are convicted as before."""
+    weights = FIVE_ATTACKERS
+    rounds = ((NINE_A, 2.0), (NINE_C, 3.0), (NINE_A, 2.5), (NINE_B, 2.0), (NINE_C, 2.2),
+              (NINE_B, 2.4))  # fmt: skip
+    window = tuple(_jittered(g, weights, lv, 0.05) for g, lv in rounds)
+    assert len(window) == CLASS_LEAD_ROUNDS
+    grouping, _, _ = _suspect_round(weights)
+    convicting = DetectionParams(contribution_tolerance=0.2, level_rounds=6, convict_below=0.5)
+    assert fit_convicted(grouping, convicting, window, 0.9, False) == {5, 6, 7, 8, 9}
+    led = _classed(window, 5, 0.3, CLASS_LEAD_ROUNDS)
+    excusing = replace(convicting, class_lead=0.1)
+    assert class_leaders(range(1, 10), led, 0.1, 0.95) == {5}
+    assert fit_convicted(grouping, excusing, led, 0.9, False) == {6, 7, 8, 9}
+    # off, or the lead below class_lead, or counted in fewer rounds: convicted
+    assert fit_convicted(grouping, convicting, led, 0.9, False) == {5, 6, 7, 8, 9}
+    too_small = replace(excusing, class_lead=0.4)
+    assert fit_convicted(grouping, too_small, led, 0.9, False) == {5, 6, 7, 8, 9}
+    fewer = _classed(window, 5, 0.3, CLASS_LEAD_ROUNDS - 1)
+    assert not class_leaders([5], fewer, 0.1, 0.95)
+    # a lead that comes and goes (0.4, then −0.2, in turn) has a lower bound below 0
+    swinging = tuple(
+        RoundContributions(r.groups, r.contributions, r.accuracies, tuple(
+            (0.6, 0.6 + ((0.4 if k % 2 else -0.2) if 5 in m else 0.0), 0.6) for m in r.groups
+        ))
+        for k, r in enumerate(window)
+    )  # fmt: skip
+    assert not class_leaders([5], swinging, 0.1, 0.95)
+    # a round whose informedness rows are not one per group is refused
+    with pytest.raises(DetectionError, match="one row per group"):
+        RoundContributions(window[0].groups, window[0].contributions, window[0].accuracies,
+                           ((0.5, 0.5),))  # fmt: skip
+
+
+def test_detect_reads_the_groups_class_counts_into_the_window() -> None:
+    """``detect`` turns each group's :class:`ClassCounts` into informedness in the
+    window it keeps (none where some group was not counted by class)."""
+    weights = FIVE_ATTACKERS
+    grouping, acc, contributions = _suspect_round(weights)
+    params = DetectionParams(contribution_tolerance=0.2, level_rounds=4)
+    counts = {g.gid: ClassCounts((3, 3), (2, 3), (2, 4)) for g in grouping.groups}
+    result = detect(grouping, acc, params, contributions, class_counts=counts)
+    assert result.history[-1].informedness == ((2 / 3 - 0 / 3, 1.0 - 1 / 3),) * len(counts)
+    partial = dict(list(counts.items())[1:])
+    result = detect(grouping, acc, params, contributions, class_counts=partial)
+    assert result.history[-1].informedness is None

@@ -137,7 +137,8 @@ def test_a_non_finite_model_counts_zero_and_leaves_the_others(digits: ExactEvalu
     broken = models[1].copy()
     broken[5] = np.nan
     samples = len(digits.test_set)
-    worst = ExactScore(0, samples * (digits.test_set.classes - 1), samples)
+    classes = digits.test_set.classes
+    worst = ExactScore(0, samples * (classes - 1), samples, (0,) * classes, (0,) * classes)
     scores = digits.scores([models[0], broken, models[2]])
     assert scores == [digits.score_unbatched(models[0]), worst,
                       digits.score_unbatched(models[2])]  # fmt: skip
@@ -161,3 +162,13 @@ def test_the_bench_times_both_and_finds_them_equal() -> None:
         torch.set_num_threads(threads)
     assert result.batched_equal and result.samples == 450 and result.groups == 3
     assert result.batched_s > 0 and result.separate_s > 0 and result.unbatched_s > 0
+
+
+def test_class_counts_add_up_to_the_counts_and_the_test_set(digits: ExactEvaluator) -> None:
+    """Per class: right ≤ the class's samples; every sample is called some class once."""
+    samples = digits.test_set.class_samples
+    for score in digits.scores(_models("digits_cnn", 3, seed=7)):
+        assert sum(score.class_right) == score.correct
+        assert sum(score.class_called) == score.samples == sum(samples)
+        assert all(r <= n for r, n in zip(score.class_right, samples, strict=True))
+        assert all(r <= c for r, c in zip(score.class_right, score.class_called, strict=True))

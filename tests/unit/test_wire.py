@@ -133,13 +133,13 @@ def test_specific_refusals() -> None:
     up = MaskedUpload(1, 2, b"\1" * 8).to_wire()
     with pytest.raises(SchemaError, match="group"):
         decode_body("upload", codec.pack({**up, "group": True}), limits)
-    ev = {"accuracies": [{"gid": 0, "accuracy": 1, "contribution": None, "rank": None}]}
+    ev = {"accuracies": [_group_accuracy(1, None)], "class_samples": None}
     with pytest.raises(SchemaError, match="accuracy"):
         decode_body("evaluation", codec.pack(ev), limits)
-    ev = {"accuracies": [{"gid": 0, "accuracy": float("nan"), "contribution": None, "rank": None}]}
+    ev = {"accuracies": [_group_accuracy(float("nan"), None)], "class_samples": None}
     with pytest.raises(SchemaError, match="accuracy"):
         decode_body("evaluation", codec.pack(ev), limits)
-    ev = {"accuracies": [{"gid": 0, "accuracy": 0.5, "contribution": None, "rank": -0.5}]}
+    ev = {"accuracies": [_group_accuracy(0.5, -0.5)], "class_samples": None}
     with pytest.raises(SchemaError, match="rank"):
         decode_body("evaluation", codec.pack(ev), limits)
     with pytest.raises(SchemaError, match="distinct"):
@@ -249,3 +249,9 @@ def test_a_sparse_update_decodes_to_a_checked_change() -> None:
     for bad in (unsorted, beyond, nan, ragged):
         with pytest.raises(SchemaError, match="seccl_update"):
             bad.change()
+
+
+def _group_accuracy(accuracy: object, rank: object) -> dict[str, object]:
+    """A group's evaluation as the wire carries it, not counted by class."""
+    return {"gid": 0, "accuracy": accuracy, "contribution": None, "rank": rank,
+            "class_right": None, "class_called": None}  # fmt: skip
