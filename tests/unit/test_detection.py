@@ -1037,6 +1037,18 @@ def test_convict_below_makes_violators_of_the_users_the_fit_weighs_low_with_conf
         frozenset(), key_repeats=1, basic_groupings=1,
     )  # fmt: skip
     assert 9 not in fit_convicted(without_9, convicting, window, 0.9, False)
+    # nor where it would leave fewer users than a basic group holds: with users 1-4 gone,
+    # the five weighed low and honest user 1 form the round, and one would be left
+    nearly_all = Grouping(
+        (Group(0, BASIC, (1, 5, 6)), Group(1, BASIC, (7, 8, 9))), frozenset(),
+        key_repeats=1, basic_groupings=1,
+    )  # fmt: skip
+    assert not fit_convicted(nearly_all, convicting, window, 0.9, False)
+    four_left = Grouping(
+        (Group(0, BASIC, (1, 2, 5)), Group(1, BASIC, (3, 4, 6)), Group(2, BASIC, (7, 8, 9))),
+        frozenset(), key_repeats=1, basic_groupings=1,
+    )  # fmt: skip
+    assert fit_convicted(four_left, convicting, window, 0.9, False) == {5, 6, 7, 8, 9}
 
 
 def test_the_conviction_bar_shrinks_as_the_fit_loosens() -> None:
