@@ -42,12 +42,12 @@ from fairbus.wire.schema import (
 HASH = Bin(exact=32)
 MAX_ATTEMPT = 1023
 MAX_COLLUSION = 16
+"""The largest collusion bound c a task may name (groups of c + 2 members and more)."""
 MAX_CLASSES = 256
+"""The most classes a task's test set may hold (one byte per label)."""
 MAX_CLASS_CELLS = 16_384
 """The most groups × classes an evaluation counts by class (1,638 groups of a ten-class
 task): what keeps its largest form within ``max_small_payload``."""
-"""The most classes a task's test set may hold (one byte per label)."""
-"""The largest collusion bound c a task may name (groups of c + 2 members and more)."""
 
 SHAMIR = "shamir"
 """Alg. 3 of the fairness paper: every member deals Shamir shares of a random vector."""

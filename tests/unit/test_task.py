@@ -229,6 +229,7 @@ def test_the_contribution_direction_is_read_and_recorded(direction: str) -> None
         ("convict_below", 0.3, 1.5, 0.4),
         ("believed_noise", 3.0, 11.0, 2.0),
         ("trusted_weight", 0.6, 1.5, 0.5),
+        ("class_lead", 0.2, 1.5, 0.1),
     ],
 )
 def test_an_extension_of_alg_6_is_read_recorded_and_turned_off_by_zero(
