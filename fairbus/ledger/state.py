@@ -677,8 +677,9 @@ class Draft:
         self.rounds[r] = replace(record, evaluation=message)
 
     def _check_numbers(self, r: int, record: RoundRecord, message: Evaluation) -> None:
-        """Issue 13: every accuracy, contribution and rank is the one the recorded uploads,
-        the recorded global model and the committed test set give, bit for bit."""
+        """Issue 13: every accuracy, contribution, rank and class count is the one the
+        recorded uploads, the recorded global model and the committed test set give, bit
+        for bit; none may be left out."""
         check = self.state.evaluations
         spec = self.task.evaluation if self.task is not None else None
         if check is None or spec is None or not self.re_derive:
@@ -697,13 +698,15 @@ class Draft:
                 RefusalReason.CONTRACT_VIOLATION,
                 f"round {r}: the evaluation cannot be re-derived: {exc}",
             ) from None
-        if message.class_samples not in (None, samples):
+        # Detection reads the class counts (class_lead): a provider that leaves them out
+        # would choose whom they protect, so where the ledger re-derives they are required.
+        if message.class_samples != samples:
+            said = "nothing" if message.class_samples is None else list(message.class_samples)
             raise RefusedError(
                 RefusalReason.CONTRACT_VIOLATION,
                 f"round {r}: the committed test set has {list(samples)} samples per class; "
-                f"the evaluation says {list(message.class_samples or ())}",
+                f"the evaluation says {said}",
             )
-        counted = message.class_samples is not None
         for e in message.accuracies:
             accuracy, contribution, rank, right, called = want[e.gid]
             if e.accuracy != accuracy or e.contribution != contribution or e.rank != rank:
@@ -714,7 +717,7 @@ class Draft:
                     f"committed test set; the evaluation says {e.accuracy!r}, "
                     f"{e.contribution!r} and {e.rank!r}",
                 )
-            if counted and (e.class_right, e.class_called) != (right, called):
+            if (e.class_right, e.class_called) != (right, called):
                 raise RefusedError(
                     RefusalReason.CONTRACT_VIOLATION,
                     f"round {r}: group {e.gid} classifies {list(right)} right and calls "

@@ -177,8 +177,9 @@ def test_class_counts_off_by_one_sample_missing_or_not_adding_up_are_refused(
 ) -> None:
     """Each group's predictions by class (detection reads them with ``class_lead``) are
     re-derived like the accuracy: one sample moved from one class's right count to
-    another's, the counts left out, the test set's samples per class misstated, or
-    counts that cannot be (more right than called) are refused, and nothing changes."""
+    another's, one group's counts or every group's left out, the test set's samples per
+    class misstated, or counts that cannot be (more right than called) are refused, and
+    nothing changes."""
     state = recorded.state_before("evaluation")
     honest = _honest_evaluation(recorded)
     samples = recorded.sim.evaluator.test_set.class_samples
@@ -199,6 +200,13 @@ def test_class_counts_off_by_one_sample_missing_or_not_adding_up_are_refused(
     _refused(state, _signed(recorded, state, misstated), "samples per class")
     impossible = _altered(honest, first.gid, class_called=(0,) * len(called))
     _refused(state, _signed(recorded, state, impossible), "class counts")
+    # nor may every group's counts be left out: the provider would choose whom they keep
+    uncounted = Evaluation(
+        tuple(
+            dataclasses.replace(e, class_right=None, class_called=None) for e in honest.accuracies
+        )
+    )
+    _refused(state, _signed(recorded, state, uncounted), "samples per class")
 
 
 def test_a_decision_based_on_altered_numbers_is_refused(recorded: Recorded) -> None:
