@@ -362,7 +362,9 @@ class ClassCounts:
     """A group model's predictions on the test set, by class, in integers: ``right[c]``
     samples of class c classified as c, ``called[c]`` samples of any class classified
     as c, ``samples[c]`` the test samples of class c
-    (:attr:`fairbus.evaluation.ExactScore.class_right`, ``class_called``)."""
+    (:attr:`fairbus.evaluation.ExactScore.class_right`, ``class_called``). Every sample
+    is called one class, or none is: a model holding NaN or infinity predicts nothing
+    (:meth:`fairbus.evaluation.ExactScore.worst`)."""
 
     samples: tuple[int, ...]
     right: tuple[int, ...]
@@ -377,8 +379,12 @@ class ClassCounts:
             raise DetectionError("a class has more samples classified right than it has")
         if any(r > c for r, c in zip(self.right, self.called, strict=True)):
             raise DetectionError("a class has more samples classified right than called it")
-        if sum(self.called) != sum(self.samples):
-            raise DetectionError("every test sample must be classified as one class")
+        total = sum(self.samples)
+        if sum(self.called) not in (0, total):
+            raise DetectionError("every test sample must be classified as one class, or none")
+        if any(c - r > total - n for n, r, c in zip(self.samples, self.right, self.called,
+                                                    strict=True)):  # fmt: skip
+            raise DetectionError("a class is called by more samples of others than there are")
 
     def informedness(self) -> tuple[float, ...]:
         """Youden's J per class: the share of class c called c less the share of the
@@ -948,8 +954,10 @@ def class_leaders(
     above 0. Not in either paper. A free-rider's groups move the model less in every
     class, a poisoner's move it backwards, a label flipper's teach its classes wrong;
     an honest user holding a class few others hold is the reason its groups know that
-    class. Exact: statistics.fmean and stdev round correctly (stdev sums in fractions),
-    and the mean and bound are compared at :data:`LEVEL_DIGITS` significant digits."""
+    class. statistics.fmean and stdev round correctly (stdev sums in fractions), and
+    the mean and bound are compared at :data:`LEVEL_DIGITS` significant digits; the
+    quantile is scipy's ``stdtrit``, as in :func:`weight_bounds`, so scipy versions that
+    differ in its last bit could disagree on a bound within that of 0."""
     return frozenset(u for u in users if _leads_a_class(u, window, lead, confidence))
 
 

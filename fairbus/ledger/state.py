@@ -59,6 +59,7 @@ from fairbus.task import TaskParams
 from fairbus.wire.limits import DEFAULT_LIMITS, WireLimits
 from fairbus.wire.messages import (
     DEFAULT_KEYING,
+    MAX_CLASS_CELLS,
     MESSAGE_TYPES,
     SECCL,
     Announce,
@@ -69,6 +70,7 @@ from fairbus.wire.messages import (
     Message,
     RosterChange,
     TaskStart,
+    counted_by_class,
     decode_body,
 )
 
@@ -699,13 +701,16 @@ class Draft:
                 f"round {r}: the evaluation cannot be re-derived: {exc}",
             ) from None
         # Detection reads the class counts (class_lead): a provider that leaves them out
-        # would choose whom they protect, so where the ledger re-derives they are required.
-        if message.class_samples != samples:
+        # would choose whom they protect, so where the ledger re-derives they are required
+        # (but for an evaluation too large to carry them, which must not).
+        counted = counted_by_class(len(gids), len(samples))
+        if message.class_samples != (samples if counted else None):
             said = "nothing" if message.class_samples is None else list(message.class_samples)
             raise RefusedError(
                 RefusalReason.CONTRACT_VIOLATION,
-                f"round {r}: the committed test set has {list(samples)} samples per class; "
-                f"the evaluation says {said}",
+                f"round {r}: the committed test set has {list(samples)} samples per class "
+                f"(counted by class for {MAX_CLASS_CELLS} groups × classes at most); the "
+                f"evaluation of {len(gids)} groups says {said}",
             )
         for e in message.accuracies:
             accuracy, contribution, rank, right, called = want[e.gid]
@@ -717,7 +722,7 @@ class Draft:
                     f"committed test set; the evaluation says {e.accuracy!r}, "
                     f"{e.contribution!r} and {e.rank!r}",
                 )
-            if (e.class_right, e.class_called) != (right, called):
+            if counted and (e.class_right, e.class_called) != (right, called):
                 raise RefusedError(
                     RefusalReason.CONTRACT_VIOLATION,
                     f"round {r}: group {e.gid} classifies {list(right)} right and calls "

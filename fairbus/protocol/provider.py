@@ -110,6 +110,7 @@ from fairbus.wire.messages import (
     MaskedUpload,
     Message,
     UserScore,
+    counted_by_class,
 )
 
 SIT_OUT_TRIES = 24
@@ -933,6 +934,9 @@ class ProviderMachine:
             anchor,
             feature_values(self.config.model_name),
         )
+        samples = self._class_samples
+        if samples is None or not counted_by_class(len(self._accuracy), len(samples)):
+            self._classes = {}  # what the ledger re-derives the decision from
         classes = self._classes
         evaluation = Evaluation(
             tuple(

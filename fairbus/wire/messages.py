@@ -49,6 +49,15 @@ MAX_CLASS_CELLS = 16_384
 """The most groups × classes an evaluation counts by class (1,638 groups of a ten-class
 task): what keeps its largest form within ``max_small_payload``."""
 
+
+def counted_by_class(groups: int, classes: int) -> bool:
+    """Whether the evaluation of ``groups`` group models on a test set of ``classes``
+    classes counts their predictions by class: within :data:`MAX_CLASS_CELLS` it must
+    (a ledger that re-derives it refuses it otherwise), beyond it it cannot, and
+    detection reads no class counts that round (``class_lead`` keeps no one)."""
+    return groups * classes <= MAX_CLASS_CELLS
+
+
 SHAMIR = "shamir"
 """Alg. 3 of the fairness paper: every member deals Shamir shares of a random vector."""
 PAIRWISE = "pairwise"

@@ -36,6 +36,7 @@ from fairbus.training.attacks import Attack, Behaviour
 from fairbus.training.data import load_digits
 from fairbus.training.local import TrainConfig
 from fairbus.training.models import initial_params
+from fairbus.wire import messages
 from fairbus.wire.limits import DEFAULT_LIMITS
 from fairbus.wire.messages import (
     CommittedTestSet,
@@ -207,6 +208,25 @@ def test_class_counts_off_by_one_sample_missing_or_not_adding_up_are_refused(
         )
     )
     _refused(state, _signed(recorded, state, uncounted), "samples per class")
+
+
+def test_an_evaluation_too_large_to_count_by_class_carries_no_counts(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Beyond ``MAX_CLASS_CELLS`` groups × classes no evaluation carries class counts
+    (they would not fit a message): the provider leaves them out and decides without
+    them, and the ledger, which re-derives every number, admits that and nothing else.
+    The cap is lowered here below one round's groups × classes (9 users)."""
+    monkeypatch.setattr(messages, "MAX_CLASS_CELLS", 10)
+    run = _simulated(SimulationConfig(users=9, rounds=2, seed=3, train=TrainConfig(local_epochs=2)))
+    uncounted = _honest_evaluation(run)  # the run's own ledger admitted it: no refusal
+    assert uncounted.class_samples is None
+    assert all(e.class_right is None and e.class_called is None for e in uncounted.accuracies)
+    state = run.state_before("evaluation")
+    state.draft().admit(_signed(run, state, uncounted))
+    samples = run.sim.evaluator.test_set.class_samples
+    with pytest.raises(SchemaError, match="at most 10 groups × classes"):
+        Evaluation(uncounted.accuracies, samples)  # counted: does not fit
 
 
 def test_a_decision_based_on_altered_numbers_is_refused(recorded: Recorded) -> None:

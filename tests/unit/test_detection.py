@@ -1338,6 +1338,8 @@ def test_informedness_does_not_reward_calling_every_sample_one_class() -> None:
     assert swapped == (-4 / 6, -4 / 6, 1.0)
     # a class with no test sample says nothing
     assert ClassCounts((5, 0, 5), (5, 0, 5), (5, 0, 5)).informedness() == (1.0, 0.0, 1.0)
+    # a model holding NaN or infinity predicts nothing: no class led
+    assert ClassCounts((5, 5), (0, 0), (0, 0)).informedness() == (0.0, 0.0)
 
 
 @pytest.mark.parametrize(
@@ -1346,6 +1348,7 @@ def test_informedness_does_not_reward_calling_every_sample_one_class() -> None:
         ((4, 4), (5, 0), (5, 3), "more samples classified right than it has"),
         ((4, 4), (3, 2), (2, 6), "more samples classified right than called"),
         ((4, 4), (1, 1), (4, 3), "every test sample"),
+        ((1, 1), (0, 0), (2, 0), "called by more samples of others"),
         ((4, 4), (1,), (4,), "one number per class"),
         ((4, 4), (1, -1), (4, 4), "whole numbers"),
         ((4, 4), (1.0, 1), (4, 4), "whole numbers"),
