@@ -328,7 +328,7 @@ class Evaluation(Message):
 
     def __post_init__(self) -> None:
         classes = len(self.class_samples or ())
-        if len(self.accuracies) * classes > MAX_CLASS_CELLS:
+        if classes and not counted_by_class(len(self.accuracies), classes):
             raise SchemaError(
                 f"an evaluation counts at most {MAX_CLASS_CELLS} groups × classes by class, "
                 f"got {len(self.accuracies)} × {classes}"
